@@ -1,0 +1,53 @@
+# The two commands: `make demo` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint format typecheck bench clean check-java
+
+install: $(STAMP)
+
+# Re-install only when the dependency pins change (idempotent otherwise).
+$(STAMP): pyproject.toml requirements.lock
+	@$(MAKE) --no-print-directory check-java
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,airflow]'
+	@touch $(STAMP)
+	@echo "installed into $(VENV)"
+
+check-java:
+	@v=$$(java -version 2>&1 | awk -F'"' '/version/ {print $$2}' | cut -d. -f1); \
+	if [ -z "$$v" ]; then \
+	  echo "error: Java not found. PySpark 4 needs Java 17 or newer:"; \
+	  echo "  Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless"; \
+	  echo "  macOS: brew install openjdk@17   (then set JAVA_HOME)"; exit 1; \
+	elif [ "$$v" -lt 17 ]; then \
+	  echo "error: Java $$v found; PySpark 4 needs Java 17 or newer (set JAVA_HOME to a JDK 17+)"; exit 1; \
+	fi
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/lambdalake demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/validator.py
+	$(BIN)/python bench/generator.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

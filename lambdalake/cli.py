@@ -1,0 +1,357 @@
+"""The ``lambdalake`` command line: one entry point, a sub-command per process.
+
+Every command takes ``--bootstrap HOST:PORT`` and ``--lake URI`` (overriding the
+settings) and exits non-zero with a one-line reason on failure. Results that
+scripts rely on go to standard output (a JSON line, a run id); logs go to
+standard error. Layer code is imported lazily so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from lambdalake.settings import Settings
+
+app = typer.Typer(
+    name="lambdalake",
+    help="lambdalake: Lambda-architecture analytics for retail data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+generate_app = typer.Typer(help="Synthetic orders and reviews to Kafka.", no_args_is_help=True)
+batch_app = typer.Typer(help="The Spark batch layer.", no_args_is_help=True)
+speed_app = typer.Typer(help="The speed layer.", no_args_is_help=True)
+maintenance_app = typer.Typer(help="Lake maintenance.", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+app.add_typer(batch_app, name="batch")
+app.add_typer(speed_app, name="speed")
+app.add_typer(maintenance_app, name="maintenance")
+
+Bootstrap = Annotated[
+    str | None,
+    typer.Option("--bootstrap", help="Kafka HOST:PORT (overrides LAMBDALAKE_KAFKA_BOOTSTRAP)."),
+]
+LakeOpt = Annotated[
+    str | None, typer.Option("--lake", help="Lake root URI (overrides LAMBDALAKE_LAKE_URI).")
+]
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error a user can act on: printed as one line, exit code 1."""
+
+
+def _settings(bootstrap: str | None, lake: str | None) -> Settings:
+    try:
+        return Settings().with_overrides(bootstrap=bootstrap, lake=lake)
+    except Exception as exc:  # pydantic ValidationError and friends
+        _fail(f"invalid settings: {exc}".replace("\n", " "))
+        raise  # unreachable
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"lambdalake: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body; known failures become a one-line reason and exit 1."""
+    from lambdalake.broker import BrokerError
+
+    try:
+        return fn()
+    except (UserError, BrokerError, TimeoutError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except ModuleNotFoundError as exc:
+        _fail(f"not available yet: {exc.name} is not built in this version")
+    raise AssertionError("unreachable")
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, for loops that must finish cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+# --- broker -----------------------------------------------------------------------------
+
+
+@app.command()
+def broker(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 = a free one).")] = 9092,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, memory storage) in the foreground."""
+    from lambdalake.broker import EmbeddedBroker
+
+    settings = _settings(bootstrap, lake)
+    stop = stop_event_on_signals()
+
+    def body() -> None:
+        with EmbeddedBroker.start(
+            host, port, partitions=settings.partitions, log_dir=settings.home / "logs"
+        ) as b:
+            typer.echo(f"broker ready on {b.bootstrap}")
+            while not stop.is_set():
+                if b.process.poll() is not None:
+                    raise UserError(f"the broker exited with code {b.process.returncode}")
+                stop.wait(0.5)
+
+    _run(body)
+
+
+# --- generate ---------------------------------------------------------------------------
+
+Frac = Annotated[float, typer.Option(min=0.0, max=1.0)]
+
+
+@generate_app.command("history")
+def generate_history(
+    days: Annotated[int, typer.Option(min=1, help="Days of history.")] = 365,
+    skus: Annotated[int, typer.Option(min=1, help="Number of SKUs.")] = 100,
+    stores: Annotated[int, typer.Option(min=1, help="Number of stores.")] = 5,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same events).")] = 42,
+    end_date: Annotated[
+        str | None, typer.Option(help="Last day of history, YYYY-MM-DD (default yesterday, UTC).")
+    ] = None,
+    late_fraction: Frac = 0.0,
+    duplicate_fraction: Frac = 0.0,
+    bad_fraction: Frac = 0.0,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Generate a realistic history of orders and reviews and produce it to Kafka."""
+    from generator.produce import run_history
+
+    settings = _settings(bootstrap, lake)
+    summary = _run(
+        lambda: run_history(
+            settings,
+            days=days,
+            skus=skus,
+            stores=stores,
+            seed=seed,
+            end_date=end_date,
+            late_fraction=late_fraction,
+            duplicate_fraction=duplicate_fraction,
+            bad_fraction=bad_fraction,
+        )
+    )
+    _print_json(summary)
+
+
+@generate_app.command("live")
+def generate_live(
+    rate: Annotated[float, typer.Option(min=0.1, help="Events per second.")] = 200.0,
+    duration: Annotated[
+        float | None, typer.Option(min=0.0, help="Seconds to run (default until stopped).")
+    ] = None,
+    skus: Annotated[int, typer.Option(min=1)] = 100,
+    stores: Annotated[int, typer.Option(min=1)] = 5,
+    seed: Annotated[int, typer.Option()] = 42,
+    late_fraction: Frac = 0.0,
+    duplicate_fraction: Frac = 0.0,
+    bad_fraction: Frac = 0.0,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Produce live orders and reviews at a target rate."""
+    from generator.produce import run_live
+
+    settings = _settings(bootstrap, lake)
+    stop = stop_event_on_signals()
+    summary = _run(
+        lambda: run_live(
+            settings,
+            rate=rate,
+            duration=duration,
+            skus=skus,
+            stores=stores,
+            seed=seed,
+            late_fraction=late_fraction,
+            duplicate_fraction=duplicate_fraction,
+            bad_fraction=bad_fraction,
+            stop=stop,
+        )
+    )
+    _print_json(summary)
+
+
+# --- ingest and maintenance ---------------------------------------------------------------
+
+
+@app.command()
+def ingest(
+    until_end: Annotated[
+        bool, typer.Option("--until-end", help="Drain to the end offsets seen at start, then exit.")
+    ] = False,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Kafka to the master Delta tables, exactly once (invalid events to quarantine)."""
+    from batch.ingest import run_ingest
+
+    settings = _settings(bootstrap, lake)
+    stop = stop_event_on_signals()
+    summary = _run(lambda: run_ingest(settings, until_end=until_end, stop=stop))
+    _print_json(summary)
+
+
+@maintenance_app.command("compact")
+def maintenance_compact(
+    retention_hours: Annotated[
+        int, typer.Option(min=0, help="Vacuum files unreferenced for longer than this.")
+    ] = 168,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Compact, checkpoint and vacuum the lake's tables without changing their content."""
+    from batch.maintenance import compact
+
+    settings = _settings(bootstrap, lake)
+    _print_json(_run(lambda: compact(settings, retention_hours=retention_hours)))
+
+
+# --- batch, speed, serving -------------------------------------------------------------------
+
+
+@batch_app.command("run")
+def batch_run(
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """One Spark batch run over a pinned snapshot of the master tables, then publish.
+
+    Prints the published run_id last; exits 0 only once the run is published."""
+    from batch.run import run_batch
+
+    settings = _settings(bootstrap, lake)
+    run_id = _run(lambda: run_batch(settings))
+    typer.echo(run_id)
+
+
+def _parse_worker(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"{spec!r} is not I/N (for example 0/2)") from None
+    if n < 1 or not 0 <= i < n:
+        raise typer.BadParameter(f"{spec!r}: need 0 <= I < N")
+    return i, n
+
+
+@speed_app.command("run")
+def speed_run(
+    worker: Annotated[
+        str, typer.Option(help="I/N: this worker takes partitions p % N == I.")
+    ] = "0/1",
+    query_port: Annotated[
+        int, typer.Option(help="Port of the Arrow Flight query endpoint (0 = a free one).")
+    ] = 8815,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Run one speed worker: recent views from Kafka, pruned at the batch watermark."""
+    from speed.worker import run_worker
+
+    i, n = _parse_worker(worker)
+    settings = _settings(bootstrap, lake)
+    stop = stop_event_on_signals()
+    _run(lambda: run_worker(settings, worker=(i, n), query_port=query_port, stop=stop))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default LAMBDALAKE_API_PORT).")] = None,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Run the serving API (FastAPI): batch and speed merged at the watermark."""
+    from serving.app import serve as run_server
+
+    settings = _settings(bootstrap, lake)
+    _run(
+        lambda: run_server(settings, host=host or settings.api_host, port=port or settings.api_port)
+    )
+
+
+@app.command()
+def status(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object instead of a table.")
+    ] = False,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Freshness: latest run, watermark, speed lag, quarantine counts."""
+    from lambdalake.status import collect_status, render_status
+
+    settings = _settings(bootstrap, lake)
+    report = _run(lambda: collect_status(settings))
+    if as_json:
+        _print_json(report)
+    else:
+        render_status(report)
+
+
+@app.command()
+def airflow(
+    port: Annotated[int, typer.Option(help="Port of the Airflow UI.")] = 8080,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Airflow standalone (UI, scheduler, DAG processor) with the project's dags/."""
+    from lambdalake.airflow import run_airflow
+
+    settings = _settings(bootstrap, lake)
+    _run(lambda: run_airflow(settings, port=port))
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(min=1)] = 365,
+    skus: Annotated[int, typer.Option(min=1)] = 100,
+    stores: Annotated[int, typer.Option(min=1)] = 5,
+    rate: Annotated[float, typer.Option(min=0.0, help="Live events per second.")] = 300.0,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """The embedded default: broker, history, batch, speed worker, API and live events."""
+    from lambdalake.demo import run_demo
+
+    settings = _settings(bootstrap, lake)
+    stop = stop_event_on_signals()
+    _run(lambda: run_demo(settings, days=days, skus=skus, stores=stores, rate=rate, stop=stop))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

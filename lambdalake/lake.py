@@ -1,0 +1,68 @@
+"""Where every table lives in the lake, and the Arrow schemas that are the lake's contract.
+
+All Delta I/O goes through delta-rs (``deltalake``); this module only names things.
+
+>>> Lake("/tmp/lake").table("master/orders")
+'/tmp/lake/master/orders'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from lambdalake.contracts import ORDER_FIELDS, REVIEW_FIELDS
+
+MASTER_ORDERS = "master/orders"
+MASTER_REVIEWS = "master/reviews"
+QUARANTINE = "quarantine"
+RUNS = "runs"
+VIEW_DAILY_SALES = "views/daily_sales"
+VIEW_DEMAND_FORECAST = "views/demand_forecast"
+VIEW_FORECAST_ACCURACY = "views/forecast_accuracy"
+VIEW_REVIEW_SCORES = "views/review_scores"
+VIEW_SENTIMENT_BY_SKU = "views/sentiment_by_sku"
+MODELS_SENTIMENT = "models/sentiment"
+
+MASTER_TABLE_BY_TOPIC = {"orders": MASTER_ORDERS, "reviews": MASTER_REVIEWS}
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+# Columns every master row carries besides the event's own (and ``event_date``).
+LINEAGE_FIELDS = [
+    pa.field("_topic", pa.string(), nullable=False),
+    pa.field("_partition", pa.int32(), nullable=False),
+    pa.field("_offset", pa.int64(), nullable=False),
+    pa.field("_ingested_at", UTC_TS, nullable=False),
+]
+
+MASTER_ORDERS_SCHEMA = pa.schema(
+    [*ORDER_FIELDS, pa.field("event_date", pa.date32(), nullable=False), *LINEAGE_FIELDS]
+)
+MASTER_REVIEWS_SCHEMA = pa.schema(
+    [*REVIEW_FIELDS, pa.field("event_date", pa.date32(), nullable=False), *LINEAGE_FIELDS]
+)
+MASTER_SCHEMA_BY_TOPIC = {"orders": MASTER_ORDERS_SCHEMA, "reviews": MASTER_REVIEWS_SCHEMA}
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        *LINEAGE_FIELDS,
+        pa.field("raw", pa.binary(), nullable=True),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Lake:
+    """The lake root (a local path or an object-store URI) and its storage options."""
+
+    root: str
+    storage_options: dict[str, str] | None = None
+
+    def table(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def master(self, topic: str) -> str:
+        return self.table(MASTER_TABLE_BY_TOPIC[topic])

@@ -1,0 +1,72 @@
+"""One settings object, read from ``LAMBDALAKE_*`` environment variables and ``.env``.
+
+Build it once at the edge (the CLI, a test fixture) and pass it in; nothing reads
+the environment behind a caller's back.
+
+>>> s = Settings(lake_uri="/tmp/lake")
+>>> s.partitions
+4
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOPICS = ("orders", "reviews")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LAMBDALAKE_", env_file=".env", extra="ignore", frozen=False
+    )
+
+    home: Path = Field(Path(".lambdalake"), description="State directory of local processes.")
+    kafka_bootstrap: str | None = Field(
+        None, description="HOST:PORT of the Kafka cluster; unset = the embedded broker."
+    )
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 9092
+    partitions: int = Field(4, ge=1, description="Partitions of topics created on first use.")
+    lake_uri: str = Field(
+        "./lake", description="Root of the Delta lake (path or object-store URI)."
+    )
+    spark_master: str = "local[*]"
+    spark_driver_memory: str = "4g"
+    spark_ui: bool = False
+    speed_dir: Path | None = Field(None, description="Speed worker state; default HOME/speed.")
+    dedup_hours: int = Field(48, ge=0, description="Deduplication horizon for event_id.")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_keys: str = Field("", description="Comma-separated API keys; empty = no auth.")
+    speed_endpoints: str = Field(
+        "", description="Comma-separated grpc://HOST:PORT of speed workers for the API."
+    )
+    max_event_bytes: int = Field(256 * 1024, ge=1024)
+    batch_schedule: str = "@hourly"
+    ingest_batch_size: int = Field(50_000, ge=1)
+    ingest_batch_seconds: float = Field(2.0, gt=0)
+
+    @property
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap to use: the configured cluster, else the embedded broker."""
+        return self.kafka_bootstrap or f"{self.broker_host}:{self.broker_port}"
+
+    @property
+    def speed_state_dir(self) -> Path:
+        return self.speed_dir or (self.home / "speed")
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def with_overrides(self, *, bootstrap: str | None = None, lake: str | None = None) -> Settings:
+        """Copy with the ``--bootstrap`` / ``--lake`` command-line flags applied."""
+        update: dict[str, object] = {}
+        if bootstrap:
+            update["kafka_bootstrap"] = bootstrap
+        if lake:
+            update["lake_uri"] = lake
+        return self.model_copy(update=update)
