@@ -78,6 +78,18 @@ def _run(fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def _load(module: str, name: str) -> Any:
+    """Import a layer's entry point lazily; a layer not built yet is a one-line error."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+            _fail(f"`{module}` is not built in this version yet")
+        raise
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
@@ -145,7 +157,7 @@ def generate_history(
     lake: LakeOpt = None,
 ) -> None:
     """Generate a realistic history of orders and reviews and produce it to Kafka."""
-    from generator.produce import run_history
+    run_history = _load("generator.produce", "run_history")
 
     settings = _settings(bootstrap, lake)
     summary = _run(
@@ -180,7 +192,7 @@ def generate_live(
     lake: LakeOpt = None,
 ) -> None:
     """Produce live orders and reviews at a target rate."""
-    from generator.produce import run_live
+    run_live = _load("generator.produce", "run_live")
 
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()
@@ -213,7 +225,7 @@ def ingest(
     lake: LakeOpt = None,
 ) -> None:
     """Kafka to the master Delta tables, exactly once (invalid events to quarantine)."""
-    from batch.ingest import run_ingest
+    run_ingest = _load("batch.ingest", "run_ingest")
 
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()
@@ -230,7 +242,7 @@ def maintenance_compact(
     lake: LakeOpt = None,
 ) -> None:
     """Compact, checkpoint and vacuum the lake's tables without changing their content."""
-    from batch.maintenance import compact
+    compact = _load("batch.maintenance", "compact")
 
     settings = _settings(bootstrap, lake)
     _print_json(_run(lambda: compact(settings, retention_hours=retention_hours)))
@@ -247,7 +259,7 @@ def batch_run(
     """One Spark batch run over a pinned snapshot of the master tables, then publish.
 
     Prints the published run_id last; exits 0 only once the run is published."""
-    from batch.run import run_batch
+    run_batch = _load("batch.run", "run_batch")
 
     settings = _settings(bootstrap, lake)
     run_id = _run(lambda: run_batch(settings))
@@ -276,7 +288,7 @@ def speed_run(
     lake: LakeOpt = None,
 ) -> None:
     """Run one speed worker: recent views from Kafka, pruned at the batch watermark."""
-    from speed.worker import run_worker
+    run_worker = _load("speed.worker", "run_worker")
 
     i, n = _parse_worker(worker)
     settings = _settings(bootstrap, lake)
@@ -292,7 +304,7 @@ def serve(
     lake: LakeOpt = None,
 ) -> None:
     """Run the serving API (FastAPI): batch and speed merged at the watermark."""
-    from serving.app import serve as run_server
+    run_server = _load("serving.app", "serve")
 
     settings = _settings(bootstrap, lake)
     _run(
@@ -326,7 +338,7 @@ def airflow(
     lake: LakeOpt = None,
 ) -> None:
     """Airflow standalone (UI, scheduler, DAG processor) with the project's dags/."""
-    from lambdalake.airflow import run_airflow
+    run_airflow = _load("lambdalake.airflow", "run_airflow")
 
     settings = _settings(bootstrap, lake)
     _run(lambda: run_airflow(settings, port=port))
@@ -342,7 +354,7 @@ def demo(
     lake: LakeOpt = None,
 ) -> None:
     """The embedded default: broker, history, batch, speed worker, API and live events."""
-    from lambdalake.demo import run_demo
+    run_demo = _load("lambdalake.demo", "run_demo")
 
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(256 * 1024, ge=1024)
     batch_schedule: str = "@hourly"
+    broker_wait_seconds: float = Field(
+        60.0, gt=0, description="How long one-shot commands retry an unreachable broker."
+    )
     ingest_batch_size: int = Field(50_000, ge=1)
     ingest_batch_seconds: float = Field(2.0, gt=0)
 

@@ -1,0 +1,135 @@
+"""Freshness of the whole system, as one object: ``lambdalake status`` and ``GET /v1/status``.
+
+Shape (the architecture page's contract)::
+
+    {"batch": {"run_id", "published_at", "age_seconds", "watermark": {topic: {partition: offset}}},
+     "speed": {"workers": [{"worker", "offsets", "lag", "events", "alive", ...}]},
+     "quarantine": {topic: {reason: count}}}
+
+Speed workers publish their part in small JSON files
+(``{speed_state_dir}/status/worker-I-of-N.json``, written atomically about once
+a second); a file older than ``STALE_SECONDS`` marks its worker not alive.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lambdalake.lake import QUARANTINE, RUNS, Lake
+from lambdalake.manifest import latest_published_run
+from lambdalake.settings import Settings
+
+STALE_SECONDS = 15.0
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z") if ts else None
+
+
+def batch_status(lake: Lake, now: datetime) -> dict[str, Any]:
+    run = latest_published_run(lake.table(RUNS), lake.storage_options)
+    if run is None:
+        return {"run_id": None, "published_at": None, "age_seconds": None, "watermark": {}}
+    published = run.published_at or run.started_at
+    return {
+        "run_id": run.run_id,
+        "published_at": _iso(published),
+        "age_seconds": round((now - published).total_seconds(), 3),
+        "watermark": {
+            t: {str(p): o for p, o in sorted(ps.items())} for t, ps in run.watermark.items()
+        },
+        "model_versions": run.model_versions,
+    }
+
+
+def speed_status(status_dir: Path, now: datetime) -> dict[str, Any]:
+    workers: list[dict[str, Any]] = []
+    for path in sorted(status_dir.glob("worker-*.json")) if status_dir.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now, or not ours
+        updated = info.get("updated_at")
+        try:
+            age = (
+                now - datetime.fromisoformat(str(updated).replace("Z", "+00:00"))
+            ).total_seconds()
+        except ValueError:
+            age = None
+        info["alive"] = age is not None and age <= STALE_SECONDS
+        info["status_age_seconds"] = None if age is None else round(age, 3)
+        workers.append(info)
+    total_lag = sum(
+        int(n) for w in workers for parts in (w.get("lag") or {}).values() for n in parts.values()
+    )
+    return {"workers": workers, "total_lag": total_lag}
+
+
+def quarantine_counts(lake: Lake) -> dict[str, dict[str, int]]:
+    from deltalake import DeltaTable
+
+    uri = lake.table(QUARANTINE)
+    if not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):
+        return {}
+    table = (
+        DeltaTable(uri, storage_options=lake.storage_options)
+        .to_pyarrow_dataset()
+        .to_table(columns=["_topic", "reason"])
+    )
+    counts: dict[str, dict[str, int]] = {}
+    if table.num_rows:
+        grouped = table.group_by(["_topic", "reason"]).aggregate([("reason", "count")])
+        for row in grouped.to_pylist():
+            counts.setdefault(row["_topic"], {})[row["reason"]] = int(row["reason_count"])
+    return counts
+
+
+def collect_status(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
+    """The status object of the architecture page, read from the lake and the workers' files."""
+    now = now or datetime.now(UTC)
+    lake = Lake(settings.lake_uri)
+    return {
+        "batch": batch_status(lake, now),
+        "speed": speed_status(settings.speed_state_dir / "status", now),
+        "quarantine": quarantine_counts(lake),
+        "generated_at": _iso(now),
+    }
+
+
+def render_status(report: dict[str, Any]) -> None:
+    """The human form: a compact table of the same facts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    batch = report["batch"]
+    t = Table(title="lambdalake status", show_header=True, header_style="bold")
+    t.add_column("part")
+    t.add_column("state")
+    t.add_column("detail")
+    if batch["run_id"]:
+        wm = ", ".join(
+            f"{topic} {sum(parts.values())}" for topic, parts in sorted(batch["watermark"].items())
+        )
+        t.add_row("batch", batch["run_id"], f"age {batch['age_seconds']:.0f} s; watermark {wm}")
+    else:
+        t.add_row("batch", "no published run", "run `lambdalake batch run`")
+    workers = report["speed"]["workers"]
+    if not workers:
+        t.add_row("speed", "no workers", "run `lambdalake speed run`")
+    for w in workers:
+        lag = sum(int(n) for parts in (w.get("lag") or {}).values() for n in parts.values())
+        held = ", ".join(f"{k} {v}" for k, v in sorted((w.get("events") or {}).items()))
+        state = "alive" if w.get("alive") else "stale"
+        t.add_row(f"speed {w.get('worker')}", state, f"lag {lag}; held {held}")
+    q = report["quarantine"]
+    if q:
+        for topic, reasons in sorted(q.items()):
+            top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:4])
+            t.add_row(f"quarantine {topic}", str(sum(reasons.values())), top)
+    else:
+        t.add_row("quarantine", "0", "")
+    console.print(t)
