@@ -11,6 +11,7 @@ returns nothing and the reported end stands.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -52,10 +53,8 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> Non
             if t not in existing
         ]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         admin.close()
     # Metadata propagates asynchronously; wait until every topic shows its partitions.
