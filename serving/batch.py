@@ -1,0 +1,276 @@
+"""The batch side of serving: the views of the latest published run, in memory, per run.
+
+A :class:`BatchCache` watches the ``runs`` table (a cheap Delta log check, at most
+once per ``poll_seconds``, in a background thread) and, when a newer run is
+published, loads the view versions that run pins into a fresh in-memory DuckDB
+database (a :class:`BatchSnapshot`), then swaps it in atomically. Requests only
+ever query the in-memory snapshot: the hot path never touches Delta files.
+
+Tables of a snapshot (normalised names; missing views load as empty tables):
+
+=============  ====================================================================
+``sales_day``   period DATE, store_id, sku, units, revenue, order_lines
+``sales_hour``  period TIMESTAMPTZ (hour start), store_id, sku, units, revenue,
+                order_lines — from ``views/hourly_sales`` when the run publishes
+                it, else computed once from the pinned ``master/orders`` snapshot
+``forecast``    sku, store_id, date, forecast, lower_80, upper_80, lower_95,
+                upper_95, model
+``sentiment``   sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
+=============  ====================================================================
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from lambdalake.lake import (
+    MASTER_ORDERS,
+    RUNS,
+    VIEW_DAILY_SALES,
+    VIEW_DEMAND_FORECAST,
+    VIEW_SENTIMENT_BY_SKU,
+    Lake,
+)
+from lambdalake.logs import get_logger
+from lambdalake.manifest import RunRecord, Watermark, latest_published_run
+from lambdalake.settings import Settings
+from lambdalake.views import SALES, SENTIMENT
+
+log = get_logger(__name__)
+
+# Not (yet) a name in lambdalake.lake: the batch layer's hourly sales view, if it publishes one.
+VIEW_HOURLY_SALES = "views/hourly_sales"
+
+SALES_MEASURES = ", ".join(m.name for m in SALES.measures)
+SENTIMENT_MEASURES = ", ".join(m.name for m in SENTIMENT.measures)
+
+EMPTY_DDL = {
+    "sales_day": "CREATE TABLE sales_day (period DATE, store_id VARCHAR, sku VARCHAR, "
+    "units BIGINT, revenue DOUBLE, order_lines BIGINT)",
+    "sales_hour": "CREATE TABLE sales_hour (period TIMESTAMPTZ, store_id VARCHAR, sku VARCHAR, "
+    "units BIGINT, revenue DOUBLE, order_lines BIGINT)",
+    "forecast": "CREATE TABLE forecast (sku VARCHAR, store_id VARCHAR, date DATE, "
+    "forecast DOUBLE, lower_80 DOUBLE, upper_80 DOUBLE, lower_95 DOUBLE, upper_95 DOUBLE, "
+    "model VARCHAR)",
+    "sentiment": "CREATE TABLE sentiment (sku VARCHAR, reviews BIGINT, rating_sum DOUBLE, "
+    "sentiment_sum DOUBLE, positive BIGINT, neutral BIGINT, negative BIGINT)",
+}
+
+# How each snapshot table is filled from its (registered) Arrow source ``src``.
+LOAD_SQL = {
+    "sales_day": f"SELECT CAST(date AS DATE) AS period, store_id, sku, {SALES_MEASURES} "
+    "FROM src ORDER BY sku, store_id, period",
+    "forecast": "SELECT sku, store_id, CAST(date AS DATE) AS date, forecast, lower_80, "
+    "upper_80, lower_95, upper_95, model FROM src ORDER BY sku, store_id, date",
+    "sentiment": f"SELECT sku, {SENTIMENT_MEASURES} FROM src ORDER BY sku",
+}
+
+
+def _hour_load_sql(columns: list[str]) -> str:
+    col = next((c for c in ("period", "hour", "event_hour", "ts") if c in columns), None)
+    if col is None:
+        raise ValueError(f"{VIEW_HOURLY_SALES} has no hour column (columns: {columns})")
+    return (
+        f"SELECT CAST({col} AS TIMESTAMPTZ) AS period, store_id, sku, {SALES_MEASURES} "
+        "FROM src ORDER BY sku, store_id, period"
+    )
+
+
+def master_hourly_sql(source: str) -> str:
+    """Hourly sales partials from master rows: deduplicated by event_id (lowest offset wins)."""
+    dedup = (
+        f"(SELECT * FROM {source} QUALIFY row_number() OVER "
+        f"(PARTITION BY {SALES.key} ORDER BY _offset, _partition) = 1)"
+    )
+    return SALES.aggregate_sql(dedup, granularity="hour")
+
+
+@dataclass
+class BatchSnapshot:
+    """The views of one run, loaded in memory. Query through :meth:`cursor` (thread-safe)."""
+
+    run: RunRecord | None
+    con: duckdb.DuckDBPyConnection
+    hourly_source: str  # "view" | "master" | "none"
+    loaded_at: float = field(default_factory=time.time)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run else None
+
+    @property
+    def watermark(self) -> Watermark:
+        return self.run.watermark if self.run else {}
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of this thread (DuckDB connections are not shared between threads)."""
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self.con.cursor()
+            cur.execute("SET TimeZone='UTC'")
+            self._local.cur = cur
+        return cur
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.cursor()
+        res = cur.execute(sql, params or [])
+        names = [d[0] for d in res.description]
+        return [dict(zip(names, row, strict=True)) for row in res.fetchall()]
+
+
+def _read_delta(lake: Lake, table: str, version: int, columns: list[str] | None = None) -> pa.Table:
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(lake.table(table), version=version, storage_options=lake.storage_options)
+    return dt.to_pyarrow_dataset().to_table(columns=columns)
+
+
+def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
+    """Load the views ``run`` pins (all empty for ``None``) into a new in-memory DuckDB."""
+    con = duckdb.connect(":memory:")
+    con.execute("SET TimeZone='UTC'")
+    for ddl in EMPTY_DDL.values():
+        con.execute(ddl)
+    hourly = "none"
+    if run is not None:
+        views = run.view_versions
+        for name, view in (
+            ("sales_day", VIEW_DAILY_SALES),
+            ("forecast", VIEW_DEMAND_FORECAST),
+            ("sentiment", VIEW_SENTIMENT_BY_SKU),
+        ):
+            if view in views:
+                _fill(con, name, _read_delta(lake, view, int(views[view])), LOAD_SQL[name])
+        if VIEW_HOURLY_SALES in views:
+            src = _read_delta(lake, VIEW_HOURLY_SALES, int(views[VIEW_HOURLY_SALES]))
+            _fill(con, "sales_hour", src, _hour_load_sql(src.column_names))
+            hourly = "view"
+        elif MASTER_ORDERS in run.master_versions:
+            # No hourly view: aggregate the pinned master snapshot once per run.
+            src = _read_delta(
+                lake,
+                MASTER_ORDERS,
+                int(run.master_versions[MASTER_ORDERS]),
+                columns=[
+                    "event_id",
+                    "event_time",
+                    "store_id",
+                    "sku",
+                    "quantity",
+                    "unit_price",
+                    "_partition",
+                    "_offset",
+                ],
+            )
+            _fill(
+                con,
+                "sales_hour",
+                src,
+                f"SELECT CAST(period AS TIMESTAMPTZ) AS period, store_id, sku, {SALES_MEASURES} "
+                f"FROM ({master_hourly_sql('src')}) ORDER BY sku, store_id, period",
+            )
+            hourly = "master"
+    return BatchSnapshot(run=run, con=con, hourly_source=hourly)
+
+
+def _fill(con: duckdb.DuckDBPyConnection, table: str, src: pa.Table, select_sql: str) -> None:
+    con.register("src", src)
+    try:
+        con.execute(f"INSERT INTO {table} {select_sql}")
+    finally:
+        con.unregister("src")
+
+
+class BatchCache:
+    """The current :class:`BatchSnapshot`, reloaded when a newer run is published.
+
+    ``current()`` never blocks on a reload once a snapshot exists; a background
+    thread (``start()``) polls the runs table. ``refresh(force=True)`` reloads
+    synchronously (used when a speed worker reports a newer watermark).
+    """
+
+    def __init__(self, settings: Settings, *, poll_seconds: float = 1.0) -> None:
+        self.lake = Lake(settings.lake_uri)
+        self.poll_seconds = poll_seconds
+        self._snapshot: BatchSnapshot | None = None
+        self._runs_version: int | None = None
+        self._runs_table: Any = None
+        self._load_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reloads = 0
+        self.last_error: str | None = None
+
+    def current(self) -> BatchSnapshot:
+        snap = self._snapshot
+        if snap is None:
+            self.refresh(force=True)
+            snap = self._snapshot
+            assert snap is not None
+        return snap
+
+    def _runs_changed(self) -> bool:
+        """Cheap: has the runs table got a new Delta version since the last check?"""
+        from deltalake import DeltaTable
+
+        uri = self.lake.table(RUNS)
+        if self._runs_table is None:
+            if not DeltaTable.is_deltatable(uri, storage_options=self.lake.storage_options):
+                return self._runs_version is not None
+            self._runs_table = DeltaTable(uri, storage_options=self.lake.storage_options)
+        else:
+            self._runs_table.update_incremental()
+        version = int(self._runs_table.version())
+        return version != self._runs_version
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload if a newer run was published (or ``force``); True when the snapshot changed."""
+        with self._load_lock:
+            if not force and self._snapshot is not None and not self._runs_changed():
+                return False
+            if force:
+                self._runs_changed()  # bring the version marker up to date
+            version = None if self._runs_table is None else int(self._runs_table.version())
+            run = latest_published_run(self.lake.table(RUNS), self.lake.storage_options)
+            old = self._snapshot
+            self._runs_version = version
+            if old is not None and (old.run_id == (run.run_id if run else None)):
+                return False
+            started = time.monotonic()
+            snap = load_snapshot(self.lake, run)
+            self._snapshot = snap
+            self.reloads += 1
+            log.info(
+                "serving.batch_loaded",
+                run_id=snap.run_id,
+                hourly=snap.hourly_source,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+                self.last_error = None
+            except Exception as exc:  # keep serving the old run; say why in logs/metrics
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("serving.batch_reload_failed", error=self.last_error)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="batch-cache", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,214 @@
+"""Pydantic models of every API answer (they are the OpenAPI schema, with examples)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_WATERMARK_EXAMPLE = {"orders": {"0": 1200, "1": 1175}, "reviews": {"0": 310, "1": 298}}
+
+
+class AsOf(BaseModel):
+    """What an answer was computed from, so it can be reproduced."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "run_id": "20240501T120000Z-3f2a",
+                "watermark": _WATERMARK_EXAMPLE,
+                "speed_offsets": {"orders": {"0": 1250, "1": 1190}},
+            }
+        }
+    )
+
+    run_id: str | None = Field(description="The batch run whose views were used (null: none yet).")
+    watermark: dict[str, dict[str, int]] = Field(
+        description="The run's watermark: per topic and partition, the exclusive upper offset "
+        "the batch views cover."
+    )
+    speed_offsets: dict[str, dict[str, int]] = Field(
+        description="Per topic and partition, the exclusive upper offset of the speed partials "
+        "included (events in [watermark, speed_offset) came from the speed layer)."
+    )
+
+
+class Answer(BaseModel):
+    """Fields every answer carries."""
+
+    as_of: AsOf
+    degraded: bool = Field(
+        False,
+        description="True when a speed worker was unreachable: the answer lacks the recent "
+        "events of `missing_partitions`.",
+    )
+    missing_partitions: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Per topic, the partitions whose recent events are not in the answer.",
+    )
+
+
+class SalesPoint(BaseModel):
+    period: str = Field(description="A UTC date (day) or hour start (hour).")
+    units: int = Field(description="sum(quantity); returns subtract.")
+    revenue: float = Field(description="sum(quantity * unit_price).")
+    order_lines: int = Field(description="count of order lines.")
+
+
+class SalesAnswer(Answer):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "points": [
+                    {"period": "2024-05-01", "units": 42, "revenue": 1033.5, "order_lines": 37},
+                    {"period": "2024-05-02", "units": 38, "revenue": 921.0, "order_lines": 35},
+                ],
+                "as_of": {
+                    "run_id": "20240501T120000Z-3f2a",
+                    "watermark": _WATERMARK_EXAMPLE,
+                    "speed_offsets": {"orders": {"0": 1250, "1": 1190}},
+                },
+                "degraded": False,
+                "missing_partitions": {},
+            }
+        }
+    )
+
+    points: list[SalesPoint]
+
+
+class ForecastPoint(BaseModel):
+    date: str
+    forecast: float
+    lower_80: float | None = None
+    upper_80: float | None = None
+    lower_95: float | None = None
+    upper_95: float | None = None
+
+
+class ActualPoint(BaseModel):
+    date: str
+    units: int
+
+
+class ForecastAnswer(Answer):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "sku": "SKU-0001",
+                "store_id": "S01",
+                "model": "AutoETS",
+                "points": [
+                    {
+                        "date": "2024-05-02",
+                        "forecast": 40.2,
+                        "lower_80": 31.0,
+                        "upper_80": 49.4,
+                        "lower_95": 26.1,
+                        "upper_95": 54.3,
+                    }
+                ],
+                "actuals": [{"date": "2024-05-01", "units": 42}],
+                "as_of": {"run_id": "20240501T120000Z-3f2a", "watermark": {}, "speed_offsets": {}},
+                "degraded": False,
+                "missing_partitions": {},
+            }
+        }
+    )
+
+    sku: str
+    store_id: str | None = Field(description="The store, or null for the sum over stores.")
+    model: str | None = Field(description="The model the batch layer chose (null: no forecast).")
+    points: list[ForecastPoint]
+    actuals: list[ActualPoint] = Field(description="Merged daily units of recent days.")
+
+
+class SentimentItem(BaseModel):
+    sku: str
+    reviews: int
+    mean_rating: float | None
+    mean_sentiment: float | None = Field(description="Mean sentiment score in [-1, 1].")
+    positive: int
+    neutral: int
+    negative: int
+
+
+class SentimentAnswer(SentimentItem, Answer):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "sku": "SKU-0001",
+                "reviews": 120,
+                "mean_rating": 4.1,
+                "mean_sentiment": 0.43,
+                "positive": 90,
+                "neutral": 18,
+                "negative": 12,
+                "as_of": {"run_id": "20240501T120000Z-3f2a", "watermark": {}, "speed_offsets": {}},
+                "degraded": False,
+                "missing_partitions": {},
+            }
+        }
+    )
+
+
+class SentimentRanking(Answer):
+    items: list[SentimentItem]
+
+
+class DemandAlert(BaseModel):
+    sku: str
+    store_id: str | None
+    kind: str = Field(description="`above_upper_95` or `below_lower_95`.")
+    units: int = Field(description="Merged units so far today.")
+    forecast: float
+    lower_95: float | None
+    upper_95: float | None
+
+
+class AlertsAnswer(Answer):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "date": "2024-05-02",
+                "day_fraction": 0.8,
+                "items": [
+                    {
+                        "sku": "SKU-0042",
+                        "store_id": "S01",
+                        "kind": "above_upper_95",
+                        "units": 97,
+                        "forecast": 40.2,
+                        "lower_95": 26.1,
+                        "upper_95": 54.3,
+                    }
+                ],
+                "as_of": {"run_id": "20240501T120000Z-3f2a", "watermark": {}, "speed_offsets": {}},
+                "degraded": False,
+                "missing_partitions": {},
+            }
+        }
+    )
+
+    date: str
+    day_fraction: float = Field(description="Fraction of the UTC day elapsed when answered.")
+    items: list[DemandAlert]
+
+
+class Health(BaseModel):
+    status: str = "ok"
+    run_id: str | None = None
+
+
+class StatusAnswer(BaseModel):
+    """The same object as ``lambdalake status --json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    batch: dict[str, Any]
+    speed: dict[str, Any]
+    quarantine: dict[str, dict[str, int]]
+
+
+class ErrorAnswer(BaseModel):
+    detail: str

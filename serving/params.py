@@ -1,0 +1,175 @@
+"""Parsing and validation of query parameters: pure functions, one clear message per mistake.
+
+Every function raises :class:`InvalidParameter` with a message that names the
+parameter, what was wrong and what to send instead; the app turns it into a
+400 answer. Times are UTC: a datetime without an offset is taken as UTC.
+
+>>> parse_time_bound("2024-05-01", "start", end=False)
+datetime.datetime(2024, 5, 1, 0, 0, tzinfo=datetime.timezone.utc)
+>>> sales_range(None, "2024-05-03", "day", today=date(2024, 5, 3)).periods
+30
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Literal
+
+Granularity = Literal["day", "hour"]
+
+# Result-size caps: an answer never carries more points than these.
+MAX_DAY_POINTS = 3_660  # ten years of days
+MAX_HOUR_POINTS = 24 * 93  # about three months of hours
+DEFAULT_DAYS = 30
+DEFAULT_HOURS = 48
+MAX_ID_CHARS = 256  # the event contract's limit for ids
+MAX_HORIZON_DAYS = 366
+MAX_RANKING_LIMIT = 1_000
+DEFAULT_ACTUALS_DAYS = 14
+
+
+class InvalidParameter(ValueError):
+    """A request parameter is invalid; ``str(exc)`` is the message for the caller."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"invalid parameter {name!r}: {message}")
+        self.name = name
+
+
+def parse_time_bound(text: str, name: str, *, end: bool) -> datetime:
+    """An ISO date (``2024-05-01``) or datetime (``2024-05-01T10:00:00Z``) as an aware UTC time.
+
+    A bare date means its first instant for a start, and its last hour for an
+    end (bounds are inclusive, so ``end=2024-05-01`` includes the whole day).
+    """
+    text = text.strip()
+    if not text:
+        raise InvalidParameter(name, "empty; send an ISO date (2024-05-01) or datetime")
+    if len(text) == 10:
+        try:
+            d = date.fromisoformat(text)
+        except ValueError:
+            raise InvalidParameter(
+                name, f"{text!r} is not an ISO date; send YYYY-MM-DD, e.g. 2024-05-01"
+            ) from None
+        start = datetime(d.year, d.month, d.day, tzinfo=UTC)
+        return start + timedelta(hours=23) if end else start
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        raise InvalidParameter(
+            name,
+            f"{text!r} is not an ISO date or datetime; send e.g. 2024-05-01 or "
+            "2024-05-01T10:00:00Z",
+        ) from None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC)
+
+
+def floor_hour(ts: datetime) -> datetime:
+    return ts.replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class SalesRange:
+    """An inclusive range of periods: dates for ``day``, hour starts (UTC) for ``hour``."""
+
+    granularity: Granularity
+    first: datetime  # first period (a day's midnight, or an hour's start), UTC
+    last: datetime  # last period, inclusive
+
+    @property
+    def periods(self) -> int:
+        step = timedelta(days=1) if self.granularity == "day" else timedelta(hours=1)
+        return int((self.last - self.first) / step) + 1
+
+    @property
+    def first_date(self) -> date:
+        return self.first.date()
+
+    @property
+    def last_date(self) -> date:
+        return self.last.date()
+
+
+def sales_range(
+    start: str | None,
+    end: str | None,
+    granularity: str,
+    *,
+    today: date,
+    now: datetime | None = None,
+) -> SalesRange:
+    """Validate ``start``/``end``/``granularity`` of ``/v1/sales`` into a :class:`SalesRange`.
+
+    Defaults: ``end`` = today (UTC), ``start`` = 30 days (day) or 48 hours (hour)
+    before ``end``. A time inside a period selects that period (hours are
+    floored, datetimes select their date for ``day``). Past the caps the answer
+    is a 400 asking for a narrower range, never a truncated answer.
+    """
+    if granularity not in ("day", "hour"):
+        raise InvalidParameter("granularity", f"{granularity!r}; send 'day' or 'hour'")
+    now = now or datetime.now(UTC)
+    end_ts = (
+        parse_time_bound(end, "end", end=True)
+        if end is not None
+        else (datetime(today.year, today.month, today.day, 23, tzinfo=UTC))
+    )
+    if granularity == "day":
+        last = datetime(end_ts.year, end_ts.month, end_ts.day, tzinfo=UTC)
+        if start is None:
+            first = last - timedelta(days=DEFAULT_DAYS - 1)
+        else:
+            s = parse_time_bound(start, "start", end=False)
+            first = datetime(s.year, s.month, s.day, tzinfo=UTC)
+        cap, unit = MAX_DAY_POINTS, "daily"
+    else:
+        last = floor_hour(end_ts) if end is not None else floor_hour(now)
+        first = (
+            floor_hour(parse_time_bound(start, "start", end=False))
+            if start is not None
+            else last - timedelta(hours=DEFAULT_HOURS - 1)
+        )
+        cap, unit = MAX_HOUR_POINTS, "hourly"
+    if first > last:
+        raise InvalidParameter(
+            "start", f"start ({first.isoformat()}) is after end ({last.isoformat()})"
+        )
+    rng = SalesRange(granularity, first, last)  # type: ignore[arg-type]
+    if rng.periods > cap:
+        hint = "; narrow start/end" + (" or use granularity=day" if unit == "hourly" else "")
+        raise InvalidParameter(
+            "start", f"range too large: {rng.periods} {unit} points, at most {cap}{hint}"
+        )
+    return rng
+
+
+def check_id(value: str | None, name: str) -> str | None:
+    """An optional identifier (sku, store_id): non-empty, at most 256 characters."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise InvalidParameter(name, "empty; omit it to mean all, or send an id")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidParameter(name, f"longer than {MAX_ID_CHARS} characters")
+    return value
+
+
+def check_int(value: int | None, name: str, *, low: int, high: int, default: int) -> int:
+    if value is None:
+        return default
+    if not low <= value <= high:
+        raise InvalidParameter(name, f"{value} is out of range; send {low} to {high}")
+    return value
+
+
+def period_label(ts: datetime | date, granularity: Granularity) -> str:
+    """The ``period`` string of a point: ``2024-05-01`` or ``2024-05-01T10:00:00Z``."""
+    if granularity == "day":
+        return (ts.date() if isinstance(ts, datetime) else ts).isoformat()
+    assert isinstance(ts, datetime)
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00Z")

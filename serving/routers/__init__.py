@@ -1,0 +1,1 @@
+"""One router per resource: sales, forecast, sentiment, alerts, system (status, health, metrics)."""

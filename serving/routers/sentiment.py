@@ -1,0 +1,46 @@
+"""``GET /v1/sentiment/{sku}`` and the ranking ``GET /v1/sentiment?order=worst|best``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from serving.deps import get_service
+from serving.models import SentimentAnswer, SentimentRanking
+from serving.params import MAX_RANKING_LIMIT, check_id, check_int
+from serving.service import QueryService
+
+router = APIRouter(prefix="/v1", tags=["sentiment"])
+
+
+@router.get("/sentiment", response_model=SentimentRanking, summary="SKUs ranked by sentiment")
+def get_sentiment_ranking(
+    service: Annotated[QueryService, Depends(get_service)],
+    order: Annotated[
+        Literal["worst", "best"],
+        Query(description="`worst` (lowest mean sentiment first) or `best`."),
+    ] = "worst",
+    limit: Annotated[
+        int | None, Query(description=f"Items to return, 1 to {MAX_RANKING_LIMIT} (default 10).")
+    ] = None,
+    min_reviews: Annotated[
+        int | None, Query(description="Only SKUs with at least this many reviews (default 1).")
+    ] = None,
+) -> SentimentRanking:
+    """SKUs ordered by merged mean sentiment (ties by sku)."""
+    return service.sentiment_ranking(
+        order=order,
+        limit=check_int(limit, "limit", low=1, high=MAX_RANKING_LIMIT, default=10),
+        min_reviews=check_int(min_reviews, "min_reviews", low=1, high=10**9, default=1),
+    )
+
+
+@router.get("/sentiment/{sku}", response_model=SentimentAnswer, summary="Review sentiment of a SKU")
+def get_sentiment(
+    service: Annotated[QueryService, Depends(get_service)],
+    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-0001"])],
+) -> SentimentAnswer:
+    """Review count, mean rating, mean sentiment and label counts (batch + speed merged).
+    An unknown SKU answers zero reviews and null means."""
+    return service.sentiment(sku=check_id(sku, "sku") or sku)

@@ -1,0 +1,388 @@
+"""The answers: batch view (run R) merged with speed partials for offsets >= watermark(R).
+
+Route functions call one method here each; this is where the merge lives. Every
+measure is combined through the shared view definitions (``lambdalake.views``):
+batch rows with ``ViewDef.merge_sql``, speed partials with ``ViewDef.combine_rows``,
+means with ``Mean.compute`` after the merge — never a measure defined twice.
+
+If a speed worker reports that it has pruned past R's watermark (a newer run was
+published meanwhile), the latest run is loaded and the query retried once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TypeVar
+
+from lambdalake.settings import Settings
+from lambdalake.views import SALES, SENTIMENT
+from serving.batch import BatchCache, BatchSnapshot
+from serving.models import (
+    ActualPoint,
+    AlertsAnswer,
+    AsOf,
+    DemandAlert,
+    ForecastAnswer,
+    ForecastPoint,
+    SalesAnswer,
+    SalesPoint,
+    SentimentAnswer,
+    SentimentItem,
+    SentimentRanking,
+)
+from serving.params import Granularity, SalesRange, period_label
+from serving.speed import SpeedClient, SpeedFilter, SpeedResult
+
+T = TypeVar("T")
+
+# Alerts: "far below the lower bound late in the day" means, after LATE_DAY_FRACTION
+# of the UTC day, fewer units than LOW_FACTOR x the lower 95 % bound pro-rated to now.
+LATE_DAY_FRACTION = 0.75
+LOW_FACTOR = 0.5
+MAX_ALERTS = 1_000
+
+
+def _zero(view: Any) -> dict[str, Any]:
+    return {m.name: None for m in view.measures}
+
+
+def merge_into(acc: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any], view: Any) -> None:
+    """Combine a partial ``row`` into ``acc[key]`` with the view's merge rules."""
+    base = acc.get(key)
+    acc[key] = view.combine_rows(base if base is not None else _zero(view), row)
+
+
+def _where(clauses: list[tuple[str, Any]]) -> tuple[str | None, list[Any]]:
+    sql = " AND ".join(c for c, _ in clauses)
+    return (sql or None), [v for _, v in clauses]
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A merged answer's provenance."""
+
+    as_of: AsOf
+    degraded: bool
+    missing: dict[str, list[int]]
+
+
+def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
+    wm = snap.watermark
+    return Merged(
+        as_of=AsOf(
+            run_id=snap.run_id,
+            watermark={t: {str(p): o for p, o in sorted(ps.items())} for t, ps in wm.items()},
+            speed_offsets={
+                t: {str(p): o for p, o in sorted(ps.items())} for t, ps in speed.offsets.items()
+            },
+        ),
+        degraded=speed.degraded,
+        missing={t: ps for t, ps in speed.missing.items() if ps},
+    )
+
+
+class QueryService:
+    """Merged answers over a :class:`BatchCache` and a :class:`SpeedClient`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        batch: BatchCache,
+        speed: SpeedClient,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        on_degraded: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.batch = batch
+        self.speed = speed
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.on_degraded = on_degraded or (lambda kind: None)
+
+    def _provenance(self, kind: str, snap: BatchSnapshot, speed: SpeedResult) -> Merged:
+        merged = provenance(snap, speed)
+        if merged.degraded:
+            self.on_degraded(kind)
+        return merged
+
+    def today(self) -> date:
+        return self.clock().astimezone(UTC).date()
+
+    def _merged(
+        self, compute: Callable[[BatchSnapshot], tuple[T, SpeedResult]]
+    ) -> tuple[T, BatchSnapshot, SpeedResult]:
+        """Run ``compute`` on the current run; once more on a newer run if speed is ahead."""
+        snap = self.batch.current()
+        value, speed = compute(snap)
+        if speed.stale:
+            self.batch.refresh(force=True)
+            snap = self.batch.current()
+            value, speed = compute(snap)
+        return value, snap, speed
+
+    # --- sales --------------------------------------------------------------------------
+
+    def _sales_rows(
+        self,
+        snap: BatchSnapshot,
+        *,
+        granularity: Granularity,
+        dims: tuple[str, ...],
+        sku: str | None,
+        store_id: str | None,
+        first: datetime,
+        last: datetime,
+    ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
+        """Merged sales partials keyed by (period label, *dims)."""
+        table = "sales_day" if granularity == "day" else "sales_hour"
+        lo: Any = first.date() if granularity == "day" else first
+        hi: Any = last.date() if granularity == "day" else last
+        clauses: list[tuple[str, Any]] = [("period >= ?", lo), ("period <= ?", hi)]
+        if sku is not None:
+            clauses.append(("sku = ?", sku))
+        if store_id is not None:
+            clauses.append(("store_id = ?", store_id))
+        where, params = _where(clauses)
+        keys = ["period", *dims]
+        acc: dict[tuple, dict[str, Any]] = {}
+        for row in snap.query(SALES.merge_sql(table, keys=keys, where=where), params):
+            key = (period_label(row["period"], granularity), *(row[d] for d in dims))
+            merge_into(acc, key, row, SALES)
+        speed = self.speed.query(
+            SALES,
+            SpeedFilter(
+                granularity=granularity,
+                dimensions=dims,
+                sku=sku,
+                store_id=store_id,
+                first=first,
+                last=last,
+            ),
+            snap.watermark,
+        )
+        for row in speed.rows:
+            key = (period_label(row["period"], granularity), *(row[d] for d in dims))
+            merge_into(acc, key, row, SALES)
+        return acc, speed
+
+    def sales(self, *, sku: str | None, store_id: str | None, rng: SalesRange) -> SalesAnswer:
+        def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
+            return self._sales_rows(
+                snap,
+                granularity=rng.granularity,
+                dims=(),
+                sku=sku,
+                store_id=store_id,
+                first=rng.first,
+                last=rng.last,
+            )
+
+        acc, snap, speed = self._merged(compute)
+        points = [
+            SalesPoint(
+                period=key[0],
+                units=int(row["units"] or 0),
+                revenue=float(row["revenue"] or 0.0),
+                order_lines=int(row["order_lines"] or 0),
+            )
+            for key, row in sorted(acc.items())
+        ]
+        prov = self._provenance("sales", snap, speed)
+        return SalesAnswer(
+            points=points,
+            as_of=prov.as_of,
+            degraded=prov.degraded,
+            missing_partitions=prov.missing,
+        )
+
+    # --- forecast -----------------------------------------------------------------------
+
+    def forecast(
+        self, *, sku: str, store_id: str | None, horizon: int, actuals_days: int
+    ) -> ForecastAnswer:
+        today = self.today()
+        first = today - timedelta(days=actuals_days - 1)
+        last = today + timedelta(days=horizon - 1)
+        start_ts = datetime(first.year, first.month, first.day, tzinfo=UTC)
+        today_ts = datetime(today.year, today.month, today.day, tzinfo=UTC)
+
+        def compute(snap: BatchSnapshot) -> tuple[tuple, SpeedResult]:
+            points, model = self._forecast_points(snap, sku, store_id, first, last)
+            acc, speed = self._sales_rows(
+                snap,
+                granularity="day",
+                dims=(),
+                sku=sku,
+                store_id=store_id,
+                first=start_ts,
+                last=today_ts,
+            )
+            return (points, model, acc), speed
+
+        (points, model, acc), snap, speed = self._merged(compute)
+        prov = self._provenance("forecast", snap, speed)
+        return ForecastAnswer(
+            sku=sku,
+            store_id=store_id,
+            model=model,
+            points=points,
+            actuals=[
+                ActualPoint(date=key[0], units=int(row["units"] or 0))
+                for key, row in sorted(acc.items())
+            ],
+            as_of=prov.as_of,
+            degraded=prov.degraded,
+            missing_partitions=prov.missing,
+        )
+
+    @staticmethod
+    def _forecast_points(
+        snap: BatchSnapshot, sku: str, store_id: str | None, first: date, last: date
+    ) -> tuple[list[ForecastPoint], str | None]:
+        if store_id is not None:
+            rows = snap.query(
+                "SELECT date, forecast, lower_80, upper_80, lower_95, upper_95, model "
+                "FROM forecast WHERE sku = ? AND store_id = ? AND date BETWEEN ? AND ? "
+                "ORDER BY date",
+                [sku, store_id, first, last],
+            )
+            points = [
+                ForecastPoint(
+                    date=r["date"].isoformat(),
+                    forecast=r["forecast"],
+                    lower_80=r["lower_80"],
+                    upper_80=r["upper_80"],
+                    lower_95=r["lower_95"],
+                    upper_95=r["upper_95"],
+                )
+                for r in rows
+            ]
+            return points, (rows[0]["model"] if rows else None)
+        # All stores: point forecasts add up; interval bounds do not, so they are left out.
+        rows = snap.query(
+            "SELECT date, SUM(forecast) AS forecast, string_agg(DISTINCT model, ',') AS model "
+            "FROM forecast WHERE sku = ? AND date BETWEEN ? AND ? GROUP BY date ORDER BY date",
+            [sku, first, last],
+        )
+        models = sorted({m for r in rows for m in (r["model"] or "").split(",") if m})
+        points = [ForecastPoint(date=r["date"].isoformat(), forecast=r["forecast"]) for r in rows]
+        return points, ("+".join(models) or None)
+
+    # --- sentiment ----------------------------------------------------------------------
+
+    def _sentiment_rows(
+        self, snap: BatchSnapshot, sku: str | None
+    ) -> tuple[dict[str, dict[str, Any]], SpeedResult]:
+        where, params = _where([("sku = ?", sku)] if sku is not None else [])
+        acc: dict[str, dict[str, Any]] = {}
+        sql = SENTIMENT.merge_sql("sentiment", keys=["sku"], where=where, derive=False)
+        for row in snap.query(sql, params):
+            merge_into(acc, row["sku"], row, SENTIMENT)
+        speed = self.speed.query(
+            SENTIMENT, SpeedFilter(granularity=None, dimensions=("sku",), sku=sku), snap.watermark
+        )
+        for row in speed.rows:
+            merge_into(acc, row["sku"], row, SENTIMENT)
+        return acc, speed
+
+    @staticmethod
+    def _sentiment_item(sku: str, row: dict[str, Any] | None) -> SentimentItem:
+        row = row or {}
+        derived = {d.name: d.compute(row) for d in SENTIMENT.derived}
+        return SentimentItem(
+            sku=sku,
+            reviews=int(row.get("reviews") or 0),
+            mean_rating=derived["mean_rating"],
+            mean_sentiment=derived["mean_sentiment"],
+            positive=int(row.get("positive") or 0),
+            neutral=int(row.get("neutral") or 0),
+            negative=int(row.get("negative") or 0),
+        )
+
+    def sentiment(self, *, sku: str) -> SentimentAnswer:
+        acc, snap, speed = self._merged(lambda s: self._sentiment_rows(s, sku))
+        prov = self._provenance("sentiment", snap, speed)
+        item = self._sentiment_item(sku, acc.get(sku))
+        return SentimentAnswer(
+            **item.model_dump(),
+            as_of=prov.as_of,
+            degraded=prov.degraded,
+            missing_partitions=prov.missing,
+        )
+
+    def sentiment_ranking(self, *, order: str, limit: int, min_reviews: int) -> SentimentRanking:
+        acc, snap, speed = self._merged(lambda s: self._sentiment_rows(s, None))
+        items = [self._sentiment_item(sku, row) for sku, row in acc.items()]
+        items = [i for i in items if i.reviews >= min_reviews and i.mean_sentiment is not None]
+        sign = 1.0 if order == "worst" else -1.0
+        items.sort(key=lambda i: (sign * (i.mean_sentiment or 0.0), i.sku))
+        prov = self._provenance("sentiment_ranking", snap, speed)
+        return SentimentRanking(
+            items=items[:limit],
+            as_of=prov.as_of,
+            degraded=prov.degraded,
+            missing_partitions=prov.missing,
+        )
+
+    # --- alerts -------------------------------------------------------------------------
+
+    def demand_alerts(self) -> AlertsAnswer:
+        now = self.clock().astimezone(UTC)
+        today = now.date()
+        midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
+        fraction = (now - midnight).total_seconds() / 86_400
+
+        def compute(snap: BatchSnapshot) -> tuple[tuple, SpeedResult]:
+            acc, speed = self._sales_rows(
+                snap,
+                granularity="day",
+                dims=("sku", "store_id"),
+                sku=None,
+                store_id=None,
+                first=midnight,
+                last=midnight,
+            )
+            forecasts = snap.query(
+                "SELECT sku, store_id, forecast, lower_95, upper_95 FROM forecast WHERE date = ?",
+                [today],
+            )
+            return (acc, forecasts), speed
+
+        (acc, forecasts), snap, speed = self._merged(compute)
+        items: list[DemandAlert] = []
+        for f in forecasts:
+            row = acc.get((today.isoformat(), f["sku"], f["store_id"]))
+            units = int(row["units"] or 0) if row else 0
+            kind = None
+            if f["upper_95"] is not None and units > f["upper_95"]:
+                kind = "above_upper_95"
+            elif (
+                fraction >= LATE_DAY_FRACTION
+                and f["lower_95"] is not None
+                and units < LOW_FACTOR * f["lower_95"] * fraction
+            ):
+                kind = "below_lower_95"
+            if kind:
+                items.append(
+                    DemandAlert(
+                        sku=f["sku"],
+                        store_id=f["store_id"],
+                        kind=kind,
+                        units=units,
+                        forecast=f["forecast"],
+                        lower_95=f["lower_95"],
+                        upper_95=f["upper_95"],
+                    )
+                )
+        items.sort(key=lambda a: (a.kind, a.sku, a.store_id or ""))
+        prov = self._provenance("alerts", snap, speed)
+        return AlertsAnswer(
+            date=today.isoformat(),
+            day_fraction=round(fraction, 4),
+            items=items[:MAX_ALERTS],
+            as_of=prov.as_of,
+            degraded=prov.degraded,
+            missing_partitions=prov.missing,
+        )

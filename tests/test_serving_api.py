@@ -1,0 +1,624 @@
+"""The serving API over batch views: shapes, validation, auth, reloads, metrics — real HTTP.
+
+These tests write Delta view tables and a ``runs`` row in the documented shapes
+themselves (the batch layer's contract), run the API with uvicorn on a free
+port and query it with httpx. No speed worker runs here, so every answer must
+say it is degraded and list the partitions whose recent events it lacks; the
+exact batch + speed merge is checked by the invariant suite.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pytest
+from deltalake import write_deltalake
+
+from lambdalake.lake import (
+    MASTER_ORDERS,
+    MASTER_ORDERS_SCHEMA,
+    QUARANTINE,
+    QUARANTINE_SCHEMA,
+    RUNS,
+    VIEW_DAILY_SALES,
+    VIEW_DEMAND_FORECAST,
+    VIEW_SENTIMENT_BY_SKU,
+)
+from lambdalake.manifest import RUNS_SCHEMA, RunRecord
+from lambdalake.settings import Settings
+from serving.app import create_app, running_server
+from serving.batch import VIEW_HOURLY_SALES
+
+NOW = datetime(2024, 5, 10, 20, 0, tzinfo=UTC)  # late in the day: low-demand alerts are armed
+TODAY = NOW.date()
+SKUS = ("A", "B", "C")
+STORES = ("S1", "S2")
+
+
+# --- writing a lake in the documented shapes -----------------------------------------------
+
+
+def make_orders(seed: int = 7, n: int = 400) -> list[dict[str, Any]]:
+    """Master rows over 10 days, with a few duplicate deliveries (same event_id, later offset)."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    offsets = defaultdict(int)
+    for i in range(n):
+        ts = NOW - timedelta(minutes=rng.randrange(0, 10 * 24 * 60))
+        sku = rng.choice(SKUS)
+        part = SKUS.index(sku) % 4
+        row = {
+            "event_id": f"e{i}",
+            "event_time": ts,
+            "store_id": rng.choice(STORES),
+            "sku": sku,
+            "quantity": rng.choice([1, 1, 2, 3, -1]),
+            "unit_price": round(rng.uniform(1, 50), 2),
+            "currency": "USD",
+            "event_date": ts.date(),
+            "_topic": "orders",
+            "_partition": part,
+            "_offset": offsets[part],
+            "_ingested_at": NOW,
+        }
+        offsets[part] += 1
+        rows.append(row)
+    for dup in rng.sample(rows, 20):  # redelivered later: must count once
+        part = dup["_partition"]
+        rows.append({**dup, "_offset": offsets[part]})
+        offsets[part] += 1
+    return rows
+
+
+def dedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["_offset"]):
+        best.setdefault(r["event_id"], r)
+    return list(best.values())
+
+
+def daily_sales(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
+    for r in dedup(rows):
+        a = acc[(r["event_date"], r["store_id"], r["sku"])]
+        a[0] += r["quantity"]
+        a[1] += r["quantity"] * r["unit_price"]
+        a[2] += 1
+    keys = sorted(acc)
+    return pa.table(
+        {
+            "date": pa.array([k[0] for k in keys], pa.date32()),
+            "store_id": [k[1] for k in keys],
+            "sku": [k[2] for k in keys],
+            "units": pa.array([acc[k][0] for k in keys], pa.int64()),
+            "revenue": [acc[k][1] for k in keys],
+            "order_lines": pa.array([acc[k][2] for k in keys], pa.int64()),
+            "run_id": [run_id] * len(keys),
+        }
+    )
+
+
+def hourly_sales(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
+    for r in dedup(rows):
+        hour = r["event_time"].replace(minute=0, second=0, microsecond=0)
+        a = acc[(hour, r["store_id"], r["sku"])]
+        a[0] += r["quantity"]
+        a[1] += r["quantity"] * r["unit_price"]
+        a[2] += 1
+    keys = sorted(acc)
+    return pa.table(
+        {
+            "hour": pa.array([k[0] for k in keys], pa.timestamp("us", tz="UTC")),
+            "store_id": [k[1] for k in keys],
+            "sku": [k[2] for k in keys],
+            "units": pa.array([acc[k][0] for k in keys], pa.int64()),
+            "revenue": [acc[k][1] for k in keys],
+            "order_lines": pa.array([acc[k][2] for k in keys], pa.int64()),
+            "run_id": [run_id] * len(keys),
+        }
+    )
+
+
+FORECAST_DATES = [TODAY + timedelta(days=d) for d in range(-3, 10)]
+
+
+def forecast_table(run_id: str) -> pa.Table:
+    rows = []
+    for sku in ("A", "B"):
+        for store in STORES:
+            for d in FORECAST_DATES:
+                f = 5.0 if sku == "A" else 40.0
+                upper = 0.5 if (sku, store) == ("A", "S1") else f * 3
+                lower = 30.0 if (sku, store) == ("B", "S2") else 0.0
+                rows.append(
+                    {
+                        "sku": sku,
+                        "store_id": store,
+                        "date": d,
+                        "forecast": f,
+                        "lower_80": lower,
+                        "upper_80": upper,
+                        "lower_95": lower,
+                        "upper_95": upper,
+                        "model": "AutoETS",
+                        "run_id": run_id,
+                    }
+                )
+    return pa.Table.from_pylist(rows)
+
+
+SENTIMENT_ROWS = [
+    # sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
+    ("A", 4, 14, 1.2, 3, 1, 0),
+    ("B", 2, 3, -0.8, 0, 0, 2),
+    ("C", 1, 5, 0.9, 1, 0, 0),
+]
+
+
+def sentiment_table(run_id: str) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "sku": s,
+                "reviews": n,
+                "mean_rating": r / n,
+                "mean_sentiment": m / n,
+                "positive": p,
+                "neutral": u,
+                "negative": g,
+                "rating_sum": float(r),
+                "sentiment_sum": m,
+                "run_id": run_id,
+            }
+            for s, n, r, m, p, u, g in SENTIMENT_ROWS
+        ]
+    )
+
+
+def write_run(
+    root: Path,
+    run_id: str,
+    orders: list[dict[str, Any]],
+    *,
+    hourly_view: bool = False,
+    status: str = "published",
+    published_at: datetime | None = None,
+) -> RunRecord:
+    """Write one run's views (appending a new version to each table) and its runs row."""
+    mode = "overwrite" if (root / VIEW_DAILY_SALES).exists() else "error"
+    master = pa.Table.from_pylist(orders, schema=MASTER_ORDERS_SCHEMA)
+    write_deltalake(str(root / MASTER_ORDERS), master, mode=mode)
+    write_deltalake(str(root / VIEW_DAILY_SALES), daily_sales(orders, run_id), mode=mode)
+    write_deltalake(str(root / VIEW_DEMAND_FORECAST), forecast_table(run_id), mode=mode)
+    write_deltalake(str(root / VIEW_SENTIMENT_BY_SKU), sentiment_table(run_id), mode=mode)
+
+    from deltalake import DeltaTable
+
+    def version(name: str) -> int:
+        return int(DeltaTable(str(root / name)).version())
+
+    views = {v: version(v) for v in (VIEW_DAILY_SALES, VIEW_DEMAND_FORECAST, VIEW_SENTIMENT_BY_SKU)}
+    if hourly_view:
+        hmode = "overwrite" if (root / VIEW_HOURLY_SALES).exists() else "error"
+        write_deltalake(str(root / VIEW_HOURLY_SALES), hourly_sales(orders, run_id), mode=hmode)
+        views[VIEW_HOURLY_SALES] = version(VIEW_HOURLY_SALES)
+    watermark: dict[str, dict[int, int]] = {"orders": {p: 0 for p in range(4)}}
+    for r in orders:
+        p = r["_partition"]
+        watermark["orders"][p] = max(watermark["orders"][p], r["_offset"] + 1)
+    stamp = published_at or datetime.now(UTC)
+    rec = RunRecord(
+        run_id=run_id,
+        status=status,
+        started_at=stamp,
+        published_at=stamp if status == "published" else None,
+        master_versions={MASTER_ORDERS: version(MASTER_ORDERS)},
+        watermark=watermark,
+        view_versions=views,
+    )
+    write_deltalake(
+        str(root / RUNS), pa.Table.from_pylist([rec.to_row()], schema=RUNS_SCHEMA), mode="append"
+    )
+    return rec
+
+
+def settings_at(root: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"lake_uri": str(root), "home": root.parent / "home", "partitions": 4}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+# --- expectations computed independently ---------------------------------------------------
+
+
+def expected_sales(
+    orders: list[dict[str, Any]],
+    *,
+    granularity: str,
+    first: datetime,
+    last: datetime,
+    sku: str | None = None,
+    store: str | None = None,
+) -> dict[str, tuple[int, float, int]]:
+    out: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])
+    for r in dedup(orders):
+        if sku is not None and r["sku"] != sku:
+            continue
+        if store is not None and r["store_id"] != store:
+            continue
+        if granularity == "day":
+            day = r["event_date"]
+            if not first.date() <= day <= last.date():
+                continue
+            key = day.isoformat()
+        else:
+            hour = r["event_time"].replace(minute=0, second=0, microsecond=0)
+            if not first <= hour <= last:
+                continue
+            key = hour.strftime("%Y-%m-%dT%H:00:00Z")
+        a = out[key]
+        a[0] += r["quantity"]
+        a[1] += r["quantity"] * r["unit_price"]
+        a[2] += 1
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+def points_of(body: dict[str, Any]) -> dict[str, tuple[int, float, int]]:
+    return {p["period"]: (p["units"], p["revenue"], p["order_lines"]) for p in body["points"]}
+
+
+def assert_same_points(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k][0] == want[k][0], k
+        assert got[k][2] == want[k][2], k
+        assert got[k][1] == pytest.approx(want[k][1], rel=1e-9, abs=1e-9), k
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("serving") / "lake"
+    orders = make_orders()
+    write_run(root, "run-1", orders, published_at=NOW - timedelta(hours=1))
+    quarantine = pa.Table.from_pylist(
+        [
+            {
+                "_topic": "orders",
+                "_partition": 0,
+                "_offset": 99,
+                "_ingested_at": NOW,
+                "raw": b"{",
+                "reason": "bad_json",
+            }
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )
+    write_deltalake(str(root / QUARANTINE), quarantine)
+    return root, orders
+
+
+@pytest.fixture(scope="module")
+def api(lake: tuple[Path, list[dict[str, Any]]]) -> Any:
+    root, _ = lake
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_sales_by_day_sums_over_unfiltered_dimensions(api: httpx.Client, lake: Any) -> None:
+    _, orders = lake
+    first, last = datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 10, tzinfo=UTC)
+    for sku, store in [(None, None), ("A", None), (None, "S2"), ("B", "S1")]:
+        params = {"start": "2024-05-01", "end": "2024-05-10", "granularity": "day"}
+        if sku:
+            params["sku"] = sku
+        if store:
+            params["store_id"] = store
+        r = api.get("/v1/sales", params=params)
+        assert r.status_code == 200, r.text
+        want = expected_sales(
+            orders, granularity="day", first=first, last=last, sku=sku, store=store
+        )
+        assert want, "the fixture must have data in range"
+        assert_same_points(points_of(r.json()), want)
+
+
+def test_sales_by_hour_from_pinned_master_deduplicates(api: httpx.Client, lake: Any) -> None:
+    _, orders = lake
+    r = api.get(
+        "/v1/sales",
+        params={
+            "sku": "A",
+            "start": "2024-05-08T05:30:00Z",
+            "end": "2024-05-09",
+            "granularity": "hour",
+        },
+    )
+    assert r.status_code == 200, r.text
+    want = expected_sales(
+        orders,
+        granularity="hour",
+        first=datetime(2024, 5, 8, 5, tzinfo=UTC),  # a time inside an hour selects that hour
+        last=datetime(2024, 5, 9, 23, tzinfo=UTC),  # a date as end includes its whole day
+        sku="A",
+    )
+    assert want
+    assert_same_points(points_of(r.json()), want)
+
+
+def test_hours_of_a_day_add_up_to_the_day(api: httpx.Client) -> None:
+    day = api.get("/v1/sales", params={"start": "2024-05-07", "end": "2024-05-07"}).json()
+    hours = api.get(
+        "/v1/sales", params={"start": "2024-05-07", "end": "2024-05-07", "granularity": "hour"}
+    ).json()
+    assert len(day["points"]) == 1
+    assert 1 < len(hours["points"]) <= 24
+    assert sum(p["units"] for p in hours["points"]) == day["points"][0]["units"]
+    assert sum(p["order_lines"] for p in hours["points"]) == day["points"][0]["order_lines"]
+
+
+def test_every_answer_carries_as_of_and_says_it_is_degraded_without_speed(
+    api: httpx.Client,
+) -> None:
+    body = api.get("/v1/sales", params={"sku": "A"}).json()
+    assert body["as_of"]["run_id"] == "run-1"
+    assert set(body["as_of"]["watermark"]["orders"]) == {"0", "1", "2", "3"}
+    assert body["as_of"]["speed_offsets"] == {}
+    # No speed worker is running: the recent events of every partition are missing.
+    assert body["degraded"] is True
+    assert body["missing_partitions"] == {"orders": [0, 1, 2, 3]}
+    for path in ("/v1/sentiment/A", "/v1/forecast/A", "/v1/alerts/demand", "/v1/sentiment"):
+        b = api.get(path).json()
+        assert b["as_of"]["run_id"] == "run-1", path
+        assert b["degraded"] is True, path
+
+
+def test_unknown_sku_is_an_empty_answer_not_an_error(api: httpx.Client) -> None:
+    r = api.get("/v1/sales", params={"sku": "NOPE"})
+    assert r.status_code == 200 and r.json()["points"] == []
+    s = api.get("/v1/sentiment/NOPE")
+    assert s.status_code == 200
+    assert s.json()["reviews"] == 0 and s.json()["mean_sentiment"] is None
+    f = api.get("/v1/forecast/NOPE")
+    assert f.status_code == 200
+    assert f.json()["points"] == [] and f.json()["actuals"] == [] and f.json()["model"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "fragment"),
+    [
+        ("/v1/sales", {"start": "2024-13-01"}, "'start'"),
+        ("/v1/sales", {"end": "yesterday"}, "'end'"),
+        ("/v1/sales", {"start": "2024-05-10", "end": "2024-05-01"}, "after end"),
+        ("/v1/sales", {"granularity": "minute"}, "'granularity'"),
+        ("/v1/sales", {"start": "2000-01-01", "end": "2024-01-01"}, "range too large"),
+        (
+            "/v1/sales",
+            {"start": "2023-01-01", "end": "2024-01-01", "granularity": "hour"},
+            "granularity=day",
+        ),
+        ("/v1/sales", {"sku": "x" * 300}, "'sku'"),
+        ("/v1/sales", {"store_id": " "}, "'store_id'"),
+        ("/v1/forecast/A", {"horizon": "0"}, "'horizon'"),
+        ("/v1/forecast/A", {"horizon": "many"}, "'horizon'"),
+        ("/v1/sentiment", {"order": "middle"}, "'order'"),
+        ("/v1/sentiment", {"limit": "100000"}, "'limit'"),
+    ],
+)
+def test_invalid_parameters_get_400_with_a_clear_message(
+    api: httpx.Client, path: str, params: dict[str, str], fragment: str
+) -> None:
+    r = api.get(path, params=params)
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "invalid parameter" in detail and fragment in detail, detail
+
+
+def test_forecast_for_a_store_has_bounds_and_merged_actuals(api: httpx.Client, lake: Any) -> None:
+    _, orders = lake
+    r = api.get("/v1/forecast/A", params={"store_id": "S1", "horizon": "5", "actuals_days": "4"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sku"] == "A" and body["store_id"] == "S1" and body["model"] == "AutoETS"
+    # The actuals window (4 days up to today) plus 5 days ahead, today counted once.
+    want_dates = [(TODAY + timedelta(days=d)).isoformat() for d in range(-3, 5)]
+    assert [p["date"] for p in body["points"]] == want_dates
+    assert all(p["upper_95"] == 0.5 for p in body["points"])
+    want = expected_sales(
+        orders,
+        granularity="day",
+        first=datetime(2024, 5, 7, tzinfo=UTC),
+        last=datetime(2024, 5, 10, tzinfo=UTC),
+        sku="A",
+        store="S1",
+    )
+    assert {a["date"]: a["units"] for a in body["actuals"]} == {k: v[0] for k, v in want.items()}
+
+
+def test_forecast_over_all_stores_sums_points_without_bounds(api: httpx.Client) -> None:
+    body = api.get("/v1/forecast/B", params={"horizon": "1", "actuals_days": "1"}).json()
+    assert body["store_id"] is None
+    assert body["points"] == [
+        {
+            "date": TODAY.isoformat(),
+            "forecast": 80.0,
+            "lower_80": None,
+            "upper_80": None,
+            "lower_95": None,
+            "upper_95": None,
+        }
+    ]
+
+
+def test_sentiment_means_come_from_merged_sums(api: httpx.Client) -> None:
+    body = api.get("/v1/sentiment/A").json()
+    assert body["reviews"] == 4
+    assert body["mean_rating"] == pytest.approx(14 / 4)
+    assert body["mean_sentiment"] == pytest.approx(1.2 / 4)
+    assert (body["positive"], body["neutral"], body["negative"]) == (3, 1, 0)
+
+
+def test_sentiment_ranking_orders_and_limits(api: httpx.Client) -> None:
+    worst = api.get("/v1/sentiment", params={"order": "worst"}).json()["items"]
+    assert [i["sku"] for i in worst] == ["B", "A", "C"]
+    best = api.get("/v1/sentiment", params={"order": "best", "limit": "2"}).json()["items"]
+    assert [i["sku"] for i in best] == ["C", "A"]
+    many = api.get("/v1/sentiment", params={"order": "best", "min_reviews": "2"}).json()["items"]
+    assert [i["sku"] for i in many] == ["A", "B"]
+
+
+def test_demand_alerts_flag_series_outside_the_95_interval(api: httpx.Client, lake: Any) -> None:
+    _, orders = lake
+    body = api.get("/v1/alerts/demand").json()
+    assert body["date"] == TODAY.isoformat()
+    assert body["day_fraction"] == pytest.approx(20 / 24, abs=1e-3)
+    got = {(a["sku"], a["store_id"], a["kind"]) for a in body["items"]}
+    today_units = defaultdict(int)
+    for r in dedup(orders):
+        if r["event_date"] == TODAY:
+            today_units[(r["sku"], r["store_id"])] += r["quantity"]
+    want = set()
+    if today_units[("A", "S1")] > 0.5:
+        want.add(("A", "S1", "above_upper_95"))
+    if today_units[("B", "S2")] < 0.5 * 30.0 * (20 / 24):
+        want.add(("B", "S2", "below_lower_95"))
+    assert want, "the fixture must trigger at least one alert"
+    assert got == want
+
+
+def test_status_is_the_status_json_object(api: httpx.Client) -> None:
+    body = api.get("/v1/status").json()
+    assert body["batch"]["run_id"] == "run-1"
+    assert body["batch"]["watermark"]["orders"]
+    assert body["speed"]["workers"] == []
+    assert body["quarantine"] == {"orders": {"bad_json": 1}}
+
+
+def test_metrics_expose_latency_batch_age_and_quarantine(api: httpx.Client) -> None:
+    api.get("/v1/sales", params={"sku": "A"})
+    text = api.get("/metrics").text
+    assert 'lambdalake_api_request_seconds_bucket{le="0.05",method="GET",route="/v1/sales"' in text
+    assert 'lambdalake_batch_age_seconds{run_id="run-1"}' in text
+    assert 'lambdalake_quarantine_events{reason="bad_json",topic="orders"} 1.0' in text
+    assert 'lambdalake_api_degraded_answers_total{route="sales"}' in text
+
+
+def test_openapi_documents_every_endpoint_with_examples(api: httpx.Client) -> None:
+    spec = api.get("/openapi.json").json()
+    for path in (
+        "/v1/sales",
+        "/v1/forecast/{sku}",
+        "/v1/sentiment/{sku}",
+        "/v1/sentiment",
+        "/v1/alerts/demand",
+        "/v1/status",
+        "/health",
+        "/metrics",
+    ):
+        assert path in spec["paths"], path
+    assert "example" in spec["components"]["schemas"]["SalesAnswer"]
+    assert api.get("/docs").status_code == 200
+
+
+def test_api_keys_guard_everything_but_health(tmp_path: Path, lake: Any) -> None:
+    root, _ = lake
+    app = create_app(settings_at(root, api_keys="k1, k2"), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/health").status_code == 200
+        for path in ("/v1/sales", "/v1/sentiment/A", "/v1/status", "/metrics"):
+            r = client.get(path)
+            assert r.status_code == 401, path
+            assert "X-API-Key" in r.json()["detail"]
+            assert client.get(path, headers={"X-API-Key": "wrong"}).status_code == 401
+            assert client.get(path, headers={"X-API-Key": "k2"}).status_code == 200
+
+
+def test_new_published_run_is_served_and_failed_run_is_not(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    orders = make_orders(seed=1, n=100)
+    write_run(root, "run-1", orders, published_at=NOW - timedelta(hours=2))
+    app = create_app(settings_at(root), clock=lambda: NOW, poll_seconds=0.2)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        first = client.get("/v1/sales", params={"start": "2024-05-01", "end": "2024-05-10"}).json()
+        assert first["as_of"]["run_id"] == "run-1"
+
+        more = orders + make_orders(seed=2, n=50)
+        more = [{**r, "_offset": i} for i, r in enumerate(more)]  # distinct lineage
+        for r in more[len(orders) :]:
+            r["event_id"] = "new-" + r["event_id"]
+        write_run(root, "run-bad", more, status="failed")
+        time.sleep(1.0)
+        assert client.get("/v1/sales").json()["as_of"]["run_id"] == "run-1"
+
+        write_run(root, "run-2", more, hourly_view=True)
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["run_id"] != "run-2":
+            assert time.monotonic() < deadline, "run-2 was not picked up"
+            time.sleep(0.1)
+        body = client.get("/v1/sales", params={"start": "2024-05-01", "end": "2024-05-10"}).json()
+        assert body["as_of"]["run_id"] == "run-2"
+        want = expected_sales(
+            more,
+            granularity="day",
+            first=datetime(2024, 5, 1, tzinfo=UTC),
+            last=datetime(2024, 5, 10, tzinfo=UTC),
+        )
+        assert_same_points(points_of(body), want)
+        # Hourly answers now come from the run's hourly view, and agree with the master.
+        hours = client.get(
+            "/v1/sales", params={"start": "2024-05-09", "end": "2024-05-10", "granularity": "hour"}
+        ).json()
+        want_h = expected_sales(
+            more,
+            granularity="hour",
+            first=datetime(2024, 5, 9, tzinfo=UTC),
+            last=datetime(2024, 5, 10, 23, tzinfo=UTC),
+        )
+        assert_same_points(points_of(hours), want_h)
+        assert app.state.batch.current().hourly_source == "view"
+
+
+def test_hot_path_answers_from_memory_without_reading_delta_files(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    orders = make_orders(seed=3, n=100)
+    write_run(root, "run-1", orders)
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        before = client.get("/v1/sales", params={"sku": "A", "granularity": "hour"}).json()
+        assert before["points"]
+        # Remove every view and master data file: the loaded run must still answer the same.
+        removed = 0
+        for parquet in root.rglob("*.parquet"):
+            if "runs" not in parquet.parts:
+                parquet.unlink()
+                removed += 1
+        assert removed
+        after = client.get("/v1/sales", params={"sku": "A", "granularity": "hour"}).json()
+        assert after["points"] == before["points"]
+        assert client.get("/v1/sentiment/A").json()["reviews"] == 4
+
+
+def test_no_published_run_yet_answers_empty_with_null_run(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        body = client.get("/v1/sales").json()
+        assert body["points"] == []
+        assert body["as_of"] == {"run_id": None, "watermark": {}, "speed_offsets": {}}
+        assert client.get("/health").json() == {"status": "ok", "run_id": None}
+        assert json.loads(client.get("/v1/status").text)["batch"]["run_id"] is None
