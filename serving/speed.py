@@ -11,7 +11,9 @@ its partitions are listed as missing — never a silent partial answer.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +22,18 @@ from typing import Any
 from lambdalake.logs import get_logger
 from lambdalake.manifest import Watermark
 from lambdalake.settings import Settings
+from lambdalake.speed_protocol import (
+    SpeedAnswer,
+    SpeedError,
+    SpeedQuery,
+    StaleWatermark,
+    query_speed,
+)
 from lambdalake.views import ViewDef
 
 log = get_logger(__name__)
+
+WARN_EVERY_SECONDS = 30.0  # an unreachable worker is logged at most this often
 
 
 @dataclass(frozen=True)
@@ -85,26 +96,87 @@ def all_partitions(
 
 
 class SpeedClient:
-    """Asks every speed worker for partials; see the module docstring."""
+    """Asks every speed worker for partials; see the module docstring.
 
-    def __init__(self, settings: Settings, *, timeout: float = 2.0) -> None:
+    Workers are asked in parallel. Partitions covered by two answers (a worker
+    reachable under two addresses, or two live workers configured to overlap)
+    are taken from the first answer only: the second is dropped, so nothing is
+    ever counted twice.
+    """
+
+    def __init__(
+        self, settings: Settings, *, timeout: float = 2.0, retry_after: float = 1.0
+    ) -> None:
         self.settings = settings
         self.timeout = timeout
+        self.retry_after = retry_after
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="speed-query")
+        # endpoint -> monotonic time before which it is not asked again (it just failed)
+        self._down_until: dict[str, float] = {}
+        self._last_warned: dict[str, float] = {}
 
-    def endpoints(self) -> list[str]:
+    def endpoints(self, statuses: Sequence[dict[str, Any]] | None = None) -> list[str]:
         found = parse_endpoints(self.settings.speed_endpoints)
-        for st in status_files(self.settings):
+        for st in status_files(self.settings) if statuses is None else statuses:
             ep = st.get("query_endpoint")
-            if ep and ep not in found:
+            if ep and str(ep) not in found:
                 found.append(str(ep))
         return found
+
+    def _ask(self, endpoint: str, q: SpeedQuery) -> SpeedAnswer | SpeedError:
+        # A worker that just failed is not asked again for ``retry_after`` seconds, so a
+        # dead or black-holed worker does not add its timeout to every request.
+        if time.monotonic() < self._down_until.get(endpoint, 0.0):
+            return SpeedError(f"speed worker {endpoint} failed less than {self.retry_after} s ago")
+        try:
+            answer: SpeedAnswer | SpeedError = query_speed(endpoint, q, timeout=self.timeout)
+        except StaleWatermark as exc:
+            return exc
+        except SpeedError as exc:
+            answer = exc
+        except Exception as exc:  # e.g. something else (not a worker) listens there
+            answer = SpeedError(f"speed worker {endpoint} failed: {type(exc).__name__}: {exc}")
+        if isinstance(answer, SpeedError):
+            self._down_until[endpoint] = time.monotonic() + self.retry_after
+            if time.monotonic() - self._last_warned.get(endpoint, -1e9) > WARN_EVERY_SECONDS:
+                self._last_warned[endpoint] = time.monotonic()
+                log.warning("serving.speed_unreachable", endpoint=endpoint, error=str(answer))
+        else:
+            self._down_until.pop(endpoint, None)
+        return answer
 
     def query(self, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedResult:
         """Partials of ``view`` over events at offsets >= ``min_offsets`` from every worker."""
         statuses = status_files(self.settings)
+        q = to_speed_query(view, flt, min_offsets)
+        endpoints = self.endpoints(statuses)
+        if len(endpoints) == 1:
+            answers = [self._ask(endpoints[0], q)]
+        else:
+            answers = list(self._pool.map(lambda ep: self._ask(ep, q), endpoints))
         result = SpeedResult()
         covered: set[int] = set()
-        # The speed query protocol is wired in below (see serving/speed_protocol glue).
+        for endpoint, answer in zip(endpoints, answers, strict=True):
+            if isinstance(answer, StaleWatermark):
+                result.stale = True
+                log.info("serving.speed_stale", endpoint=endpoint, worker_run=answer.run_id)
+                continue
+            if isinstance(answer, SpeedError):
+                continue  # its partitions end up in ``missing``
+            owned = {int(p) for p in answer.partitions.get(view.topic, [])}
+            if owned & covered:
+                log.warning(
+                    "serving.speed_overlap",
+                    endpoint=endpoint,
+                    worker=answer.meta.worker,
+                    partitions=sorted(owned & covered),
+                )
+                continue
+            covered |= owned
+            result.rows.extend(answer.table.to_pylist())
+            for topic, parts in answer.offsets.items():
+                if topic == view.topic:
+                    result.offsets.setdefault(topic, {}).update(parts)
         parts = all_partitions(view.topic, self.settings, min_offsets, statuses)
         missing = [p for p in parts if p not in covered]
         if missing:
@@ -112,4 +184,23 @@ class SpeedClient:
         return result
 
     def close(self) -> None:
-        pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _bound(ts: datetime | None, granularity: str | None) -> str | None:
+    if ts is None:
+        return None
+    return ts.date().isoformat() if granularity == "day" else ts.isoformat()
+
+
+def to_speed_query(view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedQuery:
+    """The protocol request for ``flt`` (pure)."""
+    return SpeedQuery(
+        view=view.name,  # type: ignore[arg-type]
+        granularity=(flt.granularity or "day"),  # type: ignore[arg-type]
+        skus=(flt.sku,) if flt.sku is not None else None,
+        stores=(flt.store_id,) if flt.store_id is not None else None,
+        start=_bound(flt.first, flt.granularity),
+        end=_bound(flt.last, flt.granularity),
+        min_offsets=min_offsets,
+    )

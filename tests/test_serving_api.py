@@ -622,3 +622,43 @@ def test_no_published_run_yet_answers_empty_with_null_run(tmp_path: Path) -> Non
         assert body["as_of"] == {"run_id": None, "watermark": {}, "speed_offsets": {}}
         assert client.get("/health").json() == {"status": "ok", "run_id": None}
         assert json.loads(client.get("/v1/status").text)["batch"]["run_id"] is None
+
+
+def test_unreachable_speed_worker_makes_answers_degraded_not_partial(
+    tmp_path: Path, lake: Any
+) -> None:
+    root, orders = lake
+    from serving.app import free_port
+
+    settings = settings_at(root, home=tmp_path / "home")
+    status_dir = settings.speed_state_dir / "status"
+    status_dir.mkdir(parents=True)
+    # A worker that owned partitions 0 and 2 left its status file behind, then died.
+    (status_dir / "worker-0-of-2.json").write_text(
+        json.dumps(
+            {
+                "worker": "0/2",
+                "query_endpoint": f"grpc://127.0.0.1:{free_port()}",
+                "offsets": {"orders": {"0": 5, "2": 7}},
+                "updated_at": NOW.isoformat(),
+            }
+        )
+    )
+    app = create_app(settings, clock=lambda: NOW, speed_timeout=1.0)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        started = time.monotonic()
+        body = client.get("/v1/sales", params={"start": "2024-05-01", "end": "2024-05-10"}).json()
+        assert time.monotonic() - started < 5
+        assert body["degraded"] is True
+        assert body["missing_partitions"] == {"orders": [0, 1, 2, 3]}
+        assert body["as_of"]["speed_offsets"] == {}
+        # What is there (the batch views) is still answered in full.
+        want = expected_sales(
+            orders,
+            granularity="day",
+            first=datetime(2024, 5, 1, tzinfo=UTC),
+            last=datetime(2024, 5, 10, tzinfo=UTC),
+        )
+        assert_same_points(points_of(body), want)
+        metrics = client.get("/metrics").text
+        assert 'lambdalake_api_degraded_answers_total{route="sales"} 1.0' in metrics
