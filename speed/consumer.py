@@ -1,0 +1,297 @@
+"""Kafka side of a speed worker: manual assignment, micro-batches, validation.
+
+A :class:`Poller` thread owns the KafkaConsumer (kafka-python, no consumer
+group): worker ``I/N`` takes partition ``p`` of each topic when ``p % N == I``.
+It turns polls into micro-batches (up to ``max_records`` messages or
+``max_wait`` seconds), validates them with the shared validator, and hands them
+to the worker's main thread through a small queue, so Kafka fetching and
+validation overlap with the DuckDB commit of the previous micro-batch.
+
+Positions are NOT kept here: the main thread tells the poller where to start
+(:meth:`Poller.seek`) from the positions committed in the state, and filters
+out anything below them, so what the poller has in flight is never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from lambdalake.logs import get_logger
+from lambdalake.settings import TOPICS, Settings
+
+log = get_logger(__name__)
+
+TP = tuple[str, int]
+
+
+def owned_partitions(partitions: dict[str, list[int]], worker: tuple[int, int]) -> list[TP]:
+    """The (topic, partition) pairs worker ``I/N`` takes: ``p % N == I`` (pure)."""
+    i, n = worker
+    return [(t, p) for t in sorted(partitions) for p in sorted(partitions[t]) if p % n == i]
+
+
+@dataclass
+class TopicBatch:
+    """One topic's part of a micro-batch, validated."""
+
+    valid: pa.Table  # the topic's fields + event_date + _partition + _offset
+    rejected: pa.Table  # _partition, _offset, raw, reason
+
+
+@dataclass
+class RawMessages:
+    values: list[bytes | None]
+    partitions: list[int]
+    offsets: list[int]
+
+
+@dataclass
+class Polled:
+    """A validated micro-batch, with the next offset it reached per partition."""
+
+    topics: dict[str, TopicBatch] = field(default_factory=dict)
+    ends: dict[TP, int] = field(default_factory=dict)
+    messages: int = 0
+    first_at: float = 0.0  # monotonic time the first message was polled
+    poll_seconds: float = 0.0
+    validate_seconds: float = 0.0
+
+
+@dataclass
+class Assigned:
+    """The poller connected and took these partitions; it waits for :meth:`Poller.seek`."""
+
+    partitions: list[TP]
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.bootstrap,
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": 100,  # bounds freshness when caught up
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+        "reconnect_backoff_max_ms": 5_000,
+        "request_timeout_ms": 30_000,
+        "bootstrap_timeout_ms": 5_000,
+    }
+
+
+class Poller(threading.Thread):
+    """Polls the owned partitions into validated micro-batches (see the module doc)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        worker: tuple[int, int],
+        out: queue.Queue[Polled | Assigned],
+        stop: threading.Event,
+        *,
+        max_records: int = 50_000,
+        max_wait: float = 0.2,
+        validate: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__(name=f"speed-poller-{worker[0]}of{worker[1]}", daemon=True)
+        self.settings = settings
+        self.worker = worker
+        self.out = out
+        self.stop_event = stop
+        self.max_records = max_records
+        self.max_wait = max_wait
+        self._validate = validate
+        self._lock = threading.Lock()
+        self._seek: dict[TP, int] = {}
+        self._force_seek = False
+        self._started = threading.Event()
+        self.consumer: KafkaConsumer | None = None
+        self.assigned: list[TP] = []
+        self._next: dict[TP, int] = {}  # the offset the consumer fetches next, per partition
+        self.highwater: dict[TP, int] = {}
+        self.connected = False
+        self.last_fetch_at: float | None = None
+        self.error: BaseException | None = None
+
+    # --- called from the main thread ------------------------------------------------------
+
+    def seek(self, positions: dict[TP, int], *, backwards: bool = False) -> None:
+        """Continue each partition at ``positions`` (forward only unless ``backwards``)."""
+        with self._lock:
+            self._seek.update(positions)
+            self._force_seek = self._force_seek or backwards
+        self._started.set()
+
+    # --- the thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # surfaced by the main thread
+            self.error = exc
+            log.error("speed.poller_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.consumer is not None:
+                with contextlib.suppress(Exception):  # closing a broken client
+                    self.consumer.close(autocommit=False)
+
+    def _run(self) -> None:
+        from lambdalake.contracts import validate
+
+        self._validate = self._validate or validate
+        delay = 0.5
+        while not self.stop_event.is_set():
+            if self.consumer is None:
+                try:
+                    self._connect()
+                    delay = 0.5
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    self.connected = False
+                    log.warning(
+                        "speed.broker_unreachable",
+                        bootstrap=self.settings.bootstrap,
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in=delay,
+                    )
+                    self.stop_event.wait(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                self._put(Assigned(list(self.assigned)))
+                # Wait for the main thread's positions before the first poll.
+                while not self._started.wait(0.1):
+                    if self.stop_event.is_set():
+                        return
+            self._apply_seeks()
+            polled, raw = self._collect()
+            if polled.messages:
+                self._validate_batch(polled, raw)
+                self._put(polled)
+
+    def _put(self, item: Polled | Assigned) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _connect(self) -> None:
+        consumer = KafkaConsumer(**consumer_config(self.settings))
+        try:
+            parts: dict[str, list[int]] = {}
+            deadline = time.monotonic() + 15
+            for topic in TOPICS:
+                found = consumer.partitions_for_topic(topic)
+                while not found:
+                    if time.monotonic() > deadline or self.stop_event.is_set():
+                        raise TimeoutError(
+                            f"topic {topic!r} not found on {self.settings.bootstrap}"
+                        )
+                    time.sleep(0.2)
+                    consumer.topics()
+                    found = consumer.partitions_for_topic(topic)
+                parts[topic] = sorted(found)
+            owned = owned_partitions(parts, self.worker)
+            if not owned:
+                raise TimeoutError(
+                    f"worker {self.worker[0]}/{self.worker[1]} owns no partition of "
+                    f"{parts}; use fewer workers"
+                )
+            consumer.assign([TopicPartition(t, p) for t, p in owned])
+        except BaseException:
+            consumer.close(autocommit=False)
+            raise
+        self.consumer = consumer
+        self.assigned = owned
+        self.connected = True
+        log.info("speed.assigned", worker=f"{self.worker[0]}/{self.worker[1]}", partitions=owned)
+
+    def _apply_seeks(self) -> None:
+        with self._lock:
+            seeks, self._seek = self._seek, {}
+            force, self._force_seek = self._force_seek, False
+        assert self.consumer is not None
+        for (t, p), offset in seeks.items():
+            tp = TopicPartition(t, p)
+            if (t, p) not in self.assigned:
+                continue
+            current = self._next.get((t, p))
+            if force or current is None or current < offset:
+                self.consumer.seek(tp, offset)
+                self._next[(t, p)] = offset
+
+    def _collect(self) -> tuple[Polled, dict[str, RawMessages]]:
+        """Poll until ``max_records`` messages, ``max_wait`` seconds, or a quiet poll."""
+        assert self.consumer is not None
+        values: dict[str, list[bytes | None]] = {t: [] for t in TOPICS}
+        parts: dict[str, list[int]] = {t: [] for t in TOPICS}
+        offs: dict[str, list[int]] = {t: [] for t in TOPICS}
+        polled = Polled()
+        t_start = time.monotonic()
+        while polled.messages < self.max_records and not self.stop_event.is_set():
+            elapsed = time.monotonic() - (polled.first_at or t_start)
+            if polled.messages and elapsed >= self.max_wait:
+                break
+            timeout_ms = (
+                100 if not polled.messages else max(1, int((self.max_wait - elapsed) * 1000))
+            )
+            got = self.consumer.poll(
+                timeout_ms=timeout_ms, max_records=self.max_records - polled.messages
+            )
+            if not got:
+                if polled.messages:
+                    break  # caught up: commit what we have now (freshness)
+                if time.monotonic() - t_start >= self.max_wait:
+                    break
+                continue
+            if not polled.messages:
+                polled.first_at = time.monotonic()
+            self.last_fetch_at = time.monotonic()
+            for tp, records in got.items():
+                if not records:
+                    continue
+                t = tp.topic
+                values[t].extend([r.value for r in records])
+                offs[t].extend([r.offset for r in records])
+                parts[t].extend([tp.partition] * len(records))
+                key = (t, tp.partition)
+                polled.ends[key] = max(polled.ends.get(key, 0), records[-1].offset + 1)
+                self._next[key] = polled.ends[key]
+                polled.messages += len(records)
+        polled.poll_seconds = time.monotonic() - t_start
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                self.highwater[(tp.topic, tp.partition)] = int(hw)
+        raw = {t: RawMessages(values[t], parts[t], offs[t]) for t in TOPICS if values[t]}
+        return polled, raw
+
+    def _validate_batch(self, polled: Polled, raw: dict[str, RawMessages]) -> None:
+        t0 = time.monotonic()
+        for topic, msgs in raw.items():
+            result = self._validate(
+                topic,
+                msgs.values,
+                np.asarray(msgs.partitions, dtype=np.int32),
+                np.asarray(msgs.offsets, dtype=np.int64),
+                max_event_bytes=self.settings.max_event_bytes,
+            )
+            polled.topics[topic] = TopicBatch(valid=result.valid, rejected=result.rejected)
+        polled.validate_seconds = time.monotonic() - t0
+
+
+def quiet_kafka_logs() -> None:
+    """kafka-python logs every reconnect attempt; the worker reports those itself."""
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)

@@ -1,0 +1,673 @@
+"""A speed worker's state in one DuckDB file: held events, recent views, positions.
+
+Everything a micro-batch changes is committed in ONE DuckDB transaction with the
+Kafka positions it consumed, which is what makes the worker exactly-once: after
+a crash the file holds the state of the last committed micro-batch and the
+positions to resume from, nothing more and nothing less.
+
+Tables
+    ``held_orders``, ``held_reviews``
+        The valid, deduplicated events at or above the batch watermark (reviews
+        carry ``sentiment``/``label`` from the current model). Pruning is by offset.
+    ``known_orders``, ``known_reviews``
+        Ids already counted elsewhere: by the published batch run (master rows
+        below its watermark, ingested within the dedup horizon) or by this worker
+        before a prune. A new event whose id is here is a duplicate.
+    ``partials_sales``, ``partials_sentiment``
+        Pre-aggregated views: an append-only log of per-micro-batch partials built
+        with the shared view definitions (sales by hour, store and SKU; reviews per
+        SKU), compacted with the views' merge rules from time to time.
+    ``positions``
+        Next offset per owned topic partition.
+    ``meta``
+        Run applied (id, watermark, master versions read, sentiment model version).
+    ``invalid``
+        Skipped invalid events by topic and reason (metrics).
+
+Only the worker's main thread writes; queries read through their own cursors
+(DuckDB MVCC), so a query never blocks a commit and always sees one committed
+micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from lambdalake.contracts import FIELDS_BY_TOPIC, KEY_BY_TOPIC
+from lambdalake.manifest import Watermark, watermark_from_json, watermark_to_json
+from lambdalake.speed_protocol import (
+    MEASURE_TYPES,
+    AnswerMeta,
+    SpeedQuery,
+    answer_schema,
+    stale_watermark_error,
+)
+from lambdalake.views import SALES, SENTIMENT, ViewDef
+
+TOPICS = ("orders", "reviews")
+VIEW_BY_TOPIC: dict[str, ViewDef] = {"orders": SALES, "reviews": SENTIMENT}
+HELD = {t: f"held_{t}" for t in TOPICS}
+KNOWN = {t: f"known_{t}" for t in TOPICS}
+PARTIALS = {t: f"partials_{VIEW_BY_TOPIC[t].name}" for t in TOPICS}
+# The hot path stores hourly partials; day answers roll hours up (a UTC hour lies in one day).
+STORED_GRANULARITY = "hour"
+SCHEMA_VERSION = "1"
+
+SCORE_FIELDS = [pa.field("sentiment", pa.float64()), pa.field("label", pa.string())]
+SQL_TYPES = {pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}
+
+
+def held_schema(topic: str) -> pa.Schema:
+    """Columns of a held event: the topic's fields, ``event_date``, lineage, scores."""
+    fields = [
+        *FIELDS_BY_TOPIC[topic],
+        pa.field("event_date", pa.date32(), nullable=False),
+        pa.field("_partition", pa.int32(), nullable=False),
+        pa.field("_offset", pa.int64(), nullable=False),
+    ]
+    if topic == "reviews":
+        fields += SCORE_FIELDS
+    return pa.schema(fields)
+
+
+def partials_sql(topic: str, source: str) -> str:
+    """The shared view definition's aggregate over ``source`` at the stored granularity."""
+    view = VIEW_BY_TOPIC[topic]
+    return view.aggregate_sql(source, granularity=STORED_GRANULARITY if view.has_period else None)
+
+
+def partial_keys(topic: str) -> list[str]:
+    view = VIEW_BY_TOPIC[topic]
+    return (["period"] if view.has_period else []) + list(view.dimensions)
+
+
+@dataclass
+class BatchInput:
+    """One micro-batch for :meth:`SpeedState.commit_batch`.
+
+    ``valid``: per topic, validated events (reviews already scored), all at or
+    above the committed position of their partition. ``ends``: the next offset
+    per (topic, partition) the micro-batch consumed (invalid messages included).
+    ``invalid``: skipped events counted by (topic, reason)."""
+
+    valid: dict[str, pa.Table] = field(default_factory=dict)
+    ends: dict[tuple[str, int], int] = field(default_factory=dict)
+    invalid: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    held: dict[str, int]  # events newly held per topic
+    duplicates: dict[str, int]  # dropped as duplicates per topic
+    seconds: float
+
+
+@dataclass
+class RunApply:
+    """A published run, prepared for :meth:`SpeedState.apply_run`.
+
+    ``known_ids``: per topic, a table ``(id, seen_at)`` of ids the run counted
+    (master rows below its watermark within the horizon); ``replace_known`` says
+    whether they replace the known ids or add to them (an incremental load).
+    ``scores``: when the sentiment model changed, ``(_partition, _offset,
+    sentiment, label)`` for every held review at or above the new watermark."""
+
+    run_id: str
+    watermark: Watermark
+    master_versions: dict[str, int]
+    model_version: str | None
+    known_ids: dict[str, pa.Table]
+    replace_known: bool
+    scores: pa.Table | None = None
+    reset: bool = False  # the watermark went backwards: drop everything, re-consume
+
+
+@dataclass
+class Applied:
+    """What the state is pruned at (the run it applied)."""
+
+    run_id: str | None = None
+    watermark: Watermark = field(default_factory=dict)
+    master_versions: dict[str, int] = field(default_factory=dict)
+    model_version: str | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SpeedState:
+    """The DuckDB state of one worker. Writes from one thread; reads from any."""
+
+    def __init__(self, path: Path, worker: tuple[int, int], *, memory_limit: str | None = None):
+        self.path = Path(path)
+        self.worker = worker
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path))
+        self._configure(self.con)
+        # Fewer checkpoints on the hot path; the WAL replays on open after a crash.
+        self.con.execute("SET checkpoint_threshold = '128MB'")
+        if memory_limit:
+            self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursor_lock = threading.Lock()
+        self._create_schema()
+        self.applied = self._read_applied(self.con)
+        self.positions = self._read_positions(self.con)
+        self._partial_rows = {t: self._count(PARTIALS[t]) for t in TOPICS}
+        self._compacted_rows = dict(self._partial_rows)
+
+    # --- setup ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _configure(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("SET TimeZone = 'UTC'")
+
+    def _create_schema(self) -> None:
+        con = self.con
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS positions (topic VARCHAR, partition INTEGER, "
+            "next_offset BIGINT, PRIMARY KEY (topic, partition))"
+        )
+        con.execute("CREATE TABLE IF NOT EXISTS invalid (topic VARCHAR, reason VARCHAR, n BIGINT)")
+        for topic in TOPICS:
+            empty = held_schema(topic).empty_table()  # noqa: F841 - scanned by name below
+            con.execute(f"CREATE TABLE IF NOT EXISTS {HELD[topic]} AS SELECT * FROM empty")
+            con.execute(
+                f"CREATE TABLE IF NOT EXISTS {KNOWN[topic]} (id VARCHAR, seen_at TIMESTAMPTZ)"
+            )
+            con.execute(
+                f"CREATE TABLE IF NOT EXISTS {PARTIALS[topic]} AS "
+                f"{partials_sql(topic, HELD[topic])} LIMIT 0"
+            )
+        layout = f"{self.worker[0]}/{self.worker[1]}"
+        row = con.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+        if row is None:
+            con.execute(
+                "INSERT INTO meta VALUES ('layout', ?), ('schema_version', ?)",
+                [layout, SCHEMA_VERSION],
+            )
+        elif row[0] != layout:
+            raise ValueError(
+                f"{self.path} holds the state of worker {row[0]}, not {layout}; "
+                "use the worker's own file or another LAMBDALAKE_SPEED_DIR"
+            )
+
+    def _count(self, table: str) -> int:
+        return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    @staticmethod
+    def _read_applied(con: duckdb.DuckDBPyConnection) -> Applied:
+        rows = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        return Applied(
+            run_id=rows.get("run_id"),
+            watermark=watermark_from_json(rows.get("watermark") or "{}"),
+            master_versions=json.loads(rows.get("master_versions") or "{}"),
+            model_version=rows.get("model_version"),
+        )
+
+    @staticmethod
+    def _read_positions(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, int], int]:
+        rows = con.execute("SELECT topic, partition, next_offset FROM positions").fetchall()
+        return {(t, int(p)): int(o) for t, p, o in rows}
+
+    def close(self) -> None:
+        with self._cursor_lock:
+            for cur in self._cursors:
+                with suppress(duckdb.Error):
+                    cur.close()
+            self._cursors.clear()
+        try:
+            self.con.execute("CHECKPOINT")
+        finally:
+            self.con.close()
+
+    # --- positions --------------------------------------------------------------------------
+
+    def start_positions(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Where to resume each partition: max(own committed position, watermark)."""
+        return {
+            (t, p): max(self.positions.get((t, p), 0), self.applied.watermark.get(t, {}).get(p, 0))
+            for t, p in tps
+        }
+
+    def register_partitions(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Record the owned partitions (at their start positions); return those positions."""
+        start = self.start_positions(tps)
+        missing = [(t, p, o) for (t, p), o in start.items() if (t, p) not in self.positions]
+        if missing:
+            self.con.executemany("INSERT INTO positions VALUES (?, ?, ?)", missing)
+            for t, p, o in missing:
+                self.positions[(t, p)] = o
+        return start
+
+    def threshold(self, topic: str, partition: int) -> int:
+        """Events of ``partition`` below this offset are already accounted for."""
+        return max(
+            self.positions.get((topic, partition), 0),
+            self.applied.watermark.get(topic, {}).get(partition, 0),
+        )
+
+    def keep_mask(self, topic: str, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Which of these (partition, offset) pairs are new to the state (vectorised)."""
+        if len(partitions) == 0:
+            return np.zeros(0, dtype=bool)
+        top = int(partitions.max()) + 1
+        limits = np.array([self.threshold(topic, p) for p in range(top)], dtype=np.int64)
+        return offsets >= limits[partitions]
+
+    # --- the hot path -------------------------------------------------------------------------
+
+    def commit_batch(self, batch: BatchInput) -> BatchResult:
+        """Add a micro-batch's events to the views and advance positions, atomically."""
+        t0 = time.perf_counter()
+        con = self.con
+        held: dict[str, int] = {}
+        dups: dict[str, int] = {}
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for topic, table in batch.valid.items():
+                if table.num_rows:
+                    held[topic], dups[topic] = self._add_events(topic, table)
+            new_positions = dict(self.positions)
+            for tp, end in batch.ends.items():
+                new_positions[tp] = max(new_positions.get(tp, 0), end)
+            changed = [
+                (t, p, o) for (t, p), o in new_positions.items() if self.positions.get((t, p)) != o
+            ]
+            if changed:
+                con.executemany(
+                    "INSERT INTO positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
+                    "DO UPDATE SET next_offset = excluded.next_offset",
+                    changed,
+                )
+            if batch.invalid:
+                con.executemany(
+                    "INSERT INTO invalid VALUES (?, ?, ?)",
+                    [(t, r, n) for (t, r), n in batch.invalid.items()],
+                )
+            compact = [t for t in held if self._needs_compaction(t)]
+            for topic in compact:
+                self._compact_partials(topic)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            self._partial_rows = {t: self._count(PARTIALS[t]) for t in TOPICS}
+            raise
+        self.positions = new_positions
+        return BatchResult(held=held, duplicates=dups, seconds=time.perf_counter() - t0)
+
+    def _add_events(self, topic: str, table: pa.Table) -> tuple[int, int]:
+        """Dedup one topic's events against held and known ids; append; update partials.
+
+        Within the batch and against held events the lowest (offset, partition)
+        wins; an id already known (counted by the batch run or pruned) is a duplicate.
+        """
+        con = self.con
+        key = KEY_BY_TOPIC[topic]
+        held, known, partials = HELD[topic], KNOWN[topic], PARTIALS[topic]
+        names = held_schema(topic).names
+        batch_in = table.select(names)  # noqa: F841 - scanned by name below
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE cand AS
+            SELECT * FROM batch_in b
+            WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})
+            QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _offset, _partition) = 1"""
+        )
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE conf AS
+            SELECT c.{key} AS id, h._partition AS hp, h._offset AS ho,
+                   (c._offset < h._offset OR (c._offset = h._offset AND c._partition < h._partition))
+                   AS new_wins
+            FROM cand c JOIN {held} h ON h.{key} = c.{key}"""
+        )
+        n_conf, n_wins = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE new_wins) FROM conf"
+        ).fetchone()
+        if n_conf:
+            con.execute(f"DELETE FROM cand WHERE {key} IN (SELECT id FROM conf WHERE NOT new_wins)")
+        if n_wins:
+            # A lower offset of an id we hold arrived late from another partition:
+            # it replaces the held one, and the partials are rebuilt (rare).
+            con.execute(
+                f"DELETE FROM {held} h USING conf c WHERE c.new_wins "
+                "AND h._partition = c.hp AND h._offset = c.ho"
+            )
+        con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM cand")
+        n_new = int(con.execute("SELECT count(*) FROM cand").fetchone()[0])
+        if n_wins:
+            self._rebuild_partials(topic)
+        elif n_new:
+            added = con.execute(f"INSERT INTO {partials} {partials_sql(topic, 'cand')}").fetchone()
+            self._partial_rows[topic] += int(added[0])
+        return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
+
+    def _needs_compaction(self, topic: str) -> bool:
+        return self._partial_rows[topic] > 2 * self._compacted_rows[topic] + 100_000
+
+    def _compact_partials(self, topic: str) -> None:
+        """Merge the partials log with the view's merge rules (same answers, fewer rows)."""
+        view, partials = VIEW_BY_TOPIC[topic], PARTIALS[topic]
+        keys = partial_keys(topic)
+        self.con.execute(
+            f"CREATE OR REPLACE TEMP TABLE merged AS "
+            f"{view.merge_sql(partials, keys=keys, derive=False)}"
+        )
+        self.con.execute(f"DELETE FROM {partials}")
+        self.con.execute(f"INSERT INTO {partials} BY NAME SELECT * FROM merged")
+        self.con.execute("DROP TABLE merged")
+        n = self._count(partials)
+        self._partial_rows[topic] = self._compacted_rows[topic] = n
+
+    def _rebuild_partials(self, topic: str) -> None:
+        partials = PARTIALS[topic]
+        self.con.execute(f"DELETE FROM {partials}")
+        self.con.execute(f"INSERT INTO {partials} {partials_sql(topic, HELD[topic])}")
+        n = self._count(partials)
+        self._partial_rows[topic] = self._compacted_rows[topic] = n
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def held_reviews_from(self, watermark: Watermark) -> pa.Table:
+        """Held reviews at or above ``watermark`` (to re-score with a new model)."""
+        wm = _watermark_table("reviews", watermark)  # noqa: F841 - scanned by name below
+        return self.con.sql(
+            f"""SELECT h._partition, h._offset, h.text, h.title FROM {HELD["reviews"]} h
+            LEFT JOIN wm w ON w.partition = h._partition
+            WHERE h._offset >= coalesce(w.offset, 0)"""
+        ).to_arrow_table()
+
+    def apply_run(self, run: RunApply, dedup_hours: int, now: datetime | None = None) -> None:
+        """Prune to a run's watermark, load the ids it counted, re-score, atomically."""
+        now = now or _now()
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for topic in TOPICS:
+                self._apply_run_topic(topic, run, now)
+            if run.scores is not None and run.scores.num_rows:
+                scores = run.scores.select(  # noqa: F841 - scanned by name below
+                    ["_partition", "_offset", "sentiment", "label"]
+                )
+                con.execute(
+                    f"""UPDATE {HELD["reviews"]} AS h SET sentiment = s.sentiment, label = s.label
+                    FROM scores s WHERE h._partition = s._partition AND h._offset = s._offset"""
+                )
+            horizon = now - timedelta(hours=dedup_hours)
+            for topic in TOPICS:
+                con.execute(f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ?", [horizon])
+                self._rebuild_partials(topic)
+            # Owned partitions resume at max(own position, watermark); after a reset
+            # (the watermark went backwards) exactly at the watermark.
+            new_positions = {
+                (t, p): max(0 if run.reset else o, run.watermark.get(t, {}).get(p, 0))
+                for (t, p), o in self.positions.items()
+            }
+            con.execute("DELETE FROM positions")
+            if new_positions:
+                con.executemany(
+                    "INSERT INTO positions VALUES (?, ?, ?)",
+                    [(t, p, o) for (t, p), o in sorted(new_positions.items())],
+                )
+            meta = {
+                "run_id": run.run_id,
+                "watermark": watermark_to_json(run.watermark),
+                "master_versions": json.dumps(run.master_versions, sort_keys=True),
+                "model_version": run.model_version,
+            }
+            con.executemany(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                list(meta.items()),
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        self.positions = new_positions
+        self.applied = Applied(
+            run_id=run.run_id,
+            watermark={t: dict(ps) for t, ps in run.watermark.items()},
+            master_versions=dict(run.master_versions),
+            model_version=run.model_version,
+        )
+
+    def _apply_run_topic(self, topic: str, run: RunApply, now: datetime) -> None:
+        con = self.con
+        key = KEY_BY_TOPIC[topic]
+        held, known = HELD[topic], KNOWN[topic]
+        wm = _watermark_table(topic, run.watermark)  # noqa: F841 - scanned by name below
+        if run.reset:
+            con.execute(f"DELETE FROM {held}")
+            con.execute(f"DELETE FROM {known}")
+        elif run.replace_known:
+            con.execute(f"DELETE FROM {known}")
+        ids = run.known_ids.get(topic)
+        if ids is not None and ids.num_rows:
+            new_ids = ids.select(["id", "seen_at"])  # noqa: F841 - scanned by name below
+            con.execute(
+                f"""INSERT INTO {known} SELECT id, max(seen_at) FROM new_ids n
+                WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"""
+            )
+        # Pruned events leave the views but their ids stay known until the horizon passes.
+        con.execute(
+            f"""INSERT INTO {known}
+            SELECT h.{key}, ? FROM {held} h JOIN wm w ON w.partition = h._partition
+            WHERE h._offset < w.offset
+              AND NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = h.{key})""",
+            [now],
+        )
+        con.execute(
+            f"DELETE FROM {held} h USING wm w WHERE w.partition = h._partition "
+            "AND h._offset < w.offset"
+        )
+        # An id the run counted (from any partition) is not ours to count again.
+        con.execute(f"DELETE FROM {held} h USING {known} k WHERE k.id = h.{key}")
+
+    def expire_known(self, dedup_hours: int, now: datetime | None = None) -> None:
+        """Forget known ids older than the dedup horizon (cheap; call now and then)."""
+        horizon = (now or _now()) - timedelta(hours=dedup_hours)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for topic in TOPICS:
+                self.con.execute(f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ?", [horizon])
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    # --- reads (any thread) ---------------------------------------------------------------------
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's read connection to the state (created on first use)."""
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self.con.cursor()
+            self._configure(cur)
+            self._local.cursor = cur
+            with self._cursor_lock:
+                self._cursors.append(cur)
+        return cur
+
+    @contextmanager
+    def snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read transaction: every read inside sees the same committed state."""
+        cur = self.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            yield cur
+        finally:
+            cur.execute("ROLLBACK")
+
+    def counts(self) -> dict[str, Any]:
+        """Events held per topic and invalid counts by topic and reason (one snapshot)."""
+        with self.snapshot() as cur:
+            events = {
+                t: int(cur.execute(f"SELECT count(*) FROM {HELD[t]}").fetchone()[0]) for t in TOPICS
+            }
+            invalid: dict[str, dict[str, int]] = {}
+            for t, r, n in cur.execute(
+                "SELECT topic, reason, sum(n) FROM invalid GROUP BY ALL ORDER BY ALL"
+            ).fetchall():
+                invalid.setdefault(t, {})[r] = int(n)
+        return {"events": events, "invalid": invalid}
+
+    def query(self, q: SpeedQuery) -> tuple[pa.Table, AnswerMeta]:
+        """Answer a :class:`SpeedQuery` from one consistent snapshot (see the protocol)."""
+        view = SALES if q.view == "sales" else SENTIMENT
+        topic = view.topic
+        with self.snapshot() as cur:
+            applied = self._read_applied(cur)
+            positions = self._read_positions(cur)
+            owned = sorted(p for t, p in positions if t == topic)
+            pruned = applied.watermark.get(topic, {})
+            asked = q.min_offsets.get(topic, {})
+            lows = {p: int(asked.get(p, 0)) for p in owned}
+            stale = {p: (lows[p], pruned.get(p, 0)) for p in owned if lows[p] < pruned.get(p, 0)}
+            if stale:
+                detail = ", ".join(
+                    f"{topic}[{p}] asked from {lo}, pruned to {wm}" for p, (lo, wm) in stale.items()
+                )
+                raise stale_watermark_error(
+                    applied.run_id,
+                    applied.watermark,
+                    f"worker is at run {applied.run_id}; {detail}",
+                )
+            exact = any(lows[p] > pruned.get(p, 0) for p in owned)
+            sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[topic], exact)
+            if exact:
+                lows_tbl = pa.table(  # noqa: F841 - scanned by name in the SQL
+                    {
+                        "partition": pa.array(list(lows), pa.int32()),
+                        "low": pa.array(list(lows.values()), pa.int64()),
+                    }
+                )
+            table = cur.sql(sql, params=params).to_arrow_table()
+        table = table.cast(answer_schema(q.view, q.granularity))
+        meta = AnswerMeta(
+            worker=f"{self.worker[0]}/{self.worker[1]}",
+            run_id=applied.run_id,
+            watermark=applied.watermark,
+            min_offsets={topic: lows},
+            offsets={topic: {p: positions[(topic, p)] for p in owned}},
+            partitions={t: sorted(p for tt, p in positions if tt == t) for t in TOPICS},
+            model_version=applied.model_version if topic == "reviews" else None,
+            exact_filter=exact,
+        )
+        return table, meta
+
+
+def _watermark_table(topic: str, watermark: Watermark) -> pa.Table:
+    parts = watermark.get(topic, {})
+    return pa.table(
+        {
+            "partition": pa.array(list(parts), pa.int32()),
+            "offset": pa.array(list(parts.values()), pa.int64()),
+        }
+    )
+
+
+def _parse_bound(text: str) -> date | datetime:
+    try:
+        if len(text) <= 10:
+            return date.fromisoformat(text)
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO date or date-time") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def period_bounds(
+    granularity: str, start: str | None, end: str | None
+) -> tuple[datetime | None, datetime | None]:
+    """Inclusive period bounds as a half-open ``[lo, hi)`` range of hour starts (UTC)."""
+
+    def day_start(d: date) -> datetime:
+        return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+    lo = hi = None
+    if start:
+        s = _parse_bound(start)
+        if isinstance(s, datetime):
+            s = s.astimezone(UTC)
+            lo = (
+                day_start(s.date())
+                if granularity == "day"
+                else s.replace(minute=0, second=0, microsecond=0)
+            )
+        else:
+            lo = day_start(s)
+    if end:
+        e = _parse_bound(end)
+        if isinstance(e, datetime):
+            e = e.astimezone(UTC)
+            if granularity == "day":
+                hi = day_start(e.date()) + timedelta(days=1)
+            else:
+                hi = e.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        else:
+            hi = day_start(e) + timedelta(days=1)
+    return lo, hi
+
+
+def _answer_sql(
+    view: ViewDef, q: SpeedQuery, held: str, partials: str, exact: bool
+) -> tuple[str, list[Any]]:
+    """SQL for an answer: stored partials (or an exact aggregate of held events
+    filtered by offset), filtered, rolled up to the granularity, merged."""
+    topic = view.topic
+    if exact:
+        source = f"({partials_sql(topic, f'(SELECT h.* FROM {held} h JOIN lows_tbl l ON l.partition = h._partition WHERE h._offset >= l.low)')})"
+    else:
+        source = partials
+    where: list[str] = []
+    params: list[Any] = []
+    if q.skus is not None:
+        where.append("list_contains(?, sku)")
+        params.append(list(q.skus))
+    cols = list(view.dimensions) + view.measure_names
+    keys = list(view.dimensions)
+    if view.has_period:
+        if q.stores is not None:
+            where.append("list_contains(?, store_id)")
+            params.append(list(q.stores))
+        lo, hi = period_bounds(q.granularity, q.start, q.end)
+        if lo is not None:
+            where.append("period >= ?")
+            params.append(lo)
+        if hi is not None:
+            where.append("period < ?")
+            params.append(hi)
+        period = "CAST(period AS DATE)" if q.granularity == "day" else "period"
+        cols = [f"{period} AS period", *cols]
+        keys = ["period", *keys]
+    inner = f"SELECT {', '.join(cols)} FROM {source} AS s"
+    if where:
+        inner += " WHERE " + " AND ".join(where)
+    merged = view.merge_sql(f"({inner})", keys=keys, derive=False)
+    out = [*keys] + [
+        f"CAST({m} AS {SQL_TYPES[MEASURE_TYPES[m]]}) AS {m}" for m in view.measure_names
+    ]
+    return f"SELECT {', '.join(out)} FROM ({merged}) ORDER BY ALL", params
+
+
+def invalid_totals(invalid: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """``{topic: {reason: n}}`` summed over topics to ``{reason: n}``."""
+    out: dict[str, int] = {}
+    for reasons in invalid.values():
+        for r, n in reasons.items():
+            out[r] = out.get(r, 0) + int(n)
+    return out

@@ -1,0 +1,162 @@
+"""What a speed worker reports about itself: offsets, lag, events held, health.
+
+A :class:`StatusReporter` thread writes the status object to
+``{speed_state_dir}/status/worker-I-of-N.json`` about once a second, atomically
+(temporary file + rename), which is where ``lambdalake status`` and the serving
+layer find workers. The same object is served by the query endpoint's
+``status`` action.
+
+Lag is the true end offset of each owned partition minus the committed
+position. True ends come from :func:`lambdalake.kafka.end_offsets` (it reads,
+because Tansu's ListOffsets is off by a batch), refreshed every few seconds, and
+from the high watermarks the consumer sees in its fetches in between. When the
+broker cannot be reached the last known ends stand, ``broker_unreachable`` is
+true, and the lag grows as the broker's ends are no longer known to move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kafka import TopicPartition
+
+from lambdalake.kafka import end_offsets
+from lambdalake.logs import get_logger
+
+log = get_logger(__name__)
+
+TP = tuple[str, int]
+
+
+def status_path(state_dir: Path, worker: tuple[int, int]) -> Path:
+    return Path(state_dir) / "status" / f"worker-{worker[0]}-of-{worker[1]}.json"
+
+
+def write_atomically(path: Path, obj: dict[str, Any]) -> None:
+    """Replace ``path`` with ``obj`` as JSON; readers see the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, default=str, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def nested(flat: dict[TP, int]) -> dict[str, dict[str, int]]:
+    """``{(topic, p): n}`` -> ``{topic: {"p": n}}`` (JSON keys are strings)."""
+    out: dict[str, dict[str, int]] = {}
+    for (t, p), n in sorted(flat.items()):
+        out.setdefault(t, {})[str(p)] = int(n)
+    return out
+
+
+def compute_lag(positions: dict[TP, int], ends: dict[TP, int]) -> dict[TP, int]:
+    """End minus position per partition, never negative (pure)."""
+    return {tp: max(0, ends.get(tp, pos) - pos) for tp, pos in positions.items()}
+
+
+def broker_reachable(bootstrap: str, timeout: float = 1.0) -> bool:
+    """A TCP connect to the first bootstrap address succeeds."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class StatusReporter(threading.Thread):
+    """Writes the worker's status file every ``interval`` seconds (see the module doc).
+
+    ``snapshot()`` returns the worker's own facts (offsets as ``{(topic, p): n}``
+    plus anything else to publish); ``highwater()`` the consumer's latest fetch
+    high watermarks; ``owned()`` the partitions to find ends for."""
+
+    def __init__(
+        self,
+        path: Path,
+        bootstrap: str,
+        snapshot: Callable[[], dict[str, Any]],
+        highwater: Callable[[], dict[TP, int]],
+        stop: threading.Event,
+        *,
+        interval: float = 1.0,
+        ends_every: float = 5.0,
+    ) -> None:
+        super().__init__(name="speed-status", daemon=True)
+        self.path = path
+        self.bootstrap = bootstrap
+        self.snapshot = snapshot
+        self.highwater = highwater
+        self.stop_event = stop
+        self.interval = interval
+        self.ends_every = ends_every
+        self.ends: dict[TP, int] = {}
+        self.broker_unreachable = False
+        self._next_ends = 0.0
+        self._backoff = ends_every
+
+    def refresh_ends(self, owned: list[TP]) -> None:
+        """Find the true ends of ``owned`` (or mark the broker unreachable)."""
+        if not owned:
+            return
+        ok = broker_reachable(self.bootstrap)
+        if ok:
+            try:
+                found = end_offsets(
+                    self.bootstrap, [TopicPartition(t, p) for t, p in owned], timeout=5.0
+                )
+                for tp, end in found.items():
+                    key = (tp.topic, tp.partition)
+                    self.ends[key] = max(self.ends.get(key, 0), int(end))
+            except Exception as exc:  # the broker went away between the probe and the read
+                log.debug("speed.end_offsets_failed", error=f"{type(exc).__name__}: {exc}")
+                ok = False
+        if ok != (not self.broker_unreachable):
+            if ok:
+                log.info("speed.broker_reachable", bootstrap=self.bootstrap)
+            else:
+                log.warning("speed.broker_unreachable", bootstrap=self.bootstrap)
+        self.broker_unreachable = not ok
+        # Back off while the broker is down; probe every few seconds while it is up.
+        self._backoff = self.ends_every if ok else min(self._backoff * 2, 30.0)
+        self._next_ends = time.monotonic() + self._backoff
+
+    def current(self) -> dict[str, Any]:
+        """The status object now."""
+        snap = self.snapshot()
+        positions: dict[TP, int] = snap.pop("positions")
+        for tp, hw in self.highwater().items():
+            self.ends[tp] = max(self.ends.get(tp, 0), hw)
+        lag = compute_lag(positions, self.ends)
+        return {
+            **snap,
+            "offsets": nested(positions),
+            "lag": nested(lag),
+            "ends": nested({tp: self.ends[tp] for tp in positions if tp in self.ends}),
+            "broker_unreachable": self.broker_unreachable,
+            "updated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "pid": os.getpid(),
+        }
+
+    def write(self) -> dict[str, Any]:
+        status = self.current()
+        write_atomically(self.path, status)
+        return status
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() >= self._next_ends:
+                    snap_positions = list(self.snapshot().get("positions", {}))
+                    self.refresh_ends(snap_positions)
+                self.write()
+            except Exception as exc:  # status must never take the worker down
+                log.warning("speed.status_failed", error=f"{type(exc).__name__}: {exc}")
+            self.stop_event.wait(self.interval)

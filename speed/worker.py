@@ -1,0 +1,347 @@
+"""One speed worker: Kafka -> exactly-once recent views in DuckDB -> Arrow Flight.
+
+>>> run_worker(settings, worker=(0, 1), query_port=0, stop=threading.Event())  # doctest: +SKIP
+
+Threads
+    main      applies published runs and commits micro-batches (the only writer)
+    poller    Kafka polls + validation, one micro-batch ahead (speed.consumer)
+    runs      watches the runs table, prepares runs (speed.runs)
+    flight    the query endpoint (speed.server)
+    status    the status file, lag (speed.status)
+
+Exactly once: every micro-batch is committed in one DuckDB transaction together
+with the positions it reached, and anything the poller delivers below the
+committed positions (or the applied watermark) is dropped, so a crash at any
+moment, a reconnect or a run applied mid-batch neither loses nor repeats an
+event.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lambdalake.lake import Lake
+from lambdalake.logs import get_logger
+from lambdalake.settings import Settings
+from speed.consumer import Assigned, Polled, Poller, quiet_kafka_logs
+from speed.runs import PreparedRun, RunWatcher, load_model
+from speed.server import SpeedFlightServer
+from speed.state import BatchInput, RunApply, SpeedState, invalid_totals
+from speed.status import StatusReporter, status_path
+
+log = get_logger(__name__)
+
+PROGRESS_EVERY = 10.0  # seconds between progress log lines
+EXPIRE_EVERY = 600.0  # seconds between expiries of known ids past the horizon
+
+
+def state_path(settings: Settings, worker: tuple[int, int]) -> Any:
+    return settings.speed_state_dir / f"worker-{worker[0]}-of-{worker[1]}.duckdb"
+
+
+@dataclass
+class Counters:
+    """Running totals since the worker started (for logs and status)."""
+
+    batches: int = 0
+    messages: int = 0
+    held: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    commit_seconds: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+    last_commit_at: float | None = None
+    rate: float = 0.0  # messages/s over the last progress interval
+
+
+class SpeedWorker:
+    """The main loop of a worker (see the module doc); :func:`run_worker` runs one."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        state: SpeedState,
+        worker: tuple[int, int],
+        *,
+        max_records: int = 50_000,
+        max_wait: float = 0.2,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.worker = worker
+        self.name = f"{worker[0]}/{worker[1]}"
+        self.halt = threading.Event()
+        self.queue: queue.Queue[Polled | Assigned] = queue.Queue(maxsize=2)
+        self.poller = Poller(
+            settings, worker, self.queue, self.halt, max_records=max_records, max_wait=max_wait
+        )
+        self.watcher = RunWatcher(settings, self.halt)
+        self.counters = Counters()
+        self.model: Any = None
+        self.server: SpeedFlightServer | None = None
+        self.reporter = StatusReporter(
+            status_path(settings.speed_state_dir, worker),
+            settings.bootstrap,
+            self.snapshot,
+            lambda: dict(self.poller.highwater),
+            self.halt,
+        )
+
+    # --- status ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        counts = self.state.counts()
+        applied = self.state.applied
+        c = self.counters
+        return {
+            "worker": self.name,
+            "positions": dict(self.state.positions),
+            "events": counts["events"],
+            "invalid": invalid_totals(counts["invalid"]),
+            "invalid_by_topic": counts["invalid"],
+            "run_id": applied.run_id,
+            "watermark": {
+                t: {str(p): o for p, o in sorted(ps.items())} for t, ps in applied.watermark.items()
+            },
+            "model_version": applied.model_version,
+            "query_endpoint": self.server.endpoint if self.server else None,
+            "connected": self.poller.connected,
+            "since_start": {
+                "batches": c.batches,
+                "messages": c.messages,
+                "held": c.held,
+                "duplicates": c.duplicates,
+                "invalid": c.invalid,
+            },
+            "messages_per_second": round(c.rate, 1),
+        }
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def apply(self, prepared: PreparedRun) -> None:
+        """Prune to a run's watermark, load its ids, re-score with its model: one commit."""
+        t0 = time.monotonic()
+        run = prepared.run
+        model = prepared.model or self.model
+        scores = None
+        if prepared.model is not None:
+            held = self.state.held_reviews_from(run.watermark)
+            scores = score_table(model, held)
+        self.state.apply_run(
+            RunApply(
+                run_id=run.run_id,
+                watermark=run.watermark,
+                master_versions=run.master_versions,
+                model_version=prepared.model_version,
+                known_ids=prepared.known_ids,
+                replace_known=prepared.replace_known,
+                scores=scores,
+                reset=prepared.reset,
+            ),
+            self.settings.dedup_hours,
+        )
+        self.model = model
+        applied = self.state.applied
+        self.watcher.applied(
+            applied.run_id, applied.watermark, applied.master_versions, applied.model_version
+        )
+        if self.poller.assigned:
+            self.poller.seek(
+                {tp: self.state.positions[tp] for tp in self.poller.assigned},
+                backwards=prepared.reset,
+            )
+        log.info(
+            "speed.run_applied",
+            run_id=run.run_id,
+            watermark=run.watermark,
+            rescored=0 if scores is None else scores.num_rows,
+            reset=prepared.reset,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+
+    # --- micro-batches ----------------------------------------------------------------------
+
+    def process(self, polled: Polled) -> None:
+        """Drop what the state already accounts for, score reviews, commit."""
+        state = self.state
+        valid: dict[str, pa.Table] = {}
+        invalid: Counter[tuple[str, str]] = Counter()
+        for topic, tb in polled.topics.items():
+            v = _keep_new(state, topic, tb.valid)
+            if topic == "reviews" and v.num_rows:
+                v = with_scores(self.model, v)
+            valid[topic] = v
+            rejected = _keep_new(state, topic, tb.rejected)
+            if rejected.num_rows:
+                for item in pc.value_counts(rejected["reason"]).to_pylist():
+                    invalid[(topic, item["values"])] += int(item["counts"])
+        result = state.commit_batch(BatchInput(valid=valid, ends=polled.ends, invalid=invalid))
+        c = self.counters
+        c.batches += 1
+        c.messages += polled.messages
+        c.held += sum(result.held.values())
+        c.duplicates += sum(result.duplicates.values())
+        c.invalid += sum(invalid.values())
+        c.commit_seconds += result.seconds
+        c.last_commit_at = time.monotonic()
+        log.debug(
+            "speed.batch",
+            messages=polled.messages,
+            held=result.held,
+            duplicates=result.duplicates,
+            invalid=sum(invalid.values()),
+            poll_s=round(polled.poll_seconds, 3),
+            validate_s=round(polled.validate_seconds, 3),
+            commit_s=round(result.seconds, 3),
+        )
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def start(self, query_port: int) -> None:
+        """Apply the latest run, open the endpoint, start the threads."""
+        quiet_kafka_logs()
+        lake = Lake(self.settings.lake_uri)
+        applied = self.state.applied
+        self.model = load_model(lake, applied.model_version)
+        self.watcher.applied(
+            applied.run_id, applied.watermark, applied.master_versions, applied.model_version
+        )
+        prepared = self.watcher.check_now()
+        if prepared is not None:
+            self.apply(prepared)
+        try:
+            self.server = SpeedFlightServer(self.state, self.reporter.current, port=query_port)
+        except Exception as exc:  # pyarrow raises its own errors for a port in use
+            raise ValueError(f"cannot serve queries on port {query_port}: {exc}") from exc
+        self.server.start()
+        self.reporter.write()
+        self.reporter.start()
+        self.watcher.start()
+        self.poller.start()
+        log.info(
+            "speed.started",
+            worker=self.name,
+            query_endpoint=self.server.endpoint,
+            run_id=self.state.applied.run_id,
+            state=str(self.state.path),
+        )
+
+    def step(self, timeout: float = 0.2) -> None:
+        """Apply a newly published run if there is one, then one micro-batch if any."""
+        prepared = self.watcher.take()
+        if prepared is not None:
+            self.apply(prepared)
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            item = None
+        if isinstance(item, Assigned):
+            start = self.state.register_partitions(item.partitions)
+            self.poller.seek(start, backwards=True)
+        elif isinstance(item, Polled):
+            # A run published while this batch was in flight is applied first, so the
+            # batch is filtered at the new watermark (exact, by offset).
+            prepared = self.watcher.take()
+            if prepared is not None:
+                self.apply(prepared)
+            self.process(item)
+        if self.poller.error is not None:
+            raise RuntimeError(f"the Kafka poller failed: {self.poller.error}")
+
+    def run(self, stop: threading.Event, query_port: int) -> None:
+        self.start(query_port)
+        last_progress = last_expire = time.monotonic()
+        last_messages = 0
+        try:
+            while not stop.is_set():
+                self.step()
+                now = time.monotonic()
+                if now - last_progress >= PROGRESS_EVERY:
+                    c = self.counters
+                    c.rate = (c.messages - last_messages) / (now - last_progress)
+                    last_progress, last_messages = now, c.messages
+                    log.info(
+                        "speed.progress",
+                        worker=self.name,
+                        messages=c.messages,
+                        rate=round(c.rate, 1),
+                        held=c.held,
+                        duplicates=c.duplicates,
+                        invalid=c.invalid,
+                        broker_unreachable=self.reporter.broker_unreachable,
+                    )
+                if now - last_expire >= EXPIRE_EVERY:
+                    self.state.expire_known(self.settings.dedup_hours)
+                    last_expire = now
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.halt.set()
+        if self.server is not None:
+            self.server.stop()
+        for thread in (self.poller, self.watcher, self.reporter):
+            if thread.is_alive():
+                thread.join(timeout=10)
+        log.info("speed.stopped", worker=self.name, messages=self.counters.messages)
+
+
+def _keep_new(state: SpeedState, topic: str, table: pa.Table) -> pa.Table:
+    """Rows at or above the state's threshold of their partition (vectorised)."""
+    if table.num_rows == 0:
+        return table
+    mask = state.keep_mask(
+        topic,
+        table["_partition"].to_numpy().astype(np.int64),
+        table["_offset"].to_numpy().astype(np.int64),
+    )
+    return table if mask.all() else table.filter(pa.array(mask))
+
+
+def score_table(model: Any, reviews: pa.Table) -> pa.Table:
+    """``(_partition, _offset, sentiment, label)`` for reviews with ``text``/``title``."""
+    sentiment, label = model.score(reviews["text"].to_pylist(), reviews["title"].to_pylist())
+    return pa.table(
+        {
+            "_partition": reviews["_partition"],
+            "_offset": reviews["_offset"],
+            "sentiment": pa.array(np.asarray(sentiment, dtype=np.float64)),
+            "label": pa.array([str(x) for x in label], pa.string()),
+        }
+    )
+
+
+def with_scores(model: Any, reviews: pa.Table) -> pa.Table:
+    scores = score_table(model, reviews)
+    return reviews.append_column("sentiment", scores["sentiment"]).append_column(
+        "label", scores["label"]
+    )
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    worker: tuple[int, int] = (0, 1),
+    query_port: int = 0,
+    stop: threading.Event,
+) -> None:
+    """Run speed worker ``worker = (I, N)`` until ``stop`` is set.
+
+    Holds the events of partitions ``p % N == I`` at or above the latest published
+    batch watermark in ``{speed_state_dir}/worker-I-of-N.duckdb``, serves partial
+    aggregates on Arrow Flight at ``query_port`` (0 = a free port) and writes
+    ``{speed_state_dir}/status/worker-I-of-N.json`` about once a second."""
+    state = SpeedState(state_path(settings, worker), worker)
+    try:
+        SpeedWorker(settings, state, worker).run(stop, query_port)
+    finally:
+        state.close()
