@@ -46,24 +46,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lambdalake.lake import (
-    MASTER_ORDERS,
-    MASTER_REVIEWS,
-    QUARANTINE,
-    RUNS,
-    VIEW_DAILY_SALES,
-    VIEW_DEMAND_FORECAST,
-    VIEW_FORECAST_ACCURACY,
-    VIEW_REVIEW_SCORES,
-    VIEW_SENTIMENT_BY_SKU,
-    Lake,
-)
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 
 if TYPE_CHECKING:
     import duckdb
 
+    from lambdalake.lake import Lake
     from lambdalake.manifest import RunRecord
 
 log = get_logger(__name__)
@@ -204,16 +193,27 @@ def helper_command(settings: Settings, *args: str) -> str:
 
 # --- data quality ----------------------------------------------------------------------------
 
-# The views every run publishes, and the key columns none of their rows may leave empty.
-VIEW_KEYS: dict[str, tuple[str, ...]] = {
-    VIEW_DAILY_SALES: ("date", "store_id", "sku"),
-    VIEW_DEMAND_FORECAST: ("sku", "store_id", "date"),
-    VIEW_FORECAST_ACCURACY: ("sku", "store_id"),
-    VIEW_REVIEW_SCORES: ("review_id", "sku"),
-    VIEW_SENTIMENT_BY_SKU: ("sku",),
-}
-# Views whose key must be unique: a duplicate key double-counts in every reader's sum.
-UNIQUE_KEY_VIEWS = (VIEW_DAILY_SALES, VIEW_REVIEW_SCORES, VIEW_SENTIMENT_BY_SKU)
+
+def view_keys() -> dict[str, tuple[str, ...]]:
+    """The views every run publishes, and the key columns none of their rows may leave empty."""
+    from lambdalake import lake as L
+
+    return {
+        L.VIEW_DAILY_SALES: ("date", "store_id", "sku"),
+        L.VIEW_DEMAND_FORECAST: ("sku", "store_id", "date"),
+        L.VIEW_FORECAST_ACCURACY: ("sku", "store_id"),
+        L.VIEW_REVIEW_SCORES: ("review_id", "sku"),
+        L.VIEW_SENTIMENT_BY_SKU: ("sku",),
+    }
+
+
+def unique_key_views() -> tuple[str, ...]:
+    """Views whose key must be unique: a duplicate key double-counts in every reader's sum."""
+    from lambdalake import lake as L
+
+    return (L.VIEW_DAILY_SALES, L.VIEW_REVIEW_SCORES, L.VIEW_SENTIMENT_BY_SKU)
+
+
 FORECAST_BOUNDS = ("lower_95", "lower_80", "forecast", "upper_80", "upper_95")
 SENTIMENT_LABELS = ("positive", "neutral", "negative")
 # Float noise allowed when comparing bounds.
@@ -281,10 +281,11 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
     ordered ``lower_95 <= lower_80 <= forecast <= upper_80 <= upper_95``;
     sentiment lies in [-1, 1] with a known label.
     """
+    from lambdalake import lake as L
     from lambdalake.manifest import read_runs
 
-    lake = Lake(_absolute_uri(settings.lake_uri))
-    run = _published_record(read_runs(lake.table(RUNS), lake.storage_options), run_id)
+    lake = L.Lake(_absolute_uri(settings.lake_uri))
+    run = _published_record(read_runs(lake.table(L.RUNS), lake.storage_options), run_id)
     if run is None:
         return [f"run {run_id} has no published row in the runs table"]
 
@@ -292,7 +293,7 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
     pinned = _Pinned(lake)
     try:
         columns: dict[str, list[str]] = {}
-        for table in (MASTER_ORDERS, MASTER_REVIEWS):
+        for table in (L.MASTER_ORDERS, L.MASTER_REVIEWS):
             version = _lookup(run.master_versions, table)
             if version is None or version < 0:
                 continue  # no events of that topic yet: nothing to compare with
@@ -300,7 +301,7 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
                 columns[table] = pinned.register(_alias(table), table, version)
             except Exception as exc:
                 failures.append(f"{table} v{version} (pinned by the run) unreadable: {exc}")
-        for table in VIEW_KEYS:
+        for table in view_keys():
             version = _lookup(run.view_versions, table)
             if version is None:
                 failures.append(f"{table}: not listed in the run's view_versions")
@@ -325,7 +326,7 @@ def _alias(table: str) -> str:
 
 def _check_keys(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
     failures: list[str] = []
-    for table, keys in VIEW_KEYS.items():
+    for table, keys in view_keys().items():
         if table not in columns:
             continue
         missing = [k for k in keys if k not in columns[table]]
@@ -337,7 +338,7 @@ def _check_keys(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
         (n,) = pinned.one(f"SELECT count(*) FROM {a} WHERE {nulls}")
         if n:
             failures.append(f"{table}: {n} row(s) with a null key ({', '.join(keys)})")
-        if table in UNIQUE_KEY_VIEWS:
+        if table in unique_key_views():
             cols = ", ".join(_q(k) for k in keys)
             (dups,) = pinned.one(
                 f"SELECT count(*) FROM (SELECT {cols} FROM {a} GROUP BY {cols} HAVING count(*) > 1)"
@@ -351,7 +352,7 @@ def _check_recorded_counts(
     pinned: _Pinned, columns: dict[str, list[str]], recorded: Mapping[str, int]
 ) -> list[str]:
     failures: list[str] = []
-    for table in VIEW_KEYS:
+    for table in view_keys():
         expected = _lookup(recorded, table)
         if table not in columns or expected is None:
             continue
@@ -362,6 +363,8 @@ def _check_recorded_counts(
 
 
 def _check_counts_against_master(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
+    from lambdalake import lake as L
+
     failures: list[str] = []
 
     def master_counts(table: str, key: str) -> tuple[int, int]:
@@ -370,89 +373,93 @@ def _check_counts_against_master(pinned: _Pinned, columns: dict[str, list[str]])
         total, distinct = pinned.one(f"SELECT count(*), count(DISTINCT {key}) FROM {_alias(table)}")
         return int(total), int(distinct)
 
-    total, distinct = master_counts(MASTER_ORDERS, "event_id")
-    sales = columns.get(VIEW_DAILY_SALES)
+    total, distinct = master_counts(L.MASTER_ORDERS, "event_id")
+    sales = columns.get(L.VIEW_DAILY_SALES)
     if sales is not None and "order_lines" in sales:
         (lines,) = pinned.one(
-            f"SELECT coalesce(sum(order_lines), 0) FROM {_alias(VIEW_DAILY_SALES)}"
+            f"SELECT coalesce(sum(order_lines), 0) FROM {_alias(L.VIEW_DAILY_SALES)}"
         )
         if not distinct <= int(lines) <= total:
             failures.append(
-                f"{VIEW_DAILY_SALES}: {lines} order lines, the master snapshot holds "
+                f"{L.VIEW_DAILY_SALES}: {lines} order lines, the master snapshot holds "
                 f"{distinct} distinct of {total}"
             )
     elif sales is not None:
-        failures.append(f"{VIEW_DAILY_SALES}: no order_lines column")
+        failures.append(f"{L.VIEW_DAILY_SALES}: no order_lines column")
 
-    total, distinct = master_counts(MASTER_REVIEWS, "review_id")
+    total, distinct = master_counts(L.MASTER_REVIEWS, "review_id")
     scores: int | None = None
-    if VIEW_REVIEW_SCORES in columns:
-        (scores,) = pinned.one(f"SELECT count(*) FROM {_alias(VIEW_REVIEW_SCORES)}")
+    if L.VIEW_REVIEW_SCORES in columns:
+        (scores,) = pinned.one(f"SELECT count(*) FROM {_alias(L.VIEW_REVIEW_SCORES)}")
         if not distinct <= int(scores) <= total:
             failures.append(
-                f"{VIEW_REVIEW_SCORES}: {scores} rows, the master snapshot holds "
+                f"{L.VIEW_REVIEW_SCORES}: {scores} rows, the master snapshot holds "
                 f"{distinct} distinct reviews of {total}"
             )
-    by_sku = columns.get(VIEW_SENTIMENT_BY_SKU)
+    by_sku = columns.get(L.VIEW_SENTIMENT_BY_SKU)
     if by_sku is not None and scores is not None and "reviews" in by_sku:
         (summed,) = pinned.one(
-            f"SELECT coalesce(sum(reviews), 0) FROM {_alias(VIEW_SENTIMENT_BY_SKU)}"
+            f"SELECT coalesce(sum(reviews), 0) FROM {_alias(L.VIEW_SENTIMENT_BY_SKU)}"
         )
         if int(summed) != int(scores):
             failures.append(
-                f"{VIEW_SENTIMENT_BY_SKU}: {summed} reviews in all, "
-                f"{VIEW_REVIEW_SCORES} has {scores}"
+                f"{L.VIEW_SENTIMENT_BY_SKU}: {summed} reviews in all, "
+                f"{L.VIEW_REVIEW_SCORES} has {scores}"
             )
     return failures
 
 
 def _check_forecast(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
-    cols = columns.get(VIEW_DEMAND_FORECAST)
+    from lambdalake import lake as L
+
+    cols = columns.get(L.VIEW_DEMAND_FORECAST)
     if cols is None:
         return []
     missing = [c for c in FORECAST_BOUNDS if c not in cols]
     if missing:
-        return [f"{VIEW_DEMAND_FORECAST}: missing column(s) {', '.join(missing)}"]
-    a = _alias(VIEW_DEMAND_FORECAST)
+        return [f"{L.VIEW_DEMAND_FORECAST}: missing column(s) {', '.join(missing)}"]
+    a = _alias(L.VIEW_DEMAND_FORECAST)
     failures: list[str] = []
     not_finite = " OR ".join(f"{c} IS NULL OR isnan({c}) OR isinf({c})" for c in FORECAST_BOUNDS)
     (n,) = pinned.one(f"SELECT count(*) FROM {a} WHERE {not_finite}")
     if n:
-        failures.append(f"{VIEW_DEMAND_FORECAST}: {n} row(s) with a missing or non-finite value")
+        failures.append(f"{L.VIEW_DEMAND_FORECAST}: {n} row(s) with a missing or non-finite value")
     (n,) = pinned.one(f"SELECT count(*) FROM {a} WHERE forecast < 0")
     if n:
-        failures.append(f"{VIEW_DEMAND_FORECAST}: {n} negative forecast(s)")
+        failures.append(f"{L.VIEW_DEMAND_FORECAST}: {n} negative forecast(s)")
     pairs = list(itertools.pairwise(FORECAST_BOUNDS))
     disorder = " OR ".join(f"{lo} > {hi} + {EPSILON}" for lo, hi in pairs)
     (n,) = pinned.one(f"SELECT count(*) FROM {a} WHERE {disorder}")
     if n:
         failures.append(
-            f"{VIEW_DEMAND_FORECAST}: {n} row(s) with bounds out of order "
+            f"{L.VIEW_DEMAND_FORECAST}: {n} row(s) with bounds out of order "
             f"({' <= '.join(FORECAST_BOUNDS)})"
         )
     return failures
 
 
 def _check_sentiment(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
-    cols = columns.get(VIEW_REVIEW_SCORES)
+    from lambdalake import lake as L
+
+    cols = columns.get(L.VIEW_REVIEW_SCORES)
     if cols is None:
         return []
     failures: list[str] = []
-    a = _alias(VIEW_REVIEW_SCORES)
+    a = _alias(L.VIEW_REVIEW_SCORES)
     if "sentiment" in cols:
         (n,) = pinned.one(
             f"SELECT count(*) FROM {a} WHERE sentiment IS NULL OR isnan(sentiment) "
             "OR sentiment < -1 OR sentiment > 1"
         )
         if n:
-            failures.append(f"{VIEW_REVIEW_SCORES}: {n} sentiment score(s) outside [-1, 1]")
+            failures.append(f"{L.VIEW_REVIEW_SCORES}: {n} sentiment score(s) outside [-1, 1]")
     if "label" in cols:
         labels = ", ".join(f"'{x}'" for x in SENTIMENT_LABELS)
         (n,) = pinned.one(
             f"SELECT count(*) FROM {a} WHERE label IS NULL OR label NOT IN ({labels})"
         )
         if n:
-            failures.append(f"{VIEW_REVIEW_SCORES}: {n} row(s) with an unknown label")
+            failures.append(f"{L.VIEW_REVIEW_SCORES}: {n} row(s) with an unknown label")
     return failures
 
 
@@ -468,10 +475,11 @@ def demote_run(
     """
     from deltalake import write_deltalake
 
+    from lambdalake import lake as L
     from lambdalake.manifest import RUNS_SCHEMA, read_runs
 
-    lake = Lake(_absolute_uri(settings.lake_uri))
-    runs_uri = lake.table(RUNS)
+    lake = L.Lake(_absolute_uri(settings.lake_uri))
+    runs_uri = lake.table(L.RUNS)
     runs = read_runs(runs_uri, lake.storage_options)
     published = _published_record(runs, run_id)
     if published is None:
@@ -533,10 +541,11 @@ def confirm_published(settings: Settings, run_id: str) -> RunRecord:
     confirms (idempotently) that the checked run is the one served and logs
     its watermark and view versions. Raises ``ValueError`` otherwise.
     """
+    from lambdalake import lake as L
     from lambdalake.manifest import latest_published_run
 
-    lake = Lake(_absolute_uri(settings.lake_uri))
-    served = latest_published_run(lake.table(RUNS), lake.storage_options)
+    lake = L.Lake(_absolute_uri(settings.lake_uri))
+    served = latest_published_run(lake.table(L.RUNS), lake.storage_options)
     if served is None or served.run_id != run_id:
         raise ValueError(
             f"run {run_id} is not the served run (served: {served.run_id if served else 'none'})"
@@ -562,10 +571,12 @@ def expire_quarantine(settings: Settings, days: int, *, now: datetime | None = N
     """
     from deltalake import DeltaTable
 
+    from lambdalake import lake as L
+
     if days < 0:
         raise ValueError(f"retention must be >= 0 days, got {days}")
-    lake = Lake(_absolute_uri(settings.lake_uri))
-    uri = lake.table(QUARANTINE)
+    lake = L.Lake(_absolute_uri(settings.lake_uri))
+    uri = lake.table(L.QUARANTINE)
     if not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):
         log.info("quarantine.retention", deleted=0, reason="no quarantine table")
         return 0
