@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lambdalake.lake import (
     MASTER_ORDERS,
@@ -40,7 +42,7 @@ from lambdalake.lake import (
 from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.settings import Settings
-from lambdalake.views import SALES, SENTIMENT
+from lambdalake.views import SALES, SENTIMENT, ViewDef
 
 log = get_logger(__name__)
 
@@ -91,15 +93,67 @@ def master_hourly_sql(source: str) -> str:
     return SALES.aggregate_sql(dedup, granularity="hour")
 
 
+# Arrow's name for each merge aggregate of lambdalake.views.Measure.merge_agg.
+ARROW_AGG = {"SUM": "sum", "MIN": "min", "MAX": "max"}
+
+
+@dataclass(frozen=True)
+class IndexedTable:
+    """An Arrow table sorted by ``sku``, with the row span of every SKU."""
+
+    table: pa.Table
+    spans: dict[str, tuple[int, int]]
+
+    @classmethod
+    def build(cls, table: pa.Table) -> IndexedTable:
+        spans: dict[str, tuple[int, int]] = {}
+        if table.num_rows:
+            skus = table.column("sku").to_numpy(zero_copy_only=False)
+            starts = np.concatenate(([0], np.flatnonzero(skus[1:] != skus[:-1]) + 1))
+            ends = np.append(starts[1:], len(skus))
+            spans = {str(skus[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+        return cls(table=table, spans=spans)
+
+    def rows(self, sku: str | None) -> pa.Table:
+        """All rows, or one SKU's (zero-copy); an unknown SKU gives an empty table."""
+        if sku is None:
+            return self.table
+        a, b = self.spans.get(sku, (0, 0))
+        return self.table.slice(a, b - a)
+
+
+def select(table: pa.Table, *conditions: tuple[str, str, Any]) -> pa.Table:
+    """Rows where every ``(column, op, value)`` holds (``op`` a pyarrow.compute
+    comparison); a ``None`` value means no condition."""
+    mask = None
+    for column, op, value in conditions:
+        if value is None:
+            continue
+        cond = getattr(pc, op)(table.column(column), value)
+        mask = cond if mask is None else pc.and_(mask, cond)
+    return table if mask is None else table.filter(mask)
+
+
+def merge_partials(table: pa.Table, keys: list[str], view: ViewDef) -> list[dict[str, Any]]:
+    """Partial rows merged by ``keys`` with the view's own merge rules (``Measure.merge_agg``)."""
+    if table.num_rows == 0:
+        return []
+    aggs = [(m.name, ARROW_AGG[m.merge_agg]) for m in view.measures]
+    out = table.group_by(keys, use_threads=False).aggregate(aggs)
+    out = out.rename_columns(
+        [c.rsplit("_", 1)[0] if c not in keys else c for c in out.column_names]
+    )
+    return out.to_pylist()
+
+
 @dataclass
 class BatchSnapshot:
-    """The views of one run, loaded in memory. Query through :meth:`cursor` (thread-safe)."""
+    """The views of one run, in memory (read-only, shared by every request thread)."""
 
     run: RunRecord | None
-    con: duckdb.DuckDBPyConnection
+    tables: dict[str, IndexedTable]
     hourly_source: str  # "view" | "master" | "none"
     loaded_at: float = field(default_factory=time.time)
-    _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @property
     def run_id(self) -> str | None:
@@ -109,20 +163,42 @@ class BatchSnapshot:
     def watermark(self) -> Watermark:
         return self.run.watermark if self.run else {}
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A cursor of this thread (DuckDB connections are not shared between threads)."""
-        cur = getattr(self._local, "cur", None)
-        if cur is None:
-            cur = self.con.cursor()
-            cur.execute("SET TimeZone='UTC'")
-            self._local.cur = cur
-        return cur
+    def sales(
+        self,
+        granularity: str,
+        *,
+        keys: list[str],
+        sku: str | None,
+        store_id: str | None,
+        first: Any,
+        last: Any,
+    ) -> list[dict[str, Any]]:
+        """Sales partials merged by ``keys`` (``period`` plus dimensions), filtered."""
+        table = self.tables["sales_day" if granularity == "day" else "sales_hour"].rows(sku)
+        table = select(
+            table,
+            ("period", "greater_equal", first),
+            ("period", "less_equal", last),
+            ("store_id", "equal", store_id),
+        )
+        return merge_partials(table, keys, SALES)
 
-    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        cur = self.cursor()
-        res = cur.execute(sql, params or [])
-        names = [d[0] for d in res.description]
-        return [dict(zip(names, row, strict=True)) for row in res.fetchall()]
+    def sentiment(self, sku: str | None) -> list[dict[str, Any]]:
+        return merge_partials(self.tables["sentiment"].rows(sku), ["sku"], SENTIMENT)
+
+    def forecast(
+        self, sku: str | None, *, store_id: str | None, first: Any, last: Any
+    ) -> list[dict[str, Any]]:
+        """Forecast rows (sku, store_id, date, forecast, bounds, model), sorted."""
+        table = self.tables["forecast"].rows(sku)
+        table = select(
+            table,
+            ("date", "greater_equal", first),
+            ("date", "less_equal", last),
+            ("store_id", "equal", store_id),
+        )
+        order = [("sku", "ascending"), ("store_id", "ascending"), ("date", "ascending")]
+        return table.sort_by(order).to_pylist()
 
 
 def _read_delta(lake: Lake, table: str, version: int, columns: list[str] | None = None) -> pa.Table:
@@ -133,7 +209,7 @@ def _read_delta(lake: Lake, table: str, version: int, columns: list[str] | None 
 
 
 def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
-    """Load the views ``run`` pins (all empty for ``None``) into a new in-memory DuckDB."""
+    """Load the views ``run`` pins (all empty for ``None``) into memory."""
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone='UTC'")
     for ddl in EMPTY_DDL.values():
@@ -177,7 +253,12 @@ def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
                 f"FROM ({master_hourly_sql('src')}) ORDER BY sku, store_id, period",
             )
             hourly = "master"
-    return BatchSnapshot(run=run, con=con, hourly_source=hourly)
+    tables = {
+        name: IndexedTable.build(con.sql(f"SELECT * FROM {name}").to_arrow_table())
+        for name in EMPTY_DDL
+    }
+    con.close()
+    return BatchSnapshot(run=run, tables=tables, hourly_source=hourly)
 
 
 def _fill(con: duckdb.DuckDBPyConnection, table: str, src: pa.Table, select_sql: str) -> None:

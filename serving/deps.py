@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the settings, the query service, and the API-key check."""
+"""FastAPI dependencies: the settings, the query service, and the API-key check.
+
+They are ``async`` on purpose: they do no I/O, and a sync dependency would cost a
+thread-pool round trip per request each.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +22,15 @@ api_key_header = APIKeyHeader(
 )
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_service(request: Request) -> QueryService:
+async def get_service(request: Request) -> QueryService:
     return request.app.state.service
 
 
-def require_api_key(
+async def require_api_key(
     settings: Settings = Depends(get_settings), key: str | None = Security(api_key_header)
 ) -> None:
     """401 unless the server has no keys configured or ``X-API-Key`` is one of them."""

@@ -2,8 +2,9 @@
 
 Route functions call one method here each; this is where the merge lives. Every
 measure is combined through the shared view definitions (``lambdalake.views``):
-batch rows with ``ViewDef.merge_sql``, speed partials with ``ViewDef.combine_rows``,
-means with ``Mean.compute`` after the merge — never a measure defined twice.
+batch rows with each ``Measure.merge_agg`` (see ``serving.batch.merge_partials``),
+speed partials with ``ViewDef.combine_rows``, means with ``Mean.compute`` after the
+merge — never a measure defined twice.
 
 If a speed worker reports that it has pruned past R's watermark (a newer run was
 published meanwhile), the latest run is loaded and the query retried once.
@@ -52,11 +53,6 @@ def merge_into(acc: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any], vi
     """Combine a partial ``row`` into ``acc[key]`` with the view's merge rules."""
     base = acc.get(key)
     acc[key] = view.combine_rows(base if base is not None else _zero(view), row)
-
-
-def _where(clauses: list[tuple[str, Any]]) -> tuple[str | None, list[Any]]:
-    sql = " AND ".join(c for c, _ in clauses)
-    return (sql or None), [v for _, v in clauses]
 
 
 @dataclass(frozen=True)
@@ -136,18 +132,13 @@ class QueryService:
         last: datetime,
     ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
         """Merged sales partials keyed by (period label, *dims)."""
-        table = "sales_day" if granularity == "day" else "sales_hour"
         lo: Any = first.date() if granularity == "day" else first
         hi: Any = last.date() if granularity == "day" else last
-        clauses: list[tuple[str, Any]] = [("period >= ?", lo), ("period <= ?", hi)]
-        if sku is not None:
-            clauses.append(("sku = ?", sku))
-        if store_id is not None:
-            clauses.append(("store_id = ?", store_id))
-        where, params = _where(clauses)
-        keys = ["period", *dims]
         acc: dict[tuple, dict[str, Any]] = {}
-        for row in snap.query(SALES.merge_sql(table, keys=keys, where=where), params):
+        rows = snap.sales(
+            granularity, keys=["period", *dims], sku=sku, store_id=store_id, first=lo, last=hi
+        )
+        for row in rows:
             key = (period_label(row["period"], granularity), *(row[d] for d in dims))
             merge_into(acc, key, row, SALES)
         speed = self.speed.query(
@@ -241,13 +232,8 @@ class QueryService:
     def _forecast_points(
         snap: BatchSnapshot, sku: str, store_id: str | None, first: date, last: date
     ) -> tuple[list[ForecastPoint], str | None]:
+        rows = snap.forecast(sku, store_id=store_id, first=first, last=last)
         if store_id is not None:
-            rows = snap.query(
-                "SELECT date, forecast, lower_80, upper_80, lower_95, upper_95, model "
-                "FROM forecast WHERE sku = ? AND store_id = ? AND date BETWEEN ? AND ? "
-                "ORDER BY date",
-                [sku, store_id, first, last],
-            )
             points = [
                 ForecastPoint(
                     date=r["date"].isoformat(),
@@ -261,13 +247,11 @@ class QueryService:
             ]
             return points, (rows[0]["model"] if rows else None)
         # All stores: point forecasts add up; interval bounds do not, so they are left out.
-        rows = snap.query(
-            "SELECT date, SUM(forecast) AS forecast, string_agg(DISTINCT model, ',') AS model "
-            "FROM forecast WHERE sku = ? AND date BETWEEN ? AND ? GROUP BY date ORDER BY date",
-            [sku, first, last],
-        )
-        models = sorted({m for r in rows for m in (r["model"] or "").split(",") if m})
-        points = [ForecastPoint(date=r["date"].isoformat(), forecast=r["forecast"]) for r in rows]
+        by_date: dict[date, float] = {}
+        for r in rows:
+            by_date[r["date"]] = by_date.get(r["date"], 0.0) + r["forecast"]
+        models = sorted({r["model"] for r in rows if r["model"]})
+        points = [ForecastPoint(date=d.isoformat(), forecast=f) for d, f in sorted(by_date.items())]
         return points, ("+".join(models) or None)
 
     # --- sentiment ----------------------------------------------------------------------
@@ -275,10 +259,8 @@ class QueryService:
     def _sentiment_rows(
         self, snap: BatchSnapshot, sku: str | None
     ) -> tuple[dict[str, dict[str, Any]], SpeedResult]:
-        where, params = _where([("sku = ?", sku)] if sku is not None else [])
         acc: dict[str, dict[str, Any]] = {}
-        sql = SENTIMENT.merge_sql("sentiment", keys=["sku"], where=where, derive=False)
-        for row in snap.query(sql, params):
+        for row in snap.sentiment(sku):
             merge_into(acc, row["sku"], row, SENTIMENT)
         speed = self.speed.query(
             SENTIMENT, SpeedFilter(granularity=None, dimensions=("sku",), sku=sku), snap.watermark
@@ -344,10 +326,7 @@ class QueryService:
                 first=midnight,
                 last=midnight,
             )
-            forecasts = snap.query(
-                "SELECT sku, store_id, forecast, lower_95, upper_95 FROM forecast WHERE date = ?",
-                [today],
-            )
+            forecasts = snap.forecast(None, store_id=None, first=today, last=today)
             return (acc, forecasts), speed
 
         (acc, forecasts), snap, speed = self._merged(compute)

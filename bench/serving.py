@@ -1,0 +1,638 @@
+"""Serving benchmark: this API vs. a naive handler that reads Delta and speed state per request.
+
+What it does
+    1. Writes a lake with one published run: ``views/daily_sales`` (SKUS x STORES x
+       DAYS rows), ``views/hourly_sales`` (the last 30 days), ``views/demand_forecast``
+       and ``views/sentiment_by_sku``, in the batch layer's documented shapes.
+    2. With ``--speed`` (default): starts an embedded broker, produces recent orders
+       and reviews, starts one speed worker (``lambdalake speed run``) and waits until
+       it has consumed them, so every answer includes a real speed merge.
+    3. For each server — (a) ``serving.app`` and (b) the naive handler below — runs
+       it in a subprocess (uvicorn), then
+       * closed loop: ``--clients`` concurrent clients, a mixed query load, for
+         ``--duration`` seconds: throughput and p50/p99 per query kind;
+       * open loop: point queries (one sku, 30 days) at ``--rate`` requests/s for
+         ``--duration`` seconds, latency measured from the scheduled send time
+         (no coordinated omission): p50/p99.
+    4. Prints a table and one JSON line with every figure.
+
+The load generator (asyncio + httpx) runs on the same machine: on a small box it
+competes with the server for CPU, so the figures are a floor, not a ceiling.
+
+    .venv/bin/python bench/serving.py --skus 20 --stores 3 --days 90 --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MIX = [  # (kind, weight)
+    ("sales_point", 60),
+    ("sales_hour_all", 10),
+    ("sentiment", 10),
+    ("forecast", 10),
+    ("ranking", 5),
+    ("alerts", 5),
+]
+
+
+# --- the lake --------------------------------------------------------------------------------
+
+
+def build_lake(root: Path, *, skus: int, stores: int, days: int, seed: int) -> dict[str, Any]:
+    """One published run over synthetic views (documented shapes); watermark 0 everywhere."""
+    import numpy as np
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from lambdalake.lake import (
+        RUNS,
+        VIEW_DAILY_SALES,
+        VIEW_DEMAND_FORECAST,
+        VIEW_SENTIMENT_BY_SKU,
+    )
+    from lambdalake.manifest import RUNS_SCHEMA, RunRecord
+    from serving.batch import VIEW_HOURLY_SALES
+
+    rng = np.random.default_rng(seed)
+    run_id = "bench-run"
+    today = datetime.now(UTC).date()
+    sku_ids = [f"SKU-{i:04d}" for i in range(skus)]
+    store_ids = [f"S{i:02d}" for i in range(stores)]
+
+    dates = [today - timedelta(days=d) for d in range(days)]
+    n = len(dates) * skus * stores
+    units = rng.poisson(20, n).astype("int64")
+    daily = pa.table(
+        {
+            "date": pa.array(np.repeat(dates, skus * stores), pa.date32()),
+            "store_id": np.tile(np.repeat(store_ids, skus), len(dates)),
+            "sku": np.tile(sku_ids, len(dates) * stores),
+            "units": units,
+            "revenue": units * rng.uniform(1, 100, n),
+            "order_lines": (units * 0.8).astype("int64"),
+            "run_id": [run_id] * n,
+        }
+    )
+    write_deltalake(str(root / VIEW_DAILY_SALES), daily)
+
+    hours = [
+        datetime(today.year, today.month, today.day, tzinfo=UTC) - timedelta(hours=h)
+        for h in range(min(days, 30) * 24)
+    ]
+    nh = len(hours) * skus * stores
+    hunits = rng.poisson(2, nh).astype("int64")
+    hourly = pa.table(
+        {
+            "hour": pa.array(np.repeat(hours, skus * stores), pa.timestamp("us", tz="UTC")),
+            "store_id": np.tile(np.repeat(store_ids, skus), len(hours)),
+            "sku": np.tile(sku_ids, len(hours) * stores),
+            "units": hunits,
+            "revenue": hunits * 10.0,
+            "order_lines": hunits,
+            "run_id": [run_id] * nh,
+        }
+    )
+    write_deltalake(str(root / VIEW_HOURLY_SALES), hourly)
+
+    fdates = [today + timedelta(days=d) for d in range(-14, 28)]
+    rows = []
+    for s in sku_ids:
+        for st in store_ids:
+            for d in fdates:
+                f = float(rng.uniform(5, 40))
+                rows.append(
+                    {
+                        "sku": s,
+                        "store_id": st,
+                        "date": d,
+                        "forecast": f,
+                        "lower_80": f * 0.7,
+                        "upper_80": f * 1.3,
+                        "lower_95": f * 0.5,
+                        "upper_95": f * 1.5,
+                        "model": "AutoETS",
+                        "run_id": run_id,
+                    }
+                )
+    write_deltalake(str(root / VIEW_DEMAND_FORECAST), pa.Table.from_pylist(rows))
+    sent = []
+    for s in sku_ids:
+        k = int(rng.integers(1, 500))
+        pos = int(rng.integers(0, k + 1))
+        neg = int(rng.integers(0, k - pos + 1))
+        sent.append(
+            {
+                "sku": s,
+                "reviews": k,
+                "mean_rating": 3.0,
+                "mean_sentiment": 0.1,
+                "positive": pos,
+                "neutral": k - pos - neg,
+                "negative": neg,
+                "rating_sum": 3.0 * k,
+                "sentiment_sum": float(rng.uniform(-k, k)),
+                "run_id": run_id,
+            }
+        )
+    write_deltalake(str(root / VIEW_SENTIMENT_BY_SKU), pa.Table.from_pylist(sent))
+
+    views = {
+        v: int(DeltaTable(str(root / v)).version())
+        for v in (
+            VIEW_DAILY_SALES,
+            VIEW_HOURLY_SALES,
+            VIEW_DEMAND_FORECAST,
+            VIEW_SENTIMENT_BY_SKU,
+        )
+    }
+    now = datetime.now(UTC)
+    rec = RunRecord(
+        run_id=run_id,
+        status="published",
+        started_at=now,
+        published_at=now,
+        watermark={"orders": {p: 0 for p in range(4)}, "reviews": {p: 0 for p in range(4)}},
+        view_versions=views,
+    )
+    write_deltalake(str(root / RUNS), pa.Table.from_pylist([rec.to_row()], schema=RUNS_SCHEMA))
+    return {"skus": sku_ids, "stores": store_ids, "today": today, "daily_rows": n}
+
+
+# --- the naive handler (b) -------------------------------------------------------------------
+
+
+def naive_app(settings: Any) -> Any:
+    """Same endpoints and answers, but every request reads the runs table, the pinned Delta
+    views and the speed workers: nothing is cached."""
+    import duckdb
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+    from fastapi import FastAPI
+
+    from lambdalake.lake import (
+        RUNS,
+        VIEW_DAILY_SALES,
+        VIEW_DEMAND_FORECAST,
+        VIEW_SENTIMENT_BY_SKU,
+        Lake,
+    )
+    from lambdalake.manifest import latest_published_run
+    from lambdalake.views import SALES, SENTIMENT
+    from serving.batch import VIEW_HOURLY_SALES
+    from serving.speed import SpeedClient, SpeedFilter
+
+    lake = Lake(settings.lake_uri)
+    speed = SpeedClient(settings)
+    app = FastAPI()
+
+    def view(name: str, run: Any, flt: Any = None) -> Any:
+        dt = DeltaTable(lake.table(name), version=run.view_versions[name])
+        return dt.to_pyarrow_dataset().to_table(filter=flt)
+
+    def merge(rows: list[dict], keys: list[str], vd: Any) -> dict:
+        acc: dict = {}
+        for r in rows:
+            k = tuple(str(r[c]) for c in keys)
+            acc[k] = vd.combine_rows(acc.get(k, {m.name: None for m in vd.measures}), r)
+        return acc
+
+    @app.get("/v1/sales")
+    def sales(
+        sku: str | None = None,
+        store_id: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        granularity: str = "day",
+    ) -> dict:
+        run = latest_published_run(lake.table(RUNS))
+        last = date.fromisoformat(end[:10]) if end else datetime.now(UTC).date()
+        first = date.fromisoformat(start[:10]) if start else last - timedelta(days=29)
+        col = "date" if granularity == "day" else "hour"
+        name = VIEW_DAILY_SALES if granularity == "day" else VIEW_HOURLY_SALES
+        flt = ds.field("sku") == sku if sku else None
+        t = view(name, run, flt)
+        con = duckdb.connect()
+        con.execute("SET TimeZone='UTC'")
+        con.register("t", t)
+        where = f"CAST({col} AS DATE) BETWEEN ? AND ?"
+        params: list[Any] = [first, last]
+        if store_id:
+            where += " AND store_id = ?"
+            params.append(store_id)
+        sql = SALES.merge_sql(f"(SELECT {col} AS period, * FROM t)", keys=["period"], where=where)
+        rows = [
+            dict(zip(["period", "units", "revenue", "order_lines"], r, strict=True))
+            for r in con.execute(sql, params).fetchall()
+        ]
+        res = speed.query(
+            SALES,
+            SpeedFilter(
+                granularity=granularity,
+                sku=sku,
+                store_id=store_id,
+                first=datetime(first.year, first.month, first.day, tzinfo=UTC),
+                last=datetime(last.year, last.month, last.day, 23, tzinfo=UTC),
+            ),
+            run.watermark,
+        )
+        acc = merge(rows + res.rows, ["period"], SALES)
+        return {
+            "points": [{"period": k[0], **v} for k, v in sorted(acc.items())],
+            "as_of": {"run_id": run.run_id},
+        }
+
+    @app.get("/v1/sentiment/{sku}")
+    def sentiment(sku: str) -> dict:
+        run = latest_published_run(lake.table(RUNS))
+        rows = view(VIEW_SENTIMENT_BY_SKU, run, ds.field("sku") == sku).to_pylist()
+        res = speed.query(SENTIMENT, SpeedFilter(granularity=None, sku=sku), run.watermark)
+        acc = merge(rows + res.rows, ["sku"], SENTIMENT).get((sku,), {})
+        return {"sku": sku, **{d.name: d.compute(acc) for d in SENTIMENT.derived}, **acc}
+
+    @app.get("/v1/forecast/{sku}")
+    def forecast(sku: str, store_id: str | None = None) -> dict:
+        run = latest_published_run(lake.table(RUNS))
+        flt = ds.field("sku") == sku
+        if store_id:
+            flt = flt & (ds.field("store_id") == store_id)
+        pts = view(VIEW_DEMAND_FORECAST, run, flt).to_pylist()
+        today = datetime.now(UTC).date()
+        actual = sales(
+            sku=sku, store_id=store_id, start=str(today - timedelta(days=13)), end=str(today)
+        )
+        return {"sku": sku, "points": pts, "actuals": actual["points"]}
+
+    @app.get("/v1/sentiment")
+    def ranking(order: str = "worst", limit: int = 10) -> dict:
+        run = latest_published_run(lake.table(RUNS))
+        rows = view(VIEW_SENTIMENT_BY_SKU, run).to_pylist()
+        res = speed.query(SENTIMENT, SpeedFilter(granularity=None), run.watermark)
+        acc = merge(rows + res.rows, ["sku"], SENTIMENT)
+        items = [
+            {"sku": k[0], "mean_sentiment": SENTIMENT.derived[1].compute(v)} for k, v in acc.items()
+        ]
+        items.sort(key=lambda i: i["mean_sentiment"] or 0, reverse=order == "best")
+        return {"items": items[:limit]}
+
+    @app.get("/v1/alerts/demand")
+    def alerts() -> dict:
+        run = latest_published_run(lake.table(RUNS))
+        today = datetime.now(UTC).date()
+        fc = view(VIEW_DEMAND_FORECAST, run, ds.field("date") == today).to_pylist()
+        t = view(VIEW_DAILY_SALES, run, ds.field("date") == today).to_pylist()
+        res = speed.query(
+            SALES,
+            SpeedFilter(
+                granularity="day",
+                first=datetime(today.year, today.month, today.day, tzinfo=UTC),
+                last=datetime(today.year, today.month, today.day, tzinfo=UTC),
+            ),
+            run.watermark,
+        )
+        acc = merge(t + res.rows, ["sku", "store_id"], SALES)
+        items = [
+            f
+            for f in fc
+            if (acc.get((f["sku"], f["store_id"])) or {}).get("units", 0) > f["upper_95"]
+        ]
+        return {"items": items}
+
+    return app
+
+
+def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> None:
+    import uvicorn
+
+    from lambdalake.settings import Settings
+    from serving.app import create_app
+
+    settings = Settings(_env_file=None, lake_uri=lake, home=Path(home), speed_endpoints=endpoints)
+    app = create_app(settings) if kind == "fast" else naive_app(settings)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- the load ----------------------------------------------------------------------------------
+
+
+def request_for(kind: str, rng: random.Random, data: dict[str, Any]) -> tuple[str, dict]:
+    sku = rng.choice(data["skus"])
+    store = rng.choice(data["stores"])
+    today: date = data["today"]
+    if kind == "sales_point":
+        return "/v1/sales", {
+            "sku": sku,
+            "start": str(today - timedelta(days=29)),
+            "end": str(today),
+        }
+    if kind == "sales_hour_all":
+        return "/v1/sales", {
+            "granularity": "hour",
+            "start": str(today - timedelta(days=1)),
+            "end": str(today),
+        }
+    if kind == "sentiment":
+        return f"/v1/sentiment/{sku}", {}
+    if kind == "forecast":
+        return f"/v1/forecast/{sku}", {"store_id": store}
+    if kind == "ranking":
+        return "/v1/sentiment", {"order": rng.choice(["worst", "best"]), "limit": 10}
+    return "/v1/alerts/demand", {}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+async def closed_loop(base: str, data: dict, clients: int, duration: float, seed: int) -> dict:
+    import httpx
+
+    kinds = [k for k, w in MIX for _ in range(w)]
+    lat: dict[str, list[float]] = defaultdict(list)
+    errors = 0
+    deadline = time.perf_counter() + duration
+
+    async def client_loop(i: int, http: Any) -> None:
+        nonlocal errors
+        rng = random.Random(seed + i)
+        while time.perf_counter() < deadline:
+            kind = rng.choice(kinds)
+            path, params = request_for(kind, rng, data)
+            t0 = time.perf_counter()
+            r = await http.get(path, params=params)
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                errors += 1
+            lat[kind].append(dt)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, http) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    every = [x for v in lat.values() for x in v]
+    return {
+        "requests": len(every),
+        "errors": errors,
+        "throughput_rps": round(len(every) / elapsed, 1),
+        "p50_ms": round(percentile(every, 0.5) * 1000, 2),
+        "p99_ms": round(percentile(every, 0.99) * 1000, 2),
+        "by_kind": {
+            k: {
+                "n": len(v),
+                "p50_ms": round(percentile(v, 0.5) * 1000, 2),
+                "p99_ms": round(percentile(v, 0.99) * 1000, 2),
+            }
+            for k, v in sorted(lat.items())
+        },
+    }
+
+
+async def open_loop(base: str, data: dict, rate: float, duration: float, seed: int) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    lat: list[float] = []
+    errors = 0
+    n = int(rate * duration)
+
+    async def one(at: float, http: Any) -> None:
+        nonlocal errors
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        path, params = request_for("sales_point", rng, data)
+        r = await http.get(path, params=params)
+        lat.append(time.perf_counter() - at)  # from the scheduled time
+        if r.status_code != 200:
+            errors += 1
+
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
+        start = time.perf_counter() + 0.2
+        started = time.perf_counter()
+        await asyncio.gather(*(one(start + i / rate, http) for i in range(n)))
+        elapsed = time.perf_counter() - started
+    return {
+        "target_rps": rate,
+        "achieved_rps": round(len(lat) / elapsed, 1),
+        "requests": len(lat),
+        "errors": errors,
+        "p50_ms": round(percentile(lat, 0.5) * 1000, 2),
+        "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
+    }
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/v1/sentiment", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up")
+
+
+# --- the speed layer for the benchmark -----------------------------------------------------------
+
+
+def start_speed(
+    work: Path, lake: Path, data: dict, events: int, seed: int
+) -> tuple[Any, subprocess.Popen, str]:
+    """Embedded broker + recent events + one speed worker (caught up). Returns them."""
+    from kafka import KafkaProducer
+
+    from lambdalake.broker import EmbeddedBroker, free_port
+
+    broker = EmbeddedBroker.start(port=0, partitions=4, log_dir=work / "broker")
+    rng = random.Random(seed)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+    now = datetime.now(UTC)
+    for i in range(events):
+        sku = rng.choice(data["skus"])
+        ts = now - timedelta(seconds=rng.uniform(0, 36 * 3600))
+        if i % 10 == 0:
+            value = {
+                "review_id": f"r{i}",
+                "event_time": ts.isoformat(),
+                "sku": sku,
+                "rating": rng.randint(1, 5),
+                "text": rng.choice(["great, love it", "bad, broke", "ok"]),
+            }
+            topic = "reviews"
+        else:
+            value = {
+                "event_id": f"e{i}",
+                "event_time": ts.isoformat(),
+                "store_id": rng.choice(data["stores"]),
+                "sku": sku,
+                "quantity": rng.randint(1, 3),
+                "unit_price": round(rng.uniform(1, 100), 2),
+            }
+            topic = "orders"
+        producer.send(topic, key=sku.encode(), value=json.dumps(value).encode())
+    producer.flush()
+    producer.close()
+    port = free_port()
+    home = work / "home"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LAMBDALAKE_HOME": str(home),
+        "LAMBDALAKE_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lambdalake.cli",
+            "speed",
+            "run",
+            "--query-port",
+            str(port),
+            "--bootstrap",
+            broker.bootstrap,
+            "--lake",
+            str(lake),
+        ],
+        env=env,
+        cwd=work,
+    )
+    status = home / "speed" / "status" / "worker-0-of-1.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the speed worker exited")
+        try:
+            info = json.loads(status.read_text())
+            held = sum((info.get("events") or {}).values())
+            lag = sum(int(n) for ps in (info.get("lag") or {}).values() for n in ps.values())
+            if held >= events and lag == 0:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    else:
+        raise TimeoutError("the speed worker did not catch up")
+    return broker, proc, f"grpc://127.0.0.1:{port}"
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    srv = sub.add_parser("server", help="(internal) run one server")
+    srv.add_argument("--kind", choices=["fast", "naive"], required=True)
+    srv.add_argument("--lake", required=True)
+    srv.add_argument("--home", required=True)
+    srv.add_argument("--port", type=int, required=True)
+    srv.add_argument("--endpoints", default="")
+    ap.add_argument("--skus", type=int, default=100)
+    ap.add_argument("--stores", type=int, default=5)
+    ap.add_argument("--days", type=int, default=365)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=15.0)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--speed-events", type=int, default=5000)
+    ap.add_argument("--no-speed", action="store_true", help="batch views only (no broker)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--only", choices=["fast", "naive"], help="benchmark one server only")
+    args = ap.parse_args()
+    if args.cmd == "server":
+        run_server(args.kind, args.lake, args.home, args.port, args.endpoints)
+        return
+
+    from lambdalake.broker import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
+    lake = work / "lake"
+    print(f"[1/3] lake: {args.skus} skus x {args.stores} stores x {args.days} days", flush=True)
+    data = build_lake(lake, skus=args.skus, stores=args.stores, days=args.days, seed=args.seed)
+    broker = speed_proc = None
+    endpoints = ""
+    if not args.no_speed:
+        print(f"[2/3] speed: broker + {args.speed_events} events + one worker", flush=True)
+        broker, speed_proc, endpoints = start_speed(work, lake, data, args.speed_events, args.seed)
+    results: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("cmd",)},
+        "daily_rows": data["daily_rows"],
+    }
+    try:
+        for kind in ["fast", "naive"] if args.only is None else [args.only]:
+            port = free_port()
+            print(f"[3/3] {kind}: closed loop then open loop", flush=True)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "server",
+                    "--kind",
+                    kind,
+                    "--lake",
+                    str(lake),
+                    "--home",
+                    str(work / "home"),
+                    "--port",
+                    str(port),
+                    "--endpoints",
+                    endpoints,
+                ],
+                env={**os.environ, "LAMBDALAKE_LOG_LEVEL": "WARNING"},
+            )
+            try:
+                base = f"http://127.0.0.1:{port}"
+                wait_http(base)
+                asyncio.run(closed_loop(base, data, 10, 1.0, args.seed))  # warm-up
+                closed = asyncio.run(
+                    closed_loop(base, data, args.clients, args.duration, args.seed)
+                )
+                opened = asyncio.run(open_loop(base, data, args.rate, args.duration, args.seed))
+                results[kind] = {"closed_loop": closed, "open_loop_point": opened}
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+    finally:
+        if speed_proc is not None:
+            speed_proc.send_signal(signal.SIGTERM)
+            speed_proc.wait(timeout=30)
+        if broker is not None:
+            broker.stop()
+    print()
+    header = f"{'server':<7} {'mixed rps':>10} {'p50 ms':>8} {'p99 ms':>8}   point@rate p50/p99 ms"
+    print(header)
+    for kind in ("fast", "naive"):
+        if kind not in results:
+            continue
+        c, o = results[kind]["closed_loop"], results[kind]["open_loop_point"]
+        print(
+            f"{kind:<7} {c['throughput_rps']:>10} {c['p50_ms']:>8} {c['p99_ms']:>8}   "
+            f"{o['achieved_rps']}/{o['target_rps']} rps: {o['p50_ms']} / {o['p99_ms']}"
+        )
+    print(json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()
