@@ -1,0 +1,396 @@
+"""Ingest: Kafka ``orders`` and ``reviews`` to the master Delta tables, exactly once.
+
+``run_ingest`` consumes every partition of both topics (manual assignment, no
+consumer group), in micro-batches cut by count (``settings.ingest_batch_size``)
+and time (``settings.ingest_batch_seconds``). Each micro-batch is validated with
+the shared validator and committed with one delta-rs append per table:
+``quarantine`` first (rejected messages), then ``master/orders`` and
+``master/reviews`` (valid events plus lineage columns), each commit carrying the
+positions it advances to as Delta app transactions (see
+:mod:`batch.ingest_lake` and :mod:`lambdalake.manifest`). A crash at any
+moment therefore loses and duplicates nothing: a restart resumes at master's
+committed positions and skips quarantine rows already committed.
+
+The committed master position, quarantined messages included, is the batch
+layer's watermark: after ``--until-end`` it equals the true end offsets.
+
+>>> from lambdalake.settings import Settings  # doctest: +SKIP
+>>> run_ingest(Settings(), until_end=True, stop=threading.Event())  # doctest: +SKIP
+{'orders': {'written': 50000, 'quarantined': 12}, 'reviews': {...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import chain
+from typing import Any
+
+import pyarrow as pa
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError, OffsetOutOfRangeError
+
+from batch.ingest_kafka import (
+    Backoff,
+    BrokerUnreachable,
+    Chunk,
+    discover_partitions,
+    open_consumer,
+    probe_broker,
+    records_to_chunk,
+    true_end_offsets,
+    with_broker_retry,
+)
+from batch.ingest_lake import PositionedTable, master_rows, open_tables, quarantine_rows
+from lambdalake.lake import Lake
+from lambdalake.logs import get_logger
+from lambdalake.settings import TOPICS, Settings
+
+log = get_logger(__name__)
+
+Positions = dict[str, dict[int, int]]
+
+# How long `--until-end` keeps retrying an unreachable broker before giving up.
+DEFAULT_BROKER_TIMEOUT_S = 120.0
+# With no message for this long, check that the broker still answers.
+IDLE_PROBE_S = 5.0
+POLL_TIMEOUT_MS = 200
+
+
+@dataclass
+class TopicSummary:
+    written: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class MicroBatch:
+    """Messages consumed since the last commit, and the positions they span."""
+
+    start: Positions
+    end: Positions
+    chunks: list[Chunk] = field(default_factory=list)
+    messages: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+    def add(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.messages += len(chunk.offsets)
+
+    def progressed(self) -> bool:
+        return self.end != self.start
+
+    def columns(self, topic: str) -> tuple[list[bytes | None], list[int], list[int]]:
+        """Values, partitions and offsets of ``topic``'s messages, as the validator takes them."""
+        chunks = [c for c in self.chunks if c.topic == topic]
+        values = list(chain.from_iterable(c.values for c in chunks))
+        partitions = list(chain.from_iterable([c.partition] * len(c.offsets) for c in chunks))
+        offsets = list(chain.from_iterable(c.offsets for c in chunks))
+        return values, partitions, offsets
+
+
+def _copy(positions: Positions) -> Positions:
+    return {t: dict(ps) for t, ps in positions.items()}
+
+
+def _span(batch: MicroBatch, topic: str) -> dict[str, str]:
+    return {
+        str(p): f"{batch.start[topic][p]}-{end}"
+        for p, end in sorted(batch.end[topic].items())
+        if end != batch.start[topic][p]
+    }
+
+
+class Ingest:
+    """One ingest run: the consumer, the three tables, the positions and the counts."""
+
+    def __init__(self, settings: Settings, *, stop: threading.Event, broker_timeout_s: float):
+        self.settings = settings
+        self.stop = stop
+        self.bootstrap = settings.bootstrap
+        self.broker_timeout_s = broker_timeout_s
+        self.topics = list(TOPICS)
+        self.summary = {t: TopicSummary() for t in self.topics}
+        self.masters: dict[str, PositionedTable] = {}
+        self.quarantine: PositionedTable | None = None
+        self.parts: dict[str, list[int]] = {}
+        self.positions: Positions = {}
+        self.consumer: KafkaConsumer | None = None
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _backoff(self, until_end: bool) -> Backoff:
+        deadline = time.monotonic() + self.broker_timeout_s if until_end else None
+        return Backoff(deadline=deadline)
+
+    def _retry(self, fn: Any, action: str, until_end: bool) -> Any:
+        return with_broker_retry(
+            fn,
+            bootstrap=self.bootstrap,
+            backoff=self._backoff(until_end),
+            stop=self.stop,
+            action=action,
+        )
+
+    def connect(self, until_end: bool) -> bool:
+        """Find the partitions, open the tables, read the positions, assign and seek.
+
+        Returns False if stopped while waiting for the broker."""
+
+        def discover() -> dict[str, list[int]]:
+            probe_broker(self.bootstrap)
+            return discover_partitions(self.bootstrap, TOPICS, self.settings.partitions)
+
+        parts = self._retry(discover, "discover partitions", until_end)
+        if parts is None:
+            return False
+        self.parts = parts
+        lake = Lake(self.settings.lake_uri)
+        self.masters, self.quarantine = open_tables(lake, self.topics)
+        self.positions = {
+            t: {p: self.masters[t].positions[t].get(p, 0) for p in self.parts[t]}
+            for t in self.topics
+        }
+        consumer = self._retry(lambda: open_consumer(self.bootstrap), "connect", until_end)
+        if consumer is None:
+            return False
+        self.consumer = consumer
+        tps = [TopicPartition(t, p) for t in self.topics for p in self.parts[t]]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, self.positions[tp.topic][tp.partition])
+        log.info(
+            "ingest.start",
+            bootstrap=self.bootstrap,
+            lake=self.settings.lake_uri,
+            positions=self.positions,
+            batch_size=self.settings.ingest_batch_size,
+            batch_seconds=self.settings.ingest_batch_seconds,
+        )
+        return True
+
+    def ends(self, until_end: bool) -> Positions | None:
+        ends = self._retry(
+            lambda: true_end_offsets(self.bootstrap, self.parts), "read end offsets", until_end
+        )
+        if ends is None:
+            return None
+        ahead = {
+            f"{t}/{p}": (pos, ends[t].get(p, 0))
+            for t, ps in self.positions.items()
+            for p, pos in ps.items()
+            if pos > ends[t].get(p, 0)
+        }
+        if ahead:
+            raise ValueError(
+                f"the lake has consumed past the end of the Kafka log ({ahead}: position, end): "
+                f"the broker at {self.bootstrap} lost messages or the topics were recreated "
+                "(the embedded broker keeps topics in memory only). Point ingest at the broker "
+                "the lake was filled from, or use a fresh lake."
+            )
+        return ends
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self, until_end: bool) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        ends = self.ends(until_end)
+        if ends is None:
+            return
+        if until_end:
+            log.info("ingest.until_end", ends=ends, behind=self._behind(ends))
+        batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
+        idle_since = time.monotonic()
+        done = until_end and not self._behind(ends)
+        started = time.monotonic()
+        total = 0
+        while not done:
+            if self.stop.is_set():
+                break
+            remaining = max(1, self.settings.ingest_batch_size - batch.messages)
+            try:
+                got = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=remaining)
+            except OffsetOutOfRangeError as exc:
+                raise ValueError(
+                    f"a committed position is outside the Kafka log ({exc}): the broker at "
+                    f"{self.bootstrap} lost messages or the topics were recreated; use a fresh "
+                    "lake or the broker the lake was filled from"
+                ) from exc
+            for tp, records in got.items():
+                if records:
+                    batch.add(records_to_chunk(tp, records))
+            self._advance(batch, got)
+            now = time.monotonic()
+            if got:
+                idle_since = now
+            if until_end:
+                self._pause_finished(batch, ends)
+                done = not self._behind(ends, batch.end)
+            full = batch.messages >= self.settings.ingest_batch_size
+            due = now - batch.opened_at >= self.settings.ingest_batch_seconds
+            if batch.progressed() and (full or due or done):
+                total += self.commit(batch)
+                batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
+            elif not batch.progressed():
+                batch.opened_at = now
+            if not got and now - idle_since >= IDLE_PROBE_S:
+                # Quiet for a while: a drained topic, or a broker that went away.
+                if batch.progressed():
+                    total += self.commit(batch)
+                    batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
+                if self._retry(lambda: probe_broker(self.bootstrap), "fetch", until_end) is None:
+                    break
+                idle_since = time.monotonic()
+        # Stopped (signal) or drained: the batch in hand is whole, commit it.
+        if batch.progressed():
+            total += self.commit(batch)
+        elapsed = time.monotonic() - started
+        log.info(
+            "ingest.done",
+            messages=total,
+            seconds=round(elapsed, 2),
+            events_per_s=round(total / elapsed) if elapsed > 0 else None,
+            positions=self.positions,
+            stopped=self.stop.is_set(),
+        )
+
+    def _advance(self, batch: MicroBatch, got: dict[TopicPartition, list[Any]]) -> None:
+        """Move the batch's end positions to the consumer's.
+
+        The consumer's position also moves past records it does not return
+        (transaction markers), so after an empty poll every partition is checked.
+        """
+        assert self.consumer is not None
+        for tp in got or self.consumer.assignment():
+            pos = self.consumer.position(tp)
+            if pos is not None:
+                batch.end[tp.topic][tp.partition] = int(pos)
+
+    def _behind(self, ends: Positions, positions: Positions | None = None) -> dict[str, int]:
+        positions = positions or self.positions
+        return {
+            f"{t}/{p}": end - positions[t][p]
+            for t, ps in ends.items()
+            for p, end in ps.items()
+            if positions[t][p] < end
+        }
+
+    def _pause_finished(self, batch: MicroBatch, ends: Positions) -> None:
+        assert self.consumer is not None
+        paused = self.consumer.paused()
+        for t, ps in ends.items():
+            for p, end in ps.items():
+                tp = TopicPartition(t, p)
+                if batch.end[t][p] >= end and tp not in paused:
+                    self.consumer.pause(tp)
+
+    # --- commit ----------------------------------------------------------------------------
+
+    def commit(self, batch: MicroBatch) -> int:
+        """Validate ``batch`` and commit it: quarantine first, then each master table."""
+        from lambdalake.contracts import validate
+
+        assert self.quarantine is not None
+        t0 = time.monotonic()
+        ingested_at = datetime.now(UTC)
+        master_tables: dict[str, pa.Table] = {}
+        rejected: list[pa.Table] = []
+        counts: dict[str, tuple[int, int]] = {}
+        for topic in self.topics:
+            if batch.end[topic] == batch.start[topic]:
+                continue
+            values, partitions, offsets = batch.columns(topic)
+            checked = validate(
+                topic,
+                values,
+                partitions,
+                offsets,
+                max_event_bytes=self.settings.max_event_bytes,
+            )
+            master_tables[topic] = master_rows(checked.valid, topic, ingested_at)
+            q = quarantine_rows(
+                checked.rejected,
+                topic,
+                ingested_at,
+                self.quarantine.positions.get(topic, {}),
+            )
+            rejected.append(q)
+            counts[topic] = (master_tables[topic].num_rows, q.num_rows)
+        t_validate = time.monotonic() - t0
+        quarantine = pa.concat_tables(rejected) if rejected else None
+        if quarantine is not None and quarantine.num_rows:
+            q_positions = {
+                t: {
+                    p: max(self.quarantine.positions.get(t, {}).get(p, 0), batch.end[t][p])
+                    for p in self.parts[t]
+                }
+                for t in self.topics
+            }
+            self.quarantine.append(quarantine, q_positions)
+        elapsed = max(time.monotonic() - batch.opened_at, 1e-9)
+        for topic, rows in master_tables.items():
+            version = self.masters[topic].append(rows, {topic: batch.end[topic]})
+            self.positions[topic] = dict(batch.end[topic])
+            written, quarantined = counts[topic]
+            self.summary[topic].written += written
+            self.summary[topic].quarantined += quarantined
+            log.info(
+                "ingest.batch",
+                topic=topic,
+                written=written,
+                quarantined=quarantined,
+                offsets=_span(batch, topic),
+                version=version,
+                batch_events_per_s=round(batch.messages / elapsed) if elapsed > 0 else None,
+                validate_s=round(t_validate, 3),
+                commit_s=round(time.monotonic() - t0 - t_validate, 3),
+            )
+        return batch.messages
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(KafkaError):
+                self.consumer.close()
+
+    def result(self) -> dict[str, dict[str, int]]:
+        return {
+            t: {"written": s.written, "quarantined": s.quarantined} for t, s in self.summary.items()
+        }
+
+
+def run_ingest(
+    settings: Settings,
+    *,
+    until_end: bool,
+    stop: threading.Event,
+    broker_timeout_s: float | None = None,
+) -> dict[str, dict[str, int]]:
+    """Consume both topics into the lake; return what THIS invocation wrote.
+
+    ``until_end``: drain to the true end offsets seen at start, then return;
+    otherwise run until ``stop`` is set (the micro-batch in hand is committed,
+    never half). An unreachable broker is retried with exponential backoff
+    (``ingest.broker_unreachable`` in the log); with ``until_end`` the wait is
+    bounded by ``broker_timeout_s`` (default ``DEFAULT_BROKER_TIMEOUT_S``), then
+    :class:`TimeoutError` says so, with everything consumed so far committed.
+    Returns ``{"orders": {"written": n, "quarantined": n}, "reviews": {...}}``.
+    """
+    timeout = (
+        broker_timeout_s
+        if broker_timeout_s is not None
+        else getattr(settings, "ingest_broker_timeout_s", DEFAULT_BROKER_TIMEOUT_S)
+    )
+    ingest = Ingest(settings, stop=stop, broker_timeout_s=float(timeout))
+    try:
+        if ingest.connect(until_end):
+            ingest.run(until_end)
+    finally:
+        ingest.close()
+    return ingest.result()
+
+
+__all__ = ["BrokerUnreachable", "run_ingest"]
