@@ -273,11 +273,11 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
 
     Checks: every view is listed and readable at its pinned version; no key
     column is null and keys that must be unique are; the row counts the run
-    recorded match the tables; ``daily_sales`` counts between the distinct and
-    the total order lines of the pinned master snapshot (deduplication happens
-    within a horizon, so the exact number lies in that range), ``review_scores``
-    likewise against master reviews, and ``sentiment_by_sku`` adds up to
-    ``review_scores``; forecasts are finite, not negative, and their bounds
+    recorded match the tables; ``daily_sales`` counts exactly the orders the
+    run recorded reading, and between the distinct and the total order lines of
+    the pinned master snapshot (deduplication happens within a horizon, so the
+    exact number lies in that range); ``review_scores`` likewise against the
+    reviews, and ``sentiment_by_sku`` adds up to ``review_scores``; forecasts are finite, not negative, and their bounds
     ordered ``lower_95 <= lower_80 <= forecast <= upper_80 <= upper_95``;
     sentiment lies in [-1, 1] with a known label.
     """
@@ -312,7 +312,7 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
                 failures.append(f"{table} v{version} unreadable: {exc}")
         failures += _check_keys(pinned, columns)
         failures += _check_recorded_counts(pinned, columns, run.row_counts)
-        failures += _check_counts_against_master(pinned, columns)
+        failures += _check_counts_against_master(pinned, columns, run.row_counts)
         failures += _check_forecast(pinned, columns)
         failures += _check_sentiment(pinned, columns)
     finally:
@@ -362,7 +362,9 @@ def _check_recorded_counts(
     return failures
 
 
-def _check_counts_against_master(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
+def _check_counts_against_master(
+    pinned: _Pinned, columns: dict[str, list[str]], recorded: Mapping[str, int]
+) -> list[str]:
     from lambdalake import lake as L
 
     failures: list[str] = []
@@ -384,6 +386,11 @@ def _check_counts_against_master(pinned: _Pinned, columns: dict[str, list[str]])
                 f"{L.VIEW_DAILY_SALES}: {lines} order lines, the master snapshot holds "
                 f"{distinct} distinct of {total}"
             )
+        read = recorded.get("orders")  # the deduplicated orders the run read
+        if read is not None and int(read) != int(lines):
+            failures.append(
+                f"{L.VIEW_DAILY_SALES}: {lines} order lines, the run read {read} orders"
+            )
     elif sales is not None:
         failures.append(f"{L.VIEW_DAILY_SALES}: no order_lines column")
 
@@ -396,6 +403,9 @@ def _check_counts_against_master(pinned: _Pinned, columns: dict[str, list[str]])
                 f"{L.VIEW_REVIEW_SCORES}: {scores} rows, the master snapshot holds "
                 f"{distinct} distinct reviews of {total}"
             )
+        read = recorded.get("reviews")
+        if read is not None and int(read) != int(scores):
+            failures.append(f"{L.VIEW_REVIEW_SCORES}: {scores} rows, the run read {read} reviews")
     by_sku = columns.get(L.VIEW_SENTIMENT_BY_SKU)
     if by_sku is not None and scores is not None and "reviews" in by_sku:
         (summed,) = pinned.one(

@@ -51,6 +51,9 @@ from lambdalake.manifest import (
 from lambdalake.settings import Settings
 
 T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+ORDERS, DUPLICATES, REVIEWS = 40, 5, 12
+# What the batch records having read: the deduplicated events.
+READ = {"orders": ORDERS, "reviews": REVIEWS}
 
 
 def _orders(n: int, duplicates: int = 0) -> pa.Table:
@@ -178,7 +181,8 @@ def publish(lake: Lake, run_id: str, views: dict[str, pa.Table], at: datetime) -
         published_at=at,
         master_versions=master,
         view_versions=versions,
-        row_counts={name: t.num_rows for name, t in views.items()},
+        # What the batch records: rows per view and the deduplicated events it read.
+        row_counts={**{name: t.num_rows for name, t in views.items()}, **READ},
     )
     write_deltalake(
         lake.table(RUNS), pa.Table.from_pylist([record.to_row()], schema=RUNS_SCHEMA), mode="append"
@@ -190,7 +194,7 @@ def publish(lake: Lake, run_id: str, views: dict[str, pa.Table], at: datetime) -
 def lake_with_good_run(tmp_path: Path) -> tuple[Settings, Lake, dict[str, pa.Table]]:
     settings = Settings(_env_file=None, lake_uri=str(tmp_path / "lake"), home=tmp_path / "home")  # type: ignore[call-arg]
     lake = Lake(settings.lake_uri)
-    orders, reviews = _orders(40, duplicates=5), _reviews(12)
+    orders, reviews = _orders(ORDERS, duplicates=DUPLICATES), _reviews(REVIEWS)
     write_deltalake(lake.table(MASTER_ORDERS), orders)
     write_deltalake(lake.table(MASTER_REVIEWS), reviews)
     views = good_views(orders, reviews)
@@ -245,7 +249,7 @@ def _bad_double_counted_reviews(views):
         (_bad_forecast_negative, "negative forecast"),
         (_bad_forecast_bounds, "bounds out of order"),
         (_bad_null_key, "null key"),
-        (_bad_lost_rows, "order lines, the master snapshot holds"),
+        (_bad_lost_rows, "order lines, the run read 40 orders"),
         (_bad_double_counted_reviews, "duplicated key"),
     ],
 )
