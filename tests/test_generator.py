@@ -1,0 +1,387 @@
+"""The event generator: realistic, deterministic, exact fractions, and fast enough.
+
+Model properties are checked on the pure model (weekly seasonality, promotions,
+ratings, text sentiment); the Kafka side against a real Tansu broker, comparing
+the bytes that arrive with the pure stream's plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.partitioner.default import murmur2
+
+from generator import model
+from generator.faults import KINDS
+from generator.produce import run_history, run_live
+from generator.stream import Counts, Fractions, history
+from lambdalake.contracts import validate
+from lambdalake.kafka import end_offsets, topic_partitions
+from lambdalake.settings import TOPICS
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BYTES = 256 * 1024
+
+
+def plan(seed: int, skus: int, stores: int, first: date, days: int, fr: Fractions):
+    counts = Counts()
+    cat = model.make_catalog(seed, skus, stores)
+    msgs = [m for b in history(cat, first, days, fr, MAX_BYTES, counts) for m in b.messages]
+    return msgs, counts
+
+
+def digest(msgs) -> str:
+    h = hashlib.sha256()
+    for topic, key, value in msgs:
+        h.update(topic.encode() + b"\0" + key + b"\0" + (value or b"<null>") + b"\1")
+    return h.hexdigest()
+
+
+def event_ms(value: bytes) -> int:
+    t = orjson.loads(value)["event_time"]
+    if isinstance(t, int):
+        return t
+    return int(datetime.fromisoformat(t).timestamp() * 1000)
+
+
+def consume(bootstrap: str, start: dict[TopicPartition, int] | None = None):
+    """Every message of both topics from ``start`` (default: the beginning) to the end:
+    {(topic, partition): [(key, value, timestamp_ms), ...]} in offset order."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(t, p) for t in TOPICS for p in topic_partitions(consumer, t)]
+    ends = end_offsets(bootstrap, tps)
+    consumer.assign(tps)
+    out: dict[tuple[str, int], list] = {(tp.topic, tp.partition): [] for tp in tps}
+    for tp in tps:
+        consumer.seek(tp, (start or {}).get(tp, 0))
+    deadline = time.monotonic() + 60
+    pos = {tp: (start or {}).get(tp, 0) for tp in tps}
+    while any(pos[tp] < ends[tp] for tp in tps) and time.monotonic() < deadline:
+        for tp, records in consumer.poll(timeout_ms=500, max_records=50_000).items():
+            for r in records:
+                if r.offset < ends[tp]:
+                    out[(tp.topic, tp.partition)].append((r.key, r.value, r.timestamp))
+            if records:
+                pos[tp] = records[-1].offset + 1
+    consumer.close()
+    return out
+
+
+def audit(messages: dict[tuple[str, int], list]) -> dict:
+    """What arrived, judged by the contract: valid distinct, re-sent copies, bad, kinds."""
+    result: dict = {"orders": 0, "reviews": 0, "duplicates": 0, "bad": 0}
+    result["reasons"], result["valid"] = Counter(), []
+    for (topic, _p), recs in messages.items():
+        values = [v for _, v, _ in recs]
+        checked = validate(topic, values, [0] * len(values), list(range(len(values))))
+        result["bad"] += checked.rejected.num_rows
+        result["reasons"].update(checked.rejected.column("reason").to_pylist())
+        bad_rows = set(checked.rejected.column("_offset").to_pylist())
+        seen: set[bytes] = set()
+        for i, v in enumerate(values):
+            if i in bad_rows:
+                continue
+            if v in seen:
+                result["duplicates"] += 1
+            else:
+                seen.add(v)
+                result[topic] += 1
+                result["valid"].append(v)
+    return result
+
+
+def late_events(recs: list, valid: set[bytes], slack_ms: int = 12 * 3_600_000) -> int:
+    """Valid first-seen events more than ``slack_ms`` older than the newest one sent before."""
+    newest, late, seen = -(2**62), 0, set()
+    for _, v, _ in recs:
+        if v in seen or v not in valid:
+            continue
+        seen.add(v)
+        t = event_ms(v)
+        if t < newest - slack_ms:
+            late += 1
+        newest = max(newest, t)
+    return late
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_same_bytes_in_any_process_and_another_seed_does_not() -> None:
+    fr = Fractions(late=0.05, duplicate=0.05, bad=0.02)
+    a, _ = plan(7, 12, 2, date(2025, 3, 1), 10, fr)
+    b, _ = plan(7, 12, 2, date(2025, 3, 1), 10, fr)
+    c, _ = plan(8, 12, 2, date(2025, 3, 1), 10, fr)
+    assert a == b
+    assert digest(a) != digest(c)
+    # A fresh interpreter with another hash seed produces the very same bytes.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from tests.test_generator import *; "
+        "print(digest(plan(7, 12, 2, date(2025, 3, 1), 10, "
+        "Fractions(late=0.05, duplicate=0.05, bad=0.02))[0]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert out.stdout.strip() == digest(a)
+
+
+def test_a_days_events_do_not_depend_on_the_window() -> None:
+    long, _ = plan(3, 10, 2, date(2025, 5, 1), 8, Fractions())
+    short, _ = plan(3, 10, 2, date(2025, 5, 5), 4, Fractions())
+    tail = [m for m in long if event_ms(m[2]) >= datetime(2025, 5, 5, tzinfo=UTC).timestamp() * 1e3]
+    assert tail == short and len(short) > 100
+
+
+def test_history_is_in_event_time_order_except_the_late_events() -> None:
+    for late in (0.0, 0.04):
+        msgs, counts = plan(4, 15, 3, date(2025, 6, 1), 20, Fractions(late, 0.05, 0.02))
+        by_topic: dict[tuple[str, int], list] = defaultdict(list)
+        for topic, key, value in msgs:
+            by_topic[(topic, 0)].append((key, value, 0))
+        valid = set(audit(by_topic)["valid"])
+        in_order = [(k, v, 0) for _, k, v in msgs]
+        n = counts.orders + counts.reviews
+        if late == 0:
+            assert late_events(in_order, valid, slack_ms=0) == 0
+        else:
+            # All late events but those of the last days, whose delay runs past the end.
+            assert 0.9 * late * n <= late_events(in_order, valid) <= int(late * n + 0.5)
+
+
+# --- the realism of the model --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eight_weeks():
+    """Eight weeks of spring (no holiday) for 60 SKUs in 4 stores."""
+    cat = model.make_catalog(11, 60, 4)
+    days = [date(2025, 3, 3) + timedelta(days=k) for k in range(56)]
+    return cat, [model.generate_day(cat, d) for d in days]
+
+
+def test_weekends_sell_clearly_more_than_weekdays(eight_weeks) -> None:
+    _, evs = eight_weeks
+    units = {ev.day: int(ev.orders.quantity.sum()) for ev in evs}
+    weekend = np.mean([u for d, u in units.items() if d.weekday() >= 5])
+    weekday = np.mean([u for d, u in units.items() if d.weekday() < 5])
+    assert weekend > 1.25 * weekday
+
+
+def test_promotions_lower_the_price_and_lift_demand(eight_weeks) -> None:
+    cat, evs = eight_weeks
+    lifts = []
+    for s in range(cat.n_skus):
+        promo = np.array([ev.discount[s] > 0 for ev in evs])
+        units = np.array([ev.orders.quantity[ev.orders.sku_idx == s].sum() for ev in evs])
+        if 3 <= promo.sum() <= len(evs) - 3 and units.sum() > 50:
+            lifts.append(units[promo].mean() / max(units[~promo].mean(), 1e-9))
+        for ev in evs:
+            prices = ev.orders.unit_price[ev.orders.sku_idx == s]
+            if len(prices):
+                expected = round(cat.base_price[s] * (1 - ev.discount[s]), 2)
+                assert np.allclose(prices, expected)
+    assert len(lifts) >= 10
+    assert np.median(lifts) > 1.4
+
+
+def test_demand_is_long_tailed_with_returns_and_sensible_volume(eight_weeks) -> None:
+    cat, evs = eight_weeks
+    lines = np.zeros((len(evs), cat.n_skus, cat.n_stores))
+    for k, ev in enumerate(evs):
+        np.add.at(lines[k], (ev.orders.sku_idx, ev.orders.store_idx), 1)
+    selling_days = (lines > 0).mean(axis=0)  # share of days a (sku, store) sells
+    assert (selling_days < 0.5).mean() > 0.15  # intermittent sellers
+    per_sku = np.sort(lines.sum(axis=(0, 2)))[::-1]
+    assert per_sku[: cat.n_skus // 10].sum() > 0.3 * per_sku.sum()  # a few SKUs dominate
+    q = np.concatenate([ev.orders.quantity for ev in evs])
+    assert 0.01 < (q < 0).mean() < 0.08 and (q != 0).all()
+    # Defaults (1 year x 100 SKUs x 5 stores) expect 1-2 M order lines.
+    big = model.make_catalog(42, 100, 5)
+    year = [date(2025, 1, 1) + timedelta(days=k) for k in range(365)]
+    assert 1_000_000 < model.expected_lines(big, year).sum() < 2_000_000
+    n_reviews = sum(len(ev.reviews) for ev in evs)
+    assert 20 < len(q) / n_reviews < 40
+
+
+def test_holidays_lift_black_friday_and_the_christmas_run_up() -> None:
+    cat = model.make_catalog(5, 30, 2)
+    days = [date(2025, 11, 14), date(2025, 11, 28), date(2025, 12, 20), date(2025, 12, 25)]
+    per_day = model.expected_lines(cat, days).sum(axis=(1, 2))
+    plain, black_friday, run_up, christmas = per_day
+    assert black_friday > 1.8 * plain and run_up > 1.2 * plain and christmas < 0.5 * plain
+
+
+def test_event_times_use_every_format_and_mean_the_model_time() -> None:
+    cat = model.make_catalog(2, 20, 6)
+    ev = model.generate_day(cat, date(2025, 7, 1))
+    times = [d["event_time"] for d in model.order_dicts(cat, ev.orders)]
+    assert [event_ms(orjson.dumps({"event_time": t})) for t in times] == ev.orders.time_ms.tolist()
+    kinds = Counter(
+        "epoch_ms" if isinstance(t, int) else "Z" if t.endswith("Z") else t[-6:] for t in times
+    )
+    assert {"epoch_ms", "Z", "+01:00", "-05:00"} <= set(kinds)
+    assert any(isinstance(t, str) and len(t) == 25 for t in times)  # to the second
+    assert 0.8 < sum("currency" in d for d in model.order_dicts(cat, ev.orders)) / len(times) < 1
+
+
+def test_ratings_follow_quality_and_text_sentiment_follows_ratings_loosely() -> None:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    cat = model.make_catalog(9, 40, 2)
+    rng = np.random.default_rng(0)
+    sku = rng.integers(0, cat.n_skus, 3000)
+    revs = model.reviews(cat, sku, sku % 2, np.full(3000, 1_750_000_000_000), rng)
+    means = np.array([revs.rating[sku == s].mean() for s in range(cat.n_skus)])
+    assert np.corrcoef(means, cat.quality)[0, 1] > 0.8
+    assert means.max() - means.min() > 1.0
+    assert set(revs.rating.tolist()) == {1, 2, 3, 4, 5}
+
+    vader = SentimentIntensityAnalyzer()
+    compound = np.array([vader.polarity_scores(t)["compound"] for t in revs.text])
+    r = np.corrcoef(compound, revs.rating)[0, 1]
+    assert 0.3 < r < 0.95, r
+    texts = [t.lower() for t in revs.text]
+    high = [t for t, x in zip(texts, revs.rating, strict=True) if x >= 4]
+    low = [t for t, x in zip(texts, revs.rating, strict=True) if x <= 2]
+    assert any("not bad" in t or "can't complain" in t for t in high)  # positive negations
+    assert any("not worth" in t or "would not" in t for t in low)  # negative negations
+    assert any(" but " in t for t in low) and any(" but " in t for t in high)  # mixed
+    assert max(len(t) for t in revs.text) <= 20_000
+    assert 0.6 < sum(t is not None for t in revs.title) / len(revs.title) < 0.95
+
+
+# --- to Kafka --------------------------------------------------------------------------------
+
+
+def test_history_sends_the_planned_bytes_with_exact_fractions(fresh_broker, settings_for) -> None:
+    fr = Fractions(late=0.03, duplicate=0.05, bad=0.01)
+    args = dict(days=21, skus=15, stores=3, seed=5, end_date="2025-10-21")
+    summary = run_history(
+        settings_for(fresh_broker),
+        **args,
+        late_fraction=fr.late,
+        duplicate_fraction=fr.duplicate,
+        bad_fraction=fr.bad,
+        processes=2,  # the path large histories take: partitions split between processes
+    )
+    got = consume(fresh_broker.bootstrap)
+
+    # Exactly the bytes of the pure plan, in the plan's order within each partition.
+    msgs, counts = plan(5, 15, 3, date(2025, 10, 1), 21, fr)
+    expected: dict[tuple[str, int], list] = defaultdict(list)
+    for topic, key, value in msgs:
+        p = (murmur2(key) & 0x7FFFFFFF) % 4  # Kafka's default partitioner for keyed messages
+        expected[(topic, p)].append((key, value))
+    for tp, recs in got.items():
+        assert [(k, v) for k, v, _ in recs] == expected[tp], tp
+    assert summary == counts.as_dict()
+
+    # The counts hold when judged by the contract, and each is the exact fraction.
+    seen = audit(got)
+    n = seen["orders"] + seen["reviews"]
+    assert {k: seen[k] for k in summary} == summary
+    assert seen["duplicates"] == int(fr.duplicate * n + 0.5)
+    assert seen["bad"] == int(fr.bad * n + 0.5)
+    assert {r.split(":")[0] for r in seen["reasons"]} == set(KINDS)
+    oversize = [v for recs in got.values() for _, v, _ in recs if v and len(v) > MAX_BYTES]
+    assert oversize
+
+    # Event-time order within each partition, except the late events (all of them
+    # but those whose delay runs past the last day, which go last).
+    late = sum(late_events(recs, set(seen["valid"])) for recs in got.values())
+    assert 0.7 * fr.late * n <= late <= int(fr.late * n + 0.5)
+
+
+def test_history_command_prints_the_summary_last(broker) -> None:
+    tps = [TopicPartition(t, p) for t in TOPICS for p in range(broker.partitions)]
+    before = end_offsets(broker.bootstrap, tps)
+    cmd = [sys.executable, "-m", "lambdalake.cli", "generate", "history"]
+    args = ["--days", "14", "--skus", "10", "--stores", "2", "--bootstrap", broker.bootstrap]
+    out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"orders", "reviews", "duplicates", "bad"}
+    assert summary["orders"] > 500 and summary["reviews"] > 0
+    after = end_offsets(broker.bootstrap, tps)
+    assert sum(after.values()) - sum(before.values()) == sum(summary.values())
+    assert "history" in out.stderr  # the progress bar
+
+    bad = subprocess.run(
+        [*cmd, "--end-date", "2025-02-30", "--bootstrap", broker.bootstrap],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "lambdalake: error: --end-date must be a date YYYY-MM-DD, got '2025-02-30'"
+    ]
+
+
+def test_live_command_holds_the_rate(broker) -> None:
+    tps = [TopicPartition(t, p) for t in TOPICS for p in range(broker.partitions)]
+    before = end_offsets(broker.bootstrap, tps)
+    cmd = [sys.executable, "-m", "lambdalake.cli", "generate", "live", "--rate", "500"]
+    args = ["--duration", "3", "--skus", "20", "--stores", "3", "--bootstrap", broker.bootstrap]
+    started_ms = time.time() * 1000
+    out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["orders"] + summary["reviews"] == 1500
+    got = consume(broker.bootstrap, before)
+    stamps = sorted(ts for recs in got.values() for _, _, ts in recs)
+    assert len(stamps) == sum(summary.values())
+    rate = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000)
+    assert 400 <= rate <= 600, rate
+    # Event times are "now".
+    times = [event_ms(v) for recs in got.values() for _, v, _ in recs]
+    assert started_ms - 1000 <= min(times) and max(times) <= time.time() * 1000
+
+
+def test_live_with_faults_stops_on_request_and_sends_exact_fractions(broker, settings_for) -> None:
+    tps = [TopicPartition(t, p) for t in TOPICS for p in range(broker.partitions)]
+    before = end_offsets(broker.bootstrap, tps)
+    stop = threading.Event()
+    threading.Timer(2.0, stop.set).start()
+    started_ms = time.time() * 1000
+    summary = run_live(
+        settings_for(broker),
+        rate=1000,
+        duration=None,
+        skus=20,
+        stores=3,
+        seed=1,
+        late_fraction=0.1,
+        duplicate_fraction=0.1,
+        bad_fraction=0.02,
+        stop=stop,
+    )
+    seen = audit(consume(broker.bootstrap, before))
+    n = seen["orders"] + seen["reviews"]
+    assert 1500 <= n <= 2600
+    assert {k: seen[k] for k in summary} == summary
+    assert seen["duplicates"] == int(0.1 * n + 0.5) and seen["bad"] == int(0.02 * n + 0.5)
+    # Exactly the late share carries event times 1-30 days back; the others are now.
+    ages = [(started_ms - event_ms(v)) / 86_400_000 for v in seen["valid"]]
+    late = [a for a in ages if a > 0.5]
+    assert len(late) == int(0.1 * n + 0.5)
+    assert all(1 - 1e-3 <= a <= 30.1 for a in late)
+    assert all(-0.001 < a < 0.001 for a in ages if a <= 0.5)
