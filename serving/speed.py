@@ -86,13 +86,14 @@ def all_partitions(
 ) -> list[int]:
     """Every partition of ``topic`` the answer should cover.
 
-    The union of what the run's watermark, the workers' status files and the
-    configured partition count know about.
+    The partitions the run's watermark (ingest records every partition of a
+    topic) and the workers' status files know about; the configured partition
+    count only when neither knows any (no run yet, no worker ever started).
     """
-    parts = set(range(settings.partitions)) | set(watermark.get(topic, {}))
+    parts = set(watermark.get(topic, {}))
     for st in statuses:
         parts |= {int(p) for p in (st.get("offsets") or {}).get(topic, {})}
-    return sorted(parts)
+    return sorted(parts or range(settings.partitions))
 
 
 class SpeedClient:
