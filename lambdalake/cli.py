@@ -69,7 +69,14 @@ def _run(fn: Callable[[], T]) -> T:
 
     try:
         return fn()
-    except (UserError, BrokerError, TimeoutError, FileNotFoundError, ValueError) as exc:
+    except (
+        UserError,
+        BrokerError,
+        TimeoutError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+    ) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", 130)

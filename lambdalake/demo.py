@@ -1,0 +1,401 @@
+"""``lambdalake demo``: the whole system live on one machine, started and stopped by one command.
+
+Stages (a line each): broker -> history -> ingest -> batch -> speed worker, API, live
+events and continuous ingest as child processes -> wait until ready -> print what to open.
+Ctrl-C (or SIGTERM) stops every process the demo started.
+
+State lives under ``LAMBDALAKE_HOME`` (default ``./.lambdalake``): the lake (unless
+``LAMBDALAKE_LAKE_URI``/``--lake`` says otherwise), the speed state and the logs of every
+child process (``logs/<name>.log``).
+
+The embedded broker keeps topics in memory only, so a second ``make demo`` starts with empty
+topics while the lake still holds the history. Rather than regenerating it, the demo replays
+the master and quarantine tables into the new broker partition by partition in offset order:
+every message gets back its original offset, so the lake's ingest positions, the batch
+watermark and the new broker agree again (checked before going on; if they cannot agree the
+demo starts over with a fresh lake). The speed layer's state is derived and rebuilt each time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+from lambdalake.logs import get_logger
+from lambdalake.settings import TOPICS, Settings
+
+log = get_logger("demo")
+
+SEED = 42
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+class Children:
+    """The child processes the demo started; ``stop_all`` ends them (TERM, then KILL)."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.items: list[Child] = []
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            **os.environ,
+            "LAMBDALAKE_KAFKA_BOOTSTRAP": s.bootstrap,
+            "LAMBDALAKE_LAKE_URI": s.lake_uri,
+            "LAMBDALAKE_HOME": str(s.home),
+            "LAMBDALAKE_SPEED_DIR": str(s.speed_state_dir),
+            "PYSPARK_PYTHON": sys.executable,
+        }
+
+    def start(self, name: str, *args: str) -> Child:
+        path = self.log_dir / f"{name}.log"
+        with open(path, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lambdalake.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                start_new_session=True,  # Ctrl-C reaches the demo, which stops children in order
+            )
+        child = Child(name, proc, path)
+        self.items.append(child)
+        log.info("demo.started", process=name, pid=proc.pid, log=str(path))
+        return child
+
+    def run(self, name: str, *args: str, timeout: float | None = None) -> str:
+        """Run a command to completion, its stderr (progress) shown; returns its stdout."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "lambdalake.cli", *args],
+            stdout=subprocess.PIPE,
+            env=self.env(),
+            timeout=timeout,
+            check=False,
+        )
+        out = proc.stdout.decode(errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"`lambdalake {' '.join(args)}` failed with code {proc.returncode}")
+        return out
+
+    def dead(self) -> Child | None:
+        return next((c for c in self.items if c.process.poll() is not None), None)
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        for c in reversed(self.items):
+            if c.process.poll() is None:
+                c.process.terminate()
+        deadline = time.monotonic() + timeout
+        for c in reversed(self.items):
+            try:
+                c.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.process.kill()
+                c.process.wait()
+            log.info("demo.stopped", process=c.name, code=c.process.returncode)
+
+
+def _demo_settings(settings: Settings) -> Settings:
+    home = settings.home.resolve()
+    update: dict[str, Any] = {"home": home}
+    if "lake_uri" not in settings.model_fields_set:
+        update["lake_uri"] = str(home / "lake")
+    if settings.speed_dir is None:
+        update["speed_dir"] = home / "speed"
+    return settings.model_copy(update=update)
+
+
+def _master_positions(settings: Settings) -> dict[str, dict[int, int]]:
+    from lambdalake.lake import Lake
+    from lambdalake.manifest import ingest_positions
+
+    lake = Lake(settings.lake_uri)
+    return {t: ingest_positions(lake.master(t), t) for t in TOPICS}
+
+
+def _event_json(topic: str, row: dict[str, Any]) -> bytes:
+    import orjson
+
+    from lambdalake.contracts import FIELDS_BY_TOPIC
+
+    event: dict[str, Any] = {}
+    for f in FIELDS_BY_TOPIC[topic]:
+        v = row[f.name]
+        if v is None:
+            continue
+        if f.name == "event_time":
+            v = v.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        event[f.name] = v
+    return orjson.dumps(event)
+
+
+def replay_lake(settings: Settings) -> int:
+    """Produce the lake's master and quarantine rows back into (empty) topics, in offset order
+    per partition, so every message regains its offset. Returns the messages sent; raises
+    ``RuntimeError`` if the lake's offsets are not contiguous (then the offsets cannot match)."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+    from kafka import KafkaProducer, TopicPartition
+
+    from lambdalake.kafka import end_offsets
+    from lambdalake.lake import QUARANTINE, Lake
+
+    lake = Lake(settings.lake_uri)
+    positions = _master_positions(settings)
+    quarantine = None
+    if DeltaTable.is_deltatable(lake.table(QUARANTINE)):
+        quarantine = DeltaTable(lake.table(QUARANTINE)).to_pyarrow_table(
+            columns=["_topic", "_partition", "_offset", "raw"]
+        )
+    producer = KafkaProducer(
+        bootstrap_servers=settings.bootstrap,
+        batch_size=1 << 20,
+        linger_ms=30,
+        max_request_size=max(1 << 20, 2 * settings.max_event_bytes),
+    )
+    sent = 0
+    try:
+        for topic in TOPICS:
+            if not positions[topic]:
+                continue
+            master = DeltaTable(lake.master(topic)).to_pyarrow_table()
+            for partition, end in sorted(positions[topic].items()):
+                rows = master.filter(pc.equal(master["_partition"], partition))
+                by_offset: dict[int, tuple[bytes | None, bytes | None]] = {}
+                for row in rows.to_pylist():
+                    by_offset[row["_offset"]] = (row["sku"].encode(), _event_json(topic, row))
+                if quarantine is not None:
+                    mask = pc.and_(
+                        pc.equal(quarantine["_topic"], topic),
+                        pc.equal(quarantine["_partition"], partition),
+                    )
+                    for q in quarantine.filter(mask).to_pylist():
+                        by_offset[q["_offset"]] = (None, q["raw"])
+                if sorted(by_offset) != list(range(end)):
+                    raise RuntimeError(
+                        f"{topic}/{partition}: the lake's offsets are not 0..{end - 1}; "
+                        "cannot restore them into a new broker"
+                    )
+                for offset in range(end):
+                    key, value = by_offset[offset]
+                    producer.send(topic, key=key, value=value, partition=partition)
+                sent += end
+            log.info("demo.replay", topic=topic, messages=sum(positions[topic].values()))
+        producer.flush()
+    finally:
+        producer.close()
+    tps = [TopicPartition(t, p) for t in TOPICS for p in positions[t]]
+    ends = end_offsets(settings.bootstrap, tps)
+    for tp, end in ends.items():
+        if end != positions[tp.topic][tp.partition]:
+            raise RuntimeError(
+                f"replay left {tp.topic}/{tp.partition} at {end}, lake says "
+                f"{positions[tp.topic][tp.partition]}"
+            )
+    return sent
+
+
+def _history_marker(settings: Settings) -> Path:
+    return settings.home / "demo-history.json"
+
+
+def _prepare_history(
+    settings: Settings, children: Children, *, days: int, skus: int, stores: int, fresh_broker: bool
+) -> None:
+    marker = _history_marker(settings)
+    wanted = {"days": days, "skus": skus, "stores": stores, "seed": SEED}
+    have = json.loads(marker.read_text()) if marker.exists() else None
+    positions = _master_positions(settings)
+    if have == wanted and any(positions.values()):
+        if not fresh_broker:
+            log.info("demo.history.reused", lake=settings.lake_uri, note="broker kept its topics")
+            return
+        try:
+            t0 = time.monotonic()
+            n = replay_lake(settings)
+            log.info("demo.history.replayed", messages=n, seconds=round(time.monotonic() - t0, 1))
+            return
+        except RuntimeError as exc:
+            log.warning("demo.history.replay_failed", reason=str(exc), action="regenerating")
+    # A new history: start from an empty lake (the old one does not match these topics).
+    lake_path = Path(settings.lake_uri)
+    if lake_path.exists() and "://" not in settings.lake_uri:
+        shutil.rmtree(lake_path)
+    marker.unlink(missing_ok=True)
+    log.info("demo.history.generate", days=days, skus=skus, stores=stores)
+    children.run(
+        "generate",
+        "generate",
+        "history",
+        "--days",
+        str(days),
+        "--skus",
+        str(skus),
+        "--stores",
+        str(stores),
+        "--seed",
+        str(SEED),
+        "--late-fraction",
+        "0.01",
+        "--duplicate-fraction",
+        "0.01",
+        "--bad-fraction",
+        "0.001",
+    )
+    marker.write_text(json.dumps(wanted))
+
+
+def _latest_run_matches_lake(settings: Settings) -> bool:
+    from lambdalake.lake import RUNS, Lake
+    from lambdalake.manifest import latest_published_run
+
+    run = latest_published_run(Lake(settings.lake_uri).table(RUNS))
+    return run is not None and run.watermark == _master_positions(settings)
+
+
+def _wait_ready(settings: Settings, children: Children, stop: threading.Event) -> bool:
+    """Until the API answers with a published run and the speed lag is near zero."""
+    import httpx
+
+    url = f"http://{settings.api_host}:{settings.api_port}/v1/status"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        dead = children.dead()
+        if dead:
+            raise RuntimeError(f"{dead.name} exited early; see {dead.log_path}")
+        try:
+            status = httpx.get(url, timeout=2).json()
+            workers = status["speed"]["workers"]
+            lag = sum(
+                int(n) for w in workers for ps in (w.get("lag") or {}).values() for n in ps.values()
+            )
+            if status["batch"]["run_id"] and workers and lag < 5_000:
+                return True
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        stop.wait(1.0)
+    return False
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    days: int,
+    skus: int,
+    stores: int,
+    rate: float,
+    stop: threading.Event,
+) -> None:
+    """Start everything, print what to open, and keep running until ``stop`` is set."""
+    from lambdalake.broker import EmbeddedBroker, free_port
+    from lambdalake.kafka import wait_for_broker
+
+    settings = _demo_settings(settings)
+    log_dir = settings.home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    broker = None
+    children = Children(settings, log_dir)
+    try:
+        if settings.kafka_bootstrap is None:
+            broker = EmbeddedBroker.start(
+                settings.broker_host,
+                settings.broker_port,
+                partitions=settings.partitions,
+                log_dir=log_dir,
+            )
+        else:
+            wait_for_broker(settings.bootstrap, timeout=settings.broker_wait_seconds)
+        log.info("demo.stage", stage="broker", bootstrap=settings.bootstrap)
+
+        _prepare_history(
+            settings, children, days=days, skus=skus, stores=stores, fresh_broker=broker is not None
+        )
+        log.info("demo.stage", stage="history", seconds=round(time.monotonic() - started, 1))
+        summary = children.run("ingest", "ingest", "--until-end").strip().splitlines()
+        log.info("demo.stage", stage="ingest", summary=summary[-1] if summary else "")
+        if _latest_run_matches_lake(settings):
+            log.info("demo.stage", stage="batch", note="the published run already covers the lake")
+        else:
+            run_id = children.run("batch", "batch", "run").strip().splitlines()[-1]
+            log.info("demo.stage", stage="batch", run_id=run_id)
+
+        # The speed layer's state is derived: rebuild it from the watermark every time.
+        shutil.rmtree(settings.speed_state_dir, ignore_errors=True)
+        query_port = free_port()
+        children.start("speed", "speed", "run", "--worker", "0/1", "--query-port", str(query_port))
+        children.start("ingest-continuous", "ingest")
+        children.start(
+            "api", "serve", "--host", settings.api_host, "--port", str(settings.api_port)
+        )
+        if rate > 0:
+            children.start(
+                "live",
+                "generate",
+                "live",
+                "--rate",
+                str(rate),
+                "--skus",
+                str(skus),
+                "--stores",
+                str(stores),
+                "--seed",
+                str(SEED),
+                "--late-fraction",
+                "0.01",
+                "--duplicate-fraction",
+                "0.01",
+                "--bad-fraction",
+                "0.001",
+            )
+        if not _wait_ready(settings, children, stop):
+            if stop.is_set():
+                return
+            raise RuntimeError(f"not ready within {READY_TIMEOUT_S:.0f} s; logs in {log_dir}")
+        api = f"http://{settings.api_host}:{settings.api_port}"
+        lake_flag = f"--lake {settings.lake_uri}"
+        print(
+            "\n".join(
+                [
+                    "",
+                    f"lambdalake demo is ready ({time.monotonic() - started:.0f} s)",
+                    f"  dashboard     {api}/dashboard",
+                    f"  API docs      {api}/docs",
+                    f"  status        {api}/v1/status   or   .venv/bin/lambdalake status {lake_flag}",
+                    f"  Airflow UI    .venv/bin/lambdalake airflow --bootstrap {settings.bootstrap} "
+                    f"{lake_flag}",
+                    f"  Kafka         {settings.bootstrap}   logs: {log_dir}",
+                    "Ctrl-C stops everything.",
+                    "",
+                ]
+            ),
+            flush=True,
+        )
+        while not stop.is_set():
+            dead = children.dead()
+            if dead:
+                raise RuntimeError(
+                    f"{dead.name} exited with code {dead.process.returncode}; see {dead.log_path}"
+                )
+            stop.wait(1.0)
+    finally:
+        children.stop_all()
+        if broker is not None:
+            broker.stop()
+        log.info("demo.stopped_all")
