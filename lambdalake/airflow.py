@@ -787,6 +787,19 @@ def _helper_app() -> Any:
     bootstrap_opt = typer.Option(None, "--bootstrap", help="Kafka HOST:PORT.")
     lake_opt = typer.Option(None, "--lake", help="Lake root URI.")
 
+    @app.command("env")
+    def env_cmd(
+        port: int = typer.Option(8080, "--port", help="Port of the Airflow API server."),
+        bootstrap: str | None = bootstrap_opt,
+        lake: str | None = lake_opt,
+    ) -> None:
+        """Print `export` lines of the Airflow environment: eval "$(python -m ... env)"."""
+        env = airflow_env(settings_of(bootstrap, lake), port=port, base={})
+        env.pop("PATH", None)
+        for key, value in sorted(env.items()):
+            typer.echo(f"export {key}={shlex.quote(value)}")
+        typer.echo(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"')
+
     @app.command("dq-check")
     def dq_check_cmd(
         run_id: str = run_id_opt, bootstrap: str | None = bootstrap_opt, lake: str | None = lake_opt

@@ -185,7 +185,7 @@ def test_every_lambdalake_call_in_the_dags_is_a_real_command_with_real_flags(
 
 
 def test_helper_steps_the_dags_run_exist(parsed: dict) -> None:
-    for step in ("dq-check", "publish", "expire-quarantine"):
+    for step in ("env", "dq-check", "publish", "expire-quarantine"):
         proc = subprocess.run(
             [sys.executable, "-m", "lambdalake.airflow", step, "--help"],
             capture_output=True,
