@@ -58,6 +58,9 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.hadoop.parquet.enable.summary-metadata": "false",
         "spark.sql.parquet.compression.codec": "snappy",
         "spark.driver.extraJavaOptions": "-Dderby.system.home=/tmp -Dlog4j2.level=WARN",
+        # Python workers fork from a daemon that has imported statsforecast, scikit-learn and
+        # VADER once: a worker respawned after an idle minute then starts in ms, not seconds.
+        "spark.python.daemon.module": "batch.worker_daemon",
     }
     if cores:
         # The default of 200 shuffle partitions is tuned for clusters; locally it only adds

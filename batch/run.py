@@ -1,0 +1,334 @@
+"""One batch run: pin the master snapshot, recompute every view, train the models, publish.
+
+``run_batch(settings)`` is what ``lambdalake batch run`` (and the Airflow DAG)
+calls. Stages, each logged with its counts and seconds:
+
+``pin``              current version, files and ingest positions of each master table
+``read``             read exactly those files, deduplicate (lowest offset wins)
+``daily_sales``      ``lambdalake.views.SALES`` per day, store and SKU
+``sentiment_train``  the sentiment model from star ratings (or the lexicon), saved
+``review_scores``    every review scored in Spark with the broadcast model
+``sentiment_by_sku`` ``lambdalake.views.SENTIMENT`` over the scores
+``forecast``         per-series model choice, 28-day forecasts and backtest accuracy
+``publish``          the ``published`` row in ``runs``
+
+Each view is committed to Delta as soon as it is computed, but readers serve
+only the views listed by the latest *published* run, so a failure anywhere
+leaves the previous run served; the failure is recorded as a ``failed`` row and
+raised. A rerun starts clean under a new run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+import traceback
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any
+
+from batch.forecast import ACCURACY_COLUMNS, FORECAST_COLUMNS, ForecastConfig, spark_forecast
+from batch.progress import Stages, spark_progress
+from batch.publish import RunIdentity, append_run, write_view
+from batch.sentiment_train import TrainConfig, train_sentiment
+from batch.snapshot import deduplicate, pin_snapshot, read_pinned
+from lambdalake.lake import (
+    MASTER_TABLE_BY_TOPIC,
+    VIEW_DAILY_SALES,
+    VIEW_DEMAND_FORECAST,
+    VIEW_FORECAST_ACCURACY,
+    VIEW_REVIEW_SCORES,
+    VIEW_SENTIMENT_BY_SKU,
+    Lake,
+)
+from lambdalake.logs import get_logger
+from lambdalake.manifest import RunRecord
+from lambdalake.sentiment import SentimentModel
+from lambdalake.settings import Settings
+from lambdalake.views import SALES, SENTIMENT
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = get_logger("batch")
+
+STAGES = (
+    "pin",
+    "read",
+    "daily_sales",
+    "sentiment_train",
+    "review_scores",
+    "sentiment_by_sku",
+    "forecast",
+    "publish",
+)
+SERIES_PER_BUCKET = 50
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``fail_after_stage`` test hook."""
+
+
+def _check_injection(stage: str, fail_after_stage: str | None) -> None:
+    if fail_after_stage == stage:
+        raise InjectedFailure(f"injected failure after stage {stage!r}")
+
+
+def _temp_name(what: str, run_id: str) -> str:
+    return f"lambdalake_{what}_" + re.sub(r"\W", "_", run_id)
+
+
+def daily_sales_frame(spark: SparkSession, orders: DataFrame, run_id: str) -> DataFrame:
+    """The ``views/daily_sales`` rows from deduplicated orders (the shared SALES definition)."""
+    from pyspark.sql import functions as F
+
+    name = _temp_name("orders", run_id)
+    orders.createOrReplaceTempView(name)
+    df = spark.sql(SALES.aggregate_sql(name, granularity="day"))
+    return df.withColumnRenamed("period", "date").withColumn("run_id", F.lit(run_id))
+
+
+def sentiment_by_sku_frame(spark: SparkSession, scores: DataFrame, run_id: str) -> DataFrame:
+    """``views/sentiment_by_sku`` from scored reviews (the shared SENTIMENT definition)."""
+    from pyspark.sql import functions as F
+
+    name = _temp_name("scores", run_id)
+    scores.createOrReplaceTempView(name)
+    partials = SENTIMENT.aggregate_sql(name, granularity=None)
+    derived = ", ".join(d.sql() for d in SENTIMENT.derived)
+    return spark.sql(f"SELECT *, {derived} FROM ({partials})").withColumn("run_id", F.lit(run_id))
+
+
+SCORES_SCHEMA = (
+    "review_id string, sku string, event_time timestamp, rating int, sentiment double, "
+    "label string, model_version string"
+)
+
+
+def score_reviews(spark: SparkSession, reviews: DataFrame, model: SentimentModel) -> DataFrame:
+    """Score every review in Spark with ``model`` (broadcast), as ``SentimentModel.score`` does."""
+    import pandas as pd
+
+    bc = spark.sparkContext.broadcast(model)
+
+    def score(batches: Any) -> Any:
+        m = bc.value
+        for pdf in batches:
+            titles = [None if t is None or t != t else t for t in pdf["title"].tolist()]
+            sentiment, label = m.score(pdf["text"].tolist(), titles)
+            yield pd.DataFrame(
+                {
+                    "review_id": pdf["review_id"],
+                    "sku": pdf["sku"],
+                    "event_time": pdf["event_time"],
+                    "rating": pdf["rating"].astype("int32"),
+                    "sentiment": sentiment,
+                    "label": label.astype(object),
+                    "model_version": m.version,
+                }
+            )
+
+    cols = ["review_id", "sku", "event_time", "rating", "title", "text"]
+    return reviews.select(*cols).mapInPandas(score, schema=SCORES_SCHEMA)
+
+
+def _training_sample(reviews: DataFrame, n_reviews: int, cap: int) -> Any:
+    from pyspark.sql import functions as F
+
+    df = reviews.select("review_id", "text", "title", "rating")
+    if n_reviews > cap:
+        # A deterministic sample: the same snapshot always trains on the same reviews.
+        df = df.orderBy(F.xxhash64("review_id")).limit(cap)
+    pdf = df.toPandas().sort_values("review_id").reset_index(drop=True)
+    return pdf[["text", "title", "rating"]]
+
+
+def run_batch(
+    settings: Settings,
+    spark: SparkSession | None = None,
+    *,
+    forecast_config: ForecastConfig | None = None,
+    train_config: TrainConfig | None = None,
+    fail_after_stage: str | None = None,
+) -> str:
+    """Run one batch over the current master snapshot and publish it; returns the run id.
+
+    ``spark``: an existing session to use (one is created, and stopped, otherwise).
+    ``fail_after_stage``: test hook, raise after the named stage (see ``STAGES``).
+    Raises on any failure, after recording the run as ``failed``.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from batch.spark import get_spark
+
+    if fail_after_stage is not None and fail_after_stage not in STAGES:
+        raise ValueError(f"fail_after_stage must be one of {STAGES}, not {fail_after_stage!r}")
+    lake = Lake(settings.lake_uri)
+    fcfg = forecast_config or ForecastConfig()
+    tcfg = train_config or TrainConfig()
+    run = RunIdentity.new()
+    record = RunRecord(run_id=run.run_id, status="running", started_at=run.started_at)
+    stages = Stages(log, run.run_id)
+    own_spark = spark is None
+    session = spark or get_spark(settings)
+    cached: list[DataFrame] = []
+    t_start = time.perf_counter()
+    log.info("batch.start", run_id=run.run_id, lake=settings.lake_uri, master=settings.spark_master)
+
+    def persist(df: DataFrame) -> DataFrame:
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(df)
+        return df
+
+    try:
+        with stages.stage("pin") as info:
+            snapshot = pin_snapshot(lake)
+            record.master_versions = snapshot.master_versions
+            record.watermark = snapshot.watermark
+            for topic, pin in snapshot.pins.items():
+                info[f"{topic}_version"] = -1 if pin.version is None else pin.version
+                info[f"{topic}_files"] = len(pin.files)
+                if pin.version is None:
+                    record.notes.append(f"{MASTER_TABLE_BY_TOPIC[topic]} absent: no events yet")
+        append_run(lake, record)
+        _check_injection("pin", fail_after_stage)
+
+        with stages.stage("read") as info:
+            orders = persist(deduplicate(read_pinned(session, snapshot.pins["orders"]), "orders"))
+            reviews = persist(
+                deduplicate(read_pinned(session, snapshot.pins["reviews"]), "reviews")
+            )
+            info["orders"] = orders.count()
+            info["reviews"] = reviews.count()
+        record.row_counts.update({"orders": info["orders"], "reviews": info["reviews"]})
+        _check_injection("read", fail_after_stage)
+
+        with stages.stage("daily_sales") as info:
+            daily = persist(daily_sales_frame(session, orders, run.run_id))
+            version, rows = write_view(daily, lake, VIEW_DAILY_SALES, run)
+            record.view_versions[VIEW_DAILY_SALES] = version
+            record.row_counts[VIEW_DAILY_SALES] = info["rows"] = rows
+        _check_injection("daily_sales", fail_after_stage)
+
+        with stages.stage("sentiment_train") as info:
+            sample = _training_sample(reviews, record.row_counts["reviews"], tcfg.max_train_reviews)
+            outcome = train_sentiment(sample, tcfg)
+            model = outcome.model
+            model.save(lake)
+            record.model_versions["sentiment"] = model.version
+            if outcome.note:
+                record.notes.append(outcome.note)
+            info["labelled"] = len(sample)
+            info["model"] = model.version
+            trained = outcome.metrics.get("trained")
+            if isinstance(trained, dict):
+                info["macro_f1"] = round(float(trained["macro_f1"]), 4)
+        _check_injection("sentiment_train", fail_after_stage)
+
+        with stages.stage("review_scores") as info:
+            scores = persist(score_reviews(session, reviews, model))
+            version, rows = write_view(
+                scores.withColumn("run_id", F.lit(run.run_id)), lake, VIEW_REVIEW_SCORES, run
+            )
+            record.view_versions[VIEW_REVIEW_SCORES] = version
+            record.row_counts[VIEW_REVIEW_SCORES] = info["rows"] = rows
+        _check_injection("review_scores", fail_after_stage)
+
+        with stages.stage("sentiment_by_sku") as info:
+            by_sku = sentiment_by_sku_frame(session, scores, run.run_id)
+            version, rows = write_view(by_sku, lake, VIEW_SENTIMENT_BY_SKU, run, files=1)
+            record.view_versions[VIEW_SENTIMENT_BY_SKU] = version
+            record.row_counts[VIEW_SENTIMENT_BY_SKU] = info["rows"] = rows
+        _check_injection("sentiment_by_sku", fail_after_stage)
+
+        with stages.stage("forecast") as info:
+            last = daily.agg(F.max("date").alias("d")).collect()[0]["d"]
+            n_series = daily.select("sku", "store_id").distinct().count() if last else 0
+            info["series"] = n_series
+            parallelism = session.sparkContext.defaultParallelism
+            buckets = max(
+                1, min(n_series, max(2 * parallelism, math.ceil(n_series / SERIES_PER_BUCKET)))
+            )
+            if last is None:
+                last = date(1970, 1, 1)
+            result = persist(spark_forecast(daily, last, fcfg, buckets=buckets))
+            t0 = time.perf_counter()
+            with spark_progress(session, f"forecast-{run.run_id}", "forecast", log, unit="task"):
+                result.count()
+            fit_seconds = time.perf_counter() - t0
+            info["series_per_second"] = int(n_series / fit_seconds) if fit_seconds > 0 else 0
+            run_col = F.lit(run.run_id)
+            fc = (
+                result.where("kind = 'forecast'")
+                .select(*FORECAST_COLUMNS)
+                .withColumn("run_id", run_col)
+            )
+            acc = (
+                result.where("kind = 'accuracy'")
+                .select(*ACCURACY_COLUMNS)
+                .withColumn("run_id", run_col)
+            )
+            files = max(1, parallelism)
+            version, rows = write_view(fc, lake, VIEW_DEMAND_FORECAST, run, files=files)
+            record.view_versions[VIEW_DEMAND_FORECAST] = version
+            record.row_counts[VIEW_DEMAND_FORECAST] = info["rows"] = rows
+            version, rows = write_view(acc, lake, VIEW_FORECAST_ACCURACY, run, files=1)
+            record.view_versions[VIEW_FORECAST_ACCURACY] = version
+            record.row_counts[VIEW_FORECAST_ACCURACY] = rows
+            record.model_versions["forecast"] = _forecast_version(fcfg)
+        _check_injection("forecast", fail_after_stage)
+
+        with stages.stage("publish"):
+            record.stage_seconds = dict(stages.seconds)
+            record.stage_seconds["total"] = round(time.perf_counter() - t_start, 3)
+            record.status = "published"
+            record.published_at = datetime.now(UTC)
+            append_run(lake, record)
+        _check_injection("publish", fail_after_stage)
+        log.info(
+            "batch.published",
+            run_id=run.run_id,
+            seconds=round(time.perf_counter() - t_start, 3),
+            views=record.view_versions,
+        )
+        return run.run_id
+    except BaseException as exc:
+        _record_failure(lake, record, stages, exc, t_start)
+        raise
+    finally:
+        for df in cached:
+            with contextlib.suppress(Exception):  # the session may already be gone
+                df.unpersist()
+        if own_spark:
+            session.stop()
+
+
+def _forecast_version(cfg: ForecastConfig) -> str:
+    import statsforecast
+
+    return (
+        f"statsforecast-{statsforecast.__version__}/train{cfg.train_days}d"
+        f"/bt{cfg.backtest_windows}x{cfg.backtest_horizon}d"
+    )
+
+
+def _record_failure(
+    lake: Lake, record: RunRecord, stages: Stages, exc: BaseException, t_start: float
+) -> None:
+    record.status = "failed"
+    record.published_at = None
+    record.stage_seconds = dict(stages.seconds)
+    record.stage_seconds["total"] = round(time.perf_counter() - t_start, 3)
+    record.error = f"{type(exc).__name__}: {exc}"[:2000]
+    log.error(
+        "batch.failed",
+        run_id=record.run_id,
+        error=record.error,
+        trace=traceback.format_exc(limit=5)[-2000:],
+    )
+    try:
+        append_run(lake, record)
+    except Exception as write_error:  # the original failure matters more
+        log.error("batch.failed_record_not_written", run_id=record.run_id, error=str(write_error))

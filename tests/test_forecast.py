@@ -1,0 +1,199 @@
+"""Demand forecasting on series of known structure (pure pandas + statsforecast, and Spark)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batch.forecast import (
+    INTERMITTENT_MODELS,
+    MODEL_MEAN,
+    MODEL_SN,
+    ForecastConfig,
+    build_series,
+    forecast_series,
+    order_bounds,
+    spark_forecast,
+)
+
+LAST = date(2026, 6, 30)
+HORIZON = 28
+
+
+def _frame(values: dict[tuple[str, str], np.ndarray], last: date) -> pd.DataFrame:
+    rows = []
+    for (sku, store), y in values.items():
+        start = last - timedelta(days=len(y) - 1)
+        dates = [start + timedelta(days=i) for i in range(len(y))]
+        rows.append(pd.DataFrame({"sku": sku, "store_id": store, "date": dates, "units": y}))
+    out = pd.concat(rows, ignore_index=True)
+    return out[out["units"] != 0].reset_index(drop=True)  # days without sales have no row
+
+
+def _trend_seasonal(rng: np.random.Generator, n: int, base: float) -> np.ndarray:
+    t = np.arange(n)
+    weekly = np.array([0.6, 0.8, 1.0, 1.0, 1.2, 1.6, 1.4])
+    mean = (base + 0.05 * t) * weekly[t % 7]
+    return rng.poisson(mean).astype(np.int64)
+
+
+def _intermittent(rng: np.random.Generator, n: int) -> np.ndarray:
+    return (rng.random(n) < 0.12) * (1 + rng.poisson(1.5, n))
+
+
+@pytest.fixture(scope="module")
+def structured():
+    """12 trend + weekly-season series and 8 intermittent ones, 300 days each (+28 held out)."""
+    rng = np.random.default_rng(20260630)
+    n = 300 + HORIZON
+    values: dict[tuple[str, str], np.ndarray] = {}
+    for i in range(12):
+        values[(f"T{i:02d}", "S1")] = _trend_seasonal(rng, n, base=8 + 2 * i)
+    for i in range(8):
+        y = _intermittent(rng, n)
+        y[0] = 1  # every series starts with a sale
+        values[(f"I{i:02d}", "S1")] = y
+    cut = LAST - timedelta(days=HORIZON)
+    train = {k: v[:-HORIZON] for k, v in values.items()}
+    held = {k: v[-HORIZON:] for k, v in values.items()}
+    result = forecast_series(_frame(train, cut), cut)
+    return result, held, cut
+
+
+def test_trend_seasonal_series_choose_a_model_that_beats_seasonal_naive(structured):
+    result, _, _ = structured
+    cand = result.candidates
+    chosen = result.accuracy.set_index("sku")
+    for sku in [f"T{i:02d}" for i in range(12)]:
+        mine = cand[cand["sku"] == sku].set_index("model")
+        model = chosen.loc[sku, "model"]
+        assert model != MODEL_SN, f"{sku}: seasonal naive chosen over smoothing models"
+        assert mine.loc[model, "mase"] < mine.loc[MODEL_SN, "mase"]
+        assert chosen.loc[sku, "mase"] == pytest.approx(mine.loc[model, "mase"])
+        assert chosen.loc[sku, "n_train_days"] == ForecastConfig().train_days
+
+
+def test_intermittent_series_use_intermittent_methods_that_beat_seasonal_naive(structured):
+    """Sparse series are chosen by RMSSE: on mostly-zero days MAE rewards forecasting 0."""
+    result, _, _ = structured
+    cand = result.candidates
+    chosen = result.accuracy.set_index("sku")
+    for sku in [f"I{i:02d}" for i in range(8)]:
+        mine = cand[cand["sku"] == sku].set_index("model")
+        assert set(mine.index) == set(INTERMITTENT_MODELS)
+        model = chosen.loc[sku, "model"]
+        assert model in INTERMITTENT_MODELS[1:]
+        assert mine.loc[model, "rmsse"] < mine.loc[MODEL_SN, "rmsse"]
+
+
+def test_forecasts_cover_the_next_28_days_with_ordered_non_negative_bounds(structured):
+    result, _, cut = structured
+    fc = result.forecasts
+    assert len(result.accuracy) == 20
+    assert fc.groupby(["sku", "store_id"]).size().eq(HORIZON).all()
+    expected = {cut + timedelta(days=i) for i in range(1, HORIZON + 1)}
+    assert set(fc["date"]) == expected
+    assert (fc["lower_95"] >= 0).all()
+    assert (fc["lower_95"] <= fc["lower_80"]).all()
+    assert (fc["lower_80"] <= fc["forecast"]).all()
+    assert (fc["forecast"] <= fc["upper_80"]).all()
+    assert (fc["upper_80"] <= fc["upper_95"]).all()
+    assert np.isfinite(fc[["forecast", "lower_80", "upper_80", "lower_95", "upper_95"]]).all().all()
+
+
+def test_interval_coverage_on_held_out_days_is_near_nominal(structured):
+    result, held, _cut = structured
+    fc = result.forecasts.sort_values(["sku", "date"])
+    hits80, hits95 = [], []
+    for (sku, store), actual in held.items():
+        mine = fc[(fc["sku"] == sku) & (fc["store_id"] == store)]
+        hits80 += list((actual >= mine["lower_80"]) & (actual <= mine["upper_80"]))
+        hits95 += list((actual >= mine["lower_95"]) & (actual <= mine["upper_95"]))
+    cov80, cov95 = float(np.mean(hits80)), float(np.mean(hits95))
+    assert 0.65 <= cov80 <= 0.97, cov80
+    assert cov95 >= 0.85, cov95
+    assert cov95 >= cov80
+    # The backtest's own coverage estimates are in the same range.
+    acc = result.accuracy
+    assert 0.6 <= acc["coverage_80"].mean() <= 0.97
+
+
+def test_point_forecasts_track_the_held_out_level(structured):
+    result, held, _ = structured
+    fc = result.forecasts
+    for i in range(12):
+        sku = f"T{i:02d}"
+        predicted = fc[fc["sku"] == sku]["forecast"].sum()
+        actual = held[(sku, "S1")].sum()
+        assert abs(predicted - actual) / actual < 0.25, (sku, predicted, actual)
+
+
+def test_short_and_all_zero_series_fall_back_to_the_mean():
+    short = np.array([3, 0, 5, 4, 0, 2, 6, 3, 1, 4], dtype=np.int64)
+    values = {("NEW", "S1"): short}
+    df = _frame(values, LAST)
+    # A series whose only sale was long ago and that sold nothing in its training window.
+    old = pd.DataFrame(
+        {"sku": ["GONE"], "store_id": ["S1"], "date": [LAST - timedelta(days=400)], "units": [2]}
+    )
+    result = forecast_series(pd.concat([df, old], ignore_index=True), LAST)
+    acc = result.accuracy.set_index("sku")
+    assert acc.loc["NEW", "model"] == MODEL_MEAN
+    assert np.isnan(acc.loc["NEW", "mase"])
+    assert acc.loc["NEW", "n_train_days"] == len(short)
+    new = result.forecasts[result.forecasts["sku"] == "NEW"]
+    assert new["forecast"].iloc[0] == pytest.approx(short.mean())
+    gone = result.forecasts[result.forecasts["sku"] == "GONE"]
+    assert len(gone) == HORIZON and (gone["upper_95"] == 0).all()
+
+
+def test_build_series_fills_missing_days_with_zero_and_clips_returns():
+    daily = pd.DataFrame(
+        {
+            "sku": ["A", "A", "A", "A"],
+            "store_id": ["S", "S", "S", "S"],
+            "date": [date(2026, 1, 2), date(2026, 1, 2), date(2026, 1, 4), date(2026, 1, 5)],
+            "units": [3, 1, -2, 5],
+        }
+    )
+    s = build_series(daily, date(2026, 1, 7))
+    assert list(s["ds"].dt.date) == [date(2026, 1, d) for d in range(2, 8)]
+    assert list(s["y"]) == [4.0, 0.0, 0.0, 5.0, 0.0, 0.0]
+
+
+def test_order_bounds_repairs_crossed_and_negative_bounds():
+    raw = pd.DataFrame(
+        {
+            "forecast": [-1.0, 5.0],
+            "lower_80": [-3.0, 6.0],
+            "upper_80": [2.0, 4.0],
+            "lower_95": [-4.0, 7.0],
+            "upper_95": [1.0, 3.0],
+        }
+    )
+    out = order_bounds(raw)
+    assert list(out["forecast"]) == [0.0, 5.0]
+    cols = ["lower_95", "lower_80", "forecast", "upper_80", "upper_95"]
+    assert (out[cols].diff(axis=1).iloc[:, 1:] >= 0).all().all()
+    assert (out[cols] >= 0).all().all()
+
+
+def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
+    rng = np.random.default_rng(5)
+    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, 120, base=5 + i) for i in range(6)}
+    values[("Q0", "S0")] = _intermittent(rng, 120) + np.eye(1, 120, 0, dtype=np.int64)[0]
+    df = _frame(values, LAST)
+    expected = forecast_series(df, LAST)
+    sdf = spark.createDataFrame(df)
+    out = spark_forecast(sdf, LAST, buckets=3).toPandas()
+    fc = out[out["kind"] == "forecast"].sort_values(["sku", "store_id", "date"])
+    exp = expected.forecasts.sort_values(["sku", "store_id", "date"])
+    assert len(fc) == len(exp) == 7 * HORIZON
+    np.testing.assert_allclose(fc["forecast"].to_numpy(), exp["forecast"].to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(fc["upper_95"].to_numpy(), exp["upper_95"].to_numpy(), rtol=1e-9)
+    acc = out[out["kind"] == "accuracy"].set_index(["sku", "store_id"]).sort_index()
+    exp_acc = expected.accuracy.set_index(["sku", "store_id"]).sort_index()
+    assert list(acc["model"]) == list(exp_acc["model"])
