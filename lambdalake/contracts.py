@@ -4,6 +4,10 @@ The validator takes a micro-batch of raw Kafka message values and returns the
 valid events as one Arrow table plus the rejected messages, each with a precise
 reason. It sits in every consumer's hot path, so it is vectorised.
 
+>>> v = validate("orders", [b'{"event_id": "e1"}', None], partitions=[0, 0], offsets=[7, 8])
+>>> v.rejected.column("reason").to_pylist()
+['missing_field:event_time', 'bad_json']
+
 Reasons are low-cardinality strings ``kind`` or ``kind:field`` (they are metric
 labels and quarantine groupings):
 
@@ -24,11 +28,65 @@ bad_time        ``event_time`` is a string that is not RFC 3339 with an offset
 
 Fields are checked in the order they are declared below; the first failure is
 the reason. Unknown extra fields are ignored (producers may add fields).
+
+The checks, in order (the first that fails is the reason):
+
+1. ``oversize``: more than ``max_event_bytes`` bytes (a None value has no size).
+2. ``bad_json``: a None value; not UTF-8; not exactly one JSON text per RFC 8259.
+   Strict: no BOM, comments, trailing commas, single quotes, ``NaN``/``Infinity``;
+   escaped lone surrogates (``"\\ud800"``) are not text; nesting deeper than
+   ``MAX_JSON_DEPTH`` (128) arrays/objects is refused. Numbers of any size are JSON:
+   an integer keeps its exact value (so ``quantity: 1e30``-sized integers are
+   ``out_of_range``, not ``wrong_type``); a float beyond the double range reads as
+   infinite (``out_of_range`` for a price).
+   Duplicate names: an object that names one of the topic's fields twice is
+   ``bad_json`` (ambiguous: parsers disagree on which one wins); a duplicated unknown
+   name is ignored like any unknown field.
+3. ``not_object``: valid JSON whose top level is not an object.
+4. Each field in declared order. Absent or ``null``: ``missing_field:<f>`` if
+   required, else its default. Wrong JSON type: ``wrong_type:<f>``. Bad value:
+   ``out_of_range:<f>`` (``bad_time:event_time``, ``oversize:text``).
+
+Field domains. Lengths count Unicode code points (as Python's ``len``):
+
+- ids (``event_id``, ``review_id``, ``store_id``, ``sku``): string, 1..256 chars.
+- ``event_time``: an RFC 3339 string with a mandatory offset,
+  ``YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`` (separator ``T``, ``t`` or a space;
+  ``z`` allowed; offsets up to 23:59), normalised to UTC, digits beyond microseconds
+  truncated; a string of another shape, or an impossible date/time (Feb 30, hour 24,
+  second 60, year 0000, offset minute 60) is ``bad_time``. Or a JSON integer: epoch
+  milliseconds. Any other type is ``wrong_type``. The instant must lie in
+  [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z), else ``out_of_range``.
+- ``quantity``: a JSON integer (not ``5.0``, not a boolean), non-zero, |q| <= 1,000,000.
+- ``unit_price``: a JSON number (integer or float, not a boolean), finite, 0 <= p <= 1e9.
+- ``currency``: optional, default ``"USD"``; a string matching ``^[A-Z]{3}$``, other
+  strings ``out_of_range``, other types ``wrong_type``.
+- ``rating``: a JSON integer 1..5.
+- ``title``: optional string (null allowed), at most 1,000 chars (``out_of_range:title``).
+- ``text``: required string, may be empty; over 20,000 chars is ``oversize:text``.
+- ``customer_id``: optional string (null allowed).
+
+``validate`` is the vectorised validator (DuckDB's JSON functions); ``validate_one_reference``
+is the same contract written plainly in Python, one message at a time, and the tests hold
+the two to agree on every message.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
@@ -66,3 +124,691 @@ FIELDS_BY_TOPIC = {"orders": ORDER_FIELDS, "reviews": REVIEW_FIELDS}
 
 # The idempotency key of each topic's events.
 KEY_BY_TOPIC = {"orders": "event_id", "reviews": "review_id"}
+
+
+# --------------------------------------------------------------------------------------
+# Validation: the result type and schemas
+# --------------------------------------------------------------------------------------
+
+# Nesting deeper than this is not accepted as an event (see the module docstring).
+MAX_JSON_DEPTH = 128
+_MIN_EVENT_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in epoch microseconds
+_MAX_EVENT_US = 4_102_444_800_000_000  # 2100-01-01T00:00:00Z, exclusive
+_US_PER_DAY = 86_400_000_000
+
+VALID_SCHEMA_BY_TOPIC: dict[str, pa.Schema] = {
+    topic: pa.schema(
+        [
+            *fields,
+            pa.field("event_date", pa.date32(), nullable=False),
+            pa.field("_partition", pa.int32(), nullable=False),
+            pa.field("_offset", pa.int64(), nullable=False),
+        ]
+    )
+    for topic, fields in FIELDS_BY_TOPIC.items()
+}
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        pa.field("_partition", pa.int32(), nullable=False),
+        pa.field("_offset", pa.int64(), nullable=False),
+        pa.field("raw", pa.binary(), nullable=True),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Validated:
+    """One validated micro-batch.
+
+    ``valid``: the topic's fields (exact types), then ``event_date`` (UTC date of
+    ``event_time``), ``_partition``, ``_offset``; rows in input order.
+    ``rejected``: ``_partition``, ``_offset``, ``raw`` (the message value, None for a
+    tombstone) and ``reason``; rows in input order.
+    """
+
+    valid: pa.Table
+    rejected: pa.Table
+
+
+# How each field is checked. One table per topic drives both implementations.
+_ID, _TIME, _QUANTITY, _PRICE, _CURRENCY = "id", "time", "quantity", "price", "currency"
+_RATING, _TITLE, _TEXT, _OPTIONAL_STRING = "rating", "title", "text", "optional_string"
+
+_CHECKS_BY_TOPIC: dict[str, list[tuple[str, str]]] = {
+    "orders": [
+        ("event_id", _ID),
+        ("event_time", _TIME),
+        ("store_id", _ID),
+        ("sku", _ID),
+        ("quantity", _QUANTITY),
+        ("unit_price", _PRICE),
+        ("currency", _CURRENCY),
+    ],
+    "reviews": [
+        ("review_id", _ID),
+        ("event_time", _TIME),
+        ("sku", _ID),
+        ("rating", _RATING),
+        ("title", _TITLE),
+        ("text", _TEXT),
+        ("customer_id", _OPTIONAL_STRING),
+    ],
+}
+
+
+def _checks(topic: str) -> list[tuple[str, str]]:
+    try:
+        return _CHECKS_BY_TOPIC[topic]
+    except KeyError:
+        raise ValueError(
+            f"unknown topic {topic!r}; expected one of {sorted(_CHECKS_BY_TOPIC)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# The reference: one message at a time, plain Python. Slow and obviously correct; the
+# property tests hold the vectorised validator to it.
+# --------------------------------------------------------------------------------------
+
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_CURRENCY_CODE = re.compile(r"[A-Z]{3}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+_MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+_MAX_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Object(dict[str, Any]):
+    """A JSON object that remembers which names it saw more than once."""
+
+    duplicates: frozenset[str] = frozenset()
+
+
+def _object_from_pairs(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object()
+    seen_twice = set()
+    for name, value in pairs:
+        if name in obj:
+            seen_twice.add(name)
+        obj[name] = value
+    if seen_twice:
+        obj.duplicates = frozenset(seen_twice)
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_int(literal: str) -> int:
+    # Python refuses int() on more than 4300 digits. JSON forbids leading zeros, so a
+    # literal this long is at least 10**63 in magnitude: far outside every range here.
+    if len(literal) > 64:
+        return -(10**100) if literal.startswith("-") else 10**100
+    return int(literal)
+
+
+_NOT_JSON = object()
+
+
+def _strict_json(value: bytes) -> Any:
+    """The parsed document, or ``_NOT_JSON`` (RFC 8259, UTF-8, the limits above)."""
+    try:
+        doc = json.loads(
+            value.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            object_pairs_hook=_object_from_pairs,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _NOT_JSON
+    # Python accepts escaped lone surrogates ("\ud800"); they are not Unicode text.
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return _NOT_JSON
+        elif isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return _NOT_JSON
+            items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((item, depth + 1) for item in items)
+    return doc
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_time(v: Any) -> datetime:
+    if _is_int(v):
+        try:
+            t = _EPOCH + timedelta(milliseconds=v)
+        except OverflowError:  # beyond what datetime holds: certainly out of range
+            raise _Reject("out_of_range") from None
+    elif isinstance(v, str):
+        m = _RFC3339.fullmatch(v)
+        if m is None:
+            raise _Reject("bad_time")
+        y, mo, d, h, mi, s = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+        micros = int((m.group(7) or "")[:6].ljust(6, "0"))  # truncate beyond microseconds
+        zone = m.group(8)
+        offset = timedelta(0)
+        if zone not in ("Z", "z"):
+            oh, om = int(zone[1:3]), int(zone[4:6])
+            if oh > 23 or om > 59:
+                raise _Reject("bad_time")
+            offset = (1 if zone[0] == "+" else -1) * timedelta(hours=oh, minutes=om)
+        try:
+            local = datetime(y, mo, d, h, mi, s, micros)
+        except ValueError:  # no such day or time (also year 0, second 60)
+            raise _Reject("bad_time") from None
+        try:
+            t = (local - offset).replace(tzinfo=UTC)
+        except OverflowError:  # a real instant, before year 1 or after 9999 in UTC
+            raise _Reject("out_of_range") from None
+    else:
+        raise _Reject("wrong_type")
+    if not _MIN_EVENT_TIME <= t < _MAX_EVENT_TIME:
+        raise _Reject("out_of_range")
+    return t
+
+
+def _check_field(kind: str, v: Any) -> Any:
+    """The normalised value, or raises ``_Reject(kind)``; ``v`` is never None here."""
+    if kind == _ID:
+        if not isinstance(v, str):
+            raise _Reject("wrong_type")
+        if not 1 <= len(v) <= MAX_ID_CHARS:
+            raise _Reject("out_of_range")
+        return v
+    if kind == _TIME:
+        return _check_time(v)
+    if kind in (_QUANTITY, _RATING):
+        if not _is_int(v):
+            raise _Reject("wrong_type")
+        ok = (v != 0 and abs(v) <= MAX_ABS_QUANTITY) if kind == _QUANTITY else 1 <= v <= 5
+        if not ok:
+            raise _Reject("out_of_range")
+        return v
+    if kind == _PRICE:
+        if not (_is_int(v) or isinstance(v, float)):
+            raise _Reject("wrong_type")
+        # An int compares exactly at any size; a float may be inf or nan (from 1e999).
+        if not (0 <= v <= MAX_UNIT_PRICE) or (isinstance(v, float) and not math.isfinite(v)):
+            raise _Reject("out_of_range")
+        return float(v)
+    if kind == _CURRENCY:
+        if not isinstance(v, str):
+            raise _Reject("wrong_type")
+        if _CURRENCY_CODE.fullmatch(v) is None:
+            raise _Reject("out_of_range")
+        return v
+    if kind in (_TITLE, _TEXT, _OPTIONAL_STRING):
+        if not isinstance(v, str):
+            raise _Reject("wrong_type")
+        if kind == _TITLE and len(v) > MAX_TITLE_CHARS:
+            raise _Reject("out_of_range")
+        if kind == _TEXT and len(v) > MAX_TEXT_CHARS:
+            raise _Reject("oversize")
+        return v
+    raise AssertionError(kind)
+
+
+# Fields that may be absent or null, and the value they then take.
+_DEFAULT_FOR_MISSING: dict[str, Any] = {
+    _CURRENCY: DEFAULT_CURRENCY,
+    _TITLE: None,
+    _OPTIONAL_STRING: None,
+}
+
+
+def validate_one_reference(
+    topic: str, value: bytes | None, *, max_event_bytes: int = 256 * 1024
+) -> dict[str, Any] | str:
+    """Validate one message value the slow, obvious way (the specification of ``validate``).
+
+    Returns the normalised event (the topic's fields, ``event_time`` an aware UTC
+    ``datetime``, plus ``event_date``) or the reason string.
+
+    >>> validate_one_reference("orders", b'{"event_id": 1}')
+    'wrong_type:event_id'
+    """
+    checks = _checks(topic)
+    if value is None:
+        return "bad_json"
+    if len(value) > max_event_bytes:
+        return "oversize"
+    doc = _strict_json(value)
+    if doc is _NOT_JSON:
+        return "bad_json"
+    if not isinstance(doc, dict):
+        return "not_object"
+    if isinstance(doc, _Object) and doc.duplicates & {name for name, _ in checks}:
+        return "bad_json"
+    event: dict[str, Any] = {}
+    for name, kind in checks:
+        v = doc.get(name)
+        if v is None:
+            if kind not in _DEFAULT_FOR_MISSING:
+                return f"missing_field:{name}"
+            event[name] = _DEFAULT_FOR_MISSING[kind]
+            continue
+        try:
+            event[name] = _check_field(kind, v)
+        except _Reject as r:
+            return f"{r.reason}:{name}"
+    event["event_date"] = event["event_time"].date()
+    return event
+
+
+# --------------------------------------------------------------------------------------
+# The vectorised validator. DuckDB's JSON functions (yyjson, C++) parse each message
+# once into the topic's fields (as JSON texts); plain SQL expressions then compute every
+# row's first failing reason and its typed values; pyarrow assembles the tables.
+# --------------------------------------------------------------------------------------
+
+# DuckDB reads JSON leniently (a trailing comma; NaN/Inf/Infinity in any case). A row
+# that could contain either, or nest deeper than MAX_JSON_DEPTH, is decided by the
+# reference instead, which is exact. Ordinary producers never send such rows.
+_LENIENT_JSON_PATTERN = r",[ \t\n\r]*[\]}]|(?:^|[:\[,])[ \t\n\r]*-?(?:[iIN]|n[^u])"
+_STRING_KINDS = {_ID, _TIME, _CURRENCY, _TITLE, _TEXT, _OPTIONAL_STRING}
+_INTEGER_KINDS = {_TIME, _QUANTITY, _RATING}
+_NUMBER_KINDS = {_TIME, _QUANTITY, _RATING, _PRICE}
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _field_columns_sql(name: str, kind: str) -> list[str]:
+    """Per-field columns from its JSON text ``e_<f>`` (NULL when absent): ``miss_<f>``
+    (absent or null), ``v_<f>`` (the unescaped value when a string), ``num_<f>``,
+    ``int_<f>`` (a JSON number; one written as an integer, of any size)."""
+    e = f"e_{name}"
+    cols = [f"({e} IS NULL OR {e} = 'null') AS miss_{name}"]
+    if kind in _STRING_KINDS:
+        cols.append(
+            f"CASE WHEN prefix({e}, '\"') THEN json_extract_string({e}, '$') END AS v_{name}"
+        )
+    if kind in _NUMBER_KINDS:
+        # yyjson writes a number back as read when it is an integer (any size), else
+        # with '.', 'e' or as NaN/Infinity; other JSON types start with one of these.
+        cols.append(
+            f"NOT ({e} IS NULL OR prefix({e}, '\"') OR prefix({e}, 't') OR prefix({e}, 'f') "
+            f"OR prefix({e}, 'n') OR prefix({e}, '[') OR prefix({e}, '{{')) AS num_{name}"
+        )
+    if kind in _INTEGER_KINDS:
+        cols.append(
+            f"coalesce(num_{name} AND NOT (contains({e}, '.') OR contains({e}, 'e') "
+            f"OR contains({e}, 'E')), false) AS int_{name}"
+        )
+    return cols
+
+
+def _time_steps_sql(name: str) -> list[list[str]]:
+    """Projection steps that turn ``v_<f>``/``e_<f>`` into ``ts_ok`` (a real date and time
+    of the right shape) and ``ts_us`` (the instant in epoch microseconds)."""
+    v, e = f"v_{name}", f"e_{name}"
+    lo, hi = _MIN_EVENT_US // 1000, _MAX_EVENT_US // 1000 - 1
+    zulu = f"(suffix({v}, 'Z') OR suffix({v}, 'z'))"
+    return [
+        [f"coalesce(regexp_full_match({v}, {_sql_str(_RFC3339.pattern)}), false) AS ts_shape"],
+        [
+            # Positions are fixed by the shape; the offset is 'Z' or '+HH:MM'.
+            f"CASE WHEN ts_shape AND NOT prefix({v}, '0000') "
+            f"THEN TRY_CAST(substr({v}, 1, 10) AS DATE) END AS ts_date",
+            f"CASE WHEN ts_shape THEN CAST(substr({v}, 12, 2) AS BIGINT) END AS ts_h",
+            f"CASE WHEN ts_shape THEN CAST(substr({v}, 15, 2) AS BIGINT) END AS ts_mi",
+            f"CASE WHEN ts_shape THEN CAST(substr({v}, 18, 2) AS BIGINT) END AS ts_s",
+            f"CASE WHEN ts_shape AND NOT {zulu} THEN right({v}, 6) END AS ts_z",
+            f"CASE WHEN ts_shape THEN length({v}) - (CASE WHEN {zulu} THEN 1 ELSE 6 END) - 20 END"
+            " AS ts_frac_len",
+        ],
+        [
+            "CASE WHEN ts_z IS NOT NULL THEN CAST(substr(ts_z, 2, 2) AS BIGINT) ELSE 0 END AS ts_oh",
+            "CASE WHEN ts_z IS NOT NULL THEN CAST(substr(ts_z, 5, 2) AS BIGINT) ELSE 0 END AS ts_om",
+            # Digits beyond microseconds are cut, not rounded.
+            f"CASE WHEN ts_frac_len > 0 THEN CAST(rpad(substr({v}, 21, least(6, ts_frac_len)), 6,"
+            " '0') AS BIGINT) ELSE 0 END AS ts_frac",
+        ],
+        [
+            "coalesce(ts_date IS NOT NULL AND ts_h <= 23 AND ts_mi <= 59 AND ts_s <= 59 "
+            "AND ts_oh <= 23 AND ts_om <= 59, false) AS ts_ok"
+        ],
+        [
+            "CASE WHEN ts_ok THEN ((ts_date - DATE '1970-01-01') * 86400 + ts_h * 3600 "
+            "+ ts_mi * 60 + ts_s - (CASE WHEN prefix(ts_z, '-') THEN -1 ELSE 1 END) "
+            "* (ts_oh * 3600 + ts_om * 60)) * 1000000 + ts_frac "
+            f"WHEN int_{name} AND TRY_CAST({e} AS BIGINT) BETWEEN {lo} AND {hi} "
+            f"THEN TRY_CAST({e} AS BIGINT) * 1000 END AS ts_us",
+        ],
+    ]
+
+
+def _field_reason_value_sql(name: str, kind: str) -> tuple[str, str]:
+    """(reason expression, value expression) of one field over its per-field columns."""
+    miss, e, v = f"miss_{name}", f"e_{name}", f"v_{name}"
+    missing, wrong = f"'missing_field:{name}'", f"'wrong_type:{name}'"
+    out_of_range = f"'out_of_range:{name}'"
+    if kind == _ID:
+        reason = (
+            f"CASE WHEN {miss} THEN {missing} WHEN {v} IS NULL THEN {wrong} "
+            f"WHEN length({v}) NOT BETWEEN 1 AND {MAX_ID_CHARS} THEN {out_of_range} END"
+        )
+        return reason, v
+    if kind == _TIME:
+        in_range = f"ts_us BETWEEN {_MIN_EVENT_US} AND {_MAX_EVENT_US - 1}"
+        reason = (
+            f"CASE WHEN {miss} THEN {missing} "
+            f"WHEN {v} IS NOT NULL THEN CASE WHEN NOT ts_ok THEN 'bad_time:{name}' "
+            f"WHEN NOT {in_range} THEN {out_of_range} END "
+            f"WHEN int_{name} THEN CASE WHEN ts_us IS NULL THEN {out_of_range} END "
+            f"ELSE {wrong} END"
+        )
+        return reason, "ts_us"
+    if kind in (_QUANTITY, _RATING):
+        n = f"TRY_CAST({e} AS BIGINT)"  # exact: {e} is written as an integer here
+        bad = (
+            f"{n} IS NULL OR {n} = 0 OR {n} NOT BETWEEN -{MAX_ABS_QUANTITY} AND {MAX_ABS_QUANTITY}"
+            if kind == _QUANTITY
+            else f"{n} IS NULL OR {n} NOT BETWEEN 1 AND 5"
+        )
+        reason = (
+            f"CASE WHEN {miss} THEN {missing} WHEN NOT int_{name} THEN {wrong} "
+            f"WHEN {bad} THEN {out_of_range} END"
+        )
+        cast = "BIGINT" if kind == _QUANTITY else "INTEGER"
+        return reason, f"CASE WHEN int_{name} THEN TRY_CAST({e} AS {cast}) END"
+    if kind == _PRICE:
+        p = f"TRY_CAST({e} AS DOUBLE)"
+        reason = (
+            f"CASE WHEN {miss} THEN {missing} WHEN NOT num_{name} THEN {wrong} "
+            f"WHEN {p} IS NULL OR NOT isfinite({p}) OR {p} < 0 OR {p} > {MAX_UNIT_PRICE!r} "
+            f"THEN {out_of_range} END"
+        )
+        return reason, f"CASE WHEN num_{name} THEN {p} END"
+    if kind == _CURRENCY:
+        reason = (
+            f"CASE WHEN {miss} THEN NULL WHEN {v} IS NULL THEN {wrong} "
+            f"WHEN NOT {v} GLOB '[A-Z][A-Z][A-Z]' THEN {out_of_range} END"
+        )
+        return reason, f"CASE WHEN {miss} THEN {_sql_str(DEFAULT_CURRENCY)} ELSE {v} END"
+    if kind in (_TITLE, _TEXT, _OPTIONAL_STRING):
+        when_missing = f"'missing_field:{name}'" if kind == _TEXT else "NULL"
+        limit = ""
+        if kind == _TITLE:
+            limit = f"WHEN length({v}) > {MAX_TITLE_CHARS} THEN {out_of_range} "
+        if kind == _TEXT:
+            limit = f"WHEN length({v}) > {MAX_TEXT_CHARS} THEN 'oversize:{name}' "
+        reason = f"CASE WHEN {miss} THEN {when_missing} WHEN {v} IS NULL THEN {wrong} {limit}END"
+        return reason, v
+    raise AssertionError(kind)
+
+
+def _build_sql(topic: str) -> str:
+    """The query over ``_batch(s VARCHAR, lenient BOOLEAN)``, where ``s`` is JSON (DuckDB's
+    reading) or NULL (already rejected). Per row: ``reason`` (NULL when valid or
+    undecided), ``undecided`` (the reference decides) and the typed field values
+    (``event_time`` in epoch microseconds)."""
+    checks = _checks(topic)
+    names = [name for name, _ in checks]
+    structure = _sql_str(json.dumps({name: "JSON" for name in names}))
+    declared = ", ".join(_sql_str(n) for n in names)
+    steps: list[list[str]] = [
+        [
+            "s",
+            # One parse per message: each field's first occurrence, as JSON text.
+            f"from_json(s, {structure}) AS j",
+            f"lenient OR (strlen(s) > {2 * MAX_JSON_DEPTH} AND strlen(s) "
+            f"- strlen(replace(replace(s, '[', ''), '{{', '')) > {MAX_JSON_DEPTH}) AS lenient",
+            # The top-level names that are the topic's fields, duplicates included.
+            f"list_filter(json_keys(s), lambda k: k IN ({declared})) AS declared_keys",
+        ],
+        ["*", *[f"j.{name} AS e_{name}" for name in names]],
+        ["*", *[col for name, kind in checks for col in _field_columns_sql(name, kind)]],
+    ]
+    time_field = next(name for name, kind in checks if kind == _TIME)
+    steps += [["*", *cols] for cols in _time_steps_sql(time_field)]
+    reasons, values = [], []
+    for name, kind in checks:
+        reason, value = _field_reason_value_sql(name, kind)
+        reasons.append(reason)
+        values.append(f"{value} AS {name}")
+    non_null = " + ".join(f"(e_{name} IS NOT NULL)::INTEGER" for name in names)
+    all_absent = " AND ".join(f"e_{name} IS NULL" for name in names)
+    steps.append(
+        [
+            # A field named more than once is bad_json. Checked exactly only when more
+            # names are declared fields than fields have a value (a null, or a repeat).
+            f"""CASE WHEN s IS NULL OR lenient THEN NULL
+              WHEN j IS NULL THEN 'not_object'
+              WHEN CASE WHEN {all_absent} THEN json_type(s) <> 'OBJECT' ELSE false END
+                THEN 'not_object'
+              WHEN CASE WHEN len(declared_keys) > {non_null}
+                THEN len(declared_keys) > len(list_distinct(declared_keys)) ELSE false END
+                THEN 'bad_json'
+              ELSE coalesce({", ".join(reasons)}) END AS reason""",
+            "coalesce(lenient, false) AS undecided",
+            *values,
+        ]
+    )
+    sql = "FROM _batch"
+    for cols in steps:
+        sql = f"SELECT {', '.join(cols)}\n" + (sql if sql == "FROM _batch" else f"FROM ({sql})")
+    return sql
+
+
+class _Source:
+    """An Arrow stream that DuckDB reads afresh on every execution, so a statement can be
+    prepared once (planning this query costs milliseconds) and fed a new batch each time."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.table = schema.empty_table()
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self.table.__arrow_c_stream__(requested_schema)
+
+
+class _Engine:
+    """One thread's DuckDB connection (one thread: a consumer owns one core) with the
+    validation statements prepared."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.con = duckdb.connect(config={"threads": 1})
+        self.con.execute("SET TimeZone='UTC'")
+        self.texts = _Source(pa.schema([("s", pa.string())]))
+        self.batch = _Source(pa.schema([("s", pa.string()), ("lenient", pa.bool_())]))
+        self.con.register("_texts", self.texts)
+        self.con.register("_batch", self.batch)
+        self.con.execute("PREPARE json_ok AS SELECT json_valid(s) AS ok FROM _texts")
+        for topic in _CHECKS_BY_TOPIC:
+            self.con.execute(f"PREPARE validate_{topic} AS {_build_sql(topic)}")
+        atexit.register(self.con.close)
+
+    def _run(self, source: _Source, table: pa.Table, statement: str) -> pa.Table:
+        source.table = table.cast(source.schema)
+        try:
+            out = self.con.sql(f"EXECUTE {statement}").to_arrow_table().combine_chunks()
+        finally:
+            source.table = source.schema.empty_table()  # do not hold on to the batch
+        if out.num_rows != table.num_rows:  # a stale read would be a silent disaster
+            raise RuntimeError(f"{statement}: {out.num_rows} rows out of {table.num_rows}")
+        return out
+
+    def json_ok(self, text: pa.Array) -> pa.Array:
+        """Per row: is it JSON as DuckDB reads it (NULL for NULL)."""
+        out = self._run(self.texts, pa.table({"s": text}), "json_ok")
+        return out.column("ok").chunk(0) if out.num_rows else pa.array([], pa.bool_())
+
+    def validate(self, topic: str, text: pa.Array, lenient: pa.Array) -> pa.Table:
+        return self._run(self.batch, pa.table({"s": text, "lenient": lenient}), f"validate_{topic}")
+
+
+_local = threading.local()
+
+
+def _engine() -> _Engine:
+    """This thread's engine; a forked child makes its own (a connection must not cross a
+    fork)."""
+    engine: _Engine | None = getattr(_local, "engine", None)
+    if engine is None or engine.pid != os.getpid():
+        engine = _local.engine = _Engine()
+    return engine
+
+
+def _text_column(raw: pa.Array, skip: pa.Array) -> tuple[pa.Array, pa.Array | None]:
+    """The values as UTF-8 text for parsing (null where ``skip``), and the mask of values
+    that are not UTF-8 (None when all are)."""
+    kept = pc.if_else(skip, pa.scalar(None, pa.binary()), raw)
+    try:
+        return kept.cast(pa.string()), None  # validates UTF-8 in one vectorised pass
+    except pa.ArrowInvalid:
+        pass
+
+    # Rare: some value is not UTF-8. Find which, one by one.
+    def not_utf8(b: bytes | None) -> bool:
+        if b is None:
+            return False
+        try:
+            b.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+        return False
+
+    bad = pa.array([not_utf8(b) for b in kept.to_pylist()], type=pa.bool_())
+    return pc.if_else(bad, pa.scalar(None, pa.binary()), kept).cast(pa.string()), bad
+
+
+def validate(
+    topic: str,
+    values: Sequence[bytes | None],
+    partitions: Sequence[int] | pa.Array,
+    offsets: Sequence[int] | pa.Array,
+    *,
+    max_event_bytes: int = 256 * 1024,
+) -> Validated:
+    """Validate a micro-batch of raw message values of ``topic``.
+
+    Every input row ends up in exactly one of ``valid`` and ``rejected`` (input order in
+    both); a rejected row carries the reason of its first failing check. Never raises on
+    bad message content; raises ``ValueError`` for an unknown topic or mismatched lengths.
+
+    >>> v = validate("orders", [b"{}"], [0], [41])
+    >>> v.rejected.column("reason").to_pylist()
+    ['missing_field:event_id']
+    """
+    return _validate(topic, values, partitions, offsets, max_event_bytes)[0]
+
+
+def _validate(
+    topic: str,
+    values: Sequence[bytes | None],
+    partitions: Sequence[int] | pa.Array,
+    offsets: Sequence[int] | pa.Array,
+    max_event_bytes: int,
+) -> tuple[Validated, int]:
+    """``validate``, plus how many rows the reference decided (0 for ordinary input)."""
+    checks = _checks(topic)
+    schema = VALID_SCHEMA_BY_TOPIC[topic]
+    parts = _int_array(partitions, pa.int32(), "partitions")
+    offs = _int_array(offsets, pa.int64(), "offsets")
+    n = len(values)
+    if not len(parts) == len(offs) == n:
+        raise ValueError(
+            f"values, partitions and offsets differ in length ({n}, {len(parts)}, {len(offs)})"
+        )
+    if n == 0:
+        return Validated(schema.empty_table(), REJECTED_SCHEMA.empty_table()), 0
+
+    raw = (
+        values.cast(pa.binary()) if isinstance(values, pa.Array) else pa.array(values, pa.binary())
+    )
+    none = raw.is_null()
+    oversize = pc.fill_null(pc.greater(pc.binary_length(raw), max_event_bytes), False)
+    text, not_utf8 = _text_column(raw, pc.or_(none, oversize))
+    bad_json = none if not_utf8 is None else pc.or_(none, not_utf8)
+
+    engine = _engine()
+    is_json = pc.fill_null(engine.json_ok(text), True)
+    bad_json = pc.or_(bad_json, pc.invert(is_json))
+    # From here on every value is JSON as DuckDB reads it, or NULL.
+    text = pc.if_else(is_json, text, pa.scalar(None, pa.string()))
+    lenient = pc.fill_null(pc.match_substring_regex(text, _LENIENT_JSON_PATTERN), False)
+    out = engine.validate(topic, text, lenient)
+
+    early = pc.if_else(
+        oversize,
+        pa.scalar("oversize"),
+        pc.if_else(bad_json, pa.scalar("bad_json"), pa.scalar(None, pa.string())),
+    )
+    reason = pc.coalesce(early, out.column("reason").chunk(0))
+    columns = {name: out.column(name).chunk(0) for name, _ in checks}
+    undecided = out.column("undecided").chunk(0)
+    by_reference = pc.sum(undecided).as_py() or 0
+    if by_reference:
+        reason = _decide_by_reference(topic, raw, undecided, reason, columns, max_event_bytes)
+
+    ok = pc.is_null(reason)
+    ts_us = pc.filter(columns["event_time"], ok)
+    valid_cols = []
+    for field in FIELDS_BY_TOPIC[topic]:
+        if field.type == UTC_TS:
+            valid_cols.append(ts_us.view(UTC_TS))
+        else:
+            valid_cols.append(pc.filter(columns[field.name], ok).cast(field.type))
+    valid_cols.append(pc.divide(ts_us, _US_PER_DAY).cast(pa.int32()).view(pa.date32()))
+    valid_cols += [pc.filter(parts, ok), pc.filter(offs, ok)]
+    bad = pc.invert(ok)
+    rejected = pa.Table.from_arrays(
+        [pc.filter(parts, bad), pc.filter(offs, bad), pc.filter(raw, bad), pc.filter(reason, bad)],
+        schema=REJECTED_SCHEMA,
+    )
+    return Validated(pa.Table.from_arrays(valid_cols, schema=schema), rejected), by_reference
+
+
+def _int_array(values: Sequence[int] | pa.Array, typ: pa.DataType, what: str) -> pa.Array:
+    arr = values if isinstance(values, pa.Array) else pa.array(values, type=typ)
+    if arr.null_count:
+        raise ValueError(f"{what} must not contain nulls")
+    return arr.cast(typ)
+
+
+def _decide_by_reference(
+    topic: str,
+    raw: pa.Array,
+    undecided: pa.Array,
+    reason: pa.Array,
+    columns: dict[str, pa.Array],
+    max_event_bytes: int,
+) -> pa.Array:
+    """Let the reference decide the ``undecided`` rows: patch ``columns`` in place and
+    return the patched reasons."""
+    rows = pc.indices_nonzero(undecided).to_pylist()
+    results = [
+        validate_one_reference(topic, raw[i].as_py(), max_event_bytes=max_event_bytes) for i in rows
+    ]
+    events = [r if isinstance(r, dict) else None for r in results]
+    for name, col in columns.items():
+        if name == "event_time":  # the query's column holds epoch microseconds
+            vals = [None if e is None else (e[name] - _EPOCH) // _ONE_US for e in events]
+        else:
+            vals = [None if e is None else e[name] for e in events]
+        columns[name] = pc.replace_with_mask(col, undecided, pa.array(vals, col.type))
+    reasons = pa.array([r if isinstance(r, str) else None for r in results], pa.string())
+    return pc.replace_with_mask(reason, undecided, reasons)

@@ -1,0 +1,613 @@
+"""The event validator: every reason, UTC normalisation, exact schemas, and the property
+that the vectorised ``validate`` agrees with ``validate_one_reference`` on any input."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lambdalake import contracts
+from lambdalake.contracts import (
+    FIELDS_BY_TOPIC,
+    REJECTED_SCHEMA,
+    VALID_SCHEMA_BY_TOPIC,
+    Validated,
+    validate,
+    validate_one_reference,
+)
+
+DROP = object()  # marks a field to leave out of a message
+
+ORDER = {
+    "event_id": "ord-1",
+    "event_time": "2024-05-01T12:34:56.789+02:00",
+    "store_id": "store-7",
+    "sku": "SKU-42",
+    "quantity": 3,
+    "unit_price": 19.99,
+    "currency": "EUR",
+}
+REVIEW = {
+    "review_id": "rev-1",
+    "event_time": "2024-05-01T12:34:56Z",
+    "sku": "SKU-42",
+    "rating": 4,
+    "title": "Solid",
+    "text": 'Works as "advertised".\nWould buy again.',
+    "customer_id": "cust-9",
+}
+BASE = {"orders": ORDER, "reviews": REVIEW}
+
+
+def message(topic: str, **changes: Any) -> bytes:
+    event = {**BASE[topic], **changes}
+    kept = {k: v for k, v in event.items() if v is not DROP}
+    return json.dumps(kept, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def validate_all(topic: str, values: list[bytes | None], **kw: Any) -> Validated:
+    return validate(topic, values, [0] * len(values), list(range(len(values))), **kw)
+
+
+def outcomes(topic: str, values: list[bytes | None], **kw: Any) -> list[dict[str, Any] | str]:
+    """Per input row: the valid event (without lineage columns) or the reason."""
+    v = validate_all(topic, values, **kw)
+    by_offset: dict[int, dict[str, Any] | str] = {}
+    for row in v.valid.to_pylist():
+        offset = row.pop("_offset")
+        row.pop("_partition")
+        by_offset[offset] = row
+    for row in v.rejected.to_pylist():
+        assert row["raw"] == values[row["_offset"]], "a rejected row keeps its raw bytes"
+        by_offset[row["_offset"]] = row["reason"]
+    assert sorted(by_offset) == list(range(len(values))), "every row lands exactly once"
+    return [by_offset[i] for i in range(len(values))]
+
+
+def one(topic: str, value: bytes | None, **kw: Any) -> dict[str, Any] | str:
+    return outcomes(topic, [value], **kw)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Every reason, table-driven. Each case is checked against both implementations.
+# --------------------------------------------------------------------------------------
+
+LONG = "x" * 257
+INVALID_ORDERS = [
+    ("not UTF-8", b'{"event_id": "\xff"}', "bad_json"),
+    ("tombstone (None)", None, "bad_json"),
+    ("empty value", b"", "bad_json"),
+    ("truncated JSON", b'{"event_id": "a",', "bad_json"),
+    ("trailing comma", message("orders")[:-1] + b",}", "bad_json"),
+    ("NaN is not JSON", message("orders")[:-1] + b',"x":NaN}', "bad_json"),
+    (
+        "Infinity is not JSON",
+        message("orders", unit_price=DROP)[:-1] + b',"unit_price":-inf}',
+        "bad_json",
+    ),
+    ("byte order mark", b"\xef\xbb\xbf" + message("orders"), "bad_json"),
+    (
+        "lone surrogate escape",
+        message("orders", event_id=DROP)[:-1] + b',"event_id":"\\ud800"}',
+        "bad_json",
+    ),
+    ("comment", b"/* hi */" + message("orders"), "bad_json"),
+    ("two documents", message("orders") + message("orders"), "bad_json"),
+    ("declared field twice", b'{"sku":"a",' + message("orders")[1:], "bad_json"),
+    (
+        "declared field twice, once escaped",
+        b'{"s\\u006bu":"a",' + message("orders")[1:],
+        "bad_json",
+    ),
+    (
+        "nested 129 deep",
+        message("orders")[:-1] + b',"x":' + b"[" * 128 + b"]" * 128 + b"}",
+        "bad_json",
+    ),
+    ("array", b"[1, 2]", "not_object"),
+    ("string", b'"order"', "not_object"),
+    ("null", b"null", "not_object"),
+    ("number", b"5", "not_object"),
+    ("event_id absent", message("orders", event_id=DROP), "missing_field:event_id"),
+    ("event_id null", message("orders", event_id=None), "missing_field:event_id"),
+    ("event_id a number", message("orders", event_id=7), "wrong_type:event_id"),
+    ("event_id empty", message("orders", event_id=""), "out_of_range:event_id"),
+    ("event_id 257 chars", message("orders", event_id=LONG), "out_of_range:event_id"),
+    ("event_time absent", message("orders", event_time=DROP), "missing_field:event_time"),
+    ("event_time a bool", message("orders", event_time=True), "wrong_type:event_time"),
+    ("event_time a float", message("orders", event_time=1714567890123.0), "wrong_type:event_time"),
+    ("event_time an object", message("orders", event_time={"ms": 1}), "wrong_type:event_time"),
+    ("event_time date only", message("orders", event_time="2024-05-01"), "bad_time:event_time"),
+    (
+        "event_time no offset",
+        message("orders", event_time="2024-05-01T12:00:00"),
+        "bad_time:event_time",
+    ),
+    (
+        "event_time Feb 30",
+        message("orders", event_time="2024-02-30T00:00:00Z"),
+        "bad_time:event_time",
+    ),
+    (
+        "event_time hour 24",
+        message("orders", event_time="2024-05-01T24:00:00Z"),
+        "bad_time:event_time",
+    ),
+    (
+        "event_time leap second",
+        message("orders", event_time="2024-06-30T23:59:60Z"),
+        "bad_time:event_time",
+    ),
+    (
+        "event_time offset +24:00",
+        message("orders", event_time="2024-05-01T12:00:00+24:00"),
+        "bad_time:event_time",
+    ),
+    (
+        "event_time year 0",
+        message("orders", event_time="0000-01-01T00:00:00Z"),
+        "bad_time:event_time",
+    ),
+    (
+        "event_time 1999",
+        message("orders", event_time="1999-12-31T23:59:59.999999Z"),
+        "out_of_range:event_time",
+    ),
+    (
+        "event_time 2100",
+        message("orders", event_time="2100-01-01T00:00:00Z"),
+        "out_of_range:event_time",
+    ),
+    (
+        "event_time 2100 via offset",
+        message("orders", event_time="2099-12-31T23:30:00-01:00"),
+        "out_of_range:event_time",
+    ),
+    (
+        "event_time epoch ms 1999",
+        message("orders", event_time=946684799999),
+        "out_of_range:event_time",
+    ),
+    ("event_time epoch ms > int64", message("orders", event_time=2**70), "out_of_range:event_time"),
+    ("store_id absent", message("orders", store_id=DROP), "missing_field:store_id"),
+    ("store_id a list", message("orders", store_id=["s"]), "wrong_type:store_id"),
+    ("sku null", message("orders", sku=None), "missing_field:sku"),
+    ("sku a bool", message("orders", sku=False), "wrong_type:sku"),
+    ("sku empty", message("orders", sku=""), "out_of_range:sku"),
+    ("quantity absent", message("orders", quantity=DROP), "missing_field:quantity"),
+    ("quantity 5.0", message("orders", quantity=5.0), "wrong_type:quantity"),
+    ("quantity a bool", message("orders", quantity=True), "wrong_type:quantity"),
+    ("quantity a string", message("orders", quantity="3"), "wrong_type:quantity"),
+    ("quantity 0", message("orders", quantity=0), "out_of_range:quantity"),
+    ("quantity 1,000,001", message("orders", quantity=1_000_001), "out_of_range:quantity"),
+    ("quantity -1,000,001", message("orders", quantity=-1_000_001), "out_of_range:quantity"),
+    ("quantity 2**63", message("orders", quantity=2**63), "out_of_range:quantity"),
+    ("quantity 10**30", message("orders", quantity=10**30), "out_of_range:quantity"),
+    ("unit_price absent", message("orders", unit_price=DROP), "missing_field:unit_price"),
+    ("unit_price a string", message("orders", unit_price="9.99"), "wrong_type:unit_price"),
+    ("unit_price a bool", message("orders", unit_price=False), "wrong_type:unit_price"),
+    ("unit_price negative", message("orders", unit_price=-0.01), "out_of_range:unit_price"),
+    ("unit_price over 1e9", message("orders", unit_price=1_000_000_001), "out_of_range:unit_price"),
+    (
+        "unit_price 1e999",
+        message("orders", unit_price=DROP)[:-1] + b',"unit_price":1e999}',
+        "out_of_range:unit_price",
+    ),
+    ("currency a number", message("orders", currency=978), "wrong_type:currency"),
+    ("currency lowercase", message("orders", currency="usd"), "out_of_range:currency"),
+    ("currency 4 letters", message("orders", currency="EURO"), "out_of_range:currency"),
+    ("currency accented", message("orders", currency="ÉUR"), "out_of_range:currency"),
+    ("first failure wins", message("orders", event_id=DROP, quantity=0), "missing_field:event_id"),
+    ("field order decides", message("orders", sku=1, quantity=0, currency=1), "wrong_type:sku"),
+]
+
+INVALID_REVIEWS = [
+    ("review_id absent", message("reviews", review_id=DROP), "missing_field:review_id"),
+    ("review_id a number", message("reviews", review_id=1), "wrong_type:review_id"),
+    (
+        "event_time epoch ms 2100",
+        message("reviews", event_time=4102444800000),
+        "out_of_range:event_time",
+    ),
+    ("event_time gibberish", message("reviews", event_time="yesterday"), "bad_time:event_time"),
+    ("sku absent", message("reviews", sku=DROP), "missing_field:sku"),
+    ("rating absent", message("reviews", rating=DROP), "missing_field:rating"),
+    ("rating 4.0", message("reviews", rating=4.0), "wrong_type:rating"),
+    ("rating a bool", message("reviews", rating=True), "wrong_type:rating"),
+    ("rating 0", message("reviews", rating=0), "out_of_range:rating"),
+    ("rating 6", message("reviews", rating=6), "out_of_range:rating"),
+    ("rating 2**64", message("reviews", rating=2**64), "out_of_range:rating"),
+    ("title a number", message("reviews", title=5), "wrong_type:title"),
+    ("title 1001 chars", message("reviews", title="t" * 1001), "out_of_range:title"),
+    ("text absent", message("reviews", text=DROP), "missing_field:text"),
+    ("text null", message("reviews", text=None), "missing_field:text"),
+    ("text a list", message("reviews", text=["a"]), "wrong_type:text"),
+    ("text 20,001 chars", message("reviews", text="é" * 20_001), "oversize:text"),
+    ("customer_id a number", message("reviews", customer_id=12), "wrong_type:customer_id"),
+    ("declared field twice", b'{"rating":5,' + message("reviews")[1:], "bad_json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("topic", "value", "reason"),
+    [pytest.param("orders", v, r, id=f"orders: {d}") for d, v, r in INVALID_ORDERS]
+    + [pytest.param("reviews", v, r, id=f"reviews: {d}") for d, v, r in INVALID_REVIEWS],
+)
+def test_invalid_message_is_rejected_with_its_reason(topic: str, value: bytes, reason: str) -> None:
+    assert validate_one_reference(topic, value) == reason
+    assert one(topic, value) == reason
+
+
+def test_all_invalid_cases_in_one_batch_keep_their_reasons_and_order() -> None:
+    for topic, cases in (("orders", INVALID_ORDERS), ("reviews", INVALID_REVIEWS)):
+        values = [v for _, v, _ in cases]
+        assert outcomes(topic, values) == [r for _, _, r in cases]
+
+
+def test_oversize_is_checked_first_against_max_event_bytes() -> None:
+    big = message("orders", event_id="e" * 200)
+    assert one("orders", big, max_event_bytes=len(big) - 1) == "oversize"
+    assert isinstance(one("orders", big, max_event_bytes=len(big)), dict)
+    assert one("orders", b"\xff" * 50, max_event_bytes=10) == "oversize"
+    assert validate_one_reference("orders", big, max_event_bytes=len(big) - 1) == "oversize"
+
+
+def test_the_default_size_limit_is_256_kib() -> None:
+    padding = "p" * (256 * 1024)
+    assert one("orders", message("orders", note=padding)) == "oversize"
+
+
+# --------------------------------------------------------------------------------------
+# Valid events: normalisation to UTC, defaults, exact values.
+# --------------------------------------------------------------------------------------
+
+TIMES = [
+    ("+05:30", "2024-03-01T01:00:00+05:30", datetime(2024, 2, 29, 19, 30, tzinfo=UTC)),
+    ("-08:00", "2024-12-31T20:00:00.5-08:00", datetime(2025, 1, 1, 4, 0, 0, 500000, tzinfo=UTC)),
+    ("Z", "2024-05-01T12:34:56Z", datetime(2024, 5, 1, 12, 34, 56, tzinfo=UTC)),
+    ("lowercase t and z", "2024-05-01t12:34:56z", datetime(2024, 5, 1, 12, 34, 56, tzinfo=UTC)),
+    ("space separator", "2024-05-01 12:34:56+00:00", datetime(2024, 5, 1, 12, 34, 56, tzinfo=UTC)),
+    ("-00:00", "2024-05-01T12:34:56-00:00", datetime(2024, 5, 1, 12, 34, 56, tzinfo=UTC)),
+    (
+        "nanoseconds truncated",
+        "2024-05-01T12:34:56.123456999Z",
+        datetime(2024, 5, 1, 12, 34, 56, 123456, tzinfo=UTC),
+    ),
+    (
+        "one fraction digit",
+        "2024-05-01T12:34:56.1+01:00",
+        datetime(2024, 5, 1, 11, 34, 56, 100000, tzinfo=UTC),
+    ),
+    ("first instant", "2000-01-01T00:00:00Z", datetime(2000, 1, 1, tzinfo=UTC)),
+    ("from 1999 by offset", "1999-12-31T23:00:00-01:00", datetime(2000, 1, 1, tzinfo=UTC)),
+    (
+        "last instant",
+        "2099-12-31T23:59:59.999999Z",
+        datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ),
+    ("epoch ms", 1714567890123, datetime(2024, 5, 1, 12, 51, 30, 123000, tzinfo=UTC)),
+    ("epoch ms, first", 946684800000, datetime(2000, 1, 1, tzinfo=UTC)),
+]
+
+
+@pytest.mark.parametrize(("when", "expected"), [pytest.param(w, e, id=d) for d, w, e in TIMES])
+def test_event_time_is_normalised_to_utc_with_its_utc_date(
+    when: str | int, expected: datetime
+) -> None:
+    value = message("orders", event_time=when)
+    for got in (one("orders", value), validate_one_reference("orders", value)):
+        assert isinstance(got, dict)
+        assert got["event_time"] == expected
+        assert got["event_time"].utcoffset().total_seconds() == 0
+        assert got["event_date"] == expected.date()
+
+
+def test_a_valid_order_keeps_exact_values_and_defaults_currency_to_usd() -> None:
+    got = outcomes(
+        "orders",
+        [
+            message("orders"),
+            message("orders", currency=DROP),
+            message("orders", currency=None),
+            message("orders", quantity=-2, unit_price=0, extra={"ignored": [1, 2]}),
+            message("orders", event_id="😀" * 256, unit_price=1_000_000_000, quantity=-1_000_000),
+        ],
+    )
+    assert got[0] == {
+        "event_id": "ord-1",
+        "event_time": datetime(2024, 5, 1, 10, 34, 56, 789000, tzinfo=UTC),
+        "store_id": "store-7",
+        "sku": "SKU-42",
+        "quantity": 3,
+        "unit_price": 19.99,
+        "currency": "EUR",
+        "event_date": date(2024, 5, 1),
+    }
+    assert got[1]["currency"] == got[2]["currency"] == "USD"
+    assert (got[3]["quantity"], got[3]["unit_price"]) == (-2, 0.0)
+    assert (got[4]["event_id"], got[4]["unit_price"]) == ("😀" * 256, 1e9)
+
+
+def test_a_valid_review_keeps_optional_fields_null_and_text_verbatim() -> None:
+    got = outcomes(
+        "reviews",
+        [
+            message("reviews"),
+            message("reviews", title=None, customer_id=DROP, text=""),
+            message("reviews", title="t" * 1000, text="y" * 20_000, rating=1),
+        ],
+    )
+    assert got[0]["text"] == 'Works as "advertised".\nWould buy again.'
+    assert (got[0]["rating"], got[0]["title"], got[0]["customer_id"]) == (4, "Solid", "cust-9")
+    assert (got[1]["title"], got[1]["customer_id"], got[1]["text"]) == (None, None, "")
+    assert (len(got[2]["title"]), len(got[2]["text"])) == (1000, 20_000)
+
+
+def test_escaped_and_unusual_json_spellings_read_the_same() -> None:
+    pretty = json.dumps(ORDER, indent=2).encode()  # whitespace, ', ' and ': '
+    ascii_escaped = json.dumps({**ORDER, "sku": "Größe ☃"}).encode()  # \\u escapes
+    escaped_name = b'{"event\\u005fid":"ord-1",' + message("orders", event_id=DROP)[1:]
+    got = outcomes("orders", [pretty, ascii_escaped, escaped_name])
+    assert got[0] == got[2] == one("orders", message("orders"))
+    assert got[1]["sku"] == "Größe ☃"
+
+
+# --------------------------------------------------------------------------------------
+# Tables: exact schemas, order, lineage, inputs.
+# --------------------------------------------------------------------------------------
+
+
+def test_schemas_are_the_topic_fields_then_date_and_lineage() -> None:
+    for topic, fields in FIELDS_BY_TOPIC.items():
+        schema = VALID_SCHEMA_BY_TOPIC[topic]
+        assert list(schema)[: len(fields)] == fields
+        assert schema.names[len(fields) :] == ["event_date", "_partition", "_offset"]
+        assert [f.name for f in fields] == [n for n, _ in contracts._CHECKS_BY_TOPIC[topic]]
+    assert REJECTED_SCHEMA.names == ["_partition", "_offset", "raw", "reason"]
+    assert REJECTED_SCHEMA.field("raw").nullable and not REJECTED_SCHEMA.field("reason").nullable
+
+
+def test_tables_have_exact_schemas_and_keep_input_order_and_lineage() -> None:
+    for topic in ("orders", "reviews"):
+        values = [message(topic), b"nope", None, message(topic, event_time=946684800000), b"[]"]
+        v = validate(topic, values, partitions=[3, 3, 1, 2, 0], offsets=[10, 11, 7, 99, 5])
+        assert v.valid.schema.equals(VALID_SCHEMA_BY_TOPIC[topic])
+        assert v.rejected.schema.equals(REJECTED_SCHEMA)
+        assert v.valid.column("_partition").to_pylist() == [3, 2]
+        assert v.valid.column("_offset").to_pylist() == [10, 99]
+        assert v.rejected.to_pylist() == [
+            {"_partition": 3, "_offset": 11, "raw": b"nope", "reason": "bad_json"},
+            {"_partition": 1, "_offset": 7, "raw": None, "reason": "bad_json"},
+            {"_partition": 0, "_offset": 5, "raw": b"[]", "reason": "not_object"},
+        ]
+
+
+def test_event_time_column_is_utc_microseconds_and_event_date_is_date32() -> None:
+    v = validate_all("orders", [message("orders", event_time="2024-05-01T23:30:00-02:00")])
+    assert v.valid.schema.field("event_time").type == pa.timestamp("us", tz="UTC")
+    assert v.valid.schema.field("event_date").type == pa.date32()
+    assert v.valid.column("event_date").to_pylist() == [date(2024, 5, 2)]
+
+
+def test_arrow_arrays_are_accepted_as_inputs() -> None:
+    values = pa.array([message("orders"), None], pa.large_binary())
+    v = validate("orders", values, pa.array([1, 2], pa.int64()), pa.array([5, 6], pa.int32()))
+    assert v.valid.column("_offset").to_pylist() == [5]
+    assert v.rejected.column("_partition").to_pylist() == [2]
+
+
+def test_an_empty_batch_gives_two_empty_tables_with_the_schemas() -> None:
+    for topic in ("orders", "reviews"):
+        v = validate(topic, [], [], [])
+        assert v.valid.num_rows == v.rejected.num_rows == 0
+        assert v.valid.schema.equals(VALID_SCHEMA_BY_TOPIC[topic])
+        assert v.rejected.schema.equals(REJECTED_SCHEMA)
+
+
+def test_unknown_topic_and_mismatched_lengths_are_caller_errors() -> None:
+    with pytest.raises(ValueError, match="unknown topic 'payments'"):
+        validate("payments", [b"{}"], [0], [0])
+    with pytest.raises(ValueError, match="unknown topic"):
+        validate_one_reference("payments", b"{}")
+    with pytest.raises(ValueError, match="differ in length"):
+        validate("orders", [b"{}", b"{}"], [0], [0, 1])
+
+
+def test_ordinary_messages_never_need_the_reference() -> None:
+    values = [message("orders", event_id=f"e{i}", quantity=i % 7 + 1) for i in range(300)]
+    values += [json.dumps(ORDER, indent=1).encode(), b"garbage", message("orders", quantity=0)]
+    validated, by_reference = contracts._validate("orders", values, [0] * 303, range(303), 10**6)
+    assert by_reference == 0
+    assert validated.valid.num_rows == 301
+
+
+def test_rows_the_fast_path_cannot_decide_go_to_the_reference() -> None:
+    values = [
+        message("orders"),
+        message("orders")[:-1] + b",}",
+        message("orders")[:-1] + b',"x":nan}',
+    ]
+    validated, by_reference = contracts._validate("orders", values, [0] * 3, range(3), 10**6)
+    assert by_reference == 2
+    assert validated.rejected.column("reason").to_pylist() == ["bad_json", "bad_json"]
+
+
+def test_docstring_examples_hold() -> None:
+    assert doctest.testmod(contracts).failed == 0
+
+
+# --------------------------------------------------------------------------------------
+# Property: validate() never raises and agrees with the reference on every message.
+# --------------------------------------------------------------------------------------
+
+
+def assert_agrees(topic: str, values: list[bytes | None]) -> None:
+    fast = outcomes(topic, values)
+    for value, got in zip(values, fast, strict=True):
+        expected = validate_one_reference(topic, value)
+        assert got == expected, f"{value!r}: fast {got!r} != reference {expected!r}"
+        if isinstance(got, dict) and topic == "orders":  # 0.0 == -0.0: compare the sign too
+            assert math.copysign(1, got["unit_price"]) == math.copysign(1, expected["unit_price"])
+
+
+PROPERTY = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+topics = st.sampled_from(["orders", "reviews"])
+
+
+@PROPERTY
+@given(topics, st.lists(st.one_of(st.none(), st.binary(max_size=64)), min_size=1, max_size=200))
+def test_random_bytes_agree_with_the_reference(topic: str, values: list[bytes | None]) -> None:
+    assert_agrees(topic, values)
+
+
+BOUNDARY_NUMBERS = [
+    0,
+    -0.0,
+    1,
+    -1,
+    5,
+    6,
+    1_000_000,
+    1_000_001,
+    -1_000_001,
+    2**63 - 1,
+    2**63,
+    -(2**63) - 1,
+    2**64,
+    10**30,
+    946684800000,
+    946684799999,
+    4102444799999,
+    4102444800000,
+    5.0,
+    1e9,
+    1e9 + 0.5,
+    1e-320,
+    1.7e308,
+    19.99,
+    1e22,
+    0.1,
+]
+WEIRD_STRINGS = [
+    "",
+    "USD",
+    "usd",
+    "EURO",
+    "x" * 256,
+    "x" * 257,
+    "😀" * 257,
+    "e\u0301",
+    "\u0000",
+    "\u2028",
+    "t" * 1001,
+    "\\",
+    '"',
+    "null",
+    "5",
+    "２０２４",
+]
+TIMES_TO_TRY = [
+    "2024-05-01T12:34:56Z",
+    "2024-05-01t12:34:56.1234567z",
+    "2024-05-01 12:34:56-08:00",
+    "2024-02-29T00:00:00+05:30",
+    "2023-02-29T00:00:00Z",
+    "2024-04-31T00:00:00Z",
+    "2024-01-01T24:00:00Z",
+    "2024-01-01T23:59:60Z",
+    "2024-01-01T00:00:00+23:59",
+    "2024-01-01T00:00:00+05:60",
+    "0000-01-01T00:00:00Z",
+    "0001-01-01T00:00:00+01:00",
+    "9999-12-31T23:59:59-23:59",
+    "1999-12-31T23:00:00-01:00",
+    "2099-12-31T23:59:59.9999999Z",
+    "2100-01-01T00:30:00+01:00",
+    "2024-05-01T12:34:56",
+    "2024-05-01T12:34:56.Z",
+    "2024-05-01T12:34Z",
+    "2024-5-01T12:34:56Z",
+    "2024-05-01T12:34:56+0530",
+    " 2024-05-01T12:34:56Z",
+]
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from(BOUNDARY_NUMBERS),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(WEIRD_STRINGS),
+    st.sampled_from(TIMES_TO_TRY),
+    st.text(max_size=20),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def near_valid_messages(draw: st.DrawFn, topic: str) -> bytes:
+    """A valid event with a few fields dropped or replaced, written by one of several
+    serialisers, sometimes with bytes spliced in."""
+    event: dict[str, Any] = dict(BASE[topic])
+    for name in draw(st.lists(st.sampled_from([*event, "extra"]), max_size=3)):
+        if draw(st.booleans()):
+            event.pop(name, None)
+        else:
+            event[name] = draw(json_values)
+    style = draw(st.sampled_from(["orjson", "ascii", "pretty"]))
+    if style == "orjson":
+        try:
+            data = orjson.dumps(event)
+        except TypeError:  # integers beyond 64 bits
+            data = json.dumps(event).encode()
+    elif style == "ascii":
+        data = json.dumps(event).encode()
+    else:
+        data = json.dumps(event, ensure_ascii=False, indent="\t").encode("utf-8", "surrogatepass")
+    if draw(st.integers(0, 4)) == 0:  # splice: exercise the JSON reader's edges
+        at = draw(st.integers(0, len(data)))
+        snippet = draw(
+            st.sampled_from(
+                [
+                    b",",
+                    b",}",
+                    b"NaN",
+                    b"-Infinity",
+                    b"\\ud800",
+                    b"\xff",
+                    b'"sku":"a",',
+                    b"[" * 130,
+                    b" ",
+                    b"\x00",
+                    b"1e999",
+                ]
+            )
+        )
+        data = data[:at] + snippet + data[at:]
+    return data
+
+
+@PROPERTY
+@given(st.data())
+def test_near_valid_json_agrees_with_the_reference(data: st.DataObject) -> None:
+    topic = data.draw(topics)
+    values = data.draw(st.lists(near_valid_messages(topic), min_size=1, max_size=200))
+    assert_agrees(topic, values)
