@@ -22,8 +22,10 @@ layer's watermark: after ``--until-end`` it equals the true end offsets.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
@@ -102,6 +104,55 @@ def _span(batch: MicroBatch, topic: str) -> dict[str, str]:
         for p, end in sorted(batch.end[topic].items())
         if end != batch.start[topic][p]
     }
+
+
+class Committer:
+    """Commits micro-batches in order on a thread of its own while the consumer reads on.
+
+    Validation (DuckDB) and Delta writes (Rust) release the GIL, so they overlap
+    with record decoding on the consumer's thread. One batch may wait while
+    another commits; beyond that :meth:`submit` blocks (backpressure). Commits
+    stay strictly sequential, each with the positions its own batch ends at, and
+    after a failed commit no later batch is committed: what is committed is
+    always a prefix of what was consumed.
+    """
+
+    def __init__(self, commit: Callable[[MicroBatch], int]):
+        self._commit = commit
+        self._queue: queue.Queue[MicroBatch | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self.committed = 0
+        self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # never commit past a batch that failed
+            try:
+                self.committed += self._commit(batch)
+            except BaseException as exc:  # handed to the consumer's thread
+                self._error = exc
+
+    def check(self) -> None:
+        """Re-raise a commit failure on the caller's thread."""
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, batch: MicroBatch) -> None:
+        while True:
+            self.check()
+            try:
+                self._queue.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait until every submitted batch is committed; re-raise a commit failure."""
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
 
 
 class Ingest:
@@ -196,21 +247,37 @@ class Ingest:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, until_end: bool) -> None:
-        assert self.consumer is not None
-        consumer = self.consumer
         ends = self.ends(until_end)
         if ends is None:
             return
         if until_end:
             log.info("ingest.until_end", ends=ends, behind=self._behind(ends))
+        started = time.monotonic()
+        committer = Committer(self.commit)
+        try:
+            self._consume(committer, ends, until_end)
+        finally:
+            # Stopped, drained or failed: every submitted batch is whole, commit it.
+            committer.close()
+        elapsed = time.monotonic() - started
+        log.info(
+            "ingest.done",
+            messages=committer.committed,
+            seconds=round(elapsed, 2),
+            events_per_s=round(committer.committed / elapsed) if elapsed > 0 else None,
+            positions=self.positions,
+            stopped=self.stop.is_set(),
+        )
+
+    def _consume(self, committer: Committer, ends: Positions, until_end: bool) -> None:
+        """Poll into micro-batches and hand each to ``committer`` when full, due or done."""
+        assert self.consumer is not None
+        consumer = self.consumer
         batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
         idle_since = time.monotonic()
         done = until_end and not self._behind(ends)
-        started = time.monotonic()
-        total = 0
-        while not done:
-            if self.stop.is_set():
-                break
+        while not done and not self.stop.is_set():
+            committer.check()
             remaining = max(1, self.settings.ingest_batch_size - batch.messages)
             try:
                 got = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=remaining)
@@ -232,31 +299,19 @@ class Ingest:
                 done = not self._behind(ends, batch.end)
             full = batch.messages >= self.settings.ingest_batch_size
             due = now - batch.opened_at >= self.settings.ingest_batch_seconds
-            if batch.progressed() and (full or due or done):
-                total += self.commit(batch)
-                batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
+            quiet = not got and now - idle_since >= IDLE_PROBE_S
+            if batch.progressed() and (full or due or done or quiet):
+                committer.submit(batch)
+                batch = MicroBatch(start=_copy(batch.end), end=_copy(batch.end))
             elif not batch.progressed():
                 batch.opened_at = now
-            if not got and now - idle_since >= IDLE_PROBE_S:
+            if quiet:
                 # Quiet for a while: a drained topic, or a broker that went away.
-                if batch.progressed():
-                    total += self.commit(batch)
-                    batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
                 if self._retry(lambda: probe_broker(self.bootstrap), "fetch", until_end) is None:
                     break
                 idle_since = time.monotonic()
-        # Stopped (signal) or drained: the batch in hand is whole, commit it.
         if batch.progressed():
-            total += self.commit(batch)
-        elapsed = time.monotonic() - started
-        log.info(
-            "ingest.done",
-            messages=total,
-            seconds=round(elapsed, 2),
-            events_per_s=round(total / elapsed) if elapsed > 0 else None,
-            positions=self.positions,
-            stopped=self.stop.is_set(),
-        )
+            committer.submit(batch)
 
     def _advance(self, batch: MicroBatch, got: dict[TopicPartition, list[Any]]) -> None:
         """Move the batch's end positions to the consumer's.

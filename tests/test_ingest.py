@@ -309,10 +309,15 @@ def test_second_until_end_writes_nothing(crashed_lake: CrashedLake) -> None:
     assert table_versions(c.lake) == before
 
 
-def test_master_reads_the_same_in_duckdb_and_spark(crashed_lake: CrashedLake, spark) -> None:
-    c = crashed_lake
+def test_master_reads_the_same_in_duckdb_and_spark(
+    fresh_broker: EmbeddedBroker, settings_for, spark
+) -> None:
+    stream = produce_stream(fresh_broker.bootstrap, 3_000, seed=9)
+    settings = settings_for(fresh_broker, ingest_batch_size=1_000)
+    run_ingest(settings, until_end=True, stop=threading.Event())
+    lake = Lake(settings.lake_uri)
     for topic in TOPICS:
-        root = c.lake.master(topic)
+        root = lake.master(topic)
         dt = DeltaTable(root)
         columns = [f.name for f in dt.schema().to_arrow()]
         # Times as epoch microseconds and dates as text: the same in both engines.
@@ -349,7 +354,8 @@ def test_master_reads_the_same_in_duckdb_and_spark(crashed_lake: CrashedLake, sp
         ]
         rows = df.selectExpr(*spark_exprs).orderBy("_partition", "_offset").toArrow()
 
-        assert duck.num_rows == rows.num_rows == len(master_keys(c.lake, topic)) > 0
+        expected = sum(k[0] == topic for k in stream.valid)
+        assert duck.num_rows == rows.num_rows == expected > 0
         for name in columns:
             assert duck.column(name).to_pylist() == rows.column(name).to_pylist(), name
 
@@ -420,7 +426,14 @@ def test_replay_after_a_crash_between_quarantine_and_master_commits(
 
 
 def test_sigterm_in_continuous_mode_exits_cleanly(fresh_broker: EmbeddedBroker, tmp_path) -> None:
-    stream = produce_stream(fresh_broker.bootstrap, 3_000, seed=11)
+    stream = Stream()
+    total = 8_000
+    producer = threading.Thread(
+        target=produce_stream,
+        args=(fresh_broker.bootstrap, total),
+        kwargs={"seed": 11, "rate": 800.0, "stream": stream},
+    )
+    producer.start()
     lake = Lake(str(tmp_path / "lake"))
     log = tmp_path / "ingest.log"
     env = ingest_env(LAMBDALAKE_INGEST_BATCH_SIZE="200", LAMBDALAKE_INGEST_BATCH_SECONDS="0.1")
@@ -438,20 +451,24 @@ def test_sigterm_in_continuous_mode_exits_cleanly(fresh_broker: EmbeddedBroker, 
     finally:
         if proc.poll() is None:
             proc.kill()
+        producer.join(timeout=60)
     assert proc.returncode == 0, log.read_text()[-3000:]
     summary = json.loads(out.decode().strip().splitlines()[-1])
-    # Whatever was committed is a whole prefix of each partition, matching the summary.
+    assert "stopped=True" in log.read_text()
+    # Stopped mid-stream, and what was committed is a whole prefix of each partition
+    # (every valid message below the committed position, nothing else), as summarised.
+    positions = {t: ingest_positions(lake.master(t), t) for t in TOPICS}
+    assert 0 < sum(sum(ps.values()) for ps in positions.values()) < total
     for topic in TOPICS:
-        positions = ingest_positions(lake.master(topic), topic)
         keys = sorted(k for k, _ in master_keys(lake, topic))
         expected = sorted(
-            k for k in stream.valid if k[0] == topic and k[2] < positions.get(k[1], 0)
+            k for k in stream.valid if k[0] == topic and k[2] < positions[topic].get(k[1], 0)
         )
         assert keys == expected
         assert summary[topic]["written"] == len(keys)
     q = {(r["_topic"], r["_partition"], r["_offset"]) for r in quarantine_rows(lake)}
+    assert q == {k for k in stream.invalid if k[2] < positions[k[0]].get(k[1], 0)}
     assert sum(s["quarantined"] for s in summary.values()) == len(q)
-    assert "ingest.done" in log.read_text()
 
 
 def test_until_end_gives_up_on_an_absent_broker_with_a_clear_error(tmp_path) -> None:
@@ -533,3 +550,26 @@ def test_columnar_decoder_matches_kafka_python(compression: int) -> None:
     batch._maybe_uncompress()
     got = decode_batch_records(batch._buffer, batch._pos, batch.records_count, batch.base_offset)
     assert got == expected
+
+
+def test_committer_never_commits_past_a_failed_batch() -> None:
+    from batch.ingest import Committer, MicroBatch
+
+    committed: list[int] = []
+
+    def commit(batch: MicroBatch) -> int:
+        n = batch.end["orders"][0]
+        if n == 2:
+            raise OSError("disk full")
+        committed.append(n)
+        return 1
+
+    committer = Committer(commit)
+    for n in range(1, 5):
+        try:
+            committer.submit(MicroBatch(start={"orders": {0: n - 1}}, end={"orders": {0: n}}))
+        except OSError:
+            break
+    with pytest.raises(OSError, match="disk full"):
+        committer.close()
+    assert committed == [1]
