@@ -215,6 +215,12 @@ class RunWatcher(threading.Thread):
                 self._ready = None
         self._wake.set()
 
+    @property
+    def prepared_run_id(self) -> str | None:
+        """The run prepared and waiting for the main thread, if any."""
+        with self._lock:
+            return self._ready.run.run_id if self._ready is not None else None
+
     def take(self) -> PreparedRun | None:
         """The prepared newest run, if it is newer than the applied one and still valid."""
         with self._lock:

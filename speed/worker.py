@@ -235,25 +235,32 @@ class SpeedWorker:
             state=str(self.state.path),
         )
 
-    def step(self, timeout: float = 0.2) -> None:
-        """Apply a newly published run if there is one, then one micro-batch if any."""
+    def apply_pending(self) -> None:
+        """Apply the newest published run if the watcher has one prepared."""
         prepared = self.watcher.take()
         if prepared is not None:
             self.apply(prepared)
+
+    def handle(self, item: Polled | Assigned) -> None:
+        """Take the partitions the poller was assigned, or commit one micro-batch."""
+        if isinstance(item, Assigned):
+            start = self.state.register_partitions(item.partitions)
+            self.poller.seek(start, backwards=True)
+            return
+        # A run published while this batch was in flight is applied first, so the
+        # batch is filtered at the new watermark (exact, by offset).
+        self.apply_pending()
+        self.process(item)
+
+    def step(self, timeout: float = 0.2) -> None:
+        """Apply a newly published run if there is one, then one micro-batch if any."""
+        self.apply_pending()
         try:
             item = self.queue.get(timeout=timeout)
         except queue.Empty:
             item = None
-        if isinstance(item, Assigned):
-            start = self.state.register_partitions(item.partitions)
-            self.poller.seek(start, backwards=True)
-        elif isinstance(item, Polled):
-            # A run published while this batch was in flight is applied first, so the
-            # batch is filtered at the new watermark (exact, by offset).
-            prepared = self.watcher.take()
-            if prepared is not None:
-                self.apply(prepared)
-            self.process(item)
+        if item is not None:
+            self.handle(item)
         if self.poller.error is not None:
             raise RuntimeError(f"the Kafka poller failed: {self.poller.error}")
 

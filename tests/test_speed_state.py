@@ -11,6 +11,7 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -270,3 +271,11 @@ def test_a_state_file_of_another_worker_layout_is_refused(tmp_path: Path) -> Non
     SpeedState(tmp_path / "w.duckdb", (0, 1)).close()
     with pytest.raises(ValueError, match="holds the state of worker 0/1"):
         SpeedState(tmp_path / "w.duckdb", (0, 2))
+
+
+def test_events_below_the_applied_watermark_or_position_are_not_new(state: SpeedState) -> None:
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(3)]))
+    state.apply_run(run_apply("r1", {"orders": {1: 8}}), 48, now=NOW)
+    mask = state.keep_mask("orders", np.array([0, 0, 1, 1, 1]), np.array([2, 3, 7, 8, 9]))
+    # Partition 0 resumes at its position 3; partition 1 at the watermark 8.
+    assert mask.tolist() == [False, True, False, True, True]
