@@ -47,6 +47,7 @@ from batch.ingest_kafka import (
     with_broker_retry,
 )
 from batch.ingest_lake import PositionedTable, master_rows, open_tables, quarantine_rows
+from lambdalake.contracts import validate
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
@@ -347,8 +348,6 @@ class Ingest:
 
     def commit(self, batch: MicroBatch) -> int:
         """Validate ``batch`` and commit it: quarantine first, then each master table."""
-        from lambdalake.contracts import validate
-
         assert self.quarantine is not None
         t0 = time.monotonic()
         ingested_at = datetime.now(UTC)

@@ -37,8 +37,10 @@ Positions = dict[str, dict[int, int]]  # topic -> partition -> next offset to co
 MASTER_PARTITION_BY = ["event_date"]
 
 
-class ConcurrentIngestError(RuntimeError):
-    """Another writer committed ingest positions to the same table meanwhile."""
+class ConcurrentIngestError(ValueError):
+    """Another writer committed ingest positions to the same table meanwhile.
+
+    A ``ValueError`` so the command line reports it as a one-line reason."""
 
 
 # --- pure transforms ----------------------------------------------------------------------

@@ -422,6 +422,32 @@ def test_replay_after_a_crash_between_quarantine_and_master_commits(
     assert_exactly_once(lake, stream)
 
 
+def test_two_ingests_at_once_never_duplicate(fresh_broker: EmbeddedBroker, tmp_path) -> None:
+    stream = produce_stream(fresh_broker.bootstrap, 4_000, seed=17)
+    lake = Lake(str(tmp_path / "lake"))
+    env = ingest_env(LAMBDALAKE_INGEST_BATCH_SIZE="300")
+    procs = []
+    for i in range(2):
+        with open(tmp_path / f"ingest-{i}.log", "wb") as err:
+            procs.append(
+                subprocess.Popen(
+                    [*ingest_cmd(fresh_broker.bootstrap, lake.root), "--until-end"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=env,
+                )
+            )
+    codes = [p.wait(timeout=120) for p in procs]
+    logs = [(tmp_path / f"ingest-{i}.log").read_text() for i in range(2)]
+    assert 0 in codes, logs
+    for code, text in zip(codes, logs, strict=True):
+        # A loser stops with the reason; it never writes a row twice.
+        assert code == 0 or "another ingest committed" in text, text[-2000:]
+    summary = run_until_end(fresh_broker.bootstrap, lake.root, tmp_path / "final.log")
+    assert_exactly_once(lake, stream)
+    assert sum(s["written"] for s in summary.values()) <= len(stream.valid)
+
+
 # --- shutdown and an absent broker -----------------------------------------------------------
 
 
