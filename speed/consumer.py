@@ -3,9 +3,10 @@
 A :class:`Poller` thread owns the KafkaConsumer (kafka-python, no consumer
 group): worker ``I/N`` takes partition ``p`` of each topic when ``p % N == I``.
 It turns polls into micro-batches (up to ``max_records`` messages or
-``max_wait`` seconds), validates them with the shared validator, and hands them
-to the worker's main thread through a small queue, so Kafka fetching and
-validation overlap with the DuckDB commit of the previous micro-batch.
+``max_wait`` seconds) and hands them to the worker's main thread through a
+small queue, which validates (:func:`validate_polled`) and commits them: the
+Python-heavy Kafka fetching overlaps with the DuckDB work of the previous
+micro-batch, which runs mostly outside the GIL.
 
 Positions are NOT kept here: the main thread tells the poller where to start
 (:meth:`Poller.seek`) from the positions committed in the state, and filters
@@ -19,11 +20,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -59,14 +58,13 @@ class RawMessages:
 
 @dataclass
 class Polled:
-    """A validated micro-batch, with the next offset it reached per partition."""
+    """A micro-batch of raw messages, with the next offset it reached per partition."""
 
-    topics: dict[str, TopicBatch] = field(default_factory=dict)
+    raw: dict[str, RawMessages] = field(default_factory=dict)
     ends: dict[TP, int] = field(default_factory=dict)
     messages: int = 0
     first_at: float = 0.0  # monotonic time the first message was polled
     poll_seconds: float = 0.0
-    validate_seconds: float = 0.0
 
 
 @dataclass
@@ -103,7 +101,6 @@ class Poller(threading.Thread):
         *,
         max_records: int = 50_000,
         max_wait: float = 0.2,
-        validate: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__(name=f"speed-poller-{worker[0]}of{worker[1]}", daemon=True)
         self.settings = settings
@@ -112,7 +109,6 @@ class Poller(threading.Thread):
         self.stop_event = stop
         self.max_records = max_records
         self.max_wait = max_wait
-        self._validate = validate
         self._lock = threading.Lock()
         self._seek: dict[TP, int] = {}
         self._force_seek = False
@@ -148,9 +144,6 @@ class Poller(threading.Thread):
                     self.consumer.close(autocommit=False)
 
     def _run(self) -> None:
-        from lambdalake.contracts import validate
-
-        self._validate = self._validate or validate
         delay = 0.5
         while not self.stop_event.is_set():
             if self.consumer is None:
@@ -174,9 +167,8 @@ class Poller(threading.Thread):
                     if self.stop_event.is_set():
                         return
             self._apply_seeks()
-            polled, raw = self._collect()
+            polled = self._collect()
             if polled.messages:
-                self._validate_batch(polled, raw)
                 self._put(polled)
 
     def _put(self, item: Polled | Assigned) -> None:
@@ -232,7 +224,7 @@ class Poller(threading.Thread):
                 self.consumer.seek(tp, offset)
                 self._next[(t, p)] = offset
 
-    def _collect(self) -> tuple[Polled, dict[str, RawMessages]]:
+    def _collect(self) -> Polled:
         """Poll until ``max_records`` messages, ``max_wait`` seconds, or a quiet poll."""
         assert self.consumer is not None
         values: dict[str, list[bytes | None]] = {t: [] for t in TOPICS}
@@ -275,21 +267,28 @@ class Poller(threading.Thread):
             hw = self.consumer.highwater(tp)
             if hw is not None:
                 self.highwater[(tp.topic, tp.partition)] = int(hw)
-        raw = {t: RawMessages(values[t], parts[t], offs[t]) for t in TOPICS if values[t]}
-        return polled, raw
+        polled.raw = {t: RawMessages(values[t], parts[t], offs[t]) for t in TOPICS if values[t]}
+        return polled
 
-    def _validate_batch(self, polled: Polled, raw: dict[str, RawMessages]) -> None:
-        t0 = time.monotonic()
-        for topic, msgs in raw.items():
-            result = self._validate(
-                topic,
-                msgs.values,
-                np.asarray(msgs.partitions, dtype=np.int32),
-                np.asarray(msgs.offsets, dtype=np.int64),
-                max_event_bytes=self.settings.max_event_bytes,
-            )
-            polled.topics[topic] = TopicBatch(valid=result.valid, rejected=result.rejected)
-        polled.validate_seconds = time.monotonic() - t0
+
+def validate_polled(polled: Polled, max_event_bytes: int) -> dict[str, TopicBatch]:
+    """Validate each topic's raw messages with the shared validator (vectorised).
+
+    Runs on the worker's main thread: the validator works in DuckDB and Arrow,
+    mostly outside the GIL, so it overlaps with the poller's next Kafka fetch."""
+    from lambdalake.contracts import validate
+
+    out: dict[str, TopicBatch] = {}
+    for topic, msgs in polled.raw.items():
+        result = validate(
+            topic,
+            msgs.values,
+            pa.array(msgs.partitions, pa.int32()),
+            pa.array(msgs.offsets, pa.int64()),
+            max_event_bytes=max_event_bytes,
+        )
+        out[topic] = TopicBatch(valid=result.valid, rejected=result.rejected)
+    return out
 
 
 def quiet_kafka_logs() -> None:

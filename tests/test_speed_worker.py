@@ -538,16 +538,10 @@ def test_a_published_run_prunes_exactly_at_its_watermark_even_mid_batch(
 
         # Take a micro-batch in flight, then publish run 2 with a watermark inside it.
         item = wait_until(lambda: _next_batch(worker), 30, "a micro-batch in flight")
-        valid = item.topics["orders"].valid
+        raw = item.raw["orders"]
         wm2 = {t: dict(first_ends[t]) for t in first_ends}
-        for p in set(valid["_partition"].to_pylist()):
-            offs = [
-                o
-                for o, pp in zip(
-                    valid["_offset"].to_pylist(), valid["_partition"].to_pylist(), strict=True
-                )
-                if pp == p
-            ]
+        for p in set(raw.partitions):
+            offs = [o for o, pp in zip(raw.offsets, raw.partitions, strict=True) if pp == p]
             wm2["orders"][p] = (min(offs) + max(offs) + 1) // 2
         run2 = publisher.publish("run-2", wm2, list(stream.log))
         wait_until(lambda: worker.watcher.prepared_run_id == "run-2", 30, "run-2 prepared")
@@ -581,7 +575,7 @@ def _next_batch(worker: SpeedWorker) -> Polled | None:
     if not isinstance(item, Polled):
         worker.handle(item)
         return None
-    if "orders" not in item.topics or item.topics["orders"].valid.num_rows < 10:
+    if "orders" not in item.raw or len(item.raw["orders"].offsets) < 10:
         worker.handle(item)
         return None
     return item
