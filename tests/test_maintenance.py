@@ -1,0 +1,115 @@
+"""Maintenance: compaction, checkpoint and vacuum change no table's content or positions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from ingest_stream import (
+    assert_exactly_once,
+    master_keys,
+    produce_stream,
+    quarantine_rows,
+)
+
+from batch.ingest import run_ingest
+from batch.maintenance import compact
+from lambdalake.broker import EmbeddedBroker
+from lambdalake.lake import QUARANTINE, RUNS, VIEW_DAILY_SALES, Lake
+from lambdalake.manifest import RUNS_SCHEMA, RunRecord, ingest_positions
+from lambdalake.settings import TOPICS
+
+
+def lake_content(lake: Lake) -> dict[str, object]:
+    """Every row (as a multiset) and every ingest position of the lake's tables."""
+    out: dict[str, object] = {}
+    for name in ("master/orders", "master/reviews", QUARANTINE, VIEW_DAILY_SALES, RUNS):
+        rows = DeltaTable(lake.table(name)).to_pyarrow_table().to_pylist()
+        out[name] = Counter(repr(sorted(r.items())) for r in rows)
+    for topic in TOPICS:
+        out[f"positions/{topic}"] = ingest_positions(lake.master(topic), topic)
+        out[f"quarantine-positions/{topic}"] = ingest_positions(lake.table(QUARANTINE), topic)
+    return out
+
+
+def file_count(uri: str) -> int:
+    return len(DeltaTable(uri).file_uris())
+
+
+def write_small_commits(lake: Lake) -> None:
+    """A views table and a runs table with many one-row commits, as batch runs leave them."""
+    for day in range(1, 16):
+        row = pa.table(
+            {
+                "date": pa.array([datetime(2025, 1, day, tzinfo=UTC).date()], pa.date32()),
+                "sku": ["sku-1"],
+                "units": pa.array([day], pa.int64()),
+            }
+        )
+        write_deltalake(lake.table(VIEW_DAILY_SALES), row, mode="append")
+        run = RunRecord(run_id=f"run-{day}", status="published", started_at=datetime.now(UTC))
+        write_deltalake(
+            lake.table(RUNS), pa.Table.from_pylist([run.to_row()], RUNS_SCHEMA), mode="append"
+        )
+
+
+def test_compact_keeps_content_and_positions_and_merges_small_files(
+    fresh_broker: EmbeddedBroker, settings_for
+) -> None:
+    stream = produce_stream(fresh_broker.bootstrap, 4_000, seed=31)
+    # Tiny micro-batches: many commits, many small files.
+    settings = settings_for(fresh_broker, ingest_batch_size=100, max_event_bytes=2048)
+    run_ingest(settings, until_end=True, stop=threading.Event())
+    lake = Lake(settings.lake_uri)
+    write_small_commits(lake)
+    before = lake_content(lake)
+    files_before = {t: file_count(lake.table(t)) for t in ("master/orders", VIEW_DAILY_SALES)}
+    versions_before = DeltaTable(lake.master("orders")).version()
+
+    stats = compact(settings, retention_hours=168)
+
+    assert lake_content(lake) == before
+    assert set(stats) == {"master/orders", "master/reviews", QUARANTINE, VIEW_DAILY_SALES, RUNS}
+    for table, n in files_before.items():
+        assert stats[table]["files_before"] == n
+        assert stats[table]["files_after"] == file_count(lake.table(table)) < n / 5
+    orders = DeltaTable(lake.master("orders"))
+    assert orders.version() == versions_before + 1  # one compaction commit
+    log_dir = Path(lake.master("orders")) / "_delta_log"
+    assert any(p.name.endswith(".checkpoint.parquet") for p in log_dir.iterdir())
+
+    # Ingest resumes on the compacted, checkpointed tables: new messages once, old ones never.
+    more = produce_stream(fresh_broker.bootstrap, 1_000, seed=32)
+    again = run_ingest(settings, until_end=True, stop=threading.Event())
+    assert sum(s["written"] for s in again.values()) == len(more.valid)
+    stream.valid.update(more.valid)
+    stream.invalid.update(more.invalid)
+    assert_exactly_once(lake, stream)
+    assert len(master_keys(lake, "orders")) + len(master_keys(lake, "reviews")) == len(stream.valid)
+    assert len(quarantine_rows(lake)) == len(stream.invalid)
+
+
+def test_compact_command_prints_stats_and_refuses_unsafe_retention(tmp_path) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    write_small_commits(lake)
+    cmd = [sys.executable, "-m", "lambdalake.cli", "maintenance", "compact", "--lake", lake.root]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(stats) == {VIEW_DAILY_SALES, RUNS}  # only the tables that exist
+    assert stats[VIEW_DAILY_SALES]["files_before"] == 15
+    assert stats[VIEW_DAILY_SALES]["files_after"] == 1
+
+    refused = subprocess.run(
+        [*cmd, "--retention-hours", "1"], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("lambdalake: error: ")
+    assert "retention" in refused.stderr
