@@ -287,8 +287,11 @@ def write_master(
 ) -> int:
     """Append ``table`` to ``master/<topic>`` like ingest does; returns the new table version.
 
-    Rows go in ``commits`` commits, in offset order; each commit carries the ingest
-    position (one past the highest offset written) of every partition.
+    Offsets in ``table`` count from 0 per partition; they are shifted past the
+    table's current ingest positions, so appending a second generated table
+    continues the log. Rows go in ``commits`` commits, in offset order; each
+    commit carries the ingest position (one past the highest offset written)
+    of every partition.
     """
     from deltalake import DeltaTable, write_deltalake
     from deltalake.transaction import CommitProperties, Transaction
@@ -299,6 +302,13 @@ def write_master(
         dt = DeltaTable(uri, storage_options=lake.storage_options)
         for p in range(partitions):
             positions[p] = dt.transaction_version(ingest_app_id(topic, p)) or 0
+    base = np.array([positions[p] for p in range(partitions)], dtype=np.int64)
+    shifted = table.column("_offset").to_numpy() + base[table.column("_partition").to_numpy()]
+    table = table.set_column(
+        table.schema.get_field_index("_offset"),
+        table.schema.field("_offset"),
+        pa.array(shifted, pa.int64()),
+    )
     table = table.sort_by([("_offset", "ascending"), ("_partition", "ascending")])
     for chunk in _chunks(table, commits):
         parts = chunk.column("_partition").to_numpy()

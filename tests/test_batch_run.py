@@ -1,0 +1,312 @@
+"""Batch runs over master tables written like ingest writes them (real Spark, real Delta).
+
+The master tables come from ``batch.synthetic`` (Arrow tables of the master schema,
+appended with delta-rs together with their ingest positions), so each test knows
+exactly which events, duplicates and offsets the lake holds.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from batch.publish import VIEW_SCHEMAS
+from batch.run import STAGES, InjectedFailure, run_batch
+from batch.snapshot import pin_table, read_pinned
+from batch.synthetic import SalesSpec, build_master, synthetic_orders, write_master
+from lambdalake.lake import (
+    MASTER_ORDERS,
+    MASTER_REVIEWS,
+    RUNS,
+    VIEW_DAILY_SALES,
+    VIEW_DEMAND_FORECAST,
+    VIEW_FORECAST_ACCURACY,
+    VIEW_REVIEW_SCORES,
+    VIEW_SENTIMENT_BY_SKU,
+    Lake,
+)
+from lambdalake.manifest import RunRecord, latest_published_run, read_runs
+from lambdalake.sentiment import SentimentModel
+from lambdalake.settings import Settings
+
+SPEC = SalesSpec(
+    days=84, skus=6, stores=2, end_date=date(2026, 3, 31), seed=7, review_rate=0.2,
+    duplicate_fraction=0.03,
+)  # fmt: skip
+VIEWS = (
+    VIEW_DAILY_SALES,
+    VIEW_REVIEW_SCORES,
+    VIEW_SENTIMENT_BY_SKU,
+    VIEW_DEMAND_FORECAST,
+    VIEW_FORECAST_ACCURACY,
+)
+
+
+def make_settings(root: Path) -> Settings:
+    return Settings(_env_file=None, lake_uri=str(root), spark_master="local[2]")  # type: ignore[call-arg]
+
+
+def view_at(lake: Lake, view: str, version: int) -> pa.Table:
+    return DeltaTable(lake.table(view), version=version).to_pyarrow_table()
+
+
+def duck(lake: Lake, run: RunRecord) -> duckdb.DuckDBPyConnection:
+    """DuckDB over the master snapshot the run pinned and the views it published."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone='UTC'")
+    for name, table in (("orders", MASTER_ORDERS), ("reviews", MASTER_REVIEWS)):
+        dt = DeltaTable(lake.table(table), version=run.master_versions[table])
+        con.register(f"master_{name}", dt.to_pyarrow_table())
+    for view, version in run.view_versions.items():
+        con.register(view.split("/")[1], view_at(lake, view, version))
+    return con
+
+
+@pytest.fixture(scope="module")
+def published(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch") / "lake"
+    lake = Lake(str(root))
+    written = build_master(lake, SPEC, commits=3)
+    settings = make_settings(root)
+    run_id = run_batch(settings, spark=spark)
+    run = latest_published_run(lake.table(RUNS))
+    assert run is not None and run.run_id == run_id
+    return lake, run, written, settings
+
+
+def test_daily_sales_equals_a_duckdb_recompute_over_the_deduplicated_master(published):
+    lake, run, written, _ = published
+    con = duck(lake, run)
+    expected = con.execute(
+        """
+        WITH dedup AS (
+            SELECT * FROM master_orders
+            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY _offset, _partition) = 1
+        )
+        SELECT event_date AS date, store_id, sku, SUM(quantity)::BIGINT AS units,
+               SUM(quantity * unit_price) AS revenue, COUNT(*)::BIGINT AS order_lines
+        FROM dedup GROUP BY ALL ORDER BY date, store_id, sku
+        """
+    ).fetchall()
+    got = con.execute(
+        "SELECT date, store_id, sku, units, revenue, order_lines FROM daily_sales "
+        "ORDER BY date, store_id, sku"
+    ).fetchall()
+    assert len(got) == len(expected) > 100
+    for g, e in zip(got, expected, strict=True):
+        assert g[:4] == e[:4] and g[5] == e[5]
+        assert g[4] == pytest.approx(e[4], rel=1e-9)
+    # The master really held duplicates, and they were not counted.
+    total, distinct = con.execute(
+        "SELECT count(*), count(DISTINCT event_id) FROM master_orders"
+    ).fetchone()
+    assert total > distinct
+    assert con.execute("SELECT sum(order_lines) FROM daily_sales").fetchone()[0] == distinct
+    assert run.row_counts["orders"] == distinct
+    assert written["orders"].num_rows == total
+
+
+def test_sentiment_by_sku_counts_and_means_equal_a_duckdb_recompute(published):
+    lake, run, _, _ = published
+    con = duck(lake, run)
+    expected = con.execute(
+        """
+        WITH dedup AS (
+            SELECT * FROM master_reviews
+            QUALIFY row_number() OVER (PARTITION BY review_id ORDER BY _offset, _partition) = 1
+        )
+        SELECT sku, count(*) AS reviews, avg(rating) AS mean_rating, sum(rating) AS rating_sum
+        FROM dedup GROUP BY sku ORDER BY sku
+        """
+    ).fetchall()
+    got = con.execute(
+        "SELECT sku, reviews, mean_rating, rating_sum FROM sentiment_by_sku ORDER BY sku"
+    ).fetchall()
+    assert [(g[0], g[1], g[3]) for g in got] == [(e[0], e[1], e[3]) for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g[2] == pytest.approx(e[2], rel=1e-12)
+    # Label counts and sentiment sums add up to the scored reviews.
+    mismatches = con.execute(
+        """
+        SELECT count(*) FROM sentiment_by_sku s JOIN (
+            SELECT sku, count(*) n, sum(sentiment) ss,
+                   count(*) FILTER (WHERE label = 'positive') pos,
+                   count(*) FILTER (WHERE label = 'neutral') neu,
+                   count(*) FILTER (WHERE label = 'negative') neg
+            FROM review_scores GROUP BY sku) r USING (sku)
+        WHERE s.reviews <> r.n OR s.positive <> r.pos OR s.neutral <> r.neu
+           OR s.negative <> r.neg OR abs(s.sentiment_sum - r.ss) > 1e-9
+           OR abs(s.mean_sentiment - r.ss / r.n) > 1e-12
+           OR s.positive + s.neutral + s.negative <> s.reviews
+        """
+    ).fetchone()[0]
+    assert mismatches == 0
+
+
+def test_review_scores_equal_what_the_published_model_scores(published):
+    lake, run, _, _ = published
+    model = SentimentModel.load(lake, run.model_versions["sentiment"])
+    assert model.kind == "tfidf-lr"  # enough labelled reviews: the trained model
+    con = duck(lake, run)
+    rows = con.execute(
+        """
+        SELECT s.review_id, s.sentiment, s.label, s.model_version, m.text, m.title
+        FROM review_scores s JOIN (
+            SELECT * FROM master_reviews
+            QUALIFY row_number() OVER (PARTITION BY review_id ORDER BY _offset, _partition) = 1
+        ) m USING (review_id) ORDER BY s.review_id
+        """
+    ).fetchall()
+    assert len(rows) == run.row_counts["reviews"] == run.row_counts[VIEW_REVIEW_SCORES]
+    sentiment, labels = model.score([r[4] for r in rows], [r[5] for r in rows])
+    np.testing.assert_array_equal(np.array([r[1] for r in rows]), sentiment)
+    assert [r[2] for r in rows] == list(labels)
+    assert {r[3] for r in rows} == {model.version}
+
+
+def test_forecast_views_cover_every_series_with_ordered_bounds(published):
+    lake, run, _, _ = published
+    con = duck(lake, run)
+    n_series = con.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT sku, store_id FROM daily_sales)"
+    ).fetchone()[0]
+    last = con.execute("SELECT max(date) FROM daily_sales").fetchone()[0]
+    per_series = con.execute(
+        "SELECT count(*), min(date), max(date) FROM demand_forecast GROUP BY sku, store_id"
+    ).fetchall()
+    assert len(per_series) == n_series
+    assert all(
+        n == 28 and (lo - last).days == 1 and (hi - last).days == 28 for n, lo, hi in per_series
+    )
+    bad = con.execute(
+        """
+        SELECT count(*) FROM demand_forecast WHERE NOT (
+            0 <= lower_95 AND lower_95 <= lower_80 AND lower_80 <= forecast
+            AND forecast <= upper_80 AND upper_80 <= upper_95)
+           OR forecast IS NULL OR upper_95 IS NULL OR isnan(upper_95)
+        """
+    ).fetchone()[0]
+    assert bad == 0
+    acc = con.execute(
+        "SELECT count(*), count(DISTINCT (sku, store_id)), min(n_train_days), "
+        "count(*) FILTER (WHERE mase IS NULL) FROM forecast_accuracy"
+    ).fetchone()
+    assert acc[0] == acc[1] == n_series
+    assert acc[2] >= 70 and acc[3] == 0  # 84 days of history: every series backtested
+    models = {m for (m,) in con.execute("SELECT DISTINCT model FROM forecast_accuracy").fetchall()}
+    assert models <= {"SeasonalNaive", "ETS_ANA", "Theta", "CrostonOptimized", "TSB", "ADIDA"}
+
+
+def test_run_record_lists_the_pin_watermark_views_and_models(published):
+    lake, run, written, _ = published
+    for topic, table in (("orders", MASTER_ORDERS), ("reviews", MASTER_REVIEWS)):
+        assert run.master_versions[table] == DeltaTable(lake.table(table)).version() == 2
+        t = written[topic]
+        parts = t.column("_partition").to_numpy()
+        offs = t.column("_offset").to_numpy()
+        expected = {int(p): int(offs[parts == p].max()) + 1 for p in np.unique(parts)}
+        assert run.watermark[topic] == expected
+    assert set(run.view_versions) == set(VIEWS)
+    for view, version in run.view_versions.items():
+        table = view_at(lake, view, version)
+        assert table.schema.names == VIEW_SCHEMAS[view].names
+        assert set(table.column("run_id").to_pylist()) == {run.run_id}
+        assert table.num_rows == run.row_counts[view]
+    assert set(STAGES) - {"publish"} <= set(run.stage_seconds)
+    assert run.stage_seconds["total"] > 0
+    assert run.model_versions["sentiment"].startswith("tfidf-lr-")
+    assert run.model_versions["forecast"].startswith("statsforecast-2.1.1")
+    statuses = [r.status for r in read_runs(lake.table(RUNS)) if r.run_id == run.run_id]
+    assert statuses == ["running", "published"]
+
+
+def test_spark_reads_exactly_the_pinned_files(spark, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    spec = SalesSpec(days=10, skus=3, stores=2, seed=1)
+    first = synthetic_orders(spec)
+    write_master(lake, "orders", first, partitions=spec.partitions)
+    pin = pin_table(lake, "orders")
+    later = synthetic_orders(SalesSpec(days=10, skus=3, stores=2, seed=2))
+    write_master(lake, "orders", later, partitions=spec.partitions)
+
+    df = read_pinned(spark, pin)
+    assert df.count() == first.num_rows
+    assert dict(df.dtypes)["event_date"] == "date"
+    dates = {r[0] for r in df.select("event_date").distinct().collect()}
+    assert dates == set(first.column("event_date").to_pylist())
+    parts = first.column("_partition").to_numpy()
+    offsets = first.column("_offset").to_numpy()
+    # Every partition has a position, 0 for one without events (as ingest writes them).
+    assert pin.positions == {
+        p: int(offsets[parts == p].max()) + 1 if (parts == p).any() else 0
+        for p in range(spec.partitions)
+    }
+
+
+def test_failure_before_publish_leaves_the_previous_run_served_and_a_rerun_is_clean(
+    spark, tmp_path
+):
+    root = tmp_path / "lake"
+    lake = Lake(str(root))
+    settings = make_settings(root)
+    small = SalesSpec(days=35, skus=3, stores=2, seed=21, review_rate=0.05)
+    build_master(lake, small)
+    first_id = run_batch(settings, spark=spark)
+    first = latest_published_run(lake.table(RUNS))
+    assert first is not None and first.run_id == first_id
+    before = {v: view_at(lake, v, n) for v, n in first.view_versions.items()}
+
+    # New events arrive; the next run dies after three of its five views are committed.
+    more = SalesSpec(days=35, skus=3, stores=2, seed=22, review_rate=0.05)
+    build_master(lake, more)
+    with pytest.raises(InjectedFailure):
+        run_batch(settings, spark=spark, fail_after_stage="sentiment_by_sku")
+
+    current = latest_published_run(lake.table(RUNS))
+    assert current is not None and current.run_id == first_id
+    failed = [r for r in read_runs(lake.table(RUNS)) if r.status == "failed"]
+    assert len(failed) == 1 and "injected failure" in (failed[0].error or "")
+    # The failed run did commit some views, but readers pinning the served run see it unchanged.
+    moved = [v for v in VIEWS if DeltaTable(lake.table(v)).version() > first.view_versions[v]]
+    assert set(moved) == {VIEW_DAILY_SALES, VIEW_REVIEW_SCORES, VIEW_SENTIMENT_BY_SKU}
+    for view, version in first.view_versions.items():
+        assert view_at(lake, view, version).equals(before[view])
+
+    # A rerun publishes cleanly: only its own rows, the new events included.
+    third_id = run_batch(settings, spark=spark)
+    third = latest_published_run(lake.table(RUNS))
+    assert third is not None and third.run_id == third_id != failed[0].run_id
+    for view, version in third.view_versions.items():
+        assert set(view_at(lake, view, version).column("run_id").to_pylist()) == {third_id}
+    assert third.row_counts["orders"] > first.row_counts["orders"]
+    assert (
+        sum(
+            view_at(lake, VIEW_DAILY_SALES, third.view_versions[VIEW_DAILY_SALES])
+            .column("order_lines")
+            .to_pylist()
+        )
+        == third.row_counts["orders"]
+    )
+
+
+def test_a_run_over_an_empty_lake_publishes_empty_views_and_says_why(spark, tmp_path):
+    root = tmp_path / "lake"
+    run_id = run_batch(make_settings(root), spark=spark)
+    run = latest_published_run(Lake(str(root)).table(RUNS))
+    assert run is not None and run.run_id == run_id
+    assert run.master_versions == {} and run.watermark == {"orders": {}, "reviews": {}}
+    assert all(run.row_counts[v] == 0 for v in VIEWS)
+    assert any("master/orders absent" in n for n in run.notes)
+    assert any("lexicon" in n for n in run.notes)
+    assert run.model_versions["sentiment"] == "vader-lexicon-3.3.2"
+
+
+def test_unknown_stage_for_the_failure_hook_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="fail_after_stage must be one of"):
+        run_batch(make_settings(tmp_path / "lake"), spark=object(), fail_after_stage="nope")  # type: ignore[arg-type]
