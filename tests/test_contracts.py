@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import random
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -430,6 +431,20 @@ def test_ordinary_messages_never_need_the_reference() -> None:
     assert validated.valid.num_rows == 301
 
 
+def test_nesting_repeated_names_and_escapes_are_checked_exactly_on_the_fast_path() -> None:
+    values = [
+        message("orders", meta={"source": {"app": "pos", "tags": [[1], [2]]}}),  # nested
+        message("orders", note='the "sku" and "sku" again'),  # a name twice, in a value
+        b'{"event\\u005fid":"e1",' + message("orders", event_id=DROP)[1:],  # escaped name
+        b'{"sku":"a",' + message("orders")[1:],  # a field named twice
+        b'{"sku":"a","sku":null,' + message("orders", sku=DROP)[1:],  # ... once null
+    ]
+    validated, by_reference = contracts._validate("orders", values, [0] * 5, range(5), 10**6)
+    assert by_reference == 0
+    assert validated.valid.column("_offset").to_pylist() == [0, 1, 2]
+    assert validated.rejected.column("reason").to_pylist() == ["bad_json", "bad_json"]
+
+
 def test_rows_the_fast_path_cannot_decide_go_to_the_reference() -> None:
     values = [
         message("orders"),
@@ -459,20 +474,33 @@ def assert_agrees(topic: str, values: list[bytes | None]) -> None:
             assert math.copysign(1, got["unit_price"]) == math.copysign(1, expected["unit_price"])
 
 
-PROPERTY = settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+def property_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 topics = st.sampled_from(["orders", "reviews"])
 
 
-@PROPERTY
+@property_settings(30)
 @given(topics, st.lists(st.one_of(st.none(), st.binary(max_size=64)), min_size=1, max_size=200))
 def test_random_bytes_agree_with_the_reference(topic: str, values: list[bytes | None]) -> None:
     assert_agrees(topic, values)
 
 
+@property_settings(30)
+@given(topics, st.lists(st.text(alphabet='{}[],:"\\ 0123456789.-eEtrufalsnNI', max_size=40)))
+def test_random_json_like_text_agrees_with_the_reference(topic: str, texts: list[str]) -> None:
+    assert_agrees(topic, [t.encode() for t in texts])
+
+
+# Near-valid messages: a valid event with fields dropped, nulled or replaced by values of
+# every JSON type (boundary numbers, odd strings and times, nesting), written by one of
+# several serialisers, sometimes with bytes spliced in. Each example is a batch of 200
+# from a seeded Random (Hypothesis picks the seed, so a failure replays).
 BOUNDARY_NUMBERS = [
     0,
     -0.0,
@@ -482,132 +510,190 @@ BOUNDARY_NUMBERS = [
     6,
     1_000_000,
     1_000_001,
+    -1_000_000,
     -1_000_001,
+    2**31,
+    2**53 + 1,
     2**63 - 1,
     2**63,
+    -(2**63),
     -(2**63) - 1,
+    2**64 - 1,
     2**64,
     10**30,
+    -(10**30),
+    10**400,
     946684800000,
     946684799999,
     4102444799999,
     4102444800000,
+    1714567890123,
+    0.0,
     5.0,
+    1.5,
     1e9,
     1e9 + 0.5,
     1e-320,
-    1.7e308,
+    1e308,
+    -1e-5,
     19.99,
-    1e22,
     0.1,
+    2.5e-308,
+    1e22,
+    -1e-7,
+    5e-324,
+    1e16,  # yyjson writes some of these back without a '.'
 ]
 WEIRD_STRINGS = [
     "",
+    "a",
     "USD",
     "usd",
-    "EURO",
+    "US",
+    "USDX",
+    "ÉUR",
+    "U\u0000D",
     "x" * 256,
     "x" * 257,
+    "é" * 256,
     "😀" * 257,
     "e\u0301",
-    "\u0000",
     "\u2028",
-    "t" * 1001,
-    "\\",
-    '"',
+    "\x7f",
     "null",
     "5",
+    "t" * 1000,
+    "t" * 1001,
+    "y" * 20_000,
+    "y" * 20_001,
+    '"',
+    "\\",
     "２０２４",
 ]
 TIMES_TO_TRY = [
     "2024-05-01T12:34:56Z",
-    "2024-05-01t12:34:56.1234567z",
-    "2024-05-01 12:34:56-08:00",
-    "2024-02-29T00:00:00+05:30",
+    "2024-05-01t12:34:56z",
+    "2024-05-01 12:34:56+00:00",
+    "2024-05-01T12:34:56.1234567890-08:00",
+    "2024-02-29T00:00:00Z",
     "2023-02-29T00:00:00Z",
     "2024-04-31T00:00:00Z",
     "2024-01-01T24:00:00Z",
+    "2024-01-01T23:60:00Z",
     "2024-01-01T23:59:60Z",
+    "2024-01-01T00:00:00+24:00",
     "2024-01-01T00:00:00+23:59",
+    "2024-01-01T00:00:00-23:59",
     "2024-01-01T00:00:00+05:60",
     "0000-01-01T00:00:00Z",
     "0001-01-01T00:00:00+01:00",
-    "9999-12-31T23:59:59-23:59",
+    "9999-12-31T23:59:59-01:00",
+    "1999-12-31T23:59:59.999999Z",
+    "2000-01-01T00:00:00Z",
     "1999-12-31T23:00:00-01:00",
     "2099-12-31T23:59:59.9999999Z",
+    "2100-01-01T00:00:00Z",
     "2100-01-01T00:30:00+01:00",
     "2024-05-01T12:34:56",
     "2024-05-01T12:34:56.Z",
     "2024-05-01T12:34Z",
     "2024-5-01T12:34:56Z",
+    "２０２４-05-01T12:34:56Z",
     "2024-05-01T12:34:56+0530",
+    "2024-05-01T12:34:56 Z",
+    "2024-05-01T12:34:56Z\n",
     " 2024-05-01T12:34:56Z",
+    "2024-13-01T00:00:00Z",
+    "2024-01-00T00:00:00Z",
+    "",
 ]
-json_leaves = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.sampled_from(BOUNDARY_NUMBERS),
-    st.integers(),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from(WEIRD_STRINGS),
-    st.sampled_from(TIMES_TO_TRY),
-    st.text(max_size=20),
-)
-json_values = st.recursive(
-    json_leaves,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
+SPLICES = [
+    b",",
+    b",]",
+    b",}",
+    b"NaN",
+    b"-Infinity",
+    b"inf",
+    b"nan",
+    b"\\u0000",
+    b"\\ud800",
+    b"\\ud83d\\ude00",
+    b'"',
+    b"\\",
+    b"1e999",
+    b"-0",
+    b"00",
+    b'"sku":"dup",',
+    b"\xef\xbb\xbf",
+    b" ",
+    b"[" * 130,
+    b"null",
+    b"true",
+    b"\xff",
+    b"\x00",
+    b"\xc3\xa9",
+]
 
 
-@st.composite
-def near_valid_messages(draw: st.DrawFn, topic: str) -> bytes:
-    """A valid event with a few fields dropped or replaced, written by one of several
-    serialisers, sometimes with bytes spliced in."""
-    event: dict[str, Any] = dict(BASE[topic])
-    for name in draw(st.lists(st.sampled_from([*event, "extra"]), max_size=3)):
-        if draw(st.booleans()):
-            event.pop(name, None)
-        else:
-            event[name] = draw(json_values)
-    style = draw(st.sampled_from(["orjson", "ascii", "pretty"]))
-    if style == "orjson":
+def random_json(rnd: random.Random, depth: int = 0) -> Any:
+    kind = rnd.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rnd.choice([True, False])
+    if kind == 2:
+        return rnd.choice(BOUNDARY_NUMBERS)
+    if kind == 3:
+        return rnd.choice(WEIRD_STRINGS)
+    if kind == 4:
+        return rnd.choice(TIMES_TO_TRY)
+    if kind == 5:
+        return rnd.choice([rnd.uniform(-1e12, 1e12), rnd.randint(-(10**20), 10**20)])
+    if kind == 6:
+        return [random_json(rnd, depth + 1) for _ in range(rnd.randrange(3))]
+    return {rnd.choice(["a", "sku", "x"]): random_json(rnd, depth + 1) for _ in range(3)}
+
+
+def serialise(rnd: random.Random, event: dict[str, Any]) -> bytes:
+    style = rnd.randrange(4)
+    if style == 0:
         try:
-            data = orjson.dumps(event)
-        except TypeError:  # integers beyond 64 bits
-            data = json.dumps(event).encode()
-    elif style == "ascii":
-        data = json.dumps(event).encode()
-    else:
-        data = json.dumps(event, ensure_ascii=False, indent="\t").encode("utf-8", "surrogatepass")
-    if draw(st.integers(0, 4)) == 0:  # splice: exercise the JSON reader's edges
-        at = draw(st.integers(0, len(data)))
-        snippet = draw(
-            st.sampled_from(
-                [
-                    b",",
-                    b",}",
-                    b"NaN",
-                    b"-Infinity",
-                    b"\\ud800",
-                    b"\xff",
-                    b'"sku":"a",',
-                    b"[" * 130,
-                    b" ",
-                    b"\x00",
-                    b"1e999",
-                ]
-            )
-        )
-        data = data[:at] + snippet + data[at:]
+            return orjson.dumps(event)
+        except TypeError:  # an integer beyond 64 bits
+            pass
+    if style == 1:
+        return json.dumps(event, ensure_ascii=False, indent=rnd.choice([None, 1, "\t"])).encode()
+    if style == 2:
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(event).encode()  # ASCII with \\u escapes, ", " and ": "
+
+
+def near_valid_message(rnd: random.Random, topic: str) -> bytes:
+    event: dict[str, Any] = dict(BASE[topic])
+    for _ in range(rnd.randrange(1, 4)):
+        name = rnd.choice([*event, "extra"])
+        r = rnd.random()
+        if r < 0.15:
+            event.pop(name, None)
+        elif r < 0.25:
+            event[name] = None
+        else:
+            event[name] = random_json(rnd)
+    data = serialise(rnd, event)
+    if rnd.random() < 0.25:  # exercise the edges of the JSON reader
+        data = bytearray(data)
+        for _ in range(rnd.randrange(1, 3)):
+            at = rnd.randrange(len(data) + 1)
+            if rnd.random() < 0.3 and data:
+                del data[min(at, len(data) - 1)]
+            else:
+                data[at:at] = rnd.choice(SPLICES)
+        data = bytes(data)
     return data
 
 
-@PROPERTY
-@given(st.data())
-def test_near_valid_json_agrees_with_the_reference(data: st.DataObject) -> None:
-    topic = data.draw(topics)
-    values = data.draw(st.lists(near_valid_messages(topic), min_size=1, max_size=200))
-    assert_agrees(topic, values)
+@property_settings(100)
+@given(topics, st.integers(0, 2**64))
+def test_near_valid_json_agrees_with_the_reference(topic: str, seed: int) -> None:
+    rnd = random.Random(seed)
+    assert_agrees(topic, [near_valid_message(rnd, topic) for _ in range(200)])
