@@ -512,6 +512,7 @@ class SpeedWorker:
                 pytest.fail(f"speed worker {self.index}/{self.count} exited:\n{self.log_tail()}")
             got = self.offsets()
             if all(got.get(t, {}).get(p, 0) >= ends[t][p] for t in TOPICS for p in self.partitions):
+                progress(f"speed worker {self.index}/{self.count} caught up")
                 return
             if time.monotonic() > deadline:
                 pytest.fail(
@@ -593,6 +594,17 @@ class Checker:
             q = random_query(self.rng, self.now)
             body = self.sales_matches(q, step)
             self._check_coverage(body, "orders", ends, run_id, degraded_partitions, step)
+        # The forecast's actuals are merged daily units too.
+        for _ in range(3):
+            sku, store = self.rng.choice(SKUS), self.rng.choice(STORES)
+            body = self.get(f"/v1/forecast/{sku}", {"store_id": store, "horizon": 1})
+            today = datetime.now(UTC).date()
+            q = day_query(sku, store, today)
+            q["_expect"] = ("day", q["_expect"][1] - timedelta(days=13), q["_expect"][2])
+            want = Recompute(self.log, body["as_of"]).sales(q)
+            assert {a["date"]: a["units"] for a in body["actuals"]} == {
+                k: v[0] for k, v in want.items()
+            }, f"[{step}] forecast actuals of {sku}/{store}"
         # Every SKU's sentiment, against the reviews scored with the run's model.
         scores = self.scores()
         for sku in [*SKUS, "sku-unknown"]:
@@ -680,7 +692,13 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
     def run_batch(settings: Settings, spark: Any) -> str:
         # Forecasts are not what this test checks: a short horizon keeps Spark runs quick.
         progress("batch run")
-        fcfg = ForecastConfig(horizon=7, backtest_windows=1, backtest_horizon=7)
+        fcfg = ForecastConfig(
+            horizon=7,
+            backtest_windows=1,
+            backtest_horizon=7,
+            smooth_models=("SeasonalNaive",),
+            intermittent_models=("SeasonalNaive",),
+        )
         run_id = batch_run(settings, spark=spark, forecast_config=fcfg)
         progress(f"batch run {run_id} published")
         return run_id
