@@ -777,7 +777,7 @@ def _helper_app() -> Any:
     # Defaults carry the options (not Annotated aliases): this module postpones annotations,
     # and typer must resolve them from module globals.
     def settings_of(bootstrap: str | None, lake: str | None) -> Settings:
-        return Settings().with_overrides(bootstrap=bootstrap, lake=lake)
+        return Settings().with_overrides(bootstrap=bootstrap, lake=lake)  # type: ignore[call-arg]
 
     def fail(message: str) -> None:
         typer.echo(f"lambdalake: error: {message}", err=True)
