@@ -6,19 +6,19 @@ One run, one broker, one pre-filled ``orders`` topic, the same aggregation
 1. **this worker** (``lambdalake speed run`` as a subprocess) drains the topic:
    sustained events/s, peak RSS; its answer (through the Flight endpoint) is
    checked against an independent DuckDB recompute of what was produced.
-2. **freshness**: with the worker caught up, a producer sends a steady
-   ``--rate`` events/s; probe events are timed from ``send`` to "covered by an
-   answer of the query endpoint" (the answer's offsets pass the probe's
-   offset): p50 / p99.
-3. **naive baseline**: kafka-python, one DuckDB transaction per message (dedup
+2. **naive baseline**: kafka-python, one DuckDB transaction per message (dedup
    insert + aggregate upsert + position), bounded to ``--naive-seconds`` and
    extrapolated; its partial result is checked against the recompute of the
    prefix it consumed.
-4. **Quix Streams** (if installed; ``pip install quixstreams``, not a project
+3. **Quix Streams** (if installed; ``pip install quixstreams``, not a project
    dependency) in a subprocess: tumbling 1 h event-time windows with
    ``Sum``/``Count`` per message key (``store|sku``), at-least-once, no
    changelog topics; its consumer-group join is timed and reported apart; its
    final window values are checked against the recompute.
+4. **freshness** (last: it adds events to the topic): the worker again (it
+   resumes at the end) while a producer sends a steady ``--rate`` events/s;
+   probe events are timed from ``send`` to "covered by an answer of the query
+   endpoint" (the answer's offsets pass the probe's offset): p50 / p99.
 
 The events are all valid and unique, keyed ``store|sku``, with event times
 spread over ``--days`` days in random order (so windows see out-of-order data).
@@ -40,6 +40,8 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,9 +68,11 @@ def say(stage: str, **facts: Any) -> None:
 # --- data ------------------------------------------------------------------------------------
 
 
-def make_events(n: int, *, skus: int, stores: int, days: int, seed: int) -> list[dict]:
+def make_events(
+    n: int, *, skus: int, stores: int, days: int, seed: int, end: datetime | None = None
+) -> list[dict]:
     rng = random.Random(seed)
-    end = datetime.now(UTC).replace(microsecond=0)
+    end = end or datetime.now(UTC).replace(microsecond=0)
     span = days * 86_400
     return [
         {
@@ -164,6 +168,18 @@ def same(a: Sums, b: Sums) -> bool:
     )
 
 
+def differences(got: Sums, want: Sums, limit: int = 5) -> dict[str, Any]:
+    """A short account of how two results differ (for the report when they do)."""
+    keys = sorted(set(got) | set(want))
+    diff = [k for k in keys if got.get(k) != want.get(k)]
+    return {
+        "groups": [len(got), len(want)],
+        "order_lines": [sum(v[2] for v in got.values()), sum(v[2] for v in want.values())],
+        "differing_groups": len(diff),
+        "examples": [[list(k), got.get(k), want.get(k)] for k in diff[:limit]],
+    }
+
+
 def true_ends(bootstrap: str, partitions: int) -> dict[int, int]:
     from lambdalake.kafka import end_offsets
 
@@ -184,15 +200,10 @@ def peak_rss_mb(pid: int) -> float | None:
 # --- 1 + 2: this worker and freshness ---------------------------------------------------------------
 
 
-def run_ours(
-    bootstrap: str,
-    partitions: int,
-    ends: dict[int, int],
-    workdir: Path,
-    args: argparse.Namespace,
-    events: list[dict],
-    where: list[tuple[int, int]],
-) -> dict[str, Any]:
+@contextmanager
+def our_worker(bootstrap: str, workdir: Path) -> Iterator[tuple[str, subprocess.Popen, float]]:
+    """``lambdalake speed run`` as a subprocess (state in ``workdir``); yields its
+    endpoint, the process and the seconds it took to connect; SIGTERM after."""
     port = free_port()
     endpoint = f"grpc://127.0.0.1:{port}"
     env = {
@@ -205,10 +216,9 @@ def run_ours(
         sys.executable, "-m", "lambdalake.cli", "speed", "run", "--bootstrap", bootstrap,
         "--lake", str(workdir / "lake"), "--query-port", str(port),
     ]  # fmt: skip
+    t_start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    total = sum(ends.values())
     try:
-        t_start = time.monotonic()
         status: dict[str, Any] = {}
         while not status.get("connected"):
             if proc.poll() is not None:
@@ -217,9 +227,27 @@ def run_ours(
                 status = speed_status(endpoint, timeout=2)
             except Exception:  # not listening yet
                 time.sleep(0.05)
+        yield endpoint, proc, time.monotonic() - t_start
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_ours(
+    bootstrap: str,
+    ends: dict[int, int],
+    workdir: Path,
+    events: list[dict],
+    where: list[tuple[int, int]],
+) -> dict[str, Any]:
+    """Drain the pre-filled topic with this worker; verify its answer."""
+    total = sum(ends.values())
+    with our_worker(bootstrap, workdir) as (endpoint, proc, startup):
         t0 = time.monotonic()
-        say("ours.started", startup_s=round(t0 - t_start, 2))
-        done = 0
+        say("ours.started", startup_s=round(startup, 2))
         while True:
             status = speed_status(endpoint, timeout=5)
             done = sum(int(o) for o in status["offsets"].get("orders", {}).values())
@@ -230,36 +258,36 @@ def run_ours(
         rate = total / seconds
         say("ours.drained", events=total, seconds=round(seconds, 2), per_s=round(rate))
         answer = query_speed(endpoint, SpeedQuery(view="sales", granularity="hour"), timeout=30)
-        got = {
-            (_iso(r["period"]), r["store_id"], r["sku"]): (
-                r["units"],
-                r["revenue"],
-                r["order_lines"],
-            )
-            for r in answer.table.to_pylist()
-        }
-        want = recompute(events, where, None)
-        ok = same(got, want)
-        say("ours.verified", equal=ok, groups=len(want))
-        since = status.get("since_start", {})
-        result = {
-            "events": total,
-            "seconds": round(seconds, 3),
-            "events_per_s": round(rate),
-            "startup_seconds": round(t0 - t_start, 2),
-            "peak_rss_mb": peak_rss_mb(proc.pid),
-            "equal_to_recompute": ok,
-            "batches": since.get("batches"),
-            "stage_seconds": {k: since.get(f"{k}_seconds") for k in ("poll", "validate", "commit")},
-        }
-        result["freshness"] = freshness(bootstrap, partitions, endpoint, args)
-        return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        rss = peak_rss_mb(proc.pid)
+    got = {
+        (_iso(r["period"]), r["store_id"], r["sku"]): (r["units"], r["revenue"], r["order_lines"])
+        for r in answer.table.to_pylist()
+    }
+    want = recompute(events, where, None)
+    ok = same(got, want)
+    say("ours.verified", equal=ok, groups=len(want))
+    since = status.get("since_start", {})
+    result = {
+        "events": total,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(rate),
+        "startup_seconds": round(startup, 2),
+        "peak_rss_mb": rss,
+        "equal_to_recompute": ok,
+        "batches": since.get("batches"),
+        "stage_seconds": {k: since.get(f"{k}_seconds") for k in ("poll", "validate", "commit")},
+    }
+    if not ok:
+        result["differences"] = differences(got, want)
+    return result
+
+
+def run_freshness(
+    bootstrap: str, partitions: int, workdir: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The worker again (it resumes at the end), under a steady stream."""
+    with our_worker(bootstrap, workdir) as (endpoint, _, _):
+        return freshness(bootstrap, partitions, endpoint, args)
 
 
 def freshness(bootstrap: str, partitions: int, endpoint: str, args: argparse.Namespace) -> dict:
@@ -446,6 +474,10 @@ def quix_child(args: argparse.Namespace) -> None:
         return int(datetime.fromisoformat(value["event_time"]).timestamp() * 1000)
 
     topic = app.topic("orders", value_deserializer="json", timestamp_extractor=event_ms)
+    # Tansu's DescribeConfigs has no retention.ms, which Quix's window state requires.
+    config = topic.broker_config
+    config.extra_config.setdefault("retention.ms", "-1")
+    topic.broker_config = config
     sdf = app.dataframe(topic)
     sdf["revenue"] = sdf.apply(lambda v: v["quantity"] * v["unit_price"])
     sdf = (
@@ -506,7 +538,8 @@ def run_quix(
         store, sku = key.split("|")
         hour = datetime.fromtimestamp(int(start) / 1000, UTC)
         got[(_iso(hour), store, sku)] = (int(u), float(rv), int(c))
-    ok = same(got, recompute(events, where, None))
+    want = recompute(events, where, None)
+    ok = same(got, want)
     result = {
         "version": quixstreams.__version__,
         "events": data["processed"],
@@ -516,6 +549,8 @@ def run_quix(
         "peak_rss_mb": rss,
         "equal_to_recompute": ok,
     }
+    if not ok:
+        result["differences"] = differences(got, want)
     say("quix", **result)
     return result
 
@@ -562,9 +597,7 @@ def main() -> None:
             "partitions": args.partitions,
             "machine": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)},
         }
-        results["ours"] = run_ours(
-            broker.bootstrap, args.partitions, ends, workdir, args, events, where
-        )
+        results["ours"] = run_ours(broker.bootstrap, ends, workdir, events, where)
         results["naive"] = run_naive(
             broker.bootstrap,
             args.partitions,
@@ -578,6 +611,8 @@ def main() -> None:
             results["quix"] = {"skipped": "--skip-quix"}
         else:
             results["quix"] = run_quix(broker.bootstrap, len(events), workdir, args, events, where)
+        # Last: the steady stream adds events to the topic the others read.
+        results["freshness"] = run_freshness(broker.bootstrap, args.partitions, workdir, args)
         ours, naive, quix = results["ours"], results["naive"], results["quix"]
         results["speedup"] = {
             "vs_naive": round(ours["events_per_s"] / naive["events_per_s"], 1),

@@ -166,10 +166,28 @@ class Poller(threading.Thread):
                 while not self._started.wait(0.1):
                     if self.stop_event.is_set():
                         return
-            self._apply_seeks()
-            polled = self._collect()
+            try:
+                self._apply_seeks()
+                polled = self._collect()
+            except KafkaError as exc:
+                # Start over with a new client; the main thread re-seeks it to the
+                # committed positions, and anything polled twice is dropped there.
+                log.warning("speed.consumer_error", error=f"{type(exc).__name__}: {exc}")
+                self._drop_consumer()
+                continue
             if polled.messages:
                 self._put(polled)
+
+    def _drop_consumer(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        self.connected = False
+        self._started.clear()
+        self._next.clear()
+        with self._lock:
+            self._seek.clear()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                consumer.close(autocommit=False)
 
     def _put(self, item: Polled | Assigned) -> None:
         while not self.stop_event.is_set():
@@ -197,7 +215,7 @@ class Poller(threading.Thread):
                 parts[topic] = sorted(found)
             owned = owned_partitions(parts, self.worker)
             if not owned:
-                raise TimeoutError(
+                raise ValueError(
                     f"worker {self.worker[0]}/{self.worker[1]} owns no partition of "
                     f"{parts}; use fewer workers"
                 )

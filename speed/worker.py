@@ -160,11 +160,13 @@ class SpeedWorker:
         self.watcher.applied(
             applied.run_id, applied.watermark, applied.master_versions, applied.model_version
         )
-        if self.poller.assigned:
-            self.poller.seek(
-                {tp: self.state.positions[tp] for tp in self.poller.assigned},
-                backwards=prepared.reset,
-            )
+        positions = {
+            tp: self.state.positions[tp]
+            for tp in self.poller.assigned
+            if tp in self.state.positions
+        }
+        if positions:
+            self.poller.seek(positions, backwards=prepared.reset)
         log.info(
             "speed.run_applied",
             run_id=run.run_id,
@@ -273,7 +275,7 @@ class SpeedWorker:
         if item is not None:
             self.handle(item)
         if self.poller.error is not None:
-            raise RuntimeError(f"the Kafka poller failed: {self.poller.error}")
+            raise self.poller.error
 
     def run(self, stop: threading.Event, query_port: int) -> None:
         self.start(query_port)
