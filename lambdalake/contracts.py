@@ -462,8 +462,9 @@ def _field_columns_sql(name: str, kind: str) -> list[str]:
             f"CASE WHEN prefix({e}, '\"') THEN json_extract_string({e}, '$') END AS v_{name}"
         )
     if kind in _NUMBER_KINDS:
-        # yyjson writes a number back as read when it is an integer (any size), else
-        # with '.', 'e' or as NaN/Infinity; other JSON types start with one of these.
+        # from_json gives a number as yyjson writes it: an integer as its digits (any
+        # size, verbatim), a float with '.' or 'e' (or as NaN/Infinity, which only
+        # suspect rows hold). Every other JSON type starts with one of these.
         cols.append(
             f"NOT ({e} IS NULL OR prefix({e}, '\"') OR prefix({e}, 't') OR prefix({e}, 'f') "
             f"OR prefix({e}, 'n') OR prefix({e}, '[') OR prefix({e}, '{{')) AS num_{name}"
@@ -658,7 +659,12 @@ class _Engine:
             self.con.execute(f"PREPARE validate_{topic} AS {_build_sql(topic)}")
         # Close with the engine (its thread ended) or at exit: a live connection that
         # holds Python objects at interpreter shutdown trips nanobind's leak check.
-        weakref.finalize(self, self.con.close)
+        self._close = weakref.finalize(self, self.con.close)
+
+    def abandon(self) -> None:
+        """Never touch this connection again (this process is a fork of its owner)."""
+        self._close.detach()
+        _ABANDONED.append(self)
 
     def _run(self, source: _Source, table: pa.Table, statement: str) -> pa.Table:
         source.table = table.cast(source.schema)
@@ -676,17 +682,22 @@ class _Engine:
         return out.column("ok").chunk(0) if out.num_rows else pa.array([], pa.bool_())
 
     def validate(self, topic: str, text: pa.Array, suspect: pa.Array) -> pa.Table:
-        return self._run(self.batch, pa.table({"s": text, "suspect": suspect}), f"validate_{topic}")
+        batch = pa.table({"s": text, "suspect": suspect})
+        return self._run(self.batch, batch, f"validate_{topic}")
 
 
 _local = threading.local()
+_ABANDONED: list[_Engine] = []
 
 
 def _engine() -> _Engine:
     """This thread's engine; a forked child makes its own (a connection must not cross a
     fork)."""
     engine: _Engine | None = getattr(_local, "engine", None)
-    if engine is None or engine.pid != os.getpid():
+    if engine is not None and engine.pid != os.getpid():
+        engine.abandon()
+        engine = None
+    if engine is None:
         engine = _local.engine = _Engine()
     return engine
 

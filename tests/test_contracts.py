@@ -6,7 +6,9 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import multiprocessing
 import random
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -454,6 +456,33 @@ def test_rows_the_fast_path_cannot_decide_go_to_the_reference() -> None:
     validated, by_reference = contracts._validate("orders", values, [0] * 3, range(3), 10**6)
     assert by_reference == 2
     assert validated.rejected.column("reason").to_pylist() == ["bad_json", "bad_json"]
+
+
+def _reasons_in_child(queue: Any) -> None:
+    queue.put(validate_all("orders", [b"[]", message("orders")]).rejected["reason"].to_pylist())
+
+
+def test_validate_works_in_threads_and_forked_children() -> None:
+    validate_all("orders", [b"{}"])  # this thread's engine exists before the fork
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_reasons_in_child, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) == ["not_object"]
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: one("reviews", message("reviews", rating=i)), range(8)))
+    assert [r if isinstance(r, str) else r["rating"] for r in results] == [
+        "out_of_range:rating",
+        1,
+        2,
+        3,
+        4,
+        5,
+        "out_of_range:rating",
+        "out_of_range:rating",
+    ]
 
 
 def test_docstring_examples_hold() -> None:
