@@ -168,8 +168,27 @@ def read_runs(runs_uri: str, storage_options: dict[str, str] | None = None) -> l
 def latest_published_run(
     runs_uri: str, storage_options: dict[str, str] | None = None
 ) -> RunRecord | None:
-    """The run readers serve: the most recently published one, or ``None``."""
-    published = [r for r in read_runs(runs_uri, storage_options) if r.status == "published"]
+    """The run readers serve: the most recently published one that was not withdrawn.
+
+    A ``failed`` row recorded at or after a run's publication (a data-quality check
+    may write one, with ``published_at`` = the time of the withdrawal) withdraws that
+    run: readers fall back to the previous published run. A ``failed`` row from
+    before the publication (an earlier attempt of the same run_id) does not.
+    """
+    runs = read_runs(runs_uri, storage_options)
+    failed_at: dict[str, datetime] = {}
+    for r in runs:
+        if r.status == "failed":
+            at = r.published_at or r.started_at
+            failed_at[r.run_id] = max(at, failed_at.get(r.run_id, at))
+    published = [
+        r
+        for r in runs
+        if r.status == "published"
+        and not (
+            r.run_id in failed_at and failed_at[r.run_id] >= (r.published_at or r.started_at)
+        )
+    ]
     if not published:
         return None
     return max(published, key=lambda r: r.published_at or r.started_at)
