@@ -255,6 +255,10 @@ class RunWatcher(threading.Thread):
         self.latest = run
         with self._lock:
             applied = self._applied
+        if run is None and applied[0] is not None:
+            # The applied run was withdrawn and no other is published: back to holding
+            # everything from offset 0 (a reset, since the watermark goes back).
+            run = RunRecord(run_id=None, status="withdrawn", started_at=datetime.now(UTC))  # type: ignore[arg-type]
         if run is None or run.run_id == applied[0]:
             return
         tag = (run.run_id, repr(sorted(applied[2].items())))

@@ -19,6 +19,7 @@ import pytest
 from lambdalake.contracts import validate
 from lambdalake.sentiment import lexicon_model
 from lambdalake.speed_protocol import SpeedQuery
+from speed.runs import watermark_went_back
 from speed.state import BatchInput, RunApply, SpeedState, period_bounds
 from speed.worker import score_table, with_scores
 
@@ -279,3 +280,16 @@ def test_events_below_the_applied_watermark_or_position_are_not_new(state: Speed
     mask = state.keep_mask("orders", np.array([0, 0, 1, 1, 1]), np.array([2, 3, 7, 8, 9]))
     # Partition 0 resumes at its position 3; partition 1 at the watermark 8.
     assert mask.tolist() == [False, True, False, True, True]
+
+
+def test_a_watermark_going_back_resets_the_state_to_reconsume_from_it(state: SpeedState) -> None:
+    # A published run withdrawn (a data-quality check) makes an older run current again.
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(10)]))
+    state.apply_run(run_apply("r2", {"orders": {0: 6}}), 48, now=NOW)
+    assert watermark_went_back({"orders": {0: 6}}, {"orders": {0: 3}})
+    state.apply_run(run_apply("r1", {"orders": {0: 3}}, reset=True), 48, now=NOW)
+    assert state.positions[("orders", 0)] == 3 and state.positions[("orders", 1)] == 0
+    assert state.counts()["events"]["orders"] == 0
+    # Re-consumed from the older watermark, the events count again (none is "known").
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(3, 10)]))
+    assert total_units(state) == 7
