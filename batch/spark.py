@@ -67,6 +67,9 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         # task overhead. A few per core keeps both cores busy with small skew.
         conf["spark.sql.shuffle.partitions"] = str(max(2, 2 * cores))
         conf["spark.default.parallelism"] = str(max(2, 2 * cores))
+        # A pinned snapshot is read from an explicit list of files. Above this many paths
+        # Spark lists them with a distributed job (seconds); locally the driver does it in ms.
+        conf["spark.sql.sources.parallelPartitionDiscovery.threshold"] = "100000"
         conf["spark.driver.bindAddress"] = "127.0.0.1"
         conf["spark.driver.host"] = "127.0.0.1"
     return conf
