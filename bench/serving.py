@@ -378,7 +378,11 @@ async def closed_loop(base: str, data: dict, clients: int, duration: float, seed
             kind = rng.choice(kinds)
             path, params = request_for(kind, rng, data)
             t0 = time.perf_counter()
-            r = await http.get(path, params=params)
+            try:
+                r = await http.get(path, params=params)
+            except httpx.HTTPError:
+                errors += 1
+                continue
             dt = time.perf_counter() - t0
             if r.status_code != 200:
                 errors += 1
@@ -392,7 +396,7 @@ async def closed_loop(base: str, data: dict, clients: int, duration: float, seed
     every = [x for v in lat.values() for x in v]
     return {
         "requests": len(every),
-        "errors": errors,
+        "errors": errors,  # transport errors and non-200 answers
         "throughput_rps": round(len(every) / elapsed, 1),
         "p50_ms": round(percentile(every, 0.5) * 1000, 2),
         "p99_ms": round(percentile(every, 0.99) * 1000, 2),
@@ -419,7 +423,11 @@ async def open_loop(base: str, data: dict, rate: float, duration: float, seed: i
         nonlocal errors
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
         path, params = request_for("sales_point", rng, data)
-        r = await http.get(path, params=params)
+        try:
+            r = await http.get(path, params=params)
+        except httpx.HTTPError:
+            errors += 1
+            return
         lat.append(time.perf_counter() - at)  # from the scheduled time
         if r.status_code != 200:
             errors += 1
