@@ -152,27 +152,27 @@ def prepare_run(
             incremental = False
     for topic in TOPICS:
         name = MASTER_TABLE_BY_TOPIC[topic]
-        version = run.master_versions.get(name)
-        if topic in known:
+        pinned = run.master_versions.get(name)
+        if topic in known or pinned is None:
             continue
         known[topic] = batch_counted_ids(
             lake,
             topic,
-            version=int(version),
+            version=int(pinned),
             watermark=run.watermark.get(topic, {}),
             since=since,
             base_version=applied_master_versions.get(name) if incremental else None,
         )
-    version = model_version_of(run)
+    model_version = model_version_of(run)
     model = None
-    if version != applied_model_version or reset:
-        model = load_model(lake, version)
+    if model_version != applied_model_version or reset:
+        model = load_model(lake, model_version)
     return PreparedRun(
         run=run,
         base_master_versions=dict(applied_master_versions),
         known_ids=known,
         replace_known=not incremental,
-        model_version=version,
+        model_version=model_version,
         model=model,
         reset=reset,
     )

@@ -54,7 +54,7 @@ from lambdalake.speed_protocol import (
     answer_schema,
     stale_watermark_error,
 )
-from lambdalake.views import SALES, SENTIMENT, ViewDef
+from lambdalake.views import SALES, SENTIMENT, Granularity, ViewDef
 
 TOPICS = ("orders", "reviews")
 VIEW_BY_TOPIC: dict[str, ViewDef] = {"orders": SALES, "reviews": SENTIMENT}
@@ -62,7 +62,7 @@ HELD = {t: f"held_{t}" for t in TOPICS}
 KNOWN = {t: f"known_{t}" for t in TOPICS}
 PARTIALS = {t: f"partials_{VIEW_BY_TOPIC[t].name}" for t in TOPICS}
 # The hot path stores hourly partials; day answers roll hours up (a UTC hour lies in one day).
-STORED_GRANULARITY = "hour"
+STORED_GRANULARITY: Granularity = "hour"
 SCHEMA_VERSION = "1"
 
 SCORE_FIELDS = [pa.field("sentiment", pa.float64()), pa.field("label", pa.string())]
@@ -208,7 +208,7 @@ class SpeedState:
             )
 
     def _count(self, table: str) -> int:
-        return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        return int(_one(self.con, f"SELECT count(*) FROM {table}")[0])
 
     @staticmethod
     def _read_applied(con: duckdb.DuckDBPyConnection) -> Applied:
@@ -335,9 +335,7 @@ class SpeedState:
                    AS new_wins
             FROM cand c JOIN {held} h ON h.{key} = c.{key}"""
         )
-        n_conf, n_wins = con.execute(
-            "SELECT count(*), count(*) FILTER (WHERE new_wins) FROM conf"
-        ).fetchone()
+        n_conf, n_wins = _one(con, "SELECT count(*), count(*) FILTER (WHERE new_wins) FROM conf")
         if n_conf:
             con.execute(f"DELETE FROM cand WHERE {key} IN (SELECT id FROM conf WHERE NOT new_wins)")
         if n_wins:
@@ -348,11 +346,11 @@ class SpeedState:
                 "AND h._partition = c.hp AND h._offset = c.ho"
             )
         con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM cand")
-        n_new = int(con.execute("SELECT count(*) FROM cand").fetchone()[0])
+        n_new = int(_one(con, "SELECT count(*) FROM cand")[0])
         if n_wins:
             self._rebuild_partials(topic)
         elif n_new:
-            added = con.execute(f"INSERT INTO {partials} {partials_sql(topic, 'cand')}").fetchone()
+            added = _one(con, f"INSERT INTO {partials} {partials_sql(topic, 'cand')}")
             self._partial_rows[topic] += int(added[0])
         return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
 
@@ -515,9 +513,7 @@ class SpeedState:
     def counts(self) -> dict[str, Any]:
         """Events held per topic and invalid counts by topic and reason (one snapshot)."""
         with self.snapshot() as cur:
-            events = {
-                t: int(cur.execute(f"SELECT count(*) FROM {HELD[t]}").fetchone()[0]) for t in TOPICS
-            }
+            events = {t: int(_one(cur, f"SELECT count(*) FROM {HELD[t]}")[0]) for t in TOPICS}
             invalid: dict[str, dict[str, int]] = {}
             for t, r, n in cur.execute(
                 "SELECT topic, reason, sum(n) FROM invalid GROUP BY ALL ORDER BY ALL"
@@ -568,6 +564,14 @@ class SpeedState:
             exact_filter=exact,
         )
         return table, meta
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
+    """The single row of ``sql`` (a count, an INSERT's row count)."""
+    row = con.execute(sql).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {sql!r}")
+    return row
 
 
 def _watermark_table(topic: str, watermark: Watermark) -> pa.Table:
