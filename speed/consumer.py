@@ -1,7 +1,8 @@
 """Kafka side of a speed worker: manual assignment, micro-batches, validation.
 
-A :class:`Poller` thread owns the KafkaConsumer (kafka-python, no consumer
-group): worker ``I/N`` takes partition ``p`` of each topic when ``p % N == I``.
+A :class:`Poller` thread owns the Kafka client (kafka-python by default, see
+:mod:`speed.kafka_clients`; no consumer group): worker ``I/N`` takes partition
+``p`` of each topic when ``p % N == I``.
 It turns polls into micro-batches (up to ``max_records`` messages or
 ``max_wait`` seconds) and hands them to the worker's main thread through a
 small queue, which validates (:func:`validate_polled`) and commits them: the
@@ -21,14 +22,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
+from speed.kafka_clients import KafkaClient, make_client
 
 log = get_logger(__name__)
 
@@ -74,23 +73,8 @@ class Assigned:
     partitions: list[TP]
 
 
-def consumer_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "bootstrap_servers": settings.bootstrap,
-        "group_id": None,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": 100,  # bounds freshness when caught up
-        "max_partition_fetch_bytes": 8 * 1024 * 1024,
-        "fetch_max_bytes": 64 * 1024 * 1024,
-        "reconnect_backoff_max_ms": 5_000,
-        "request_timeout_ms": 30_000,
-        "bootstrap_timeout_ms": 5_000,
-    }
-
-
 class Poller(threading.Thread):
-    """Polls the owned partitions into validated micro-batches (see the module doc)."""
+    """Polls the owned partitions into micro-batches (see the module doc)."""
 
     def __init__(
         self,
@@ -101,6 +85,7 @@ class Poller(threading.Thread):
         *,
         max_records: int = 50_000,
         max_wait: float = 0.2,
+        client: str = "kafka-python",
     ) -> None:
         super().__init__(name=f"speed-poller-{worker[0]}of{worker[1]}", daemon=True)
         self.settings = settings
@@ -109,13 +94,15 @@ class Poller(threading.Thread):
         self.stop_event = stop
         self.max_records = max_records
         self.max_wait = max_wait
+        self.client_name = client
         self._lock = threading.Lock()
         self._seek: dict[TP, int] = {}
         self._force_seek = False
-        self._started = threading.Event()
-        self.consumer: KafkaConsumer | None = None
+        self._seek_given = threading.Event()
+        self.client: KafkaClient | None = None
+        self._positioned = False  # the client has its start positions
         self.assigned: list[TP] = []
-        self._next: dict[TP, int] = {}  # the offset the consumer fetches next, per partition
+        self._next: dict[TP, int] = {}  # the offset the client fetches next, per partition
         self.highwater: dict[TP, int] = {}
         self.connected = False
         self.last_fetch_at: float | None = None
@@ -128,7 +115,7 @@ class Poller(threading.Thread):
         with self._lock:
             self._seek.update(positions)
             self._force_seek = self._force_seek or backwards
-        self._started.set()
+        self._seek_given.set()
 
     # --- the thread -------------------------------------------------------------------------
 
@@ -139,18 +126,18 @@ class Poller(threading.Thread):
             self.error = exc
             log.error("speed.poller_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
-            if self.consumer is not None:
-                with contextlib.suppress(Exception):  # closing a broken client
-                    self.consumer.close(autocommit=False)
+            self._drop_client()
 
     def _run(self) -> None:
         delay = 0.5
         while not self.stop_event.is_set():
-            if self.consumer is None:
+            if self.client is None:
                 try:
                     self._connect()
                     delay = 0.5
-                except (KafkaError, OSError, TimeoutError) as exc:
+                except ValueError:
+                    raise  # a configuration the worker cannot run with
+                except Exception as exc:  # no broker (yet): retry with backoff
                     self.connected = False
                     log.warning(
                         "speed.broker_unreachable",
@@ -163,31 +150,34 @@ class Poller(threading.Thread):
                     continue
                 self._put(Assigned(list(self.assigned)))
                 # Wait for the main thread's positions before the first poll.
-                while not self._started.wait(0.1):
+                while not self._seek_given.wait(0.1):
                     if self.stop_event.is_set():
                         return
+            client = self.client
+            assert client is not None
             try:
-                self._apply_seeks()
-                polled = self._collect()
-            except KafkaError as exc:
+                self._apply_seeks(client)
+                polled = self._collect(client)
+            except client.errors as exc:
                 # Start over with a new client; the main thread re-seeks it to the
                 # committed positions, and anything polled twice is dropped there.
                 log.warning("speed.consumer_error", error=f"{type(exc).__name__}: {exc}")
-                self._drop_consumer()
+                self._drop_client()
                 continue
             if polled.messages:
                 self._put(polled)
 
-    def _drop_consumer(self) -> None:
-        consumer, self.consumer = self.consumer, None
+    def _drop_client(self) -> None:
+        client, self.client = self.client, None
         self.connected = False
-        self._started.clear()
+        self._positioned = False
+        self._seek_given.clear()
         self._next.clear()
         with self._lock:
             self._seek.clear()
-        if consumer is not None:
+        if client is not None:
             with contextlib.suppress(Exception):
-                consumer.close(autocommit=False)
+                client.close()
 
     def _put(self, item: Polled | Assigned) -> None:
         while not self.stop_event.is_set():
@@ -198,53 +188,57 @@ class Poller(threading.Thread):
                 continue
 
     def _connect(self) -> None:
-        consumer = KafkaConsumer(**consumer_config(self.settings))
+        client = make_client(self.client_name, self.settings)
         try:
             parts: dict[str, list[int]] = {}
             deadline = time.monotonic() + 15
             for topic in TOPICS:
-                found = consumer.partitions_for_topic(topic)
+                found = client.partitions(topic)
                 while not found:
                     if time.monotonic() > deadline or self.stop_event.is_set():
                         raise TimeoutError(
                             f"topic {topic!r} not found on {self.settings.bootstrap}"
                         )
                     time.sleep(0.2)
-                    consumer.topics()
-                    found = consumer.partitions_for_topic(topic)
-                parts[topic] = sorted(found)
+                    found = client.partitions(topic)
+                parts[topic] = found
             owned = owned_partitions(parts, self.worker)
             if not owned:
                 raise ValueError(
                     f"worker {self.worker[0]}/{self.worker[1]} owns no partition of "
                     f"{parts}; use fewer workers"
                 )
-            consumer.assign([TopicPartition(t, p) for t, p in owned])
         except BaseException:
-            consumer.close(autocommit=False)
+            client.close()
             raise
-        self.consumer = consumer
+        self.client = client
         self.assigned = owned
         self.connected = True
-        log.info("speed.assigned", worker=f"{self.worker[0]}/{self.worker[1]}", partitions=owned)
+        log.info(
+            "speed.assigned",
+            worker=f"{self.worker[0]}/{self.worker[1]}",
+            partitions=owned,
+            client=self.client_name,
+        )
 
-    def _apply_seeks(self) -> None:
+    def _apply_seeks(self, client: KafkaClient) -> None:
         with self._lock:
             seeks, self._seek = self._seek, {}
             force, self._force_seek = self._force_seek, False
-        assert self.consumer is not None
-        for (t, p), offset in seeks.items():
-            tp = TopicPartition(t, p)
-            if (t, p) not in self.assigned:
-                continue
-            current = self._next.get((t, p))
+        seeks = {tp: o for tp, o in seeks.items() if tp in self.assigned}
+        if not self._positioned:
+            client.start(self.assigned, seeks)
+            self._next.update(seeks)
+            self._positioned = True
+            return
+        for tp, offset in seeks.items():
+            current = self._next.get(tp)
             if force or current is None or current < offset:
-                self.consumer.seek(tp, offset)
-                self._next[(t, p)] = offset
+                client.seek(tp, offset)
+                self._next[tp] = offset
 
-    def _collect(self) -> Polled:
+    def _collect(self, client: KafkaClient) -> Polled:
         """Poll until ``max_records`` messages, ``max_wait`` seconds, or a quiet poll."""
-        assert self.consumer is not None
         values: dict[str, list[bytes | None]] = {t: [] for t in TOPICS}
         parts: dict[str, list[int]] = {t: [] for t in TOPICS}
         offs: dict[str, list[int]] = {t: [] for t in TOPICS}
@@ -254,13 +248,9 @@ class Poller(threading.Thread):
             elapsed = time.monotonic() - (polled.first_at or t_start)
             if polled.messages and elapsed >= self.max_wait:
                 break
-            timeout_ms = (
-                100 if not polled.messages else max(1, int((self.max_wait - elapsed) * 1000))
-            )
-            got = self.consumer.poll(
-                timeout_ms=timeout_ms, max_records=self.max_records - polled.messages
-            )
-            if not got:
+            timeout = 0.1 if not polled.messages else max(0.001, self.max_wait - elapsed)
+            chunks = client.poll(timeout, self.max_records - polled.messages)
+            if not chunks:
                 if polled.messages:
                     break  # caught up: commit what we have now (freshness)
                 if time.monotonic() - t_start >= self.max_wait:
@@ -269,22 +259,16 @@ class Poller(threading.Thread):
             if not polled.messages:
                 polled.first_at = time.monotonic()
             self.last_fetch_at = time.monotonic()
-            for tp, records in got.items():
-                if not records:
-                    continue
-                t = tp.topic
-                values[t].extend([r.value for r in records])
-                offs[t].extend([r.offset for r in records])
-                parts[t].extend([tp.partition] * len(records))
-                key = (t, tp.partition)
-                polled.ends[key] = max(polled.ends.get(key, 0), records[-1].offset + 1)
+            for c in chunks:
+                values[c.topic].extend(c.values)
+                offs[c.topic].extend(c.offsets)
+                parts[c.topic].extend([c.partition] * len(c.offsets))
+                key = (c.topic, c.partition)
+                polled.ends[key] = max(polled.ends.get(key, 0), c.offsets[-1] + 1)
                 self._next[key] = polled.ends[key]
-                polled.messages += len(records)
+                polled.messages += len(c.offsets)
         polled.poll_seconds = time.monotonic() - t_start
-        for tp in self.consumer.assignment():
-            hw = self.consumer.highwater(tp)
-            if hw is not None:
-                self.highwater[(tp.topic, tp.partition)] = int(hw)
+        self.highwater.update(client.highwater())
         polled.raw = {t: RawMessages(values[t], parts[t], offs[t]) for t in TOPICS if values[t]}
         return polled
 

@@ -77,6 +77,7 @@ class SpeedWorker:
         *,
         max_records: int = 50_000,
         max_wait: float = 0.2,
+        kafka_client: str = "kafka-python",
     ) -> None:
         self.settings = settings
         self.state = state
@@ -85,7 +86,13 @@ class SpeedWorker:
         self.halt = threading.Event()
         self.queue: queue.Queue[Polled | Assigned] = queue.Queue(maxsize=2)
         self.poller = Poller(
-            settings, worker, self.queue, self.halt, max_records=max_records, max_wait=max_wait
+            settings,
+            worker,
+            self.queue,
+            self.halt,
+            max_records=max_records,
+            max_wait=max_wait,
+            client=kafka_client,
         )
         self.watcher = RunWatcher(settings, self.halt)
         self.counters = Counters()
@@ -118,6 +125,7 @@ class SpeedWorker:
             "model_version": applied.model_version,
             "query_endpoint": self.server.endpoint if self.server else None,
             "connected": self.poller.connected,
+            "kafka_client": self.poller.client_name,
             "since_start": {
                 "batches": c.batches,
                 "messages": c.messages,
@@ -353,15 +361,18 @@ def run_worker(
     worker: tuple[int, int] = (0, 1),
     query_port: int = 0,
     stop: threading.Event,
+    kafka_client: str = "kafka-python",
 ) -> None:
     """Run speed worker ``worker = (I, N)`` until ``stop`` is set.
 
     Holds the events of partitions ``p % N == I`` at or above the latest published
     batch watermark in ``{speed_state_dir}/worker-I-of-N.duckdb``, serves partial
     aggregates on Arrow Flight at ``query_port`` (0 = a free port) and writes
-    ``{speed_state_dir}/status/worker-I-of-N.json`` about once a second."""
+    ``{speed_state_dir}/status/worker-I-of-N.json`` about once a second.
+    ``kafka_client``: ``"kafka-python"`` or ``"confluent-kafka"`` (optional
+    package; much faster polling, see :mod:`speed.kafka_clients`)."""
     state = SpeedState(state_path(settings, worker), worker)
     try:
-        SpeedWorker(settings, state, worker).run(stop, query_port)
+        SpeedWorker(settings, state, worker, kafka_client=kafka_client).run(stop, query_port)
     finally:
         state.close()

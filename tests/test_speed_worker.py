@@ -357,7 +357,10 @@ def covers(status: dict, ends: Watermark, worker: tuple[int, int] = (0, 1)) -> b
 
 @contextmanager
 def worker_thread(
-    settings: Settings, worker: tuple[int, int] = (0, 1), max_records: int | None = None
+    settings: Settings,
+    worker: tuple[int, int] = (0, 1),
+    max_records: int | None = None,
+    kafka_client: str = "kafka-python",
 ) -> Iterator[str]:
     """Run a worker in a thread; yield its query endpoint; stop it cleanly after."""
     stop = threading.Event()
@@ -366,11 +369,15 @@ def worker_thread(
     def target() -> None:
         try:
             if max_records is None:
-                run_worker(settings, worker=worker, query_port=0, stop=stop)
+                run_worker(
+                    settings, worker=worker, query_port=0, stop=stop, kafka_client=kafka_client
+                )
                 return
             state = SpeedState(settings.speed_state_dir / "w.duckdb", worker)
             try:
-                SpeedWorker(settings, state, worker, max_records=max_records).run(stop, 0)
+                SpeedWorker(
+                    settings, state, worker, max_records=max_records, kafka_client=kafka_client
+                ).run(stop, 0)
             finally:
                 state.close()
         except BaseException as exc:
@@ -606,6 +613,9 @@ def test_two_workers_together_hold_what_one_holds(
                 query(ep, "sales", run.watermark, granularity="hour"),
                 query(ep, "sentiment", run.watermark),
             )
+        messages = speed_status(one)["since_start"]["messages"]
+    # The single worker started at the watermark and read every message once.
+    assert messages == sum(o - run.watermark[t][p] for t, ps in ends.items() for p, o in ps.items())
     halves = [answers[(0, 2)], answers[(1, 2)]]
     assert set(halves[0][0].partitions["orders"]) == {0, 2}
     assert set(halves[1][0].partitions["orders"]) == {1, 3}
@@ -668,3 +678,31 @@ def test_broker_down_keeps_serving_and_reports_it(
         assert answer_sales(query(endpoint, "sales", {}, granularity="hour")) == before
         assert status_file(settings, (0, 1))["broker_unreachable"] is True
     assert_same(before, expected(stream.log, {})[0])
+
+
+def test_the_confluent_kafka_client_holds_exactly_the_same(
+    fresh_broker: EmbeddedBroker, settings_for
+) -> None:
+    pytest.importorskip("confluent_kafka", reason="confluent-kafka is optional")
+    settings = settings_for(fresh_broker)
+    stream = Stream(fresh_broker.bootstrap, seed=61)
+    try:
+        stream.burst(orders=1200, reviews=40, dup=0.05)
+        run = Publisher(settings).publish("run-1", stream.ends(), list(stream.log))
+        stream.burst(orders=1200, reviews=40, dup=0.05)
+    finally:
+        stream.close()
+    ends = stream.ends()
+    with worker_thread(settings, kafka_client="confluent-kafka") as endpoint:
+        status = wait_until(
+            lambda: (s := speed_status(endpoint)) and covers(s, ends) and s, 60, "catch up"
+        )
+        sales = query(endpoint, "sales", run.watermark, granularity="hour")
+        sentiment = query(endpoint, "sentiment", run.watermark)
+    assert status["kafka_client"] == "confluent-kafka"
+    # Nothing was delivered twice to the state: every message consumed once, from the watermark.
+    consumed = sum(o - run.watermark[t][p] for t, ps in ends.items() for p, o in ps.items())
+    assert status["since_start"]["messages"] == consumed
+    want_sales, want_sentiment = expected(stream.log, run.watermark)
+    assert_same(answer_sales(sales), want_sales)
+    assert_same(answer_sentiment(sentiment), want_sentiment)

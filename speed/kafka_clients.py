@@ -1,0 +1,202 @@
+"""The Kafka clients a speed worker can poll with, behind one small interface.
+
+``kafka-python`` (the default, a project dependency) parses record batches in
+pure Python: on this kind of machine that parsing is ~95 % of the poller's time
+and caps a worker near kafka-python's raw rate. ``confluent-kafka``
+(librdkafka, optional: ``pip install confluent-kafka``) parses in C and polls
+many times faster. Both are used the same way: manual assignment (no consumer
+group is ever joined), positions given by the worker, nothing committed to Kafka.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from lambdalake.settings import Settings
+
+TP = tuple[str, int]
+CLIENTS = ("kafka-python", "confluent-kafka")
+
+
+@dataclass
+class Chunk:
+    """Consecutive messages of one partition, in offset order."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    values: list[bytes | None]
+
+
+class KafkaClient(Protocol):
+    """What the poller needs from a Kafka client."""
+
+    errors: tuple[type[BaseException], ...]  # failures after which to start over
+
+    def partitions(self, topic: str) -> list[int]: ...
+    def start(self, tps: list[TP], positions: dict[TP, int]) -> None: ...
+    def seek(self, tp: TP, offset: int) -> None: ...
+    def poll(self, timeout: float, max_records: int) -> list[Chunk]: ...
+    def highwater(self) -> dict[TP, int]: ...
+    def close(self) -> None: ...
+
+
+def make_client(name: str, settings: Settings) -> KafkaClient:
+    """A connected client (``kafka-python`` or ``confluent-kafka``)."""
+    if name == "kafka-python":
+        return KafkaPythonClient(settings)
+    if name == "confluent-kafka":
+        return ConfluentClient(settings)
+    raise ValueError(f"unknown Kafka client {name!r}; expected one of {', '.join(CLIENTS)}")
+
+
+class KafkaPythonClient:
+    def __init__(self, settings: Settings) -> None:
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+
+        self.errors: tuple[type[BaseException], ...] = (KafkaError,)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,  # bounds freshness when caught up
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            reconnect_backoff_max_ms=5_000,
+            request_timeout_ms=30_000,
+            bootstrap_timeout_ms=5_000,
+        )
+
+    def partitions(self, topic: str) -> list[int]:
+        found = self.consumer.partitions_for_topic(topic)
+        if not found:
+            self.consumer.topics()  # refresh metadata for the next attempt
+        return sorted(found or [])
+
+    def start(self, tps: list[TP], positions: dict[TP, int]) -> None:
+        from kafka import TopicPartition
+
+        self.consumer.assign([TopicPartition(t, p) for t, p in tps])
+        for tp, offset in positions.items():
+            self.seek(tp, offset)
+
+    def seek(self, tp: TP, offset: int) -> None:
+        from kafka import TopicPartition
+
+        self.consumer.seek(TopicPartition(*tp), offset)
+
+    def poll(self, timeout: float, max_records: int) -> list[Chunk]:
+        got = self.consumer.poll(timeout_ms=max(1, int(timeout * 1000)), max_records=max_records)
+        return [
+            Chunk(tp.topic, tp.partition, [r.offset for r in rs], [r.value for r in rs])
+            for tp, rs in got.items()
+            if rs
+        ]
+
+    def highwater(self) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                out[(tp.topic, tp.partition)] = int(hw)
+        return out
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class ConfluentClient:
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import Consumer, KafkaException
+
+        self.errors: tuple[type[BaseException], ...] = (KafkaException,)
+        self._log = logging.getLogger("speed.librdkafka")
+        self._log.setLevel(logging.CRITICAL)  # reconnects are reported by the worker
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap,
+                # Required by librdkafka; never joined: partitions are assigned manually.
+                "group.id": "lambdalake-speed-unused",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 100,
+                "fetch.max.bytes": 64 * 1024 * 1024,
+                "max.partition.fetch.bytes": 8 * 1024 * 1024,
+                "reconnect.backoff.max.ms": 5_000,
+                "logger": self._log,
+                "error_cb": lambda err: None,
+            }
+        )
+        self.assigned: list[TP] = []
+        # Fail like kafka-python when nothing answers (a KafkaException after 5 s).
+        self.consumer.list_topics(timeout=5)
+
+    def partitions(self, topic: str) -> list[int]:
+        meta = self.consumer.list_topics(topic, timeout=5)
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None:
+            return []
+        return sorted(found.partitions)
+
+    def start(self, tps: list[TP], positions: dict[TP, int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        self.assigned = list(tps)
+        self.consumer.assign([TopicPartition(t, p, positions.get((t, p), 0)) for t, p in tps])
+
+    def seek(self, tp: TP, offset: int) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException:
+            # Not fetching yet: assign again, this partition at ``offset``, the others
+            # where they are.
+            current = {
+                (x.topic, x.partition): x.offset
+                for x in self.consumer.position([TopicPartition(t, p) for t, p in self.assigned])
+            }
+            current[tp] = offset
+            self.consumer.assign(
+                [TopicPartition(t, p, max(current.get((t, p), 0), 0)) for t, p in self.assigned]
+            )
+
+    def poll(self, timeout: float, max_records: int) -> list[Chunk]:
+        from confluent_kafka import KafkaError, KafkaException
+
+        msgs = self.consumer.consume(num_messages=max_records, timeout=timeout)
+        chunks: dict[TP, Chunk] = {}
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(err)
+            key = (m.topic(), m.partition())
+            chunk = chunks.get(key)
+            if chunk is None:
+                chunk = chunks[key] = Chunk(key[0], key[1], [], [])
+            chunk.offsets.append(m.offset())
+            chunk.values.append(m.value())
+        return list(chunks.values())
+
+    def highwater(self) -> dict[TP, int]:
+        from confluent_kafka import TopicPartition
+
+        out: dict[TP, int] = {}
+        for t, p in self.assigned:
+            with contextlib.suppress(Exception):
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
+                if high is not None and high >= 0:
+                    out[(t, p)] = int(high)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.consumer.close()
