@@ -200,8 +200,22 @@ def peak_rss_mb(pid: int) -> float | None:
 # --- 1 + 2: this worker and freshness ---------------------------------------------------------------
 
 
+# The worker with another Kafka client: ``run_worker`` itself (the CLI has no flag for it).
+WORKER_WITH_CLIENT = """
+import sys
+from lambdalake.cli import stop_event_on_signals
+from lambdalake.settings import Settings
+from speed.worker import run_worker
+settings = Settings().with_overrides(bootstrap=sys.argv[1], lake=sys.argv[2])
+run_worker(settings, worker=(0, 1), query_port=int(sys.argv[3]), stop=stop_event_on_signals(),
+           kafka_client=sys.argv[4])
+"""
+
+
 @contextmanager
-def our_worker(bootstrap: str, workdir: Path) -> Iterator[tuple[str, subprocess.Popen, float]]:
+def our_worker(
+    bootstrap: str, workdir: Path, client: str = "kafka-python"
+) -> Iterator[tuple[str, subprocess.Popen, float]]:
     """``lambdalake speed run`` as a subprocess (state in ``workdir``); yields its
     endpoint, the process and the seconds it took to connect; SIGTERM after."""
     port = free_port()
@@ -216,6 +230,9 @@ def our_worker(bootstrap: str, workdir: Path) -> Iterator[tuple[str, subprocess.
         sys.executable, "-m", "lambdalake.cli", "speed", "run", "--bootstrap", bootstrap,
         "--lake", str(workdir / "lake"), "--query-port", str(port),
     ]  # fmt: skip
+    if client != "kafka-python":
+        lake = str(workdir / "lake")
+        cmd = [sys.executable, "-c", WORKER_WITH_CLIENT, bootstrap, lake, str(port), client]
     t_start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
@@ -242,12 +259,13 @@ def run_ours(
     workdir: Path,
     events: list[dict],
     where: list[tuple[int, int]],
+    client: str = "kafka-python",
 ) -> dict[str, Any]:
     """Drain the pre-filled topic with this worker; verify its answer."""
     total = sum(ends.values())
-    with our_worker(bootstrap, workdir) as (endpoint, proc, startup):
+    with our_worker(bootstrap, workdir, client) as (endpoint, proc, startup):
         t0 = time.monotonic()
-        say("ours.started", startup_s=round(startup, 2))
+        say("ours.started", client=client, startup_s=round(startup, 2))
         while True:
             status = speed_status(endpoint, timeout=5)
             done = sum(int(o) for o in status["offsets"].get("orders", {}).values())
@@ -268,6 +286,7 @@ def run_ours(
     say("ours.verified", equal=ok, groups=len(want))
     since = status.get("since_start", {})
     result = {
+        "kafka_client": client,
         "events": total,
         "seconds": round(seconds, 3),
         "events_per_s": round(rate),
@@ -569,6 +588,11 @@ def main() -> None:
     parser.add_argument("--freshness-seconds", type=float, default=20.0)
     parser.add_argument("--naive-seconds", type=float, default=5.0)
     parser.add_argument("--skip-quix", action="store_true")
+    parser.add_argument(
+        "--also-confluent",
+        action="store_true",
+        help="also run this worker with the optional confluent-kafka client",
+    )
     parser.add_argument("--quix-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--bootstrap", default=None, help=argparse.SUPPRESS)
@@ -597,7 +621,11 @@ def main() -> None:
             "partitions": args.partitions,
             "machine": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)},
         }
-        results["ours"] = run_ours(broker.bootstrap, ends, workdir, events, where)
+        results["ours"] = run_ours(broker.bootstrap, ends, workdir / "ours", events, where)
+        if args.also_confluent:
+            results["ours_confluent_kafka"] = run_ours(
+                broker.bootstrap, ends, workdir / "ours-ck", events, where, "confluent-kafka"
+            )
         results["naive"] = run_naive(
             broker.bootstrap,
             args.partitions,
@@ -612,7 +640,9 @@ def main() -> None:
         else:
             results["quix"] = run_quix(broker.bootstrap, len(events), workdir, args, events, where)
         # Last: the steady stream adds events to the topic the others read.
-        results["freshness"] = run_freshness(broker.bootstrap, args.partitions, workdir, args)
+        results["freshness"] = run_freshness(
+            broker.bootstrap, args.partitions, workdir / "ours", args
+        )
         ours, naive, quix = results["ours"], results["naive"], results["quix"]
         results["speedup"] = {
             "vs_naive": round(ours["events_per_s"] / naive["events_per_s"], 1),
