@@ -41,7 +41,7 @@ MAX_PARTITION_FETCH_BYTES = 16 * 1024 * 1024
 FAST_DECODER_VERSIONS = ("3.0.",)
 
 
-def _zigzag_varint(buf: bytearray, pos: int) -> tuple[int, int]:
+def _zigzag_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode one zigzag varint at ``pos``; return it and the position after it."""
     b = buf[pos]
     pos += 1
@@ -55,32 +55,34 @@ def _zigzag_varint(buf: bytearray, pos: int) -> tuple[int, int]:
     return (value >> 1) ^ -(value & 1), pos
 
 
-def decode_batch_records(buf: bytearray, pos: int, count: int, base_offset: int) -> list[tuple]:
+def decode_batch_records(buf: bytes, pos: int, count: int, base_offset: int) -> list[tuple]:
     """``(offset, value)`` of the ``count`` records of an (uncompressed) v2 record batch.
 
-    ``buf[pos:]`` holds the records. Only the length, offset delta, key length
-    and value are decoded; the timestamp, key and headers are skipped.
+    ``buf[pos:]`` holds the records. Only the offset delta, key length and value
+    are decoded; the length, attributes and timestamp are skipped, and so are
+    the headers (through the record's length, when there are any).
     """
     out: list[tuple] = []
     append = out.append
     for _ in range(count):
-        # Record => Length Attributes TimestampDelta OffsetDelta Key Value Headers.
-        # The single-byte case of each varint is inlined: it is the common one.
-        b = buf[pos]
-        if b < 0x80:
-            length = (b >> 1) ^ -(b & 1)
+        # Record => Length Attributes TimestampDelta OffsetDelta Key Value Headers, the
+        # integers as zigzag varints. The one- and two-byte cases are inlined: they
+        # are the common ones, and this loop is ingest's hottest code.
+        start = pos
+        while buf[pos] & 0x80:  # length
             pos += 1
-        else:
-            length, pos = _zigzag_varint(buf, pos)
-        end = pos + length
-        pos += 1  # attributes (unused)
-        while buf[pos] & 0x80:  # timestamp delta (unused)
+        pos += 2  # the length's last byte, attributes
+        while buf[pos] & 0x80:  # timestamp delta
             pos += 1
         pos += 1
         b = buf[pos]
         if b < 0x80:
             delta = (b >> 1) ^ -(b & 1)
             pos += 1
+        elif buf[pos + 1] < 0x80:
+            v = (b & 0x7F) | (buf[pos + 1] << 7)
+            delta = (v >> 1) ^ -(v & 1)
+            pos += 2
         else:
             delta, pos = _zigzag_varint(buf, pos)
         b = buf[pos]
@@ -95,72 +97,114 @@ def decode_batch_records(buf: bytearray, pos: int, count: int, base_offset: int)
         if b < 0x80:
             value_len = (b >> 1) ^ -(b & 1)
             pos += 1
+        elif buf[pos + 1] < 0x80:
+            v = (b & 0x7F) | (buf[pos + 1] << 7)
+            value_len = (v >> 1) ^ -(v & 1)
+            pos += 2
         else:
             value_len, pos = _zigzag_varint(buf, pos)
-        append((base_offset + delta, bytes(buf[pos : pos + value_len]) if value_len >= 0 else None))
-        pos = end
+        if value_len >= 0:
+            append((base_offset + delta, buf[pos : pos + value_len]))
+            pos += value_len
+        else:
+            append((base_offset + delta, None))
+        if buf[pos] == 0:  # no headers
+            pos += 1
+        else:
+            length, pos = _zigzag_varint(buf, start)
+            pos += length
     return out
 
 
 class ColumnarPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
-    """kafka-python's per-fetch record iterator, yielding ``(offset, value)`` tuples."""
+    """The records of one fetched partition, decoded a record batch at a time.
 
-    def _maybe_skip_record(self, record: tuple) -> bool:
-        # A fetch can start inside a batch (compressed batches come whole).
-        return bool(record[0] < self.fetch_offset)
+    ``take(n)`` returns ``(offset, value)`` tuples by slicing whole decoded
+    batches, instead of kafka-python's generator step per record. The parent's
+    ``record_iterator`` is only the not-yet-drained flag here; batch-level rules
+    (CRC, control batches, aborted transactions, a fetch starting inside a
+    batch, the next offset past a compacted batch) are kafka-python 3.0's own.
+    """
 
-    def _unpack_records(
-        self, tp: TopicPartition, records: Any, key_deserializer: Any, value_deserializer: Any
-    ) -> Iterator[tuple]:
-        # Mirrors kafka-python 3.0's own _unpack_records; only the per-record part differs.
+    def __init__(self, fetch_offset: int, tp: TopicPartition, records: Any, **kwargs: Any):
+        super().__init__(fetch_offset, tp, records, **kwargs)
+        self._batches = self._decoded_batches(tp, records)
+        self._pending: list[tuple] = []
+        self._pending_at = 0
+        self._pending_next = fetch_offset
+
+    def _decoded_batches(self, tp: TopicPartition, records: Any) -> Iterator[tuple[list, int]]:
+        """Each record batch's records (from the fetch offset on) and the offset after it."""
         from kafka.consumer.fetcher import IsolationLevel
         from kafka.errors import CorruptRecordError
 
-        batch = records.next_batch()
-        last_batch = None
-        while batch is not None:
-            last_batch = batch
+        while (batch := records.next_batch()) is not None:
             if self.check_crcs and not batch.validate_crc():
                 raise CorruptRecordError(
                     f"Record batch for partition {tp} at offset {batch.base_offset} "
                     "failed crc check"
                 )
             if batch.magic != 2:
-                # Legacy message formats (pre Kafka 0.11): kafka-python's decoder.
-                for record in batch:
-                    self.records_read += 1
-                    self.bytes_read += record.size_in_bytes
-                    self.next_fetch_offset = record.offset + 1
-                    yield (record.offset, record.value)
-                batch = records.next_batch()
-                continue
-            self.leader_epoch = batch.leader_epoch
-            if self.isolation_level == IsolationLevel.READ_COMMITTED and batch.has_producer_id():
-                self._consume_aborted_transactions_up_to(batch.last_offset)
-                if self._contains_abort_marker(batch):
-                    self.aborted_producer_ids.discard(batch.producer_id)
-                elif self._is_batch_aborted(batch):
-                    self.next_fetch_offset = batch.next_offset
-                    batch = records.next_batch()
+                # Legacy message formats (before Kafka 0.11): kafka-python's decoder.
+                decoded = [(r.offset, r.value) for r in batch]
+                self.bytes_read += batch.size_in_bytes
+                next_offset = decoded[-1][0] + 1 if decoded else self.next_fetch_offset
+            else:
+                self.leader_epoch = batch.leader_epoch
+                next_offset = batch.next_offset
+                if (
+                    self.isolation_level == IsolationLevel.READ_COMMITTED
+                    and batch.has_producer_id()
+                ):
+                    self._consume_aborted_transactions_up_to(batch.last_offset)
+                    if self._contains_abort_marker(batch):
+                        self.aborted_producer_ids.discard(batch.producer_id)
+                    elif self._is_batch_aborted(batch):
+                        yield [], next_offset
+                        continue
+                if batch.is_control_batch:
+                    yield [], next_offset
                     continue
-            if batch.is_control_batch:
-                self.next_fetch_offset = batch.next_offset
-                batch = records.next_batch()
-                continue
-            batch._maybe_uncompress()
-            decoded = decode_batch_records(
-                batch._buffer, batch._pos, batch.records_count, batch.base_offset
-            )
+                batch._maybe_uncompress()
+                # bytes, not kafka-python's bytearray: slicing bytes copies a value once.
+                decoded = decode_batch_records(
+                    bytes(batch._buffer), batch._pos, batch.records_count, batch.base_offset
+                )
+                self.bytes_read += batch.size_in_bytes
+            if decoded and decoded[0][0] < self.fetch_offset:
+                # A fetch can start inside a batch (compressed batches come whole).
+                decoded = [r for r in decoded if r[0] >= self.fetch_offset]
             self.records_read += len(decoded)
-            self.bytes_read += batch.size_in_bytes
-            for record in decoded:
-                self.next_fetch_offset = record[0] + 1
-                yield record
-            batch = records.next_batch()
-        if last_batch is not None and last_batch.magic == 2:
-            # Past records removed by compaction, as kafka-python does.
-            self.next_fetch_offset = last_batch.next_offset
-        self.drain()
+            yield decoded, next_offset
+
+    def take(self, n: int | None = None) -> list[tuple]:
+        self._maybe_raise_next_inline_exception()
+        records: list[tuple] = []
+        while self.record_iterator is not None and (n is None or len(records) < n):
+            if self._pending_at >= len(self._pending):
+                try:
+                    self._pending, self._pending_next = next(self._batches)
+                except StopIteration:
+                    self.drain()
+                    break
+                except Exception as exc:
+                    if not records:
+                        raise
+                    self._next_inline_exception = exc  # raised by the next take()
+                    break
+                self._pending_at = 0
+                if not self._pending:  # a control or aborted batch: skip past it
+                    self.next_fetch_offset = max(self.next_fetch_offset, self._pending_next)
+                    continue
+            end = len(self._pending)
+            if n is not None:
+                end = min(end, self._pending_at + n - len(records))
+            records.extend(self._pending[self._pending_at : end])
+            self._pending_at = end
+            self.next_fetch_offset = (
+                self._pending[end - 1][0] + 1 if end < len(self._pending) else self._pending_next
+            )
+        return records
 
 
 def fast_decoder_supported() -> bool:
@@ -257,13 +301,16 @@ def open_consumer(bootstrap: str, *, connect_timeout_s: float = 5.0) -> KafkaCon
     """A consumer without group, sized for throughput, with the columnar decoder plugged in.
 
     ``auto_offset_reset='none'``: a position outside the log is an error to
-    report (the broker lost data), never a silent jump.
+    report (the broker lost data), never a silent jump. ``read_committed``: the
+    records of aborted transactions never reach the lake; transaction markers
+    still advance the positions.
     """
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="none",
+        isolation_level="read_committed",
         fetch_max_bytes=FETCH_MAX_BYTES,
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         fetch_max_wait_ms=200,

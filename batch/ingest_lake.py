@@ -129,7 +129,8 @@ class PositionedTable:
         if not DeltaTable.is_deltatable(uri, storage_options=storage_options):
             write_deltalake(
                 uri,
-                schema.empty_table(),
+                # Not schema.empty_table(): that imports pandas (a second at start-up).
+                pa.Table.from_batches([], schema=schema),
                 mode="append",
                 partition_by=partition_by,
                 storage_options=storage_options,

@@ -31,6 +31,7 @@ from ingest_stream import (
     ingest_cmd,
     ingest_env,
     master_keys,
+    order_event,
     produce_stream,
     quarantine_rows,
     run_until_end,
@@ -38,6 +39,7 @@ from ingest_stream import (
     true_ends,
     wait_for_line,
 )
+from kafka import KafkaProducer, TopicPartition
 
 from batch.ingest import run_ingest
 from batch.ingest_kafka import decode_batch_records
@@ -235,6 +237,33 @@ def test_two_ingests_at_once_never_duplicate(
     assert_exactly_once(lake, stream)
 
 
+def test_transaction_markers_count_as_consumed(fresh_broker: EmbeddedBroker, settings_for) -> None:
+    """Transactional producers leave commit markers in the log: no rows, but offsets.
+
+    (Aborted transactions are not checked here: Tansu does not filter them for
+    read_committed consumers, kafka-python's own consumer included.)
+    """
+    producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, transactional_id="t-1")
+    producer.init_transactions()
+    for txn in range(3):
+        producer.begin_transaction()
+        for i in range(50):
+            event = {**order_event(i), "event_id": f"txn-{txn}-{i}"}
+            producer.send("orders", value=json.dumps(event).encode(), partition=0)
+        producer.commit_transaction()
+    producer.close()
+    end = true_ends(fresh_broker.bootstrap)["orders"][0]
+    assert end > 150  # the records and a marker per transaction
+
+    settings = settings_for(fresh_broker)
+    summary = run_ingest(settings, until_end=True, stop=threading.Event())
+    lake = Lake(settings.lake_uri)
+    ids = {event_id for _, event_id in master_keys(lake, "orders")}
+    assert ids == {f"txn-{t}-{i}" for t in range(3) for i in range(50)}
+    assert summary["orders"] == {"written": 150, "quarantined": 0}
+    assert ingest_positions(lake.master("orders"), "orders")[0] == end
+
+
 # --- shutdown and an absent broker -----------------------------------------------------------
 
 
@@ -347,9 +376,12 @@ def test_columnar_decoder_matches_kafka_python(compression: int) -> None:
     builder = MemoryRecordsBuilder(
         magic=2, compression_type=compression, batch_size=1 << 24, offset=1000
     )
-    for i in range(700):
-        key = None if i % 5 == 0 else f"key-{i}".encode()
-        value = None if i % 97 == 0 else rng.randbytes(rng.choice([0, 3, 100, 200, 5000]))
+    # Enough records for three-byte offset deltas; keys, values and headers of every
+    # size class (absent, empty, one-, two- and three-byte varint lengths).
+    for i in range(9_000):
+        key = None if i % 5 == 0 else f"key-{i}".encode() * (1 + (i % 40 == 1) * 20)
+        size = rng.choice([0, 3, 100, 200, 5000]) if i % 500 else 20_000
+        value = None if i % 97 == 0 else rng.randbytes(size)
         headers = [("h", b"v" * (i % 4))] if i % 3 == 0 else []
         builder.append(
             timestamp=1_700_000_000_000 + i * 1000, key=key, value=value, headers=headers
@@ -361,8 +393,42 @@ def test_columnar_decoder_matches_kafka_python(compression: int) -> None:
     ]
     batch = MemoryRecords(data).next_batch()
     batch._maybe_uncompress()
-    got = decode_batch_records(batch._buffer, batch._pos, batch.records_count, batch.base_offset)
+    got = decode_batch_records(
+        bytes(batch._buffer), batch._pos, batch.records_count, batch.base_offset
+    )
     assert got == expected
+
+
+@pytest.mark.parametrize("magic", [1, 2])  # legacy message sets, record batches
+def test_columnar_partition_records_take_like_kafka_python(magic: int) -> None:
+    """Same records, same positions as kafka-python's PartitionRecords, whatever the take sizes."""
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
+
+    from batch.ingest_kafka import ColumnarPartitionRecords
+
+    data = b""
+    for base in range(0, 600, 100):  # six batches of 100 records
+        builder = MemoryRecordsBuilder(
+            magic=magic, compression_type=0, batch_size=1 << 24, offset=base
+        )
+        for i in range(base, base + 100):
+            builder.append(timestamp=1_700_000_000_000 + i, key=None, value=f"v{i}".encode())
+        builder.close()
+        data += bytes(builder.buffer())
+    tp = TopicPartition("orders", 0)
+    for fetch_offset in (0, 150):  # a fetch may start inside a batch
+        for sizes in ([1, 7, 100, 1000], [600], [99, 1, 250]):
+            ours = ColumnarPartitionRecords(fetch_offset, tp, MemoryRecords(data))
+            theirs = Fetcher.PartitionRecords(fetch_offset, tp, MemoryRecords(data))
+            for n in [*sizes, 5, 1000, 1000]:
+                if not theirs:  # kafka-python's fetcher takes only from undrained records
+                    break
+                got = ours.take(n)
+                expected = [(r.offset, r.value) for r in theirs.take(n)]
+                assert got == expected
+                assert ours.next_fetch_offset == theirs.next_fetch_offset
+            assert not ours and not theirs  # both drained
 
 
 def test_committer_never_commits_past_a_failed_batch() -> None:
