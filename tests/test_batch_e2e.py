@@ -52,7 +52,7 @@ def test_batch_over_ingested_history_matches_the_log_and_a_duckdb_recompute(
     )
 
     con = duckdb.connect()
-    con.execute("SET TimeZone='UTC'")
+    con.execute("SET TimeZone='UTC'").fetchall()
     for name, table in (("orders", MASTER_ORDERS), ("reviews", MASTER_REVIEWS)):
         dt = DeltaTable(lake.table(table), version=run.master_versions[table])
         con.register(f"master_{name}", dt.to_pyarrow_table())
@@ -79,10 +79,10 @@ def test_batch_over_ingested_history_matches_the_log_and_a_duckdb_recompute(
     assert [g[4] for g in got] == pytest.approx([e[4] for e in expected], rel=1e-9)
     assert sum(g[5] for g in got) == sent["orders"]  # every duplicate delivery dropped
 
-    reviews = con.execute("SELECT count(DISTINCT review_id) FROM master_reviews").fetchone()[0]
+    reviews = con.execute("SELECT count(DISTINCT review_id) FROM master_reviews").fetchall()[0][0]
     assert reviews == sent["reviews"]
-    assert con.execute("SELECT sum(reviews) FROM sentiment_by_sku").fetchone()[0] == reviews
-    assert con.execute("SELECT count(*) FROM review_scores").fetchone()[0] == reviews
+    assert con.execute("SELECT sum(reviews) FROM sentiment_by_sku").fetchall()[0][0] == reviews
+    assert con.execute("SELECT count(*) FROM review_scores").fetchall()[0][0] == reviews
     n_series = len({(g[1], g[2]) for g in got})
-    assert con.execute("SELECT count(*) FROM forecast_accuracy").fetchone()[0] == n_series
-    assert con.execute("SELECT count(*) FROM demand_forecast").fetchone()[0] == 28 * n_series
+    assert con.execute("SELECT count(*) FROM forecast_accuracy").fetchall()[0][0] == n_series
+    assert con.execute("SELECT count(*) FROM demand_forecast").fetchall()[0][0] == 28 * n_series

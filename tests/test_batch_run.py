@@ -59,7 +59,7 @@ def view_at(lake: Lake, view: str, version: int) -> pa.Table:
 def duck(lake: Lake, run: RunRecord) -> duckdb.DuckDBPyConnection:
     """DuckDB over the master snapshot the run pinned and the views it published."""
     con = duckdb.connect()
-    con.execute("SET TimeZone='UTC'")
+    con.execute("SET TimeZone='UTC'").fetchall()
     for name, table in (("orders", MASTER_ORDERS), ("reviews", MASTER_REVIEWS)):
         dt = DeltaTable(lake.table(table), version=run.master_versions[table])
         con.register(f"master_{name}", dt.to_pyarrow_table())
@@ -105,9 +105,9 @@ def test_daily_sales_equals_a_duckdb_recompute_over_the_deduplicated_master(publ
     # The master really held duplicates, and they were not counted.
     total, distinct = con.execute(
         "SELECT count(*), count(DISTINCT event_id) FROM master_orders"
-    ).fetchone()
+    ).fetchall()[0]
     assert total > distinct
-    assert con.execute("SELECT sum(order_lines) FROM daily_sales").fetchone()[0] == distinct
+    assert con.execute("SELECT sum(order_lines) FROM daily_sales").fetchall()[0][0] == distinct
     assert run.row_counts["orders"] == distinct
     assert written["orders"].num_rows == total
 
@@ -145,7 +145,7 @@ def test_sentiment_by_sku_counts_and_means_equal_a_duckdb_recompute(published):
            OR abs(s.mean_sentiment - r.ss / r.n) > 1e-12
            OR s.positive + s.neutral + s.negative <> s.reviews
         """
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert mismatches == 0
 
 
@@ -175,8 +175,8 @@ def test_forecast_views_cover_every_series_with_ordered_bounds(published):
     con = duck(lake, run)
     n_series = con.execute(
         "SELECT count(*) FROM (SELECT DISTINCT sku, store_id FROM daily_sales)"
-    ).fetchone()[0]
-    last = con.execute("SELECT max(date) FROM daily_sales").fetchone()[0]
+    ).fetchall()[0][0]
+    last = con.execute("SELECT max(date) FROM daily_sales").fetchall()[0][0]
     per_series = con.execute(
         "SELECT count(*), min(date), max(date) FROM demand_forecast GROUP BY sku, store_id"
     ).fetchall()
@@ -191,12 +191,12 @@ def test_forecast_views_cover_every_series_with_ordered_bounds(published):
             AND forecast <= upper_80 AND upper_80 <= upper_95)
            OR forecast IS NULL OR upper_95 IS NULL OR isnan(upper_95)
         """
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert bad == 0
     acc = con.execute(
         "SELECT count(*), count(DISTINCT (sku, store_id)), min(n_train_days), "
         "count(*) FILTER (WHERE mase IS NULL) FROM forecast_accuracy"
-    ).fetchone()
+    ).fetchall()[0]
     assert acc[0] == acc[1] == n_series
     assert acc[2] >= 70 and acc[3] == 0  # 84 days of history: every series backtested
     models = {m for (m,) in con.execute("SELECT DISTINCT model FROM forecast_accuracy").fetchall()}
