@@ -122,15 +122,24 @@ class Committer:
     always a prefix of what was consumed.
     """
 
-    def __init__(self, commit: Callable[[MicroBatch], int]):
+    def __init__(
+        self, commit: Callable[[MicroBatch], int], warm_up: Callable[[], None] | None = None
+    ):
         self._commit = commit
+        self._warm_up = warm_up
         self._queue: queue.Queue[MicroBatch | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self.committed = 0
+        self.blocked_s = 0.0  # the consumer's wait for commits: > 0 means commit-bound
         self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        if self._warm_up is not None:
+            try:
+                self._warm_up()
+            except BaseException as exc:
+                self._error = exc
         while (batch := self._queue.get()) is not None:
             if self._error is not None:
                 continue  # never commit past a batch that failed
@@ -145,13 +154,18 @@ class Committer:
             raise self._error
 
     def submit(self, batch: MicroBatch) -> None:
-        while True:
-            self.check()
-            try:
-                self._queue.put(batch, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        """Queue ``batch``; blocks while another batch already waits (time in ``blocked_s``)."""
+        t0 = time.monotonic()
+        try:
+            while True:
+                self.check()
+                try:
+                    self._queue.put(batch, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.blocked_s += time.monotonic() - t0
 
     def close(self) -> None:
         """Wait until every submitted batch is committed; re-raise a commit failure."""
@@ -258,7 +272,7 @@ class Ingest:
         if until_end:
             log.info("ingest.until_end", ends=ends, behind=self._behind(ends))
         started = time.monotonic()
-        committer = Committer(self.commit)
+        committer = Committer(self.commit, warm_up=self._warm_up_validator)
         try:
             self._consume(committer, ends, until_end)
         finally:
@@ -270,6 +284,7 @@ class Ingest:
             messages=committer.committed,
             seconds=round(elapsed, 2),
             events_per_s=round(committer.committed / elapsed) if elapsed > 0 else None,
+            consumer_blocked_s=round(committer.blocked_s, 2),
             positions=self.positions,
             stopped=self.stop.is_set(),
         )
@@ -349,6 +364,13 @@ class Ingest:
                     self.consumer.pause(tp)
 
     # --- commit ----------------------------------------------------------------------------
+
+    def _warm_up_validator(self) -> None:
+        """Validate one message per topic on the committer's thread while the first batch
+        is fetched: the validator's first call on a thread sets up its DuckDB engine
+        (a second or two), which would otherwise delay the first commit."""
+        for topic in self.topics:
+            validate(topic, [b"{}"], [0], [0], max_event_bytes=self.settings.max_event_bytes)
 
     def commit(self, batch: MicroBatch) -> int:
         """Validate ``batch`` and commit it: quarantine first, then each master table."""

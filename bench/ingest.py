@@ -10,7 +10,9 @@ What it does
     3. Checks the result (rows written = events, positions = end offsets) and
        prints a table and one JSON line: events/s end to end, events/s inside the
        ingest loop (from its ``ingest.done`` log line), the micro-batch size, and
-       the mean validate / commit seconds per micro-batch.
+       the mean validate / commit seconds per micro-batch, and how long the consumer
+       waited for commits (more than a little: validation and Delta writes are the
+       bottleneck; none: consuming and decoding are).
 
 Everything runs on one machine: the broker, the producer (before timing) and
 ingest share the cores, so the figures are a floor.
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "end_to_end_events_per_s": round(args.events / wall_s),
         "loop_s": finish["seconds"],
         "loop_events_per_s": finish["events_per_s"],
+        "consumer_blocked_s": finish["consumer_blocked_s"],
         "validate_s_per_batch": round(mean(b["validate_s"] for b in batches), 3),
         "commit_s_per_batch": round(mean(b["commit_s"] for b in batches), 3),
         "files": files,
