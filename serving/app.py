@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
+from serving import dashboard
 from serving.batch import BatchCache
 from serving.deps import require_api_key
 from serving.metrics import ApiMetrics
@@ -93,14 +94,17 @@ def create_app(
     clock: Callable[[], datetime] | None = None,
     poll_seconds: float = 1.0,
     speed_timeout: float = 2.0,
+    speed_cache_ttl: float = 0.25,
 ) -> FastAPI:
     """The FastAPI app over ``settings``' lake and speed workers.
 
     ``clock`` replaces "now" (alerts and default ranges) in tests; the batch
-    cache polls the runs table every ``poll_seconds``.
+    cache polls the runs table every ``poll_seconds``; each speed worker's partial
+    view is fetched at most every ``speed_cache_ttl`` seconds (0 = one worker query
+    per request; see :mod:`serving.speed`).
     """
     batch = BatchCache(settings, poll_seconds=poll_seconds)
-    speed = SpeedClient(settings, timeout=speed_timeout)
+    speed = SpeedClient(settings, timeout=speed_timeout, cache_ttl=speed_cache_ttl)
     metrics = ApiMetrics(settings, batch)
     service = QueryService(
         settings,
@@ -138,6 +142,7 @@ def create_app(
     for module in (sales, forecast, sentiment, alerts):
         app.include_router(module.router, dependencies=auth)
     app.include_router(system.router)
+    app.include_router(dashboard.router)
 
     @app.exception_handler(InvalidParameter)
     async def invalid_parameter(request: Request, exc: InvalidParameter) -> JSONResponse:

@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from lambdalake.lake import (
     MASTER_ORDERS,
@@ -42,7 +40,8 @@ from lambdalake.lake import (
 from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.settings import Settings
-from lambdalake.views import SALES, SENTIMENT, ViewDef
+from lambdalake.views import SALES, SENTIMENT
+from serving.tables import IndexedTable, merge_partials, select
 
 log = get_logger(__name__)
 
@@ -91,59 +90,6 @@ def master_hourly_sql(source: str) -> str:
         f"(PARTITION BY {SALES.key} ORDER BY _offset, _partition) = 1)"
     )
     return SALES.aggregate_sql(dedup, granularity="hour")
-
-
-# Arrow's name for each merge aggregate of lambdalake.views.Measure.merge_agg.
-ARROW_AGG = {"SUM": "sum", "MIN": "min", "MAX": "max"}
-
-
-@dataclass(frozen=True)
-class IndexedTable:
-    """An Arrow table sorted by ``sku``, with the row span of every SKU."""
-
-    table: pa.Table
-    spans: dict[str, tuple[int, int]]
-
-    @classmethod
-    def build(cls, table: pa.Table) -> IndexedTable:
-        spans: dict[str, tuple[int, int]] = {}
-        if table.num_rows:
-            skus = table.column("sku").to_numpy(zero_copy_only=False)
-            starts = np.concatenate(([0], np.flatnonzero(skus[1:] != skus[:-1]) + 1))
-            ends = np.append(starts[1:], len(skus))
-            spans = {str(skus[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
-        return cls(table=table, spans=spans)
-
-    def rows(self, sku: str | None) -> pa.Table:
-        """All rows, or one SKU's (zero-copy); an unknown SKU gives an empty table."""
-        if sku is None:
-            return self.table
-        a, b = self.spans.get(sku, (0, 0))
-        return self.table.slice(a, b - a)
-
-
-def select(table: pa.Table, *conditions: tuple[str, str, Any]) -> pa.Table:
-    """Rows where every ``(column, op, value)`` holds (``op`` a pyarrow.compute
-    comparison); a ``None`` value means no condition."""
-    mask = None
-    for column, op, value in conditions:
-        if value is None:
-            continue
-        cond = getattr(pc, op)(table.column(column), value)
-        mask = cond if mask is None else pc.and_(mask, cond)
-    return table if mask is None else table.filter(mask)
-
-
-def merge_partials(table: pa.Table, keys: list[str], view: ViewDef) -> list[dict[str, Any]]:
-    """Partial rows merged by ``keys`` with the view's own merge rules (``Measure.merge_agg``)."""
-    if table.num_rows == 0:
-        return []
-    aggs = [(m.name, ARROW_AGG[m.merge_agg]) for m in view.measures]
-    out = table.group_by(keys, use_threads=False).aggregate(aggs)
-    out = out.rename_columns(
-        [c.rsplit("_", 1)[0] if c not in keys else c for c in out.column_names]
-    )
-    return out.to_pylist()
 
 
 @dataclass

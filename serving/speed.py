@@ -6,11 +6,22 @@ Workers are found through ``settings.speed_endpoints`` (comma-separated
 asked for partials of events at offsets at or above the batch watermark
 (``min_offsets``). A worker that cannot be reached makes the answer *degraded*:
 its partitions are listed as missing — never a silent partial answer.
+
+Snapshot cache: rather than one worker query per API request, the client fetches
+a worker's whole partial view (hourly, every SKU and store, offsets >= the
+watermark) at most every ``cache_ttl`` seconds and answers requests from it
+locally (SKU index, filters, the view's merge rules). Answers stay exact — their
+``as_of.speed_offsets`` are the snapshot's — and at most ``cache_ttl`` older. A
+view too large to fetch that often (more than ``cache_max_rows`` partial rows) is
+queried per request instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +30,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lambdalake import speed_protocol
 from lambdalake.logs import get_logger
 from lambdalake.manifest import Watermark
 from lambdalake.settings import Settings
@@ -30,10 +45,17 @@ from lambdalake.speed_protocol import (
     query_speed,
 )
 from lambdalake.views import ViewDef
+from serving.tables import IndexedTable, merge_partials, select
 
 log = get_logger(__name__)
 
 WARN_EVERY_SECONDS = 30.0  # an unreachable worker is logged at most this often
+
+# Reusing one Flight client per worker saves a gRPC channel set-up per request. The
+# protocol offers it when it has ``connect(endpoint, timeout)`` and ``query_speed(...,
+# client=)``; otherwise every query opens and closes its own client.
+_CONNECT = getattr(speed_protocol, "connect", None)
+REUSE_CLIENTS = _CONNECT is not None and "client" in inspect.signature(query_speed).parameters
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,46 @@ def all_partitions(
     return sorted(parts or range(settings.partitions))
 
 
+@dataclass(frozen=True)
+class Partials:
+    """One worker's contribution to an answer: merged partial rows and their coverage."""
+
+    rows: list[dict[str, Any]]
+    partitions: dict[str, list[int]]
+    offsets: Watermark
+    worker: str
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    fetched: float  # time.monotonic() of the fetch
+    min_offsets: Watermark  # the watermark it was asked for
+    answer: SpeedAnswer
+    index: IndexedTable
+
+
+def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list[dict[str, Any]]:
+    """Filter a worker's full hourly partials to ``flt`` and merge them (pure)."""
+    table = index.rows(flt.sku)
+    if not view.has_period:
+        return merge_partials(table, list(view.dimensions), view)
+    lo: Any = flt.first
+    hi: Any = flt.last
+    if flt.granularity == "day":
+        # A UTC hour lies in one UTC day: days are the hours' dates.
+        column = table.schema.get_field_index("period")
+        table = table.set_column(column, "period", pc.cast(table["period"], pa.date32()))
+        lo = lo.date() if lo is not None else None
+        hi = hi.date() if hi is not None else None
+    table = select(
+        table,
+        ("period", "greater_equal", lo),
+        ("period", "less_equal", hi),
+        ("store_id", "equal", flt.store_id),
+    )
+    return merge_partials(table, ["period", *view.dimensions], view)
+
+
 class SpeedClient:
     """Asks every speed worker for partials; see the module docstring.
 
@@ -106,15 +168,46 @@ class SpeedClient:
     """
 
     def __init__(
-        self, settings: Settings, *, timeout: float = 2.0, retry_after: float = 1.0
+        self,
+        settings: Settings,
+        *,
+        timeout: float = 2.0,
+        retry_after: float = 1.0,
+        cache_ttl: float = 0.25,
+        cache_max_rows: int = 200_000,
     ) -> None:
         self.settings = settings
         self.timeout = timeout
         self.retry_after = retry_after
+        self.cache_ttl = cache_ttl
+        self.cache_max_rows = cache_max_rows
+        self._snapshots: dict[tuple[str, str], _Snapshot] = {}  # (endpoint, view) -> newest
+        self._snapshot_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._too_big_until: dict[tuple[str, str], float] = {}
+        self._locks_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="speed-query")
         # endpoint -> monotonic time before which it is not asked again (it just failed)
         self._down_until: dict[str, float] = {}
         self._last_warned: dict[str, float] = {}
+        self._clients: dict[str, Any] = {}
+        self._clients_lock = threading.Lock()
+
+    def _query(self, endpoint: str, q: SpeedQuery) -> SpeedAnswer:
+        if not REUSE_CLIENTS:
+            return query_speed(endpoint, q, timeout=self.timeout)
+        with self._clients_lock:
+            client = self._clients.get(endpoint)
+            if client is None:
+                client = self._clients[endpoint] = _CONNECT(endpoint, self.timeout)  # type: ignore[misc]
+        try:
+            return query_speed(endpoint, q, timeout=self.timeout, client=client)  # type: ignore[call-arg]
+        except StaleWatermark:
+            raise
+        except SpeedError:
+            with self._clients_lock:  # a new connection next time
+                if self._clients.get(endpoint) is client:
+                    del self._clients[endpoint]
+            raise
 
     def endpoints(self, statuses: Sequence[dict[str, Any]] | None = None) -> list[str]:
         found = parse_endpoints(self.settings.speed_endpoints)
@@ -130,7 +223,7 @@ class SpeedClient:
         if time.monotonic() < self._down_until.get(endpoint, 0.0):
             return SpeedError(f"speed worker {endpoint} failed less than {self.retry_after} s ago")
         try:
-            answer: SpeedAnswer | SpeedError = query_speed(endpoint, q, timeout=self.timeout)
+            answer: SpeedAnswer | SpeedError = self._query(endpoint, q)
         except StaleWatermark as exc:
             return exc
         except SpeedError as exc:
@@ -146,15 +239,72 @@ class SpeedClient:
             self._down_until.pop(endpoint, None)
         return answer
 
+    def _snapshot(
+        self, endpoint: str, view: ViewDef, min_offsets: Watermark
+    ) -> _Snapshot | SpeedAnswer | SpeedError:
+        """The worker's whole view (cached ``cache_ttl`` s), or a too-big answer, or the error."""
+        key = (endpoint, view.name)
+        with self._locks_lock:
+            lock = self._snapshot_locks.setdefault(key, threading.Lock())
+        with lock:  # one fetch per worker and view at a time; the others reuse it
+            snap = self._snapshots.get(key)
+            if (
+                snap is not None
+                and time.monotonic() - snap.fetched < self.cache_ttl
+                and snap.min_offsets == min_offsets
+            ):
+                return snap
+            q = SpeedQuery(view=view.name, granularity="hour", min_offsets=min_offsets)  # type: ignore[arg-type]
+            answer = self._ask(endpoint, q)
+            if isinstance(answer, SpeedError):
+                return answer
+            if answer.table.num_rows > self.cache_max_rows:
+                self._too_big_until[key] = time.monotonic() + 60.0
+                self._snapshots.pop(key, None)
+                return answer
+            snap = _Snapshot(
+                fetched=time.monotonic(),
+                min_offsets=min_offsets,
+                answer=answer,
+                index=IndexedTable.build(answer.table, sort=True),
+            )
+            self._snapshots[key] = snap
+            return snap
+
+    def _partials(
+        self, endpoint: str, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark
+    ) -> Partials | SpeedError:
+        """One worker's partials for ``flt``: from its snapshot, or asked directly."""
+        key = (endpoint, view.name)
+        use_cache = self.cache_ttl > 0 and time.monotonic() >= self._too_big_until.get(key, 0.0)
+        if use_cache:
+            got = self._snapshot(endpoint, view, min_offsets)
+            if isinstance(got, SpeedError):
+                return got
+            if isinstance(got, _Snapshot):
+                rows = local_partials(got.index, view, flt)
+                answer = got.answer
+            else:  # too big to cache: filter this one fetch, ask per request from now on
+                rows = local_partials(IndexedTable.build(got.table, sort=True), view, flt)
+                answer = got
+        else:
+            direct = self._ask(endpoint, to_speed_query(view, flt, min_offsets))
+            if isinstance(direct, SpeedError):
+                return direct
+            rows, answer = direct.table.to_pylist(), direct
+        return Partials(rows, answer.partitions, answer.offsets, answer.meta.worker)
+
     def query(self, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedResult:
         """Partials of ``view`` over events at offsets >= ``min_offsets`` from every worker."""
         statuses = status_files(self.settings)
-        q = to_speed_query(view, flt, min_offsets)
         endpoints = self.endpoints(statuses)
-        if len(endpoints) == 1:
-            answers = [self._ask(endpoints[0], q)]
-        else:
-            answers = list(self._pool.map(lambda ep: self._ask(ep, q), endpoints))
+
+        def one(ep: str) -> Partials | SpeedError:
+            return self._partials(ep, view, flt, min_offsets)
+
+        answers = (
+            [one(endpoints[0])] if len(endpoints) == 1 else list(self._pool.map(one, endpoints))
+        )
         result = SpeedResult()
         covered: set[int] = set()
         for endpoint, answer in zip(endpoints, answers, strict=True):
@@ -169,12 +319,12 @@ class SpeedClient:
                 log.warning(
                     "serving.speed_overlap",
                     endpoint=endpoint,
-                    worker=answer.meta.worker,
+                    worker=answer.worker,
                     partitions=sorted(owned & covered),
                 )
                 continue
             covered |= owned
-            result.rows.extend(answer.table.to_pylist())
+            result.rows.extend(answer.rows)
             for topic, parts in answer.offsets.items():
                 if topic == view.topic:
                     result.offsets.setdefault(topic, {}).update(parts)
@@ -186,6 +336,11 @@ class SpeedClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._clients_lock:
+            for client in self._clients.values():
+                with contextlib.suppress(Exception):  # a broken channel: nothing to close
+                    client.close()
+            self._clients.clear()
 
 
 def _bound(ts: datetime | None, granularity: str | None) -> str | None:

@@ -51,6 +51,7 @@ TOPICS = ("orders", "reviews")
 PARTITIONS = 4
 WORKERS = 2
 QUERIES_PER_CHECK = 40
+SPEED_CACHE_TTL = 0.25
 CATCH_UP_TIMEOUT = 90.0
 REVIEW_TEXTS = [
     ("Great product, works really well", "Love it"),
@@ -528,13 +529,13 @@ class SpeedWorker:
 class Checker:
     def __init__(
         self,
-        client: httpx.Client,
+        clients: list[httpx.Client],
         log: EventLog,
         rng: random.Random,
         now: datetime,
         settings: Settings,
     ) -> None:
-        self.client = client
+        self.clients = clients
         self.log = log
         self.rng = rng
         self.now = now
@@ -568,7 +569,7 @@ class Checker:
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         clean = {k: v for k, v in (params or {}).items() if not k.startswith("_")}
-        r = self.client.get(path, params=clean)
+        r = self.rng.choice(self.clients).get(path, params=clean)
         assert r.status_code == 200, f"{path} {clean}: {r.status_code} {r.text}"
         return r.json()
 
@@ -589,6 +590,7 @@ class Checker:
     ) -> None:
         """Random queries equal the recompute over what each answer covers; coverage is right."""
         progress(f"check: {step}")
+        time.sleep(SPEED_CACHE_TTL + 0.1)  # answers cached before the catch-up have expired
         ends = self.log.ends()
         for _ in range(n):
             q = random_query(self.rng, self.now)
@@ -645,12 +647,22 @@ class Checker:
                 assert speed == ends[topic][p], f"[{step}] {topic}/{p}: {speed} != {ends[topic][p]}"
 
 
-def wait_not_degraded(client: httpx.Client, timeout: float = 30.0) -> None:
+def wait_not_degraded(clients: list[httpx.Client], timeout: float = 30.0) -> None:
     """Until answers are whole again (a failed worker is retried after a second)."""
     deadline = time.monotonic() + timeout
-    while client.get("/v1/sales").json()["degraded"]:
-        assert time.monotonic() < deadline, "the API still answers degraded after the restart"
-        time.sleep(0.2)
+    for client in clients:
+        while client.get("/v1/sales").json()["degraded"]:
+            assert time.monotonic() < deadline, "the API still answers degraded after a restart"
+            time.sleep(0.2)
+
+
+def wait_for_run(clients: list[httpx.Client], run_id: str, timeout: float = 30.0) -> None:
+    """Until every API serves ``run_id`` (they learn of it through StaleWatermark only)."""
+    deadline = time.monotonic() + timeout
+    for client in clients:
+        while client.get("/v1/sales").json()["as_of"]["run_id"] != run_id:
+            assert time.monotonic() < deadline, f"run {run_id} was not picked up by the API"
+            time.sleep(0.2)
 
 
 T0 = time.monotonic()
@@ -729,12 +741,21 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
         #    batch already counted and weeks-late events.
         for w in workers:
             w.start()
-        # The API never polls the runs table here: it learns of runs 2 and 3 only when a speed
+        # The APIs never poll the runs table here: they learn of runs 2 and 3 only when a speed
         # worker, already pruned to the new run, refuses a query (StaleWatermark) — so that
         # path, reload the latest run and ask again, is what every later answer goes through.
-        app = create_app(settings, poll_seconds=3600)
-        with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-            check = Checker(client, log, rng, now, settings)
+        # One API answers from its per-worker snapshot cache, the other asks the workers on
+        # every request; queries go to either at random.
+        cached = create_app(settings, poll_seconds=3600, speed_cache_ttl=SPEED_CACHE_TTL)
+        direct = create_app(settings, poll_seconds=3600, speed_cache_ttl=0)
+        with (
+            running_server(cached) as url_cached,
+            running_server(direct) as url_direct,
+            httpx.Client(base_url=url_cached, timeout=30) as client,
+            httpx.Client(base_url=url_direct, timeout=30) as client_direct,
+        ):
+            clients = [client, client_direct]
+            check = Checker(clients, log, rng, now, settings)
             counted = rng.choice(
                 [s for s in history if s.event is not None and s.topic == "orders"]
             )
@@ -774,10 +795,7 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
                 check.sales_matches(q, "just after run 2")
             for w in workers:
                 w.wait_caught_up(log.ends())
-            deadline = time.monotonic() + 30
-            while client.get("/v1/sales").json()["as_of"]["run_id"] != run2:
-                assert time.monotonic() < deadline, "run 2 was not picked up by the API"
-                time.sleep(0.2)
+            wait_for_run(clients, run2)
             check.check_step("after run 2", run_id=run2)
 
             # 4. A worker dies (SIGKILL). Events keep coming, among them an order weeks late
@@ -806,7 +824,7 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
 
             dead.start()
             dead.wait_caught_up(log.ends())
-            wait_not_degraded(client)
+            wait_not_degraded(clients)
             check.check_step("worker 1 restarted", run_id=run2)
             for s in late_events:
                 e = s.event
@@ -826,17 +844,14 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
                 w.start()
             for w in workers:
                 w.wait_caught_up(log.ends())
-            wait_not_degraded(client)
+            wait_not_degraded(clients)
             check.check_step("both restarted", run_id=run2)
 
             ingest_until_end(settings)
             run3 = run_batch(settings, spark=spark)
             for w in workers:
                 w.wait_caught_up(log.ends())
-            deadline = time.monotonic() + 30
-            while client.get("/v1/sales").json()["as_of"]["run_id"] != run3:
-                assert time.monotonic() < deadline, "run 3 was not picked up by the API"
-                time.sleep(0.2)
+            wait_for_run(clients, run3)
             check.check_step("after run 3", run_id=run3)
             assert check.checked >= 5 * QUERIES_PER_CHECK
 

@@ -1,0 +1,158 @@
+// The lambdalake dashboard: calls the public API and draws what an analyst would get from it.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const headers = params.get("key") ? { "X-API-Key": params.get("key") } : {};
+const REFRESH_MS = 5000;
+const HISTORY_DAYS = 90;
+let salesChart = null;
+let sentimentChart = null;
+window.lambdalakeRendered = { sales: 0, forecast: 0, sentiment: 0, refreshes: 0 };
+
+async function api(path) {
+  const r = await fetch(path, { headers });
+  if (!r.ok) throw new Error(`${path}: ${r.status} ${await r.text()}`);
+  return r.json();
+}
+
+function isoDay(d) { return d.toISOString().slice(0, 10); }
+function addDays(day, n) { const d = new Date(day + "T00:00:00Z"); d.setUTCDate(d.getUTCDate() + n); return isoDay(d); }
+function fmtAge(s) {
+  if (s == null) return "–";
+  if (s < 120) return `${Math.round(s)} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+async function renderFreshness() {
+  const st = await api("/v1/status");
+  const b = st.batch, workers = st.speed.workers || [];
+  const lag = workers.reduce((a, w) => a + Object.values(w.lag || {}).reduce(
+    (x, ps) => x + Object.values(ps).reduce((y, n) => y + Number(n), 0), 0), 0);
+  const alive = workers.filter(w => w.alive).length;
+  const batchCls = b.run_id ? (b.age_seconds < 7200 ? "ok" : "warn") : "bad";
+  const speedCls = alive ? (lag < 10000 ? "ok" : "warn") : "bad";
+  const q = Object.values(st.quarantine || {}).reduce((a, r) => a + Object.values(r).reduce((x, n) => x + n, 0), 0);
+  document.getElementById("freshness").innerHTML =
+    `<span class="${batchCls}">batch run ${b.run_id || "none"} · age ${fmtAge(b.age_seconds)}</span> &nbsp;|&nbsp; ` +
+    `<span class="${speedCls}">speed workers ${alive}/${workers.length} alive · lag ${lag} events</span> &nbsp;|&nbsp; ` +
+    `quarantined ${q}`;
+}
+
+async function loadSkus() {
+  const data = await api("/dashboard/api/skus");
+  const sel = document.getElementById("sku");
+  const current = sel.value || params.get("sku");
+  sel.innerHTML = data.skus.map(s => `<option>${s}</option>`).join("");
+  if (current && data.skus.includes(current)) sel.value = current;
+  const store = document.getElementById("store");
+  const keep = store.value;
+  store.innerHTML = `<option value="">all stores</option>` + data.stores.map(s => `<option>${s}</option>`).join("");
+  store.value = keep;
+}
+
+async function renderSales(sku, store) {
+  const storeQ = store ? `&store_id=${encodeURIComponent(store)}` : "";
+  const fc = await api(`/v1/forecast/${encodeURIComponent(sku)}?horizon=28${storeQ}`);
+  const today = fc.actuals.length ? fc.actuals[fc.actuals.length - 1].date : isoDay(new Date());
+  const start = addDays(today, -HISTORY_DAYS);
+  const sales = await api(`/v1/sales?sku=${encodeURIComponent(sku)}${storeQ}&granularity=day&start=${start}&end=${today}`);
+  const labels = [];
+  const last = fc.points.length ? fc.points[fc.points.length - 1].date : today;
+  for (let d = start; d <= last; d = addDays(d, 1)) labels.push(d);
+  const idx = new Map(labels.map((d, i) => [d, i]));
+  const series = () => labels.map(() => null);
+  const hist = series(), f = series(), l80 = series(), u80 = series(), l95 = series(), u95 = series(), live = series();
+  for (const p of sales.points) { const i = idx.get(String(p.period).slice(0, 10)); if (i != null) hist[i] = p.units; }
+  for (const p of fc.points) {
+    const i = idx.get(p.date); if (i == null) continue;
+    f[i] = p.forecast; l80[i] = p.lower_80; u80[i] = p.upper_80; l95[i] = p.lower_95; u95[i] = p.upper_95;
+  }
+  const todayIdx = idx.get(today);
+  const todayActual = fc.actuals.find(a => a.date === today);
+  if (todayIdx != null && todayActual) live[todayIdx] = todayActual.units;
+  const datasets = [
+    { label: "95 % upper", data: u95, borderWidth: 0, pointRadius: 0, backgroundColor: "rgba(99,132,255,.12)", fill: "+3" },
+    { label: "80 % upper", data: u80, borderWidth: 0, pointRadius: 0, backgroundColor: "rgba(99,132,255,.25)", fill: "+1" },
+    { label: "80 % lower", data: l80, borderWidth: 0, pointRadius: 0, fill: false },
+    { label: "95 % lower", data: l95, borderWidth: 0, pointRadius: 0, fill: false },
+    { label: `forecast (${fc.model || "–"})`, data: f, borderColor: "#3b5bdb", borderDash: [5, 4], pointRadius: 0, fill: false },
+    { label: "units (batch ⊕ speed)", data: hist, borderColor: "#1d2330", pointRadius: 0, borderWidth: 1.5, fill: false },
+    { label: "today, live", data: live, borderColor: "#e8590c", backgroundColor: "#e8590c", pointRadius: 6, showLine: false },
+  ];
+  if (!salesChart) {
+    salesChart = new Chart(document.getElementById("sales-chart"), {
+      type: "line", data: { labels, datasets },
+      options: { animation: false, spanGaps: false, interaction: { mode: "index", intersect: false },
+        plugins: { legend: { labels: { filter: i => !i.text.includes("lower") } } },
+        scales: { x: { ticks: { maxTicksLimit: 14 } }, y: { beginAtZero: true } } },
+    });
+  } else {
+    salesChart.data.labels = labels; salesChart.data.datasets = datasets; salesChart.update("none");
+  }
+  const todayF = fc.points.find(p => p.date === today);
+  document.getElementById("sales-summary").textContent =
+    `today ${today}: ${todayActual ? todayActual.units : 0} units so far` +
+    (todayF ? `; forecast ${todayF.forecast.toFixed(1)} (95 %: ${todayF.lower_95.toFixed(1)}–${todayF.upper_95.toFixed(1)})` : "") +
+    ` · as of run ${fc.as_of.run_id}` + (fc.degraded ? " · DEGRADED: a speed worker is unreachable" : "");
+  document.getElementById("asof").textContent = `run ${sales.as_of.run_id}`;
+  window.lambdalakeRendered.sales = hist.filter(v => v != null).length;
+  window.lambdalakeRendered.forecast = f.filter(v => v != null).length;
+}
+
+async function renderSentiment(sku) {
+  const s = await api(`/v1/sentiment/${encodeURIComponent(sku)}`);
+  const trend = await api(`/dashboard/api/sentiment-trend/${encodeURIComponent(sku)}`);
+  document.getElementById("sentiment-summary").innerHTML = s.reviews
+    ? `${s.reviews} reviews · mean rating ${s.mean_rating.toFixed(2)} · mean sentiment ${s.mean_sentiment.toFixed(2)} · ` +
+      `<b>${s.positive}</b> positive, <b>${s.neutral}</b> neutral, <b>${s.negative}</b> negative`
+    : "no reviews yet";
+  const labels = trend.weeks.map(w => w.week);
+  const datasets = [
+    { label: "weekly mean sentiment (batch)", data: trend.weeks.map(w => w.mean_sentiment), borderColor: "#2f9e44", yAxisID: "y", pointRadius: 2 },
+    { label: "reviews per week", data: trend.weeks.map(w => w.reviews), type: "bar", backgroundColor: "rgba(0,0,0,.12)", yAxisID: "y1" },
+  ];
+  if (!sentimentChart) {
+    sentimentChart = new Chart(document.getElementById("sentiment-chart"), {
+      type: "line", data: { labels, datasets },
+      options: { animation: false, scales: { y: { min: -1, max: 1 }, y1: { position: "right", beginAtZero: true, grid: { display: false } } } },
+    });
+  } else {
+    sentimentChart.data.labels = labels; sentimentChart.data.datasets = datasets; sentimentChart.update("none");
+  }
+  window.lambdalakeRendered.sentiment = labels.length;
+}
+
+async function renderAlerts() {
+  const a = await api("/v1/alerts/demand");
+  const body = document.querySelector("#alerts tbody");
+  body.innerHTML = a.items.slice(0, 50).map(x =>
+    `<tr><td>${x.sku}</td><td>${x.store_id || "all"}</td><td>${x.kind}</td><td>${x.units}</td>` +
+    `<td>${x.forecast.toFixed(1)}</td><td>${x.lower_95 == null ? "–" : x.lower_95.toFixed(1)}–${x.upper_95 == null ? "–" : x.upper_95.toFixed(1)}</td></tr>`).join("");
+  document.getElementById("alerts-empty").textContent = a.items.length ? `${a.items.length} alerts` : "no alerts right now";
+}
+
+async function refresh() {
+  try {
+    await renderFreshness();
+    const sku = document.getElementById("sku").value;
+    const store = document.getElementById("store").value;
+    if (sku) await Promise.all([renderSales(sku, store), renderSentiment(sku)]);
+    await renderAlerts();
+    window.lambdalakeRendered.refreshes += 1;
+    document.body.dataset.rendered = JSON.stringify(window.lambdalakeRendered);
+  } catch (e) {
+    document.getElementById("freshness").textContent = `error: ${e.message}`;
+    window.lambdalakeRendered.error = String(e.message);
+    document.body.dataset.rendered = JSON.stringify(window.lambdalakeRendered);
+  }
+}
+
+async function main() {
+  try { await loadSkus(); } catch (e) { document.getElementById("freshness").textContent = `error: ${e.message}`; }
+  document.getElementById("sku").addEventListener("change", refresh);
+  document.getElementById("store").addEventListener("change", refresh);
+  await refresh();
+  setInterval(refresh, REFRESH_MS);
+}
+main();
