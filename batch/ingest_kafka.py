@@ -116,7 +116,7 @@ def decode_batch_records(buf: bytes, pos: int, count: int, base_offset: int) -> 
     return out
 
 
-class ColumnarPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
+class ColumnarPartitionRecords(Fetcher.PartitionRecords):
     """The records of one fetched partition, decoded a record batch at a time.
 
     ``take(n)`` returns ``(offset, value)`` tuples by slicing whole decoded
@@ -128,6 +128,7 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):  # type: ignore[misc]
 
     def __init__(self, fetch_offset: int, tp: TopicPartition, records: Any, **kwargs: Any):
         super().__init__(fetch_offset, tp, records, **kwargs)
+        self.next_fetch_offset: int = fetch_offset
         self._batches = self._decoded_batches(tp, records)
         self._pending: list[tuple] = []
         self._pending_at = 0

@@ -153,7 +153,7 @@ def test_master_reads_the_same_in_duckdb_and_spark(
             else n
             for n in columns
         ]
-        duck = con.execute(
+        duck = con.sql(
             f"SELECT {', '.join(duck_exprs)} FROM master ORDER BY _partition, _offset"
         ).to_arrow_table()
         con.close()
