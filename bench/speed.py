@@ -306,7 +306,10 @@ def run_freshness(
 ) -> dict[str, Any]:
     """The worker again (it resumes at the end), under a steady stream."""
     with our_worker(bootstrap, workdir) as (endpoint, _, _):
-        return freshness(bootstrap, partitions, endpoint, args)
+        result = freshness(bootstrap, partitions, endpoint, args)
+        # The worker's own share: first message polled -> micro-batch committed.
+        result["worker_poll_to_commit_ms"] = speed_status(endpoint)["poll_to_commit_ms"]
+        return result
 
 
 def freshness(bootstrap: str, partitions: int, endpoint: str, args: argparse.Namespace) -> dict:

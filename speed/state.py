@@ -151,7 +151,14 @@ def _now() -> datetime:
 class SpeedState:
     """The DuckDB state of one worker. Writes from one thread; reads from any."""
 
-    def __init__(self, path: Path, worker: tuple[int, int], *, memory_limit: str | None = None):
+    def __init__(
+        self,
+        path: Path,
+        worker: tuple[int, int],
+        *,
+        memory_limit: str | None = None,
+        threads: int = 1,
+    ):
         self.path = Path(path)
         self.worker = worker
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +166,9 @@ class SpeedState:
         self._configure(self.con)
         # Fewer checkpoints on the hot path; the WAL replays on open after a crash.
         self.con.execute("SET checkpoint_threshold = '128MB'")
+        # One DuckDB thread: micro-batches are small statements (parallelism costs more
+        # than it gains), and the other core is the poller's.
+        self.con.execute(f"SET threads = {int(threads)}")
         if memory_limit:
             self.con.execute(f"SET memory_limit = '{memory_limit}'")
         self._local = threading.local()
@@ -185,14 +195,20 @@ class SpeedState:
         )
         con.execute("CREATE TABLE IF NOT EXISTS invalid (topic VARCHAR, reason VARCHAR, n BIGINT)")
         for topic in TOPICS:
-            empty = held_schema(topic).empty_table()  # noqa: F841 - scanned by name below
-            con.execute(f"CREATE TABLE IF NOT EXISTS {HELD[topic]} AS SELECT * FROM empty")
+            with _registered(con, "empty", held_schema(topic).empty_table()):
+                con.execute(f"CREATE TABLE IF NOT EXISTS {HELD[topic]} AS SELECT * FROM empty")
             con.execute(
                 f"CREATE TABLE IF NOT EXISTS {KNOWN[topic]} (id VARCHAR, seen_at TIMESTAMPTZ)"
             )
             con.execute(
                 f"CREATE TABLE IF NOT EXISTS {PARTIALS[topic]} AS "
                 f"{partials_sql(topic, HELD[topic])} LIMIT 0"
+            )
+            # Per-micro-batch scratch tables (temporary: this connection only).
+            con.execute(f"CREATE TEMP TABLE cand_{topic} AS SELECT * FROM {HELD[topic]} LIMIT 0")
+            con.execute(
+                f"CREATE TEMP TABLE conf_{topic} "
+                "(id VARCHAR, hp INTEGER, ho BIGINT, new_wins BOOLEAN)"
             )
         layout = f"{self.worker[0]}/{self.worker[1]}"
         row = con.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
@@ -290,16 +306,29 @@ class SpeedState:
                 (t, p, o) for (t, p), o in new_positions.items() if self.positions.get((t, p)) != o
             ]
             if changed:
-                con.executemany(
-                    "INSERT INTO positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
-                    "DO UPDATE SET next_offset = excluded.next_offset",
-                    changed,
+                # One statement (a per-row executemany costs ~ms per row here).
+                rows = pa.table(
+                    {
+                        "topic": pa.array([t for t, _, _ in changed], pa.string()),
+                        "partition": pa.array([p for _, p, _ in changed], pa.int32()),
+                        "next_offset": pa.array([o for _, _, o in changed], pa.int64()),
+                    }
                 )
+                with _registered(con, "positions_in", rows):
+                    con.execute(
+                        "INSERT INTO positions SELECT * FROM positions_in "
+                        "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset"
+                    )
             if batch.invalid:
-                con.executemany(
-                    "INSERT INTO invalid VALUES (?, ?, ?)",
-                    [(t, r, n) for (t, r), n in batch.invalid.items()],
+                counts = pa.table(
+                    {
+                        "topic": pa.array([t for t, _ in batch.invalid], pa.string()),
+                        "reason": pa.array([r for _, r in batch.invalid], pa.string()),
+                        "n": pa.array(list(batch.invalid.values()), pa.int64()),
+                    }
                 )
+                with _registered(con, "invalid_in", counts):
+                    con.execute("INSERT INTO invalid SELECT * FROM invalid_in")
             compact = [t for t in held if self._needs_compaction(t)]
             for topic in compact:
                 self._compact_partials(topic)
@@ -321,37 +350,43 @@ class SpeedState:
         key = KEY_BY_TOPIC[topic]
         held, known, partials = HELD[topic], KNOWN[topic], PARTIALS[topic]
         names = held_schema(topic).names
-        batch_in = table.select(names)  # noqa: F841 - scanned by name below
+        # Scratch tables live for the connection (no catalog change per micro-batch).
+        cand, conf = f"cand_{topic}", f"conf_{topic}"
+        con.execute(f"DELETE FROM {cand}")
+        con.execute(f"DELETE FROM {conf}")
+        con.register("batch_in", table.select(names))
         con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE cand AS
-            SELECT * FROM batch_in b
+            f"""INSERT INTO {cand} SELECT * FROM batch_in b
             WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})
             QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _offset, _partition) = 1"""
         )
         con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE conf AS
+            f"""INSERT INTO {conf}
             SELECT c.{key} AS id, h._partition AS hp, h._offset AS ho,
                    (c._offset < h._offset OR (c._offset = h._offset AND c._partition < h._partition))
                    AS new_wins
-            FROM cand c JOIN {held} h ON h.{key} = c.{key}"""
+            FROM {cand} c JOIN {held} h ON h.{key} = c.{key}"""
         )
-        n_conf, n_wins = _one(con, "SELECT count(*), count(*) FILTER (WHERE new_wins) FROM conf")
+        n_conf, n_wins = _one(con, f"SELECT count(*), count(*) FILTER (WHERE new_wins) FROM {conf}")
         if n_conf:
-            con.execute(f"DELETE FROM cand WHERE {key} IN (SELECT id FROM conf WHERE NOT new_wins)")
+            con.execute(
+                f"DELETE FROM {cand} WHERE {key} IN (SELECT id FROM {conf} WHERE NOT new_wins)"
+            )
         if n_wins:
             # A lower offset of an id we hold arrived late from another partition:
             # it replaces the held one, and the partials are rebuilt (rare).
             con.execute(
-                f"DELETE FROM {held} h USING conf c WHERE c.new_wins "
+                f"DELETE FROM {held} h USING {conf} c WHERE c.new_wins "
                 "AND h._partition = c.hp AND h._offset = c.ho"
             )
-        con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM cand")
-        n_new = int(_one(con, "SELECT count(*) FROM cand")[0])
+        con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM {cand}")
+        n_new = int(_one(con, f"SELECT count(*) FROM {cand}")[0])
         if n_wins:
             self._rebuild_partials(topic)
         elif n_new:
-            added = _one(con, f"INSERT INTO {partials} {partials_sql(topic, 'cand')}")
+            added = _one(con, f"INSERT INTO {partials} {partials_sql(topic, cand)}")
             self._partial_rows[topic] += int(added[0])
+        con.unregister("batch_in")
         return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
 
     def _needs_compaction(self, topic: str) -> bool:
@@ -382,12 +417,12 @@ class SpeedState:
 
     def held_reviews_from(self, watermark: Watermark) -> pa.Table:
         """Held reviews at or above ``watermark`` (to re-score with a new model)."""
-        wm = _watermark_table("reviews", watermark)  # noqa: F841 - scanned by name below
-        return self.con.sql(
-            f"""SELECT h._partition, h._offset, h.text, h.title FROM {HELD["reviews"]} h
-            LEFT JOIN wm w ON w.partition = h._partition
-            WHERE h._offset >= coalesce(w.offset, 0)"""
-        ).to_arrow_table()
+        with _registered(self.con, "wm", _watermark_table("reviews", watermark)):
+            return self.con.sql(
+                f"""SELECT h._partition, h._offset, h.text, h.title FROM {HELD["reviews"]} h
+                LEFT JOIN wm w ON w.partition = h._partition
+                WHERE h._offset >= coalesce(w.offset, 0)"""
+            ).to_arrow_table()
 
     def apply_run(self, run: RunApply, dedup_hours: int, now: datetime | None = None) -> None:
         """Prune to a run's watermark, load the ids it counted, re-score, atomically."""
@@ -398,13 +433,13 @@ class SpeedState:
             for topic in TOPICS:
                 self._apply_run_topic(topic, run, now)
             if run.scores is not None and run.scores.num_rows:
-                scores = run.scores.select(  # noqa: F841 - scanned by name below
-                    ["_partition", "_offset", "sentiment", "label"]
-                )
-                con.execute(
-                    f"""UPDATE {HELD["reviews"]} AS h SET sentiment = s.sentiment, label = s.label
-                    FROM scores s WHERE h._partition = s._partition AND h._offset = s._offset"""
-                )
+                scores = run.scores.select(["_partition", "_offset", "sentiment", "label"])
+                with _registered(con, "scores", scores):
+                    con.execute(
+                        f"""UPDATE {HELD["reviews"]} AS h
+                        SET sentiment = s.sentiment, label = s.label FROM scores s
+                        WHERE h._partition = s._partition AND h._offset = s._offset"""
+                    )
             horizon = now - timedelta(hours=dedup_hours)
             for topic in TOPICS:
                 con.execute(f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ?", [horizon])
@@ -447,7 +482,7 @@ class SpeedState:
         con = self.con
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
-        wm = _watermark_table(topic, run.watermark)  # noqa: F841 - scanned by name below
+        con.register("wm", _watermark_table(topic, run.watermark))
         if run.reset:
             con.execute(f"DELETE FROM {held}")
             con.execute(f"DELETE FROM {known}")
@@ -455,11 +490,11 @@ class SpeedState:
             con.execute(f"DELETE FROM {known}")
         ids = run.known_ids.get(topic)
         if ids is not None and ids.num_rows:
-            new_ids = ids.select(["id", "seen_at"])  # noqa: F841 - scanned by name below
-            con.execute(
-                f"""INSERT INTO {known} SELECT id, max(seen_at) FROM new_ids n
-                WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"""
-            )
+            with _registered(con, "new_ids", ids.select(["id", "seen_at"])):
+                con.execute(
+                    f"""INSERT INTO {known} SELECT id, max(seen_at) FROM new_ids n
+                    WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"""
+                )
         # Pruned events leave the views but their ids stay known until the horizon passes.
         con.execute(
             f"""INSERT INTO {known}
@@ -474,6 +509,7 @@ class SpeedState:
         )
         # An id the run counted (from any partition) is not ours to count again.
         con.execute(f"DELETE FROM {held} h USING {known} k WHERE k.id = h.{key}")
+        con.unregister("wm")
 
     def expire_known(self, dedup_hours: int, now: datetime | None = None) -> None:
         """Forget known ids older than the dedup horizon (cheap; call now and then)."""
@@ -544,14 +580,14 @@ class SpeedState:
                 )
             exact = any(lows[p] > pruned.get(p, 0) for p in owned)
             sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[topic], exact)
-            if exact:
-                lows_tbl = pa.table(  # noqa: F841 - scanned by name in the SQL
-                    {
-                        "partition": pa.array(list(lows), pa.int32()),
-                        "low": pa.array(list(lows.values()), pa.int64()),
-                    }
-                )
-            table = cur.sql(sql, params=params).to_arrow_table()
+            lows_tbl = pa.table(
+                {
+                    "partition": pa.array(list(lows), pa.int32()),
+                    "low": pa.array(list(lows.values()), pa.int64()),
+                }
+            )
+            with _registered(cur, "lows_tbl", lows_tbl):
+                table = cur.sql(sql, params=params).to_arrow_table()
         table = table.cast(answer_schema(q.view, q.granularity))
         meta = AnswerMeta(
             worker=f"{self.worker[0]}/{self.worker[1]}",
@@ -566,12 +602,22 @@ class SpeedState:
         return table, meta
 
 
+@contextmanager
+def _registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[None]:
+    """``table`` visible to SQL on ``con`` as ``name`` for the block."""
+    con.register(name, table)
+    try:
+        yield
+    finally:
+        con.unregister(name)
+
+
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
     """The single row of ``sql`` (a count, an INSERT's row count)."""
-    row = con.execute(sql).fetchone()
-    if row is None:
-        raise RuntimeError(f"no row from {sql!r}")
-    return row
+    rows = con.execute(sql).fetchall()  # fetched to the end: the result is complete
+    if len(rows) != 1:
+        raise RuntimeError(f"{len(rows)} rows from {sql!r}, expected one")
+    return tuple(rows[0])
 
 
 def _watermark_table(topic: str, watermark: Watermark) -> pa.Table:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,19 @@ class Counters:
     started_at: float = field(default_factory=time.monotonic)
     last_commit_at: float | None = None
     rate: float = 0.0  # messages/s over the last progress interval
+    # Seconds from a micro-batch's first message polled to its commit (the last 1,000).
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def latency_ms(self) -> dict[str, float | None]:
+        """p50/p99 of poll-to-commit over the recent micro-batches (queryable after commit)."""
+        if not self.latencies:
+            return {"p50": None, "p99": None}
+        ordered = sorted(self.latencies)
+
+        def pick(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+        return {"p50": pick(0.5), "p99": pick(0.99)}
 
 
 class SpeedWorker:
@@ -137,6 +150,7 @@ class SpeedWorker:
                 "commit_seconds": round(c.commit_seconds, 3),
             },
             "messages_per_second": round(c.rate, 1),
+            "poll_to_commit_ms": c.latency_ms(),
         }
 
     # --- runs -----------------------------------------------------------------------------
@@ -214,6 +228,8 @@ class SpeedWorker:
         c.poll_seconds += polled.poll_seconds
         c.validate_seconds += validate_seconds
         c.last_commit_at = time.monotonic()
+        if polled.first_at:
+            c.latencies.append(c.last_commit_at - polled.first_at)
         log.debug(
             "speed.batch",
             messages=polled.messages,
