@@ -101,24 +101,12 @@ class StatusReporter(threading.Thread):
         self.broker_unreachable = False
         self._next_ends = 0.0
         self._backoff = ends_every
+        self._ends_thread: threading.Thread | None = None
 
-    def refresh_ends(self, owned: list[TP]) -> None:
-        """Find the true ends of ``owned`` (or mark the broker unreachable)."""
-        if not owned:
-            return
+    def probe(self) -> bool:
+        """Check the broker answers (a TCP connect, at most 1 s); log changes."""
         ok = broker_reachable(self.bootstrap)
-        if ok:
-            try:
-                found = end_offsets(
-                    self.bootstrap, [TopicPartition(t, p) for t, p in owned], timeout=5.0
-                )
-                for tp, end in found.items():
-                    key = (tp.topic, tp.partition)
-                    self.ends[key] = max(self.ends.get(key, 0), int(end))
-            except Exception as exc:  # the broker went away between the probe and the read
-                log.debug("speed.end_offsets_failed", error=f"{type(exc).__name__}: {exc}")
-                ok = False
-        if ok != (not self.broker_unreachable):
+        if ok == self.broker_unreachable:  # the state changed
             if ok:
                 log.info("speed.broker_reachable", bootstrap=self.bootstrap)
             else:
@@ -127,6 +115,32 @@ class StatusReporter(threading.Thread):
         # Back off while the broker is down; probe every few seconds while it is up.
         self._backoff = self.ends_every if ok else min(self._backoff * 2, 30.0)
         self._next_ends = time.monotonic() + self._backoff
+        return ok
+
+    def refresh_ends(self, owned: list[TP]) -> None:
+        """Find the true ends of ``owned`` (reads; may block up to a request timeout)."""
+        if not owned:
+            return
+        try:
+            found = end_offsets(
+                self.bootstrap, [TopicPartition(t, p) for t, p in owned], timeout=5.0
+            )
+        except Exception as exc:  # the broker went away: the probe reports it
+            log.debug("speed.end_offsets_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        for tp, end in found.items():
+            key = (tp.topic, tp.partition)
+            self.ends[key] = max(self.ends.get(key, 0), int(end))
+
+    def _refresh_in_background(self, owned: list[TP]) -> None:
+        # end_offsets can block for a request timeout when the broker dies mid-read: it
+        # runs apart, so the status file keeps being written and the probe keeps probing.
+        if self._ends_thread is not None and self._ends_thread.is_alive():
+            return
+        self._ends_thread = threading.Thread(
+            target=self.refresh_ends, args=(owned,), name="speed-ends", daemon=True
+        )
+        self._ends_thread.start()
 
     def current(self) -> dict[str, Any]:
         """The status object now."""
@@ -153,9 +167,8 @@ class StatusReporter(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                if time.monotonic() >= self._next_ends:
-                    snap_positions = list(self.snapshot().get("positions", {}))
-                    self.refresh_ends(snap_positions)
+                if time.monotonic() >= self._next_ends and self.probe():
+                    self._refresh_in_background(list(self.snapshot().get("positions", {})))
                 self.write()
             except Exception as exc:  # status must never take the worker down
                 log.warning("speed.status_failed", error=f"{type(exc).__name__}: {exc}")
