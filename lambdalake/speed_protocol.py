@@ -229,20 +229,29 @@ def stale_watermark_error(run_id: str | None, watermark: Watermark, detail: str)
     return flight.FlightServerError(f"{STALE_WATERMARK}: {detail}", extra_info=info)
 
 
-def _client(endpoint: str, timeout: float) -> Any:
+def connect(endpoint: str, timeout: float = 5.0) -> Any:
+    """A Flight client for ``endpoint`` to reuse across calls (``client=``); thread-safe.
+
+    Connecting is lazy: an unreachable worker fails on the first call, not here."""
     import pyarrow.flight as flight
 
     return flight.FlightClient(endpoint, generic_options=[("grpc.enable_retries", 0)])
 
 
-def query_speed(endpoint: str, q: SpeedQuery, timeout: float = 5.0) -> SpeedAnswer:
+def query_speed(
+    endpoint: str, q: SpeedQuery, timeout: float = 5.0, client: Any = None
+) -> SpeedAnswer:
     """Ask one worker (``grpc://HOST:PORT``) for partial aggregates.
 
-    Raises :class:`StaleWatermark` when the worker pruned beyond
-    ``q.min_offsets``, :class:`SpeedError` when it cannot answer."""
+    ``client``: one from :func:`connect` to reuse (left open); by default a
+    client is opened and closed for this call. Raises :class:`StaleWatermark`
+    when the worker pruned beyond ``q.min_offsets``, :class:`SpeedError` when it
+    cannot answer."""
     import pyarrow.flight as flight
 
-    client = _client(endpoint, timeout)
+    own = client is None
+    if own:
+        client = connect(endpoint, timeout)
     try:
         options = flight.FlightCallOptions(timeout=timeout)
         reader = client.do_get(flight.Ticket(q.to_json()), options)
@@ -262,7 +271,8 @@ def query_speed(endpoint: str, q: SpeedQuery, timeout: float = 5.0) -> SpeedAnsw
     except OSError as exc:
         raise SpeedError(f"speed worker {endpoint} unreachable: {exc}") from exc
     finally:
-        client.close()
+        if own:
+            client.close()
     meta = table.schema.metadata or {}
     if META_KEY not in meta:
         raise SpeedError(f"speed worker {endpoint} sent an answer without its coverage")
@@ -271,11 +281,13 @@ def query_speed(endpoint: str, q: SpeedQuery, timeout: float = 5.0) -> SpeedAnsw
     )
 
 
-def speed_status(endpoint: str, timeout: float = 5.0) -> dict[str, Any]:
+def speed_status(endpoint: str, timeout: float = 5.0, client: Any = None) -> dict[str, Any]:
     """The worker's status object, through its endpoint's ``status`` action."""
     import pyarrow.flight as flight
 
-    client = _client(endpoint, timeout)
+    own = client is None
+    if own:
+        client = connect(endpoint, timeout)
     try:
         results = list(
             client.do_action(
@@ -285,7 +297,8 @@ def speed_status(endpoint: str, timeout: float = 5.0) -> dict[str, Any]:
     except (flight.FlightError, OSError) as exc:
         raise SpeedError(f"speed worker {endpoint} did not answer: {exc}") from exc
     finally:
-        client.close()
+        if own:
+            client.close()
     if not results:
         raise SpeedError(f"speed worker {endpoint} sent an empty status")
     return json.loads(results[0].body.to_pybytes())
