@@ -15,7 +15,8 @@ What it does
        bottleneck; none: consuming and decoding are).
 
 Everything runs on one machine: the broker, the producer (before timing) and
-ingest share the cores, so the figures are a floor.
+ingest share the cores, so the figures are a floor; the ingest process's CPU
+seconds per event are also printed, as they depend little on what else runs.
 
     .venv/bin/python bench/ingest.py --events 200000
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -121,9 +123,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             env["LAMBDALAKE_INGEST_BATCH_SIZE"] = str(args.batch_size)
         cmd = [sys.executable, "-m", "lambdalake.cli", "ingest", "--until-end"]
         cmd += ["--bootstrap", broker.bootstrap, "--lake", lake.root]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         wall_s = time.monotonic() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         if done.returncode != 0:
             raise SystemExit(f"ingest failed ({done.returncode}):\n{done.stderr[-3000:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -146,6 +151,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "loop_s": finish["seconds"],
         "loop_events_per_s": finish["events_per_s"],
         "consumer_blocked_s": finish["consumer_blocked_s"],
+        # CPU seconds of the ingest process (all threads): comparable across machine loads.
+        "ingest_cpu_s": round(cpu_s, 2),
+        "ingest_cpu_us_per_event": round(cpu_s / args.events * 1e6, 2),
         "validate_s_per_batch": round(mean(b["validate_s"] for b in batches), 3),
         "commit_s_per_batch": round(mean(b["commit_s"] for b in batches), 3),
         "files": files,
