@@ -15,6 +15,7 @@ async function api(path) {
   return r.json();
 }
 
+function fx(v, digits) { return v == null || Number.isNaN(Number(v)) ? "–" : Number(v).toFixed(digits); }
 function isoDay(d) { return d.toISOString().slice(0, 10); }
 function addDays(day, n) { const d = new Date(day + "T00:00:00Z"); d.setUTCDate(d.getUTCDate() + n); return isoDay(d); }
 function fmtAge(s) {
@@ -48,7 +49,8 @@ async function loadSkus() {
   const store = document.getElementById("store");
   const keep = store.value;
   store.innerHTML = `<option value="">all stores</option>` + data.stores.map(s => `<option>${s}</option>`).join("");
-  store.value = keep;
+  // Default to one store: forecast bands are per series (quantiles of a sum are not sums).
+  store.value = keep || params.get("store") || data.stores[0] || "";
 }
 
 async function renderSales(sku, store) {
@@ -93,7 +95,7 @@ async function renderSales(sku, store) {
   const todayF = fc.points.find(p => p.date === today);
   document.getElementById("sales-summary").textContent =
     `today ${today}: ${todayActual ? todayActual.units : 0} units so far` +
-    (todayF ? `; forecast ${todayF.forecast.toFixed(1)} (95 %: ${todayF.lower_95.toFixed(1)}–${todayF.upper_95.toFixed(1)})` : "") +
+    (todayF ? `; forecast ${fx(todayF.forecast, 1)} (95 %: ${fx(todayF.lower_95, 1)}–${fx(todayF.upper_95, 1)})` : "") +
     ` · as of run ${fc.as_of.run_id}` + (fc.degraded ? " · DEGRADED: a speed worker is unreachable" : "");
   document.getElementById("asof").textContent = `run ${sales.as_of.run_id}`;
   window.lambdalakeRendered.sales = hist.filter(v => v != null).length;
@@ -104,7 +106,7 @@ async function renderSentiment(sku) {
   const s = await api(`/v1/sentiment/${encodeURIComponent(sku)}`);
   const trend = await api(`/dashboard/api/sentiment-trend/${encodeURIComponent(sku)}`);
   document.getElementById("sentiment-summary").innerHTML = s.reviews
-    ? `${s.reviews} reviews · mean rating ${s.mean_rating.toFixed(2)} · mean sentiment ${s.mean_sentiment.toFixed(2)} · ` +
+    ? `${s.reviews} reviews · mean rating ${fx(s.mean_rating, 2)} · mean sentiment ${fx(s.mean_sentiment, 2)} · ` +
       `<b>${s.positive}</b> positive, <b>${s.neutral}</b> neutral, <b>${s.negative}</b> negative`
     : "no reviews yet";
   const labels = trend.weeks.map(w => w.week);
@@ -128,7 +130,7 @@ async function renderAlerts() {
   const body = document.querySelector("#alerts tbody");
   body.innerHTML = a.items.slice(0, 50).map(x =>
     `<tr><td>${x.sku}</td><td>${x.store_id || "all"}</td><td>${x.kind}</td><td>${x.units}</td>` +
-    `<td>${x.forecast.toFixed(1)}</td><td>${x.lower_95 == null ? "–" : x.lower_95.toFixed(1)}–${x.upper_95 == null ? "–" : x.upper_95.toFixed(1)}</td></tr>`).join("");
+    `<td>${fx(x.forecast, 1)}</td><td>${x.lower_95 == null ? "–" : fx(x.lower_95, 1)}–${x.upper_95 == null ? "–" : fx(x.upper_95, 1)}</td></tr>`).join("");
   document.getElementById("alerts-empty").textContent = a.items.length ? `${a.items.length} alerts` : "no alerts right now";
 }
 
