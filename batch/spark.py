@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lambdalake.settings import Settings
@@ -38,6 +40,36 @@ def _local_cores(master: str) -> int:
     return max(1, int(head))
 
 
+# Warnings and errors to stderr only (stdout carries the commands' results); Hadoop's
+# "native library" warning, printed on every start, is not worth a line.
+LOG4J2_PROPERTIES = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = stderr
+appender.stderr.type = Console
+appender.stderr.name = stderr
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = %d{ISO8601}{UTC}Z spark %p %c{1}: %m%n%ex
+logger.native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.native.level = error
+logger.parquet.name = org.apache.parquet
+logger.parquet.level = error
+"""
+
+
+def _log4j2_file() -> str:
+    """Path of the driver's log4j2 configuration (written once per content)."""
+    import hashlib
+
+    digest = hashlib.sha256(LOG4J2_PROPERTIES.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"lambdalake-log4j2-{digest}.properties"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(LOG4J2_PROPERTIES)
+        tmp.replace(path)  # atomic: concurrent sessions never see half a file
+    return str(path)
+
+
 def spark_conf(settings: Settings) -> dict[str, str]:
     """The configuration ``get_spark`` applies (pure, for inspection and docs)."""
     cores = _local_cores(settings.spark_master)
@@ -57,7 +89,10 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
         "spark.hadoop.parquet.enable.summary-metadata": "false",
         "spark.sql.parquet.compression.codec": "snappy",
-        "spark.driver.extraJavaOptions": "-Dderby.system.home=/tmp -Dlog4j2.level=WARN",
+        "spark.driver.extraJavaOptions": (
+            f"-Dderby.system.home={tempfile.gettempdir()} "
+            f"-Dlog4j2.configurationFile={_log4j2_file()}"
+        ),
         # Python workers fork from a daemon that has imported statsforecast, scikit-learn and
         # VADER once: a worker respawned after an idle minute then starts in ms, not seconds.
         "spark.python.daemon.module": "batch.worker_daemon",
