@@ -54,7 +54,12 @@ import pyarrow as pa  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from lambdalake.broker import EmbeddedBroker, free_port  # noqa: E402
-from lambdalake.speed_protocol import SpeedQuery, query_speed, speed_status  # noqa: E402
+from lambdalake.speed_protocol import (  # noqa: E402
+    SpeedQuery,
+    connect,
+    query_speed,
+    speed_status,
+)
 
 Key = tuple[str, str, str]  # (hour ISO, store, sku)
 Sums = dict[Key, tuple[int, float, int]]
@@ -334,9 +339,10 @@ def freshness(bootstrap: str, partitions: int, endpoint: str, args: argparse.Nam
 
     def watch() -> None:
         q = SpeedQuery(view="sales", granularity="hour", skus=("no-such-sku",))
+        client = connect(endpoint)
         while True:
             try:
-                answer = query_speed(endpoint, q, timeout=5)
+                answer = query_speed(endpoint, q, timeout=5, client=client)
             except Exception:  # keep probing
                 time.sleep(0.01)
                 continue
@@ -349,7 +355,8 @@ def freshness(bootstrap: str, partitions: int, endpoint: str, args: argparse.Nam
                         del probes[i]
             if stop.is_set() and (not probes or time.monotonic() > deadline_after_stop[0]):
                 break
-            time.sleep(0.005)
+            time.sleep(0.01)
+        client.close()
 
     deadline_after_stop = [float("inf")]
     watcher = threading.Thread(target=watch, daemon=True)

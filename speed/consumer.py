@@ -3,8 +3,8 @@
 A :class:`Poller` thread owns the Kafka client (kafka-python by default, see
 :mod:`speed.kafka_clients`; no consumer group): worker ``I/N`` takes partition
 ``p`` of each topic when ``p % N == I``.
-It turns polls into micro-batches (up to ``max_records`` messages or
-``max_wait`` seconds) and hands them to the worker's main thread through a
+It turns polls into micro-batches (up to ``max_records`` messages, or
+``max_wait`` seconds once the main thread is free for the next one) and hands them to the worker's main thread through a
 small queue, which validates (:func:`validate_polled`) and commits them: the
 Python-heavy Kafka fetching overlaps with the DuckDB work of the previous
 micro-batch, which runs mostly outside the GIL.
@@ -84,7 +84,7 @@ class Poller(threading.Thread):
         stop: threading.Event,
         *,
         max_records: int = 50_000,
-        max_wait: float = 0.2,
+        max_wait: float = 0.1,
         client: str = "kafka-python",
     ) -> None:
         super().__init__(name=f"speed-poller-{worker[0]}of{worker[1]}", daemon=True)
@@ -246,14 +246,20 @@ class Poller(threading.Thread):
         t_start = time.monotonic()
         while polled.messages < self.max_records and not self.stop_event.is_set():
             elapsed = time.monotonic() - (polled.first_at or t_start)
-            if polled.messages and elapsed >= self.max_wait:
+            # While the main thread is still busy with the previous micro-batch, keep
+            # collecting instead of queueing small batches behind it: batches grow with
+            # the load, and a message waits for at most one batch ahead of it.
+            ready = self.out.empty()
+            if polled.messages and elapsed >= self.max_wait and ready:
                 break
             timeout = 0.1 if not polled.messages else max(0.001, self.max_wait - elapsed)
+            if polled.messages and elapsed >= self.max_wait:
+                timeout = 0.005  # waiting for the main thread: check back soon
             chunks = client.poll(timeout, self.max_records - polled.messages)
             if not chunks:
-                if polled.messages:
+                if polled.messages and self.out.empty():
                     break  # caught up: commit what we have now (freshness)
-                if time.monotonic() - t_start >= self.max_wait:
+                if not polled.messages and time.monotonic() - t_start >= self.max_wait:
                     break
                 continue
             if not polled.messages:

@@ -89,7 +89,7 @@ class SpeedWorker:
         worker: tuple[int, int],
         *,
         max_records: int = 50_000,
-        max_wait: float = 0.2,
+        max_wait: float = 0.1,
         kafka_client: str = "kafka-python",
     ) -> None:
         self.settings = settings
@@ -97,7 +97,8 @@ class SpeedWorker:
         self.worker = worker
         self.name = f"{worker[0]}/{worker[1]}"
         self.halt = threading.Event()
-        self.queue: queue.Queue[Polled | Assigned] = queue.Queue(maxsize=2)
+        # One micro-batch waits while another commits; the poller keeps growing the next.
+        self.queue: queue.Queue[Polled | Assigned] = queue.Queue(maxsize=1)
         self.poller = Poller(
             settings,
             worker,
