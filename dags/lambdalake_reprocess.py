@@ -1,10 +1,11 @@
-"""lambdalake_reprocess: recompute the views for a past range or with another model setting.
+"""lambdalake_reprocess: recompute every view from the master data, optionally with another
+model setting.
 
 Triggered by hand ("Trigger DAG w/ config") after a bug fix or a model change -
-the reason a Lambda architecture keeps the immutable master data. Params:
+the reason a Lambda architecture keeps the immutable master data. Every batch run
+recomputes every view over ALL of history (there are no incremental views to
+patch), so a past date range is always recomputed: this DAG needs no range. Params:
 
-* ``start_date`` / ``end_date`` (YYYY-MM-DD, inclusive, empty = all history):
-  passed as ``lambdalake batch run --start ... --end ...``;
 * ``forecast_models`` (comma-separated model names, empty = the default
   setting): passed as ``--forecast-models ...``.
 
@@ -25,19 +26,16 @@ from lambdalake.settings import Settings
 
 settings = Settings()
 RUN_ID = "{{ ti.xcom_pull(task_ids='batch_run') }}"
-DATE = "^([0-9]{4}-[0-9]{2}-[0-9]{2})?$"
 
 with DAG(
     dag_id="lambdalake_reprocess",
-    description="Recompute the batch views for a past range or with another model setting.",
+    description="Recompute every batch view from the master data, optionally with another model setting.",
     schedule=None,
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
     default_args=task_defaults(retries=1),
     params={
-        "start_date": Param("", type="string", pattern=DATE, description="First day (UTC)."),
-        "end_date": Param("", type="string", pattern=DATE, description="Last day (UTC)."),
         "forecast_models": Param(
             "",
             type="string",
@@ -58,15 +56,11 @@ with DAG(
                 settings,
                 "batch",
                 "run",
-                '${START_DATE:+--start "$START_DATE"}',
-                '${END_DATE:+--end "$END_DATE"}',
                 '${FORECAST_MODELS:+--forecast-models "$FORECAST_MODELS"}',
             )
             + ' | tail -n 1); test -n "$run_id"; echo "$run_id"'
         ),
         env={
-            "START_DATE": "{{ params.start_date }}",
-            "END_DATE": "{{ params.end_date }}",
             "FORECAST_MODELS": "{{ params.forecast_models }}",
         },
         append_env=True,

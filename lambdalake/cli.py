@@ -260,6 +260,14 @@ def maintenance_compact(
 
 @batch_app.command("run")
 def batch_run(
+    forecast_models: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated forecast models to choose among (default: all): "
+            "SeasonalNaive, ETS_ANA, Theta for regular series; SeasonalNaive, CrostonOptimized, "
+            "TSB, ADIDA for intermittent ones."
+        ),
+    ] = None,
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
@@ -267,10 +275,30 @@ def batch_run(
 
     Prints the published run_id last; exits 0 only once the run is published."""
     run_batch = _load("batch.run", "run_batch")
-
     settings = _settings(bootstrap, lake)
-    run_id = _run(lambda: run_batch(settings))
+    kwargs: dict[str, Any] = {}
+    if forecast_models:
+        kwargs["forecast_config"] = _forecast_config(forecast_models)
+    run_id = _run(lambda: run_batch(settings, **kwargs))
     typer.echo(run_id)
+
+
+def _forecast_config(names: str) -> Any:
+    """A ForecastConfig restricted to ``names`` (seasonal naive stays as the fallback)."""
+    forecast = _load("batch.forecast", "ForecastConfig")
+    from batch import forecast as fc
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = set(fc.SMOOTH_MODELS) | set(fc.INTERMITTENT_MODELS)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown forecast model(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}",
+            param_hint="--forecast-models",
+        )
+    smooth = tuple(n for n in fc.SMOOTH_MODELS if n in wanted) or (fc.MODEL_SN,)
+    intermittent = tuple(n for n in fc.INTERMITTENT_MODELS if n in wanted) or (fc.MODEL_SN,)
+    return forecast(smooth_models=smooth, intermittent_models=intermittent)
 
 
 def _parse_worker(spec: str) -> tuple[int, int]:

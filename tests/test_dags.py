@@ -134,11 +134,11 @@ def test_maintenance_and_reprocess_take_their_params_from_the_environment(parsed
     assert maintenance["tasks"]["compact"]["upstream"] == ["expire_quarantine"]
     reprocess = parsed["dags"]["lambdalake_reprocess"]
     assert reprocess["schedule"] == "None"
-    assert reprocess["params"] == ["end_date", "forecast_models", "start_date"]
+    assert reprocess["params"] == ["forecast_models"]
     batch_run = reprocess["tasks"]["batch_run"]
     # Params are never pasted into the shell text: they arrive as environment variables.
     assert "params." not in batch_run["command"]
-    assert batch_run["env"]["START_DATE"] == "{{ params.start_date }}"
+    assert batch_run["env"]["FORECAST_MODELS"] == "{{ params.forecast_models }}"
 
 
 def _cli_options(words: list[str]) -> set[str] | None:
