@@ -58,7 +58,6 @@ log = get_logger(__name__)
 Positions = dict[str, dict[int, int]]
 
 # How long `--until-end` keeps retrying an unreachable broker before giving up.
-DEFAULT_BROKER_TIMEOUT_S = 120.0
 # With no message for this long, check that the broker still answers.
 IDLE_PROBE_S = 5.0
 POLL_TIMEOUT_MS = 200
@@ -455,14 +454,14 @@ def run_ingest(
     otherwise run until ``stop`` is set (the micro-batch in hand is committed,
     never half). An unreachable broker is retried with exponential backoff
     (``ingest.broker_unreachable`` in the log); with ``until_end`` the wait is
-    bounded by ``broker_timeout_s`` (default ``DEFAULT_BROKER_TIMEOUT_S``), then
+    bounded by ``broker_timeout_s`` (default ``settings.broker_wait_seconds``), then
     :class:`TimeoutError` says so, with everything consumed so far committed.
     Returns ``{"orders": {"written": n, "quarantined": n}, "reviews": {...}}``.
     """
     timeout = (
         broker_timeout_s
         if broker_timeout_s is not None
-        else getattr(settings, "ingest_broker_timeout_s", DEFAULT_BROKER_TIMEOUT_S)
+        else settings.broker_wait_seconds
     )
     ingest = Ingest(settings, stop=stop, broker_timeout_s=float(timeout))
     try:
