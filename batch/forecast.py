@@ -421,158 +421,160 @@ def _mean_forecast(series: pd.DataFrame, cfg: ForecastConfig, dates: pd.Datetime
     return fc, (MODEL_MEAN, math.nan, math.nan, math.nan, math.nan, len(y))
 
 
+@dataclass
+class _Tiers:
+    """Which series get which treatment (ids are ``build_series`` uids)."""
+
+    short: list[int]  # too short to backtest, or no demand in the window: Mean
+    smooth: list[int]
+    intermittent: list[int]
+
+
+def _classify(series: pd.DataFrame, cfg: ForecastConfig) -> _Tiers:
+    lengths = series.groupby("uid").size()
+    zero_share = series.groupby("uid")["y"].apply(lambda s: float((s == 0).mean()))
+    short = (lengths < cfg.min_backtest_days) | (zero_share >= 1.0)
+    sparse = ~short & (zero_share >= cfg.intermittent_zero_share)
+    return _Tiers(
+        short=[int(u) for u in lengths.index[short]],
+        smooth=[int(u) for u in lengths.index[~short & ~sparse]],
+        intermittent=[int(u) for u in lengths.index[sparse]],
+    )
+
+
+def _backtest(
+    data: pd.DataFrame, names: tuple[str, ...], metric: str, cfg: ForecastConfig
+) -> tuple[dict[int, tuple[str, _Score]], list[tuple]]:
+    """Score every candidate on every series of ``data``; pick each series' best.
+
+    Returns ``{uid: (model, score)}`` and one candidate row per (series, model).
+    """
+    cvs = []
+    for group, native in _split_native(names):
+        cv = _cross_validate(data, group, cfg, native=native)
+        by_uid = {u: g for u, g in cv.groupby("unique_id", sort=False)} if len(cv) else {}
+        cvs.append((by_uid, group))
+    first_cut = data.groupby("unique_id")["ds"].max() - pd.Timedelta(days=cfg.backtest_days)
+    chosen: dict[int, tuple[str, _Score]] = {}
+    candidates: list[tuple] = []
+    for uid, hist in data.groupby("unique_id", sort=False):
+        train = hist[hist["ds"] <= first_cut[uid]]["y"].to_numpy()
+        scales = (
+            _seasonal_scale(train, cfg.season_length),
+            _seasonal_scale(train, cfg.season_length, power=2),
+        )
+        best: tuple[str, _Score] | None = None
+        for by_uid, group in cvs:
+            mine = by_uid.get(uid)
+            if mine is None or mine.empty:
+                continue
+            for name in group:
+                sc = _score_model(mine, name, hist, scales, cfg)
+                candidates.append(
+                    (uid, name, sc.mase, sc.rmsse, sc.smape, sc.coverage_80, sc.coverage_95)
+                )
+                if best is None or getattr(sc, metric) < getattr(best[1], metric):
+                    best = (name, sc)
+        if best is not None and math.isfinite(getattr(best[1], metric)):
+            chosen[int(uid)] = best
+    return chosen, candidates
+
+
+_BOUNDS = ("lower_80", "upper_80", "lower_95", "upper_95")
+
+
+def _refit_chosen(
+    data: pd.DataFrame, chosen: dict[int, tuple[str, _Score]], cfg: ForecastConfig
+) -> list[pd.DataFrame]:
+    """Forecast rows (uid, ds, forecast, bounds, model) of each series' chosen model."""
+    by_model: dict[str, list[int]] = {}
+    for uid, (name, _) in chosen.items():
+        by_model.setdefault(name, []).append(uid)
+    out = []
+    for name, uids in by_model.items():
+        part = data[data["unique_id"].isin(uids)]
+        fc = _final_forecast(part, name, cfg)
+        if fc.empty:
+            continue
+        fc = fc.rename(columns={name: "forecast"})
+        if name in NATIVE_INTERVALS:
+            fc = fc.rename(
+                columns={
+                    f"{name}-{'lo' if b.startswith('lower') else 'hi'}-{b[-2:]}": b for b in _BOUNDS
+                }
+            )
+        else:
+            q = {u: demand_quantiles(g["y"].to_numpy()) for u, g in part.groupby("unique_id")}
+            for b in _BOUNDS:
+                fc[b] = fc["unique_id"].map({u: bounds[b] for u, bounds in q.items()})
+        fc = fc.rename(columns={"unique_id": "uid"}).assign(model=name)
+        out.append(fc[["uid", "ds", "forecast", *_BOUNDS, "model"]])
+    return out
+
+
 def forecast_series(
     daily: pd.DataFrame, last_date: date, cfg: ForecastConfig | None = None
 ) -> ForecastResult:
     """Forecast every (sku, store_id) in ``daily`` (``sku, store_id, date, units``).
 
-    Returns ``horizon`` days after ``last_date`` per series (``FORECAST_COLUMNS``)
-    and one accuracy row per series (``ACCURACY_COLUMNS``). Pure and deterministic.
+    Returns ``horizon`` days after ``last_date`` per series (``FORECAST_COLUMNS``),
+    one accuracy row per series (``ACCURACY_COLUMNS``) and the backtest score of
+    every candidate (``CANDIDATE_COLUMNS``). Pure and deterministic.
     """
     cfg = cfg or ForecastConfig()
     os.environ.setdefault("NIXTLA_ID_AS_COL", "1")
     _cache_interval_quantiles()
     series = build_series(daily, last_date)
-    future = pd.date_range(pd.Timestamp(last_date) + timedelta(days=1), periods=cfg.horizon)
     if series.empty:
         return ForecastResult(
             pd.DataFrame(columns=FORECAST_COLUMNS),
             pd.DataFrame(columns=ACCURACY_COLUMNS),
             pd.DataFrame(columns=CANDIDATE_COLUMNS),
         )
+    future = pd.date_range(pd.Timestamp(last_date) + timedelta(days=1), periods=cfg.horizon)
     # Models see the most recent train_days (+ the backtest windows while backtesting).
-    keep = cfg.train_days + cfg.backtest_days
-    series = series.groupby("uid", sort=False).tail(keep).reset_index(drop=True)
+    series = series.groupby("uid", sort=False).tail(cfg.train_days + cfg.backtest_days)
     lengths = series.groupby("uid").size()
     keys = series.drop_duplicates("uid").set_index("uid")[["sku", "store_id"]]
+    tiers = _classify(series, cfg)
+    sf_input = series.rename(columns={"uid": "unique_id"})[["unique_id", "ds", "y"]]
 
-    long_ids = lengths.index[lengths >= cfg.min_backtest_days]
-    short_ids = lengths.index[lengths < cfg.min_backtest_days]
-    tail = series[series["uid"].isin(long_ids)]
-    zero_share = tail.groupby("uid")["y"].apply(lambda s: float((s == 0).mean()))
-    # A series with no demand at all in its window is forecast by its mean (0).
-    empty_ids = zero_share.index[zero_share >= 1.0]
-    short_ids = short_ids.union(empty_ids)
-    long_ids = long_ids.difference(empty_ids)
-    intermittent = set(zero_share.index[zero_share >= cfg.intermittent_zero_share]) - set(empty_ids)
-
-    forecasts: list[pd.DataFrame] = []
-    accuracy: list[tuple] = []
-
-    for uid in short_ids:
-        fc, acc = _mean_forecast(series[series["uid"] == uid], cfg, future)
-        forecasts.append(fc.assign(uid=uid))
-        accuracy.append((uid, *acc))
-
-    sf_input = series[series["uid"].isin(long_ids)].rename(columns={"uid": "unique_id"})[
-        ["unique_id", "ds", "y"]
-    ]
-    groups = {
-        "smooth": (
-            sf_input[~sf_input["unique_id"].isin(intermittent)],
-            _split_native(cfg.smooth_models),
-        ),
-        "intermittent": (
-            sf_input[sf_input["unique_id"].isin(intermittent)],
-            _split_native(cfg.intermittent_models),
-        ),
-    }
     chosen: dict[int, tuple[str, _Score]] = {}
     candidates: list[tuple] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for group_name, (data, runs) in groups.items():
-            sparse = group_name == "intermittent"
-            if data.empty:
-                continue
-            cvs = []
-            for names, nat in runs:
-                cv = _cross_validate(data, names, cfg, native=nat)
-                by_uid = {u: g for u, g in cv.groupby("unique_id", sort=False)} if len(cv) else {}
-                cvs.append((by_uid, names, nat))
-            first_cut = data.groupby("unique_id")["ds"].max() - pd.Timedelta(days=cfg.backtest_days)
-            for uid, hist in data.groupby("unique_id", sort=False):
-                train = hist[hist["ds"] <= first_cut[uid]]["y"].to_numpy()
-                scale = _seasonal_scale(train, cfg.season_length)
-                sq_scale = _seasonal_scale(train, cfg.season_length, power=2)
-                # MAE-type errors reward forecasting 0 on sparse series (the median is
-                # 0), so intermittent series are chosen by squared error (RMSSE, as M5).
-                metric = "rmsse" if sparse else "mase"
-                best: tuple[str, _Score] | None = None
-                for by_uid, names, _native in cvs:
-                    mine = by_uid.get(uid)
-                    if mine is None or mine.empty:
-                        continue
-                    for name in names:
-                        sc = _score_model(mine, name, hist, (scale, sq_scale), cfg)
-                        candidates.append(
-                            (uid, name, sc.mase, sc.rmsse, sc.smape, sc.coverage_80, sc.coverage_95)
-                        )
-                        if best is None or getattr(sc, metric) < getattr(best[1], metric):
-                            best = (name, sc)
-                if best is not None and math.isfinite(best[1].mase):
-                    chosen[int(uid)] = best
-
-        # Refit only each series' chosen model, on its last train_days.
+        # MAE-type errors reward forecasting 0 on sparse series (their median is 0), so
+        # intermittent series are chosen by squared error (RMSSE, as the M5 competition).
+        for ids, names, metric in (
+            (tiers.smooth, cfg.smooth_models, "mase"),
+            (tiers.intermittent, cfg.intermittent_models, "rmsse"),
+        ):
+            if ids:
+                picked, cand = _backtest(
+                    sf_input[sf_input["unique_id"].isin(ids)], names, metric, cfg
+                )
+                chosen.update(picked)
+                candidates += cand
         final_input = sf_input.groupby("unique_id", sort=False).tail(cfg.train_days)
-        by_model: dict[str, list[int]] = {}
-        for uid, (name, _) in chosen.items():
-            by_model.setdefault(name, []).append(uid)
-        done: set[int] = set()
-        for name, uids in by_model.items():
-            part = final_input[final_input["unique_id"].isin(uids)]
-            fc = _final_forecast(part, name, cfg)
-            if fc.empty:
-                continue
-            fc = fc.rename(columns={name: "forecast"})
-            if name in NATIVE_INTERVALS:
-                fc = fc.rename(
-                    columns={
-                        f"{name}-lo-80": "lower_80",
-                        f"{name}-hi-80": "upper_80",
-                        f"{name}-lo-95": "lower_95",
-                        f"{name}-hi-95": "upper_95",
-                    }
-                )
-            else:
-                q = {
-                    u: demand_quantiles(g["y"].to_numpy())
-                    for u, g in part.groupby("unique_id", sort=False)
-                }
-                for key in ("lower_80", "upper_80", "lower_95", "upper_95"):
-                    fc[key] = fc["unique_id"].map({u: b[key] for u, b in q.items()})
-            fc = fc.rename(columns={"unique_id": "uid"}).assign(model=name)
-            forecasts.append(
-                fc[
-                    [
-                        "uid",
-                        "ds",
-                        "forecast",
-                        "lower_80",
-                        "upper_80",
-                        "lower_95",
-                        "upper_95",
-                        "model",
-                    ]
-                ]
+        forecasts = _refit_chosen(final_input, chosen, cfg)
+
+    accuracy: list[tuple] = []
+    done: set[int] = set()
+    for fc in forecasts:
+        for uid in fc["uid"].unique():
+            name, sc = chosen[int(uid)]
+            n_train = int(min(lengths[uid], cfg.train_days))
+            accuracy.append(
+                (int(uid), name, sc.mase, sc.smape, sc.coverage_80, sc.coverage_95, n_train)
             )
-            for uid in fc["uid"].unique():
-                sc = chosen[int(uid)][1]
-                n_train = int(min(lengths[uid], cfg.train_days))
-                accuracy.append(
-                    (int(uid), name, sc.mase, sc.smape, sc.coverage_80, sc.coverage_95, n_train)
-                )
-                done.add(int(uid))
+            done.add(int(uid))
+    # Short series, and any series statsforecast could not handle: the mean.
+    for uid in [*tiers.short, *(u for u in tiers.smooth + tiers.intermittent if u not in done)]:
+        fc, acc = _mean_forecast(series[series["uid"] == uid], cfg, future)
+        forecasts.append(fc.assign(uid=uid))
+        accuracy.append((uid, *acc))
 
-    # Anything statsforecast could not handle falls back to the mean.
-    for uid in long_ids:
-        if int(uid) not in done:
-            fc, acc = _mean_forecast(series[series["uid"] == uid], cfg, future)
-            forecasts.append(fc.assign(uid=uid))
-            accuracy.append((uid, *acc))
-
-    fc_all = order_bounds(pd.concat(forecasts, ignore_index=True))
-    fc_all = fc_all.join(keys, on="uid")
+    fc_all = order_bounds(pd.concat(forecasts, ignore_index=True)).join(keys, on="uid")
     fc_all["date"] = pd.to_datetime(fc_all["ds"]).dt.date
     acc_all = pd.DataFrame(
         accuracy,

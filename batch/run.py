@@ -133,6 +133,40 @@ def score_reviews(spark: SparkSession, reviews: DataFrame, model: SentimentModel
     return reviews.select(*cols).mapInPandas(score, schema=SCORES_SCHEMA)
 
 
+def forecast_frames(
+    spark: SparkSession,
+    daily: DataFrame,
+    cfg: ForecastConfig,
+    run_id: str,
+    info: dict[str, Any],
+    persist: Any,
+) -> tuple[DataFrame, DataFrame]:
+    """Forecast every series of ``daily`` (computed once, with a progress bar).
+
+    Returns the ``demand_forecast`` and ``forecast_accuracy`` rows (with ``run_id``);
+    ``info`` receives the stage's counts.
+    """
+    from pyspark.sql import functions as F
+
+    last = daily.agg(F.max("date").alias("d")).collect()[0]["d"]
+    n_series = daily.select("sku", "store_id").distinct().count() if last else 0
+    parallelism = spark.sparkContext.defaultParallelism
+    # About SERIES_PER_BUCKET series per Python call, and at least two tasks per core.
+    buckets = max(1, min(n_series, max(2 * parallelism, math.ceil(n_series / SERIES_PER_BUCKET))))
+    result = persist(spark_forecast(daily, last or date(1970, 1, 1), cfg, buckets=buckets))
+    t0 = time.perf_counter()
+    with spark_progress(spark, f"forecast-{run_id}", "forecast", log, unit="task"):
+        result.count()
+    seconds = time.perf_counter() - t0
+    info["series"] = n_series
+    info["buckets"] = buckets
+    info["series_per_second"] = int(n_series / seconds) if seconds > 0 else 0
+    run_col = F.lit(run_id)
+    fc = result.where("kind = 'forecast'").select(*FORECAST_COLUMNS).withColumn("run_id", run_col)
+    acc = result.where("kind = 'accuracy'").select(*ACCURACY_COLUMNS).withColumn("run_id", run_col)
+    return fc, acc
+
+
 def _training_sample(reviews: DataFrame, n_reviews: int, cap: int) -> Any:
     from pyspark.sql import functions as F
 
@@ -245,33 +279,8 @@ def run_batch(
         _check_injection("sentiment_by_sku", fail_after_stage)
 
         with stages.stage("forecast") as info:
-            last = daily.agg(F.max("date").alias("d")).collect()[0]["d"]
-            n_series = daily.select("sku", "store_id").distinct().count() if last else 0
-            info["series"] = n_series
-            parallelism = session.sparkContext.defaultParallelism
-            buckets = max(
-                1, min(n_series, max(2 * parallelism, math.ceil(n_series / SERIES_PER_BUCKET)))
-            )
-            if last is None:
-                last = date(1970, 1, 1)
-            result = persist(spark_forecast(daily, last, fcfg, buckets=buckets))
-            t0 = time.perf_counter()
-            with spark_progress(session, f"forecast-{run.run_id}", "forecast", log, unit="task"):
-                result.count()
-            fit_seconds = time.perf_counter() - t0
-            info["series_per_second"] = int(n_series / fit_seconds) if fit_seconds > 0 else 0
-            run_col = F.lit(run.run_id)
-            fc = (
-                result.where("kind = 'forecast'")
-                .select(*FORECAST_COLUMNS)
-                .withColumn("run_id", run_col)
-            )
-            acc = (
-                result.where("kind = 'accuracy'")
-                .select(*ACCURACY_COLUMNS)
-                .withColumn("run_id", run_col)
-            )
-            files = max(1, parallelism)
+            fc, acc = forecast_frames(session, daily, fcfg, run.run_id, info, persist)
+            files = max(1, session.sparkContext.defaultParallelism)
             version, rows = write_view(fc, lake, VIEW_DEMAND_FORECAST, run, files=files)
             record.view_versions[VIEW_DEMAND_FORECAST] = version
             record.row_counts[VIEW_DEMAND_FORECAST] = info["rows"] = rows
