@@ -209,6 +209,8 @@ class SentimentModel:
         fs, base = _filesystem(lake.table(f"{MODELS_SENTIMENT}/{self.version}"))
         fs.create_dir(base, recursive=True)
         if self.kind == KIND_TFIDF_LR:
+            if self.idf is None or self.coef is None or self.intercept is None:
+                raise ValueError(f"model {self.version}: a {KIND_TFIDF_LR} model needs weights")
             buf = io.BytesIO()
             np.savez(buf, idf=self.idf, coef=self.coef, intercept=self.intercept)
             _write(fs, f"{base}/weights.npz", buf.getvalue())
