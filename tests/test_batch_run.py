@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from pyspark.sql import functions as F
 
 from batch.publish import VIEW_SCHEMAS
 from batch.run import STAGES, InjectedFailure, run_batch
@@ -310,3 +311,33 @@ def test_a_run_over_an_empty_lake_publishes_empty_views_and_says_why(spark, tmp_
 def test_unknown_stage_for_the_failure_hook_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="fail_after_stage must be one of"):
         run_batch(make_settings(tmp_path / "lake"), spark=object(), fail_after_stage="nope")  # type: ignore[arg-type]
+
+
+def test_committing_a_view_twice_for_the_same_run_is_a_no_op(spark, tmp_path):
+    from batch.publish import RunIdentity, write_view
+
+    lake = Lake(str(tmp_path / "lake"))
+    rows = [(date(2026, 1, d), "S1", "A", d, 2.5 * d, 1) for d in range(1, 6)]
+    df = spark.createDataFrame(
+        rows, "date date, store_id string, sku string, units long, revenue double, order_lines long"
+    )
+    run = RunIdentity.new()
+    first = write_view(df.withColumn("run_id", F.lit(run.run_id)), lake, VIEW_DAILY_SALES, run)
+    again = write_view(df.withColumn("run_id", F.lit(run.run_id)), lake, VIEW_DAILY_SALES, run)
+    assert first == again == (0, 5)
+    dt = DeltaTable(lake.table(VIEW_DAILY_SALES))
+    assert dt.version() == 0
+    assert dt.schema().to_arrow() == pa.schema(VIEW_SCHEMAS[VIEW_DAILY_SALES])  # types as declared
+    stats = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+    assert sum(stats["num_records"]) == 5
+    # File statistics from the Parquet footers let readers skip files.
+    assert min(stats["min.units"]) == 1 and max(stats["max.units"]) == 5
+    assert min(stats["min.date"]) == date(2026, 1, 1)
+
+    later = RunIdentity.new()
+    version, n = write_view(
+        df.limit(2).withColumn("run_id", F.lit(later.run_id)), lake, VIEW_DAILY_SALES, later
+    )
+    assert (version, n) == (1, 2)
+    assert DeltaTable(lake.table(VIEW_DAILY_SALES)).to_pyarrow_table().num_rows == 2
+    assert DeltaTable(lake.table(VIEW_DAILY_SALES), version=0).to_pyarrow_table().num_rows == 5
