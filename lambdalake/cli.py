@@ -319,16 +319,32 @@ def speed_run(
     query_port: Annotated[
         int, typer.Option(help="Port of the Arrow Flight query endpoint (0 = a free one).")
     ] = 8815,
+    query_host: Annotated[
+        str, typer.Option(help="Address the query endpoint binds (0.0.0.0 = all).")
+    ] = "127.0.0.1",
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(help="Host the API should use to reach this worker (default: the bind host)."),
+    ] = None,
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
     """Run one speed worker: recent views from Kafka, pruned at the batch watermark."""
     run_worker = _load("speed.worker", "run_worker")
-
     i, n = _parse_worker(worker)
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()
-    _run(lambda: run_worker(settings, worker=(i, n), query_port=query_port, stop=stop))
+    _run(
+        lambda: run_worker(
+            settings,
+            worker=(i, n),
+            query_port=query_port,
+            stop=stop,
+            kafka_client=settings.speed_kafka_client,
+            query_host=query_host,
+            advertise_host=advertise_host,
+        )
+    )
 
 
 @app.command()

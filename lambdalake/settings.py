@@ -11,6 +11,7 @@ the environment behind a caller's back.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,11 @@ class Settings(BaseSettings):
     spark_driver_memory: str = "4g"
     spark_ui: bool = False
     speed_dir: Path | None = Field(None, description="Speed worker state; default HOME/speed.")
+    speed_kafka_client: Literal["kafka-python", "confluent-kafka"] = Field(
+        "kafka-python",
+        description="Kafka client of the speed worker; confluent-kafka (optional package) "
+        "polls much faster.",
+    )
     dedup_hours: int = Field(48, ge=0, description="Deduplication horizon for event_id.")
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -32,11 +32,13 @@ class SpeedFlightServer(flight.FlightServerBase):
         status: Callable[[], dict[str, Any]],
         host: str = "127.0.0.1",
         port: int = 0,
+        advertise_host: str | None = None,
     ) -> None:
         super().__init__(f"grpc://{host}:{port}")
         self.state = state
         self.status = status
-        self.host = host
+        # The address clients use: the bind address unless it is a wildcard or told otherwise.
+        self.host = advertise_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
         self._thread: threading.Thread | None = None
 
     @property

@@ -244,7 +244,9 @@ class SpeedWorker:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def start(self, query_port: int) -> None:
+    def start(
+        self, query_port: int, query_host: str = "127.0.0.1", advertise_host: str | None = None
+    ) -> None:
         """Apply the latest run, open the endpoint, start the threads."""
         quiet_kafka_logs()
         lake = Lake(self.settings.lake_uri)
@@ -257,7 +259,13 @@ class SpeedWorker:
         if prepared is not None:
             self.apply(prepared)
         try:
-            self.server = SpeedFlightServer(self.state, self.reporter.current, port=query_port)
+            self.server = SpeedFlightServer(
+                self.state,
+                self.reporter.current,
+                host=query_host,
+                port=query_port,
+                advertise_host=advertise_host,
+            )
         except Exception as exc:  # pyarrow raises its own errors for a port in use
             raise ValueError(f"cannot serve queries on port {query_port}: {exc}") from exc
         self.server.start()
@@ -302,8 +310,14 @@ class SpeedWorker:
         if self.poller.error is not None:
             raise self.poller.error
 
-    def run(self, stop: threading.Event, query_port: int) -> None:
-        self.start(query_port)
+    def run(
+        self,
+        stop: threading.Event,
+        query_port: int,
+        query_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+    ) -> None:
+        self.start(query_port, query_host, advertise_host)
         last_progress = last_expire = time.monotonic()
         last_messages = 0
         try:
@@ -379,6 +393,8 @@ def run_worker(
     query_port: int = 0,
     stop: threading.Event,
     kafka_client: str = "kafka-python",
+    query_host: str = "127.0.0.1",
+    advertise_host: str | None = None,
 ) -> None:
     """Run speed worker ``worker = (I, N)`` until ``stop`` is set.
 
@@ -390,6 +406,8 @@ def run_worker(
     package; much faster polling, see :mod:`speed.kafka_clients`)."""
     state = SpeedState(state_path(settings, worker), worker)
     try:
-        SpeedWorker(settings, state, worker, kafka_client=kafka_client).run(stop, query_port)
+        SpeedWorker(settings, state, worker, kafka_client=kafka_client).run(
+            stop, query_port, query_host, advertise_host
+        )
     finally:
         state.close()
