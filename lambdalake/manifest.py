@@ -185,9 +185,7 @@ def latest_published_run(
         r
         for r in runs
         if r.status == "published"
-        and not (
-            r.run_id in failed_at and failed_at[r.run_id] >= (r.published_at or r.started_at)
-        )
+        and not (r.run_id in failed_at and failed_at[r.run_id] >= (r.published_at or r.started_at))
     ]
     if not published:
         return None
