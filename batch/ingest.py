@@ -57,7 +57,6 @@ log = get_logger(__name__)
 
 Positions = dict[str, dict[int, int]]
 
-# How long `--until-end` keeps retrying an unreachable broker before giving up.
 # With no message for this long, check that the broker still answers.
 IDLE_PROBE_S = 5.0
 POLL_TIMEOUT_MS = 200
@@ -458,11 +457,7 @@ def run_ingest(
     :class:`TimeoutError` says so, with everything consumed so far committed.
     Returns ``{"orders": {"written": n, "quarantined": n}, "reviews": {...}}``.
     """
-    timeout = (
-        broker_timeout_s
-        if broker_timeout_s is not None
-        else settings.broker_wait_seconds
-    )
+    timeout = broker_timeout_s if broker_timeout_s is not None else settings.broker_wait_seconds
     ingest = Ingest(settings, stop=stop, broker_timeout_s=float(timeout))
     try:
         with _gc_tuned_for_throughput():
