@@ -34,7 +34,7 @@ with DAG(
     default_args=task_defaults(),
     params={
         "retention_hours": Param(
-            168, type="integer", minimum=24, description="Vacuum files unreferenced this long."
+            168, type="integer", minimum=168, description="Vacuum files unreferenced this long."
         ),
         "quarantine_days": Param(
             30, type="integer", minimum=0, description="Keep quarantined messages this long."

@@ -29,8 +29,13 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + max(timeout, 0.1)
     last: Exception | None = None
     while time.monotonic() < deadline:
+        remaining_ms = max(100, int((deadline - time.monotonic()) * 1000))
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap,
+                bootstrap_timeout_ms=remaining_ms,
+                **CLIENT_DEFAULTS,
+            )
             try:
                 admin.list_topics()
                 return
