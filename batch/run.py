@@ -148,8 +148,7 @@ def forecast_frames(
     """
     from pyspark.sql import functions as F
 
-    last = daily.agg(F.max("date").alias("d")).collect()[0]["d"]
-    n_series = daily.select("sku", "store_id").distinct().count() if last else 0
+    last, n_series = daily.agg(F.max("date"), F.countDistinct("sku", "store_id")).collect()[0]
     parallelism = spark.sparkContext.defaultParallelism
     # About SERIES_PER_BUCKET series per Python call, and at least two tasks per core.
     buckets = max(1, min(n_series, max(2 * parallelism, math.ceil(n_series / SERIES_PER_BUCKET))))
