@@ -107,26 +107,25 @@ def test_dashboard_renders_forecast_history_live_actuals_and_sentiment(
                 assert worker.poll() is None, (tmp_path / "speed.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, f"speed worker did not catch up: {workers}"
                 time.sleep(0.5)
-            skus = client.get("/dashboard/api/skus").json()["skus"]
-            assert skus
+            listing = client.get("/dashboard/api/skus").json()
+            assert listing["skus"] and listing["stores"]
             today = datetime.now(UTC).date().isoformat()
-            live_units = {
-                sku: sum(
-                    p["units"]
-                    for p in client.get(
-                        "/v1/sales", params={"sku": sku, "start": today, "end": today}
-                    ).json()["points"]
+
+            def units_today(sku: str, store: str) -> int:
+                params = {"sku": sku, "store_id": store, "start": today, "end": today}
+                return sum(
+                    p["units"] for p in client.get("/v1/sales", params=params).json()["points"]
                 )
-                for sku in skus
+
+            live_units = {
+                (k, s): units_today(k, s) for k in listing["skus"] for s in listing["stores"]
             }
-            sku = max(live_units, key=lambda k: live_units[k])
-            assert live_units[sku] > 0, (
-                "the live events should show up today: "
-                + client.get("/v1/sales", params={"sku": sku, "start": today, "end": today}).text
-                + client.get("/v1/status").text
+            sku, store = max(live_units, key=lambda key: live_units[key])
+            assert live_units[sku, store] > 0, (
+                "the live events should show up today: " + client.get("/v1/status").text
             )
 
-            url = f"{base}/dashboard?sku={sku}"
+            url = f"{base}/dashboard?sku={sku}&store={store}"
             dom = _chromium(["--dump-dom", url], tmp_path / "chrome-dom")
             assert dom.returncode == 0, dom.stderr[-2000:]
             match = re.search(r'data-rendered="([^"]*)"', dom.stdout)
@@ -138,7 +137,9 @@ def test_dashboard_renders_forecast_history_live_actuals_and_sentiment(
             assert rendered["forecast"] == 28, rendered  # the batch forecast horizon
             assert rendered["sentiment"] >= 1, rendered  # weekly sentiment trend points
             assert f"run {run_id}" in dom.stdout
-            assert f"{live_units[sku]} units so far" in dom.stdout
+            assert f"{live_units[sku, store]} units so far" in dom.stdout
+            # One store: the forecast's 80/95 % bands are drawn (quantiles are per series).
+            assert "95 %: –" not in dom.stdout
 
             shot = artifacts_dir / "dashboard.png"
             shot.unlink(missing_ok=True)
