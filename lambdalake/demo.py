@@ -211,6 +211,14 @@ def replay_lake(settings: Settings) -> int:
     return sent
 
 
+def _generator_args(skus: int, stores: int) -> list[str]:
+    """Catalog size, seed and the demo's share of late, duplicate and invalid events."""
+    return [
+        *("--skus", str(skus), "--stores", str(stores), "--seed", str(SEED)),
+        *("--late-fraction", "0.01", "--duplicate-fraction", "0.01", "--bad-fraction", "0.001"),
+    ]
+
+
 def _history_marker(settings: Settings) -> Path:
     return settings.home / "demo-history.json"
 
@@ -245,18 +253,7 @@ def _prepare_history(
         "history",
         "--days",
         str(days),
-        "--skus",
-        str(skus),
-        "--stores",
-        str(stores),
-        "--seed",
-        str(SEED),
-        "--late-fraction",
-        "0.01",
-        "--duplicate-fraction",
-        "0.01",
-        "--bad-fraction",
-        "0.001",
+        *_generator_args(skus, stores),
     )
     marker.write_text(json.dumps(wanted))
 
@@ -351,18 +348,7 @@ def run_demo(
                 "live",
                 "--rate",
                 str(rate),
-                "--skus",
-                str(skus),
-                "--stores",
-                str(stores),
-                "--seed",
-                str(SEED),
-                "--late-fraction",
-                "0.01",
-                "--duplicate-fraction",
-                "0.01",
-                "--bad-fraction",
-                "0.001",
+                *_generator_args(skus, stores),
             )
         if not _wait_ready(settings, children, stop):
             if stop.is_set():
