@@ -838,7 +838,9 @@ def _helper_app() -> Any:
 
 
 def main() -> None:
-    _helper_app()()
+    from lambdalake.cli import run_and_exit
+
+    run_and_exit(_helper_app())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ standard error. Layer code is imported lazily so ``--help`` stays fast.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -412,8 +413,30 @@ def demo(
     _run(lambda: run_demo(settings, days=days, skus=skus, stores=stores, rate=rate, stop=stop))
 
 
+def run_and_exit(typer_app: Any) -> None:
+    """Run a Typer app, then leave with its exit code without interpreter teardown.
+
+    Native thread pools (delta-rs' runtime, DuckDB, Arrow) were seen to abort a
+    finished command at teardown ("terminate called without an active exception"),
+    turning its exit code into -6. By the time a command returns, every write has
+    committed and every child process it owns has stopped; output is flushed here.
+    """
+    code = 0
+    try:
+        typer_app()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            sys.stderr.write(f"{exc.code}\n")
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
-    app()
+    run_and_exit(app)
 
 
 if __name__ == "__main__":
