@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Param
 
-from lambdalake.airflow import helper_command, lambdalake_command, task_defaults
+from lambdalake.airflow import lambdalake_command, quality_gate, task_defaults
 from lambdalake.settings import Settings
 
 settings = Settings()
@@ -66,18 +66,6 @@ with DAG(
         append_env=True,
         execution_timeout=timedelta(hours=6),
     )
-    dq_check = BashOperator(
-        task_id="dq_check",
-        bash_command="set -euo pipefail; "
-        + helper_command(settings, "dq-check", "--run-id", f'"{RUN_ID}"'),
-        retries=0,
-        execution_timeout=timedelta(minutes=30),
-    )
-    publish = BashOperator(
-        task_id="publish",
-        bash_command="set -euo pipefail; "
-        + helper_command(settings, "publish", "--run-id", f'"{RUN_ID}"'),
-        execution_timeout=timedelta(minutes=10),
-    )
+    dq_check, publish = quality_gate(settings, RUN_ID)
 
     batch_run >> dq_check >> publish

@@ -184,6 +184,32 @@ def lambdalake_command(settings: Settings, *args: str) -> str:
     return " ".join([shlex.quote(lambdalake_executable()), *args, *_flags(settings)])
 
 
+def quality_gate(settings: Settings, run_id: str) -> tuple[Any, Any]:
+    """The ``dq_check`` -> ``publish`` tasks every batch-producing DAG ends with.
+
+    Call inside a ``with DAG(...)`` block; ``run_id`` is the template of the run
+    to check. A failed check is a verdict on the data, not a flaky failure: it is
+    never retried.
+    """
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    dq_check = BashOperator(
+        task_id="dq_check",
+        bash_command="set -euo pipefail; "
+        + helper_command(settings, "dq-check", "--run-id", f'"{run_id}"'),
+        retries=0,
+        execution_timeout=timedelta(minutes=30),
+    )
+    publish = BashOperator(
+        task_id="publish",
+        bash_command="set -euo pipefail; "
+        + helper_command(settings, "publish", "--run-id", f'"{run_id}"'),
+        execution_timeout=timedelta(minutes=10),
+    )
+    dq_check >> publish
+    return dq_check, publish
+
+
 def helper_command(settings: Settings, *args: str) -> str:
     """A shell command running ``python -m lambdalake.airflow ARGS --bootstrap ... --lake ...``."""
     return " ".join(
