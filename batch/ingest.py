@@ -39,16 +39,15 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 from batch.ingest_kafka import (
     Backoff,
     BrokerUnreachable,
-    Chunk,
     discover_partitions,
     open_consumer,
     probe_broker,
-    records_to_chunk,
     true_end_offsets,
     with_broker_retry,
 )
 from batch.ingest_lake import PositionedTable, master_rows, open_tables, quarantine_rows
 from lambdalake.contracts import validate
+from lambdalake.kafka_columnar import Chunk, records_to_chunk
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings

@@ -1,10 +1,10 @@
 """The Kafka clients a speed worker can poll with, behind one small interface.
 
 ``kafka-python`` (the default, a project dependency) parses record batches in
-pure Python: on this kind of machine that parsing is ~95 % of the poller's time
-and caps a worker near kafka-python's raw rate. ``confluent-kafka``
-(librdkafka, optional: ``pip install confluent-kafka``) parses in C and polls
-many times faster. Both are used the same way: manual assignment (no consumer
+pure Python; it is given the shared columnar decoder
+(:mod:`lambdalake.kafka_columnar`), which extracts only offsets and values
+instead of building a ``ConsumerRecord`` per message. ``confluent-kafka``
+(librdkafka, optional: ``pip install confluent-kafka``) parses in C. Both are used the same way: manual assignment (no consumer
 group is ever joined), positions given by the worker, nothing committed to Kafka.
 """
 
@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
+from lambdalake.kafka_columnar import Chunk, records_to_chunk, use_columnar_decoder
 from lambdalake.settings import Settings
 
 TP = tuple[str, int]
 CLIENTS = ("kafka-python", "confluent-kafka")
-
-
-@dataclass
-class Chunk:
-    """Consecutive messages of one partition, in offset order."""
-
-    topic: str
-    partition: int
-    offsets: list[int]
-    values: list[bytes | None]
 
 
 class KafkaClient(Protocol):
@@ -71,6 +61,7 @@ class KafkaPythonClient:
             request_timeout_ms=30_000,
             bootstrap_timeout_ms=5_000,
         )
+        use_columnar_decoder(self.consumer, component="speed")
 
     def partitions(self, topic: str) -> list[int]:
         found = self.consumer.partitions_for_topic(topic)
@@ -92,11 +83,7 @@ class KafkaPythonClient:
 
     def poll(self, timeout: float, max_records: int) -> list[Chunk]:
         got = self.consumer.poll(timeout_ms=max(1, int(timeout * 1000)), max_records=max_records)
-        return [
-            Chunk(tp.topic, tp.partition, [r.offset for r in rs], [r.value for r in rs])
-            for tp, rs in got.items()
-            if rs
-        ]
+        return [records_to_chunk(tp, rs) for tp, rs in got.items() if rs]
 
     def highwater(self) -> dict[TP, int]:
         out: dict[TP, int] = {}

@@ -42,8 +42,8 @@ from ingest_stream import (
 from kafka import KafkaProducer, TopicPartition
 
 from batch.ingest import run_ingest
-from batch.ingest_kafka import decode_batch_records
 from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake.kafka_columnar import decode_batch_records
 from lambdalake.lake import QUARANTINE, Lake
 from lambdalake.manifest import ingest_positions
 from lambdalake.settings import TOPICS, Settings
@@ -405,7 +405,7 @@ def test_columnar_partition_records_take_like_kafka_python(magic: int) -> None:
     from kafka.consumer.fetcher import Fetcher
     from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
-    from batch.ingest_kafka import ColumnarPartitionRecords
+    from lambdalake.kafka_columnar import ColumnarPartitionRecords
 
     data = b""
     for base in range(0, 600, 100):  # six batches of 100 records
