@@ -16,8 +16,9 @@ What it does
          (no coordinated omission): p50/p99.
     4. Prints a table and one JSON line with every figure.
 
-The load generator (asyncio + httpx) runs on the same machine: on a small box it
-competes with the server for CPU, so the figures are a floor, not a ceiling.
+The load generator (``bench/loadgen.py``: asyncio streams, keep-alive HTTP/1.1, a
+few tens of microseconds of CPU per request) runs on the same machine: on a small
+box it still competes with the server for CPU, so the figures are a floor.
 
     .venv/bin/python bench/serving.py --skus 20 --stores 3 --days 90 --duration 5
 """
@@ -34,13 +35,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import loadgen  # noqa: E402  (bench/loadgen.py: the script's own directory is on sys.path)
 
 MIX = [  # (kind, weight)
     ("sales_point", 60),
@@ -356,96 +358,18 @@ def request_for(kind: str, rng: random.Random, data: dict[str, Any]) -> tuple[st
     return "/v1/alerts/demand", {}
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-async def closed_loop(base: str, data: dict, clients: int, duration: float, seed: int) -> dict:
-    import httpx
-
+def request_stream(data: dict[str, Any], seed: int, kind: str | None = None) -> Any:
+    """``next_request(i)`` for :mod:`bench.loadgen`: the mix (or one ``kind``), per client."""
     kinds = [k for k, w in MIX for _ in range(w)]
-    lat: dict[str, list[float]] = defaultdict(list)
-    errors = 0
-    deadline = time.perf_counter() + duration
+    rngs: dict[int, random.Random] = {}
 
-    async def client_loop(i: int, http: Any) -> None:
-        nonlocal errors
-        rng = random.Random(seed + i)
-        while time.perf_counter() < deadline:
-            kind = rng.choice(kinds)
-            path, params = request_for(kind, rng, data)
-            t0 = time.perf_counter()
-            try:
-                r = await http.get(path, params=params)
-            except httpx.HTTPError:
-                errors += 1
-                continue
-            dt = time.perf_counter() - t0
-            if r.status_code != 200:
-                errors += 1
-            lat[kind].append(dt)
+    def next_request(i: int) -> tuple[str, str, dict]:
+        rng = rngs.setdefault(i if kind is None else 0, random.Random(seed + i))
+        k = kind or rng.choice(kinds)
+        path, params = request_for(k, rng, data)
+        return k, path, params
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(i, http) for i in range(clients)))
-        elapsed = time.perf_counter() - started
-    every = [x for v in lat.values() for x in v]
-    return {
-        "requests": len(every),
-        "errors": errors,  # transport errors and non-200 answers
-        "throughput_rps": round(len(every) / elapsed, 1),
-        "p50_ms": round(percentile(every, 0.5) * 1000, 2),
-        "p99_ms": round(percentile(every, 0.99) * 1000, 2),
-        "by_kind": {
-            k: {
-                "n": len(v),
-                "p50_ms": round(percentile(v, 0.5) * 1000, 2),
-                "p99_ms": round(percentile(v, 0.99) * 1000, 2),
-            }
-            for k, v in sorted(lat.items())
-        },
-    }
-
-
-async def open_loop(base: str, data: dict, rate: float, duration: float, seed: int) -> dict:
-    import httpx
-
-    rng = random.Random(seed)
-    lat: list[float] = []
-    errors = 0
-    n = int(rate * duration)
-
-    async def one(at: float, http: Any) -> None:
-        nonlocal errors
-        await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        path, params = request_for("sales_point", rng, data)
-        try:
-            r = await http.get(path, params=params)
-        except httpx.HTTPError:
-            errors += 1
-            return
-        lat.append(time.perf_counter() - at)  # from the scheduled time
-        if r.status_code != 200:
-            errors += 1
-
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
-        start = time.perf_counter() + 0.2
-        started = time.perf_counter()
-        await asyncio.gather(*(one(start + i / rate, http) for i in range(n)))
-        elapsed = time.perf_counter() - started
-    return {
-        "target_rps": rate,
-        "achieved_rps": round(len(lat) / elapsed, 1),
-        "requests": len(lat),
-        "errors": errors,
-        "p50_ms": round(percentile(lat, 0.5) * 1000, 2),
-        "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
-    }
+    return next_request
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:
@@ -613,11 +537,11 @@ def main() -> None:
             try:
                 base = f"http://127.0.0.1:{port}"
                 wait_http(base)
-                asyncio.run(closed_loop(base, data, 10, 1.0, args.seed))  # warm-up
-                closed = asyncio.run(
-                    closed_loop(base, data, args.clients, args.duration, args.seed)
-                )
-                opened = asyncio.run(open_loop(base, data, args.rate, args.duration, args.seed))
+                mix = request_stream(data, args.seed)
+                asyncio.run(loadgen.closed_loop(base, mix, 10, 1.0))  # warm-up
+                closed = asyncio.run(loadgen.closed_loop(base, mix, args.clients, args.duration))
+                point = request_stream(data, args.seed, kind="sales_point")
+                opened = asyncio.run(loadgen.open_loop(base, point, args.rate, args.duration))
                 results[kind] = {"closed_loop": closed, "open_loop_point": opened}
             finally:
                 proc.send_signal(signal.SIGTERM)
