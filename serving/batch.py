@@ -41,6 +41,7 @@ from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.settings import Settings
 from lambdalake.views import SALES, SENTIMENT
+from serving.series import SeriesCache
 from serving.tables import IndexedTable, merge_partials, select
 
 log = get_logger(__name__)
@@ -100,6 +101,13 @@ class BatchSnapshot:
     tables: dict[str, IndexedTable]
     hourly_source: str  # "view" | "master" | "none"
     loaded_at: float = field(default_factory=time.time)
+    series: SeriesCache = field(init=False)  # sales per (key, period), for point queries
+
+    def __post_init__(self) -> None:
+        self.series = SeriesCache(
+            SALES,
+            {"day": self.tables["sales_day"].table, "hour": self.tables["sales_hour"].table},
+        )
 
     @property
     def run_id(self) -> str | None:
@@ -204,7 +212,9 @@ def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
         for name in EMPTY_DDL
     }
     con.close()
-    return BatchSnapshot(run=run, tables=tables, hourly_source=hourly)
+    snap = BatchSnapshot(run=run, tables=tables, hourly_source=hourly)
+    snap.series.warm()  # before the snapshot is swapped in: no request pays for it
+    return snap
 
 
 def _fill(con: duckdb.DuckDBPyConnection, table: str, src: pa.Table, select_sql: str) -> None:

@@ -34,6 +34,7 @@ from serving.models import (
     SentimentRanking,
 )
 from serving.params import Granularity, SalesRange, period_label
+from serving.series import series_key
 from serving.speed import SpeedClient, SpeedFilter, SpeedResult
 
 T = TypeVar("T")
@@ -135,12 +136,17 @@ class QueryService:
         lo: Any = first.date() if granularity == "day" else first
         hi: Any = last.date() if granularity == "day" else last
         acc: dict[tuple, dict[str, Any]] = {}
-        rows = snap.sales(
-            granularity, keys=["period", *dims], sku=sku, store_id=store_id, first=lo, last=hi
-        )
-        for row in rows:
-            key = (period_label(row["period"], granularity), *(row[d] for d in dims))
-            merge_into(acc, key, row, SALES)
+        if dims:
+            rows = snap.sales(
+                granularity, keys=["period", *dims], sku=sku, store_id=store_id, first=lo, last=hi
+            )
+            for row in rows:
+                key = (period_label(row["period"], granularity), *(row[d] for d in dims))
+                merge_into(acc, key, row, SALES)
+        else:  # one series (the point query): the run's per-key series, sliced
+            names, series_key_ = series_key(sku, store_id)
+            for label, values in snap.series.get(granularity, names).points(series_key_, lo, hi):
+                acc[(label,)] = values
         speed = self.speed.query(
             SALES,
             SpeedFilter(
@@ -154,8 +160,9 @@ class QueryService:
             snap.watermark,
         )
         for row in speed.rows:
-            key = (period_label(row["period"], granularity), *(row[d] for d in dims))
-            merge_into(acc, key, row, SALES)
+            period = row["period"]  # a label already when it comes from a series index
+            label = period if isinstance(period, str) else period_label(period, granularity)
+            merge_into(acc, (label, *(row[d] for d in dims)), row, SALES)
         return acc, speed
 
     def sales(self, *, sku: str | None, store_id: str | None, rng: SalesRange) -> SalesAnswer:

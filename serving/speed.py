@@ -45,6 +45,7 @@ from lambdalake.speed_protocol import (
     query_speed,
 )
 from lambdalake.views import ViewDef
+from serving.series import SeriesCache, series_key
 from serving.tables import IndexedTable, merge_partials, select
 
 log = get_logger(__name__)
@@ -134,6 +135,7 @@ class _Snapshot:
     min_offsets: Watermark  # the watermark it was asked for
     answer: SpeedAnswer
     index: IndexedTable
+    series: SeriesCache | None  # per-key series of a view with periods (built on first use)
 
 
 def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list[dict[str, Any]]:
@@ -158,6 +160,19 @@ def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list
     return merge_partials(table, ["period", *view.dimensions], view)
 
 
+def snapshot_partials(snap: _Snapshot, view: ViewDef, flt: SpeedFilter) -> list[dict[str, Any]]:
+    """``local_partials`` of a cached snapshot; a question without group-by dimensions
+    (one series: a SKU, a store, both or all) is read from the snapshot's series index,
+    with ``period`` already the API's label."""
+    if snap.series is None or flt.dimensions or flt.granularity is None:
+        return local_partials(snap.index, view, flt)
+    names, key = series_key(flt.sku, flt.store_id)
+    series = snap.series.get(flt.granularity, names)
+    return [
+        {"period": label, **values} for label, values in series.points(key, flt.first, flt.last)
+    ]
+
+
 class SpeedClient:
     """Asks every speed worker for partials; see the module docstring.
 
@@ -175,12 +190,15 @@ class SpeedClient:
         retry_after: float = 1.0,
         cache_ttl: float = 0.25,
         cache_max_rows: int = 200_000,
+        status_ttl: float = 1.0,
     ) -> None:
         self.settings = settings
         self.timeout = timeout
         self.retry_after = retry_after
         self.cache_ttl = cache_ttl
         self.cache_max_rows = cache_max_rows
+        self.status_ttl = status_ttl
+        self._status_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._snapshots: dict[tuple[str, str], _Snapshot] = {}  # (endpoint, view) -> newest
         self._snapshot_locks: dict[tuple[str, str], threading.Lock] = {}
         self._too_big_until: dict[tuple[str, str], float] = {}
@@ -209,9 +227,20 @@ class SpeedClient:
                     del self._clients[endpoint]
             raise
 
+    def statuses(self) -> list[dict[str, Any]]:
+        """The workers' status files, read at most every ``status_ttl`` seconds (they are
+        rewritten about once a second; reading them per request cost more than the query)."""
+        cached = self._status_cache
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.status_ttl:
+            return cached[1]
+        found = status_files(self.settings)
+        self._status_cache = (now, found)
+        return found
+
     def endpoints(self, statuses: Sequence[dict[str, Any]] | None = None) -> list[str]:
         found = parse_endpoints(self.settings.speed_endpoints)
-        for st in status_files(self.settings) if statuses is None else statuses:
+        for st in self.statuses() if statuses is None else statuses:
             ep = st.get("query_endpoint")
             if ep and str(ep) not in found:
                 found.append(str(ep))
@@ -267,6 +296,11 @@ class SpeedClient:
                 min_offsets=min_offsets,
                 answer=answer,
                 index=IndexedTable.build(answer.table, sort=True),
+                series=(
+                    SeriesCache(view, {"day": answer.table, "hour": answer.table})
+                    if view.has_period
+                    else None
+                ),
             )
             self._snapshots[key] = snap
             return snap
@@ -282,7 +316,7 @@ class SpeedClient:
             if isinstance(got, SpeedError):
                 return got
             if isinstance(got, _Snapshot):
-                rows = local_partials(got.index, view, flt)
+                rows = snapshot_partials(got, view, flt)
                 answer = got.answer
             else:  # too big to cache: filter this one fetch, ask per request from now on
                 rows = local_partials(IndexedTable.build(got.table, sort=True), view, flt)
@@ -296,7 +330,7 @@ class SpeedClient:
 
     def query(self, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedResult:
         """Partials of ``view`` over events at offsets >= ``min_offsets`` from every worker."""
-        statuses = status_files(self.settings)
+        statuses = self.statuses()
         endpoints = self.endpoints(statuses)
 
         def one(ep: str) -> Partials | SpeedError:
