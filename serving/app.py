@@ -95,16 +95,23 @@ def create_app(
     poll_seconds: float = 1.0,
     speed_timeout: float = 2.0,
     speed_cache_ttl: float = 0.25,
+    speed_stale_grace: float = 0.25,
 ) -> FastAPI:
     """The FastAPI app over ``settings``' lake and speed workers.
 
     ``clock`` replaces "now" (alerts and default ranges) in tests; the batch
     cache polls the runs table every ``poll_seconds``; each speed worker's partial
     view is fetched at most every ``speed_cache_ttl`` seconds (0 = one worker query
-    per request; see :mod:`serving.speed`).
+    per request), and answered from for up to ``speed_stale_grace`` more seconds
+    while a background fetch replaces it (see :mod:`serving.speed`).
     """
     batch = BatchCache(settings, poll_seconds=poll_seconds)
-    speed = SpeedClient(settings, timeout=speed_timeout, cache_ttl=speed_cache_ttl)
+    speed = SpeedClient(
+        settings,
+        timeout=speed_timeout,
+        cache_ttl=speed_cache_ttl,
+        stale_grace=speed_stale_grace,
+    )
     metrics = ApiMetrics(settings, batch)
     service = QueryService(
         settings,

@@ -245,6 +245,11 @@ class BatchCache:
         self.reloads = 0
         self.last_error: str | None = None
 
+    @property
+    def loaded(self) -> bool:
+        """A snapshot is in memory (``current()`` returns without loading)."""
+        return self._snapshot is not None
+
     def current(self) -> BatchSnapshot:
         snap = self._snapshot
         if snap is None:

@@ -8,10 +8,17 @@ merge — never a measure defined twice.
 
 If a speed worker reports that it has pruned past R's watermark (a newer run was
 published meanwhile), the latest run is loaded and the query retried once.
+
+The API's handlers are ``async`` and call :meth:`QueryService.answer`: a question is
+first answered on the event loop from what is in memory (the run's views, the speed
+snapshots); only when that would wait for I/O (a speed worker round trip, a run to
+load) does :class:`~serving.speed.WouldBlock` send it to a worker thread instead. The
+common case skips two thread hand-offs per request.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -35,9 +42,12 @@ from serving.models import (
 )
 from serving.params import Granularity, SalesRange, period_label
 from serving.series import series_key
-from serving.speed import SpeedClient, SpeedFilter, SpeedResult
+from serving.speed import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
 
 T = TypeVar("T")
+
+# False while a question is answered on the event loop: no I/O may wait there.
+_MAY_BLOCK: contextvars.ContextVar[bool] = contextvars.ContextVar("may_block", default=True)
 
 # Alerts: "far below the lower bound late in the day" means, after LATE_DAY_FRACTION
 # of the UTC day, fewer units than LOW_FACTOR x the lower 95 % bound pro-rated to now.
@@ -107,13 +117,36 @@ class QueryService:
     def today(self) -> date:
         return self.clock().astimezone(UTC).date()
 
+    async def answer(self, question: Callable[[], T]) -> T:
+        """``question()`` on the event loop if it needs no I/O, else on a worker thread."""
+        from fastapi.concurrency import run_in_threadpool
+
+        token = _MAY_BLOCK.set(False)
+        try:
+            return question()
+        except WouldBlock:
+            pass
+        finally:
+            _MAY_BLOCK.reset(token)
+        return await run_in_threadpool(question)
+
+    def _speed_query(self, view: Any, flt: SpeedFilter, snap: BatchSnapshot) -> SpeedResult:
+        return self.speed.query(view, flt, snap.watermark, block=_MAY_BLOCK.get())
+
+    def _current_run(self) -> BatchSnapshot:
+        if not self.batch.loaded and not _MAY_BLOCK.get():
+            raise WouldBlock("no batch run loaded yet")
+        return self.batch.current()
+
     def _merged(
         self, compute: Callable[[BatchSnapshot], tuple[T, SpeedResult]]
     ) -> tuple[T, BatchSnapshot, SpeedResult]:
         """Run ``compute`` on the current run; once more on a newer run if speed is ahead."""
-        snap = self.batch.current()
+        snap = self._current_run()
         value, speed = compute(snap)
         if speed.stale:
+            if not _MAY_BLOCK.get():
+                raise WouldBlock("a newer run is published: load it first")
             self.batch.refresh(force=True)
             snap = self.batch.current()
             value, speed = compute(snap)
@@ -147,7 +180,7 @@ class QueryService:
             names, series_key_ = series_key(sku, store_id)
             for label, values in snap.series.get(granularity, names).points(series_key_, lo, hi):
                 acc[(label,)] = values
-        speed = self.speed.query(
+        speed = self._speed_query(
             SALES,
             SpeedFilter(
                 granularity=granularity,
@@ -157,7 +190,7 @@ class QueryService:
                 first=first,
                 last=last,
             ),
-            snap.watermark,
+            snap,
         )
         for row in speed.rows:
             period = row["period"]  # a label already when it comes from a series index
@@ -269,8 +302,8 @@ class QueryService:
         acc: dict[str, dict[str, Any]] = {}
         for row in snap.sentiment(sku):
             merge_into(acc, row["sku"], row, SENTIMENT)
-        speed = self.speed.query(
-            SENTIMENT, SpeedFilter(granularity=None, dimensions=("sku",), sku=sku), snap.watermark
+        speed = self._speed_query(
+            SENTIMENT, SpeedFilter(granularity=None, dimensions=("sku",), sku=sku), snap
         )
         for row in speed.rows:
             merge_into(acc, row["sku"], row, SENTIMENT)

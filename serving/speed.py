@@ -59,6 +59,11 @@ _CONNECT = getattr(speed_protocol, "connect", None)
 REUSE_CLIENTS = _CONNECT is not None and "client" in inspect.signature(query_speed).parameters
 
 
+class WouldBlock(Exception):
+    """Answering now needs a worker round trip, and the caller asked not to wait for one
+    (the API's event loop: it retries the request on a worker thread)."""
+
+
 @dataclass(frozen=True)
 class SpeedFilter:
     """What a query selects: optional sku/store, an optional inclusive period range."""
@@ -191,6 +196,7 @@ class SpeedClient:
         cache_ttl: float = 0.25,
         cache_max_rows: int = 200_000,
         status_ttl: float = 1.0,
+        stale_grace: float = 0.25,
     ) -> None:
         self.settings = settings
         self.timeout = timeout
@@ -198,6 +204,7 @@ class SpeedClient:
         self.cache_ttl = cache_ttl
         self.cache_max_rows = cache_max_rows
         self.status_ttl = status_ttl
+        self.stale_grace = stale_grace
         self._status_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._snapshots: dict[tuple[str, str], _Snapshot] = {}  # (endpoint, view) -> newest
         self._snapshot_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -269,12 +276,30 @@ class SpeedClient:
         return answer
 
     def _snapshot(
-        self, endpoint: str, view: ViewDef, min_offsets: Watermark
+        self, endpoint: str, view: ViewDef, min_offsets: Watermark, *, block: bool = True
     ) -> _Snapshot | SpeedAnswer | SpeedError:
-        """The worker's whole view (cached ``cache_ttl`` s), or a too-big answer, or the error."""
+        """The worker's whole view (cached ``cache_ttl`` s), or a too-big answer, or the error.
+
+        A snapshot older than ``cache_ttl`` but younger than ``cache_ttl + stale_grace``
+        is still answered from, while one background fetch replaces it: under load no
+        request waits for a worker round trip, and every answer's ``as_of`` says exactly
+        what it covers. Older than that (or for another watermark), the request fetches
+        itself — or, with ``block=False``, raises :class:`WouldBlock`. A failed fetch
+        drops the snapshot: from then on answers say the worker is missing."""
         key = (endpoint, view.name)
         with self._locks_lock:
             lock = self._snapshot_locks.setdefault(key, threading.Lock())
+        snap = self._snapshots.get(key)
+        if snap is not None and snap.min_offsets == min_offsets:
+            age = time.monotonic() - snap.fetched
+            if age < self.cache_ttl:
+                return snap
+            if age < self.cache_ttl + self.stale_grace:
+                if lock.acquire(blocking=False):  # nobody is refreshing it yet
+                    self._pool.submit(self._refresh_in_background, lock, key, view, min_offsets)
+                return snap
+        if not block:
+            raise WouldBlock(f"speed snapshot of {view.name} from {endpoint} needs a fetch")
         with lock:  # one fetch per worker and view at a time; the others reuse it
             snap = self._snapshots.get(key)
             if (
@@ -283,36 +308,61 @@ class SpeedClient:
                 and snap.min_offsets == min_offsets
             ):
                 return snap
-            q = SpeedQuery(view=view.name, granularity="hour", min_offsets=min_offsets)  # type: ignore[arg-type]
-            answer = self._ask(endpoint, q)
-            if isinstance(answer, SpeedError):
-                return answer
-            if answer.table.num_rows > self.cache_max_rows:
-                self._too_big_until[key] = time.monotonic() + 60.0
-                self._snapshots.pop(key, None)
-                return answer
-            snap = _Snapshot(
-                fetched=time.monotonic(),
-                min_offsets=min_offsets,
-                answer=answer,
-                index=IndexedTable.build(answer.table, sort=True),
-                series=(
-                    SeriesCache(view, {"day": answer.table, "hour": answer.table})
-                    if view.has_period
-                    else None
-                ),
-            )
-            self._snapshots[key] = snap
-            return snap
+            return self._refresh(key, endpoint, view, min_offsets)
+
+    def _refresh_in_background(
+        self, lock: threading.Lock, key: tuple[str, str], view: ViewDef, min_offsets: Watermark
+    ) -> None:
+        try:
+            self._refresh(key, key[0], view, min_offsets)
+        except Exception as exc:  # the next request fetches (and reports) it itself
+            self._snapshots.pop(key, None)
+            log.warning("serving.speed_refresh_failed", endpoint=key[0], error=str(exc))
+        finally:
+            lock.release()
+
+    def _refresh(
+        self, key: tuple[str, str], endpoint: str, view: ViewDef, min_offsets: Watermark
+    ) -> _Snapshot | SpeedAnswer | SpeedError:
+        """Fetch a new snapshot (the caller holds the key's lock)."""
+        q = SpeedQuery(view=view.name, granularity="hour", min_offsets=min_offsets)  # type: ignore[arg-type]
+        asked = time.monotonic()  # a snapshot's age counts from the question, not the answer
+        answer = self._ask(endpoint, q)
+        if isinstance(answer, SpeedError):
+            self._snapshots.pop(key, None)
+            return answer
+        if answer.table.num_rows > self.cache_max_rows:
+            self._too_big_until[key] = time.monotonic() + 60.0
+            self._snapshots.pop(key, None)
+            return answer
+        snap = _Snapshot(
+            fetched=asked,
+            min_offsets=min_offsets,
+            answer=answer,
+            index=IndexedTable.build(answer.table, sort=True),
+            series=(
+                SeriesCache(view, {"day": answer.table, "hour": answer.table})
+                if view.has_period
+                else None
+            ),
+        )
+        self._snapshots[key] = snap
+        return snap
 
     def _partials(
-        self, endpoint: str, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark
+        self,
+        endpoint: str,
+        view: ViewDef,
+        flt: SpeedFilter,
+        min_offsets: Watermark,
+        *,
+        block: bool = True,
     ) -> Partials | SpeedError:
         """One worker's partials for ``flt``: from its snapshot, or asked directly."""
         key = (endpoint, view.name)
         use_cache = self.cache_ttl > 0 and time.monotonic() >= self._too_big_until.get(key, 0.0)
         if use_cache:
-            got = self._snapshot(endpoint, view, min_offsets)
+            got = self._snapshot(endpoint, view, min_offsets, block=block)
             if isinstance(got, SpeedError):
                 return got
             if isinstance(got, _Snapshot):
@@ -322,23 +372,30 @@ class SpeedClient:
                 rows = local_partials(IndexedTable.build(got.table, sort=True), view, flt)
                 answer = got
         else:
+            if not block:
+                raise WouldBlock(f"speed partials of {view.name} from {endpoint} need a query")
             direct = self._ask(endpoint, to_speed_query(view, flt, min_offsets))
             if isinstance(direct, SpeedError):
                 return direct
             rows, answer = direct.table.to_pylist(), direct
         return Partials(rows, answer.partitions, answer.offsets, answer.meta.worker)
 
-    def query(self, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedResult:
-        """Partials of ``view`` over events at offsets >= ``min_offsets`` from every worker."""
+    def query(
+        self, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark, *, block: bool = True
+    ) -> SpeedResult:
+        """Partials of ``view`` over events at offsets >= ``min_offsets`` from every worker.
+
+        ``block=False``: answer from cached snapshots only, or raise :class:`WouldBlock`."""
         statuses = self.statuses()
         endpoints = self.endpoints(statuses)
 
         def one(ep: str) -> Partials | SpeedError:
-            return self._partials(ep, view, flt, min_offsets)
+            return self._partials(ep, view, flt, min_offsets, block=block)
 
-        answers = (
-            [one(endpoints[0])] if len(endpoints) == 1 else list(self._pool.map(one, endpoints))
-        )
+        if len(endpoints) == 1 or not block:  # nothing to wait for in parallel
+            answers = [one(ep) for ep in endpoints]
+        else:
+            answers = list(self._pool.map(one, endpoints))
         result = SpeedResult()
         covered: set[int] = set()
         for endpoint, answer in zip(endpoints, answers, strict=True):

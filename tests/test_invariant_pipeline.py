@@ -52,6 +52,7 @@ PARTITIONS = 4
 WORKERS = 2
 QUERIES_PER_CHECK = 40
 SPEED_CACHE_TTL = 0.25
+SPEED_STALE_GRACE = 0.25  # a snapshot is answered from this much longer while it is refreshed
 CATCH_UP_TIMEOUT = 90.0
 REVIEW_TEXTS = [
     ("Great product, works really well", "Love it"),
@@ -590,7 +591,8 @@ class Checker:
     ) -> None:
         """Random queries equal the recompute over what each answer covers; coverage is right."""
         progress(f"check: {step}")
-        time.sleep(SPEED_CACHE_TTL + 0.1)  # answers cached before the catch-up have expired
+        # Snapshots fetched before the catch-up are past their last use (ttl + grace).
+        time.sleep(SPEED_CACHE_TTL + SPEED_STALE_GRACE + 0.1)
         ends = self.log.ends()
         for _ in range(n):
             q = random_query(self.rng, self.now)
@@ -746,7 +748,12 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
         # path, reload the latest run and ask again, is what every later answer goes through.
         # One API answers from its per-worker snapshot cache, the other asks the workers on
         # every request; queries go to either at random.
-        cached = create_app(settings, poll_seconds=3600, speed_cache_ttl=SPEED_CACHE_TTL)
+        cached = create_app(
+            settings,
+            poll_seconds=3600,
+            speed_cache_ttl=SPEED_CACHE_TTL,
+            speed_stale_grace=SPEED_STALE_GRACE,
+        )
         direct = create_app(settings, poll_seconds=3600, speed_cache_ttl=0)
         with (
             running_server(cached) as url_cached,

@@ -25,5 +25,5 @@ DESCRIPTION = (
     summary="Demand alerts for today",
     description=DESCRIPTION,
 )
-def get_demand_alerts(service: Annotated[QueryService, Depends(get_service)]) -> AlertsAnswer:
-    return service.demand_alerts()
+async def get_demand_alerts(service: Annotated[QueryService, Depends(get_service)]) -> AlertsAnswer:
+    return await service.answer(service.demand_alerts)

@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["forecast"])
 
 
 @router.get("/forecast/{sku}", response_model=ForecastAnswer, summary="Demand forecast vs. actuals")
-def get_forecast(
+async def get_forecast(
     service: Annotated[QueryService, Depends(get_service)],
     sku: Annotated[str, Path(description="The SKU.", examples=["SKU-0001"])],
     store_id: Annotated[
@@ -40,11 +40,14 @@ def get_forecast(
 ) -> ForecastAnswer:
     """Forecast points from the latest run for the actuals window and ``horizon`` days ahead,
     with the merged (batch + speed) daily units of recent days, today included."""
-    return service.forecast(
-        sku=check_id(sku, "sku") or sku,
-        store_id=check_id(store_id, "store_id"),
-        horizon=check_int(horizon, "horizon", low=1, high=MAX_HORIZON_DAYS, default=28),
-        actuals_days=check_int(
-            actuals_days, "actuals_days", low=1, high=MAX_HORIZON_DAYS, default=DEFAULT_ACTUALS_DAYS
-        ),
+    sku = check_id(sku, "sku") or sku
+    store_id = check_id(store_id, "store_id")
+    days_ahead = check_int(horizon, "horizon", low=1, high=MAX_HORIZON_DAYS, default=28)
+    days_back = check_int(
+        actuals_days, "actuals_days", low=1, high=MAX_HORIZON_DAYS, default=DEFAULT_ACTUALS_DAYS
+    )
+    return await service.answer(
+        lambda: service.forecast(
+            sku=sku, store_id=store_id, horizon=days_ahead, actuals_days=days_back
+        )
     )

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["sales"])
 
 
 @router.get("/sales", response_model=SalesAnswer, summary="Sales per day or hour, batch + speed")
-def get_sales(
+async def get_sales(
     service: Annotated[QueryService, Depends(get_service)],
     sku: Annotated[
         str | None, Query(description="One SKU; omit for all.", examples=["SKU-0001"])
@@ -48,4 +48,5 @@ def get_sales(
     layer's partials for every event at or above that run's offset watermark.
     """
     rng = sales_range(start, end, granularity, today=service.today(), now=service.clock())
-    return service.sales(sku=check_id(sku, "sku"), store_id=check_id(store_id, "store_id"), rng=rng)
+    sku, store_id = check_id(sku, "sku"), check_id(store_id, "store_id")
+    return await service.answer(lambda: service.sales(sku=sku, store_id=store_id, rng=rng))

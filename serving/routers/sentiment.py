@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["sentiment"])
 
 
 @router.get("/sentiment", response_model=SentimentRanking, summary="SKUs ranked by sentiment")
-def get_sentiment_ranking(
+async def get_sentiment_ranking(
     service: Annotated[QueryService, Depends(get_service)],
     order: Annotated[
         Literal["worst", "best"],
@@ -29,18 +29,19 @@ def get_sentiment_ranking(
     ] = None,
 ) -> SentimentRanking:
     """SKUs ordered by merged mean sentiment (ties by sku)."""
-    return service.sentiment_ranking(
-        order=order,
-        limit=check_int(limit, "limit", low=1, high=MAX_RANKING_LIMIT, default=10),
-        min_reviews=check_int(min_reviews, "min_reviews", low=1, high=10**9, default=1),
+    top = check_int(limit, "limit", low=1, high=MAX_RANKING_LIMIT, default=10)
+    least = check_int(min_reviews, "min_reviews", low=1, high=10**9, default=1)
+    return await service.answer(
+        lambda: service.sentiment_ranking(order=order, limit=top, min_reviews=least)
     )
 
 
 @router.get("/sentiment/{sku}", response_model=SentimentAnswer, summary="Review sentiment of a SKU")
-def get_sentiment(
+async def get_sentiment(
     service: Annotated[QueryService, Depends(get_service)],
     sku: Annotated[str, Path(description="The SKU.", examples=["SKU-0001"])],
 ) -> SentimentAnswer:
     """Review count, mean rating, mean sentiment and label counts (batch + speed merged).
     An unknown SKU answers zero reviews and null means."""
-    return service.sentiment(sku=check_id(sku, "sku") or sku)
+    sku = check_id(sku, "sku") or sku
+    return await service.answer(lambda: service.sentiment(sku=sku))
