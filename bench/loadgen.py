@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
@@ -80,6 +80,11 @@ def percentile(values: list[float], q: float) -> float:
 class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: int = 0  # transport errors and non-200 answers
+    why: Counter = field(default_factory=Counter)  # "HTTP 500", "TimeoutError", ...
+
+    def failed(self, why: str) -> None:
+        self.errors += 1
+        self.why[why] += 1
 
     def summary(self, elapsed: float) -> dict:
         every = [x for v in self.latencies.values() for x in v]
@@ -89,6 +94,7 @@ class Tally:
             "throughput_rps": round(len(every) / elapsed, 1),
             "p50_ms": round(percentile(every, 0.5) * 1000, 2),
             "p99_ms": round(percentile(every, 0.99) * 1000, 2),
+            "error_kinds": dict(self.why),
             "by_kind": {
                 k: {
                     "n": len(v),
@@ -115,14 +121,14 @@ async def closed_loop(
                 t0 = time.perf_counter()
                 try:
                     status, _ = await conn.get(path, params)
-                except HttpError:
-                    tally.errors += 1
+                except HttpError as exc:
+                    tally.failed(type(exc).__name__)
                     conn.close()
                     conn = await Connection.open(base)
                     continue
                 tally.latencies[kind].append(time.perf_counter() - t0)
                 if status != 200:
-                    tally.errors += 1
+                    tally.failed(f"HTTP {status}")
         finally:
             conn.close()
 
@@ -132,31 +138,49 @@ async def closed_loop(
 
 
 async def open_loop(
-    base: str, next_request: Callable[[int], Request], rate: float, duration: float
+    base: str,
+    next_request: Callable[[int], Request],
+    rate: float,
+    duration: float,
+    *,
+    timeout: float = 10.0,
 ) -> dict:
-    """``rate`` requests/s for ``duration`` s on a fixed schedule; latency from the schedule."""
+    """``rate`` requests/s for ``duration`` s on a fixed schedule; latency from the schedule.
+
+    A request not answered ``timeout`` seconds after its scheduled time counts as an
+    error (``timeouts``), so an overwhelmed server ends the run instead of queueing it."""
     tally = Tally()
+    timeouts = 0
     idle: list[Connection] = []
     n = int(rate * duration)
     tasks: set[asyncio.Task] = set()
     opened = 0
 
     async def one(i: int, at: float) -> None:
-        nonlocal opened
+        nonlocal opened, timeouts
         kind, path, params = next_request(i)
         conn = idle.pop() if idle else None
-        if conn is None:
-            conn = await Connection.open(base)
-            opened += 1
         try:
-            status, _ = await conn.get(path, params)
-        except HttpError:
-            tally.errors += 1
-            conn.close()
+            async with asyncio.timeout(max(0.001, at + timeout - time.perf_counter())):
+                if conn is not None:
+                    try:
+                        status, _ = await conn.get(path, params)
+                    except HttpError:  # the server closed an idle keep-alive connection
+                        conn.close()
+                        conn = None
+                if conn is None:
+                    conn = await Connection.open(base)
+                    opened += 1
+                    status, _ = await conn.get(path, params)
+        except (HttpError, OSError, TimeoutError) as exc:
+            tally.failed(type(exc).__name__)
+            timeouts += isinstance(exc, TimeoutError)
+            if conn is not None:
+                conn.close()
             return
         tally.latencies[kind].append(time.perf_counter() - at)
         if status != 200:
-            tally.errors += 1
+            tally.failed(f"HTTP {status}")
         idle.append(conn)
 
     start = time.perf_counter() + 0.1
@@ -173,5 +197,7 @@ async def open_loop(
     for conn in idle:
         conn.close()
     out = tally.summary(elapsed)
-    out.update(target_rps=rate, achieved_rps=out["throughput_rps"], connections=opened)
+    out.update(
+        target_rps=rate, achieved_rps=out["throughput_rps"], connections=opened, timeouts=timeouts
+    )
     return out

@@ -372,6 +372,17 @@ def request_stream(data: dict[str, Any], seed: int, kind: str | None = None) -> 
     return next_request
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` s (an overloaded server may still be working
+    through requests its clients gave up on)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_http(url: str, timeout: float = 60.0) -> None:
     import httpx
 
@@ -544,8 +555,7 @@ def main() -> None:
                 opened = asyncio.run(loadgen.open_loop(base, point, args.rate, args.duration))
                 results[kind] = {"closed_loop": closed, "open_loop_point": opened}
             finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
+                stop_process(proc)
     finally:
         if speed_proc is not None:
             speed_proc.send_signal(signal.SIGTERM)
