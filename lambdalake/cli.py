@@ -53,7 +53,7 @@ class UserError(Exception):
 
 def _settings(bootstrap: str | None, lake: str | None) -> Settings:
     try:
-        return Settings().with_overrides(bootstrap=bootstrap, lake=lake)
+        return Settings().with_overrides(bootstrap=bootstrap, lake=lake)  # type: ignore[call-arg]
     except Exception as exc:  # pydantic ValidationError and friends
         _fail(f"invalid settings: {exc}".replace("\n", " "))
         raise  # unreachable
