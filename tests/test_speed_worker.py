@@ -361,8 +361,12 @@ def worker_thread(
     worker: tuple[int, int] = (0, 1),
     max_records: int | None = None,
     kafka_client: str = "kafka-python",
+    serving_only: bool = False,
 ) -> Iterator[str]:
-    """Run a worker in a thread; yield its query endpoint; stop it cleanly after."""
+    """Run a worker in a thread; yield its query endpoint; stop it cleanly after.
+
+    Yields once the worker's status says it is connected to the broker, or with
+    ``serving_only`` as soon as it serves queries (it may not have polled yet)."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -389,7 +393,8 @@ def worker_thread(
         status = wait_until(
             lambda: (
                 not errors
-                and status_file(settings, worker).get("connected")
+                and (serving_only or status_file(settings, worker).get("connected"))
+                and status_file(settings, worker).get("query_endpoint")
                 and status_file(settings, worker)
             ),
             60,
@@ -639,8 +644,10 @@ def test_the_endpoint_answers_exactly_while_the_worker_consumes_at_full_speed(
     ends = stream.ends()
     total = sum(ends["orders"].values())
     answers: list[tuple[float, SpeedAnswer]] = []
-    # Micro-batches of 5,000 messages: the backlog takes several commits to drain.
-    with worker_thread(settings, max_records=5000) as endpoint:
+    # Micro-batches of 5,000 messages: the backlog takes several commits to drain. Queries
+    # start as soon as the endpoint serves: a worker that waited to report itself connected
+    # (a status write) could have drained the whole backlog by then.
+    with worker_thread(settings, max_records=5000, serving_only=True) as endpoint:
         while True:
             t0 = time.monotonic()
             answer = query(endpoint, "sales", {}, granularity="hour")
