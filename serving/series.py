@@ -39,7 +39,7 @@ from serving.tables import ARROW_AGG
 # Every key combination a sales question can pin: nothing, the SKU, the store, both.
 KEY_SETS: tuple[tuple[str, ...], ...] = ((), ("sku",), ("store_id",), ("sku", "store_id"))
 
-_LABEL_FORMAT = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00:00Z"}
+_HOUR_LABEL = "%Y-%m-%dT%H:00:00Z"  # serving.params.period_label's hour format
 _EPOCH_DAY = date(1970, 1, 1)
 
 
@@ -128,11 +128,6 @@ class SeriesIndex:
             hi = int(np.searchsorted(periods, _period_number(last, self.granularity), "right"))
         return a + lo, a + max(lo, hi)
 
-    def slice(self, key: tuple, first: date | datetime | None, last: date | datetime | None):
-        """The rows of ``key`` with ``first <= period <= last`` (bounds optional), zero-copy."""
-        a, b = self._rows(key, first, last)
-        return self.table.slice(a, b - a)
-
     def points(
         self, key: tuple, first: date | datetime | None, last: date | datetime | None
     ) -> list[tuple[str, dict[str, Any]]]:
@@ -164,7 +159,7 @@ def period_labels(numbers: list[int], granularity: str) -> list[str]:
                 label = date.fromordinal(_EPOCH_DAY.toordinal() + n).isoformat()
             else:
                 ts = datetime.fromtimestamp(n / 1_000_000, tz=UTC)
-                label = ts.strftime(_LABEL_FORMAT["hour"])
+                label = ts.strftime(_HOUR_LABEL)
             if len(_LABELS) < 1_000_000:  # bounded: about 100 years of hours
                 _LABELS[(granularity, n)] = label
         out.append(label)

@@ -296,7 +296,10 @@ class SpeedClient:
                 return snap
             if age < self.cache_ttl + self.stale_grace:
                 if lock.acquire(blocking=False):  # nobody is refreshing it yet
-                    self._pool.submit(self._refresh_in_background, lock, key, view, min_offsets)
+                    try:
+                        self._pool.submit(self._refresh_in_background, lock, key, view, min_offsets)
+                    except RuntimeError:  # shutting down: no more fetches
+                        lock.release()
                 return snap
         if not block:
             raise WouldBlock(f"speed snapshot of {view.name} from {endpoint} needs a fetch")
