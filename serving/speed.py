@@ -30,9 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from lambdalake import speed_protocol
 from lambdalake.logs import get_logger
 from lambdalake.manifest import Watermark
@@ -46,7 +43,7 @@ from lambdalake.speed_protocol import (
 )
 from lambdalake.views import ViewDef
 from serving.series import SeriesCache, series_key
-from serving.tables import IndexedTable, merge_partials, select
+from serving.tables import IndexedTable, as_days, merge_partials, select
 
 log = get_logger(__name__)
 
@@ -153,7 +150,7 @@ def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list
     if flt.granularity == "day":
         # A UTC hour lies in one UTC day: days are the hours' dates.
         column = table.schema.get_field_index("period")
-        table = table.set_column(column, "period", pc.cast(table["period"], pa.date32()))
+        table = table.set_column(column, "period", as_days(table["period"]))
         lo = lo.date() if lo is not None else None
         hi = hi.date() if hi is not None else None
     table = select(

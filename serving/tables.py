@@ -33,12 +33,7 @@ class IndexedTable:
         """Index ``table`` (already sorted by ``sku``, or ``sort=True`` to sort it here)."""
         if sort and table.num_rows:
             table = table.sort_by("sku")
-        spans: dict[str, tuple[int, int]] = {}
-        if table.num_rows:
-            skus = table.column("sku").to_numpy(zero_copy_only=False)
-            starts = np.concatenate(([0], np.flatnonzero(skus[1:] != skus[:-1]) + 1))
-            ends = np.append(starts[1:], len(skus))
-            spans = {str(skus[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+        spans = {key[0]: (a, b) for key, a, b in key_runs(table, ("sku",))}
         return cls(table=table, spans=spans)
 
     def rows(self, sku: str | None) -> pa.Table:
@@ -47,6 +42,12 @@ class IndexedTable:
             return self.table
         a, b = self.spans.get(sku, (0, 0))
         return self.table.slice(a, b - a)
+
+
+def as_days(period: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Periods as UTC dates: hour starts cast to their day (a UTC hour lies in one UTC
+    day); dates stay as they are."""
+    return period if pa.types.is_date32(period.type) else pc.cast(period, pa.date32())
 
 
 def select(table: pa.Table, *conditions: tuple[str, str, Any]) -> pa.Table:
@@ -61,13 +62,38 @@ def select(table: pa.Table, *conditions: tuple[str, str, Any]) -> pa.Table:
     return table if mask is None else table.filter(mask)
 
 
-def merge_partials(table: pa.Table, keys: list[str], view: ViewDef) -> list[dict[str, Any]]:
-    """Partial rows merged by ``keys`` with the view's own merge rules (``Measure.merge_agg``)."""
-    if table.num_rows == 0:
+def key_runs(table: pa.Table, keys: tuple[str, ...]) -> list[tuple[tuple[str, ...], int, int]]:
+    """``(key values, start, end)`` of each run of consecutive rows with equal ``keys``,
+    in table order (pure). Without keys the whole table is one run."""
+    n = table.num_rows
+    if n == 0:
         return []
+    if not keys:
+        return [((), 0, n)]
+    columns = [table.column(k).to_numpy(zero_copy_only=False) for k in keys]
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for col in columns:
+        change[1:] |= col[1:] != col[:-1]
+    starts = np.flatnonzero(change)
+    ends = np.append(starts[1:], n)
+    return [
+        (tuple(str(col[a]) for col in columns), a, b)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
+
+
+def merge_table(table: pa.Table, keys: list[str], view: ViewDef) -> pa.Table:
+    """Partial rows merged by ``keys`` with the view's own merge rules (``Measure.merge_agg``)."""
     aggs = [(m.name, ARROW_AGG[m.merge_agg]) for m in view.measures]
     out = table.group_by(keys, use_threads=False).aggregate(aggs)
-    out = out.rename_columns(
+    return out.rename_columns(
         [c.rsplit("_", 1)[0] if c not in keys else c for c in out.column_names]
     )
-    return out.to_pylist()
+
+
+def merge_partials(table: pa.Table, keys: list[str], view: ViewDef) -> list[dict[str, Any]]:
+    """:func:`merge_table` as Python rows."""
+    if table.num_rows == 0:
+        return []
+    return merge_table(table, keys, view).to_pylist()

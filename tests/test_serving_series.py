@@ -11,7 +11,7 @@ import pytest
 from lambdalake.views import SALES
 from serving.params import period_label
 from serving.series import KEY_SETS, SeriesCache, SeriesIndex, series_key
-from serving.tables import merge_partials, select
+from serving.tables import merge_partials, merge_table, select
 
 START = datetime(2026, 10, 1, tzinfo=UTC)
 SKUS = ["SKU-1", "SKU-2", "SKU-3", "SKU-x"]
@@ -101,3 +101,24 @@ def test_an_empty_view_has_no_series() -> None:
     empty = hourly_partials(1).slice(0, 0)
     idx = SeriesIndex.build(empty, ("sku",), SALES, "day")
     assert idx.spans == {} and idx.points(("SKU-1",), None, None) == []
+
+
+def test_partials_already_one_row_per_key_and_period_are_indexed_as_they_are() -> None:
+    """A batch view is one row per (sku, store, period), sorted: indexed without a merge,
+    with the same answers; a repeated row in such a table is still merged, not dropped."""
+    table = hourly_partials(4)
+    keys = ["sku", "store_id", "period"]
+    merged = merge_table(table, keys, SALES).sort_by([(k, "ascending") for k in keys])
+    merged = merged.select(["period", "store_id", "sku", "units", "revenue", "order_lines"])
+    again = pa.concat_tables([merged.slice(0, 1), merged])  # the first row twice
+    for source in (merged, again):
+        idx = SeriesIndex.build(source, ("sku", "store_id"), SALES, "hour")
+        for sku in SKUS:
+            for store in STORES:
+                got = idx.points((sku, store), None, None)
+                assert got == generic(source, "hour", sku, store, None, None), (sku, store)
+    fast = SeriesIndex.build(merged, ("sku", "store_id"), SALES, "hour")
+    # Used as it is: the index holds the source's own buffers (no group-by, sort or copy).
+    assert [c.buffers()[1].address for c in fast.table.column("units").chunks] == [
+        c.buffers()[1].address for c in merged.column("units").chunks
+    ]
