@@ -4,10 +4,11 @@ A :class:`Poller` thread owns the Kafka client (kafka-python by default, see
 :mod:`speed.kafka_clients`; no consumer group): worker ``I/N`` takes partition
 ``p`` of each topic when ``p % N == I``.
 It turns polls into micro-batches (up to ``max_records`` messages, or
-``max_wait`` seconds once the main thread is free for the next one) and hands them to the worker's main thread through a
-small queue, which validates (:func:`validate_polled`) and commits them: the
-Python-heavy Kafka fetching overlaps with the DuckDB work of the previous
-micro-batch, which runs mostly outside the GIL.
+``max_wait`` seconds once the main thread is free for the next one) and hands
+them to the worker's main thread through a small queue, which validates
+(:func:`validate_polled`) and commits them: the Python-heavy Kafka fetching
+overlaps with the DuckDB work of the previous micro-batch, which runs mostly
+outside the GIL.
 
 Positions are NOT kept here: the main thread tells the poller where to start
 (:meth:`Poller.seek`) from the positions committed in the state, and filters

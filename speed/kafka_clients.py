@@ -4,8 +4,9 @@
 pure Python; it is given the shared columnar decoder
 (:mod:`lambdalake.kafka_columnar`), which extracts only offsets and values
 instead of building a ``ConsumerRecord`` per message. ``confluent-kafka``
-(librdkafka, optional: ``pip install confluent-kafka``) parses in C. Both are used the same way: manual assignment (no consumer
-group is ever joined), positions given by the worker, nothing committed to Kafka.
+(librdkafka, optional: ``pip install confluent-kafka``) parses in C. Both are
+used the same way: manual assignment (no consumer group is ever joined),
+positions given by the worker, nothing committed to Kafka.
 """
 
 from __future__ import annotations

@@ -354,12 +354,12 @@ class SpeedState:
         cand, conf = f"cand_{topic}", f"conf_{topic}"
         con.execute(f"DELETE FROM {cand}")
         con.execute(f"DELETE FROM {conf}")
-        con.register("batch_in", table.select(names))
-        con.execute(
-            f"""INSERT INTO {cand} SELECT * FROM batch_in b
-            WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})
-            QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _offset, _partition) = 1"""
-        )
+        with _registered(con, "batch_in", table.select(names)):
+            con.execute(
+                f"""INSERT INTO {cand} SELECT * FROM batch_in b
+                WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})
+                QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _offset, _partition) = 1"""
+            )
         con.execute(
             f"""INSERT INTO {conf}
             SELECT c.{key} AS id, h._partition AS hp, h._offset AS ho,
@@ -386,7 +386,6 @@ class SpeedState:
         elif n_new:
             added = _one(con, f"INSERT INTO {partials} {partials_sql(topic, cand)}")
             self._partial_rows[topic] += int(added[0])
-        con.unregister("batch_in")
         return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
 
     def _needs_compaction(self, topic: str) -> bool:
@@ -482,34 +481,33 @@ class SpeedState:
         con = self.con
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
-        con.register("wm", _watermark_table(topic, run.watermark))
-        if run.reset:
-            con.execute(f"DELETE FROM {held}")
-            con.execute(f"DELETE FROM {known}")
-        elif run.replace_known:
-            con.execute(f"DELETE FROM {known}")
-        ids = run.known_ids.get(topic)
-        if ids is not None and ids.num_rows:
-            with _registered(con, "new_ids", ids.select(["id", "seen_at"])):
-                con.execute(
-                    f"""INSERT INTO {known} SELECT id, max(seen_at) FROM new_ids n
-                    WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"""
-                )
-        # Pruned events leave the views but their ids stay known until the horizon passes.
-        con.execute(
-            f"""INSERT INTO {known}
-            SELECT h.{key}, ? FROM {held} h JOIN wm w ON w.partition = h._partition
-            WHERE h._offset < w.offset
-              AND NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = h.{key})""",
-            [now],
-        )
-        con.execute(
-            f"DELETE FROM {held} h USING wm w WHERE w.partition = h._partition "
-            "AND h._offset < w.offset"
-        )
-        # An id the run counted (from any partition) is not ours to count again.
-        con.execute(f"DELETE FROM {held} h USING {known} k WHERE k.id = h.{key}")
-        con.unregister("wm")
+        with _registered(con, "wm", _watermark_table(topic, run.watermark)):
+            if run.reset:
+                con.execute(f"DELETE FROM {held}")
+                con.execute(f"DELETE FROM {known}")
+            elif run.replace_known:
+                con.execute(f"DELETE FROM {known}")
+            ids = run.known_ids.get(topic)
+            if ids is not None and ids.num_rows:
+                with _registered(con, "new_ids", ids.select(["id", "seen_at"])):
+                    con.execute(
+                        f"""INSERT INTO {known} SELECT id, max(seen_at) FROM new_ids n
+                        WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"""
+                    )
+            # Pruned events leave the views but their ids stay known until the horizon passes.
+            con.execute(
+                f"""INSERT INTO {known}
+                SELECT h.{key}, ? FROM {held} h JOIN wm w ON w.partition = h._partition
+                WHERE h._offset < w.offset
+                  AND NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = h.{key})""",
+                [now],
+            )
+            con.execute(
+                f"DELETE FROM {held} h USING wm w WHERE w.partition = h._partition "
+                "AND h._offset < w.offset"
+            )
+            # An id the run counted (from any partition) is not ours to count again.
+            con.execute(f"DELETE FROM {held} h USING {known} k WHERE k.id = h.{key}")
 
     def expire_known(self, dedup_hours: int, now: datetime | None = None) -> None:
         """Forget known ids older than the dedup horizon (cheap; call now and then)."""
