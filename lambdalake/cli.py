@@ -286,7 +286,6 @@ def batch_run(
 
 def _forecast_config(names: str) -> Any:
     """A ForecastConfig restricted to ``names`` (seasonal naive stays as the fallback)."""
-    forecast = _load("batch.forecast", "ForecastConfig")
     from batch import forecast as fc
 
     wanted = [n.strip() for n in names.split(",") if n.strip()]
@@ -299,7 +298,7 @@ def _forecast_config(names: str) -> Any:
         )
     smooth = tuple(n for n in fc.SMOOTH_MODELS if n in wanted) or (fc.MODEL_SN,)
     intermittent = tuple(n for n in fc.INTERMITTENT_MODELS if n in wanted) or (fc.MODEL_SN,)
-    return forecast(smooth_models=smooth, intermittent_models=intermittent)
+    return fc.ForecastConfig(smooth_models=smooth, intermittent_models=intermittent)
 
 
 def _parse_worker(spec: str) -> tuple[int, int]:

@@ -19,7 +19,6 @@ queried per request instead.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import threading
 import time
@@ -30,7 +29,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lambdalake import speed_protocol
 from lambdalake.logs import get_logger
 from lambdalake.manifest import Watermark
 from lambdalake.settings import Settings
@@ -39,6 +37,7 @@ from lambdalake.speed_protocol import (
     SpeedError,
     SpeedQuery,
     StaleWatermark,
+    connect,
     query_speed,
 )
 from lambdalake.views import ViewDef
@@ -48,12 +47,6 @@ from serving.tables import IndexedTable, as_days, merge_partials, select
 log = get_logger(__name__)
 
 WARN_EVERY_SECONDS = 30.0  # an unreachable worker is logged at most this often
-
-# Reusing one Flight client per worker saves a gRPC channel set-up per request. The
-# protocol offers it when it has ``connect(endpoint, timeout)`` and ``query_speed(...,
-# client=)``; otherwise every query opens and closes its own client.
-_CONNECT = getattr(speed_protocol, "connect", None)
-REUSE_CLIENTS = _CONNECT is not None and "client" in inspect.signature(query_speed).parameters
 
 
 class WouldBlock(Exception):
@@ -215,14 +208,13 @@ class SpeedClient:
         self._clients_lock = threading.Lock()
 
     def _query(self, endpoint: str, q: SpeedQuery) -> SpeedAnswer:
-        if not REUSE_CLIENTS:
-            return query_speed(endpoint, q, timeout=self.timeout)
+        # One Flight client per worker, reused: saves a gRPC channel set-up per query.
         with self._clients_lock:
             client = self._clients.get(endpoint)
             if client is None:
-                client = self._clients[endpoint] = _CONNECT(endpoint, self.timeout)  # type: ignore[misc]
+                client = self._clients[endpoint] = connect(endpoint, self.timeout)
         try:
-            return query_speed(endpoint, q, timeout=self.timeout, client=client)  # type: ignore[call-arg]
+            return query_speed(endpoint, q, timeout=self.timeout, client=client)
         except StaleWatermark:
             raise
         except SpeedError:
