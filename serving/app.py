@@ -144,6 +144,7 @@ def create_app(
     app.state.service = service
     app.state.metrics = metrics
     app.state.batch = batch
+    app.state.sentiment_trends = dashboard.SentimentTrends()
 
     auth = [Depends(require_api_key)]
     for module in (sales, forecast, sentiment, alerts):

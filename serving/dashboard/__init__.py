@@ -61,8 +61,9 @@ def dashboard_skus(request: Request) -> dict[str, Any]:
     return {"run_id": snap.run_id, "skus": sorted(skus), "stores": sorted(s for s in stores if s)}
 
 
-class _TrendCache:
-    """Weekly mean sentiment per SKU from the served run's ``views/review_scores``."""
+class SentimentTrends:
+    """Weekly mean sentiment per SKU from the served run's ``views/review_scores``,
+    read once per run (one instance per app: ``app.state.sentiment_trends``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -87,7 +88,11 @@ class _TrendCache:
         if version is None:
             return {}
         scores = (
-            DeltaTable(lake.table(VIEW_REVIEW_SCORES), version=int(version))
+            DeltaTable(
+                lake.table(VIEW_REVIEW_SCORES),
+                version=int(version),
+                storage_options=lake.storage_options,
+            )
             .to_pyarrow_dataset()
             .to_table(columns=["sku", "event_time", "sentiment", "rating"])
         )
@@ -112,15 +117,17 @@ class _TrendCache:
         return out
 
 
-_trends = _TrendCache()
-
-
 @router.get(
     "/dashboard/api/sentiment-trend/{sku}",
     dependencies=[Depends(require_api_key)],
     summary="A SKU's weekly mean sentiment (batch view of the served run)",
 )
 def dashboard_sentiment_trend(request: Request, sku: Annotated[str, "SKU"]) -> dict[str, Any]:
-    snap = request.app.state.batch.current()
-    lake = Lake(request.app.state.settings.lake_uri)
-    return {"sku": sku, "run_id": snap.run_id, "weeks": _trends.get(lake, snap.run, sku)}
+    state = request.app.state
+    snap = state.batch.current()
+    lake = Lake(state.settings.lake_uri)
+    return {
+        "sku": sku,
+        "run_id": snap.run_id,
+        "weeks": state.sentiment_trends.get(lake, snap.run, sku),
+    }
