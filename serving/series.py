@@ -185,11 +185,6 @@ class SeriesCache:
                 self._built[(granularity, keys)] = found
             return found
 
-    def warm_like(self, other: SeriesCache) -> None:
-        """Build the (granularity, keys) indexes ``other`` has built (what is in use)."""
-        for granularity, keys in list(other._built):
-            self.get(granularity, keys)
-
     def warm(self, granularities: tuple[str, ...] = ("day", "hour")) -> None:
         """Build every key set now (e.g. before a new batch run is swapped in)."""
         for granularity in granularities:

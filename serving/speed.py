@@ -327,20 +327,16 @@ class SpeedClient:
             self._too_big_until[key] = time.monotonic() + 60.0
             self._snapshots.pop(key, None)
             return answer
-        series = None
-        if view.has_period:
-            series = SeriesCache(view, {"day": answer.table, "hour": answer.table})
-            previous = self._snapshots.get(key)
-            if previous is not None and previous.series is not None:
-                # The series requests used on the last snapshot, built here (often in the
-                # background refresh) rather than by the first request that needs them.
-                series.warm_like(previous.series)
         snap = _Snapshot(
             fetched=asked,
             min_offsets=min_offsets,
             answer=answer,
             index=IndexedTable.build(answer.table, sort=True),
-            series=series,
+            series=(
+                SeriesCache(view, {"day": answer.table, "hour": answer.table})
+                if view.has_period
+                else None
+            ),
         )
         self._snapshots[key] = snap
         return snap
