@@ -95,8 +95,8 @@ class ForecastAnswer(Answer):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "sku": "SKU-0001",
-                "store_id": "S01",
+                "sku": "SKU-00001",
+                "store_id": "S001",
                 "model": "AutoETS",
                 "points": [
                     {
@@ -137,7 +137,7 @@ class SentimentAnswer(SentimentItem, Answer):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "sku": "SKU-0001",
+                "sku": "SKU-00001",
                 "reviews": 120,
                 "mean_rating": 4.1,
                 "mean_sentiment": 0.43,
@@ -174,8 +174,8 @@ class AlertsAnswer(Answer):
                 "day_fraction": 0.8,
                 "items": [
                     {
-                        "sku": "SKU-0042",
-                        "store_id": "S01",
+                        "sku": "SKU-00042",
+                        "store_id": "S001",
                         "kind": "above_upper_95",
                         "units": 97,
                         "forecast": 40.2,

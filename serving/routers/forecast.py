@@ -22,10 +22,12 @@ router = APIRouter(prefix="/v1", tags=["forecast"])
 @router.get("/forecast/{sku}", response_model=ForecastAnswer, summary="Demand forecast vs. actuals")
 async def get_forecast(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-0001"])],
+    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-00001"])],
     store_id: Annotated[
         str | None,
-        Query(description="One store; omit for the sum over stores (no bounds).", examples=["S01"]),
+        Query(
+            description="One store; omit for the sum over stores (no bounds).", examples=["S001"]
+        ),
     ] = None,
     horizon: Annotated[
         int | None,

@@ -18,10 +18,10 @@ router = APIRouter(prefix="/v1", tags=["sales"])
 async def get_sales(
     service: Annotated[QueryService, Depends(get_service)],
     sku: Annotated[
-        str | None, Query(description="One SKU; omit for all.", examples=["SKU-0001"])
+        str | None, Query(description="One SKU; omit for all.", examples=["SKU-00001"])
     ] = None,
     store_id: Annotated[
-        str | None, Query(description="One store; omit for all.", examples=["S01"])
+        str | None, Query(description="One store; omit for all.", examples=["S001"])
     ] = None,
     start: Annotated[
         str | None,

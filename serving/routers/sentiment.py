@@ -39,7 +39,7 @@ async def get_sentiment_ranking(
 @router.get("/sentiment/{sku}", response_model=SentimentAnswer, summary="Review sentiment of a SKU")
 async def get_sentiment(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-0001"])],
+    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-00001"])],
 ) -> SentimentAnswer:
     """Review count, mean rating, mean sentiment and label counts (batch + speed merged).
     An unknown SKU answers zero reviews and null means."""
