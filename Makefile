@@ -4,10 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# JVM jars (Apache Kafka broker, delta-spark), fetched by Maven at install time into the venv;
+# the product finds them under sys.prefix/share/lambdalake/jars. Nothing is fetched at run time.
+JARS := $(VENV)/share/lambdalake/jars
+JARS_STAMP := $(JARS)/.installed
 
-.PHONY: install test demo lint format typecheck bench clean check-java browser
+.PHONY: install test demo lint format typecheck bench clean check-java check-maven jars browser
 
-install: $(STAMP)
+install: $(STAMP) $(JARS_STAMP)
 
 # Re-install only when the dependency pins change (idempotent otherwise).
 $(STAMP): pyproject.toml requirements.lock
@@ -17,6 +21,17 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,airflow]'
 	@touch $(STAMP)
 	@echo "installed into $(VENV)"
+
+$(JARS_STAMP): jvm/kafka/pom.xml jvm/delta/pom.xml
+	@$(MAKE) --no-print-directory check-java check-maven
+	@rm -rf $(JARS) && mkdir -p $(JARS)
+	mvn -q -B -f jvm/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(JARS)/kafka
+	mvn -q -B -f jvm/delta/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DexcludeTransitive=true -DoutputDirectory=$(CURDIR)/$(JARS)/delta
+	@touch $(JARS_STAMP)
+	@echo "JVM jars (Kafka broker, delta-spark) in $(JARS)"
+
+check-maven:
+	@command -v mvn >/dev/null 2>&1 || { echo "error: Maven not found; it fetches the Kafka and delta-spark jars at install time: sudo apt-get install -y maven (or brew install maven)"; exit 1; }
 
 check-java:
 	@v=$$(java -version 2>&1 | awk -F'"' '/version/ {print $$2}' | cut -d. -f1); \
