@@ -387,6 +387,7 @@ class Ingest:
                 partitions,
                 offsets,
                 max_event_bytes=self.settings.max_event_bytes,
+                max_future=self.settings.event_time_max_skew,
             )
             master_tables[topic] = master_rows(checked.valid, topic, ingested_at)
             q = quarantine_rows(

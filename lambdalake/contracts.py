@@ -22,7 +22,8 @@ missing_field   a required field is absent or JSON null
 wrong_type      a field has the wrong JSON type (``5.0`` is not an integer; booleans
                 are not numbers)
 out_of_range    a value outside its domain (quantity 0, rating 6, negative price,
-                empty id, lowercase currency, a time before 2000 or after 2100)
+                empty id, lowercase currency, a time before 2000, from 2100 on, or
+                more than ``max_future`` (default one day) ahead of the validator's clock)
 bad_time        ``event_time`` is a string that is not RFC 3339 with an offset
 ==============  ==============================================================
 
@@ -56,7 +57,14 @@ Field domains. Lengths count Unicode code points (as Python's ``len``):
   truncated; a string of another shape, or an impossible date/time (Feb 30, hour 24,
   second 60, year 0000, offset minute 60) is ``bad_time``. Or a JSON integer: epoch
   milliseconds. Any other type is ``wrong_type``. The instant must lie in
-  [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z), else ``out_of_range``.
+  [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z) and be at most ``max_future`` ahead of
+  ``now`` (the validator's clock when a batch is validated; the setting
+  ``LAMBDALAKE_EVENT_TIME_MAX_SKEW``, default one day), else ``out_of_range``. Why: the
+  batch layer pads every series to the latest date it sees, so one order dated 2099
+  would pad every forecast with zeros to 2099. The skew bound depends on the clock, so
+  two validations of one message agree only if the event is not within the skew of
+  either clock: a message rejected as too far ahead is accepted once its time comes
+  within the skew (a replay days later), never the other way round.
 - ``quantity``: a JSON integer (not ``5.0``, not a boolean), non-zero, |q| <= 1,000,000.
 - ``unit_price``: a JSON number (integer or float, not a boolean), finite, 0 <= p <= 1e9.
 - ``currency``: optional, default ``"USD"``; a string matching ``^[A-Z]{3}$``, other
@@ -104,6 +112,9 @@ MAX_UNIT_PRICE = 1_000_000_000.0
 MIN_EVENT_TIME_ISO = "2000-01-01T00:00:00Z"
 MAX_EVENT_TIME_ISO = "2100-01-01T00:00:00Z"  # exclusive
 DEFAULT_CURRENCY = "USD"
+# How far ahead of the validator's clock an event may be (producers' clocks drift a
+# little; an order dated next year is a bug). The setting event_time_max_skew.
+DEFAULT_MAX_FUTURE = timedelta(days=1)
 
 ORDER_FIELDS = [
     pa.field("event_id", pa.string(), nullable=False),
@@ -224,8 +235,6 @@ _RFC3339 = re.compile(
 _CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
-_MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
-_MAX_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 
 
 class _Reject(Exception):
@@ -298,7 +307,23 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_time(v: Any) -> datetime:
+def _latest_event_us(now: datetime | None, max_future: timedelta) -> int:
+    """The exclusive upper bound of event times in epoch microseconds: just after
+    ``now + max_future``, and never beyond the contract's 2100-01-01."""
+    if now is None:
+        now = datetime.now(UTC)
+    elif now.tzinfo is None:
+        raise ValueError("now must be an aware datetime (UTC)")
+    if max_future < timedelta(0):
+        raise ValueError(f"max_future must not be negative, got {max_future}")
+    try:
+        latest = now + max_future
+    except OverflowError:  # beyond year 9999: only the contract's bound applies
+        return _MAX_EVENT_US
+    return min(_MAX_EVENT_US, (latest - _EPOCH) // _ONE_US + 1)
+
+
+def _check_time(v: Any, latest_us: int) -> datetime:
     if _is_int(v):
         try:
             t = _EPOCH + timedelta(milliseconds=v)
@@ -327,13 +352,14 @@ def _check_time(v: Any) -> datetime:
             raise _Reject("out_of_range") from None
     else:
         raise _Reject("wrong_type")
-    if not _MIN_EVENT_TIME <= t < _MAX_EVENT_TIME:
+    if not _MIN_EVENT_US <= (t - _EPOCH) // _ONE_US < latest_us:
         raise _Reject("out_of_range")
     return t
 
 
-def _check_field(kind: str, v: Any) -> Any:
-    """The normalised value, or raises ``_Reject(kind)``; ``v`` is never None here."""
+def _check_field(kind: str, v: Any, latest_us: int) -> Any:
+    """The normalised value, or raises ``_Reject(kind)``; ``v`` is never None here.
+    ``latest_us``: the exclusive upper bound of event times (epoch microseconds)."""
     if kind == _ID:
         if not isinstance(v, str):
             raise _Reject("wrong_type")
@@ -341,7 +367,7 @@ def _check_field(kind: str, v: Any) -> Any:
             raise _Reject("out_of_range")
         return v
     if kind == _TIME:
-        return _check_time(v)
+        return _check_time(v, latest_us)
     if kind in (_QUANTITY, _RATING):
         if not _is_int(v):
             raise _Reject("wrong_type")
@@ -382,16 +408,28 @@ _DEFAULT_FOR_MISSING: dict[str, Any] = {
 
 
 def validate_one_reference(
-    topic: str, value: bytes | None, *, max_event_bytes: int = 256 * 1024
+    topic: str,
+    value: bytes | None,
+    *,
+    max_event_bytes: int = 256 * 1024,
+    max_future: timedelta = DEFAULT_MAX_FUTURE,
+    now: datetime | None = None,
 ) -> dict[str, Any] | str:
     """Validate one message value the slow, obvious way (the specification of ``validate``).
 
     Returns the normalised event (the topic's fields, ``event_time`` an aware UTC
-    ``datetime``, plus ``event_date``) or the reason string.
+    ``datetime``, plus ``event_date``) or the reason string. ``now`` (default: the
+    clock) and ``max_future`` bound how far ahead ``event_time`` may be.
 
     >>> validate_one_reference("orders", b'{"event_id": 1}')
     'wrong_type:event_id'
     """
+    return _reference(topic, value, max_event_bytes, _latest_event_us(now, max_future))
+
+
+def _reference(
+    topic: str, value: bytes | None, max_event_bytes: int, latest_us: int
+) -> dict[str, Any] | str:
     checks = _checks(topic)
     if value is None:
         return "bad_json"
@@ -413,7 +451,7 @@ def validate_one_reference(
             event[name] = _DEFAULT_FOR_MISSING[kind]
             continue
         try:
-            event[name] = _check_field(kind, v)
+            event[name] = _check_field(kind, v, latest_us)
         except _Reject as r:
             return f"{r.reason}:{name}"
     event["event_date"] = event["event_time"].date()
@@ -529,12 +567,14 @@ def _field_reason_value_sql(name: str, kind: str) -> tuple[str, str]:
         )
         return reason, v
     if kind == _TIME:
-        in_range = f"ts_us BETWEEN {_MIN_EVENT_US} AND {_MAX_EVENT_US - 1}"
+        # $1: the exclusive upper bound of this execution (the clock plus the skew).
+        in_range = f"ts_us >= {_MIN_EVENT_US} AND ts_us < $1"
         reason = (
             f"CASE WHEN {miss} THEN {missing} "
             f"WHEN {v} IS NOT NULL THEN CASE WHEN NOT ts_ok THEN 'bad_time:{name}' "
-            f"WHEN NOT {in_range} THEN {out_of_range} END "
-            f"WHEN int_{name} THEN CASE WHEN ts_us IS NULL THEN {out_of_range} END "
+            f"WHEN NOT ({in_range}) THEN {out_of_range} END "
+            f"WHEN int_{name} THEN CASE WHEN ts_us IS NULL OR ts_us >= $1 "
+            f"THEN {out_of_range} END "
             f"ELSE {wrong} END"
         )
         return reason, "ts_us"
@@ -579,7 +619,8 @@ def _field_reason_value_sql(name: str, kind: str) -> tuple[str, str]:
 
 def _build_sql(topic: str) -> str:
     """The query over ``_batch(s VARCHAR, suspect BOOLEAN)``, where ``s`` is JSON (as DuckDB
-    reads it) or NULL (already rejected) and ``suspect`` is ``_suspect_pattern``'s match.
+    reads it) or NULL (already rejected) and ``suspect`` is ``_suspect_pattern``'s match;
+    its one parameter is the exclusive upper bound of event times in epoch microseconds.
     Per row: ``reason`` (NULL when valid or undecided), ``undecided`` (the reference
     decides) and the typed field values (``event_time`` in epoch microseconds)."""
     checks = _checks(topic)
@@ -666,10 +707,11 @@ class _Engine:
         self._close.detach()
         _ABANDONED.append(self)
 
-    def _run(self, source: _Source, table: pa.Table, statement: str) -> pa.Table:
+    def _run(self, source: _Source, table: pa.Table, statement: str, *args: int) -> pa.Table:
         source.table = table.cast(source.schema)
         try:
-            out = self.con.sql(f"EXECUTE {statement}").to_arrow_table().combine_chunks()
+            call = f"EXECUTE {statement}({', '.join(str(int(a)) for a in args)})" if args else ""
+            out = self.con.sql(call or f"EXECUTE {statement}").to_arrow_table().combine_chunks()
         finally:
             source.table = source.schema.empty_table()  # do not hold on to the batch
         if out.num_rows != table.num_rows:  # a stale read would be a silent disaster
@@ -681,9 +723,9 @@ class _Engine:
         out = self._run(self.texts, pa.table({"s": text}), "json_ok")
         return out.column("ok").chunk(0) if out.num_rows else pa.array([], pa.bool_())
 
-    def validate(self, topic: str, text: pa.Array, suspect: pa.Array) -> pa.Table:
+    def validate(self, topic: str, text: pa.Array, suspect: pa.Array, latest_us: int) -> pa.Table:
         batch = pa.table({"s": text, "suspect": suspect})
-        return self._run(self.batch, batch, f"validate_{topic}")
+        return self._run(self.batch, batch, f"validate_{topic}", latest_us)
 
 
 _local = threading.local()
@@ -732,18 +774,23 @@ def validate(
     offsets: Sequence[int] | pa.Array,
     *,
     max_event_bytes: int = 256 * 1024,
+    max_future: timedelta = DEFAULT_MAX_FUTURE,
+    now: datetime | None = None,
 ) -> Validated:
     """Validate a micro-batch of raw message values of ``topic``.
 
     Every input row ends up in exactly one of ``valid`` and ``rejected`` (input order in
-    both); a rejected row carries the reason of its first failing check. Never raises on
-    bad message content; raises ``ValueError`` for an unknown topic or mismatched lengths.
+    both); a rejected row carries the reason of its first failing check. An
+    ``event_time`` more than ``max_future`` ahead of ``now`` (default: the clock, read
+    once per call) is ``out_of_range:event_time``. Never raises on bad message content;
+    raises ``ValueError`` for an unknown topic or mismatched lengths.
 
     >>> v = validate("orders", [b"{}"], [0], [41])
     >>> v.rejected.column("reason").to_pylist()
     ['missing_field:event_id']
     """
-    return _validate(topic, values, partitions, offsets, max_event_bytes)[0]
+    latest_us = _latest_event_us(now, max_future)
+    return _validate(topic, values, partitions, offsets, max_event_bytes, latest_us)[0]
 
 
 def _validate(
@@ -752,8 +799,10 @@ def _validate(
     partitions: Sequence[int] | pa.Array,
     offsets: Sequence[int] | pa.Array,
     max_event_bytes: int,
+    latest_us: int = _MAX_EVENT_US,
 ) -> tuple[Validated, int]:
-    """``validate``, plus how many rows the reference decided (0 for ordinary input)."""
+    """``validate``, plus how many rows the reference decided (0 for ordinary input).
+    ``latest_us``: the exclusive upper bound of event times (epoch microseconds)."""
     checks = _checks(topic)
     schema = VALID_SCHEMA_BY_TOPIC[topic]
     parts = _int_array(partitions, pa.int32(), "partitions")
@@ -780,7 +829,7 @@ def _validate(
     # From here on every value is JSON as DuckDB reads it, or NULL.
     text = pc.if_else(is_json, text, pa.scalar(None, pa.string()))
     suspect = pc.fill_null(pc.match_substring_regex(text, _SUSPECT_BY_TOPIC[topic]), False)
-    out = engine.validate(topic, text, suspect)
+    out = engine.validate(topic, text, suspect, latest_us)
 
     early = pc.if_else(
         oversize,
@@ -792,7 +841,9 @@ def _validate(
     undecided = out.column("undecided").chunk(0)
     by_reference = pc.sum(undecided).as_py() or 0
     if by_reference:
-        reason = _decide_by_reference(topic, raw, undecided, reason, columns, max_event_bytes)
+        reason = _decide_by_reference(
+            topic, raw, undecided, reason, columns, max_event_bytes, latest_us
+        )
 
     ok = pc.is_null(reason)
     ts_us = pc.filter(columns["event_time"], ok)
@@ -826,13 +877,12 @@ def _decide_by_reference(
     reason: pa.Array,
     columns: dict[str, pa.Array],
     max_event_bytes: int,
+    latest_us: int,
 ) -> pa.Array:
     """Let the reference decide the ``undecided`` rows: patch ``columns`` in place and
     return the patched reasons."""
     rows = pc.indices_nonzero(undecided).to_pylist()
-    results = [
-        validate_one_reference(topic, raw[i].as_py(), max_event_bytes=max_event_bytes) for i in rows
-    ]
+    results = [_reference(topic, raw[i].as_py(), max_event_bytes, latest_us) for i in rows]
     events = [r if isinstance(r, dict) else None for r in results]
     for name, col in columns.items():
         if name == "event_time":  # the query's column holds epoch microseconds

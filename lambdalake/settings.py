@@ -10,6 +10,7 @@ the environment behind a caller's back.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +52,12 @@ class Settings(BaseSettings):
         "", description="Comma-separated grpc://HOST:PORT of speed workers for the API."
     )
     max_event_bytes: int = Field(256 * 1024, ge=1024)
+    event_time_max_skew_seconds: float = Field(
+        86_400.0,
+        ge=0,
+        description="How far ahead of the validator's clock an event_time may be; later "
+        "events are quarantined as out_of_range:event_time.",
+    )
     batch_schedule: str = "@hourly"
     broker_wait_seconds: float = Field(
         60.0, gt=0, description="How long one-shot commands retry an unreachable broker."
@@ -62,6 +69,10 @@ class Settings(BaseSettings):
     def bootstrap(self) -> str:
         """The Kafka bootstrap to use: the configured cluster, else the embedded broker."""
         return self.kafka_bootstrap or f"{self.broker_host}:{self.broker_port}"
+
+    @property
+    def event_time_max_skew(self) -> timedelta:
+        return timedelta(seconds=self.event_time_max_skew_seconds)
 
     @property
     def speed_state_dir(self) -> Path:

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pyarrow as pa
 
@@ -280,7 +281,9 @@ class Poller(threading.Thread):
         return polled
 
 
-def validate_polled(polled: Polled, max_event_bytes: int) -> dict[str, TopicBatch]:
+def validate_polled(
+    polled: Polled, max_event_bytes: int, max_future: timedelta
+) -> dict[str, TopicBatch]:
     """Validate each topic's raw messages with the shared validator (vectorised).
 
     Runs on the worker's main thread: the validator works in DuckDB and Arrow,
@@ -295,6 +298,7 @@ def validate_polled(polled: Polled, max_event_bytes: int) -> dict[str, TopicBatc
             pa.array(msgs.partitions, pa.int32()),
             pa.array(msgs.offsets, pa.int64()),
             max_event_bytes=max_event_bytes,
+            max_future=max_future,
         )
         out[topic] = TopicBatch(valid=result.valid, rejected=result.rejected)
     return out

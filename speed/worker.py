@@ -205,7 +205,9 @@ class SpeedWorker:
         """Drop what the state already accounts for, score reviews, commit."""
         state = self.state
         t0 = time.monotonic()
-        topics = validate_polled(polled, self.settings.max_event_bytes)
+        topics = validate_polled(
+            polled, self.settings.max_event_bytes, self.settings.event_time_max_skew
+        )
         validate_seconds = time.monotonic() - t0
         valid: dict[str, pa.Table] = {}
         invalid: Counter[tuple[str, str]] = Counter()

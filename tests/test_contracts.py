@@ -9,7 +9,7 @@ import math
 import multiprocessing
 import random
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from lambdalake import contracts
 from lambdalake.contracts import (
+    DEFAULT_MAX_FUTURE,
     FIELDS_BY_TOPIC,
     REJECTED_SCHEMA,
     VALID_SCHEMA_BY_TOPIC,
@@ -29,6 +30,10 @@ from lambdalake.contracts import (
 )
 
 DROP = object()  # marks a field to leave out of a message
+
+# The validator's clock in most tests: late enough that the contract's own range
+# [2000, 2100) decides, not the skew bound (tested on its own below).
+CLOCK = datetime(2099, 12, 31, tzinfo=UTC)
 
 ORDER = {
     "event_id": "ord-1",
@@ -58,7 +63,13 @@ def message(topic: str, **changes: Any) -> bytes:
 
 
 def validate_all(topic: str, values: list[bytes | None], **kw: Any) -> Validated:
+    kw.setdefault("now", CLOCK)
     return validate(topic, values, [0] * len(values), list(range(len(values))), **kw)
+
+
+def reference(topic: str, value: bytes | None, **kw: Any) -> dict[str, Any] | str:
+    kw.setdefault("now", CLOCK)
+    return validate_one_reference(topic, value, **kw)
 
 
 def outcomes(topic: str, values: list[bytes | None], **kw: Any) -> list[dict[str, Any] | str]:
@@ -246,7 +257,7 @@ INVALID_REVIEWS = [
     + [pytest.param("reviews", v, r, id=f"reviews: {d}") for d, v, r in INVALID_REVIEWS],
 )
 def test_invalid_message_is_rejected_with_its_reason(topic: str, value: bytes, reason: str) -> None:
-    assert validate_one_reference(topic, value) == reason
+    assert reference(topic, value) == reason
     assert one(topic, value) == reason
 
 
@@ -261,7 +272,7 @@ def test_oversize_is_checked_first_against_max_event_bytes() -> None:
     assert one("orders", big, max_event_bytes=len(big) - 1) == "oversize"
     assert isinstance(one("orders", big, max_event_bytes=len(big)), dict)
     assert one("orders", b"\xff" * 50, max_event_bytes=10) == "oversize"
-    assert validate_one_reference("orders", big, max_event_bytes=len(big) - 1) == "oversize"
+    assert reference("orders", big, max_event_bytes=len(big) - 1) == "oversize"
 
 
 def test_the_default_size_limit_is_256_kib() -> None:
@@ -307,11 +318,80 @@ def test_event_time_is_normalised_to_utc_with_its_utc_date(
     when: str | int, expected: datetime
 ) -> None:
     value = message("orders", event_time=when)
-    for got in (one("orders", value), validate_one_reference("orders", value)):
+    for got in (one("orders", value), reference("orders", value)):
         assert isinstance(got, dict)
         assert got["event_time"] == expected
         assert got["event_time"].utcoffset().total_seconds() == 0
         assert got["event_date"] == expected.date()
+
+
+# --------------------------------------------------------------------------------------
+# Far-future events: at most max_future (default one day) ahead of the validator's clock.
+# --------------------------------------------------------------------------------------
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+SKEW_CASES = [
+    ("exactly one day ahead", "2024-05-02T12:00:00Z", True),
+    ("one microsecond beyond", "2024-05-02T12:00:00.000001Z", False),
+    ("at the bound, by its offset", "2024-05-02T12:30:00+00:30", True),
+    ("beyond, by its offset", "2024-05-02T11:30:00-00:31", False),
+    ("far future", "2099-12-31T23:59:59Z", False),
+    ("the past", "2001-01-01T00:00:00Z", True),
+    ("epoch ms, at the bound", 1714651200000, True),
+    ("epoch ms, beyond", 1714651200001, False),
+]
+
+
+@pytest.mark.parametrize(("when", "ok"), [pytest.param(w, ok, id=d) for d, w, ok in SKEW_CASES])
+def test_an_event_time_beyond_the_skew_is_out_of_range(when: str | int, ok: bool) -> None:
+    for topic in ("orders", "reviews"):
+        value = message(topic, event_time=when)
+        expected: Any = dict if ok else "out_of_range:event_time"
+        for got in (one(topic, value, now=NOW), reference(topic, value, now=NOW)):
+            assert (type(got) if ok else got) == expected
+
+
+def test_the_skew_is_configurable_and_the_first_failing_field_still_wins() -> None:
+    in_an_hour = message("orders", event_time="2024-05-01T13:00:00Z")
+    later = message("orders", event_time="2024-05-01T13:00:01Z", quantity=0)
+    hour = timedelta(hours=1)
+    assert outcomes("orders", [in_an_hour, later], now=NOW, max_future=hour)[1] == (
+        "out_of_range:event_time"
+    )
+    assert isinstance(one("orders", in_an_hour, now=NOW, max_future=hour), dict)
+    assert one("orders", later, now=NOW, max_future=2 * hour) == "out_of_range:quantity"
+    assert reference("orders", later, now=NOW, max_future=hour) == "out_of_range:event_time"
+    assert one("orders", in_an_hour, now=NOW, max_future=timedelta(0)) == (
+        "out_of_range:event_time"
+    )
+    with pytest.raises(ValueError, match="must not be negative"):
+        validate("orders", [in_an_hour], [0], [0], max_future=-hour)
+    with pytest.raises(ValueError, match="aware"):
+        validate("orders", [in_an_hour], [0], [0], now=datetime(2024, 5, 1))
+
+
+def test_by_default_the_clock_is_now_and_the_skew_one_day() -> None:
+    assert timedelta(days=1) == DEFAULT_MAX_FUTURE
+    now = datetime.now(UTC)
+    soon = message("orders", event_time=(now + timedelta(hours=20)).isoformat())
+    too_far = message("orders", event_time=(now + timedelta(hours=28)).isoformat())
+    v = validate("orders", [soon, too_far], [0, 0], [0, 1])
+    assert v.valid.column("_offset").to_pylist() == [0]
+    assert v.rejected.column("reason").to_pylist() == ["out_of_range:event_time"]
+    assert isinstance(validate_one_reference("orders", soon), dict)
+    assert validate_one_reference("orders", too_far) == "out_of_range:event_time"
+
+
+def test_the_skew_setting_is_seconds_and_defaults_to_one_day(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lambdalake.settings import Settings
+
+    assert Settings().event_time_max_skew == DEFAULT_MAX_FUTURE
+    monkeypatch.setenv("LAMBDALAKE_EVENT_TIME_MAX_SKEW_SECONDS", "7200")
+    assert Settings().event_time_max_skew == timedelta(hours=2)
+    with pytest.raises(ValueError, match="event_time_max_skew_seconds"):
+        Settings(event_time_max_skew_seconds=-1)
 
 
 def test_a_valid_order_keeps_exact_values_and_defaults_currency_to_usd() -> None:
@@ -494,10 +574,15 @@ def test_docstring_examples_hold() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def assert_agrees(topic: str, values: list[bytes | None]) -> None:
-    fast = outcomes(topic, values)
+def assert_agrees(
+    topic: str,
+    values: list[bytes | None],
+    clock: tuple[datetime, timedelta] = (CLOCK, DEFAULT_MAX_FUTURE),
+) -> None:
+    now, max_future = clock
+    fast = outcomes(topic, values, now=now, max_future=max_future)
     for value, got in zip(values, fast, strict=True):
-        expected = validate_one_reference(topic, value)
+        expected = validate_one_reference(topic, value, now=now, max_future=max_future)
         assert got == expected, f"{value!r}: fast {got!r} != reference {expected!r}"
         if isinstance(got, dict) and topic == "orders":  # 0.0 == -0.0: compare the sign too
             assert math.copysign(1, got["unit_price"]) == math.copysign(1, expected["unit_price"])
@@ -512,6 +597,19 @@ def property_settings(examples: int) -> settings:
 
 
 topics = st.sampled_from(["orders", "reviews"])
+# Validator clocks and skews: the contract's range alone, and bounds that fall exactly on
+# times the generated messages use (2024-05-01T12:34:56Z, epoch ms 1714567890123).
+clocks = st.sampled_from(
+    [
+        (CLOCK, DEFAULT_MAX_FUTURE),
+        (datetime(2024, 4, 30, 12, 34, 56, tzinfo=UTC), DEFAULT_MAX_FUTURE),
+        (datetime(2024, 5, 1, 12, 34, 56, tzinfo=UTC), timedelta(0)),
+        (datetime(2024, 5, 1, 12, 34, 55, 999999, tzinfo=UTC), timedelta(0)),
+        (datetime(2024, 5, 1, 11, 51, 30, 123000, tzinfo=UTC), timedelta(hours=1)),
+        (datetime(2024, 5, 1, 20, 34, 56, 123456, tzinfo=UTC), timedelta(0)),
+        (datetime(2099, 12, 31, 0, 0, 0, 1, tzinfo=UTC), DEFAULT_MAX_FUTURE),
+    ]
+)
 
 
 @property_settings(30)
@@ -722,7 +820,9 @@ def near_valid_message(rnd: random.Random, topic: str) -> bytes:
 
 
 @property_settings(100)
-@given(topics, st.integers(0, 2**64))
-def test_near_valid_json_agrees_with_the_reference(topic: str, seed: int) -> None:
+@given(topics, st.integers(0, 2**64), clocks)
+def test_near_valid_json_agrees_with_the_reference(
+    topic: str, seed: int, clock: tuple[datetime, timedelta]
+) -> None:
     rnd = random.Random(seed)
-    assert_agrees(topic, [near_valid_message(rnd, topic) for _ in range(200)])
+    assert_agrees(topic, [near_valid_message(rnd, topic) for _ in range(200)], clock)
