@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = Field("", description="Comma-separated API keys; empty = no auth.")
+    api_max_in_flight: int = Field(
+        32, ge=1, description="Requests one API process answers at once (more wait or get 503)."
+    )
+    api_max_queued: int = Field(
+        64, ge=0, description="Requests one API process lets wait for a slot (more get 503)."
+    )
+    api_max_queue_ms: float = Field(
+        20.0, gt=0, description="Longest a request may wait to start before it gets 503."
+    )
     speed_endpoints: str = Field(
         "", description="Comma-separated grpc://HOST:PORT of speed workers for the API."
     )
@@ -64,6 +73,12 @@ class Settings(BaseSettings):
     )
     ingest_batch_size: int = Field(50_000, ge=1)
     ingest_batch_seconds: float = Field(2.0, gt=0)
+    ingest_max_dates_per_commit: int = Field(
+        256,
+        ge=1,
+        description="Event dates (so files) one master commit may hold; a micro-batch "
+        "spanning more is committed as several offset prefixes.",
+    )
 
     @property
     def bootstrap(self) -> str:

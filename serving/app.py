@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -21,13 +22,15 @@ from typing import Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 from serving import dashboard
+from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
 from serving.batch import BatchCache
-from serving.deps import require_api_key
+from serving.deps import check_api_keys, require_api_key
 from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
 from serving.routers import alerts, forecast, sales, sentiment, system
@@ -45,7 +48,11 @@ Every answer carries `as_of` (the batch `run_id`, its `watermark`, and the
 `speed_offsets` included) so it can be reproduced. When a speed worker cannot be
 reached the answer says so: `"degraded": true` and `missing_partitions`.
 
-Set `LAMBDALAKE_API_KEYS` to require an `X-API-Key` header (`/health` stays open).
+Set `LAMBDALAKE_API_KEYS` to require an `X-API-Key` header on everything but
+`/health` (this page and `/openapi.json` included).
+
+An overloaded process refuses what it cannot answer in time: `503` with
+`Retry-After` and a JSON `detail`, in well under 10 ms.
 """
 
 
@@ -96,6 +103,7 @@ def create_app(
     speed_timeout: float = 2.0,
     speed_cache_ttl: float = 0.25,
     speed_stale_grace: float = 0.25,
+    admission: AdmissionLimits | bool | None = True,
 ) -> FastAPI:
     """The FastAPI app over ``settings``' lake and speed workers.
 
@@ -103,8 +111,11 @@ def create_app(
     cache polls the runs table every ``poll_seconds``; each speed worker's partial
     view is fetched at most every ``speed_cache_ttl`` seconds (0 = one worker query
     per request), and answered from for up to ``speed_stale_grace`` more seconds
-    while a background fetch replaces it (see :mod:`serving.speed`).
+    while a background fetch replaces it (see :mod:`serving.speed`). ``admission``:
+    the per-process limits of :mod:`serving.admission` (``True``: from ``settings``;
+    ``None``/``False``: none). Raises ``ValueError`` for an example or too short API key.
     """
+    check_api_keys(settings.api_key_set)
     batch = BatchCache(settings, poll_seconds=poll_seconds)
     speed = SpeedClient(
         settings,
@@ -139,6 +150,10 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Served below behind the API key, like every other route but /health.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.service = service
@@ -151,6 +166,18 @@ def create_app(
         app.include_router(module.router, dependencies=auth)
     app.include_router(system.router)
     app.include_router(dashboard.router)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="lambdalake API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=auth)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="lambdalake API")
 
     @app.exception_handler(InvalidParameter)
     async def invalid_parameter(request: Request, exc: InvalidParameter) -> JSONResponse:
@@ -168,20 +195,55 @@ def create_app(
         )
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    limits = admission_limits(settings) if admission is True else admission or None
+    if limits is not None:  # outermost of ours: a refusal costs no routing, no metrics timer
+        app.add_middleware(
+            AdmissionControl,
+            limits=limits,
+            on_refused=lambda reason: metrics.refused.labels(reason).inc(),
+        )
     return app
 
 
-def serve(settings: Settings, *, host: str, port: int) -> None:
-    """Run the API with uvicorn until stopped (SIGINT/SIGTERM)."""
-    log.info("serving.start", host=host, port=port, lake=settings.lake_uri)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
+def admission_limits(settings: Settings) -> AdmissionLimits:
+    return AdmissionLimits(
+        max_in_flight=settings.api_max_in_flight,
+        max_queued=settings.api_max_queued,
+        max_queue_seconds=settings.api_max_queue_ms / 1000,
     )
+
+
+SETTINGS_ENV = "LAMBDALAKE_SERVE_SETTINGS"  # the parent's settings, for worker processes
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one ``serve --workers N`` process: the parent's settings, as JSON."""
+    import json
+
+    values = json.loads(os.environ[SETTINGS_ENV])
+    return create_app(Settings(_env_file=None, **values))  # type: ignore[call-arg]
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None:
+    """Run the API with uvicorn until stopped (SIGINT/SIGTERM).
+
+    ``workers`` > 1 runs that many processes on one socket (uvicorn's supervisor),
+    each with its own app, caches and admission limits."""
+    check_api_keys(settings.api_key_set)  # one line before anything starts
+    log.info("serving.start", host=host, port=port, lake=settings.lake_uri, workers=workers)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 5,
+        "http": StampingHttpToolsProtocol,
+    }
+    if workers <= 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run("serving.app:app_from_environment", factory=True, workers=workers, **options)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -196,7 +258,14 @@ def running_server(
 ) -> Iterator[str]:
     """Run ``app`` with uvicorn in a thread; yields its base URL; stops it on exit."""
     port = port or free_port(host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=StampingHttpToolsProtocol,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

@@ -15,6 +15,45 @@ from lambdalake.settings import Settings
 from serving.service import QueryService
 
 API_KEY_HEADER = "X-API-Key"
+MIN_KEY_CHARS = 16
+# Placeholders from docs and examples (compared ignoring case, "-" and "_").
+EXAMPLE_KEYS = frozenset(
+    {"changeme", "replaceme", "secret", "password", "apikey", "yourapikey", "example", "test"}
+)
+URL_KEY_PARAMS = ("key", "api_key", "apikey", "x-api-key")
+
+
+def check_api_keys(keys: frozenset[str]) -> None:
+    """Refuse example secrets and short keys, with a one-line ``ValueError``.
+
+    >>> check_api_keys(frozenset({"change-me"}))
+    Traceback (most recent call last):
+    ...
+    ValueError: LAMBDALAKE_API_KEYS holds an example value ('change-me'); set real keys (16+ random characters, e.g. `openssl rand -hex 24`)
+    """
+    hint = "set real keys (16+ random characters, e.g. `openssl rand -hex 24`)"
+    for key in sorted(keys):
+        plain = key.lower().replace("-", "").replace("_", "")
+        if plain in EXAMPLE_KEYS or "changeme" in plain:
+            raise ValueError(f"LAMBDALAKE_API_KEYS holds an example value ({key!r}); {hint}")
+        if len(key) < MIN_KEY_CHARS:
+            raise ValueError(
+                f"LAMBDALAKE_API_KEYS holds a key of {len(key)} characters, "
+                f"fewer than {MIN_KEY_CHARS}; {hint}"
+            )
+
+
+def refuse_key_in_url(request: Request) -> None:
+    """400 for an API key sent in the URL: URLs end up in logs, proxies and browser history."""
+    for name in URL_KEY_PARAMS:
+        if name in request.query_params:
+            raise HTTPException(
+                status_code=status.HTTP_400_BAD_REQUEST,
+                detail=f"invalid parameter {name!r}: never put an API key in a URL; "
+                f"send it in the {API_KEY_HEADER} header",
+            )
+
+
 api_key_header = APIKeyHeader(
     name=API_KEY_HEADER,
     auto_error=False,
@@ -31,9 +70,13 @@ async def get_service(request: Request) -> QueryService:
 
 
 async def require_api_key(
-    settings: Settings = Depends(get_settings), key: str | None = Security(api_key_header)
+    request: Request,
+    settings: Settings = Depends(get_settings),
+    key: str | None = Security(api_key_header),
 ) -> None:
-    """401 unless the server has no keys configured or ``X-API-Key`` is one of them."""
+    """401 unless the server has no keys configured or ``X-API-Key`` is one of them
+    (400 for a key in the URL, whether or not keys are configured)."""
+    refuse_key_in_url(request)
     keys = settings.api_key_set
     if not keys:
         return

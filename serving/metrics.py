@@ -105,6 +105,13 @@ class ApiMetrics:
             ["route"],
             registry=self.registry,
         )
+        self.refused = Counter(
+            "lambdalake_api_refused_requests",
+            "Requests refused with 503 by admission control, by reason "
+            "(queue_delay, queue_full, queue_timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(FreshnessCollector(settings, batch))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:

@@ -27,6 +27,11 @@ MAX_ID_CHARS = 256  # the event contract's limit for ids
 MAX_HORIZON_DAYS = 366
 MAX_RANKING_LIMIT = 1_000
 DEFAULT_ACTUALS_DAYS = 14
+# The instants a query bound may name. Events exist only in [2000, 2100) (the event
+# contract); the margin keeps every default and window computed from a bound (30 days
+# back, a year ahead) far inside what dates, DuckDB and the speed workers can represent.
+SUPPORTED_FIRST = datetime(1900, 1, 1, tzinfo=UTC)
+SUPPORTED_LAST = datetime(2999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 
 
 class InvalidParameter(ValueError):
@@ -53,19 +58,32 @@ def parse_time_bound(text: str, name: str, *, end: bool) -> datetime:
             raise InvalidParameter(
                 name, f"{text!r} is not an ISO date; send YYYY-MM-DD, e.g. 2024-05-01"
             ) from None
-        start = datetime(d.year, d.month, d.day, tzinfo=UTC)
-        return start + timedelta(hours=23) if end else start
-    try:
-        ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T"))
-    except ValueError:
-        raise InvalidParameter(
-            name,
-            f"{text!r} is not an ISO date or datetime; send e.g. 2024-05-01 or "
-            "2024-05-01T10:00:00Z",
-        ) from None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC)
+        ts = datetime(d.year, d.month, d.day, tzinfo=UTC)
+    else:
+        try:
+            ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T"))
+        except ValueError:
+            raise InvalidParameter(
+                name,
+                f"{text!r} is not an ISO date or datetime; send e.g. 2024-05-01 or "
+                "2024-05-01T10:00:00Z",
+            ) from None
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        try:
+            ts = ts.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00+05:00 is before year 1 in UTC
+            raise _outside_supported(name, text) from None
+    if not SUPPORTED_FIRST <= ts <= SUPPORTED_LAST:
+        raise _outside_supported(name, text)
+    if len(text) == 10 and end:
+        return ts + timedelta(hours=23)
+    return ts
+
+
+def _outside_supported(name: str, text: str) -> InvalidParameter:
+    first, last = SUPPORTED_FIRST.date().isoformat(), SUPPORTED_LAST.date().isoformat()
+    return InvalidParameter(name, f"{text!r} is outside the supported range {first} to {last}")
 
 
 def floor_hour(ts: datetime) -> datetime:

@@ -418,6 +418,12 @@ def test_unknown_sku_is_an_empty_answer_not_an_error(api: httpx.Client) -> None:
         ("/v1/forecast/A", {"horizon": "many"}, "'horizon'"),
         ("/v1/sentiment", {"order": "middle"}, "'order'"),
         ("/v1/sentiment", {"limit": "100000"}, "'limit'"),
+        ("/v1/sales", {"end": "9999-12-31"}, "supported range"),
+        ("/v1/sales", {"end": "9999-12-31", "granularity": "hour"}, "supported range"),
+        ("/v1/sales", {"start": "0001-01-01", "end": "0001-01-02"}, "supported range"),
+        ("/v1/sales", {"end": "0001-01-01"}, "supported range"),
+        ("/v1/sales", {"start": "0001-01-01T00:00:00+05:00"}, "supported range"),
+        ("/v1/sales", {"start": "9999-12-31T23:59:59-05:00"}, "supported range"),
     ],
 )
 def test_invalid_parameters_get_400_with_a_clear_message(
@@ -535,17 +541,71 @@ def test_openapi_documents_every_endpoint_with_examples(api: httpx.Client) -> No
     assert api.get("/docs").status_code == 200
 
 
+KEY_1, KEY_2 = "k1-0123456789abcdef", "k2-0123456789abcdef"
+
+
 def test_api_keys_guard_everything_but_health(tmp_path: Path, lake: Any) -> None:
     root, _ = lake
-    app = create_app(settings_at(root, api_keys="k1, k2"), clock=lambda: NOW)
+    app = create_app(settings_at(root, api_keys=f"{KEY_1}, {KEY_2}"), clock=lambda: NOW)
     with running_server(app) as url, httpx.Client(base_url=url) as client:
         assert client.get("/health").status_code == 200
-        for path in ("/v1/sales", "/v1/sentiment/A", "/v1/status", "/metrics"):
+        for path in (
+            "/v1/sales",
+            "/v1/sentiment/A",
+            "/v1/status",
+            "/metrics",
+            "/docs",
+            "/redoc",
+            "/openapi.json",
+            "/dashboard/api/skus",
+            "/dashboard/api/sentiment-trend/A",
+        ):
             r = client.get(path)
             assert r.status_code == 401, path
             assert "X-API-Key" in r.json()["detail"]
             assert client.get(path, headers={"X-API-Key": "wrong"}).status_code == 401
-            assert client.get(path, headers={"X-API-Key": "k2"}).status_code == 200
+            assert client.get(path, headers={"X-API-Key": KEY_2}).status_code == 200, path
+        # A key in the URL is refused even when it is valid: URLs end up in logs.
+        for path in ("/v1/sales", "/dashboard"):
+            r = client.get(path, params={"key": KEY_2}, headers={"X-API-Key": KEY_2})
+            assert r.status_code == 400, path
+            assert "X-API-Key header" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("keys", ["change-me", "k1-0123456789abcdef,CHANGE_ME", "short-key"])
+def test_example_or_short_api_keys_are_refused_at_start(lake: Any, keys: str) -> None:
+    root, _ = lake
+    with pytest.raises(ValueError, match="LAMBDALAKE_API_KEYS") as info:
+        create_app(settings_at(root, api_keys=keys))
+    assert "\n" not in str(info.value)
+
+
+def test_skus_with_a_slash_can_be_queried(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    orders = [{**r, "sku": "BOX/12" if r["sku"] == "A" else r["sku"]} for r in make_orders(seed=4)]
+    write_run(root, "run-1", orders, hourly_view=True)
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        body = client.get("/v1/sales", params={"sku": "BOX/12"}).json()
+        want = expected_sales(
+            orders,
+            granularity="day",
+            first=datetime(2024, 4, 11, tzinfo=UTC),
+            last=datetime(2024, 5, 10, tzinfo=UTC),
+            sku="BOX/12",
+        )
+        assert want
+        assert_same_points(points_of(body), want)
+        for path in ("/v1/forecast/BOX/12", "/v1/forecast/BOX%2F12"):
+            r = client.get(path)
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["sku"] == "BOX/12"
+            assert sum(a["units"] for a in r.json()["actuals"]) > 0
+        r = client.get("/v1/sentiment/BOX%2F12")
+        assert r.status_code == 200 and r.json()["sku"] == "BOX/12"
+        assert client.get("/dashboard/api/sentiment-trend/BOX%2F12").status_code == 200
+        r = client.get("/v1/sentiment/")
+        assert r.status_code == 400 and "'sku'" in r.json()["detail"]
 
 
 def test_new_published_run_is_served_and_failed_run_is_not(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
 from lambdalake.lake import VIEW_REVIEW_SCORES, Lake
-from serving.deps import require_api_key
+from serving.deps import refuse_key_in_url, require_api_key
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"chart.umd.min.js", "dashboard.js", "dashboard.css"}
@@ -29,9 +29,32 @@ STATIC_FILES = {"chart.umd.min.js", "dashboard.js", "dashboard.css"}
 router = APIRouter(tags=["dashboard"], include_in_schema=True)
 
 
-@router.get("/dashboard", response_class=HTMLResponse, summary="The analyst dashboard")
-def dashboard_page() -> HTMLResponse:
-    return HTMLResponse((STATIC / "index.html").read_text())
+# The page runs only its own files: no inline script or style, no other origin, no
+# framing, no plugins. Data never reaches the DOM as HTML (dashboard.js sets text only).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+@router.get(
+    "/dashboard",
+    response_class=HTMLResponse,
+    summary="The analyst dashboard",
+    description="A static page (no data in it): with API keys set, it asks for a key, keeps "
+    "it in the tab's sessionStorage and sends it as `X-API-Key`; every data call needs it. "
+    "A key in the URL is refused.",
+)
+def dashboard_page(request: Request) -> HTMLResponse:
+    refuse_key_in_url(request)
+    return HTMLResponse((STATIC / "index.html").read_text(), headers=SECURITY_HEADERS)
 
 
 @router.get("/dashboard/static/{name}", include_in_schema=False)
@@ -39,7 +62,7 @@ def dashboard_static(name: str) -> FileResponse:
     if name not in STATIC_FILES:
         raise HTTPException(status_code=404, detail=f"no static file {name!r}")
     media = "text/css" if name.endswith(".css") else "application/javascript"
-    return FileResponse(STATIC / name, media_type=media)
+    return FileResponse(STATIC / name, media_type=media, headers=SECURITY_HEADERS)
 
 
 @router.get(
@@ -118,7 +141,7 @@ class SentimentTrends:
 
 
 @router.get(
-    "/dashboard/api/sentiment-trend/{sku}",
+    "/dashboard/api/sentiment-trend/{sku:path}",
     dependencies=[Depends(require_api_key)],
     summary="A SKU's weekly mean sentiment (batch view of the served run)",
 )

@@ -19,10 +19,12 @@ from serving.service import QueryService
 router = APIRouter(prefix="/v1", tags=["forecast"])
 
 
-@router.get("/forecast/{sku}", response_model=ForecastAnswer, summary="Demand forecast vs. actuals")
+@router.get(
+    "/forecast/{sku:path}", response_model=ForecastAnswer, summary="Demand forecast vs. actuals"
+)
 async def get_forecast(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-00001"])],
+    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=["SKU-00001"])],
     store_id: Annotated[
         str | None,
         Query(

@@ -36,10 +36,12 @@ async def get_sentiment_ranking(
     )
 
 
-@router.get("/sentiment/{sku}", response_model=SentimentAnswer, summary="Review sentiment of a SKU")
+@router.get(
+    "/sentiment/{sku:path}", response_model=SentimentAnswer, summary="Review sentiment of a SKU"
+)
 async def get_sentiment(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU.", examples=["SKU-00001"])],
+    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=["SKU-00001"])],
 ) -> SentimentAnswer:
     """Review count, mean rating, mean sentiment and label counts (batch + speed merged).
     An unknown SKU answers zero reviews and null means."""

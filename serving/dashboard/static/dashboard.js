@@ -1,18 +1,51 @@
 // The lambdalake dashboard: calls the public API and draws what an analyst would get from it.
+// Ids come from producers and may hold any characters: data only ever reaches the page as
+// text (textContent, option values, canvas labels), never as HTML. The page's
+// Content-Security-Policy forbids inline script as a second line of defence.
+// The API key (when the server sets keys) is typed into a form, kept in this tab's
+// sessionStorage and sent as the X-API-Key header: never in a URL.
 "use strict";
 
 const params = new URLSearchParams(location.search);
-const headers = params.get("key") ? { "X-API-Key": params.get("key") } : {};
+const KEY_STORE = "lambdalake.apiKey";
 const REFRESH_MS = 5000;
 const HISTORY_DAYS = 90;
 let salesChart = null;
 let sentimentChart = null;
 window.lambdalakeRendered = { sales: 0, forecast: 0, sentiment: 0, refreshes: 0 };
 
+class NeedKey extends Error {}
+
+function apiHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { "X-API-Key": key } : {};
+}
+
 async function api(path) {
-  const r = await fetch(path, { headers });
+  const r = await fetch(path, { headers: apiHeaders() });
+  if (r.status === 401) { askForKey(); throw new NeedKey("this server needs an API key"); }
   if (!r.ok) throw new Error(`${path}: ${r.status} ${await r.text()}`);
   return r.json();
+}
+
+function askForKey() {
+  sessionStorage.removeItem(KEY_STORE);
+  document.getElementById("key-form").hidden = false;
+  document.getElementById("key-input").focus();
+}
+
+// el("span", { className: "ok" }, "text", child, ...): an element with text children only.
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  Object.assign(node, props || {});
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function option(value, label) {
+  const o = el("option", {}, label ?? value);
+  o.value = value;
+  return o;
 }
 
 function fx(v, digits) { return v == null || Number.isNaN(Number(v)) ? "–" : Number(v).toFixed(digits); }
@@ -34,21 +67,22 @@ async function renderFreshness() {
   const batchCls = b.run_id ? (b.age_seconds < 7200 ? "ok" : "warn") : "bad";
   const speedCls = alive ? (lag < 10000 ? "ok" : "warn") : "bad";
   const q = Object.values(st.quarantine || {}).reduce((a, r) => a + Object.values(r).reduce((x, n) => x + n, 0), 0);
-  document.getElementById("freshness").innerHTML =
-    `<span class="${batchCls}">batch run ${b.run_id || "none"} · age ${fmtAge(b.age_seconds)}</span> &nbsp;|&nbsp; ` +
-    `<span class="${speedCls}">speed workers ${alive}/${workers.length} alive · lag ${lag} events</span> &nbsp;|&nbsp; ` +
-    `quarantined ${q}`;
+  document.getElementById("freshness").replaceChildren(
+    el("span", { className: batchCls }, `batch run ${b.run_id || "none"} · age ${fmtAge(b.age_seconds)}`),
+    " \u00a0|\u00a0 ",
+    el("span", { className: speedCls }, `speed workers ${alive}/${workers.length} alive · lag ${lag} events`),
+    ` \u00a0|\u00a0 quarantined ${q}`);
 }
 
 async function loadSkus() {
   const data = await api("/dashboard/api/skus");
   const sel = document.getElementById("sku");
   const current = sel.value || params.get("sku");
-  sel.innerHTML = data.skus.map(s => `<option>${s}</option>`).join("");
+  sel.replaceChildren(...data.skus.map(s => option(s)));
   if (current && data.skus.includes(current)) sel.value = current;
   const store = document.getElementById("store");
   const keep = store.value;
-  store.innerHTML = `<option value="">all stores</option>` + data.stores.map(s => `<option>${s}</option>`).join("");
+  store.replaceChildren(option("", "all stores"), ...data.stores.map(s => option(s)));
   // Default to one store: forecast bands are per series (quantiles of a sum are not sums).
   store.value = keep || params.get("store") || data.stores[0] || "";
 }
@@ -105,10 +139,15 @@ async function renderSales(sku, store) {
 async function renderSentiment(sku) {
   const s = await api(`/v1/sentiment/${encodeURIComponent(sku)}`);
   const trend = await api(`/dashboard/api/sentiment-trend/${encodeURIComponent(sku)}`);
-  document.getElementById("sentiment-summary").innerHTML = s.reviews
-    ? `${s.reviews} reviews · mean rating ${fx(s.mean_rating, 2)} · mean sentiment ${fx(s.mean_sentiment, 2)} · ` +
-      `<b>${s.positive}</b> positive, <b>${s.neutral}</b> neutral, <b>${s.negative}</b> negative`
-    : "no reviews yet";
+  const summary = document.getElementById("sentiment-summary");
+  if (s.reviews) {
+    summary.replaceChildren(
+      `${s.reviews} reviews · mean rating ${fx(s.mean_rating, 2)} · mean sentiment ${fx(s.mean_sentiment, 2)} · `,
+      el("b", {}, s.positive), " positive, ", el("b", {}, s.neutral), " neutral, ",
+      el("b", {}, s.negative), " negative");
+  } else {
+    summary.replaceChildren("no reviews yet");
+  }
   const labels = trend.weeks.map(w => w.week);
   const datasets = [
     { label: "weekly mean sentiment (batch)", data: trend.weeks.map(w => w.mean_sentiment), borderColor: "#2f9e44", yAxisID: "y", pointRadius: 2 },
@@ -128,9 +167,10 @@ async function renderSentiment(sku) {
 async function renderAlerts() {
   const a = await api("/v1/alerts/demand");
   const body = document.querySelector("#alerts tbody");
-  body.innerHTML = a.items.slice(0, 50).map(x =>
-    `<tr><td>${x.sku}</td><td>${x.store_id || "all"}</td><td>${x.kind}</td><td>${x.units}</td>` +
-    `<td>${fx(x.forecast, 1)}</td><td>${x.lower_95 == null ? "–" : fx(x.lower_95, 1)}–${x.upper_95 == null ? "–" : fx(x.upper_95, 1)}</td></tr>`).join("");
+  body.replaceChildren(...a.items.slice(0, 50).map(x => el("tr", {},
+    el("td", {}, x.sku), el("td", {}, x.store_id || "all"), el("td", {}, x.kind), el("td", {}, x.units),
+    el("td", {}, fx(x.forecast, 1)),
+    el("td", {}, `${x.lower_95 == null ? "–" : fx(x.lower_95, 1)}–${x.upper_95 == null ? "–" : fx(x.upper_95, 1)}`))));
   document.getElementById("alerts-empty").textContent = a.items.length ? `${a.items.length} alerts` : "no alerts right now";
 }
 
@@ -150,11 +190,23 @@ async function refresh() {
   }
 }
 
-async function main() {
+async function start() {
   try { await loadSkus(); } catch (e) { document.getElementById("freshness").textContent = `error: ${e.message}`; }
+  await refresh();
+}
+
+async function main() {
+  document.getElementById("key-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const input = document.getElementById("key-input");
+    sessionStorage.setItem(KEY_STORE, input.value.trim());
+    input.value = "";
+    document.getElementById("key-form").hidden = true;
+    await start();
+  });
   document.getElementById("sku").addEventListener("change", refresh);
   document.getElementById("store").addEventListener("change", refresh);
-  await refresh();
-  setInterval(refresh, REFRESH_MS);
+  await start();
+  setInterval(() => { if (document.getElementById("key-form").hidden) refresh(); }, REFRESH_MS);
 }
 main();
