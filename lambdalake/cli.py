@@ -125,7 +125,8 @@ def broker(
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
-    """Run the embedded Kafka-compatible broker (Tansu, memory storage) in the foreground."""
+    """Run the embedded Apache Kafka broker (KRaft, one node; data in HOME/broker) in the
+    foreground."""
     from lambdalake.broker import EmbeddedBroker
 
     settings = _settings(bootstrap, lake)
@@ -133,7 +134,7 @@ def broker(
 
     def body() -> None:
         with EmbeddedBroker.start(
-            host, port, partitions=settings.partitions, log_dir=settings.home / "logs"
+            host, port, partitions=settings.partitions, log_dir=settings.home / "broker"
         ) as b:
             typer.echo(f"broker ready on {b.bootstrap}")
             while not stop.is_set():
@@ -351,6 +352,12 @@ def speed_run(
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default LAMBDALAKE_API_PORT).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="API processes on the port, each with its own caches (docs/serving.md)."
+        ),
+    ] = 1,
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
@@ -359,7 +366,12 @@ def serve(
 
     settings = _settings(bootstrap, lake)
     _run(
-        lambda: run_server(settings, host=host or settings.api_host, port=port or settings.api_port)
+        lambda: run_server(
+            settings,
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            workers=workers,
+        )
     )
 
 

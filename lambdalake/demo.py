@@ -8,12 +8,15 @@ State lives under ``LAMBDALAKE_HOME`` (default ``./.lambdalake``): the lake (unl
 ``LAMBDALAKE_LAKE_URI``/``--lake`` says otherwise), the speed state and the logs of every
 child process (``logs/<name>.log``).
 
-The embedded broker keeps topics in memory only, so a second ``make demo`` starts with empty
-topics while the lake still holds the history. Rather than regenerating it, the demo replays
-the master and quarantine tables into the new broker partition by partition in offset order:
-every message gets back its original offset, so the lake's ingest positions, the batch
-watermark and the new broker agree again (checked before going on; if they cannot agree the
-demo starts over with a fresh lake). The speed layer's state is derived and rebuilt each time.
+The embedded broker (Apache Kafka) keeps its log in ``HOME/broker`` between runs, so a second
+``make demo`` finds the topics as the lake left them and goes straight on. Only a wiped broker
+(its directory removed, or topics emptied) while the lake still holds the history is refilled:
+the demo replays the master and quarantine tables into the empty topics partition by partition
+in offset order, so every message gets back its original offset and the lake's ingest
+positions, the batch watermark and the broker agree again (checked before going on; if they
+cannot agree the demo starts over with a fresh lake). A broker whose log ends before the
+lake's positions (neither empty nor whole) cannot be repaired that way: the demo starts over.
+The speed layer's state is derived and rebuilt each time.
 """
 
 from __future__ import annotations
@@ -223,29 +226,62 @@ def _history_marker(settings: Settings) -> Path:
     return settings.home / "demo-history.json"
 
 
+def broker_holds(settings: Settings, positions: dict[str, dict[int, int]]) -> str:
+    """How the broker's topics compare with the lake's ingest ``positions``: ``"all"`` (every
+    partition reaches the lake's position), ``"empty"`` (every partition is empty: a wiped
+    broker), or ``"less"`` (some of the log the lake was filled from is missing)."""
+    from kafka import TopicPartition
+
+    from lambdalake.kafka import end_offsets
+
+    tps = [TopicPartition(t, p) for t in TOPICS for p in positions[t]]
+    ends = end_offsets(settings.bootstrap, tps)
+    if all(ends[tp] >= positions[tp.topic][tp.partition] for tp in tps):
+        return "all"
+    if not any(ends.values()):
+        return "empty"
+    return "less"
+
+
 def _prepare_history(
-    settings: Settings, children: Children, *, days: int, skus: int, stores: int, fresh_broker: bool
+    settings: Settings, children: Children, *, days: int, skus: int, stores: int, embedded: bool
 ) -> None:
     marker = _history_marker(settings)
     wanted = {"days": days, "skus": skus, "stores": stores, "seed": SEED}
     have = json.loads(marker.read_text()) if marker.exists() else None
     positions = _master_positions(settings)
     if have == wanted and any(positions.values()):
-        if not fresh_broker:
-            log.info("demo.history.reused", lake=settings.lake_uri, note="broker kept its topics")
+        holds = broker_holds(settings, positions) if embedded else "all"
+        if holds == "all":
+            log.info("demo.history.reused", lake=settings.lake_uri, note="broker kept its log")
             return
-        try:
-            t0 = time.monotonic()
-            n = replay_lake(settings)
-            log.info("demo.history.replayed", messages=n, seconds=round(time.monotonic() - t0, 1))
-            return
-        except RuntimeError as exc:
-            log.warning("demo.history.replay_failed", reason=str(exc), action="regenerating")
-    # A new history: start from an empty lake (the old one does not match these topics).
+        if holds == "empty":
+            try:
+                t0 = time.monotonic()
+                n = replay_lake(settings)
+                log.info(
+                    "demo.history.replayed", messages=n, seconds=round(time.monotonic() - t0, 1)
+                )
+                return
+            except RuntimeError as exc:
+                log.warning("demo.history.replay_failed", reason=str(exc), action="regenerating")
+        else:
+            log.warning(
+                "demo.history.broker_behind",
+                note="the broker's log ends before the lake's positions",
+                action="regenerating",
+            )
+    # A new history: start from an empty lake (the old one does not match these topics) and,
+    # on the embedded broker, from empty topics (an external cluster's topics are left alone).
     lake_path = Path(settings.lake_uri)
     if lake_path.exists() and "://" not in settings.lake_uri:
         shutil.rmtree(lake_path)
     marker.unlink(missing_ok=True)
+    if embedded:
+        from lambdalake.kafka import delete_topics, ensure_topics
+
+        delete_topics(settings.bootstrap, TOPICS)
+        ensure_topics(settings.bootstrap, TOPICS, settings.partitions)
     log.info("demo.history.generate", days=days, skus=skus, stores=stores)
     children.run(
         "generate",
@@ -315,14 +351,14 @@ def run_demo(
                 settings.broker_host,
                 settings.broker_port,
                 partitions=settings.partitions,
-                log_dir=log_dir,
+                log_dir=settings.home / "broker",
             )
         else:
             wait_for_broker(settings.bootstrap, timeout=settings.broker_wait_seconds)
         log.info("demo.stage", stage="broker", bootstrap=settings.bootstrap)
 
         _prepare_history(
-            settings, children, days=days, skus=skus, stores=stores, fresh_broker=broker is not None
+            settings, children, days=days, skus=skus, stores=stores, embedded=broker is not None
         )
         log.info("demo.stage", stage="history", seconds=round(time.monotonic() - started, 1))
         summary = children.run("ingest", "ingest", "--until-end").strip().splitlines()

@@ -1,12 +1,7 @@
-"""Kafka client helpers shared by every process: connect, create topics, find true ends.
+"""Kafka client helpers shared by every process: connect, create topics, find ends.
 
 No consumer groups anywhere: consumers use manual partition assignment and keep
 their positions in their own state (the lake or DuckDB), committed with the data.
-
-Tansu's ListOffsets(latest) was seen to answer the base offset of a partition's
-last record batch rather than one past its last record, so :func:`end_offsets`
-finds the end by reading from the reported one; with a real Kafka the read
-returns nothing and the reported end stands.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from collections.abc import Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 CLIENT_DEFAULTS: dict[str, object] = {
     "request_timeout_ms": 30_000,
@@ -76,6 +71,36 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> Non
         consumer.close()
 
 
+def list_topics(bootstrap: str) -> list[str]:
+    """The names of every topic on ``bootstrap`` (internal ones such as
+    ``__consumer_offsets`` included)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    try:
+        return sorted(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def delete_topics(bootstrap: str, topics: Iterable[str], timeout: float = 30.0) -> None:
+    """Delete ``topics`` (missing ones are ignored) and return once the broker no longer
+    lists them, so they can be created again at once."""
+    names = set(topics)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    try:
+        names &= set(admin.list_topics())
+        if not names:
+            return
+        with contextlib.suppress(UnknownTopicOrPartitionError):
+            admin.delete_topics(sorted(names), timeout_ms=int(timeout * 1000))
+        deadline = time.monotonic() + timeout
+        while names & set(admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topics {sorted(names)} still listed on {bootstrap}")
+            time.sleep(0.05)
+    finally:
+        admin.close()
+
+
 def topic_partitions(consumer: KafkaConsumer, topic: str, timeout: float = 15.0) -> list[int]:
     """The partition ids of ``topic`` (waiting briefly for metadata)."""
     deadline = time.monotonic() + timeout
@@ -92,7 +117,14 @@ def topic_partitions(consumer: KafkaConsumer, topic: str, timeout: float = 15.0)
 def end_offsets(
     bootstrap: str, partitions: Iterable[TopicPartition], timeout: float = 30.0
 ) -> dict[TopicPartition, int]:
-    """One past the last record of each partition, found by reading (see module doc)."""
+    """One past the last offset of each partition: the broker's high watermark.
+
+    ListOffsets(latest) with ``read_uncommitted``, so the end counts every record the
+    log holds, transaction markers and records of open or aborted transactions
+    included. A ``read_committed`` consumer never receives the markers or aborted
+    records but its position moves past them, so a consumer that has read everything
+    committed stands exactly at this end (after the last transaction completes).
+    """
     tps = list(partitions)
     if not tps:
         return {}
@@ -100,31 +132,11 @@ def end_offsets(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         group_id=None,
-        fetch_max_wait_ms=50,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        **CLIENT_DEFAULTS,
+        isolation_level="read_uncommitted",
+        **{**CLIENT_DEFAULTS, "request_timeout_ms": max(1_000, int(timeout * 1000))},
     )
     try:
-        consumer.assign(tps)
-        reported = consumer.end_offsets(tps)
-        ends = {tp: int(reported[tp]) for tp in tps}
-        for tp in tps:
-            consumer.seek(tp, ends[tp])
-        pending = set(tps)
-        deadline = time.monotonic() + timeout
-        quiet_polls = 0
-        # Read until every partition has returned nothing twice in a row.
-        while pending and time.monotonic() < deadline:
-            got = consumer.poll(timeout_ms=100, max_records=100_000)
-            if not got:
-                quiet_polls += 1
-                if quiet_polls >= 2:
-                    break
-                continue
-            quiet_polls = 0
-            for tp, records in got.items():
-                if records:
-                    ends[tp] = max(ends[tp], records[-1].offset + 1)
-        return ends
+        found = consumer.end_offsets(tps)
+        return {tp: int(found[tp]) for tp in tps}
     finally:
         consumer.close()

@@ -31,7 +31,7 @@ def test_produce_consume_round_trip_and_true_end_offsets(fresh_broker: EmbeddedB
 
     tps = [TopicPartition("orders", p) for p in range(4)]
     ends = end_offsets(fresh_broker.bootstrap, tps)
-    # The true ends sum to what was sent, whatever ListOffsets reports.
+    # The broker's ends (ListOffsets) sum to what was sent.
     assert sum(ends.values()) == len(sent)
 
     consumer = KafkaConsumer(bootstrap_servers=fresh_broker.bootstrap, enable_auto_commit=False)
