@@ -49,6 +49,12 @@ log = get_logger(__name__)
 WARN_EVERY_SECONDS = 30.0  # an unreachable worker is logged at most this often
 
 
+def _worker_down(exc: SpeedError) -> bool:
+    """A transport failure (the worker answers nobody), not a failure of one request.
+    Errors without a kind (older protocol) count as transport failures."""
+    return bool(getattr(exc, "worker_down", True))
+
+
 class WouldBlock(Exception):
     """Answering now needs a worker round trip, and the caller asked not to wait for one
     (the API's event loop: it retries the request on a worker thread)."""
@@ -217,10 +223,11 @@ class SpeedClient:
             return query_speed(endpoint, q, timeout=self.timeout, client=client)
         except StaleWatermark:
             raise
-        except SpeedError:
-            with self._clients_lock:  # a new connection next time
-                if self._clients.get(endpoint) is client:
-                    del self._clients[endpoint]
+        except SpeedError as exc:
+            if _worker_down(exc):
+                with self._clients_lock:  # a new connection next time
+                    if self._clients.get(endpoint) is client:
+                        del self._clients[endpoint]
             raise
 
     def statuses(self) -> list[dict[str, Any]]:
@@ -255,7 +262,11 @@ class SpeedClient:
             answer = exc
         except Exception as exc:  # e.g. something else (not a worker) listens there
             answer = SpeedError(f"speed worker {endpoint} failed: {type(exc).__name__}: {exc}")
-        if isinstance(answer, SpeedError):
+        if isinstance(answer, SpeedError) and not _worker_down(answer):
+            # This one question failed (a bad request, the worker's own error): only its
+            # answer lacks the worker. Others' answers must not turn degraded for it.
+            log.warning("serving.speed_request_failed", endpoint=endpoint, error=str(answer))
+        elif isinstance(answer, SpeedError):
             self._down_until[endpoint] = time.monotonic() + self.retry_after
             if time.monotonic() - self._last_warned.get(endpoint, -1e9) > WARN_EVERY_SECONDS:
                 self._last_warned[endpoint] = time.monotonic()
