@@ -46,8 +46,14 @@ from batch.ingest_kafka import (
     with_broker_retry,
 )
 from batch.ingest_lake import PositionedTable, master_rows, open_tables, quarantine_rows
-from lambdalake.contracts import validate
-from lambdalake.kafka_columnar import Chunk, records_to_chunk
+from lambdalake.contracts import REJECTED_SCHEMA, validate
+from lambdalake.kafka_columnar import (
+    HALT_ERRORS,
+    Chunk,
+    ChunkReader,
+    PoisonBatch,
+    UndecodableBatch,
+)
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
@@ -59,6 +65,10 @@ Positions = dict[str, dict[int, int]]
 # With no message for this long, check that the broker still answers.
 IDLE_PROBE_S = 5.0
 POLL_TIMEOUT_MS = 200
+# A partition stopped at a batch that must not be passed over is retried after 1 s,
+# 2 s, 4 s ... at most this long apart (a corrupt fetch heals on a re-read; a missing
+# codec library once installed needs a restart).
+HALT_BACKOFF_CAP_S = 60.0
 
 
 @dataclass
@@ -74,12 +84,18 @@ class MicroBatch:
     start: Positions
     end: Positions
     chunks: list[Chunk] = field(default_factory=list)
+    poisoned: list[PoisonBatch] = field(default_factory=list)
     messages: int = 0
     opened_at: float = field(default_factory=time.monotonic)
 
     def add(self, chunk: Chunk) -> None:
-        self.chunks.append(chunk)
-        self.messages += len(chunk.offsets)
+        """Take a polled chunk: its messages, its poison batches and its next offset."""
+        if chunk.offsets:
+            self.chunks.append(chunk)
+            self.messages += len(chunk.offsets)
+        self.poisoned.extend(chunk.poisoned)
+        if chunk.next_offset >= 0:
+            self.end[chunk.topic][chunk.partition] = chunk.next_offset
 
     def progressed(self) -> bool:
         return self.end != self.start
@@ -94,6 +110,20 @@ class MicroBatch:
         )
         offsets = pa.array(list(chain.from_iterable(c.offsets for c in chunks)), pa.int64())
         return values, partitions, offsets
+
+    def poison_rows(self, topic: str) -> pa.Table:
+        """``topic``'s poison batches as rejected rows: one per batch, at the first offset
+        it covered, the whole batch as ``raw`` (its header holds its offset range)."""
+        batches = [p for p in self.poisoned if p.topic == topic]
+        return pa.table(
+            {
+                "_partition": pa.array([p.partition for p in batches], pa.int32()),
+                "_offset": pa.array([p.offset for p in batches], pa.int64()),
+                "raw": pa.array([p.raw for p in batches], pa.binary()),
+                "reason": pa.array([p.quarantine_reason for p in batches], pa.string()),
+            },
+            schema=REJECTED_SCHEMA,
+        )
 
 
 def _copy(positions: Positions) -> Positions:
@@ -186,6 +216,7 @@ class Ingest:
         self.parts: dict[str, list[int]] = {}
         self.positions: Positions = {}
         self.consumer: KafkaConsumer | None = None
+        self.reader: ChunkReader | None = None
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -216,7 +247,9 @@ class Ingest:
             return False
         self.parts = parts
         lake = Lake(self.settings.lake_uri)
-        self.masters, self.quarantine = open_tables(lake, self.topics)
+        self.masters, self.quarantine = open_tables(
+            lake, self.topics, max_dates_per_commit=self.settings.ingest_max_dates_per_commit
+        )
         self.positions = {
             t: {p: self.masters[t].positions[t].get(p, 0) for p in self.parts[t]}
             for t in self.topics
@@ -225,6 +258,7 @@ class Ingest:
         if consumer is None:
             return False
         self.consumer = consumer
+        self.reader = ChunkReader(consumer, component="ingest")
         tps = [TopicPartition(t, p) for t in self.topics for p in self.parts[t]]
         consumer.assign(tps)
         for tp in tps:
@@ -288,35 +322,54 @@ class Ingest:
 
     def _consume(self, committer: Committer, ends: Positions, until_end: bool) -> None:
         """Poll into micro-batches and hand each to ``committer`` when full, due or done."""
-        assert self.consumer is not None
-        consumer = self.consumer
+        assert self.reader is not None
+        reader = self.reader
         batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
         idle_since = time.monotonic()
         done = until_end and not self._behind(ends)
+        halt = Backoff(initial=1.0, cap=HALT_BACKOFF_CAP_S)
+        halted_since: float | None = None
         while not done and not self.stop.is_set():
             committer.check()
             remaining = max(1, self.settings.ingest_batch_size - batch.messages)
             try:
-                got = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=remaining)
+                chunks = reader.poll(POLL_TIMEOUT_MS, remaining)
             except OffsetOutOfRangeError as exc:
                 raise ValueError(
                     f"a committed position is outside the Kafka log ({exc}): the broker at "
                     f"{self.bootstrap} lost messages or the topics were recreated; use a fresh "
                     "lake or the broker the lake was filled from"
                 ) from exc
-            for tp, records in got.items():
-                if records:
-                    batch.add(records_to_chunk(tp, records))
-            self._advance(batch, got)
+            except HALT_ERRORS as exc:
+                # Commit everything before it, then wait and read it again: never past it.
+                if batch.progressed():
+                    committer.submit(batch)
+                    batch = MicroBatch(start=_copy(batch.end), end=_copy(batch.end))
+                halted_since = halted_since or time.monotonic()
+                self._halted(exc, halt, halted_since, until_end)
+                continue
+            halt.reset()
+            halted_since = None
+            for chunk in chunks:
+                batch.add(chunk)
+                for p in chunk.poisoned:
+                    log.warning(
+                        "ingest.poison_batch",
+                        topic=p.topic,
+                        partition=p.partition,
+                        offsets=f"{p.offset}-{p.next_offset - 1}",
+                        reason=p.quarantine_reason,
+                        detail=p.detail,
+                    )
             now = time.monotonic()
-            if got:
+            if chunks:
                 idle_since = now
             if until_end:
                 self._pause_finished(batch, ends)
                 done = not self._behind(ends, batch.end)
             full = batch.messages >= self.settings.ingest_batch_size
             due = now - batch.opened_at >= self.settings.ingest_batch_seconds
-            quiet = not got and now - idle_since >= IDLE_PROBE_S
+            quiet = not chunks and now - idle_since >= IDLE_PROBE_S
             if batch.progressed() and (full or due or done or quiet):
                 committer.submit(batch)
                 batch = MicroBatch(start=_copy(batch.end), end=_copy(batch.end))
@@ -330,17 +383,30 @@ class Ingest:
         if batch.progressed():
             committer.submit(batch)
 
-    def _advance(self, batch: MicroBatch, got: dict[TopicPartition, list[Any]]) -> None:
-        """Move the batch's end positions to the consumer's.
-
-        The consumer's position also moves past records it does not return
-        (transaction markers), so after an empty poll every partition is checked.
-        """
-        assert self.consumer is not None
-        for tp in got or self.consumer.assignment():
-            pos = self.consumer.position(tp)
-            if pos is not None:
-                batch.end[tp.topic][tp.partition] = int(pos)
+    def _halted(self, exc: BaseException, backoff: Backoff, since: float, until_end: bool) -> None:
+        """Wait (with backoff) before reading a batch that must not be passed over again;
+        with ``until_end``, give up with a one-line :class:`UndecodableBatch` once the
+        broker timeout has passed since the partition stopped."""
+        reason = " ".join(str(exc).split())
+        waited = time.monotonic() - since
+        if until_end and waited >= self.broker_timeout_s:
+            if not isinstance(exc, UndecodableBatch):
+                exc = UndecodableBatch("?", -1, -1, reason)
+            raise UndecodableBatch(
+                exc.topic,
+                exc.partition,
+                exc.offset,
+                f"{exc.reason}; stopped there for {waited:.0f} s. Everything before it is "
+                "committed; see docs/kafka.md (poison batches)",
+            ) from None
+        delay = backoff.next_delay()
+        log.error(
+            "ingest.partition_halted",
+            reason=reason,
+            retry_in_s=round(delay, 1),
+            halted_s=round(waited, 1),
+        )
+        self.stop.wait(delay)
 
     def _behind(self, ends: Positions, positions: Positions | None = None) -> dict[str, int]:
         positions = positions or self.positions
@@ -390,8 +456,13 @@ class Ingest:
                 max_future=self.settings.event_time_max_skew,
             )
             master_tables[topic] = master_rows(checked.valid, topic, ingested_at)
+            rejected_here = checked.rejected
+            if batch.poisoned:
+                rejected_here = pa.concat_tables(
+                    [rejected_here.cast(REJECTED_SCHEMA), batch.poison_rows(topic)]
+                )
             q = quarantine_rows(
-                checked.rejected,
+                rejected_here,
                 topic,
                 ingested_at,
                 self.quarantine.positions.get(topic, {}),

@@ -1,9 +1,10 @@
 """Kafka side of ingest: a manually assigned consumer that hands back columns, not records.
 
-The consumer decodes record batches with the shared columnar decoder
-(:mod:`lambdalake.kafka_columnar`): ``(offset, value)`` tuples instead of
-kafka-python's per-record ``ConsumerRecord`` objects, which alone would cap
-ingest below its target.
+Ingest reads the consumer through the shared :class:`~lambdalake.kafka_columnar.ChunkReader`:
+the columnar decoder (``(offset, value)`` columns instead of kafka-python's
+per-record ``ConsumerRecord`` objects, which alone would cap ingest below its
+target), positions past transaction markers, and poison batches passed over
+(quarantined) or stopped at (see docs/kafka.md).
 
 No consumer groups: partitions are assigned by hand and positions come from
 the lake (see :mod:`batch.ingest`).
@@ -20,7 +21,6 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from lambdalake.kafka import CLIENT_DEFAULTS, end_offsets, ensure_topics, topic_partitions
-from lambdalake.kafka_columnar import use_columnar_decoder
 from lambdalake.logs import get_logger
 
 log = get_logger(__name__)
@@ -99,7 +99,7 @@ def with_broker_retry(
 
 
 def open_consumer(bootstrap: str, *, connect_timeout_s: float = 5.0) -> KafkaConsumer:
-    """A consumer without group, sized for throughput, with the columnar decoder plugged in.
+    """A consumer without group, sized for throughput (wrap it in a ``ChunkReader``).
 
     ``auto_offset_reset='none'``: a position outside the log is an error to
     report (the broker lost data), never a silent jump. ``read_committed``: the
@@ -119,7 +119,6 @@ def open_consumer(bootstrap: str, *, connect_timeout_s: float = 5.0) -> KafkaCon
         reconnect_backoff_max_ms=5_000,
         **CLIENT_DEFAULTS,
     )
-    use_columnar_decoder(consumer, component="ingest")
     return consumer
 
 

@@ -166,7 +166,7 @@ class Poller(threading.Thread):
                 log.warning("speed.consumer_error", error=f"{type(exc).__name__}: {exc}")
                 self._drop_client()
                 continue
-            if polled.messages:
+            if polled.messages or polled.ends:
                 self._put(polled)
 
     def _drop_client(self) -> None:
@@ -272,7 +272,8 @@ class Poller(threading.Thread):
                 offs[c.topic].extend(c.offsets)
                 parts[c.topic].extend([c.partition] * len(c.offsets))
                 key = (c.topic, c.partition)
-                polled.ends[key] = max(polled.ends.get(key, 0), c.offsets[-1] + 1)
+                # The client's position: past transaction markers too, which hold no message.
+                polled.ends[key] = max(polled.ends.get(key, 0), c.next_offset)
                 self._next[key] = polled.ends[key]
                 polled.messages += len(c.offsets)
         polled.poll_seconds = time.monotonic() - t_start

@@ -1,11 +1,13 @@
 """The Kafka clients a speed worker can poll with, behind one small interface.
 
 ``kafka-python`` (the default, a project dependency) parses record batches in
-pure Python; it is given the shared columnar decoder
-(:mod:`lambdalake.kafka_columnar`), which extracts only offsets and values
-instead of building a ``ConsumerRecord`` per message. ``confluent-kafka``
+pure Python; it is read through the shared columnar decoder
+(:class:`lambdalake.kafka_columnar.ChunkReader`), which extracts only offsets
+and values instead of building a ``ConsumerRecord`` per message, and reports
+positions past transaction markers and poison batches. ``confluent-kafka``
 (librdkafka, optional: ``pip install confluent-kafka``) parses in C. Both are
 used the same way: manual assignment (no consumer group is ever joined),
+``read_committed`` (aborted transactions never reach the speed layer),
 positions given by the worker, nothing committed to Kafka.
 """
 
@@ -13,13 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Protocol
 
-from lambdalake.kafka_columnar import Chunk, records_to_chunk, use_columnar_decoder
+from lambdalake.kafka_columnar import HALT_ERRORS, Chunk, ChunkReader
+from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
+
+log = get_logger(__name__)
 
 TP = tuple[str, int]
 CLIENTS = ("kafka-python", "confluent-kafka")
+# A batch that stops the consumer (see docs/kafka.md) is read again after 1 s, 2 s, 4 s ...
+# at most this long apart: never a reconnect loop.
+HALT_BACKOFF_CAP_S = 60.0
 
 
 class KafkaClient(Protocol):
@@ -45,6 +54,13 @@ def make_client(name: str, settings: Settings) -> KafkaClient:
 
 
 class KafkaPythonClient:
+    """kafka-python through the columnar :class:`ChunkReader`.
+
+    A poison batch is skipped and counted (``poisoned``; ingest is the one
+    quarantine writer). A batch that must not be passed over stops polling:
+    ``poll`` returns nothing until a backoff delay has passed (``halted`` says
+    why), then reads it again, without reconnecting."""
+
     def __init__(self, settings: Settings) -> None:
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
@@ -55,6 +71,7 @@ class KafkaPythonClient:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",
             fetch_max_wait_ms=100,  # bounds freshness when caught up
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
@@ -62,7 +79,11 @@ class KafkaPythonClient:
             request_timeout_ms=30_000,
             bootstrap_timeout_ms=5_000,
         )
-        use_columnar_decoder(self.consumer, component="speed")
+        self.reader = ChunkReader(self.consumer, component="speed")
+        self.poisoned = 0  # poison batches skipped
+        self.halted: str | None = None  # why polling stopped, while it is stopped
+        self._halt_attempt = 0
+        self._halt_until = 0.0
 
     def partitions(self, topic: str) -> list[int]:
         found = self.consumer.partitions_for_topic(topic)
@@ -83,8 +104,33 @@ class KafkaPythonClient:
         self.consumer.seek(TopicPartition(*tp), offset)
 
     def poll(self, timeout: float, max_records: int) -> list[Chunk]:
-        got = self.consumer.poll(timeout_ms=max(1, int(timeout * 1000)), max_records=max_records)
-        return [records_to_chunk(tp, rs) for tp, rs in got.items() if rs]
+        wait = self._halt_until - time.monotonic()
+        if wait > 0:
+            time.sleep(min(wait, timeout))
+            return []
+        try:
+            chunks = self.reader.poll(max(1, int(timeout * 1000)), max_records)
+        except HALT_ERRORS as exc:
+            delay = min(HALT_BACKOFF_CAP_S, 2.0**self._halt_attempt)
+            self._halt_attempt += 1
+            self._halt_until = time.monotonic() + delay
+            self.halted = " ".join(str(exc).split())
+            log.error("speed.partition_halted", reason=self.halted, retry_in_s=delay)
+            return []
+        self._halt_attempt = 0
+        self.halted = None
+        for chunk in chunks:
+            for p in chunk.poisoned:
+                self.poisoned += 1
+                log.warning(
+                    "speed.poison_batch",
+                    topic=p.topic,
+                    partition=p.partition,
+                    offsets=f"{p.offset}-{p.next_offset - 1}",
+                    reason=p.quarantine_reason,
+                    detail=p.detail,
+                )
+        return chunks
 
     def highwater(self) -> dict[TP, int]:
         out: dict[TP, int] = {}
@@ -113,6 +159,7 @@ class ConfluentClient:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
                 "fetch.wait.max.ms": 100,
                 "fetch.max.bytes": 64 * 1024 * 1024,
                 "max.partition.fetch.bytes": 8 * 1024 * 1024,
