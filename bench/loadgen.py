@@ -79,8 +79,9 @@ def percentile(values: list[float], q: float) -> float:
 @dataclass
 class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    errors: int = 0  # transport errors and non-200 answers
+    errors: int = 0  # transport errors and non-200 answers (refusals included)
     why: Counter = field(default_factory=Counter)  # "HTTP 500", "TimeoutError", ...
+    refused: list[float] = field(default_factory=list)  # latencies of 503 answers (shed load)
 
     def failed(self, why: str) -> None:
         self.errors += 1
@@ -95,6 +96,9 @@ class Tally:
             "p50_ms": round(percentile(every, 0.5) * 1000, 2),
             "p99_ms": round(percentile(every, 0.99) * 1000, 2),
             "error_kinds": dict(self.why),
+            "refused": len(self.refused),
+            "refused_p50_ms": round(percentile(self.refused, 0.5) * 1000, 2),
+            "refused_p99_ms": round(percentile(self.refused, 0.99) * 1000, 2),
             "by_kind": {
                 k: {
                     "n": len(v),
@@ -144,20 +148,28 @@ async def open_loop(
     duration: float,
     *,
     timeout: float = 10.0,
+    record: list[tuple[float, float, int]] | None = None,
 ) -> dict:
     """``rate`` requests/s for ``duration`` s on a fixed schedule; latency from the schedule.
 
     A request not answered ``timeout`` seconds after its scheduled time counts as an
-    error (``timeouts``), so an overwhelmed server ends the run instead of queueing it."""
+    error (``timeouts``), so an overwhelmed server ends the run instead of queueing it.
+    Latencies of 200 answers are the figures; 503 answers (load shed by the server) are
+    counted apart (``refused``, with their own percentiles). ``max_open_connections`` is
+    the most connections open at once (a server that queues instead of refusing makes it
+    grow). ``record`` gets ``(scheduled time from start, latency, status)`` per request
+    (status 0: transport error or timeout)."""
     tally = Tally()
     timeouts = 0
     idle: list[Connection] = []
     n = int(rate * duration)
     tasks: set[asyncio.Task] = set()
     opened = 0
+    open_now = 0
+    max_open = 0
 
     async def one(i: int, at: float) -> None:
-        nonlocal opened, timeouts
+        nonlocal opened, timeouts, open_now, max_open
         kind, path, params = next_request(i)
         conn = idle.pop() if idle else None
         try:
@@ -167,8 +179,11 @@ async def open_loop(
                         status, _ = await conn.get(path, params)
                     except HttpError:  # the server closed an idle keep-alive connection
                         conn.close()
+                        open_now -= 1
                         conn = None
                 if conn is None:
+                    open_now += 1
+                    max_open = max(max_open, open_now)
                     conn = await Connection.open(base)
                     opened += 1
                     status, _ = await conn.get(path, params)
@@ -177,8 +192,17 @@ async def open_loop(
             timeouts += isinstance(exc, TimeoutError)
             if conn is not None:
                 conn.close()
+            open_now -= 1
+            if record is not None:
+                record.append((at - start, time.perf_counter() - at, 0))
             return
-        tally.latencies[kind].append(time.perf_counter() - at)
+        latency = time.perf_counter() - at
+        if record is not None:
+            record.append((at - start, latency, status))
+        if status == 503:
+            tally.refused.append(latency)
+        else:
+            tally.latencies[kind].append(latency)
         if status != 200:
             tally.failed(f"HTTP {status}")
         idle.append(conn)
@@ -198,6 +222,10 @@ async def open_loop(
         conn.close()
     out = tally.summary(elapsed)
     out.update(
-        target_rps=rate, achieved_rps=out["throughput_rps"], connections=opened, timeouts=timeouts
+        target_rps=rate,
+        achieved_rps=out["throughput_rps"],
+        connections=opened,
+        max_open_connections=max_open,
+        timeouts=timeouts,
     )
     return out

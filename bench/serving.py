@@ -303,6 +303,7 @@ def naive_app(settings: Any) -> Any:
             SALES,
             SpeedFilter(
                 granularity="day",
+                dimensions=("sku", "store_id"),  # merged per series, like the batch rows
                 first=datetime(today.year, today.month, today.day, tzinfo=UTC),
                 last=datetime(today.year, today.month, today.day, tzinfo=UTC),
             ),
@@ -323,11 +324,19 @@ def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> No
     import uvicorn
 
     from lambdalake.settings import Settings
+    from serving.admission import StampingHttpToolsProtocol
     from serving.app import create_app
 
     settings = Settings(_env_file=None, lake_uri=lake, home=Path(home), speed_endpoints=endpoints)
     app = create_app(settings) if kind == "fast" else naive_app(settings)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        http=StampingHttpToolsProtocol,  # what `lambdalake serve` runs: arrival times for admission
+    )
 
 
 # --- the load ----------------------------------------------------------------------------------
@@ -481,6 +490,74 @@ def start_speed(
     return broker, proc, f"grpc://127.0.0.1:{port}"
 
 
+# --- overload -----------------------------------------------------------------------------------
+
+P99_TARGET_MS = 50.0  # admitted requests, at any offered load
+REFUSE_TARGET_MS = 10.0  # a refused request's answer
+
+
+def sustains(run: dict) -> bool:
+    """Every request answered 200 (nothing shed, no error) with p99 under the target."""
+    return run["errors"] == 0 and run["p99_ms"] < P99_TARGET_MS
+
+
+def recovery_seconds(record: list[tuple[float, float, int]], window: float = 0.5) -> float | None:
+    """Seconds from the drop in load until every later ``window`` is clean (no refusal or
+    error, p99 under the target); ``None`` if it never gets there."""
+    if not record:
+        return None
+    end = max(at for at, _, _ in record)
+    clean_from: float | None = None
+    t = 0.0
+    while t <= end:
+        rows = [(lat, st) for at, lat, st in record if t <= at < t + window]
+        ok = bool(rows) and all(st == 200 for _, st in rows)
+        ok = ok and loadgen.percentile([lat for lat, _ in rows], 0.99) * 1000 < P99_TARGET_MS
+        if ok and clean_from is None:
+            clean_from = t
+        elif not ok:
+            clean_from = None
+        t += window
+    return clean_from
+
+
+def overload_step(base: str, data: dict, seed: int, ramp: list[float], duration: float) -> dict:
+    """Find the highest point-query rate served cleanly (ramp), offer 2x and 4x of it, then
+    drop to half of it and time the recovery."""
+    point = request_stream(data, seed, kind="sales_point")
+    steps = []
+    sustained = 0.0
+    for rate in ramp:
+        run = asyncio.run(loadgen.open_loop(base, point, rate, duration))
+        steps.append({k: run[k] for k in ("target_rps", "achieved_rps", "p99_ms", "errors")})
+        print(f"    ramp {rate:>6.0f} req/s: p99 {run['p99_ms']} ms, errors {run['errors']}")
+        if not sustains(run):
+            break
+        sustained = rate
+    out: dict[str, Any] = {"ramp": steps, "sustained_rps": sustained}
+    if not sustained:
+        return out
+    for factor in (2, 4):
+        run = asyncio.run(loadgen.open_loop(base, point, factor * sustained, duration))
+        out[f"x{factor}"] = run
+        print(
+            f"    {factor}x = {factor * sustained:.0f} req/s: admitted {run['achieved_rps']} req/s "
+            f"p99 {run['p99_ms']} ms; refused {run['refused']} (p99 {run['refused_p99_ms']} ms); "
+            f"other errors {run['errors'] - run['refused']}; "
+            f"max open connections {run['max_open_connections']}"
+        )
+    record: list[tuple[float, float, int]] = []
+    calm = asyncio.run(
+        loadgen.open_loop(base, point, sustained / 2, max(duration, 4.0), record=record)
+    )
+    out["recovery"] = {**calm, "recovered_after_s": recovery_seconds(record)}
+    print(
+        f"    back to {sustained / 2:.0f} req/s: clean after "
+        f"{out['recovery']['recovered_after_s']} s, p99 {calm['p99_ms']} ms"
+    )
+    return out
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -503,6 +580,13 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true", help="batch views only (no broker)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--only", choices=["fast", "naive"], help="benchmark one server only")
+    ap.add_argument(
+        "--ramp",
+        default="200,400,800,1200,1600",
+        help="point-query rates (req/s) tried to find the highest served cleanly (fast only)",
+    )
+    ap.add_argument("--step-duration", type=float, default=4.0, help="seconds per overload step")
+    ap.add_argument("--no-overload", action="store_true", help="skip the overload step")
     args = ap.parse_args()
     if args.cmd == "server":
         run_server(args.kind, args.lake, args.home, args.port, args.endpoints)
@@ -554,6 +638,12 @@ def main() -> None:
                 point = request_stream(data, args.seed, kind="sales_point")
                 opened = asyncio.run(loadgen.open_loop(base, point, args.rate, args.duration))
                 results[kind] = {"closed_loop": closed, "open_loop_point": opened}
+                if kind == "fast" and not args.no_overload:
+                    print("[3/3] fast: overload (ramp, 2x, 4x, recovery)", flush=True)
+                    ramp = [float(r) for r in args.ramp.split(",")]
+                    results[kind]["overload"] = overload_step(
+                        base, data, args.seed, ramp, args.step_duration
+                    )
             finally:
                 stop_process(proc)
     finally:
@@ -573,6 +663,19 @@ def main() -> None:
             f"{kind:<7} {c['throughput_rps']:>10} {c['p50_ms']:>8} {c['p99_ms']:>8}   "
             f"{o['achieved_rps']}/{o['target_rps']} rps: {o['p50_ms']} / {o['p99_ms']}"
         )
+    over = results.get("fast", {}).get("overload")
+    if over and over.get("sustained_rps"):
+        print(f"\noverload (point queries; highest clean rate {over['sustained_rps']:.0f} req/s)")
+        print(
+            f"{'offered':>8} {'admitted/s':>10} {'p99 ms':>8} {'refused':>8} {'ref p99':>8} {'conns':>6}"
+        )
+        for key in ("x2", "x4"):
+            r = over[key]
+            print(
+                f"{r['target_rps']:>8.0f} {r['achieved_rps']:>10} {r['p99_ms']:>8} "
+                f"{r['refused']:>8} {r['refused_p99_ms']:>8} {r['max_open_connections']:>6}"
+            )
+        print(f"recovery at half the clean rate: {over['recovery']['recovered_after_s']} s")
     print(json.dumps(results, default=str))
 
 

@@ -1,0 +1,178 @@
+"""Admission control over real HTTP (uvicorn with the stamping protocol, httpx clients).
+
+A small app whose handlers hold their slot until the test lets them go makes the
+limits deterministic: requests past the in-flight and queue bounds must be refused at
+once (503, ``Retry-After``, a JSON ``detail``) while the admitted ones are still
+answered; a request that waited too long on the event loop is refused, not started;
+``/health`` is never refused; the real app wires it in with a refusal metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+
+from lambdalake.settings import Settings
+from serving.admission import AdmissionControl, AdmissionLimits
+from serving.app import create_app, running_server
+
+
+def held_app(limits: AdmissionLimits) -> tuple[FastAPI, threading.Event, list[str]]:
+    app = FastAPI()
+    release = threading.Event()
+    started: list[str] = []
+
+    @app.get("/hold/{name}")
+    async def hold(name: str) -> dict:
+        started.append(name)
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return {"name": name}
+
+    @app.get("/busy")
+    def busy_loop() -> dict:  # blocks its thread, not the loop
+        return {}
+
+    @app.get("/block")
+    async def block() -> dict:
+        time.sleep(0.3)  # holds the event loop: requests arriving meanwhile wait for it
+        return {}
+
+    @app.get("/work/{name}")
+    async def work(name: str) -> dict:
+        time.sleep(0.01)  # 10 ms of CPU on the loop
+        return {"name": name}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    app.add_middleware(AdmissionControl, limits=limits)
+    return app, release, started
+
+
+def test_requests_past_in_flight_and_queue_bounds_are_refused_at_once() -> None:
+    limits = AdmissionLimits(max_in_flight=2, max_queued=1, max_queue_seconds=5.0)
+    app, release, started = held_app(limits)
+    with running_server(app) as base, ThreadPoolExecutor(8) as pool:
+
+        def get(path: str) -> tuple[httpx.Response, float]:
+            t0 = time.monotonic()
+            r = httpx.get(base + path, timeout=30)
+            return r, time.monotonic() - t0
+
+        held = [pool.submit(get, f"/hold/{i}") for i in range(2)]
+        deadline = time.monotonic() + 10
+        while len(started) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued = pool.submit(get, "/hold/queued")
+        time.sleep(0.2)  # it is waiting for a slot now
+        refused = [get("/hold/refused") for _ in range(3)]
+        health = httpx.get(base + "/health", timeout=5)
+        assert all(not f.done() for f in held) and not queued.done()
+        for r, seconds in refused:
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert r.headers["content-type"] == "application/json"
+            assert "server busy" in r.json()["detail"]
+            assert seconds < 1.0  # not queued behind the held requests
+        assert health.status_code == 200  # never refused
+        release.set()
+        assert [f.result()[0].status_code for f in held] == [200, 200]
+        assert queued.result()[0].status_code == 200  # it got the first slot freed
+        assert "queued" in started and "refused" not in started
+
+
+def test_a_queued_request_is_refused_when_no_slot_frees_in_time() -> None:
+    limits = AdmissionLimits(max_in_flight=1, max_queued=4, max_queue_seconds=0.2)
+    app, release, started = held_app(limits)
+    with running_server(app) as base, ThreadPoolExecutor(2) as pool:
+        held = pool.submit(httpx.get, base + "/hold/0", timeout=30)
+        while not started:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        r = httpx.get(base + "/hold/late", timeout=30)
+        assert r.status_code == 503 and "no slot freed" in r.json()["detail"]
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        release.set()
+        assert held.result().status_code == 200
+        # The slot is free again: the next request is admitted.
+        assert httpx.get(base + "/hold/again", timeout=30).status_code == 200
+
+
+def _raw_get(sock: socket.socket, path: str) -> None:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+
+
+def _raw_status(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_requests_that_waited_on_a_busy_event_loop_are_refused_not_started() -> None:
+    limits = AdmissionLimits(max_in_flight=100, max_queued=100, max_queue_seconds=0.05)
+    app, _, _ = held_app(limits)
+    with running_server(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(21)]
+        time.sleep(0.2)  # every connection accepted and read from
+        try:
+            _raw_get(socks[0], "/block")
+            time.sleep(0.1)  # the loop is blocked now: these arrive and wait behind it
+            for i, sock in enumerate(socks[1:]):
+                _raw_get(sock, f"/work/{i}")
+            codes = [_raw_status(sock) for sock in socks[1:]]
+            assert _raw_status(socks[0]) == 200
+        finally:
+            for sock in socks:
+                sock.close()
+    # Read together after the block, 10 ms of work each: the first few start within
+    # 50 ms, the rest would start later and are refused instead of answered late.
+    assert codes.count(200) >= 1, codes
+    assert codes.count(503) >= 5, codes
+    assert set(codes) <= {200, 503}
+
+
+def test_the_api_refuses_overload_with_a_metric(tmp_path: Path) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        lake_uri=str(tmp_path / "lake"),
+        home=tmp_path / "home",
+        api_max_in_flight=1,
+        api_max_queued=0,
+        api_max_queue_ms=1000,
+    )
+    app = create_app(settings)
+    release = threading.Event()
+
+    @app.get("/slow-for-test")
+    async def slow() -> dict:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return {}
+
+    with running_server(app) as base, ThreadPoolExecutor(2) as pool:
+        held = pool.submit(httpx.get, base + "/slow-for-test", timeout=30)
+        deadline = time.monotonic() + 10
+        while True:
+            r = httpx.get(base + "/v1/sales", timeout=10)
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        release.set()
+        assert held.result().status_code == 200
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        assert 'lambdalake_api_refused_requests_total{reason="queue_full"}' in metrics
