@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         description="Kafka client of the speed worker; confluent-kafka is an optional "
         "package (librdkafka), about 15 % faster here than kafka-python with the columnar decoder.",
     )
+    speed_token: str = Field(
+        "",
+        description="Shared secret of the speed workers' query endpoints: when set, a worker "
+        "refuses Flight calls without it and the API sends it; empty = no auth (loopback only).",
+    )
     dedup_hours: int = Field(48, ge=0, description="Deduplication horizon for event_id.")
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -18,6 +18,19 @@ exactly and refuses with :class:`StaleWatermark`: reload the latest run and ask
 again. A worker behind the caller (older run) filters its held events by offset,
 so its answer is still exact.
 
+Errors have a kind (:attr:`SpeedError.kind`), so a caller can tell its own
+mistakes from a worker's: ``unavailable`` (transport: unreachable, timed out —
+the only kind after which to treat the worker as down), ``bad_request`` (the
+query is invalid; asking again will not help, the worker is fine),
+``stale_watermark`` (reload the latest run), ``worker_failed`` (the worker is up
+but could not answer this query; its log has the details under the error id the
+message gives — a worker never sends its exception text) and
+``unauthenticated`` (a missing or wrong shared secret).
+
+Auth: a worker started with a shared secret (``LAMBDALAKE_SPEED_TOKEN``) refuses
+every call without ``authorization: Bearer <secret>``; :func:`connect` sends it
+when given ``token=``.
+
 >>> q = SpeedQuery(view="sales", granularity="day", skus=("sku-1",), start="2026-11-01")
 >>> SpeedQuery.from_json(q.to_json()) == q
 True
@@ -30,7 +43,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import UTC, date, datetime
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
@@ -71,6 +85,17 @@ def answer_schema(view: ViewName, granularity: Granularity = "day") -> pa.Schema
 
 
 assert set(SALES.measure_names) | set(SENTIMENT.measure_names) <= set(MEASURE_TYPES)
+
+
+def parse_bound(text: str) -> date | datetime:
+    """A period bound: an ISO date, or an ISO date-time (UTC when no offset is given)."""
+    try:
+        if len(text) <= 10:
+            return date.fromisoformat(text)
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not an ISO date or date-time") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def _offsets_to_json(offsets: Watermark) -> dict[str, dict[str, int]]:
@@ -123,8 +148,18 @@ class SpeedQuery:
             }
         ).encode()
 
+    def check(self) -> SpeedQuery:
+        """Raise ``ValueError`` for a bound that is not an ISO date or date-time."""
+        for bound in (self.start, self.end):
+            if bound is not None:
+                if not isinstance(bound, str):
+                    raise ValueError(f"{bound!r} is not an ISO date or date-time")
+                parse_bound(bound)
+        return self
+
     @classmethod
     def from_json(cls, data: bytes | str) -> SpeedQuery:
+        """Decode and :meth:`check` a request (``ValueError`` when it is not one)."""
         try:
             raw = json.loads(data)
             return cls(
@@ -135,7 +170,7 @@ class SpeedQuery:
                 start=raw.get("start"),
                 end=raw.get("end"),
                 min_offsets=_offsets_from_json(raw.get("min_offsets")),
-            )
+            ).check()
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"bad speed query: {exc}") from exc
 
@@ -152,6 +187,10 @@ class AnswerMeta:
     partitions: dict[str, list[int]]
     model_version: str | None = None
     exact_filter: bool = False  # True when held events were filtered by offset
+    # Partitions being re-read after the watermark went back (a run demoted or
+    # withdrawn), with the offset the worker had reached before: they are left out of
+    # ``partitions``, ``offsets`` and the rows until re-read, so callers list them missing.
+    rereading: Watermark = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -164,6 +203,7 @@ class AnswerMeta:
                 "partitions": {t: sorted(ps) for t, ps in self.partitions.items()},
                 "model_version": self.model_version,
                 "exact_filter": self.exact_filter,
+                "rereading": _offsets_to_json(self.rereading),
             }
         ).encode()
 
@@ -179,6 +219,7 @@ class AnswerMeta:
             partitions={t: [int(p) for p in ps] for t, ps in raw.get("partitions", {}).items()},
             model_version=raw.get("model_version"),
             exact_filter=bool(raw.get("exact_filter")),
+            rereading=_offsets_from_json(raw.get("rereading")),
         )
 
 
@@ -206,8 +247,47 @@ class SpeedAnswer:
         return self.meta.model_version
 
 
+ErrorKind = Literal[
+    "unavailable", "bad_request", "stale_watermark", "worker_failed", "unauthenticated"
+]
+
+
 class SpeedError(RuntimeError):
-    """A speed worker could not answer (unreachable, timed out, bad request)."""
+    """A speed worker could not answer; :attr:`kind` says why (see the module doc).
+
+    Only ``kind == "unavailable"`` (:attr:`worker_down`) means the worker itself
+    is unreachable; the other kinds concern one request."""
+
+    kind: ClassVar[ErrorKind] = "unavailable"
+
+    @property
+    def worker_down(self) -> bool:
+        """True for transport failures: the worker is not answering anyone."""
+        return self.kind == "unavailable"
+
+
+class SpeedUnavailable(SpeedError):
+    """The worker did not answer: unreachable, refused the connection, timed out."""
+
+    kind: ClassVar[ErrorKind] = "unavailable"
+
+
+class SpeedBadRequest(SpeedError):
+    """The query is invalid (a bound that is not a date, an unknown view ...)."""
+
+    kind: ClassVar[ErrorKind] = "bad_request"
+
+
+class SpeedWorkerFailed(SpeedError):
+    """The worker is up but failed to answer this query (details in its log)."""
+
+    kind: ClassVar[ErrorKind] = "worker_failed"
+
+
+class SpeedUnauthenticated(SpeedError):
+    """The worker wants a shared secret and the caller sent none or another one."""
+
+    kind: ClassVar[ErrorKind] = "unauthenticated"
 
 
 class StaleWatermark(SpeedError):
@@ -215,79 +295,162 @@ class StaleWatermark(SpeedError):
 
     ``run_id`` and ``watermark`` say what the worker is pruned at."""
 
+    kind: ClassVar[ErrorKind] = "stale_watermark"
+
     def __init__(self, message: str, run_id: str | None, watermark: Watermark) -> None:
         super().__init__(message)
         self.run_id = run_id
         self.watermark = watermark
 
 
+ERRORS_BY_KIND: dict[str, type[SpeedError]] = {
+    cls.kind: cls
+    for cls in (
+        SpeedUnavailable,
+        SpeedBadRequest,
+        SpeedWorkerFailed,
+        SpeedUnauthenticated,
+        StaleWatermark,
+    )
+}
+
+
+def flight_error(kind: ErrorKind, message: str, **info: Any) -> Exception:
+    """The Flight error a worker raises for ``kind`` (server side): one line, the kind
+    and ``info`` in ``extra_info`` so the client rebuilds the right :class:`SpeedError`."""
+    import pyarrow.flight as flight
+
+    extra = json.dumps({"kind": kind, **info}).encode()
+    line = message.splitlines()[0] if message else kind
+    if kind == "unauthenticated":
+        return flight.FlightUnauthenticatedError(line, extra_info=extra)
+    return flight.FlightServerError(line, extra_info=extra)
+
+
 def stale_watermark_error(run_id: str | None, watermark: Watermark, detail: str) -> Exception:
     """The Flight error a worker raises for a stale ``min_offsets`` (server side)."""
+    return flight_error(
+        "stale_watermark",
+        f"{STALE_WATERMARK}: {detail}",
+        run_id=run_id,
+        watermark=_offsets_to_json(watermark),
+    )
+
+
+def _speed_error(endpoint: str, exc: Exception) -> SpeedError:
+    """The :class:`SpeedError` for a failed call (client side)."""
     import pyarrow.flight as flight
 
-    info = json.dumps({"run_id": run_id, "watermark": _offsets_to_json(watermark)}).encode()
-    return flight.FlightServerError(f"{STALE_WATERMARK}: {detail}", extra_info=info)
+    info: dict[str, Any] = {}
+    raw = getattr(exc, "extra_info", None)
+    if raw:
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            info = {}
+    kind = info.get("kind") if isinstance(info, dict) else None
+    message = (str(exc).splitlines() or [""])[0]
+    # gRPC appends its own detail to the worker's message; keep the worker's sentence.
+    message = message.split(". Detail:")[0]
+    if kind == "stale_watermark":
+        return StaleWatermark(
+            message, info.get("run_id"), _offsets_from_json(info.get("watermark"))
+        )
+    if kind in ERRORS_BY_KIND:
+        return ERRORS_BY_KIND[kind](f"speed worker {endpoint}: {message}")
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return SpeedUnauthenticated(f"speed worker {endpoint} refused the call: {message}")
+    # Anything the worker did not classify itself is the transport's failure.
+    return SpeedUnavailable(f"speed worker {endpoint} did not answer: {message}")
 
 
-def connect(endpoint: str, timeout: float = 5.0) -> Any:
+class _BearerToken:
+    """Client middleware: ``authorization: Bearer <token>`` on every call."""
+
+    def __init__(self, token: str) -> None:
+        self.headers = {"authorization": [f"Bearer {token}"]}
+
+    def sending_headers(self) -> dict[str, list[str]]:
+        return self.headers
+
+    def received_headers(self, headers: Any) -> None:
+        pass
+
+    def call_completed(self, exception: Any) -> None:
+        pass
+
+
+def _token_middleware(token: str) -> Any:
+    import pyarrow.flight as flight
+
+    class Middleware(_BearerToken, flight.ClientMiddleware):
+        pass
+
+    class Factory(flight.ClientMiddlewareFactory):
+        def start_call(self, info: Any) -> Any:
+            return Middleware(token)
+
+    return Factory()
+
+
+def connect(endpoint: str, timeout: float = 5.0, token: str | None = None) -> Any:
     """A Flight client for ``endpoint`` to reuse across calls (``client=``); thread-safe.
 
-    Connecting is lazy: an unreachable worker fails on the first call, not here."""
+    ``token``: the worker's shared secret (``LAMBDALAKE_SPEED_TOKEN``), sent on
+    every call. Connecting is lazy: an unreachable worker fails on the first
+    call, not here."""
     import pyarrow.flight as flight
 
-    return flight.FlightClient(endpoint, generic_options=[("grpc.enable_retries", 0)])
+    middleware = [_token_middleware(token)] if token else []
+    return flight.FlightClient(
+        endpoint, generic_options=[("grpc.enable_retries", 0)], middleware=middleware
+    )
 
 
 def query_speed(
-    endpoint: str, q: SpeedQuery, timeout: float = 5.0, client: Any = None
+    endpoint: str,
+    q: SpeedQuery,
+    timeout: float = 5.0,
+    client: Any = None,
+    token: str | None = None,
 ) -> SpeedAnswer:
     """Ask one worker (``grpc://HOST:PORT``) for partial aggregates.
 
     ``client``: one from :func:`connect` to reuse (left open); by default a
-    client is opened and closed for this call. Raises :class:`StaleWatermark`
-    when the worker pruned beyond ``q.min_offsets``, :class:`SpeedError` when it
-    cannot answer."""
+    client is opened (with ``token``) and closed for this call. Raises a
+    :class:`SpeedError` of the kind that says why it could not answer
+    (:class:`StaleWatermark` when the worker pruned beyond ``q.min_offsets``)."""
     import pyarrow.flight as flight
 
     own = client is None
     if own:
-        client = connect(endpoint, timeout)
+        client = connect(endpoint, timeout, token=token)
     try:
         options = flight.FlightCallOptions(timeout=timeout)
         reader = client.do_get(flight.Ticket(q.to_json()), options)
         table = reader.read_all()
-    except flight.FlightServerError as exc:
-        message = str(exc)
-        if STALE_WATERMARK in message:
-            info = json.loads(exc.extra_info or b"{}")
-            raise StaleWatermark(
-                message.splitlines()[0],
-                info.get("run_id"),
-                _offsets_from_json(info.get("watermark")),
-            ) from None
-        raise SpeedError(f"speed worker {endpoint} failed: {message}") from exc
-    except flight.FlightError as exc:
-        raise SpeedError(f"speed worker {endpoint} did not answer: {exc}") from exc
-    except OSError as exc:
-        raise SpeedError(f"speed worker {endpoint} unreachable: {exc}") from exc
+    except (flight.FlightError, OSError) as exc:
+        raise _speed_error(endpoint, exc) from exc
     finally:
         if own:
             client.close()
     meta = table.schema.metadata or {}
     if META_KEY not in meta:
-        raise SpeedError(f"speed worker {endpoint} sent an answer without its coverage")
+        raise SpeedWorkerFailed(f"speed worker {endpoint} sent an answer without its coverage")
     return SpeedAnswer(
         table=table.replace_schema_metadata(None), meta=AnswerMeta.from_json(meta[META_KEY])
     )
 
 
-def speed_status(endpoint: str, timeout: float = 5.0, client: Any = None) -> dict[str, Any]:
+def speed_status(
+    endpoint: str, timeout: float = 5.0, client: Any = None, token: str | None = None
+) -> dict[str, Any]:
     """The worker's status object, through its endpoint's ``status`` action."""
     import pyarrow.flight as flight
 
     own = client is None
     if own:
-        client = connect(endpoint, timeout)
+        client = connect(endpoint, timeout, token=token)
     try:
         results = list(
             client.do_action(
@@ -295,10 +458,10 @@ def speed_status(endpoint: str, timeout: float = 5.0, client: Any = None) -> dic
             )
         )
     except (flight.FlightError, OSError) as exc:
-        raise SpeedError(f"speed worker {endpoint} did not answer: {exc}") from exc
+        raise _speed_error(endpoint, exc) from exc
     finally:
         if own:
             client.close()
     if not results:
-        raise SpeedError(f"speed worker {endpoint} sent an empty status")
+        raise SpeedWorkerFailed(f"speed worker {endpoint} sent an empty status")
     return json.loads(results[0].body.to_pybytes())

@@ -218,7 +218,9 @@ class SpeedClient:
         with self._clients_lock:
             client = self._clients.get(endpoint)
             if client is None:
-                client = self._clients[endpoint] = connect(endpoint, self.timeout)
+                client = self._clients[endpoint] = connect(
+                    endpoint, self.timeout, token=self.settings.speed_token or None
+                )
         try:
             return query_speed(endpoint, q, timeout=self.timeout, client=client)
         except StaleWatermark:

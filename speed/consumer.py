@@ -13,6 +13,12 @@ outside the GIL.
 Positions are NOT kept here: the main thread tells the poller where to start
 (:meth:`Poller.seek`) from the positions committed in the state, and filters
 out anything below them, so what the poller has in flight is never trusted.
+
+Epochs: a seek backwards (the watermark went back, or a new connection) starts a
+new epoch, and every micro-batch carries the epoch it was polled in. A batch
+polled before the seek is discarded by the main thread, not committed: its
+events above the seek target would otherwise move the positions past the events
+between the target and them, which the re-read must deliver first.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class Polled:
     messages: int = 0
     first_at: float = 0.0  # monotonic time the first message was polled
     poll_seconds: float = 0.0
+    epoch: int = 0  # the seek epoch it was polled in (see the module doc)
 
 
 @dataclass
@@ -100,6 +107,8 @@ class Poller(threading.Thread):
         self._lock = threading.Lock()
         self._seek: dict[TP, int] = {}
         self._force_seek = False
+        self._epoch = 0  # asked for by the last backwards seek
+        self._polling_epoch = 0  # of the positions the client polls from now
         self._seek_given = threading.Event()
         self.client: KafkaClient | None = None
         self._positioned = False  # the client has its start positions
@@ -112,12 +121,19 @@ class Poller(threading.Thread):
 
     # --- called from the main thread ------------------------------------------------------
 
-    def seek(self, positions: dict[TP, int], *, backwards: bool = False) -> None:
-        """Continue each partition at ``positions`` (forward only unless ``backwards``)."""
+    def seek(self, positions: dict[TP, int], *, backwards: bool = False) -> int:
+        """Continue each partition at ``positions`` (forward only unless ``backwards``).
+
+        Returns the epoch from which micro-batches follow this seek: a backwards seek
+        starts a new one, so anything polled before it can be told apart."""
         with self._lock:
             self._seek.update(positions)
             self._force_seek = self._force_seek or backwards
+            if backwards:
+                self._epoch += 1
+            epoch = self._epoch
         self._seek_given.set()
+        return epoch
 
     # --- the thread -------------------------------------------------------------------------
 
@@ -227,6 +243,8 @@ class Poller(threading.Thread):
         with self._lock:
             seeks, self._seek = self._seek, {}
             force, self._force_seek = self._force_seek, False
+            # Taken with the seeks: every batch polled from here on follows them.
+            self._polling_epoch = self._epoch
         seeks = {tp: o for tp, o in seeks.items() if tp in self.assigned}
         if not self._positioned:
             client.start(self.assigned, seeks)
@@ -244,7 +262,7 @@ class Poller(threading.Thread):
         values: dict[str, list[bytes | None]] = {t: [] for t in TOPICS}
         parts: dict[str, list[int]] = {t: [] for t in TOPICS}
         offs: dict[str, list[int]] = {t: [] for t in TOPICS}
-        polled = Polled()
+        polled = Polled(epoch=self._polling_epoch)
         t_start = time.monotonic()
         while polled.messages < self.max_records and not self.stop_event.is_set():
             elapsed = time.monotonic() - (polled.first_at or t_start)

@@ -22,7 +22,8 @@ Tables
     ``meta``
         Run applied (id, watermark, master versions read, sentiment model version).
     ``invalid``
-        Skipped invalid events by topic and reason (metrics).
+        Skipped invalid events: one count per (topic, reason), bounded by the
+        validator's reasons (metrics).
 
 Only the worker's main thread writes; queries read through their own cursors
 (DuckDB MVCC), so a query never blocks a commit and always sees one committed
@@ -52,6 +53,7 @@ from lambdalake.speed_protocol import (
     AnswerMeta,
     SpeedQuery,
     answer_schema,
+    parse_bound,
     stale_watermark_error,
 )
 from lambdalake.views import SALES, SENTIMENT, Granularity, ViewDef
@@ -64,6 +66,8 @@ PARTIALS = {t: f"partials_{VIEW_BY_TOPIC[t].name}" for t in TOPICS}
 # The hot path stores hourly partials; day answers roll hours up (a UTC hour lies in one day).
 STORED_GRANULARITY: Granularity = "hour"
 SCHEMA_VERSION = "1"
+# Read cursors kept open at most (queries beyond this wait for one to be free).
+MAX_READERS = 8
 
 SCORE_FIELDS = [pa.field("sentiment", pa.float64()), pa.field("label", pa.string())]
 SQL_TYPES = {pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}
@@ -142,6 +146,18 @@ class Applied:
     watermark: Watermark = field(default_factory=dict)
     master_versions: dict[str, int] = field(default_factory=dict)
     model_version: str | None = None
+    # After a reset: per partition, the position reached before it. Until a partition
+    # is back there, answers leave it out (the caller reports it missing: degraded).
+    reread_until: Watermark = field(default_factory=dict)
+
+    def rereading(self, positions: Mapping[tuple[str, int], int]) -> Watermark:
+        """The owned partitions not yet re-read to where they were before a reset."""
+        out: Watermark = {}
+        for t, parts in self.reread_until.items():
+            for p, target in parts.items():
+                if (t, p) in positions and positions[(t, p)] < target:
+                    out.setdefault(t, {})[p] = target
+        return out
 
 
 def _now() -> datetime:
@@ -158,6 +174,7 @@ class SpeedState:
         *,
         memory_limit: str | None = None,
         threads: int = 1,
+        max_readers: int = MAX_READERS,
     ):
         self.path = Path(path)
         self.worker = worker
@@ -171,9 +188,13 @@ class SpeedState:
         self.con.execute(f"SET threads = {int(threads)}")
         if memory_limit:
             self.con.execute(f"SET memory_limit = '{memory_limit}'")
-        self._local = threading.local()
+        # Read cursors are pooled, not per thread: the Flight server runs each request on
+        # a thread of gRPC's that Python sees as new, so a per-thread cursor leaked one
+        # cursor (~27 KiB and its buffers) per request.
+        self.max_readers = max(1, int(max_readers))
+        self._idle: list[duckdb.DuckDBPyConnection] = []
         self._cursors: list[duckdb.DuckDBPyConnection] = []
-        self._cursor_lock = threading.Lock()
+        self._cursor_cond = threading.Condition()
         self._create_schema()
         self.applied = self._read_applied(self.con)
         self.positions = self._read_positions(self.con)
@@ -193,7 +214,7 @@ class SpeedState:
             "CREATE TABLE IF NOT EXISTS positions (topic VARCHAR, partition INTEGER, "
             "next_offset BIGINT, PRIMARY KEY (topic, partition))"
         )
-        con.execute("CREATE TABLE IF NOT EXISTS invalid (topic VARCHAR, reason VARCHAR, n BIGINT)")
+        self._create_invalid()
         for topic in TOPICS:
             with _registered(con, "empty", held_schema(topic).empty_table()):
                 con.execute(f"CREATE TABLE IF NOT EXISTS {HELD[topic]} AS SELECT * FROM empty")
@@ -223,6 +244,39 @@ class SpeedState:
                 "use the worker's own file or another LAMBDALAKE_SPEED_DIR"
             )
 
+    def _create_invalid(self) -> None:
+        """``invalid``: one row per (topic, reason) with its count, updated in place.
+
+        Files from before kept one row per micro-batch (a table that grew forever and
+        was scanned every second); they are folded into counts on open."""
+        con = self.con
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS invalid "
+            "(topic VARCHAR, reason VARCHAR, n BIGINT, PRIMARY KEY (topic, reason))"
+        )
+        keyed = _one(
+            con,
+            "SELECT count(*) FROM duckdb_constraints() "
+            "WHERE table_name = 'invalid' AND constraint_type = 'PRIMARY KEY'",
+        )[0]
+        if keyed:
+            return
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(
+                "CREATE TABLE invalid_counts "
+                "(topic VARCHAR, reason VARCHAR, n BIGINT, PRIMARY KEY (topic, reason))"
+            )
+            con.execute(
+                "INSERT INTO invalid_counts SELECT topic, reason, sum(n) FROM invalid GROUP BY ALL"
+            )
+            con.execute("DROP TABLE invalid")
+            con.execute("ALTER TABLE invalid_counts RENAME TO invalid")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
     def _count(self, table: str) -> int:
         return int(_one(self.con, f"SELECT count(*) FROM {table}")[0])
 
@@ -234,6 +288,7 @@ class SpeedState:
             watermark=watermark_from_json(rows.get("watermark") or "{}"),
             master_versions=json.loads(rows.get("master_versions") or "{}"),
             model_version=rows.get("model_version"),
+            reread_until=watermark_from_json(rows.get("reread_until") or "{}"),
         )
 
     @staticmethod
@@ -242,11 +297,12 @@ class SpeedState:
         return {(t, int(p)): int(o) for t, p, o in rows}
 
     def close(self) -> None:
-        with self._cursor_lock:
+        with self._cursor_cond:
             for cur in self._cursors:
                 with suppress(duckdb.Error):
                     cur.close()
             self._cursors.clear()
+            self._idle.clear()
         try:
             self.con.execute("CHECKPOINT")
         finally:
@@ -328,7 +384,10 @@ class SpeedState:
                     }
                 )
                 with _registered(con, "invalid_in", counts):
-                    con.execute("INSERT INTO invalid SELECT * FROM invalid_in")
+                    con.execute(
+                        "INSERT INTO invalid SELECT * FROM invalid_in ON CONFLICT (topic, reason) "
+                        "DO UPDATE SET n = invalid.n + excluded.n"
+                    )
             compact = [t for t in held if self._needs_compaction(t)]
             for topic in compact:
                 self._compact_partials(topic)
@@ -449,6 +508,21 @@ class SpeedState:
                 (t, p): max(0 if run.reset else o, run.watermark.get(t, {}).get(p, 0))
                 for (t, p), o in self.positions.items()
             }
+            # What a reset re-reads: up to where each partition was (or was still
+            # re-reading to, after two resets in a row); partitions already there drop out.
+            reread: dict[tuple[str, int], int] = {
+                (t, p): o
+                for t, ps in self.applied.reread_until.items()
+                for p, o in ps.items()
+                if new_positions.get((t, p), 0) < o
+            }
+            if run.reset:
+                for tp, o in self.positions.items():
+                    if new_positions[tp] < o:
+                        reread[tp] = max(reread.get(tp, 0), o)
+            reread_until: Watermark = {}
+            for (t, p), o in sorted(reread.items()):
+                reread_until.setdefault(t, {})[p] = o
             con.execute("DELETE FROM positions")
             if new_positions:
                 con.executemany(
@@ -460,6 +534,7 @@ class SpeedState:
                 "watermark": watermark_to_json(run.watermark),
                 "master_versions": json.dumps(run.master_versions, sort_keys=True),
                 "model_version": run.model_version,
+                "reread_until": watermark_to_json(reread_until),
             }
             con.executemany(
                 "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -475,6 +550,7 @@ class SpeedState:
             watermark={t: dict(ps) for t, ps in run.watermark.items()},
             master_versions=dict(run.master_versions),
             model_version=run.model_version,
+            reread_until=reread_until,
         )
 
     def _apply_run_topic(self, topic: str, run: RunApply, now: datetime) -> None:
@@ -523,45 +599,67 @@ class SpeedState:
 
     # --- reads (any thread) ---------------------------------------------------------------------
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """This thread's read connection to the state (created on first use)."""
-        cur = getattr(self._local, "cursor", None)
-        if cur is None:
-            cur = self.con.cursor()
-            self._configure(cur)
-            self._local.cursor = cur
-            with self._cursor_lock:
+    @property
+    def cursor_count(self) -> int:
+        """Read cursors open now (at most ``max_readers``)."""
+        with self._cursor_cond:
+            return len(self._cursors)
+
+    @contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read cursor of the pool for the block (waits while ``max_readers`` are busy)."""
+        with self._cursor_cond:
+            while not self._idle and len(self._cursors) >= self.max_readers:
+                self._cursor_cond.wait()
+            if self._idle:
+                cur = self._idle.pop()
+            else:
+                cur = self.con.cursor()
+                self._configure(cur)
                 self._cursors.append(cur)
-        return cur
+        try:
+            yield cur
+        finally:
+            with self._cursor_cond:
+                if cur in self._cursors:  # not closed by close() meanwhile
+                    self._idle.append(cur)
+                self._cursor_cond.notify()
 
     @contextmanager
     def snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read transaction: every read inside sees the same committed state."""
-        cur = self.cursor()
-        cur.execute("BEGIN TRANSACTION")
-        try:
-            yield cur
-        finally:
-            cur.execute("ROLLBACK")
+        with self.cursor() as cur:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            finally:
+                cur.execute("ROLLBACK")
 
     def counts(self) -> dict[str, Any]:
-        """Events held per topic and invalid counts by topic and reason (one snapshot)."""
+        """Events held per topic, invalid counts by topic and reason, and the rows of
+        every table (to see that none grows without bound), from one snapshot."""
+        tables = ["invalid", "positions", *HELD.values(), *KNOWN.values(), *PARTIALS.values()]
         with self.snapshot() as cur:
-            events = {t: int(_one(cur, f"SELECT count(*) FROM {HELD[t]}")[0]) for t in TOPICS}
+            rows = {t: int(_one(cur, f"SELECT count(*) FROM {t}")[0]) for t in tables}
             invalid: dict[str, dict[str, int]] = {}
             for t, r, n in cur.execute(
-                "SELECT topic, reason, sum(n) FROM invalid GROUP BY ALL ORDER BY ALL"
+                "SELECT topic, reason, n FROM invalid ORDER BY ALL"
             ).fetchall():
                 invalid.setdefault(t, {})[r] = int(n)
-        return {"events": events, "invalid": invalid}
+        events = {t: rows[HELD[t]] for t in TOPICS}
+        return {"events": events, "invalid": invalid, "rows": rows}
 
     def query(self, q: SpeedQuery) -> tuple[pa.Table, AnswerMeta]:
-        """Answer a :class:`SpeedQuery` from one consistent snapshot (see the protocol)."""
+        """Answer a :class:`SpeedQuery` from one consistent snapshot (see the protocol).
+
+        Partitions being re-read after a reset are left out of the answer (rows,
+        ``partitions``, ``offsets``) and listed in ``rereading``."""
         view = SALES if q.view == "sales" else SENTIMENT
         topic = view.topic
         with self.snapshot() as cur:
             applied = self._read_applied(cur)
             positions = self._read_positions(cur)
+            rereading = applied.rereading(positions)
             owned = sorted(p for t, p in positions if t == topic)
             pruned = applied.watermark.get(topic, {})
             asked = q.min_offsets.get(topic, {})
@@ -576,7 +674,11 @@ class SpeedState:
                     applied.watermark,
                     f"worker is at run {applied.run_id}; {detail}",
                 )
-            exact = any(lows[p] > pruned.get(p, 0) for p in owned)
+            skipped = rereading.get(topic, {})
+            lows = {p: lo for p, lo in lows.items() if p not in skipped}
+            # Held events filtered by offset (and partition) when the stored partials
+            # cover more than asked: a caller at a newer run, or partitions left out.
+            exact = bool(skipped) or any(lows[p] > pruned.get(p, 0) for p in lows)
             sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[topic], exact)
             lows_tbl = pa.table(
                 {
@@ -592,10 +694,14 @@ class SpeedState:
             run_id=applied.run_id,
             watermark=applied.watermark,
             min_offsets={topic: lows},
-            offsets={topic: {p: positions[(topic, p)] for p in owned}},
-            partitions={t: sorted(p for tt, p in positions if tt == t) for t in TOPICS},
+            offsets={topic: {p: positions[(topic, p)] for p in lows}},
+            partitions={
+                t: sorted(p for tt, p in positions if tt == t and p not in rereading.get(t, {}))
+                for t in TOPICS
+            },
             model_version=applied.model_version if topic == "reviews" else None,
             exact_filter=exact,
+            rereading=rereading,
         )
         return table, meta
 
@@ -628,29 +734,42 @@ def _watermark_table(topic: str, watermark: Watermark) -> pa.Table:
     )
 
 
-def _parse_bound(text: str) -> date | datetime:
+# Bounds past the ends of the calendar clamp here (no event can lie beyond them).
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _utc(ts: datetime) -> datetime:
+    """``ts`` in UTC, clamped to the representable range (year 1 to 9999)."""
     try:
-        if len(text) <= 10:
-            return date.fromisoformat(text)
-        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an ISO date or date-time") from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        return ts.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+05:00 is before year 1 in UTC
+        return EARLIEST if ts.year == 1 else LATEST
+
+
+def _plus(ts: datetime, delta: timedelta) -> datetime:
+    try:
+        return ts + delta
+    except OverflowError:
+        return LATEST
 
 
 def period_bounds(
     granularity: str, start: str | None, end: str | None
 ) -> tuple[datetime | None, datetime | None]:
-    """Inclusive period bounds as a half-open ``[lo, hi)`` range of hour starts (UTC)."""
+    """Inclusive period bounds as a half-open ``[lo, hi)`` range of hour starts (UTC).
+
+    Dates near the ends of the calendar clamp (``end=9999-12-31`` has no upper
+    bound); a bound that is not an ISO date or date-time is a ``ValueError``."""
 
     def day_start(d: date) -> datetime:
         return datetime(d.year, d.month, d.day, tzinfo=UTC)
 
     lo = hi = None
     if start:
-        s = _parse_bound(start)
+        s = parse_bound(start)
         if isinstance(s, datetime):
-            s = s.astimezone(UTC)
+            s = _utc(s)
             lo = (
                 day_start(s.date())
                 if granularity == "day"
@@ -659,15 +778,17 @@ def period_bounds(
         else:
             lo = day_start(s)
     if end:
-        e = _parse_bound(end)
+        e = parse_bound(end)
         if isinstance(e, datetime):
-            e = e.astimezone(UTC)
+            e = _utc(e)
             if granularity == "day":
-                hi = day_start(e.date()) + timedelta(days=1)
+                hi = _plus(day_start(e.date()), timedelta(days=1))
             else:
-                hi = e.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+                hi = _plus(e.replace(minute=0, second=0, microsecond=0), timedelta(hours=1))
         else:
-            hi = day_start(e) + timedelta(days=1)
+            hi = _plus(day_start(e), timedelta(days=1))
+    if hi == LATEST:
+        hi = None  # nothing lies beyond the last representable instant
     return lo, hi
 
 

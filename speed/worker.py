@@ -14,7 +14,9 @@ Exactly once: every micro-batch is committed in one DuckDB transaction together
 with the positions it reached, and anything the poller delivers below the
 committed positions (or the applied watermark) is dropped, so a crash at any
 moment, a reconnect or a run applied mid-batch neither loses nor repeats an
-event.
+event. A micro-batch polled before a seek backwards (a run demoted or withdrawn:
+the watermark went back) is discarded whole (its epoch is older), so positions
+never jump past the events the re-read must deliver first.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Counters:
     poll_seconds: float = 0.0
     validate_seconds: float = 0.0
     commit_seconds: float = 0.0
+    discarded: int = 0  # micro-batches polled before a seek backwards, not committed
     started_at: float = field(default_factory=time.monotonic)
     last_commit_at: float | None = None
     rate: float = 0.0  # messages/s over the last progress interval
@@ -110,6 +113,9 @@ class SpeedWorker:
         )
         self.watcher = RunWatcher(settings, self.halt)
         self.counters = Counters()
+        # Micro-batches polled in an older epoch (before the last seek backwards) are
+        # discarded: they may lie above positions the state just moved back.
+        self.epoch = 0
         self.model: Any = None
         self.server: SpeedFlightServer | None = None
         self.reporter = StatusReporter(
@@ -137,6 +143,11 @@ class SpeedWorker:
                 t: {str(p): o for p, o in sorted(ps.items())} for t, ps in applied.watermark.items()
             },
             "model_version": applied.model_version,
+            # Partitions re-read after the watermark went back, and the offset to reach.
+            "rereading": {
+                t: {str(p): o for p, o in sorted(ps.items())}
+                for t, ps in applied.rereading(self.state.positions).items()
+            },
             "query_endpoint": self.server.endpoint if self.server else None,
             "connected": self.poller.connected,
             "kafka_client": self.poller.client_name,
@@ -146,10 +157,13 @@ class SpeedWorker:
                 "held": c.held,
                 "duplicates": c.duplicates,
                 "invalid": c.invalid,
+                "discarded_batches": c.discarded,
                 "poll_seconds": round(c.poll_seconds, 3),
                 "validate_seconds": round(c.validate_seconds, 3),
                 "commit_seconds": round(c.commit_seconds, 3),
             },
+            # What must stay bounded over a long uptime (tests and the soak bench watch it).
+            "state": {"read_cursors": self.state.cursor_count, "rows": counts["rows"]},
             "messages_per_second": round(c.rate, 1),
             "poll_to_commit_ms": c.latency_ms(),
         }
@@ -189,7 +203,7 @@ class SpeedWorker:
             if tp in self.state.positions
         }
         if positions:
-            self.poller.seek(positions, backwards=prepared.reset)
+            self.epoch = self.poller.seek(positions, backwards=prepared.reset)
         log.info(
             "speed.run_applied",
             run_id=run.run_id,
@@ -267,10 +281,17 @@ class SpeedWorker:
                 host=query_host,
                 port=query_port,
                 advertise_host=advertise_host,
+                token=self.settings.speed_token or None,
             )
         except Exception as exc:  # pyarrow raises its own errors for a port in use
             raise ValueError(f"cannot serve queries on port {query_port}: {exc}") from exc
         self.server.start()
+        if not self.settings.speed_token and not _loopback(query_host):
+            log.warning(
+                "speed.endpoint_unauthenticated",
+                bind=query_host,
+                fix="set LAMBDALAKE_SPEED_TOKEN (worker and API) or bind 127.0.0.1",
+            )
         self.reporter.write()
         self.reporter.start()
         self.watcher.start()
@@ -293,11 +314,22 @@ class SpeedWorker:
         """Take the partitions the poller was assigned, or commit one micro-batch."""
         if isinstance(item, Assigned):
             start = self.state.register_partitions(item.partitions)
-            self.poller.seek(start, backwards=True)
+            self.epoch = self.poller.seek(start, backwards=True)
             return
         # A run published while this batch was in flight is applied first, so the
-        # batch is filtered at the new watermark (exact, by offset).
+        # batch is filtered at the new watermark (exact, by offset) — or discarded
+        # whole when the watermark went back (the poller re-reads from it).
         self.apply_pending()
+        if item.epoch < self.epoch:
+            self.counters.discarded += 1
+            log.info(
+                "speed.batch_discarded",
+                reason="polled before a seek backwards",
+                messages=item.messages,
+                epoch=item.epoch,
+                current_epoch=self.epoch,
+            )
+            return
         self.process(item)
 
     def step(self, timeout: float = 0.2) -> None:
@@ -354,6 +386,17 @@ class SpeedWorker:
             if thread.is_alive():
                 thread.join(timeout=10)
         log.info("speed.stopped", worker=self.name, messages=self.counters.messages)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _keep_new(state: SpeedState, topic: str, table: pa.Table) -> pa.Table:

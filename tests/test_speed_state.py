@@ -7,6 +7,7 @@ are recomputed independently in plain Python.
 from __future__ import annotations
 
 import json
+import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -293,3 +294,96 @@ def test_a_watermark_going_back_resets_the_state_to_reconsume_from_it(state: Spe
     # Re-consumed from the older watermark, the events count again (none is "known").
     state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(3, 10)]))
     assert total_units(state) == 7
+
+
+def test_read_cursors_are_pooled_not_one_per_thread(state: SpeedState) -> None:
+    # The Flight server answers on threads Python sees as new: one cursor per thread
+    # leaked a cursor per request.
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(5)]))
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            for _ in range(3):
+                assert total_units(state) == 5
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(4):
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert 1 <= state.cursor_count <= state.max_readers
+
+
+def test_invalid_counts_keep_one_row_per_topic_and_reason(state: SpeedState) -> None:
+    for i in range(40):
+        state.commit_batch(batch("orders", [(0, 2 * i, b"{bad"), (0, 2 * i + 1, order(i, qty=0))]))
+    assert state.counts()["invalid"] == {"orders": {"bad_json": 40, "out_of_range:quantity": 40}}
+    assert state.con.execute("SELECT count(*) FROM invalid").fetchall() == [(2,)]
+
+
+def test_an_invalid_table_of_the_old_layout_is_folded_into_counts(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE invalid (topic VARCHAR, reason VARCHAR, n BIGINT)")
+    con.execute("INSERT INTO invalid VALUES ('orders', 'bad_json', 2), ('orders', 'bad_json', 3)")
+    con.close()
+    s = SpeedState(path, (0, 1))
+    try:
+        s.commit_batch(batch("orders", [(0, 0, b"{bad")]))
+        assert s.counts()["invalid"] == {"orders": {"bad_json": 6}}
+        assert s.con.execute("SELECT count(*) FROM invalid").fetchall() == [(1,)]
+    finally:
+        s.close()
+
+
+def test_after_a_reset_partitions_are_left_out_of_answers_until_re_read(state: SpeedState) -> None:
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(10)]))
+    state.commit_batch(batch("orders", [(1, o, order(100 + o)) for o in range(4)]))
+    state.apply_run(run_apply("r2", {"orders": {0: 6, 1: 2}}), 48, now=NOW)
+    state.apply_run(run_apply("r1", {"orders": {0: 3, 1: 2}}, reset=True), 48, now=NOW)
+
+    def answer() -> tuple[int, object]:
+        table, meta = state.query(SpeedQuery(view="sales", min_offsets=state.applied.watermark))
+        return sum(table["units"].to_pylist()), meta
+
+    # Partition 0 went back from 10 to 3: left out until it is at 10 again. Partition 1
+    # kept its position (4 > watermark 2): nothing to re-read there, but a reset clears it.
+    assert state.positions[("orders", 0)] == 3 and state.positions[("orders", 1)] == 2
+    units, meta = answer()
+    assert meta.rereading == {"orders": {0: 10, 1: 4}} and meta.partitions["orders"] == []
+    assert units == 0 and meta.offsets == {"orders": {}}
+    state.commit_batch(batch("orders", [(1, o, order(100 + o)) for o in range(2, 4)]))
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(3, 8)]))
+    units, meta = answer()
+    assert meta.rereading == {"orders": {0: 10}} and meta.partitions["orders"] == [1]
+    assert units == 2 and meta.offsets == {"orders": {1: 4}}
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(8, 10)]))
+    units, meta = answer()
+    assert meta.rereading == {} and meta.partitions["orders"] == [0, 1] and units == 7 + 2
+
+
+def test_dates_at_the_ends_of_the_calendar_clamp() -> None:
+    ymin = datetime(1, 1, 1, tzinfo=UTC)
+    assert period_bounds("day", "0001-01-01", "9999-12-31") == (ymin, None)
+    assert period_bounds("hour", "0001-01-01T00:00:00+05:00", "9999-12-31T23:30:00-05:00") == (
+        ymin,
+        None,
+    )
+    assert period_bounds("hour", None, "9999-12-31T22:10:00Z") == (
+        None,
+        datetime(9999, 12, 31, 23, tzinfo=UTC),
+    )
+
+
+def test_queries_bounded_at_the_ends_of_the_calendar_answer(state: SpeedState) -> None:
+    state.commit_batch(batch("orders", [(0, o, order(o)) for o in range(3)]))
+    assert total_units(state, end="9999-12-31") == 3
+    assert total_units(state, start="0001-01-01", end="9999-12-31", granularity="hour") == 3
+    assert total_units(state, start="9999-12-31T23:00:00-05:00", granularity="hour") == 0

@@ -713,3 +713,122 @@ def test_the_confluent_kafka_client_holds_exactly_the_same(
     want_sales, want_sentiment = expected(stream.log, run.watermark)
     assert_same(answer_sales(sales), want_sales)
     assert_same(answer_sentiment(sentiment), want_sentiment)
+
+
+def test_a_run_demoted_mid_batch_re_reads_from_the_older_watermark_and_loses_nothing(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """The watermark goes back (the newest run demoted) while a micro-batch polled above
+    the worker's positions is in flight: that batch must not be committed after the
+    re-seek, or positions jump past every event between the older watermark and it."""
+    from lambdalake.airflow import demote_run
+
+    settings = settings_for(fresh_broker)
+    stream = Stream(fresh_broker.bootstrap, seed=71)
+    publisher = Publisher(settings)
+    state = SpeedState(tmp_path / "w.duckdb", (0, 1))
+    worker = SpeedWorker(settings, state, (0, 1), max_records=700)
+
+    def drain(ends: Watermark) -> None:
+        deadline = time.monotonic() + 60
+        while not all(
+            state.positions.get((t, p), 0) >= o for t, ps in ends.items() for p, o in ps.items()
+        ):
+            assert time.monotonic() < deadline, "the worker did not catch up"
+            worker.step()
+
+    try:
+        worker.start(0)
+        endpoint = worker.server.endpoint
+        stream.burst(orders=1200, reviews=40, dup=0.05)
+        ends_a = stream.ends()
+        wm1 = {t: {p: o // 2 for p, o in ps.items()} for t, ps in ends_a.items()}
+        run1 = publisher.publish("run-1", wm1, list(stream.log))
+        stream.burst(orders=1200, reviews=40, dup=0.05)
+        ends_b = stream.ends()
+        drain(ends_b)
+        publisher.publish("run-2", ends_b, list(stream.log))
+        wait_until(lambda: worker.watcher.prepared_run_id == "run-2", 30, "run-2 prepared")
+        worker.step()
+        assert state.applied.run_id == "run-2"
+        assert state.counts()["events"] == {"orders": 0, "reviews": 0}
+
+        stream.burst(orders=3000, reviews=20, dup=0.0, bad=0.0)
+        item = wait_until(lambda: _next_batch(worker), 30, "a micro-batch in flight")
+        assert min(item.raw["orders"].offsets) >= min(ends_b["orders"].values())
+        assert demote_run(settings, "run-2", ["a failed check"])
+        wait_until(lambda: worker.watcher.prepared_run_id == "run-1", 30, "run-1 prepared")
+        worker.handle(item)  # run-1 applied first (a reset); the in-flight batch discarded
+        assert state.applied.run_id == "run-1"
+        assert worker.counters.discarded == 1
+        assert state.positions[("orders", 0)] == wm1["orders"][0]
+
+        # While re-reading, answers leave the partitions out (callers report them missing).
+        answer = query(endpoint, "sales", run1.watermark, granularity="hour")
+        assert answer.partitions["orders"] == [] and answer.table.num_rows == 0
+        rereading = answer.meta.rereading["orders"]
+        assert set(rereading) == set(range(PARTITIONS))
+        assert all(rereading[p] >= ends_b["orders"][p] > wm1["orders"][p] for p in rereading)
+
+        all_ends = stream.ends()
+        drain(all_ends)
+        sales = query(endpoint, "sales", run1.watermark, granularity="hour")
+        sentiment = query(endpoint, "sentiment", run1.watermark)
+        assert sales.meta.rereading == {} and sales.partitions["orders"] == list(range(PARTITIONS))
+        assert sales.offsets["orders"] == all_ends["orders"]
+        want_sales, want_sentiment = expected(stream.log, run1.watermark)
+        assert_same(answer_sales(sales), want_sales)
+        assert_same(answer_sentiment(sentiment), want_sentiment)
+    finally:
+        worker.close()
+        state.close()
+        stream.close()
+
+
+def test_status_measures_lag_against_the_ends_now_and_says_how_old_it_is(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """Messages wait while the worker does not commit: `lambdalake status` must show
+    them at once (not a 0 from ends read seconds ago), with the measurement's age."""
+    from lambdalake.status import collect_status
+
+    settings = settings_for(fresh_broker)
+    stream = Stream(fresh_broker.bootstrap, seed=83)
+    state = SpeedState(tmp_path / "w.duckdb", (0, 1))
+    worker = SpeedWorker(settings, state, (0, 1))
+    try:
+        stream.burst(orders=300, dup=0.0, bad=0.0)
+        worker.start(0)
+        first = stream.ends()
+        deadline = time.monotonic() + 60
+        while not all(
+            state.positions.get(("orders", p), 0) >= o for p, o in first["orders"].items()
+        ):
+            assert time.monotonic() < deadline, "the worker did not catch up"
+            worker.step()
+        worker.reporter.write()
+        # From now on the main thread commits nothing: everything produced waits.
+        stream.burst(orders=2000, dup=0.0, bad=0.0)
+        ends = stream.ends()
+        waiting = sum(ends["orders"][p] - first["orders"][p] for p in range(PARTITIONS))
+        report = collect_status(settings)
+        (w,) = report["speed"]["workers"]
+        assert w["lag_source"] == "broker" and w["lag_age_s"] < 5
+        assert sum(int(n) for n in w["lag"]["orders"].values()) == waiting
+        assert report["speed"]["total_lag"] == waiting
+        # The worker's own file catches up with the ends within about a second or two.
+        own = wait_until(
+            lambda: (
+                (s := status_file(settings, (0, 1)))
+                and sum(int(n) for n in s["lag"]["orders"].values()) == waiting
+                and s
+            ),
+            10,
+            "the worker's own lag",
+        )
+        assert own["lag_age_s"] is not None and own["lag_age_s"] < 5
+        assert own["lag_measured_at"].endswith("Z")
+    finally:
+        worker.close()
+        state.close()
+        stream.close()
