@@ -9,11 +9,21 @@ Shape (the architecture page's contract)::
 Speed workers publish their part in small JSON files
 (``{speed_state_dir}/status/worker-I-of-N.json``, written atomically about once
 a second); a file older than ``STALE_SECONDS`` marks its worker not alive.
+
+Lag: measured here, against the broker's end offsets read now (at most once a
+second per process; ``lag_source: "broker"``), minus the positions in the
+workers' files (positions only grow, so an older file over- rather than
+under-states the lag). When the broker cannot be read, a worker's own lag
+stands (``lag_source: "worker"``). Either way ``lag_measured_at`` and
+``lag_age_s`` say when the ends behind the lag were read, so an old 0 is never
+taken for "caught up".
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +33,11 @@ from lambdalake.manifest import latest_published_run
 from lambdalake.settings import Settings
 
 STALE_SECONDS = 15.0
+ENDS_TTL_SECONDS = 1.0  # end offsets read at most this often per process
+ENDS_FAILED_TTL_SECONDS = 5.0  # after a failed read, the broker is not asked again for this long
+ENDS_TIMEOUT_SECONDS = 2.0
+
+TP = tuple[str, int]
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -45,23 +60,94 @@ def batch_status(lake: Lake, now: datetime) -> dict[str, Any]:
     }
 
 
-def speed_status(status_dir: Path, now: datetime) -> dict[str, Any]:
+class _EndsCache:
+    """The broker's end offsets, read at most every ``ENDS_TTL_SECONDS`` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # bootstrap -> (monotonic time read, wall time asked, ends or None when it failed)
+        self._cache: dict[str, tuple[float, float, dict[TP, int] | None]] = {}
+
+    def get(self, bootstrap: str, tps: set[TP]) -> tuple[float, dict[TP, int]] | None:
+        """``(wall time the ends were asked for, ends)``, or ``None`` when unreadable."""
+        with self._lock:
+            hit = self._cache.get(bootstrap)
+            now = time.monotonic()
+            if hit is not None:
+                read_at, asked_at, cached = hit
+                if cached is None and now - read_at < ENDS_FAILED_TTL_SECONDS:
+                    return None
+                if cached is not None and now - read_at < ENDS_TTL_SECONDS and tps <= set(cached):
+                    return asked_at, cached
+            asked_at = time.time()
+            try:
+                from kafka import TopicPartition
+
+                from lambdalake.kafka import end_offsets
+
+                found = end_offsets(
+                    bootstrap,
+                    [TopicPartition(t, p) for t, p in sorted(tps)],
+                    timeout=ENDS_TIMEOUT_SECONDS,
+                )
+                ends: dict[TP, int] | None = {
+                    (tp.topic, tp.partition): int(n) for tp, n in found.items()
+                }
+            except Exception:  # no broker: the workers' own lag stands
+                ends = None
+            self._cache[bootstrap] = (time.monotonic(), asked_at, ends)
+            return None if ends is None else (asked_at, ends)
+
+
+_ENDS = _EndsCache()
+
+
+def _owned(worker: dict[str, Any]) -> dict[TP, int]:
+    return {
+        (t, int(p)): int(o)
+        for t, parts in (worker.get("offsets") or {}).items()
+        for p, o in parts.items()
+    }
+
+
+def _age(now: datetime, ts: Any) -> float | None:
+    try:
+        return (now - datetime.fromisoformat(str(ts).replace("Z", "+00:00"))).total_seconds()
+    except ValueError:
+        return None
+
+
+def speed_status(status_dir: Path, now: datetime, bootstrap: str | None = None) -> dict[str, Any]:
+    """The workers' status files; with ``bootstrap``, each lag measured against the
+    broker's end offsets now (see the module doc)."""
     workers: list[dict[str, Any]] = []
     for path in sorted(status_dir.glob("worker-*.json")) if status_dir.is_dir() else []:
         try:
             info = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced right now, or not ours
-        updated = info.get("updated_at")
-        try:
-            age = (
-                now - datetime.fromisoformat(str(updated).replace("Z", "+00:00"))
-            ).total_seconds()
-        except ValueError:
-            age = None
+        age = _age(now, info.get("updated_at"))
         info["alive"] = age is not None and age <= STALE_SECONDS
         info["status_age_seconds"] = None if age is None else round(age, 3)
         workers.append(info)
+    measured = None
+    if bootstrap and workers:
+        wanted = {tp for w in workers for tp in _owned(w)}
+        measured = _ENDS.get(bootstrap, wanted) if wanted else None
+    for w in workers:
+        if measured is not None:
+            asked_at, ends = measured
+            lag: dict[str, dict[str, int]] = {}
+            for (t, p), pos in sorted(_owned(w).items()):
+                lag.setdefault(t, {})[str(p)] = max(0, ends.get((t, p), pos) - pos)
+            w["lag"] = lag
+            w["lag_source"] = "broker"
+            w["lag_measured_at"] = _iso(datetime.fromtimestamp(asked_at, UTC))
+        else:
+            w["lag_source"] = "worker"
+        at = w.get("lag_measured_at")
+        age = _age(now, at) if at else None
+        w["lag_age_s"] = None if age is None else round(max(0.0, age), 3)
     total_lag = sum(
         int(n) for w in workers for parts in (w.get("lag") or {}).values() for n in parts.values()
     )
@@ -93,7 +179,7 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
     lake = Lake(settings.lake_uri)
     return {
         "batch": batch_status(lake, now),
-        "speed": speed_status(settings.speed_state_dir / "status", now),
+        "speed": speed_status(settings.speed_state_dir / "status", now, settings.bootstrap),
         "quarantine": quarantine_counts(lake),
         "generated_at": _iso(now),
     }
@@ -124,7 +210,9 @@ def render_status(report: dict[str, Any]) -> None:
         lag = sum(int(n) for parts in (w.get("lag") or {}).values() for n in parts.values())
         held = ", ".join(f"{k} {v}" for k, v in sorted((w.get("events") or {}).items()))
         state = "alive" if w.get("alive") else "stale"
-        t.add_row(f"speed {w.get('worker')}", state, f"lag {lag}; held {held}")
+        age = w.get("lag_age_s")
+        measured = "" if age is None else f" (measured {age:.0f} s ago)"
+        t.add_row(f"speed {w.get('worker')}", state, f"lag {lag}{measured}; held {held}")
     q = report["quarantine"]
     if q:
         for topic, reasons in sorted(q.items()):

@@ -6,12 +6,13 @@ A :class:`StatusReporter` thread writes the status object to
 layer find workers. The same object is served by the query endpoint's
 ``status`` action.
 
-Lag is the true end offset of each owned partition minus the committed
-position. True ends come from :func:`lambdalake.kafka.end_offsets` (it reads,
-because Tansu's ListOffsets is off by a batch), refreshed every few seconds, and
-from the high watermarks the consumer sees in its fetches in between. When the
-broker cannot be reached the last known ends stand, ``broker_unreachable`` is
-true, and the lag grows as the broker's ends are no longer known to move.
+Lag is the end offset of each owned partition minus the committed position.
+Ends come from ListOffsets (one consumer kept for it, in a thread of its own)
+every second, and from the high watermarks the consumer sees in its fetches in
+between. ``lag_measured_at`` / ``lag_age_s`` say when the ends were last read
+from the broker: a lag is only as current as that. When the broker cannot be
+reached the last known ends stand, ``broker_unreachable`` is true and the age
+grows, so nobody mistakes an old 0 for "caught up".
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
-from lambdalake.kafka import end_offsets
 from lambdalake.logs import get_logger
 
 log = get_logger(__name__)
@@ -61,6 +61,50 @@ def compute_lag(positions: dict[TP, int], ends: dict[TP, int]) -> dict[TP, int]:
     return {tp: max(0, ends.get(tp, pos) - pos) for tp, pos in positions.items()}
 
 
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as an ISO time in UTC (``...Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class EndOffsets:
+    """ListOffsets(latest) through one consumer kept open (a new one per read cost a
+    connection and a metadata round trip every second)."""
+
+    def __init__(self, bootstrap: str, timeout: float = 5.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self._consumer: KafkaConsumer | None = None
+
+    def read(self, tps: list[TP]) -> dict[TP, int]:
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                enable_auto_commit=False,
+                group_id=None,
+                # Ends of the log: markers and open transactions' records included; a
+                # read_committed consumer that read everything stands there too.
+                isolation_level="read_uncommitted",
+                request_timeout_ms=max(1_000, int(self.timeout * 1000)),
+                bootstrap_timeout_ms=max(1_000, int(self.timeout * 1000)),
+            )
+        try:
+            found = self._consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
+        except Exception:
+            self.close()  # start over next time
+            raise
+        return {(tp.topic, tp.partition): int(end) for tp, end in found.items()}
+
+    def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                consumer.close()
+            except Exception as exc:  # closing a broken connection
+                log.debug("speed.end_offsets_close_failed", error=str(exc))
+
+
 def broker_reachable(bootstrap: str, timeout: float = 1.0) -> bool:
     """A TCP connect to the first bootstrap address succeeds."""
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
@@ -87,7 +131,7 @@ class StatusReporter(threading.Thread):
         stop: threading.Event,
         *,
         interval: float = 1.0,
-        ends_every: float = 5.0,
+        ends_every: float = 1.0,
     ) -> None:
         super().__init__(name="speed-status", daemon=True)
         self.path = path
@@ -98,6 +142,8 @@ class StatusReporter(threading.Thread):
         self.interval = interval
         self.ends_every = ends_every
         self.ends: dict[TP, int] = {}
+        self.ends_measured_at: float | None = None  # wall time of the last ListOffsets read
+        self._end_offsets = EndOffsets(bootstrap)
         self.broker_unreachable = False
         self._next_ends = 0.0
         self._backoff = ends_every
@@ -118,19 +164,18 @@ class StatusReporter(threading.Thread):
         return ok
 
     def refresh_ends(self, owned: list[TP]) -> None:
-        """Find the true ends of ``owned`` (reads; may block up to a request timeout)."""
+        """Read the ends of ``owned`` from the broker (may block up to a request timeout)."""
         if not owned:
             return
+        asked_at = time.time()  # the ends are at least as recent as the question
         try:
-            found = end_offsets(
-                self.bootstrap, [TopicPartition(t, p) for t, p in owned], timeout=5.0
-            )
+            found = self._end_offsets.read(owned)
         except Exception as exc:  # the broker went away: the probe reports it
             log.debug("speed.end_offsets_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        for tp, end in found.items():
-            key = (tp.topic, tp.partition)
+        for key, end in found.items():
             self.ends[key] = max(self.ends.get(key, 0), int(end))
+        self.ends_measured_at = asked_at
 
     def _refresh_in_background(self, owned: list[TP]) -> None:
         # end_offsets can block for a request timeout when the broker dies mid-read: it
@@ -149,10 +194,13 @@ class StatusReporter(threading.Thread):
         for tp, hw in self.highwater().items():
             self.ends[tp] = max(self.ends.get(tp, 0), hw)
         lag = compute_lag(positions, self.ends)
+        measured = self.ends_measured_at
         return {
             **snap,
             "offsets": nested(positions),
             "lag": nested(lag),
+            "lag_measured_at": iso(measured),
+            "lag_age_s": None if measured is None else round(max(0.0, time.time() - measured), 3),
             "ends": nested({tp: self.ends[tp] for tp in positions if tp in self.ends}),
             "broker_unreachable": self.broker_unreachable,
             "updated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
@@ -173,3 +221,6 @@ class StatusReporter(threading.Thread):
             except Exception as exc:  # status must never take the worker down
                 log.warning("speed.status_failed", error=f"{type(exc).__name__}: {exc}")
             self.stop_event.wait(self.interval)
+        if self._ends_thread is not None:
+            self._ends_thread.join(timeout=6)
+        self._end_offsets.close()
