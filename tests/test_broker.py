@@ -1,15 +1,34 @@
-"""The embedded broker: starts on a free port, creates the topics, round-trips messages."""
+"""The embedded broker (Apache Kafka, KRaft): starts on a free port, creates the topics,
+round-trips messages, reports ends that agree with what is read (transaction markers
+included), and keeps its log across a restart."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
+from ingest_stream import (
+    assert_exactly_once,
+    ingest_cmd,
+    ingest_env,
+    master_keys,
+    produce_stream,
+    run_until_end,
+    true_ends,
+    wait_for_line,
+)
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from lambdalake.broker import EmbeddedBroker, free_port
 from lambdalake.kafka import end_offsets, topic_partitions
+from lambdalake.lake import Lake
+from lambdalake.manifest import ingest_positions
+from lambdalake.settings import TOPICS
 
 
 def test_topics_exist_with_configured_partitions(broker: EmbeddedBroker) -> None:
@@ -74,3 +93,156 @@ def test_port_in_use_is_a_clear_error(broker: EmbeddedBroker) -> None:
         assert "broker" in str(exc).lower()
     else:  # pragma: no cover
         raise AssertionError("starting a second broker on a used port must fail")
+
+
+# --- end offsets and transactions -------------------------------------------------------------
+
+
+def _read_all(
+    bootstrap: str, tp: TopicPartition, isolation: str, until: int, timeout: float = 30.0
+) -> tuple[list[bytes], int]:
+    """Read ``tp`` from the beginning until the consumer's position reaches ``until`` (or the
+    time is up); returns the values read and the final position."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level=isolation,
+        fetch_max_wait_ms=100,
+    )
+    try:
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while consumer.position(tp) < until and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                got.extend(r.value for r in records)
+        return got, consumer.position(tp)
+    finally:
+        consumer.close()
+
+
+def test_end_offsets_count_transaction_markers_and_agree_with_what_is_read(
+    fresh_broker: EmbeddedBroker,
+) -> None:
+    """The end is the high watermark: data records plus one control record per commit or
+    abort. Both isolation levels read up to exactly that end, ``read_committed`` without
+    the aborted records; an open transaction's records count in the end at once, and a
+    ``read_committed`` reader stops before them until the transaction completes."""
+    bootstrap = fresh_broker.bootstrap
+    tp = TopicPartition("orders", 0)
+    plain = KafkaProducer(bootstrap_servers=bootstrap)
+    for i in range(10):
+        plain.send("orders", value=f"plain-{i}".encode(), partition=0)
+    plain.flush()
+    plain.close()
+
+    txn = KafkaProducer(bootstrap_servers=bootstrap, transactional_id="end-offsets-test")
+    txn.init_transactions()
+
+    def transaction(prefix: str, n: int, *, commit: bool) -> list[bytes]:
+        txn.begin_transaction()
+        values = [f"{prefix}-{i}".encode() for i in range(n)]
+        for v in values:
+            txn.send("orders", value=v, partition=0)
+        txn.flush()  # in the log before the end (an abort would drop unsent records)
+        if commit:
+            txn.commit_transaction()
+        else:
+            txn.abort_transaction()
+        return values
+
+    committed = [f"plain-{i}".encode() for i in range(10)]
+    committed += transaction("commit-a", 20, commit=True)
+    aborted = transaction("abort", 15, commit=False)
+    committed += transaction("commit-b", 5, commit=True)
+
+    # 50 data records and 3 control records (commit, abort, commit).
+    end = end_offsets(bootstrap, [tp])[tp]
+    assert end == 50 + 3
+    values, position = _read_all(bootstrap, tp, "read_committed", until=end)
+    assert (values, position) == (committed, end)
+    values, position = _read_all(bootstrap, tp, "read_uncommitted", until=end)
+    assert sorted(values) == sorted(committed + aborted) and position == end
+    # The other partitions are untouched.
+    others = end_offsets(bootstrap, [TopicPartition("orders", p) for p in (1, 2, 3)])
+    assert set(others.values()) == {0}
+
+    # An open transaction: its records are in the end at once ...
+    txn.begin_transaction()
+    for i in range(4):
+        txn.send("orders", value=f"open-{i}".encode(), partition=0)
+    txn.flush()
+    open_end = end_offsets(bootstrap, [tp])[tp]
+    assert open_end == end + 4
+    # ... a read_committed reader stops at the first open record ...
+    values, position = _read_all(bootstrap, tp, "read_committed", until=open_end, timeout=3)
+    assert (values, position) == (committed, end)
+    # ... and reads them, and past the marker, once it commits.
+    txn.commit_transaction()
+    txn.close()
+    final = end_offsets(bootstrap, [tp])[tp]
+    assert final == open_end + 1
+    values, position = _read_all(bootstrap, tp, "read_committed", until=final)
+    assert values == committed + [f"open-{i}".encode() for i in range(4)]
+    assert position == final
+
+
+# --- a broker restart in the middle of a stream -----------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_restart_on_the_same_log_loses_and_duplicates_nothing(tmp_path: Path, how: str) -> None:
+    """Produce, ingest part of it with a continuous ingest, stop the broker (cleanly or by
+    SIGKILL) while ingest runs, start it again on the same log directory and port, produce
+    more, drain with ``--until-end``: every message once, at the offset it was given."""
+    log_dir, port = tmp_path / "broker", free_port()
+    broker = EmbeddedBroker.start(port=port, log_dir=log_dir)
+    lake = Lake(str(tmp_path / "lake"))
+    ingest_log = tmp_path / "ingest.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        stream = produce_stream(broker.bootstrap, 3_000, seed=21)
+        before = true_ends(broker.bootstrap)
+        with open(ingest_log, "wb") as err:
+            proc = subprocess.Popen(
+                ingest_cmd(broker.bootstrap, lake.root),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=ingest_env(
+                    LAMBDALAKE_INGEST_BATCH_SIZE="300", LAMBDALAKE_INGEST_BATCH_SECONDS="0.1"
+                ),
+            )
+        assert wait_for_line(ingest_log, "ingest.batch", timeout=60), ingest_log.read_text()
+        if how == "sigkill":
+            os.killpg(broker.process.pid, signal.SIGKILL)
+        broker.stop()
+        broker = EmbeddedBroker.start(port=port, log_dir=log_dir)
+        # The log came back whole: same ends, same records at the same offsets.
+        assert true_ends(broker.bootstrap) == before
+        produce_stream(broker.bootstrap, 3_000, seed=22, stream=stream)
+        assert len(stream.valid) + len(stream.invalid) == 6_000
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0, ingest_log.read_text()[-3000:]
+        partial = {t: ingest_positions(lake.master(t), t) for t in TOPICS}
+        assert sum(sum(p.values()) for p in partial.values()) > 0
+
+        summary = run_until_end(broker.bootstrap, lake.root, tmp_path / "until-end.log")
+        assert_exactly_once(lake, stream)
+        ends = true_ends(broker.bootstrap)
+        assert {t: ingest_positions(lake.master(t), t) for t in TOPICS} == ends
+        assert sum(sum(e.values()) for e in ends.values()) == 6_000
+        # The second run wrote exactly what the first had not.
+        assert sum(s["written"] for s in summary.values()) == len(stream.valid) - sum(
+            len(master_rows_below(lake, t, partial[t])) for t in TOPICS
+        )
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        broker.stop()
+
+
+def master_rows_below(lake: Lake, topic: str, positions: dict[int, int]) -> list[object]:
+    """The master rows of ``topic`` below the given per-partition positions."""
+    return [k for k, _ in master_keys(lake, topic) if k[2] < positions.get(k[1], 0)]
