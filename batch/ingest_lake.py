@@ -16,11 +16,33 @@ idempotent on its own:
   meantime makes delta-rs fail the commit (``ConcurrentTransaction``) instead
   of duplicating rows.
 
+Files per commit. A Delta table partitioned by ``event_date`` gets at least one
+file per date in every commit, and delta-rs holds one open writer per date while
+it writes (about 0.2 MiB each): a micro-batch spread over 3,000 dates wrote
+3,000 files in one commit and took 635 MiB. :func:`plan_commits` cuts a
+micro-batch whose valid rows span more than ``max_dates`` dates into several
+commits, each an offset *prefix* per partition carrying the positions it
+reaches: every commit is a consistent snapshot (a batch run may pin any of
+them; its watermark says exactly what it holds) and a crash between them
+resumes at the last one, as after any commit. Rows are taken in event-date
+order across partitions (a k-way merge), so a backfill sent in time order (or
+a store's backlog, clustered by date) is cut into runs of consecutive dates
+and writes no more files in total than one commit would.
+
+Dates interleaved at random in offset order cannot be cut that way: every
+prefix holds nearly every date, so bounding a commit's dates multiplies the
+files (measured: 50,000 rows over 3,000 random dates became 187 commits and
+47,818 files in 157 s, against one commit of 3,000 files in 3 s). When a cut
+would write more than ``MAX_FILES_FACTOR`` times the files of one commit, the
+micro-batch is committed whole: its files (and writer memory) are then bounded
+by the dates the validator accepts, 2000-01-01 to one day ahead.
+
 The transforms here are pure functions of Arrow tables; the writers are the I/O edge.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,11 +52,20 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, QUARANTINE, QUARANTINE_SCHEMA, UTC_TS, Lake
+from lambdalake.logs import get_logger
 from lambdalake.manifest import ingest_app_id, ingest_positions
+
+log = get_logger(__name__)
 
 Positions = dict[str, dict[int, int]]  # topic -> partition -> next offset to consume
 
 MASTER_PARTITION_BY = ["event_date"]
+
+# Dates (so files, and delta-rs' open partition writers) one master commit may hold.
+DEFAULT_MAX_DATES_PER_COMMIT = 256
+# A cut into commits that would write more files than this many times one commit's is
+# not made (dates interleaved at random; see the module docstring).
+MAX_FILES_FACTOR = 2
 
 
 class ConcurrentIngestError(ValueError):
@@ -93,6 +124,87 @@ def quarantine_rows(
     return pa.Table.from_arrays(columns, schema=QUARANTINE_SCHEMA)
 
 
+def plan_commits(
+    rows: pa.Table, end: dict[int, int], max_dates: int, date_column: str = "event_date"
+) -> list[tuple[pa.Table, dict[int, int]]]:
+    """Cut one micro-batch's master rows into commits of at most ``max_dates`` dates.
+
+    ``rows`` hold ``_partition``, ``_offset`` and ``date_column``; ``end`` is the
+    position (next offset) the micro-batch reaches in every partition. Returns
+    ``(rows, positions)`` per commit, in commit order: each commit's rows are, per
+    partition, the offsets from the previous commit's position up to its own, the
+    positions cover every partition of ``end``, and the last ones are ``end``. One
+    commit (the rows as given) when they span ``max_dates`` dates or fewer, or when
+    cutting them would write more than ``MAX_FILES_FACTOR`` times as many files.
+
+    >>> t = pa.table({"_partition": [0, 0, 0], "_offset": [5, 6, 9], "event_date": [1, 2, 3]})
+    >>> [(c.column("_offset").to_pylist(), p) for c, p in plan_commits(t, {0: 10}, 2)]
+    [([5, 6], {0: 9}), ([9], {0: 10})]
+    """
+    if max_dates < 1:
+        raise ValueError(f"max_dates must be at least 1, got {max_dates}")
+    distinct = pc.count_distinct(rows.column(date_column)).as_py() if rows.num_rows else 0
+    if distinct <= max_dates:
+        return [(rows, dict(end))]
+    plan = _cut(rows, end, max_dates, date_column, max_files=MAX_FILES_FACTOR * distinct)
+    return plan or [(rows, dict(end))]
+
+
+def _cut(
+    rows: pa.Table, end: dict[int, int], max_dates: int, date_column: str, max_files: int
+) -> list[tuple[pa.Table, dict[int, int]]] | None:
+    """:func:`plan_commits`' cut: offset prefixes of at most ``max_dates`` dates each, or
+    None if they would write more than ``max_files`` files in all."""
+    order = pc.sort_indices(rows, [("_partition", "ascending"), ("_offset", "ascending")])
+    rows = rows.take(order)
+    parts = rows.column("_partition").to_pylist()
+    offsets = rows.column("_offset").to_pylist()
+    dates = rows.column(date_column).cast(pa.int32()).to_pylist()
+    # Per partition: [first row, end row) in the sorted rows, and a cursor.
+    bounds: dict[int, list[int]] = {}
+    for i, p in enumerate(parts):
+        bounds.setdefault(p, [i, i])[1] = i + 1
+    cursor = {p: b[0] for p, b in bounds.items()}
+
+    def take_known(p: int, known: set[int]) -> None:
+        i, stop = cursor[p], bounds[p][1]
+        while i < stop and dates[i] in known:
+            i += 1
+        cursor[p] = i
+
+    plan: list[tuple[pa.Table, dict[int, int]]] = []
+    files = 0
+    while any(cursor[p] < bounds[p][1] for p in bounds):
+        first = dict(cursor)
+        known: set[int] = set()
+        heads = [(dates[cursor[p]], p) for p in bounds if cursor[p] < bounds[p][1]]
+        heapq.heapify(heads)
+        while heads:  # the earliest date at any partition's head, next
+            date, p = heapq.heappop(heads)
+            if date not in known and len(known) == max_dates:
+                break
+            known.add(date)
+            take_known(p, known)
+            if cursor[p] < bounds[p][1]:
+                heapq.heappush(heads, (dates[cursor[p]], p))
+        for p in bounds:  # a head may have become known after its partition moved on
+            take_known(p, known)
+        files += len(known)
+        if files > max_files:
+            return None
+        taken = [
+            pa.array(range(first[p], cursor[p]), pa.int64())
+            for p in sorted(bounds)
+            if cursor[p] > first[p]
+        ]
+        positions = {
+            p: offsets[cursor[p]] if p in bounds and cursor[p] < bounds[p][1] else e
+            for p, e in end.items()
+        }
+        plan.append((rows.take(pa.concat_arrays(taken)), positions))
+    return plan
+
+
 def position_transactions(topic: str, positions: dict[int, int]) -> list[Transaction]:
     return [Transaction(ingest_app_id(topic, p), int(o)) for p, o in sorted(positions.items())]
 
@@ -114,6 +226,7 @@ class PositionedTable:
     positions: Positions
     storage_options: dict[str, str] | None = None
     table: DeltaTable | None = None
+    max_dates_per_commit: int = DEFAULT_MAX_DATES_PER_COMMIT
 
     @classmethod
     def open(
@@ -124,6 +237,7 @@ class PositionedTable:
         *,
         partition_by: list[str] | None,
         storage_options: dict[str, str] | None,
+        max_dates_per_commit: int = DEFAULT_MAX_DATES_PER_COMMIT,
     ) -> PositionedTable:
         """Open (creating it empty if absent) and read the committed positions."""
         if not DeltaTable.is_deltatable(uri, storage_options=storage_options):
@@ -141,15 +255,40 @@ class PositionedTable:
             t: ingest_positions(uri, t, version=version, storage_options=storage_options)
             for t in topics
         }
-        return cls(uri, schema, partition_by, positions, storage_options, table)
+        return cls(
+            uri, schema, partition_by, positions, storage_options, table, max_dates_per_commit
+        )
 
     def version(self) -> int:
         assert self.table is not None
         return int(self.table.version())
 
     def append(self, rows: pa.Table, new_positions: Positions) -> int:
-        """Append ``rows`` with ``new_positions`` (every partition of each topic given)
-        in one commit; returns the new table version."""
+        """Append ``rows`` with ``new_positions`` (every partition of each topic given);
+        returns the new table version.
+
+        One commit, or for a partitioned table whose rows span more than
+        ``max_dates_per_commit`` dates, several (one topic's rows only): see
+        :func:`plan_commits`."""
+        if not self.partition_by or len(new_positions) != 1:
+            return self._commit(rows, new_positions)
+        [(topic, end)] = new_positions.items()
+        plan = plan_commits(rows, end, self.max_dates_per_commit, self.partition_by[0])
+        if len(plan) > 1:
+            log.info(
+                "ingest.split_commit",
+                table=self.uri,
+                rows=rows.num_rows,
+                commits=len(plan),
+                max_dates_per_commit=self.max_dates_per_commit,
+            )
+        version = self.version()
+        for part, positions in plan:
+            version = self._commit(part, {topic: positions})
+        return version
+
+    def _commit(self, rows: pa.Table, new_positions: Positions) -> int:
+        """Append ``rows`` with ``new_positions`` in one commit."""
         assert self.table is not None
         txns = [t for topic, ps in new_positions.items() for t in position_transactions(topic, ps)]
         try:
@@ -173,7 +312,7 @@ class PositionedTable:
 
 
 def open_tables(
-    lake: Lake, topics: list[str]
+    lake: Lake, topics: list[str], *, max_dates_per_commit: int = DEFAULT_MAX_DATES_PER_COMMIT
 ) -> tuple[dict[str, PositionedTable], PositionedTable]:
     """The master table of each topic and the quarantine table, with their positions."""
     masters = {
@@ -183,6 +322,7 @@ def open_tables(
             [t],
             partition_by=MASTER_PARTITION_BY,
             storage_options=lake.storage_options,
+            max_dates_per_commit=max_dates_per_commit,
         )
         for t in topics
     }
