@@ -52,12 +52,21 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
-from datetime import date, timedelta
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+from batch.forecast_models import (
+    BY_NAME,
+    DEFAULT_INTERMITTENT,
+    DEFAULT_SMOOTH,
+    check_names,
+    statsforecast_model,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -70,9 +79,11 @@ MODEL_THETA = "Theta"
 MODEL_CROSTON = "CrostonOptimized"
 MODEL_TSB = "TSB"
 MODEL_ADIDA = "ADIDA"
-SMOOTH_MODELS = (MODEL_SN, MODEL_ETS, MODEL_THETA)
-INTERMITTENT_MODELS = (MODEL_SN, MODEL_CROSTON, MODEL_TSB, MODEL_ADIDA)
-NATIVE_INTERVALS = {MODEL_SN, MODEL_ETS, MODEL_THETA}
+MODEL_FOURIER_ETS = "FourierETS"
+MODEL_LIGHTGBM = "LightGBM"
+SMOOTH_MODELS = DEFAULT_SMOOTH
+INTERMITTENT_MODELS = DEFAULT_INTERMITTENT
+NATIVE_INTERVALS = {name for name, spec in BY_NAME.items() if spec.native_intervals}
 
 FORECAST_COLUMNS = [
     "sku",
@@ -99,26 +110,81 @@ ACCURACY_COLUMNS = [
 
 @dataclass(frozen=True)
 class ForecastConfig:
+    """What the forecast stage does; model names come from ``batch.forecast_models``.
+
+    ``combine``: ``mean`` (the default) forecasts a smooth series by the mean of
+    ``smooth_models`` with conformal intervals from the backtest residuals;
+    ``select`` picks one of them per series by backtest MASE, with native
+    intervals (the earlier default, ``PREVIOUS_DEFAULT``). Intermittent series
+    always choose one of ``intermittent_models`` by RMSSE, on their own window
+    (``intermittent_train_days``, ``intermittent_backtest_*``).
+    """
+
     horizon: int = 28
     season_length: int = 7
-    backtest_windows: int = 3
-    backtest_horizon: int = 14
-    train_days: int = 182
+    backtest_windows: int = 4
+    backtest_horizon: int = 28
+    backtest_step: int = 14
+    train_days: int = 3 * 365
     intermittent_zero_share: float = 0.5
+    intermittent_train_days: int = 182
+    intermittent_backtest_windows: int = 3
+    intermittent_backtest_horizon: int = 14
     tsb_alpha_d: float = 0.2
     tsb_alpha_p: float = 0.2
-    smooth_models: tuple[str, ...] = SMOOTH_MODELS
-    intermittent_models: tuple[str, ...] = INTERMITTENT_MODELS
+    smooth_models: tuple[str, ...] = DEFAULT_SMOOTH
+    intermittent_models: tuple[str, ...] = DEFAULT_INTERMITTENT
+    combine: str = "mean"
+    yearly_terms: int = 6  # Fourier pairs of the yearly season (FourierETS)
+    yearly_min_days: int = 400  # shorter histories get no yearly season
+    lgb_trees: int = 200
+    lgb_lags: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 14, 21, 28, 364)
+
+    def __post_init__(self) -> None:
+        check_names(self.smooth_models, "smooth")
+        check_names(self.intermittent_models, "intermittent")
+        if not self.smooth_models or not self.intermittent_models:
+            raise ValueError("each tier needs at least one forecast model")
+        if self.combine not in ("mean", "select"):
+            raise ValueError(f"combine must be 'mean' or 'select', not {self.combine!r}")
+        if self.combine == "select":
+            no_native = [n for n in self.smooth_models if not BY_NAME[n].native_intervals]
+            if no_native:
+                raise ValueError(f"combine='select' needs native intervals: {', '.join(no_native)}")
 
     @property
     def backtest_days(self) -> int:
-        return self.backtest_windows * self.backtest_horizon
+        return self.backtest_horizon + (self.backtest_windows - 1) * self.backtest_step
 
     @property
     def min_backtest_days(self) -> int:
         # The first origin needs four weeks of history to fit a weekly season.
         return self.backtest_days + 4 * self.season_length
 
+    def for_intermittent(self) -> ForecastConfig:
+        """The same settings with the intermittent tier's window and backtest."""
+        return replace(
+            self,
+            train_days=self.intermittent_train_days,
+            backtest_windows=self.intermittent_backtest_windows,
+            backtest_horizon=self.intermittent_backtest_horizon,
+            backtest_step=self.intermittent_backtest_horizon,
+        )
+
+    @property
+    def ensemble_name(self) -> str:
+        return "+".join(self.smooth_models)
+
+
+# The default before the ensemble: per-series choice among three models on the last 182 days.
+PREVIOUS_DEFAULT = ForecastConfig(
+    smooth_models=(MODEL_SN, MODEL_ETS, MODEL_THETA),
+    combine="select",
+    backtest_windows=3,
+    train_days=182,
+    backtest_horizon=14,
+    backtest_step=14,
+)
 
 CANDIDATE_COLUMNS = [
     "sku",
@@ -142,10 +208,16 @@ class ForecastResult:
 # --- series preparation --------------------------------------------------------------------
 
 
-def build_series(daily: pd.DataFrame, last_date: date) -> pd.DataFrame:
-    """Dense daily series: ``uid, sku, store_id, ds, y`` from first sale to ``last_date``.
+SeriesEnd = date | Mapping[tuple[str, str], date]
+
+
+def build_series(daily: pd.DataFrame, last_date: SeriesEnd) -> pd.DataFrame:
+    """Dense daily series: ``uid, sku, store_id, ds, y`` from first sale to the series' end.
 
     ``daily`` has ``sku, store_id, date, units`` (several rows per day are summed).
+    ``last_date``: the common end of every series, or each series' own end as a
+    mapping ``{(sku, store_id): date}`` (a series missing from it is dropped).
+    Days after a series' end are ignored.
     """
     if daily.empty:
         return pd.DataFrame(
@@ -159,13 +231,23 @@ def build_series(daily: pd.DataFrame, last_date: date) -> pd.DataFrame:
         )
     d = daily.copy()
     d["ds"] = pd.to_datetime(d["date"])
-    d = d[d["ds"] <= pd.Timestamp(last_date)]
-    d = d.groupby(["sku", "store_id", "ds"], as_index=False, sort=True)["units"].sum()
+    if isinstance(last_date, Mapping):
+        ends = pd.DataFrame(
+            [(k[0], k[1], pd.Timestamp(v)) for k, v in last_date.items()],
+            columns=["sku", "store_id", "end"],
+        )
+        d = d.merge(ends, on=["sku", "store_id"])
+    else:
+        d["end"] = pd.Timestamp(last_date)
+    d = d[d["ds"] <= d["end"]]
+    d = d.groupby(["sku", "store_id", "ds"], as_index=False, sort=True).agg(
+        units=("units", "sum"), end=("end", "first")
+    )
     keys = d[["sku", "store_id"]].drop_duplicates().reset_index(drop=True)
     keys["uid"] = np.arange(len(keys), dtype=np.int64)
     d = d.merge(keys, on=["sku", "store_id"])
     first = d.groupby("uid")["ds"].min().sort_index()
-    end = pd.Timestamp(last_date)
+    end = d.groupby("uid")["end"].first().reindex(first.index)
     lengths = ((end - first).dt.days + 1).to_numpy()
     uid = np.repeat(first.index.to_numpy(), lengths)
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -183,24 +265,7 @@ def build_series(daily: pd.DataFrame, last_date: date) -> pd.DataFrame:
 
 
 def _model(name: str, cfg: ForecastConfig) -> Any:
-    from statsforecast.models import (
-        ADIDA,
-        TSB,
-        AutoETS,
-        CrostonOptimized,
-        SeasonalNaive,
-        Theta,
-    )
-
-    s = cfg.season_length
-    return {
-        MODEL_SN: lambda: SeasonalNaive(season_length=s, alias=MODEL_SN),
-        MODEL_ETS: lambda: AutoETS(season_length=s, model="ANA", alias=MODEL_ETS),
-        MODEL_THETA: lambda: Theta(season_length=s, alias=MODEL_THETA),
-        MODEL_CROSTON: lambda: CrostonOptimized(alias=MODEL_CROSTON),
-        MODEL_TSB: lambda: TSB(alpha_d=cfg.tsb_alpha_d, alpha_p=cfg.tsb_alpha_p, alias=MODEL_TSB),
-        MODEL_ADIDA: lambda: ADIDA(alias=MODEL_ADIDA),
-    }[name]()
+    return statsforecast_model(name, cfg)
 
 
 def _split_native(names: tuple[str, ...]) -> list[tuple[tuple[str, ...], bool]]:
@@ -265,17 +330,24 @@ def _run_isolating_failures(fn: Any, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cross_validate(
-    df: pd.DataFrame, names: tuple[str, ...], cfg: ForecastConfig, *, native: bool
+    df: pd.DataFrame,
+    names: tuple[str, ...],
+    cfg: ForecastConfig,
+    *,
+    native: bool,
+    refit: bool | None = None,
 ) -> pd.DataFrame:
     models = [_model(n, cfg) for n in names]
-    refit = not all(n in NATIVE_INTERVALS for n in names)  # forward() exists for native ones
+    if refit is None or not refit:
+        # Fit once and roll forward where forward() exists (the native-interval models).
+        refit = not all(n in NATIVE_INTERVALS for n in names)
 
     def run(part: pd.DataFrame) -> pd.DataFrame:
         return _sf(models).cross_validation(
             df=part,
             h=cfg.backtest_horizon,
             n_windows=cfg.backtest_windows,
-            step_size=cfg.backtest_horizon,
+            step_size=cfg.backtest_step,
             level=list(LEVELS) if native else None,
             refit=refit,
         )
@@ -283,9 +355,11 @@ def _cross_validate(
     return _run_isolating_failures(run, df)
 
 
-def _final_forecast(df: pd.DataFrame, name: str, cfg: ForecastConfig) -> pd.DataFrame:
+def _final_forecast(
+    df: pd.DataFrame, name: str, cfg: ForecastConfig, *, native: bool | None = None
+) -> pd.DataFrame:
     model = _model(name, cfg)
-    native = name in NATIVE_INTERVALS
+    native = name in NATIVE_INTERVALS if native is None else native
 
     def run(part: pd.DataFrame) -> pd.DataFrame:
         return _sf([model]).forecast(df=part, h=cfg.horizon, level=list(LEVELS) if native else None)
@@ -400,6 +474,338 @@ def _score_model(
     )
 
 
+# --- ensemble members: point forecasts at the backtest origins and after the last date ---------
+
+_CV_KEYS = ["unique_id", "ds", "cutoff"]
+
+
+def _fourier(ds: pd.Series | pd.DatetimeIndex, terms: int) -> np.ndarray:
+    """Yearly Fourier terms of absolute dates (so every window shares the phase)."""
+    days = (pd.DatetimeIndex(ds) - pd.Timestamp("1970-01-01")).days.to_numpy(np.float64)
+    w = 2.0 * np.pi * days[:, None] * np.arange(1, terms + 1)[None, :] / 365.25
+    return np.concatenate([np.sin(w), np.cos(w)], axis=1)
+
+
+def _yearly_coefficients(
+    data: pd.DataFrame, cfg: ForecastConfig, until: pd.Series | None = None
+) -> dict[Any, np.ndarray]:
+    """Per series, the yearly season's Fourier coefficients (level and trend fitted alongside).
+
+    Fitted on each series' days up to ``until[uid]`` (all days if None); a series
+    with fewer than ``yearly_min_days`` such days gets none (no yearly season).
+    """
+    out: dict[Any, np.ndarray] = {}
+    for uid, g in data.groupby("unique_id", sort=False):
+        if until is not None:
+            g = g[g["ds"] <= until[uid]]
+        if len(g) < cfg.yearly_min_days:
+            continue
+        y = g["y"].to_numpy(np.float64)
+        f = _fourier(g["ds"], cfg.yearly_terms)
+        x = np.column_stack([np.ones(len(y)), np.arange(len(y)) / len(y), f])
+        # Normal equations: a 2 + 2 * terms square system, far cheaper than lstsq's SVD.
+        beta = np.linalg.solve(x.T @ x + 1e-9 * np.eye(x.shape[1]), x.T @ y)
+        out[uid] = beta[2:]
+    return out
+
+
+def _yearly(frame: pd.DataFrame, coefs: dict[Any, np.ndarray], cfg: ForecastConfig) -> np.ndarray:
+    """The yearly season on ``frame``'s rows (``unique_id``, ``ds``); 0 without coefficients."""
+    out = np.zeros(len(frame))
+    if not coefs:
+        return out
+    f = _fourier(frame["ds"], cfg.yearly_terms)
+    uids = frame["unique_id"].to_numpy()
+    for uid, beta in coefs.items():
+        mask = uids == uid
+        out[mask] = f[mask] @ beta
+    return out
+
+
+def _fourier_ets_cv(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    first_cut = data.groupby("unique_id")["ds"].max() - pd.Timedelta(days=cfg.backtest_days)
+    coefs = _yearly_coefficients(data, cfg, until=first_cut)
+    adjusted = data.assign(y=data["y"] - _yearly(data, coefs, cfg))
+    cv = _cross_validate(adjusted, (MODEL_ETS,), cfg, native=False, refit=False)
+    if cv.empty:
+        return cv
+    season = _yearly(cv, coefs, cfg)
+    return cv.assign(y=cv["y"] + season, **{MODEL_FOURIER_ETS: cv[MODEL_ETS] + season})[
+        [*_CV_KEYS, "y", MODEL_FOURIER_ETS]
+    ]
+
+
+def _fourier_ets_forecast(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    coefs = _yearly_coefficients(data, cfg)
+    adjusted = data.assign(y=data["y"] - _yearly(data, coefs, cfg))
+    fc = _final_forecast(adjusted, MODEL_ETS, cfg, native=False)
+    if fc.empty:
+        return fc
+    fc[MODEL_FOURIER_ETS] = fc[MODEL_ETS] + _yearly(fc, coefs, cfg)
+    return fc[["unique_id", "ds", MODEL_FOURIER_ETS]]
+
+
+def _mlforecast(cfg: ForecastConfig) -> Any:
+    import lightgbm as lgb
+    from mlforecast import MLForecast
+    from mlforecast.lag_transforms import RollingMean
+    from mlforecast.target_transforms import LocalStandardScaler
+
+    model = lgb.LGBMRegressor(
+        n_estimators=cfg.lgb_trees,
+        learning_rate=0.05,
+        num_leaves=31,
+        min_child_samples=20,
+        n_jobs=1,  # Spark runs one task per core
+        deterministic=True,
+        random_state=0,
+        verbose=-1,
+    )
+    return MLForecast(
+        models={MODEL_LIGHTGBM: model},
+        freq="D",
+        lags=list(cfg.lgb_lags),
+        lag_transforms={1: [RollingMean(7), RollingMean(28)], 7: [RollingMean(28)]},
+        date_features=["dayofweek", "dayofyear", "month"],
+        # One model across series of very different volumes: each series is standardised.
+        target_transforms=[LocalStandardScaler()],
+    )
+
+
+def _scalable(data: pd.DataFrame) -> pd.DataFrame:
+    """Series LightGBM can take: not constant (the standard scaler divides by the std)."""
+    std = data.groupby("unique_id")["y"].transform("std")
+    return data[std > 0]
+
+
+def _lightgbm_cv(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    data = _scalable(data)
+    if data.empty:
+        return pd.DataFrame()
+    cv = _mlforecast(cfg).cross_validation(
+        df=data,
+        n_windows=cfg.backtest_windows,
+        h=cfg.backtest_horizon,
+        step_size=cfg.backtest_step,
+        refit=False,
+        dropna=False,
+        static_features=[],
+    )
+    return cv[[*_CV_KEYS, "y", MODEL_LIGHTGBM]]
+
+
+def _lightgbm_forecast(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    data = _scalable(data)
+    if data.empty:
+        return pd.DataFrame()
+    mf = _mlforecast(cfg).fit(data, dropna=False, static_features=[])
+    return mf.predict(cfg.horizon)[["unique_id", "ds", MODEL_LIGHTGBM]]
+
+
+def _member_cv(name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    """Backtest forecasts of one member: ``unique_id, ds, cutoff, y, <name>`` (may be empty)."""
+    kind = BY_NAME[name].kind
+    if kind == "fourier_ets":
+        return _fourier_ets_cv(data, cfg)
+    if kind == "lightgbm":
+        return _lightgbm_cv(data, cfg)
+    cv = _cross_validate(data, (name,), cfg, native=False, refit=False)
+    return cv[[*_CV_KEYS, "y", name]] if not cv.empty else cv
+
+
+def _member_forecast(name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    """Forecasts of one member after each series' last day: ``unique_id, ds, <name>``."""
+    kind = BY_NAME[name].kind
+    if kind == "fourier_ets":
+        return _fourier_ets_forecast(data, cfg)
+    if kind == "lightgbm":
+        return _lightgbm_forecast(data, cfg)
+    fc = _final_forecast(data, name, cfg, native=False)
+    return fc[["unique_id", "ds", name]] if not fc.empty else fc
+
+
+def _guarded(fn: Any, name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
+    """A member that fails on a whole group leaves the ensemble to the other members."""
+    try:
+        out = fn(name, data, cfg)
+    except Exception:
+        return pd.DataFrame()
+    return out if out is not None else pd.DataFrame()
+
+
+def _combine(frames: list[pd.DataFrame], keys: list[str], names: tuple[str, ...]) -> pd.DataFrame:
+    """Outer-join the members' frames on ``keys``; ``mean`` is their mean (clipped at 0)."""
+    merged: pd.DataFrame | None = None
+    for frame in frames:
+        if frame.empty:
+            continue
+        if merged is None:
+            merged = frame
+            continue
+        extra = [c for c in frame.columns if c not in keys and c not in merged.columns]
+        merged = merged.merge(frame[[*keys, *extra]], on=keys, how="outer")
+        if "y" in frame.columns:
+            y = frame.set_index(keys)["y"]
+            merged["y"] = merged["y"].fillna(
+                pd.Series(merged.set_index(keys).index.map(y), index=merged.index)
+            )
+    if merged is None:
+        return pd.DataFrame()
+    present = [n for n in names if n in merged.columns]
+    for n in present:
+        merged[n] = merged[n].astype(np.float64).clip(lower=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row with no member: NaN
+        merged["mean"] = np.nanmean(merged[present].to_numpy(np.float64), axis=1)
+    return merged
+
+
+def conformal_width(abs_residuals: np.ndarray, level: int) -> float:
+    """Half-width of a split-conformal interval: the ceil((n+1) level)-th smallest |residual|."""
+    r = np.sort(np.asarray(abs_residuals, dtype=np.float64)[np.isfinite(abs_residuals)])
+    if len(r) == 0:
+        return math.nan
+    k = math.ceil((len(r) + 1) * level / 100.0)
+    return float(r[min(k, len(r)) - 1])
+
+
+def _week_of_horizon(cv: pd.DataFrame) -> np.ndarray:
+    """0 for days 1-7 after the window's origin, 1 for days 8-14, ... (errors grow with it)."""
+    days = (pd.DatetimeIndex(cv["ds"]) - pd.DatetimeIndex(cv["cutoff"])).days.to_numpy()
+    return (days - 1) // 7
+
+
+def _widths(resid: np.ndarray, weeks: np.ndarray, level: int, horizon: int) -> np.ndarray:
+    """Conformal half-width per day ahead (1..horizon), one per week of the horizon.
+
+    A week beyond the backtest's reuses the last week's width.
+    """
+    out = np.empty(horizon)
+    last = conformal_width(resid, level)
+    for d in range(horizon):
+        week = d // 7
+        mine = resid[weeks == week]
+        if len(mine):
+            last = conformal_width(mine, level)
+        out[d] = last
+    return out
+
+
+def _ensemble_score(
+    cv: pd.DataFrame, names: tuple[str, ...], scales: tuple[float, float], horizon: int
+) -> tuple[dict[str, _Score], dict[int, np.ndarray]]:
+    """Backtest scores of each member and of the mean, and the conformal half-widths.
+
+    Coverage is estimated leaving one window out: the widths checked on a window
+    come from the residuals of the other windows only.
+    """
+    y = cv["y"].to_numpy(np.float64)
+    scale, sq_scale = scales
+    scores: dict[str, _Score] = {}
+    for name in (*names, "mean"):
+        if name not in cv.columns:
+            continue
+        f = cv[name].to_numpy(np.float64)
+        ok = np.isfinite(f)
+        if not ok.any():
+            continue
+        err = np.abs(y[ok] - f[ok])
+        scores[name] = _Score(
+            mase=float(np.mean(err)) / scale,
+            rmsse=math.sqrt(float(np.mean(err**2)) / sq_scale),
+            smape=_smape(y[ok], f[ok]),
+            coverage_80=math.nan,
+            coverage_95=math.nan,
+        )
+    f = cv["mean"].to_numpy(np.float64)
+    resid = np.abs(y - f)
+    weeks = _week_of_horizon(cv)
+    widths = {level: _widths(resid, weeks, level, horizon) for level in LEVELS}
+    cutoffs = cv["cutoff"].to_numpy()
+    if "mean" in scores and len(np.unique(cutoffs)) > 1:
+        for level in LEVELS:
+            hits = []
+            for c in np.unique(cutoffs):
+                mine = cutoffs == c
+                w = _widths(resid[~mine], weeks[~mine], level, horizon)
+                d = np.clip(weeks[mine] * 7, 0, horizon - 1)
+                lo, hi = np.maximum(f[mine] - w[d], 0.0), f[mine] + w[d]
+                hits.append((y[mine] >= lo) & (y[mine] <= hi))
+            setattr(scores["mean"], f"coverage_{level}", float(np.mean(np.concatenate(hits))))
+    return scores, widths
+
+
+def _ensemble(
+    data: pd.DataFrame, cfg: ForecastConfig
+) -> tuple[dict[int, tuple[str, _Score]], list[tuple], list[pd.DataFrame]]:
+    """The smooth tier: the mean of ``cfg.smooth_models``, conformal bounds from its backtest.
+
+    Returns ``{uid: (model, score)}``, candidate rows (each member and the
+    mean) and the forecast rows.
+    """
+    names = cfg.smooth_models
+    label = cfg.ensemble_name
+    # Seasonal naive is backtested alongside as the reference every forecast must beat.
+    scored = names if MODEL_SN in names else (*names, MODEL_SN)
+    cv = _combine([_guarded(_member_cv, n, data, cfg) for n in scored], [*_CV_KEYS], scored)
+    if MODEL_SN not in names and MODEL_SN in cv.columns:
+        # The reference is not a member: recompute the mean without it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            present = [n for n in names if n in cv.columns]
+            cv["mean"] = np.nanmean(cv[present].to_numpy(np.float64), axis=1)
+    fc = _combine(
+        [_guarded(_member_forecast, n, data, cfg) for n in names], ["unique_id", "ds"], names
+    )
+    if cv.empty or fc.empty:
+        return {}, [], []
+    first_cut = data.groupby("unique_id")["ds"].max() - pd.Timedelta(days=cfg.backtest_days)
+    cv_by_uid = {u: g for u, g in cv.groupby("unique_id", sort=False)}
+    chosen: dict[int, tuple[str, _Score]] = {}
+    candidates: list[tuple] = []
+    widths: dict[int, dict[int, np.ndarray]] = {}
+    for uid, hist in data.groupby("unique_id", sort=False):
+        mine = cv_by_uid.get(uid)
+        if mine is None or not np.isfinite(mine["mean"]).any():
+            continue
+        train = hist[hist["ds"] <= first_cut[uid]]["y"].to_numpy()
+        scales = (
+            _seasonal_scale(train, cfg.season_length),
+            _seasonal_scale(train, cfg.season_length, power=2),
+        )
+        scores, w = _ensemble_score(mine, scored, scales, cfg.horizon)
+        if "mean" not in scores or not all(np.isfinite(v).all() for v in w.values()):
+            continue
+        for name, sc in scores.items():
+            shown = label if name == "mean" else name
+            candidates.append(
+                (uid, shown, sc.mase, sc.rmsse, sc.smape, sc.coverage_80, sc.coverage_95)
+            )
+        chosen[int(uid)] = (label, scores["mean"])
+        widths[int(uid)] = w
+    fc = fc[fc["unique_id"].isin(list(chosen)) & np.isfinite(fc["mean"])]
+    if fc.empty:
+        return {}, candidates, []
+    # A series whose final forecast failed for some days is left to the fallback.
+    complete = fc.groupby("unique_id")["mean"].transform("size") == cfg.horizon
+    fc = fc[complete]
+    fc = fc.sort_values(["unique_id", "ds"])
+    out = pd.DataFrame({"uid": fc["unique_id"].to_numpy(), "ds": fc["ds"].to_numpy()})
+    out["forecast"] = fc["mean"].to_numpy()
+    step = fc.groupby("unique_id").cumcount().to_numpy()  # days ahead - 1
+    uids = fc["unique_id"].to_numpy()
+    for level in LEVELS:
+        half = np.empty(len(out))
+        for uid in np.unique(uids):
+            mask = uids == uid
+            half[mask] = widths[int(uid)][level][step[mask]]
+        out[f"lower_{level}"] = out["forecast"] - half
+        out[f"upper_{level}"] = out["forecast"] + half
+    out["model"] = label
+    chosen = {u: v for u, v in chosen.items() if u in set(out["uid"])}
+    return chosen, candidates, [out]
+
+
 # --- the whole procedure -----------------------------------------------------------------------
 
 
@@ -413,10 +819,11 @@ def order_bounds(out: pd.DataFrame) -> pd.DataFrame:
     return out.assign(forecast=f, lower_80=lo80, lower_95=lo95, upper_80=hi80, upper_95=hi95)
 
 
-def _mean_forecast(series: pd.DataFrame, cfg: ForecastConfig, dates: pd.DatetimeIndex) -> tuple:
+def _mean_forecast(series: pd.DataFrame, cfg: ForecastConfig, horizon: int) -> tuple:
     """Forecast rows and an accuracy row for a series too short to backtest."""
-    y = series["y"].to_numpy(dtype=np.float64)[-cfg.train_days :]
+    y = series["y"].to_numpy(dtype=np.float64)[-cfg.intermittent_train_days :]
     mean = float(y.mean()) if len(y) else 0.0
+    dates = pd.date_range(series["ds"].max() + pd.Timedelta(days=1), periods=horizon)
     fc = pd.DataFrame({"ds": dates, "forecast": mean, **demand_quantiles(y), "model": MODEL_MEAN})
     return fc, (MODEL_MEAN, math.nan, math.nan, math.nan, math.nan, len(y))
 
@@ -431,14 +838,23 @@ class _Tiers:
 
 
 def _classify(series: pd.DataFrame, cfg: ForecastConfig) -> _Tiers:
+    """Tiers from the recent window (the intermittent tier's: its training days and backtest)."""
+    icfg = cfg.for_intermittent()
+    recent = series.groupby("uid", sort=False).tail(icfg.train_days + icfg.backtest_days)
     lengths = series.groupby("uid").size()
-    zero_share = series.groupby("uid")["y"].apply(lambda s: float((s == 0).mean()))
-    short = (lengths < cfg.min_backtest_days) | (zero_share >= 1.0)
-    sparse = ~short & (zero_share >= cfg.intermittent_zero_share)
+    recent_lengths = recent.groupby("uid").size().reindex(lengths.index)
+    zero_share = recent.groupby("uid")["y"].apply(lambda s: float((s == 0).mean()))
+    zero_share = zero_share.reindex(lengths.index)
+    sparse = zero_share >= cfg.intermittent_zero_share
+    short = (
+        (zero_share >= 1.0)
+        | (sparse & (recent_lengths < icfg.min_backtest_days))
+        | (~sparse & (lengths < cfg.min_backtest_days))
+    )
     return _Tiers(
         short=[int(u) for u in lengths.index[short]],
         smooth=[int(u) for u in lengths.index[~short & ~sparse]],
-        intermittent=[int(u) for u in lengths.index[sparse]],
+        intermittent=[int(u) for u in lengths.index[~short & sparse]],
     )
 
 
@@ -512,14 +928,27 @@ def _refit_chosen(
     return out
 
 
+def _select(
+    sf_input: pd.DataFrame, ids: list[int], names: tuple[str, ...], metric: str, cfg: ForecastConfig
+) -> tuple[dict[int, tuple[str, _Score]], list[tuple], list[pd.DataFrame]]:
+    """One model per series, chosen by backtest ``metric``, refitted on ``train_days``."""
+    data = sf_input[sf_input["unique_id"].isin(ids)]
+    data = data.groupby("unique_id", sort=False).tail(cfg.train_days + cfg.backtest_days)
+    picked, cand = _backtest(data, names, metric, cfg)
+    final_input = data.groupby("unique_id", sort=False).tail(cfg.train_days)
+    return picked, cand, _refit_chosen(final_input, picked, cfg)
+
+
 def forecast_series(
-    daily: pd.DataFrame, last_date: date, cfg: ForecastConfig | None = None
+    daily: pd.DataFrame, last_date: SeriesEnd, cfg: ForecastConfig | None = None
 ) -> ForecastResult:
     """Forecast every (sku, store_id) in ``daily`` (``sku, store_id, date, units``).
 
-    Returns ``horizon`` days after ``last_date`` per series (``FORECAST_COLUMNS``),
-    one accuracy row per series (``ACCURACY_COLUMNS``) and the backtest score of
-    every candidate (``CANDIDATE_COLUMNS``). Pure and deterministic.
+    Returns ``horizon`` days after each series' end (``last_date``: one date for
+    all, or a mapping per series, see ``build_series``) per series
+    (``FORECAST_COLUMNS``), one accuracy row per series (``ACCURACY_COLUMNS``)
+    and the backtest score of every candidate (``CANDIDATE_COLUMNS``). Pure and
+    deterministic; a global model (LightGBM) learns from all of ``daily``'s series.
     """
     cfg = cfg or ForecastConfig()
     os.environ.setdefault("NIXTLA_ID_AS_COL", "1")
@@ -531,46 +960,53 @@ def forecast_series(
             pd.DataFrame(columns=ACCURACY_COLUMNS),
             pd.DataFrame(columns=CANDIDATE_COLUMNS),
         )
-    future = pd.date_range(pd.Timestamp(last_date) + timedelta(days=1), periods=cfg.horizon)
-    # Models see the most recent train_days (+ the backtest windows while backtesting).
+    # Models see at most train_days (+ the backtest windows while backtesting).
     series = series.groupby("uid", sort=False).tail(cfg.train_days + cfg.backtest_days)
     lengths = series.groupby("uid").size()
     keys = series.drop_duplicates("uid").set_index("uid")[["sku", "store_id"]]
     tiers = _classify(series, cfg)
     sf_input = series.rename(columns={"uid": "unique_id"})[["unique_id", "ds", "y"]]
+    icfg = cfg.for_intermittent()
 
     chosen: dict[int, tuple[str, _Score]] = {}
     candidates: list[tuple] = []
+    forecasts: list[pd.DataFrame] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # MAE-type errors reward forecasting 0 on sparse series (their median is 0), so
-        # intermittent series are chosen by squared error (RMSSE, as the M5 competition).
-        for ids, names, metric in (
-            (tiers.smooth, cfg.smooth_models, "mase"),
-            (tiers.intermittent, cfg.intermittent_models, "rmsse"),
-        ):
-            if ids:
-                picked, cand = _backtest(
-                    sf_input[sf_input["unique_id"].isin(ids)], names, metric, cfg
-                )
-                chosen.update(picked)
-                candidates += cand
-        final_input = sf_input.groupby("unique_id", sort=False).tail(cfg.train_days)
-        forecasts = _refit_chosen(final_input, chosen, cfg)
+        if tiers.smooth:
+            if cfg.combine == "mean":
+                data = sf_input[sf_input["unique_id"].isin(tiers.smooth)]
+                picked, cand, fcs = _ensemble(data, cfg)
+            else:
+                picked, cand, fcs = _select(sf_input, tiers.smooth, cfg.smooth_models, "mase", cfg)
+            chosen.update(picked)
+            candidates += cand
+            forecasts += fcs
+        if tiers.intermittent:
+            # MAE-type errors reward forecasting 0 on sparse series (their median is 0), so
+            # intermittent series are chosen by squared error (RMSSE, as the M5 competition).
+            picked, cand, fcs = _select(
+                sf_input, tiers.intermittent, cfg.intermittent_models, "rmsse", icfg
+            )
+            chosen.update(picked)
+            candidates += cand
+            forecasts += fcs
 
     accuracy: list[tuple] = []
     done: set[int] = set()
+    intermittent = set(tiers.intermittent)
     for fc in forecasts:
         for uid in fc["uid"].unique():
             name, sc = chosen[int(uid)]
-            n_train = int(min(lengths[uid], cfg.train_days))
+            days = icfg.train_days if uid in intermittent else cfg.train_days
+            n_train = int(min(lengths[uid], days))
             accuracy.append(
                 (int(uid), name, sc.mase, sc.smape, sc.coverage_80, sc.coverage_95, n_train)
             )
             done.add(int(uid))
-    # Short series, and any series statsforecast could not handle: the mean.
+    # Short series, and any series the models could not handle: the mean.
     for uid in [*tiers.short, *(u for u in tiers.smooth + tiers.intermittent if u not in done)]:
-        fc, acc = _mean_forecast(series[series["uid"] == uid], cfg, future)
+        fc, acc = _mean_forecast(series[series["uid"] == uid], cfg, cfg.horizon)
         forecasts.append(fc.assign(uid=uid))
         accuracy.append((uid, *acc))
 

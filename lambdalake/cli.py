@@ -260,14 +260,21 @@ def maintenance_compact(
 # --- batch, speed, serving -------------------------------------------------------------------
 
 
+def _forecast_models_help() -> str:
+    try:
+        from batch.forecast_models import describe
+    except ImportError:  # the batch layer is not installed here
+        return "see docs/forecasting.md"
+    return describe()
+
+
 @batch_app.command("run")
 def batch_run(
     forecast_models: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated forecast models to choose among (default: all): "
-            "SeasonalNaive, ETS_ANA, Theta for regular series; SeasonalNaive, CrostonOptimized, "
-            "TSB, ADIDA for intermittent ones."
+            help="Comma-separated forecast models (batch/forecast_models.py): "
+            + _forecast_models_help()
         ),
     ] = None,
     bootstrap: Bootstrap = None,
@@ -286,20 +293,13 @@ def batch_run(
 
 
 def _forecast_config(names: str) -> Any:
-    """A ForecastConfig restricted to ``names`` (seasonal naive stays as the fallback)."""
-    from batch import forecast as fc
+    """The ForecastConfig for ``names`` (the model registry decides; see its ``--help``)."""
+    from batch import forecast_models
 
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    known = set(fc.SMOOTH_MODELS) | set(fc.INTERMITTENT_MODELS)
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        raise typer.BadParameter(
-            f"unknown forecast model(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}",
-            param_hint="--forecast-models",
-        )
-    smooth = tuple(n for n in fc.SMOOTH_MODELS if n in wanted) or (fc.MODEL_SN,)
-    intermittent = tuple(n for n in fc.INTERMITTENT_MODELS if n in wanted) or (fc.MODEL_SN,)
-    return fc.ForecastConfig(smooth_models=smooth, intermittent_models=intermittent)
+    try:
+        return forecast_models.config_from_names(names)
+    except forecast_models.UnknownModelError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--forecast-models") from None
 
 
 def _parse_worker(spec: str) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from batch.forecast import (
     INTERMITTENT_MODELS,
     MODEL_MEAN,
     MODEL_SN,
+    PREVIOUS_DEFAULT,
     ForecastConfig,
     build_series,
     forecast_series,
@@ -63,17 +64,33 @@ def structured():
     return result, held, cut
 
 
-def test_trend_seasonal_series_choose_a_model_that_beats_seasonal_naive(structured):
+def test_trend_seasonal_series_get_the_ensemble_and_it_beats_seasonal_naive(structured):
+    """Regular series get the mean of the default members; its backtest beats seasonal naive."""
     result, _, _ = structured
     cand = result.candidates
     chosen = result.accuracy.set_index("sku")
+    cfg = ForecastConfig()
     for sku in [f"T{i:02d}" for i in range(12)]:
         mine = cand[cand["sku"] == sku].set_index("model")
         model = chosen.loc[sku, "model"]
-        assert model != MODEL_SN, f"{sku}: seasonal naive chosen over smoothing models"
+        assert model == cfg.ensemble_name
+        assert set(cfg.smooth_models) | {MODEL_SN} <= set(mine.index)
         assert mine.loc[model, "mase"] < mine.loc[MODEL_SN, "mase"]
         assert chosen.loc[sku, "mase"] == pytest.approx(mine.loc[model, "mase"])
-        assert chosen.loc[sku, "n_train_days"] == ForecastConfig().train_days
+        assert chosen.loc[sku, "n_train_days"] == min(300, cfg.train_days)
+
+
+def test_the_previous_default_still_chooses_one_model_per_series(structured):
+    """``combine='select'`` (the earlier default) picks per series among native-interval models."""
+    _, _, cut = structured
+    rng = np.random.default_rng(20260630)
+    values = {(f"T{i:02d}", "S1"): _trend_seasonal(rng, 300, base=8 + 2 * i) for i in range(4)}
+    result = forecast_series(_frame(values, cut), cut, PREVIOUS_DEFAULT)
+    cand = result.candidates
+    for sku, model in result.accuracy.set_index("sku")["model"].items():
+        mine = cand[cand["sku"] == sku].set_index("model")
+        assert model in PREVIOUS_DEFAULT.smooth_models and model != MODEL_SN
+        assert mine.loc[model, "mase"] == mine["mase"].min()
 
 
 def test_intermittent_series_use_intermittent_methods_that_beat_seasonal_naive(structured):
@@ -182,18 +199,81 @@ def test_order_bounds_repairs_crossed_and_negative_bounds():
 
 
 def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
+    """Each Spark task runs ``forecast_series`` on its bucket (the global model learns from the
+    bucket's series): the same numbers as the pure function on the same buckets."""
+    from pyspark.sql import functions as F
+
     rng = np.random.default_rng(5)
-    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, 120, base=5 + i) for i in range(6)}
-    values[("Q0", "S0")] = _intermittent(rng, 120) + np.eye(1, 120, 0, dtype=np.int64)[0]
+    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, 160, base=5 + i) for i in range(6)}
+    values[("Q0", "S0")] = _intermittent(rng, 160) + np.eye(1, 160, 0, dtype=np.int64)[0]
     df = _frame(values, LAST)
-    expected = forecast_series(df, LAST)
     sdf = spark.createDataFrame(df)
-    out = spark_forecast(sdf, LAST, buckets=3).toPandas()
+    buckets = 3
+    assignment = (
+        sdf.select("sku", "store_id")
+        .distinct()
+        .withColumn("bucket", F.pmod(F.xxhash64("sku", "store_id"), F.lit(buckets)))
+        .toPandas()
+    )
+    assert assignment["bucket"].nunique() > 1  # the check spans several tasks
+    parts = []
+    for _, keys in assignment.groupby("bucket"):
+        mine = df.merge(keys[["sku", "store_id"]], on=["sku", "store_id"])
+        parts.append(forecast_series(mine, LAST))
+    exp_fc = pd.concat([p.forecasts for p in parts]).sort_values(["sku", "store_id", "date"])
+    exp_acc = pd.concat([p.accuracy for p in parts]).set_index(["sku", "store_id"]).sort_index()
+    out = spark_forecast(sdf, LAST, buckets=buckets).toPandas()
     fc = out[out["kind"] == "forecast"].sort_values(["sku", "store_id", "date"])
-    exp = expected.forecasts.sort_values(["sku", "store_id", "date"])
-    assert len(fc) == len(exp) == 7 * HORIZON
-    np.testing.assert_allclose(fc["forecast"].to_numpy(), exp["forecast"].to_numpy(), rtol=1e-9)
-    np.testing.assert_allclose(fc["upper_95"].to_numpy(), exp["upper_95"].to_numpy(), rtol=1e-9)
+    assert len(fc) == len(exp_fc) == 7 * HORIZON
+    np.testing.assert_allclose(fc["forecast"].to_numpy(), exp_fc["forecast"].to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(fc["upper_95"].to_numpy(), exp_fc["upper_95"].to_numpy(), rtol=1e-9)
     acc = out[out["kind"] == "accuracy"].set_index(["sku", "store_id"]).sort_index()
-    exp_acc = expected.accuracy.set_index(["sku", "store_id"]).sort_index()
     assert list(acc["model"]) == list(exp_acc["model"])
+    assert (acc["model"] == ForecastConfig().ensemble_name).sum() == 6
+
+
+def test_each_series_is_forecast_from_its_own_end_date():
+    """Per-series ends: a series that ends earlier is forecast from its own last day."""
+    rng = np.random.default_rng(11)
+    early = LAST - timedelta(days=40)
+    values = {("A", "S1"): _trend_seasonal(rng, 200, base=10)}
+    df = pd.concat([_frame(values, LAST), _frame({("B", "S1"): values[("A", "S1")]}, early)])
+    # A far-future order of B beyond its end is ignored, not padded with zeros.
+    future = pd.DataFrame(
+        {"sku": ["B"], "store_id": ["S1"], "date": [date(2099, 12, 31)], "units": [5]}
+    )
+    df = pd.concat([df, future], ignore_index=True)
+    ends = {("A", "S1"): LAST, ("B", "S1"): early}
+    result = forecast_series(df, ends)
+    fc = result.forecasts
+    for (sku, _), end in ends.items():
+        mine = fc[fc["sku"] == sku]
+        assert mine["date"].min() == end + timedelta(days=1)
+        assert mine["date"].max() == end + timedelta(days=HORIZON)
+    acc = result.accuracy.set_index("sku")
+    assert acc.loc["B", "n_train_days"] == 200
+    # The same series, shifted in time, gets the same forecasts.
+    a = fc[fc["sku"] == "A"]["forecast"].to_numpy()
+    b = fc[fc["sku"] == "B"]["forecast"].to_numpy()
+    assert np.abs(a - b).max() < 0.35 * a.mean()
+
+
+def test_the_batch_forecast_origin_ignores_days_after_the_run_clock(spark):
+    """One order dated 2099 must not pad every series to 2099 (issue 17, item 4)."""
+    from batch.run import forecast_frames
+
+    rng = np.random.default_rng(3)
+    end = date.today() - timedelta(days=1)
+    values = {(f"P{i}", "S1"): _trend_seasonal(rng, 120, base=6 + i) for i in range(3)}
+    df = _frame(values, end)
+    far = pd.DataFrame(
+        {"sku": ["P0"], "store_id": ["S1"], "date": [date(2099, 12, 31)], "units": [3]}
+    )
+    sdf = spark.createDataFrame(pd.concat([df, far], ignore_index=True))
+    cfg = ForecastConfig(smooth_models=("SeasonalNaive",), intermittent_models=("SeasonalNaive",))
+    info: dict = {}
+    fc, _ = forecast_frames(spark, sdf, cfg, "test-run", info, lambda d: d)
+    dates = fc.select("date").distinct().toPandas()["date"]
+    assert dates.min() == end + timedelta(days=1)
+    assert dates.max() == end + timedelta(days=HORIZON)
+    assert info["series"] == 3
