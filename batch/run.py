@@ -148,7 +148,13 @@ def forecast_frames(
     """
     from pyspark.sql import functions as F
 
-    last, n_series = daily.agg(F.max("date"), F.countDistinct("sku", "store_id")).collect()[0]
+    # The forecast origin: the last day with sales that is not in the future of the run's clock
+    # (one far-future order must not pad every series to its date).
+    today = datetime.now(UTC).date()
+    last, n_series = daily.agg(
+        F.max(F.when(F.col("date") <= F.lit(today), F.col("date"))),
+        F.countDistinct("sku", "store_id"),
+    ).collect()[0]
     parallelism = spark.sparkContext.defaultParallelism
     # About SERIES_PER_BUCKET series per Python call, and at least two tasks per core.
     buckets = max(1, min(n_series, max(2 * parallelism, math.ceil(n_series / SERIES_PER_BUCKET))))
