@@ -84,12 +84,6 @@ class Settings(BaseSettings):
         description="Event dates (so files) one master commit may hold; a micro-batch "
         "spanning more is committed as several offset prefixes.",
     )
-    ingest_max_dates_per_commit: int = Field(
-        256,
-        ge=1,
-        description="Event dates (so files) one master commit may hold; a micro-batch "
-        "spanning more is committed as several offset prefixes.",
-    )
 
     @property
     def bootstrap(self) -> str:
