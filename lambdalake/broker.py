@@ -272,9 +272,9 @@ def uuid_to_kafka_id(value: uuid.UUID) -> str:
 # Reads its standard input until end of file, which comes when the owner closes the pipe or
 # dies (however it dies); then ends the broker's process group: TERM, and KILL after 15 s.
 _WATCHDOG = (
-    'while read -r _; do :; done; kill -TERM -- "-$1" 2>/dev/null || exit 0; i=0; '
-    'while kill -0 -- "-$1" 2>/dev/null && [ "$i" -lt 150 ]; do sleep 0.1; i=$((i+1)); done; '
-    'kill -KILL -- "-$1" 2>/dev/null; exit 0'
+    'while read -r _; do :; done; kill -TERM "-$1" 2>/dev/null || exit 0; i=0; '
+    'while kill -0 "-$1" 2>/dev/null && [ "$i" -lt 150 ]; do sleep 0.1; i=$((i+1)); done; '
+    'kill -KILL "-$1" 2>/dev/null; exit 0'
 )
 
 

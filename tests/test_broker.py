@@ -246,3 +246,57 @@ def test_restart_on_the_same_log_loses_and_duplicates_nothing(tmp_path: Path, ho
 def master_rows_below(lake: Lake, topic: str, positions: dict[int, int]) -> list[object]:
     """The master rows of ``topic`` below the given per-partition positions."""
     return [k for k, _ in master_keys(lake, topic) if k[2] < positions.get(k[1], 0)]
+
+
+# --- no orphan JVMs -----------------------------------------------------------------------------
+
+
+def _jvms_using(directory: Path) -> list[int]:
+    """Pids of live processes whose command line mentions ``directory`` (the broker's JVM)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(
+                (
+                    ln
+                    for ln in (proc / "status").read_text().splitlines()
+                    if ln.startswith("State:")
+                ),
+                "",
+            )
+        except OSError:
+            continue
+        if "java" in cmdline and str(directory) in cmdline and "zombie" not in state:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_the_broker_does_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    """SIGKILL to ``lambdalake broker`` (no chance to clean up): the JVM goes too."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lambdalake.cli", "broker", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "LAMBDALAKE_HOME": str(tmp_path)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"broker ready on 127.0.0.1:{port}"
+        assert _jvms_using(tmp_path / "broker"), "the broker's JVM should be running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _jvms_using(tmp_path / "broker") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _jvms_using(tmp_path / "broker")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in left:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the broker's JVM outlived its parent"
