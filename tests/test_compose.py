@@ -175,11 +175,80 @@ def test_health_checks_and_start_order(compose: dict[str, Any], services: dict[s
         assert set(_mounts(service).values()) <= declared
 
 
-def test_published_ports(services: dict[str, Any]) -> None:
-    assert "8080:8080" in services["airflow-apiserver"]["ports"]
-    assert "8000:8000" in services["serve"]["ports"]
-    assert "29092:29092" in services["kafka"]["ports"]
-    assert "ports" not in services["postgres"]
+_DEFAULTED = re.compile(r"\$\{([A-Z_]+):-([^}]*)\}")
+REQUIRED = re.compile(r"\$\{([A-Z_]+):\?[^}]+\}")
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each published port, with every
+    ``${VAR:-default}`` as its default (what an operator gets without setting VAR)."""
+    out = []
+    for spec in service.get("ports", []):
+        address, host_port, container_port = _DEFAULTED.sub(r"\2", spec).rsplit(":", 2)
+        out.append((address, host_port, container_port))
+    return out
+
+
+def test_published_ports_bind_the_loopback_by_default(services: dict[str, Any]) -> None:
+    published = {name: _published(s) for name, s in services.items() if s.get("ports")}
+    assert published == {
+        "airflow-apiserver": [("127.0.0.1", "8080", "8080")],
+        "serve": [("127.0.0.1", "8000", "8000")],
+        "kafka": [("127.0.0.1", "29092", "29092")],
+    }
+    # One variable opens them all, deliberately (behind a firewall or a TLS proxy).
+    for name in published:
+        for spec in services[name]["ports"]:
+            assert spec.startswith("${LAMBDALAKE_PUBLISH_ADDRESS:-127.0.0.1}:"), name
+
+
+def test_api_and_flight_require_secrets_and_kafka_plaintext_stays_private(
+    services: dict[str, Any],
+) -> None:
+    serve = services["serve"]["environment"]
+    assert REQUIRED.fullmatch(serve["LAMBDALAKE_API_KEYS"])
+    for name in ("speed-0", "speed-1", "serve"):
+        token = services[name]["environment"]["LAMBDALAKE_SPEED_TOKEN"]
+        assert REQUIRED.fullmatch(token), name
+        assert REQUIRED.fullmatch(token).group(1) == "LAMBDALAKE_SPEED_TOKEN"
+    # The Flight port (8815) is reachable on the compose network only.
+    for name in ("speed-0", "speed-1"):
+        assert "ports" not in services[name], name
+    # Kafka's PLAINTEXT listeners: the internal one unpublished, the host one on loopback.
+    env = services["kafka"]["environment"]
+    protocols = dict(kv.split(":") for kv in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    plaintext = {name for name, proto in protocols.items() if proto == "PLAINTEXT"}
+    listener_ports = {
+        listener.split("://")[0]: listener.rsplit(":", 1)[1]
+        for listener in env["KAFKA_LISTENERS"].split(",")
+    }
+    published = {host_port: address for address, host_port, _ in _published(services["kafka"])}
+    for name in plaintext:
+        port = listener_ports[name]
+        assert published.get(port, "127.0.0.1") == "127.0.0.1", f"{name} listener published"
+
+
+def test_no_example_secret_in_the_stack_or_the_env_example(compose: dict[str, Any]) -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    example = (ROOT / "docs" / "production.env.example").read_text()
+    assert "change-me" not in text.lower() and "change-me" not in example.lower()
+    values = dict(
+        line.split("=", 1)
+        for line in example.splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    required = set(REQUIRED.findall(text))
+    assert required >= {
+        "POSTGRES_PASSWORD",
+        "AIRFLOW_ADMIN_PASSWORD",
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_JWT_SECRET",
+        "LAMBDALAKE_API_KEYS",
+        "LAMBDALAKE_SPEED_TOKEN",
+    }
+    # Every required secret is listed, empty: a copied example does not start.
+    assert {k: values.get(k) for k in required} == dict.fromkeys(required, "")
+    assert not re.search(r"\$\{[A-Z_]*(KEY|SECRET|PASSWORD|TOKEN)[A-Z_]*:-", text)
 
 
 def _cli_options(words: list[str]) -> set[str] | None:
