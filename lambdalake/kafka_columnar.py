@@ -135,9 +135,12 @@ def _zigzag_varint(buf: bytes, pos: int) -> tuple[int, int]:
 def decode_batch_records(buf: bytes, pos: int, count: int, base_offset: int) -> list[tuple]:
     """``(offset, value)`` of the ``count`` records of an (uncompressed) v2 record batch.
 
-    ``buf[pos:]`` holds the records and nothing else. Only the offset delta, key length and value
-    are decoded; the length, attributes and timestamp are skipped, and so are
-    the headers (through the record's length, when there are any).
+    ``buf[pos:]`` holds the records and nothing else. Only the offset delta and
+    the value are kept; everything else is skipped but checked as kafka-python
+    checks it (each record's length, the headers' structure and UTF-8 keys, the
+    records filling the batch exactly), so a malformed batch raises
+    :class:`ValueError` (or :class:`IndexError`) rather than decoding to
+    records kafka-python would refuse.
     """
     out: list[tuple] = []
     append = out.append
@@ -145,10 +148,20 @@ def decode_batch_records(buf: bytes, pos: int, count: int, base_offset: int) -> 
         # Record => Length Attributes TimestampDelta OffsetDelta Key Value Headers, the
         # integers as zigzag varints. The one- and two-byte cases are inlined: they
         # are the common ones, and this loop is ingest's hottest code.
-        start = pos
-        while buf[pos] & 0x80:  # length
+        b = buf[pos]
+        if b < 0x80:
+            end = pos + 1 + ((b >> 1) ^ -(b & 1))
             pos += 1
-        pos += 2  # the length's last byte, attributes
+        elif buf[pos + 1] < 0x80:
+            v = (b & 0x7F) | (buf[pos + 1] << 7)
+            end = pos + 2 + ((v >> 1) ^ -(v & 1))
+            pos += 2
+        else:
+            length, pos = _zigzag_varint(buf, pos)
+            end = pos + length
+        while buf[pos] & 0x80:  # attributes (kafka-python reads a varint)
+            pos += 1
+        pos += 1
         while buf[pos] & 0x80:  # timestamp delta
             pos += 1
         pos += 1
@@ -188,13 +201,31 @@ def decode_batch_records(buf: bytes, pos: int, count: int, base_offset: int) -> 
         if buf[pos] == 0:  # no headers
             pos += 1
         else:
-            length, pos = _zigzag_varint(buf, start)
-            pos += length
+            pos = _skip_headers(buf, pos)
+        if pos != end:
+            raise ValueError(f"record at offset delta {delta} does not match its length")
     if pos != len(buf):
         # The records must fill the batch exactly (as kafka-python checks): anything else
         # is a malformed batch, never records to trust.
         raise ValueError(f"record batch has {len(buf) - pos} bytes after its {count} records")
     return out
+
+
+def _skip_headers(buf: bytes, pos: int) -> int:
+    """The position after a record's headers, checked as kafka-python checks them."""
+    n, pos = _zigzag_varint(buf, pos)
+    if n < 0:
+        raise ValueError(f"negative number of record headers {n}")
+    for _ in range(n):
+        key_len, pos = _zigzag_varint(buf, pos)
+        if key_len < 0:
+            raise ValueError(f"negative header key size {key_len}")
+        buf[pos : pos + key_len].decode("utf-8")  # header keys are strings
+        pos += key_len
+        value_len, pos = _zigzag_varint(buf, pos)
+        if value_len > 0:
+            pos += value_len
+    return pos
 
 
 class ColumnarPartitionRecords(Fetcher.PartitionRecords):
@@ -274,6 +305,19 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):
                         f"the record batch at offset {batch.base_offset} failed its CRC check "
                         "and no intact batch after it confirms its extent",
                     )
+                if self.isolation_level == IsolationLevel.READ_COMMITTED:
+                    # Its attributes are not to be trusted either: it could be an abort
+                    # marker, or records of an aborted transaction. Passing it is only safe
+                    # when no aborted transaction is open at its offsets.
+                    self._consume_aborted_transactions_up_to(batch.last_offset)
+                    if self.aborted_producer_ids:
+                        raise UndecodableBatch(
+                            tp.topic,
+                            tp.partition,
+                            max(expected, self.fetch_offset),
+                            f"the record batch at offset {batch.base_offset} failed its CRC "
+                            "check inside an aborted transaction's range",
+                        )
                 pushed_back = following
                 yield [], batch.next_offset, self._poison(tp, batch, bytes(batch._buffer), "crc")
                 expected = batch.next_offset
@@ -426,6 +470,8 @@ _AbortedTxn = collections.namedtuple("_AbortedTxn", ["producer_id", "first_offse
 
 def _self_check_log() -> tuple[bytes, list[Any]]:
     """A small log exercising every batch-level rule the decoder takes from kafka-python."""
+    import struct
+
     from kafka.record.memory_records import MemoryRecordsBuilder
 
     def batch(offset: int, n: int, codec: int = 0, pid: int = -1, control: int = -1) -> bytes:
@@ -434,7 +480,7 @@ def _self_check_log() -> tuple[bytes, list[Any]]:
             magic=2,
             compression_type=codec,
             batch_size=1 << 20,
-            offset=offset,
+            offset=0,  # deltas from 0, the base offset set below (as a broker assigns it)
             transactional=txn,
             producer_id=pid,
             producer_epoch=0 if txn else -1,
@@ -449,6 +495,7 @@ def _self_check_log() -> tuple[bytes, list[Any]]:
                 b.append(timestamp=1, key=key, value=value, headers=[("h", b"x")] * (i % 2))
         b.close()
         data = bytearray(b.buffer())
+        struct.pack_into(">q", data, 0, offset)
         if control >= 0:
             set_batch_attributes(data, 0x20 | 0x10)
         return bytes(data)

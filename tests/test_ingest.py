@@ -368,7 +368,7 @@ def test_continuous_ingest_waits_for_a_late_broker(tmp_path) -> None:
 # --- the columnar record decoder --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", [0, 1])  # none, gzip
+@pytest.mark.parametrize("compression", [0, 1, 2, 3, 4])  # none, gzip, snappy, lz4, zstd
 def test_columnar_decoder_matches_kafka_python(compression: int) -> None:
     from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
