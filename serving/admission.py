@@ -11,7 +11,8 @@ more (measured: p99 9.5 s and 12,700 open connections at 1,200 req/s offered).
   up to ``max_queued`` more wait for a slot, in arrival order;
 * **queueing delay**: a request that has already waited ``max_queue_seconds``
   since its bytes were read from the socket (behind other requests on the event
-  loop, or in the admission queue) is not started any more.
+  loop, or in the admission queue) is not started any more while other requests
+  wait too (a backlog). Alone, it is answered: refusing it would free nothing.
 
 Past either bound the answer is ``503`` with ``Retry-After`` and a one-line JSON
 ``detail``, written without touching the app (tens of microseconds), so refusing
@@ -20,7 +21,8 @@ stays cheap exactly when the process is short of CPU. ``/health`` is never refus
 
 The arrival time comes from :class:`StampingHttpToolsProtocol`, uvicorn's
 httptools protocol with one addition: it stamps each request's scope when its
-first bytes are parsed. Under another server there is no stamp and only the
+first bytes are parsed (with the server's set of live request tasks, to see
+whether others wait). Under another server there is no stamp and only the
 in-flight and queue bounds apply.
 """
 
@@ -37,6 +39,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 RECEIVED_AT = "lambdalake.received_at"  # scope["extensions"] key: time.monotonic() of arrival
+REQUESTS = "lambdalake.requests"  # scope["extensions"] key: the server's live request tasks
 NEVER_REFUSED = frozenset({"/health"})
 
 
@@ -55,7 +58,10 @@ class StampingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {RECEIVED_AT: time.monotonic()}  # type: ignore[dict-item]
+        self.scope["extensions"] = {  # type: ignore[dict-item]
+            RECEIVED_AT: time.monotonic(),
+            REQUESTS: self.tasks,  # one set per server: every request being handled or waiting
+        }
 
 
 class AdmissionControl:
@@ -81,9 +87,12 @@ class AdmissionControl:
             await self.app(scope, receive, send)
             return
         limits = self.limits
-        received = (scope.get("extensions") or {}).get(RECEIVED_AT)
+        extensions = scope.get("extensions") or {}
+        received = extensions.get(RECEIVED_AT)
         waited = time.monotonic() - received if received is not None else 0.0
-        if waited > limits.max_queue_seconds:
+        # Late, and others are waiting behind it: a backlog, so shed. A request that is
+        # late on its own (the process was descheduled) has nobody to make room for.
+        if waited > limits.max_queue_seconds and len(extensions.get(REQUESTS, ())) > 1:
             await self._refuse(send, "queue_delay", f"it waited {waited * 1000:.0f} ms to start")
             return
         if self.in_flight >= limits.max_in_flight:

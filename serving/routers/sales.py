@@ -13,6 +13,11 @@ from serving.service import QueryService
 
 router = APIRouter(prefix="/v1", tags=["sales"])
 
+# In the schema: an ISO date or date-time (clients and fuzzers generate both forms).
+DATE_OR_TIME = {
+    "anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]
+}
+
 
 @router.get("/sales", response_model=SalesAnswer, summary="Sales per day or hour, batch + speed")
 async def get_sales(
@@ -27,19 +32,27 @@ async def get_sales(
         str | None,
         Query(
             description="First period, inclusive: ISO date or datetime (UTC if no offset). "
-            "Default: 30 days (day) or 48 hours (hour) before end.",
+            "Default: 30 days (day) or 48 hours (hour) before end. Years 1900 to 2999.",
             examples=["2024-05-01"],
+            json_schema_extra=DATE_OR_TIME,
         ),
     ] = None,
     end: Annotated[
         str | None,
         Query(
-            description="Last period, inclusive (a date includes its whole day). Default: now.",
+            description="Last period, inclusive (a date includes its whole day). Default: now. "
+            "Years 1900 to 2999.",
             examples=["2024-05-31"],
+            json_schema_extra=DATE_OR_TIME,
         ),
     ] = None,
     granularity: Annotated[
-        str, Query(description="`day` or `hour` (UTC).", examples=["day"])
+        str,
+        Query(
+            description="`day` or `hour` (UTC).",
+            examples=["day"],
+            json_schema_extra={"enum": ["day", "hour"]},
+        ),
     ] = "day",
 ) -> SalesAnswer:
     """Units, revenue and order lines per period, summed over the dimensions not filtered.
