@@ -513,7 +513,22 @@ def _self_check_log() -> tuple[bytes, list[Any]]:
     return log_bytes, [_AbortedTxn(producer_id=7, first_offset=3)]
 
 
+# What the self-check log decodes to under read_committed: the gzip batch (the null value
+# at offset 1 included), the committed transaction, the last plain batch.
+_SELF_CHECK_RECORDS = [
+    (0, b"v0"),
+    (1, None),
+    (2, b"v2"),
+    (5, b"v5"),
+    (6, None),
+    (9, b"v9"),
+    (10, None),
+]
+
+
 def _decoders_agree() -> bool:
+    """Both decoders read the self-check log alike, in slices, from two fetch offsets,
+    and read what the log holds (so a change shared by both is caught too)."""
     from kafka.consumer.fetcher import IsolationLevel
     from kafka.record.memory_records import MemoryRecords
 
@@ -526,12 +541,16 @@ def _decoders_agree() -> bool:
         }
         ours = ColumnarPartitionRecords(fetch_offset, tp, MemoryRecords(data), **kwargs)
         theirs = Fetcher.PartitionRecords(fetch_offset, tp, MemoryRecords(data), **kwargs)
+        records = []
         for n in (2, 100, 100):
             got = ours.take(n)
             want = [(r.offset, r.value) for r in theirs.take(n)] if theirs else []
             if got != want or ours.next_fetch_offset != theirs.next_fetch_offset:
                 return False
+            records += got
         if ours or theirs or ours.next_fetch_offset != 11:
+            return False
+        if records != [r for r in _SELF_CHECK_RECORDS if r[0] >= fetch_offset]:
             return False
     return True
 

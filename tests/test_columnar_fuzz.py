@@ -23,9 +23,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import Fetcher, IsolationLevel
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBase, DefaultRecordBatch
@@ -393,3 +394,47 @@ def test_malformed_records_with_a_valid_crc_are_never_decoded_differently(
             continue
         expected += verdict or []
     assert got == expected
+
+
+# --- the guard -------------------------------------------------------------------------------------
+
+
+def test_the_decoder_replaces_kafka_pythons_only_while_its_self_check_passes(
+    broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Internals that moved (here: a batch's record count read from elsewhere) make the
+    self-check fail: the consumer keeps kafka-python's decoder, and reads correctly."""
+    import kafka
+
+    from lambdalake import kafka_columnar
+    from lambdalake.kafka_columnar import ChunkReader, fast_decoder_supported
+
+    def consumer() -> KafkaConsumer:
+        return KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+
+    fast_decoder_supported.cache_clear()
+    try:
+        c = consumer()
+        assert ChunkReader(c, component="test").columnar
+        assert c._fetcher.PartitionRecords.func is ColumnarPartitionRecords
+        c.close()
+
+        # Another version whose internals still pass the check: used.
+        monkeypatch.setattr(kafka, "__version__", "3.1.0")
+        fast_decoder_supported.cache_clear()
+        c = consumer()
+        assert ChunkReader(c, component="test").columnar
+        c.close()
+
+        # Internals that moved: kafka-python's own decoder stays, logged once.
+        monkeypatch.setattr(DefaultRecordBatch, "records_count", property(lambda self: 0))
+        monkeypatch.setattr(kafka_columnar, "_fallback_logged", False)
+        fast_decoder_supported.cache_clear()
+        c1, c2 = consumer(), consumer()
+        assert not ChunkReader(c1, component="test").columnar
+        assert not ChunkReader(c2, component="test").columnar
+        assert c1._fetcher.PartitionRecords is Fetcher.PartitionRecords
+        c1.close()
+        c2.close()
+    finally:
+        fast_decoder_supported.cache_clear()
