@@ -16,6 +16,7 @@ import pytest
 
 from lambdalake.contracts import validate
 from lambdalake.settings import Settings
+from lambdalake.speed_protocol import SpeedError, SpeedQuery
 from lambdalake.views import SALES
 from serving.speed import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
 from speed.server import SpeedFlightServer
@@ -136,5 +137,30 @@ def test_a_failed_refresh_makes_answers_degraded_not_stale(worker: Worker, tmp_p
         time.sleep(TTL + GRACE + 0.1)
         answer = client.query(SALES, flt, WATERMARK)
         assert answer.degraded and answer.missing == {"orders": [0]} and answer.rows == []
+    finally:
+        client.close()
+
+
+def test_a_bad_request_does_not_mark_the_worker_down_for_other_questions(
+    worker: Worker, tmp_path: Path
+) -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        lake_uri=str(tmp_path / "lake"),
+        home=tmp_path / "home",
+        speed_endpoints=worker.server.endpoint,
+    )
+    client = SpeedClient(settings, cache_ttl=0, retry_after=30.0)  # per request
+    flt = SpeedFilter(granularity="day")
+    try:
+        worker.consume(3, quantity=2)
+        bad = SpeedQuery(view="sales", start="not a date", min_offsets=WATERMARK)
+        refused = client._ask(worker.server.endpoint, bad)
+        assert isinstance(refused, SpeedError) and refused.kind == "bad_request", refused
+        # Another client's question right after: the worker is up, so it is answered.
+        answer = client.query(SALES, flt, WATERMARK)
+        assert not answer.degraded and units(answer) == 6
+        worker.server.stop()  # a transport failure does mark it down
+        assert client.query(SALES, flt, WATERMARK).degraded
     finally:
         client.close()
