@@ -189,7 +189,8 @@ def replay_lake(settings: Settings) -> int:
                         pc.equal(quarantine["_partition"], partition),
                     )
                     for q in quarantine.filter(mask).to_pylist():
-                        by_offset[q["_offset"]] = (None, q["raw"])
+                        # The key is not kept; a tombstone (no value) needs one to be sent.
+                        by_offset[q["_offset"]] = (None if q["raw"] else b"", q["raw"])
                 if sorted(by_offset) != list(range(end)):
                     raise RuntimeError(
                         f"{topic}/{partition}: the lake's offsets are not 0..{end - 1}; "
