@@ -1027,6 +1027,164 @@ def forecast_series(
     )
 
 
+# --- forecast levels: sku x store, sku, store, total; reconciled ------------------------------
+
+ALL = "*"  # the sku or store_id of an aggregate level's rows
+LEVEL_NAMES = ("sku_store", "sku", "store", "total")
+RECONCILERS = ("BottomUp", "MinTrace_wls_struct")
+
+
+@dataclass
+class LevelForecast:
+    forecasts: pd.DataFrame  # FORECAST_COLUMNS + level: every node of every level, coherent
+    method: str  # the reconciliation chosen by the holdout backtest
+    holdout_mase: dict[str, float]  # each method's mean MASE over all nodes on the holdout
+
+
+def level_of(sku: str, store_id: str) -> str:
+    """The level of a row of the level forecasts (``ALL`` marks the summed-over key)."""
+    if sku == ALL:
+        return "total" if store_id == ALL else "store"
+    return "sku" if store_id == ALL else "sku_store"
+
+
+def _nodes(bottom: pd.DataFrame) -> pd.DataFrame:
+    """Daily units of every node: bottom series plus their sums per sku, per store, in total."""
+    b = bottom[["sku", "store_id", "ds", "y"]]
+    parts = [
+        b,
+        b.groupby(["sku", "ds"], as_index=False)["y"].sum().assign(store_id=ALL),
+        b.groupby(["store_id", "ds"], as_index=False)["y"].sum().assign(sku=ALL),
+        b.groupby("ds", as_index=False)["y"].sum().assign(sku=ALL, store_id=ALL),
+    ]
+    out = pd.concat(parts, ignore_index=True)[["sku", "store_id", "ds", "y"]]
+    return out.rename(columns={"ds": "date", "y": "units"})
+
+
+def _summing(keys: pd.DataFrame) -> tuple[np.ndarray, list[tuple[str, str]], list[tuple[str, str]]]:
+    """The summing matrix S (nodes x bottom series), the node keys and the bottom keys."""
+    bottom = [(s, t) for s, t in keys.itertuples(index=False) if s != ALL and t != ALL]
+    bottom.sort()
+    skus = sorted({s for s, _ in bottom})
+    stores = sorted({t for _, t in bottom})
+    nodes = [(ALL, ALL)] + [(s, ALL) for s in skus] + [(ALL, t) for t in stores] + bottom
+    bs = np.array([k[0] for k in bottom], dtype=object)
+    bt = np.array([k[1] for k in bottom], dtype=object)
+    ns = np.array([k[0] for k in nodes], dtype=object)[:, None]
+    nt = np.array([k[1] for k in nodes], dtype=object)[:, None]
+    s_mat = (((ns == ALL) | (ns == bs[None, :])) & ((nt == ALL) | (nt == bt[None, :]))).astype(
+        np.float64
+    )
+    return s_mat, nodes, bottom
+
+
+def reconcile(base: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Coherent point forecasts of every node from ``base`` (``sku, store_id, ds, forecast``).
+
+    ``BottomUp`` sums the bottom forecasts; ``MinTrace_wls_struct``
+    (hierarchicalforecast) projects all levels' forecasts onto coherent ones, weighting
+    each node by how many bottom series it sums. Negative reconciled bottom
+    forecasts are clipped at 0 and every level re-summed from them, so the result
+    is coherent and non-negative either way. Returns ``base`` with ``forecast``
+    replaced.
+    """
+    from hierarchicalforecast.core import HierarchicalReconciliation
+    from hierarchicalforecast.methods import BottomUp, MinTrace
+
+    keys = base[["sku", "store_id"]].drop_duplicates()
+    s_mat, nodes, bottom = _summing(keys)
+    ids = {k: f"n{i}" for i, k in enumerate(nodes)}
+    s_df = pd.DataFrame(s_mat, columns=[ids[k] for k in bottom])
+    s_df.insert(0, "unique_id", [ids[k] for k in nodes])
+    tags = {
+        name: np.array([ids[k] for k in nodes if level_of(*k) == name], dtype=object)
+        for name in ("total", "sku", "store", "sku_store")
+    }
+    uid = pd.Series([ids[(s, t)] for s, t in zip(base["sku"], base["store_id"], strict=True)])
+    y_hat = pd.DataFrame(
+        {
+            "unique_id": uid.to_numpy(),
+            "ds": base["ds"].to_numpy(),
+            "base": base["forecast"].to_numpy(),
+        }
+    )
+    reconciler = BottomUp() if method == "BottomUp" else MinTrace(method="wls_struct")
+    rec = HierarchicalReconciliation(reconcilers=[reconciler]).reconcile(
+        Y_hat_df=y_hat, S_df=s_df, tags=tags
+    )
+    col = next(c for c in rec.columns if c.startswith("base/"))
+    # Clip the reconciled bottom level and sum it up again: coherent and non-negative.
+    wide = rec.pivot(index="ds", columns="unique_id", values=col)
+    bottom_ids = [ids[k] for k in bottom]
+    b = np.clip(wide[bottom_ids].to_numpy(np.float64), 0.0, None)
+    total = b @ s_mat.T  # (days, nodes)
+    coherent = pd.DataFrame(total, index=wide.index, columns=[ids[k] for k in nodes])
+    lookup = coherent.stack()
+    values = lookup.reindex(pd.MultiIndex.from_arrays([base["ds"], uid])).to_numpy()
+    return base.assign(forecast=values)
+
+
+def _reconciled_with_bounds(base: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Reconciled forecasts; each node keeps its own interval widths around its new forecast."""
+    rec = reconcile(base[["sku", "store_id", "ds", "forecast"]], method)
+    shift = rec["forecast"].to_numpy() - base["forecast"].to_numpy()
+    out = base.copy()
+    out["forecast"] = rec["forecast"].to_numpy()
+    for b in _BOUNDS:
+        out[b] = base[b].to_numpy() + shift
+    return order_bounds(out)
+
+
+def forecast_levels(
+    daily: pd.DataFrame, last_date: date, cfg: ForecastConfig | None = None
+) -> LevelForecast:
+    """Coherent forecasts of every level: each (sku, store), each sku, each store, the total.
+
+    Every node is forecast by ``forecast_series`` (so aggregates get their own
+    seasonality), then reconciled. The reconciliation (``RECONCILERS``) is chosen
+    on a holdout: the same procedure run ``horizon`` days earlier, scored by the
+    mean MASE over all nodes. Rows of an aggregate level carry ``ALL`` (``"*"``)
+    as their ``sku`` and/or ``store_id``; ``level`` names the level.
+    """
+    cfg = cfg or ForecastConfig()
+    bottom = build_series(daily, last_date)
+    if bottom.empty:
+        return LevelForecast(pd.DataFrame(columns=[*FORECAST_COLUMNS, "level"]), "BottomUp", {})
+    nodes = _nodes(bottom)
+    end = pd.Timestamp(last_date)
+    cut = end - pd.Timedelta(days=cfg.horizon)
+    scores: dict[str, float] = {}
+    past = nodes[pd.to_datetime(nodes["date"]) <= cut]
+    if not past.empty:
+        held = nodes[pd.to_datetime(nodes["date"]) > cut]
+        base = forecast_series(past, cut.date(), cfg).forecasts
+        base = base.assign(ds=pd.to_datetime(base["date"]))
+        actual = held.assign(ds=pd.to_datetime(held["date"])).set_index(["sku", "store_id", "ds"])
+        for method in RECONCILERS:
+            rec = reconcile(base[["sku", "store_id", "ds", "forecast"]], method)
+            y = actual["units"].reindex(pd.MultiIndex.from_frame(rec[["sku", "store_id", "ds"]]))
+            err = np.abs(y.fillna(0.0).to_numpy() - rec["forecast"].to_numpy())
+            scale = _node_scales(past, cfg)
+            per = pd.Series(err).groupby([rec["sku"].to_numpy(), rec["store_id"].to_numpy()]).mean()
+            scores[method] = float((per / scale.reindex(per.index).fillna(1.0)).mean())
+    method = min(scores, key=lambda m: scores[m]) if scores else "BottomUp"
+    base = forecast_series(nodes, last_date, cfg).forecasts
+    base = base.assign(ds=pd.to_datetime(base["date"]))
+    out = _reconciled_with_bounds(base, method)
+    out["level"] = [level_of(s, t) for s, t in zip(out["sku"], out["store_id"], strict=True)]
+    return LevelForecast(out[[*FORECAST_COLUMNS, "level"]].reset_index(drop=True), method, scores)
+
+
+def _node_scales(past: pd.DataFrame, cfg: ForecastConfig) -> pd.Series:
+    """MASE scale per node: mean absolute weekly difference of its history."""
+    out = {}
+    for key, g in past.groupby(["sku", "store_id"]):
+        out[key] = _seasonal_scale(
+            g.sort_values("date")["units"].to_numpy(np.float64), cfg.season_length
+        )
+    return pd.Series(out)
+
+
 # --- Spark ---------------------------------------------------------------------------------
 
 _SPARK_OUT = (
