@@ -77,7 +77,10 @@ def default_jars_dir() -> Path:
 
 
 def kafka_jars(jars_dir: Path | None = None) -> Path:
-    """The folder of the Kafka jars, or a :class:`BrokerError` saying how to get them."""
+    """The folder of the Kafka jars, or a :class:`BrokerError` saying how to get them.
+
+    ``jars_dir`` is the ``kafka_jars`` setting where the caller has settings; callers of
+    the API without settings (tests, benchmarks) get ``LAMBDALAKE_KAFKA_JARS`` too."""
     env = os.environ.get("LAMBDALAKE_KAFKA_JARS")
     folder = Path(jars_dir or env or default_jars_dir())
     if not any(folder.glob("kafka_2.13-*.jar")):

@@ -134,7 +134,12 @@ def broker(
 
     def body() -> None:
         with EmbeddedBroker.start(
-            host, port, partitions=settings.partitions, log_dir=settings.home / "broker"
+            host,
+            port,
+            partitions=settings.partitions,
+            log_dir=settings.home / "broker",
+            jars_dir=settings.kafka_jars,
+            heap=settings.broker_heap,
         ) as b:
             typer.echo(f"broker ready on {b.bootstrap}")
             while not stop.is_set():

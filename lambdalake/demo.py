@@ -353,6 +353,8 @@ def run_demo(
                 settings.broker_port,
                 partitions=settings.partitions,
                 log_dir=settings.home / "broker",
+                jars_dir=settings.kafka_jars,
+                heap=settings.broker_heap,
             )
         else:
             wait_for_broker(settings.bootstrap, timeout=settings.broker_wait_seconds)

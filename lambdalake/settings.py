@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     )
     broker_host: str = "127.0.0.1"
     broker_port: int = 9092
+    kafka_jars: Path | None = Field(
+        None,
+        description="Folder of the embedded Kafka broker's jars; default the one `make install` "
+        "fills, {sys.prefix}/share/lambdalake/jars/kafka.",
+    )
+    broker_heap: str = Field(
+        "512m", pattern=r"^[0-9]+[kmgKMG]$", description="Maximum heap of the embedded broker."
+    )
     partitions: int = Field(4, ge=1, description="Partitions of topics created on first use.")
     lake_uri: str = Field(
         "./lake", description="Root of the Delta lake (path or object-store URI)."
@@ -48,6 +56,9 @@ class Settings(BaseSettings):
         "",
         description="Shared secret of the speed workers' query endpoints: when set, a worker "
         "refuses Flight calls without it and the API sends it; empty = no auth (loopback only).",
+    )
+    speed_max_records: int = Field(
+        50_000, ge=1, description="Messages per speed micro-batch at most (one DuckDB commit)."
     )
     dedup_hours: int = Field(48, ge=0, description="Deduplication horizon for event_id.")
     api_host: str = "127.0.0.1"

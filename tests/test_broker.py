@@ -300,3 +300,19 @@ def test_the_broker_does_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     for pid in left:  # clean up before failing
         os.kill(pid, signal.SIGKILL)
     assert not left, "the broker's JVM outlived its parent"
+
+
+def test_missing_jars_are_a_one_line_error_saying_make_install(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lambdalake.cli", "broker", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LAMBDALAKE_HOME": str(tmp_path), "LAMBDALAKE_KAFKA_JARS": "/nowhere"},
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lambdalake: error: ")
+    assert "/nowhere" in lines[0] and "make install" in lines[0]
+    assert not (tmp_path / "broker").exists()
