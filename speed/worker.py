@@ -451,8 +451,12 @@ def run_worker(
     package; much faster polling, see :mod:`speed.kafka_clients`)."""
     state = SpeedState(state_path(settings, worker), worker)
     try:
-        SpeedWorker(settings, state, worker, kafka_client=kafka_client).run(
-            stop, query_port, query_host, advertise_host
-        )
+        SpeedWorker(
+            settings,
+            state,
+            worker,
+            kafka_client=kafka_client,
+            max_records=settings.speed_max_records,
+        ).run(stop, query_port, query_host, advertise_host)
     finally:
         state.close()
