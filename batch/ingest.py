@@ -52,7 +52,6 @@ from lambdalake.kafka_columnar import (
     Chunk,
     ChunkReader,
     PoisonBatch,
-    UndecodableBatch,
 )
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
@@ -385,19 +384,14 @@ class Ingest:
 
     def _halted(self, exc: BaseException, backoff: Backoff, since: float, until_end: bool) -> None:
         """Wait (with backoff) before reading a batch that must not be passed over again;
-        with ``until_end``, give up with a one-line :class:`UndecodableBatch` once the
-        broker timeout has passed since the partition stopped."""
+        with ``until_end``, give up with a one-line :class:`RuntimeError` once the broker
+        timeout has passed since the partition stopped."""
         reason = " ".join(str(exc).split())
         waited = time.monotonic() - since
         if until_end and waited >= self.broker_timeout_s:
-            if not isinstance(exc, UndecodableBatch):
-                exc = UndecodableBatch("?", -1, -1, reason)
-            raise UndecodableBatch(
-                exc.topic,
-                exc.partition,
-                exc.offset,
-                f"{exc.reason}; stopped there for {waited:.0f} s. Everything before it is "
-                "committed; see docs/kafka.md (poison batches)",
+            raise RuntimeError(
+                f"{reason}; stopped there for {waited:.0f} s. Everything before it is "
+                "committed; see docs/kafka.md (poison batches)"
             ) from None
         delay = backoff.next_delay()
         log.error(
