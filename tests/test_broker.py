@@ -180,12 +180,20 @@ def test_end_offsets_count_transaction_markers_and_agree_with_what_is_read(
     assert (values, position) == (committed, end)
     # ... and reads them, and past the marker, once it commits.
     txn.commit_transaction()
-    txn.close()
     final = end_offsets(bootstrap, [tp])[tp]
     assert final == open_end + 1
     values, position = _read_all(bootstrap, tp, "read_committed", until=final)
-    assert values == committed + [f"open-{i}".encode() for i in range(4)]
-    assert position == final
+    committed += [f"open-{i}".encode() for i in range(4)]
+    assert (values, position) == (committed, final)
+
+    # A log that ends with an aborted transaction: nothing more to read, yet the position
+    # reaches the end (else `ingest --until-end` would wait for ever).
+    transaction("abort-last", 6, commit=False)
+    txn.close()
+    last = end_offsets(bootstrap, [tp])[tp]
+    assert last == final + 6 + 1
+    values, position = _read_all(bootstrap, tp, "read_committed", until=last)
+    assert (values, position) == (committed, last)
 
 
 # --- a broker restart in the middle of a stream -----------------------------------------------
