@@ -83,7 +83,7 @@ def reference_read(bootstrap: str) -> tuple[dict[Key, bytes | None], dict[str, d
         consumer.close()
 
 
-def event_ids(read: dict[Key, bytes | None]) -> dict[Key, str]:
+def event_ids(read: dict[Key, bytes | None], max_bytes: int = MAX_EVENT_BYTES) -> dict[Key, str]:
     """The valid events of a reference read: key -> event id (invalid ones left out)."""
     out = {}
     for key, value in read.items():
@@ -91,7 +91,7 @@ def event_ids(read: dict[Key, bytes | None]) -> dict[Key, str]:
             event = json.loads(value or b"")
         except ValueError:
             continue
-        if len(value or b"") <= MAX_EVENT_BYTES and isinstance(event, dict):
+        if len(value or b"") <= max_bytes and isinstance(event, dict):
             out[key] = event[ID_FIELD[key[0]]]
     return out
 
@@ -389,3 +389,50 @@ def test_the_speed_client_stops_at_an_unconfirmed_batch_without_reconnecting(
         assert consumer.position(TopicPartition("orders", 0)) == poison_at
     finally:
         client.close()
+
+
+def test_a_batch_larger_than_the_fetch_sizes_is_read_whole(
+    fresh_broker: EmbeddedBroker, settings_for
+) -> None:
+    """One 10 MiB record batch (the topic allows it): larger than the speed consumer's
+    per-partition fetch size (8 MiB). The broker still returns it whole (KIP-74), and
+    ingest and the speed layer read every event in it."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = KafkaAdminClient(bootstrap_servers=fresh_broker.bootstrap)
+    admin.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, "reviews", {"max.message.bytes": str(32 << 20)})]
+    )
+    admin.close()
+    producer = KafkaProducer(
+        bootstrap_servers=fresh_broker.bootstrap,
+        batch_size=16 << 20,
+        linger_ms=5_000,
+        max_request_size=32 << 20,
+    )
+    text = "a long review " * 1_400  # ~20 KB, under the 20,000-character limit
+    futures = [
+        producer.send(
+            "reviews",
+            value=json.dumps({**review_event(i), "text": text[:19_900]}).encode(),
+            partition=0,
+        )
+        for i in range(500)
+    ]
+    producer.flush()
+    producer.close()
+    offsets = [f.get(timeout=30).offset for f in futures]
+    assert offsets == list(range(500))
+    segment = _segment(fresh_broker, "reviews", 0).read_bytes()
+    assert struct.unpack_from(">qi", segment)[1] > 8 << 20  # one batch, over 8 MiB
+
+    reference, ends = reference_read(fresh_broker.bootstrap)
+    settings = settings_for(fresh_broker)
+    valid = event_ids(reference, settings.max_event_bytes)
+    assert len(valid) == 500
+    run_ingest(settings, until_end=True, stop=threading.Event())
+    master, quarantined, _ = ingested(Lake(settings.lake_uri))
+    assert master == valid and not quarantined
+    held, _ = speed_held(settings, ends)
+    assert held == valid
