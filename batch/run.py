@@ -6,13 +6,14 @@ calls. Stages, each logged with its counts and seconds:
 ``pin``              current version, files and ingest positions of each master table
 ``read``             read exactly those files, deduplicate (lowest offset wins)
 ``daily_sales``      ``lambdalake.views.SALES`` per day, store and SKU
+``hourly_sales``     ``lambdalake.views.SALES`` per UTC hour, store and SKU
 ``sentiment_train``  the sentiment model from star ratings (or the lexicon), saved
 ``review_scores``    every review scored in Spark with the broadcast model
 ``sentiment_by_sku`` ``lambdalake.views.SENTIMENT`` over the scores
 ``forecast``         per-series model choice, 28-day forecasts and backtest accuracy
 ``publish``          the ``published`` row in ``runs``
 
-Each view is committed to Delta as soon as it is computed, but readers serve
+Each view is committed to Delta (by delta-spark) as soon as it is computed, but readers serve
 only the views listed by the latest *published* run, so a failure anywhere
 leaves the previous run served; the failure is recorded as a ``failed`` row and
 raised. A rerun starts clean under a new run id.
@@ -38,6 +39,7 @@ from lambdalake.lake import (
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
+    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     Lake,
@@ -46,7 +48,7 @@ from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord
 from lambdalake.sentiment import SentimentModel
 from lambdalake.settings import Settings
-from lambdalake.views import SALES, SENTIMENT
+from lambdalake.views import PERIOD_COLUMN, SALES, SENTIMENT, Granularity
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -57,6 +59,7 @@ STAGES = (
     "pin",
     "read",
     "daily_sales",
+    "hourly_sales",
     "sentiment_train",
     "review_scores",
     "sentiment_by_sku",
@@ -79,14 +82,19 @@ def _temp_name(what: str, run_id: str) -> str:
     return f"lambdalake_{what}_" + re.sub(r"\W", "_", run_id)
 
 
-def daily_sales_frame(spark: SparkSession, orders: DataFrame, run_id: str) -> DataFrame:
-    """The ``views/daily_sales`` rows from deduplicated orders (the shared SALES definition)."""
+def sales_frame(
+    spark: SparkSession, orders: DataFrame, run_id: str, granularity: Granularity
+) -> DataFrame:
+    """``views/daily_sales`` or ``views/hourly_sales`` rows from deduplicated orders (the
+    shared SALES definition at that grain; the period column named by ``PERIOD_COLUMN``)."""
     from pyspark.sql import functions as F
 
     name = _temp_name("orders", run_id)
     orders.createOrReplaceTempView(name)
-    df = spark.sql(SALES.aggregate_sql(name, granularity="day"))
-    return df.withColumnRenamed("period", "date").withColumn("run_id", F.lit(run_id))
+    df = spark.sql(SALES.aggregate_sql(name, granularity=granularity))
+    return df.withColumnRenamed("period", PERIOD_COLUMN[granularity]).withColumn(
+        "run_id", F.lit(run_id)
+    )
 
 
 def sentiment_by_sku_frame(spark: SparkSession, scores: DataFrame, run_id: str) -> DataFrame:
@@ -246,11 +254,19 @@ def run_batch(
         _check_injection("read", fail_after_stage)
 
         with stages.stage("daily_sales") as info:
-            daily = persist(daily_sales_frame(session, orders, run.run_id))
+            daily = persist(sales_frame(session, orders, run.run_id, "day"))
             version, rows = write_view(daily, lake, VIEW_DAILY_SALES, run)
             record.view_versions[VIEW_DAILY_SALES] = version
             record.row_counts[VIEW_DAILY_SALES] = info["rows"] = rows
         _check_injection("daily_sales", fail_after_stage)
+
+        with stages.stage("hourly_sales") as info:
+            hourly = sales_frame(session, orders, run.run_id, "hour")
+            files = max(1, session.sparkContext.defaultParallelism)
+            version, rows = write_view(hourly, lake, VIEW_HOURLY_SALES, run, files=files)
+            record.view_versions[VIEW_HOURLY_SALES] = version
+            record.row_counts[VIEW_HOURLY_SALES] = info["rows"] = rows
+        _check_injection("hourly_sales", fail_after_stage)
 
         with stages.stage("sentiment_train") as info:
             sample = _training_sample(reviews, record.row_counts["reviews"], tcfg.max_train_reviews)

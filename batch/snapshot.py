@@ -3,8 +3,9 @@
 A pin is, per topic, the current Delta version of ``master/<topic>``, the
 Parquet files delta-rs lists for that version, and the ingest position
 committed with it (``lambdalake.manifest.ingest_positions``): the watermark.
-Spark then reads those files and nothing else, so rows ingested while the run
-is going on are neither half-seen nor double-counted.
+Spark then reads that version with Delta's own reader (``versionAsOf``), so
+rows ingested while the run is going on are neither half-seen nor
+double-counted, and any table feature delta-spark supports is honoured.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from lambdalake.manifest import Watermark, ingest_positions
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.types import DataType, StructType
-
-# Reader features we cannot honour by reading the listed Parquet files directly.
-UNSUPPORTED_READER_FEATURES = {"deletionVectors", "columnMapping"}
 
 
 @dataclass(frozen=True)
@@ -61,13 +59,6 @@ def pin_table(lake: Lake, topic: str) -> TablePin:
         return TablePin(topic, uri, None)
     dt = DeltaTable(uri, storage_options=lake.storage_options)
     version = dt.version()
-    features = set(dt.protocol().reader_features or [])
-    if features & UNSUPPORTED_READER_FEATURES:
-        raise RuntimeError(
-            f"{uri} uses Delta reader features {sorted(features)}; the batch layer reads the "
-            f"listed Parquet files directly and supports none of "
-            f"{sorted(UNSUPPORTED_READER_FEATURES)}"
-        )
     positions = ingest_positions(uri, topic, version=version, storage_options=lake.storage_options)
     return TablePin(topic, uri, version, tuple(dt.file_uris()), positions)
 
@@ -110,22 +101,18 @@ def spark_schema(schema: pa.Schema) -> StructType:
     return T.StructType([T.StructField(f.name, spark_type(f.type), True) for f in schema])
 
 
-def _to_uri(path: str) -> str:
-    # delta-rs lists local files as plain absolute paths; Hadoop wants a scheme to be exact.
-    return path if "://" in path else f"file://{path}"
-
-
 def read_pinned(spark: SparkSession, pin: TablePin) -> DataFrame:
-    """The rows of a pinned master table (``event_date`` recovered from the Hive paths)."""
+    """The rows of a pinned master table: Delta's reader at the pinned version, typed as
+    the lake's master schema."""
+    from pyspark.sql import functions as F
+
+    from batch.spark import spark_path
+
     schema = spark_schema(MASTER_SCHEMA_BY_TOPIC[pin.topic])
-    if not pin.files:
+    if pin.version is None:
         return spark.createDataFrame([], schema)
-    return (
-        spark.read.schema(schema)
-        .option("basePath", _to_uri(pin.uri))
-        .parquet(*(_to_uri(f) for f in pin.files))
-        .select(*schema.fieldNames())
-    )
+    df = spark.read.format("delta").option("versionAsOf", pin.version).load(spark_path(pin.uri))
+    return df.select(*(F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields))
 
 
 def deduplicate(df: DataFrame, topic: str) -> DataFrame:

@@ -5,7 +5,10 @@ URL from settings (``local[*]`` by default, any cluster URL works), the running
 interpreter as the Python of the workers, UTC as the session time zone, Parquet
 timestamps written as microseconds (what Delta readers such as delta-rs expect),
 Arrow for pandas UDFs, modest shuffle parallelism for local mode, the UI off
-unless asked, and quiet logs.
+unless asked, quiet logs, and Delta Lake: delta-spark's jars on the classpath
+(from ``make install``, never resolved at run time), its SQL extension and
+catalog, and table defaults that delta-rs reads and writes too (see
+``DELTA_TABLE_DEFAULTS``).
 
 >>> from lambdalake.settings import Settings
 >>> spark = get_spark(Settings(spark_master="local[2]"))  # doctest: +SKIP
@@ -27,6 +30,41 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 APP_NAME = "lambdalake-batch"
+
+# Where ``make install`` puts delta-spark and delta-storage (Maven, jvm/delta/pom.xml).
+DELTA_JARS_DIR = Path(sys.prefix) / "share" / "lambdalake" / "jars" / "delta"
+
+# Protocol of every table delta-spark creates: reader 1 / writer 2, no table features, so
+# delta-rs (ingest, speed, serving, BI) reads and appends to it, and DuckDB and Polars read it
+# through delta-rs. Deletion vectors, column mapping, v2 checkpoints and row tracking each
+# raise the protocol to table features; none is needed by tables that are only appended to
+# (masters) or replaced whole (views). Set explicitly so a newer Delta default cannot creep in.
+DELTA_TABLE_DEFAULTS = {
+    "minReaderVersion": "1",
+    "minWriterVersion": "2",
+    "enableDeletionVectors": "false",
+    "columnMapping.mode": "none",
+    "checkpointPolicy": "classic",
+    "enableRowTracking": "false",
+    "enableInCommitTimestamps": "false",
+}
+
+
+class DeltaJarsMissing(RuntimeError):
+    """delta-spark's jars are not installed where the batch layer looks for them."""
+
+
+def delta_jars(folder: Path = DELTA_JARS_DIR) -> list[str]:
+    """The jar files of delta-spark (and what it needs besides Spark), sorted.
+
+    Raises :class:`DeltaJarsMissing` with a one-line reason when they are absent.
+    """
+    jars = sorted(str(p) for p in folder.glob("*.jar")) if folder.is_dir() else []
+    if not any(Path(j).name.startswith("delta-spark_") for j in jars):
+        raise DeltaJarsMissing(
+            f"delta-spark jars not found in {folder}: run `make install` (needs Java 17+ and Maven)"
+        )
+    return jars
 
 
 def _local_cores(master: str) -> int:
@@ -85,7 +123,14 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.sql.execution.arrow.maxRecordsPerBatch": "20000",
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.sources.partitionOverwriteMode": "static",
-        # Views are written by us and committed by delta-rs: no _SUCCESS marker files.
+        # Delta Lake: the jars from the venv (shipped to executors by spark.jars).
+        "spark.jars": ",".join(delta_jars()),
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        **{
+            f"spark.databricks.delta.properties.defaults.{k}": v
+            for k, v in DELTA_TABLE_DEFAULTS.items()
+        },
         "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
         "spark.hadoop.parquet.enable.summary-metadata": "false",
         "spark.sql.parquet.compression.codec": "snappy",
@@ -102,9 +147,10 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         # task overhead. A few per core keeps both cores busy with small skew.
         conf["spark.sql.shuffle.partitions"] = str(max(2, 2 * cores))
         conf["spark.default.parallelism"] = str(max(2, 2 * cores))
-        # A pinned snapshot is read from an explicit list of files. Above this many paths
-        # Spark lists them with a distributed job (seconds); locally the driver does it in ms.
-        conf["spark.sql.sources.parallelPartitionDiscovery.threshold"] = "100000"
+        # Delta rebuilds a table's state (log replay) in this many partitions (default 50).
+        conf["spark.databricks.delta.snapshotPartitions"] = str(max(2, 2 * cores))
+        # Delta's VACUUM lists a table's directories in this many tasks (default 10,000).
+        conf["spark.sql.sources.parallelPartitionDiscovery.parallelism"] = str(max(2, 2 * cores))
         conf["spark.driver.bindAddress"] = "127.0.0.1"
         conf["spark.driver.host"] = "127.0.0.1"
     return conf
@@ -126,3 +172,19 @@ def get_spark(settings: Settings) -> SparkSession:
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     return session
+
+
+def spark_path(uri: str) -> str:
+    """A lake URI as Spark's Hadoop file systems want it.
+
+    A local path becomes an absolute ``file://`` URI; ``s3://`` (delta-rs' scheme) becomes
+    ``s3a://`` (Hadoop's S3 connector, configured with ``spark.hadoop.fs.s3a.*``).
+
+    >>> spark_path("s3://bucket/lake/views/daily_sales")
+    's3a://bucket/lake/views/daily_sales'
+    """
+    if uri.startswith("s3://"):
+        return "s3a://" + uri[len("s3://") :]
+    if "://" in uri:
+        return uri
+    return f"file://{os.path.abspath(uri)}"

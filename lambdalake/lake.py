@@ -1,6 +1,7 @@
 """Where every table lives in the lake, and the Arrow schemas that are the lake's contract.
 
-All Delta I/O goes through delta-rs (``deltalake``); this module only names things.
+Python processes do their Delta I/O with delta-rs (``deltalake``), the batch layer's Spark
+with delta-spark; this module only names things.
 
 >>> Lake("/tmp/lake").table("master/orders")
 '/tmp/lake/master/orders'
@@ -21,9 +22,20 @@ RUNS = "runs"
 VIEW_DAILY_SALES = "views/daily_sales"
 VIEW_DEMAND_FORECAST = "views/demand_forecast"
 VIEW_FORECAST_ACCURACY = "views/forecast_accuracy"
+VIEW_HOURLY_SALES = "views/hourly_sales"
 VIEW_REVIEW_SCORES = "views/review_scores"
 VIEW_SENTIMENT_BY_SKU = "views/sentiment_by_sku"
 MODELS_SENTIMENT = "models/sentiment"
+
+# The views every batch run publishes (and lists in its ``runs`` row), in commit order.
+BATCH_VIEWS = (
+    VIEW_DAILY_SALES,
+    VIEW_HOURLY_SALES,
+    VIEW_REVIEW_SCORES,
+    VIEW_SENTIMENT_BY_SKU,
+    VIEW_DEMAND_FORECAST,
+    VIEW_FORECAST_ACCURACY,
+)
 
 MASTER_TABLE_BY_TOPIC = {"orders": MASTER_ORDERS, "reviews": MASTER_REVIEWS}
 

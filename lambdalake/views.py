@@ -31,6 +31,11 @@ PERIOD_EXPR: dict[str, str] = {
     "hour": "date_trunc('hour', event_time)",
 }
 
+# The column that holds the period in the batch layer's sales views, per granularity:
+# ``views/daily_sales.date`` (DATE) and ``views/hourly_sales.hour`` (UTC TIMESTAMP, the hour's
+# start). The speed layer and serving call it ``period``.
+PERIOD_COLUMN: dict[str, str] = {"day": "date", "hour": "hour"}
+
 
 @dataclass(frozen=True)
 class Measure:

@@ -7,8 +7,10 @@ exactly which events, duplicates and offsets the lake holds.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from pathlib import Path
+from urllib.parse import unquote
 
 import duckdb
 import numpy as np
@@ -28,6 +30,7 @@ from lambdalake.lake import (
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
+    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     Lake,
@@ -42,6 +45,7 @@ SPEC = SalesSpec(
 )  # fmt: skip
 VIEWS = (
     VIEW_DAILY_SALES,
+    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     VIEW_DEMAND_FORECAST,
@@ -111,6 +115,44 @@ def test_daily_sales_equals_a_duckdb_recompute_over_the_deduplicated_master(publ
     assert con.execute("SELECT sum(order_lines) FROM daily_sales").fetchall()[0][0] == distinct
     assert run.row_counts["orders"] == distinct
     assert written["orders"].num_rows == total
+
+
+def test_hourly_sales_equals_a_duckdb_recompute_by_utc_hour_and_adds_up_to_the_days(published):
+    lake, run, _, _ = published
+    con = duck(lake, run)
+    expected = con.execute(
+        """
+        WITH dedup AS (
+            SELECT * FROM master_orders
+            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY _offset, _partition) = 1
+        )
+        SELECT date_trunc('hour', event_time) AS hour, store_id, sku,
+               SUM(quantity)::BIGINT AS units, SUM(quantity * unit_price) AS revenue,
+               COUNT(*)::BIGINT AS order_lines
+        FROM dedup GROUP BY ALL ORDER BY hour, store_id, sku
+        """
+    ).fetchall()
+    got = con.execute(
+        "SELECT hour, store_id, sku, units, revenue, order_lines FROM hourly_sales "
+        "ORDER BY hour, store_id, sku"
+    ).fetchall()
+    assert len(got) == len(expected) == run.row_counts[VIEW_HOURLY_SALES]
+    for g, e in zip(got, expected, strict=True):
+        assert g[:4] == e[:4] and g[5] == e[5]
+        assert g[4] == pytest.approx(e[4], rel=1e-9)
+    # Finer than days (several hours a day per series), and the hours add up to the days.
+    assert len(got) > run.row_counts[VIEW_DAILY_SALES]
+    diff = con.execute(
+        """
+        SELECT count(*) FROM (
+            SELECT CAST(hour AS DATE) AS date, store_id, sku, sum(units) AS units,
+                   sum(order_lines) AS order_lines
+            FROM hourly_sales GROUP BY ALL
+        ) h FULL JOIN daily_sales d USING (date, store_id, sku)
+        WHERE h.units IS DISTINCT FROM d.units OR h.order_lines IS DISTINCT FROM d.order_lines
+        """
+    ).fetchall()[0][0]
+    assert diff == 0
 
 
 def test_sentiment_by_sku_counts_and_means_equal_a_duckdb_recompute(published):
@@ -227,7 +269,7 @@ def test_run_record_lists_the_pin_watermark_views_and_models(published):
     assert statuses == ["running", "published"]
 
 
-def test_spark_reads_exactly_the_pinned_files(spark, tmp_path):
+def test_spark_reads_exactly_the_pinned_version_and_its_files(spark, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     spec = SalesSpec(days=10, skus=3, stores=2, seed=1)
     first = synthetic_orders(spec)
@@ -238,6 +280,8 @@ def test_spark_reads_exactly_the_pinned_files(spark, tmp_path):
 
     df = read_pinned(spark, pin)
     assert df.count() == first.num_rows
+    # Delta's reader at versionAsOf scans exactly the files delta-rs listed for the pin.
+    assert {re.sub("^file:/+", "/", unquote(f)) for f in df.inputFiles()} == set(pin.files)
     assert dict(df.dtypes)["event_date"] == "date"
     dates = {r[0] for r in df.select("event_date").distinct().collect()}
     assert dates == set(first.column("event_date").to_pylist())
@@ -260,7 +304,7 @@ def test_failure_before_publish_leaves_the_previous_run_served_and_a_rerun_is_cl
     first_id = first.run_id
     before = {v: view_at(lake, v, n) for v, n in first.view_versions.items()}
 
-    # New events arrive; the next run dies after three of its five views are committed.
+    # New events arrive; the next run dies after four of its six views are committed.
     more = SalesSpec(days=35, skus=3, stores=2, end_date=SPEC.end_date, seed=22, review_rate=0.2)
     build_master(lake, more)
     with pytest.raises(InjectedFailure):
@@ -272,7 +316,12 @@ def test_failure_before_publish_leaves_the_previous_run_served_and_a_rerun_is_cl
     assert len(failed) == 1 and "injected failure" in (failed[0].error or "")
     # The failed run did commit some views, but readers pinning the served run see it unchanged.
     moved = [v for v in VIEWS if DeltaTable(lake.table(v)).version() > first.view_versions[v]]
-    assert set(moved) == {VIEW_DAILY_SALES, VIEW_REVIEW_SCORES, VIEW_SENTIMENT_BY_SKU}
+    assert set(moved) == {
+        VIEW_DAILY_SALES,
+        VIEW_HOURLY_SALES,
+        VIEW_REVIEW_SCORES,
+        VIEW_SENTIMENT_BY_SKU,
+    }
     for view, version in first.view_versions.items():
         assert view_at(lake, view, version).equals(before[view])
 
@@ -330,7 +379,7 @@ def test_committing_a_view_twice_for_the_same_run_is_a_no_op(spark, tmp_path):
     assert dt.schema().to_arrow() == pa.schema(VIEW_SCHEMAS[VIEW_DAILY_SALES])  # types as declared
     stats = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
     assert sum(stats["num_records"]) == 5
-    # File statistics from the Parquet footers let readers skip files.
+    # delta-spark's file statistics let readers skip files.
     assert min(stats["min.units"]) == 1 and max(stats["max.units"]) == 5
     assert min(stats["min.date"]) == date(2026, 1, 1)
 
