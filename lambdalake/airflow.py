@@ -226,6 +226,7 @@ def view_keys() -> dict[str, tuple[str, ...]]:
 
     return {
         L.VIEW_DAILY_SALES: ("date", "store_id", "sku"),
+        L.VIEW_HOURLY_SALES: ("hour", "store_id", "sku"),
         L.VIEW_DEMAND_FORECAST: ("sku", "store_id", "date"),
         L.VIEW_FORECAST_ACCURACY: ("sku", "store_id"),
         L.VIEW_REVIEW_SCORES: ("review_id", "sku"),
@@ -237,7 +238,12 @@ def unique_key_views() -> tuple[str, ...]:
     """Views whose key must be unique: a duplicate key double-counts in every reader's sum."""
     from lambdalake import lake as L
 
-    return (L.VIEW_DAILY_SALES, L.VIEW_REVIEW_SCORES, L.VIEW_SENTIMENT_BY_SKU)
+    return (
+        L.VIEW_DAILY_SALES,
+        L.VIEW_HOURLY_SALES,
+        L.VIEW_REVIEW_SCORES,
+        L.VIEW_SENTIMENT_BY_SKU,
+    )
 
 
 FORECAST_BOUNDS = ("lower_95", "lower_80", "forecast", "upper_80", "upper_95")
@@ -299,8 +305,8 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
 
     Checks: every view is listed and readable at its pinned version; no key
     column is null and keys that must be unique are; the row counts the run
-    recorded match the tables; ``daily_sales`` counts exactly the orders the
-    run recorded reading, and between the distinct and the total order lines of
+    recorded match the tables; ``daily_sales`` and ``hourly_sales`` count exactly the
+    orders the run recorded reading, and between the distinct and the total order lines of
     the pinned master snapshot (deduplication happens within a horizon, so the
     exact number lies in that range); ``review_scores`` likewise against the
     reviews, and ``sentiment_by_sku`` adds up to ``review_scores``; forecasts are finite, not negative, and their bounds
@@ -402,23 +408,20 @@ def _check_counts_against_master(
         return int(total), int(distinct)
 
     total, distinct = master_counts(L.MASTER_ORDERS, "event_id")
-    sales = columns.get(L.VIEW_DAILY_SALES)
-    if sales is not None and "order_lines" in sales:
-        (lines,) = pinned.one(
-            f"SELECT coalesce(sum(order_lines), 0) FROM {_alias(L.VIEW_DAILY_SALES)}"
-        )
-        if not distinct <= int(lines) <= total:
-            failures.append(
-                f"{L.VIEW_DAILY_SALES}: {lines} order lines, the master snapshot holds "
-                f"{distinct} distinct of {total}"
-            )
-        read = recorded.get("orders")  # the deduplicated orders the run read
-        if read is not None and int(read) != int(lines):
-            failures.append(
-                f"{L.VIEW_DAILY_SALES}: {lines} order lines, the run read {read} orders"
-            )
-    elif sales is not None:
-        failures.append(f"{L.VIEW_DAILY_SALES}: no order_lines column")
+    for view in (L.VIEW_DAILY_SALES, L.VIEW_HOURLY_SALES):
+        sales = columns.get(view)
+        if sales is not None and "order_lines" in sales:
+            (lines,) = pinned.one(f"SELECT coalesce(sum(order_lines), 0) FROM {_alias(view)}")
+            if not distinct <= int(lines) <= total:
+                failures.append(
+                    f"{view}: {lines} order lines, the master snapshot holds "
+                    f"{distinct} distinct of {total}"
+                )
+            read = recorded.get("orders")  # the deduplicated orders the run read
+            if read is not None and int(read) != int(lines):
+                failures.append(f"{view}: {lines} order lines, the run read {read} orders")
+        elif sales is not None:
+            failures.append(f"{view}: no order_lines column")
 
     total, distinct = master_counts(L.MASTER_REVIEWS, "review_id")
     scores: int | None = None

@@ -36,6 +36,7 @@ from lambdalake.lake import (
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
+    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     Lake,
@@ -104,14 +105,19 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
     """Views consistent with the master tables, computed plainly in Python."""
     seen: set[str] = set()
     sales: dict[tuple[date, str, str], list[float]] = {}
+    hourly: dict[tuple[datetime, str, str], list[float]] = {}
     for r in orders.to_pylist():
         if r["event_id"] in seen:
             continue
         seen.add(r["event_id"])
-        acc = sales.setdefault((r["event_date"], r["store_id"], r["sku"]), [0, 0.0, 0])
-        acc[0] += r["quantity"]
-        acc[1] += r["quantity"] * r["unit_price"]
-        acc[2] += 1
+        hour = r["event_time"].replace(minute=0, second=0, microsecond=0)
+        for acc in (
+            sales.setdefault((r["event_date"], r["store_id"], r["sku"]), [0, 0.0, 0]),
+            hourly.setdefault((hour, r["store_id"], r["sku"]), [0, 0.0, 0]),
+        ):
+            acc[0] += r["quantity"]
+            acc[1] += r["quantity"] * r["unit_price"]
+            acc[2] += 1
     daily_sales = pa.Table.from_pylist(
         [
             {"date": d, "store_id": s, "sku": k, "units": u, "revenue": rev, "order_lines": n}
@@ -158,8 +164,15 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
     sentiment = pa.Table.from_pylist(
         [{"sku": k, **v, "neutral": 0} for k, v in sorted(by_sku.items())]
     )
+    hourly_sales = pa.Table.from_pylist(
+        [
+            {"hour": h, "store_id": s, "sku": k, "units": u, "revenue": rev, "order_lines": n}
+            for (h, s, k), (u, rev, n) in sorted(hourly.items())
+        ]
+    )
     return {
         VIEW_DAILY_SALES: daily_sales,
+        VIEW_HOURLY_SALES: hourly_sales,
         VIEW_DEMAND_FORECAST: forecast,
         VIEW_FORECAST_ACCURACY: accuracy,
         VIEW_REVIEW_SCORES: pa.Table.from_pylist(scores),
@@ -238,6 +251,11 @@ def _bad_lost_rows(views):
     return {**views, VIEW_DAILY_SALES: t.slice(0, t.num_rows - 3)}
 
 
+def _bad_hourly_lost_rows(views):
+    t = views[VIEW_HOURLY_SALES]
+    return {**views, VIEW_HOURLY_SALES: t.slice(1)}
+
+
 def _bad_double_counted_reviews(views):
     t = views[VIEW_REVIEW_SCORES]
     return {**views, VIEW_REVIEW_SCORES: pa.concat_tables([t, t.slice(0, 2)])}
@@ -250,6 +268,7 @@ def _bad_double_counted_reviews(views):
         (_bad_forecast_bounds, "bounds out of order"),
         (_bad_null_key, "null key"),
         (_bad_lost_rows, "order lines, the run read 40 orders"),
+        (_bad_hourly_lost_rows, "hourly_sales: 39 order lines, the run read 40 orders"),
         (_bad_double_counted_reviews, "duplicated key"),
     ],
 )
