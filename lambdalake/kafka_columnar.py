@@ -12,11 +12,12 @@ check, decompression (gzip, snappy, lz4, zstd), the ``read_committed`` filter
 batches skipped but counted as consumed offsets).
 
 A record batch that cannot be decoded (unknown codec, a payload that does not
-decompress, malformed records, a failed CRC) is a *poison batch*. When its
-extent is certain it is passed over and reported as a :class:`PoisonBatch`
-(ingest quarantines it, the speed layer skips and counts it); when it is not,
-:class:`UndecodableBatch` stops the partition there, for the consumer to retry
-with backoff. See docs/kafka.md.
+decompress, malformed records, a failed CRC) is a *poison batch*. When passing
+it cannot lose anything silently (its extent is certain, no aborted transaction
+is open there) it is passed over and reported as a :class:`PoisonBatch` (ingest
+quarantines it, the speed layer skips and counts it); otherwise, or when the fix
+is on this side (a codec library to install), :class:`UndecodableBatch` stops
+the consumer there, for it to retry with backoff. See docs/kafka.md.
 
 The decoder plugs into a consumer's fetcher through the ``PartitionRecords``
 attribute of kafka-python's ``Fetcher`` (:func:`use_columnar_decoder`), after a
