@@ -29,7 +29,7 @@ from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 from serving import dashboard
 from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
-from serving.batch import BatchCache
+from serving.batch import BatchCache, HourlyMissing
 from serving.deps import check_api_keys, require_api_key
 from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
@@ -182,6 +182,10 @@ def create_app(
     @app.exception_handler(InvalidParameter)
     async def invalid_parameter(request: Request, exc: InvalidParameter) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.exception_handler(HourlyMissing)
+    async def hourly_missing(request: Request, exc: HourlyMissing) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,8 +11,9 @@ Tables of a snapshot (normalised names; missing views load as empty tables):
 =============  ====================================================================
 ``sales_day``   period DATE, store_id, sku, units, revenue, order_lines
 ``sales_hour``  period TIMESTAMPTZ (hour start), store_id, sku, units, revenue,
-                order_lines — from ``views/hourly_sales`` when the run publishes
-                it, else computed once from the pinned ``master/orders`` snapshot
+                order_lines — from ``views/hourly_sales``; a run without that
+                view cannot answer hours (:class:`HourlyMissing`), serving never
+                reads ``master/orders``
 ``forecast``    sku, store_id, date, forecast, lower_80, upper_80, lower_95,
                 upper_95, model
 ``sentiment``   sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
@@ -30,10 +31,10 @@ import duckdb
 import pyarrow as pa
 
 from lambdalake.lake import (
-    MASTER_ORDERS,
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
+    VIEW_HOURLY_SALES,
     VIEW_SENTIMENT_BY_SKU,
     Lake,
 )
@@ -45,9 +46,6 @@ from serving.series import SeriesCache
 from serving.tables import IndexedTable, merge_partials, select
 
 log = get_logger(__name__)
-
-# Not (yet) a name in lambdalake.lake: the batch layer's hourly sales view, if it publishes one.
-VIEW_HOURLY_SALES = "views/hourly_sales"
 
 SALES_MEASURES = ", ".join(m.name for m in SALES.measures)
 SENTIMENT_MEASURES = ", ".join(m.name for m in SENTIMENT.measures)
@@ -84,13 +82,16 @@ def _hour_load_sql(columns: list[str]) -> str:
     )
 
 
-def master_hourly_sql(source: str) -> str:
-    """Hourly sales partials from master rows: deduplicated by event_id (lowest offset wins)."""
-    dedup = (
-        f"(SELECT * FROM {source} QUALIFY row_number() OVER "
-        f"(PARTITION BY {SALES.key} ORDER BY _offset, _partition) = 1)"
-    )
-    return SALES.aggregate_sql(dedup, granularity="hour")
+class HourlyMissing(LookupError):
+    """The served run publishes no hourly sales view: hour answers cannot be given."""
+
+    def __init__(self, run_id: str | None) -> None:
+        super().__init__(
+            f"no hourly sales in the served batch run {run_id}: it publishes no "
+            f"{VIEW_HOURLY_SALES} view (a run from before hourly views); ask for "
+            "granularity=day, or retry after the next batch run"
+        )
+        self.run_id = run_id
 
 
 @dataclass
@@ -99,7 +100,7 @@ class BatchSnapshot:
 
     run: RunRecord | None
     tables: dict[str, IndexedTable]
-    hourly_source: str  # "view" | "master" | "none"
+    hourly_source: str  # "view" | "missing" (the run has no hourly view) | "none" (no run)
     loaded_at: float = field(default_factory=time.time)
     series: SeriesCache = field(init=False)  # sales per (key, period), for point queries
 
@@ -182,31 +183,10 @@ def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
             src = _read_delta(lake, VIEW_HOURLY_SALES, int(views[VIEW_HOURLY_SALES]))
             _fill(con, "sales_hour", src, _hour_load_sql(src.column_names))
             hourly = "view"
-        elif MASTER_ORDERS in run.master_versions:
-            # No hourly view: aggregate the pinned master snapshot once per run.
-            src = _read_delta(
-                lake,
-                MASTER_ORDERS,
-                int(run.master_versions[MASTER_ORDERS]),
-                columns=[
-                    "event_id",
-                    "event_time",
-                    "store_id",
-                    "sku",
-                    "quantity",
-                    "unit_price",
-                    "_partition",
-                    "_offset",
-                ],
-            )
-            _fill(
-                con,
-                "sales_hour",
-                src,
-                f"SELECT CAST(period AS TIMESTAMPTZ) AS period, store_id, sku, {SALES_MEASURES} "
-                f"FROM ({master_hourly_sql('src')}) ORDER BY sku, store_id, period",
-            )
-            hourly = "master"
+        else:
+            # Serving never scans master/orders: an API replica's load time and memory stay
+            # independent of history. Hour questions are refused for such a run (HourlyMissing).
+            hourly = "missing"
     tables = {
         name: IndexedTable.build(con.sql(f"SELECT * FROM {name}").to_arrow_table())
         for name in EMPTY_DDL

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from lambdalake.settings import Settings
 from lambdalake.views import SALES, SENTIMENT
-from serving.batch import BatchCache, BatchSnapshot
+from serving.batch import BatchCache, BatchSnapshot, HourlyMissing
 from serving.models import (
     ActualPoint,
     AlertsAnswer,
@@ -166,6 +166,8 @@ class QueryService:
         last: datetime,
     ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
         """Merged sales partials keyed by (period label, *dims)."""
+        if granularity == "hour" and snap.hourly_source == "missing":
+            raise HourlyMissing(snap.run_id)
         lo: Any = first.date() if granularity == "day" else first
         hi: Any = last.date() if granularity == "day" else last
         acc: dict[tuple, dict[str, Any]] = {}

@@ -291,7 +291,7 @@ def assert_same_points(got: dict, want: dict) -> None:
 def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     root = tmp_path_factory.mktemp("serving") / "lake"
     orders = make_orders()
-    write_run(root, "run-1", orders, published_at=NOW - timedelta(hours=1))
+    write_run(root, "run-1", orders, hourly_view=True, published_at=NOW - timedelta(hours=1))
     quarantine = pa.Table.from_pylist(
         [
             {
@@ -338,7 +338,7 @@ def test_sales_by_day_sums_over_unfiltered_dimensions(api: httpx.Client, lake: A
         assert_same_points(points_of(r.json()), want)
 
 
-def test_sales_by_hour_from_pinned_master_deduplicates(api: httpx.Client, lake: Any) -> None:
+def test_sales_by_hour_from_the_hourly_view(api: httpx.Client, lake: Any) -> None:
     _, orders = lake
     r = api.get(
         "/v1/sales",
@@ -656,7 +656,7 @@ def test_new_published_run_is_served_and_failed_run_is_not(tmp_path: Path) -> No
 def test_hot_path_answers_from_memory_without_reading_delta_files(tmp_path: Path) -> None:
     root = tmp_path / "lake"
     orders = make_orders(seed=3, n=100)
-    write_run(root, "run-1", orders)
+    write_run(root, "run-1", orders, hourly_view=True)
     app = create_app(settings_at(root), clock=lambda: NOW)
     with running_server(app) as url, httpx.Client(base_url=url) as client:
         before = client.get("/v1/sales", params={"sku": "A", "granularity": "hour"}).json()
@@ -671,6 +671,23 @@ def test_hot_path_answers_from_memory_without_reading_delta_files(tmp_path: Path
         after = client.get("/v1/sales", params={"sku": "A", "granularity": "hour"}).json()
         assert after["points"] == before["points"]
         assert client.get("/v1/sentiment/A").json()["reviews"] == 4
+
+
+def test_a_run_without_hourly_view_refuses_hours_and_never_reads_master(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    orders = make_orders(seed=5, n=100)
+    write_run(root, "run-1", orders)  # daily views only, as runs before hourly views
+    for parquet in (root / MASTER_ORDERS).rglob("*.parquet"):
+        parquet.unlink()  # serving must not need the master table at all
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        day = client.get("/v1/sales", params={"start": "2024-05-01", "end": "2024-05-10"})
+        assert day.status_code == 200 and day.json()["points"]
+        hour = client.get("/v1/sales", params={"sku": "A", "granularity": "hour"})
+        assert hour.status_code == 503, hour.text
+        detail = hour.json()["detail"]
+        assert "run-1" in detail and "views/hourly_sales" in detail and "granularity=day" in detail
+        assert app.state.batch.current().hourly_source == "missing"
 
 
 def test_no_published_run_yet_answers_empty_with_null_run(tmp_path: Path) -> None:
