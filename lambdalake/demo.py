@@ -405,7 +405,9 @@ def run_demo(
                     f"  status        {api}/v1/status   or   .venv/bin/lambdalake status {lake_flag}",
                     f"  Airflow UI    .venv/bin/lambdalake airflow --bootstrap {settings.bootstrap} "
                     f"{lake_flag}",
-                    f"  Kafka         {settings.bootstrap}   logs: {log_dir}",
+                    f"  Kafka         {settings.bootstrap}"
+                    + (f"   data: {broker.log_dir}" if broker is not None else ""),
+                    f"  logs          {log_dir}",
                     "Ctrl-C stops everything.",
                     "",
                 ]
