@@ -8,7 +8,10 @@ prepares everything the main thread needs to apply it in one transaction
 * the ids the run counted: master rows below its watermark, read at the master
   version the run pinned, ingested within the dedup horizon. Master tables are
   append-only, so when the state already holds the ids of an older version only
-  the files added since are read;
+  the files added since are read. They are streamed, a record batch at a time,
+  into a Parquet file of ids under ``{speed_state_dir}/prepared/`` that the main
+  thread loads with DuckDB: memory stays bounded however many ids 48 hours hold
+  (measured in docs/speed.md);
 * the sentiment model version it published (loaded here, off the hot path).
 
 Re-scoring the held reviews needs the state, so the main thread does it.
@@ -16,14 +19,17 @@ Re-scoring the held reviews needs the state, so the main thread does it.
 
 from __future__ import annotations
 
+import shutil
 import threading
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from lambdalake.contracts import KEY_BY_TOPIC
 from lambdalake.lake import MASTER_TABLE_BY_TOPIC, RUNS, Lake
@@ -45,11 +51,18 @@ class PreparedRun:
 
     run: RunRecord
     base_master_versions: dict[str, int]  # the ids in the state were read at these
-    known_ids: dict[str, pa.Table]
+    known_ids: dict[str, pa.Table | Path]  # a table, or a Parquet file of (id, seen_at)
+    known_counts: dict[str, int]
     replace_known: bool
     model_version: str | None
     model: Any  # a lambdalake.sentiment.SentimentModel, or None if unchanged
     reset: bool
+
+    def discard(self) -> None:
+        """Delete the files of ids it prepared (after applying it, or when replaced)."""
+        for ids in self.known_ids.values():
+            if isinstance(ids, Path):
+                ids.unlink(missing_ok=True)
 
 
 def model_version_of(run: RunRecord | None) -> str | None:
@@ -73,6 +86,66 @@ def watermark_went_back(old: Watermark, new: Watermark) -> bool:
     return any(new.get(t, {}).get(p, 0) < o for t, parts in old.items() for p, o in parts.items())
 
 
+def counted_id_batches(
+    lake: Lake,
+    topic: str,
+    *,
+    version: int,
+    watermark: dict[int, int],
+    since: datetime,
+    base_version: int | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Ids of master rows below ``watermark`` ingested at or after ``since``, a record
+    batch at a time (``id``, ``seen_at``: the row's ``_ingested_at``).
+
+    Reads the master table at ``version``; with ``base_version`` only the files
+    added after it (the table is append-only)."""
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    uri = lake.table(MASTER_TABLE_BY_TOPIC[topic])
+    if not watermark or not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):
+        return  # no watermark: nothing is below it
+    dt = DeltaTable(uri, version=version, storage_options=lake.storage_options)
+    dataset = dt.to_pyarrow_dataset()
+    if base_version is not None and base_version <= version:
+        old = DeltaTable(uri, version=base_version, storage_options=lake.storage_options)
+        old_paths = {f.path for f in old.to_pyarrow_dataset().get_fragments()}
+        fragments = [f for f in dataset.get_fragments() if f.path not in old_paths]
+        if not fragments:
+            return
+        dataset = ds.FileSystemDataset(
+            fragments, schema=dataset.schema, format=dataset.format, filesystem=dataset.filesystem
+        )
+    key = KEY_BY_TOPIC[topic]
+    limits = np.zeros(max(watermark) + 1, dtype=np.int64)
+    for p, o in watermark.items():
+        limits[p] = o
+    scanner = dataset.scanner(
+        columns=[key, "_partition", "_offset", "_ingested_at"],
+        filter=ds.field("_ingested_at") >= pa.scalar(since, pa.timestamp("us", tz="UTC")),
+        # One file and a couple of batches in memory at a time (not 4 files x 16 batches).
+        fragment_readahead=1,
+        batch_readahead=2,
+    )
+    for batch in scanner.to_batches():
+        if not batch.num_rows:
+            continue
+        parts = batch["_partition"].to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = batch["_offset"].to_numpy(zero_copy_only=False)
+        # Partitions the watermark does not name have nothing below it.
+        known_part = parts < len(limits)
+        below = np.zeros(len(parts), dtype=bool)
+        below[known_part] = offsets[known_part] < limits[parts[known_part]]
+        if not below.any():
+            continue
+        kept = batch.filter(pa.array(below))
+        yield pa.record_batch(
+            [kept[key], kept["_ingested_at"].cast(pa.timestamp("us", tz="UTC"))],
+            schema=IDS_SCHEMA,
+        )
+
+
 def batch_counted_ids(
     lake: Lake,
     topic: str,
@@ -82,47 +155,33 @@ def batch_counted_ids(
     since: datetime,
     base_version: int | None = None,
 ) -> pa.Table:
-    """Ids of master rows below ``watermark`` ingested at or after ``since``.
-
-    Reads the master table at ``version``; with ``base_version`` only the files
-    added after it (the table is append-only). Columns ``id``, ``seen_at``
-    (the row's ``_ingested_at``)."""
-    import pyarrow.dataset as ds
-    from deltalake import DeltaTable
-
-    uri = lake.table(MASTER_TABLE_BY_TOPIC[topic])
-    if not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):
-        return IDS_SCHEMA.empty_table()
-    dt = DeltaTable(uri, version=version, storage_options=lake.storage_options)
-    dataset = dt.to_pyarrow_dataset()
-    if base_version is not None and base_version <= version:
-        old = DeltaTable(uri, version=base_version, storage_options=lake.storage_options)
-        old_paths = {f.path for f in old.to_pyarrow_dataset().get_fragments()}
-        fragments = [f for f in dataset.get_fragments() if f.path not in old_paths]
-        if not fragments:
-            return IDS_SCHEMA.empty_table()
-        dataset = ds.FileSystemDataset(
-            fragments, schema=dataset.schema, format=dataset.format, filesystem=dataset.filesystem
-        )
-    key = KEY_BY_TOPIC[topic]
-    table = dataset.to_table(
-        columns=[key, "_partition", "_offset", "_ingested_at"],
-        filter=ds.field("_ingested_at") >= pa.scalar(since, pa.timestamp("us", tz="UTC")),
-    )
-    if table.num_rows and watermark:
-        top = max(max(watermark) + 1, int(pc.max(table["_partition"]).as_py()) + 1)
-        limits = np.zeros(top, dtype=np.int64)
-        for p, o in watermark.items():
-            limits[p] = o
-        parts = table["_partition"].to_numpy()
-        mask = table["_offset"].to_numpy() < limits[parts]
-        table = table.filter(pa.array(mask))
-    elif table.num_rows:
-        table = table.slice(0, 0)  # no watermark: nothing is below it
-    return pa.table(
-        {"id": table[key], "seen_at": table["_ingested_at"].cast(pa.timestamp("us", tz="UTC"))},
+    """:func:`counted_id_batches` as one table (small reads, tests)."""
+    return pa.Table.from_batches(
+        list(
+            counted_id_batches(
+                lake,
+                topic,
+                version=version,
+                watermark=watermark,
+                since=since,
+                base_version=base_version,
+            )
+        ),
         schema=IDS_SCHEMA,
     )
+
+
+def write_counted_ids(batches: Iterator[pa.RecordBatch], path: Path) -> int:
+    """Stream ``batches`` into a Parquet file at ``path``; the number of ids written."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with pq.ParquetWriter(path, IDS_SCHEMA) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            n += batch.num_rows
+    return n
 
 
 def prepare_run(
@@ -133,13 +192,18 @@ def prepare_run(
     applied_master_versions: dict[str, int],
     applied_model_version: str | None,
     now: datetime | None = None,
+    spill_dir: Path | None = None,
 ) -> PreparedRun:
-    """Everything needed to apply ``run`` to a state that applied the given run."""
+    """Everything needed to apply ``run`` to a state that applied the given run.
+
+    With ``spill_dir`` the ids go to Parquet files there (bounded memory),
+    otherwise into tables."""
     lake = Lake(settings.lake_uri)
     now = now or datetime.now(UTC)
     since = now - timedelta(hours=settings.dedup_hours)
     reset = watermark_went_back(applied_watermark, run.watermark)
-    known: dict[str, pa.Table] = {}
+    known: dict[str, pa.Table | Path] = {}
+    counts: dict[str, int] = {}
     incremental = not reset
     for topic in TOPICS:
         name = MASTER_TABLE_BY_TOPIC[topic]
@@ -147,6 +211,7 @@ def prepare_run(
         base = applied_master_versions.get(name)
         if version is None or settings.dedup_hours == 0:
             known[topic] = IDS_SCHEMA.empty_table()
+            counts[topic] = 0
             continue
         if base is None or base > version:
             incremental = False
@@ -155,7 +220,7 @@ def prepare_run(
         pinned = run.master_versions.get(name)
         if topic in known or pinned is None:
             continue
-        known[topic] = batch_counted_ids(
+        batches = counted_id_batches(
             lake,
             topic,
             version=int(pinned),
@@ -163,6 +228,14 @@ def prepare_run(
             since=since,
             base_version=applied_master_versions.get(name) if incremental else None,
         )
+        if spill_dir is None:
+            table = pa.Table.from_batches(list(batches), schema=IDS_SCHEMA)
+            known[topic], counts[topic] = table, table.num_rows
+        else:
+            path = spill_dir / f"{topic}-{uuid.uuid4().hex}.parquet"
+            known[topic], counts[topic] = path, write_counted_ids(batches, path)
+            # The allocator keeps freed read buffers; a worker keeps running for days.
+            pa.default_memory_pool().release_unused()
     model_version = model_version_of(run)
     model = None
     if model_version != applied_model_version or reset:
@@ -171,6 +244,7 @@ def prepare_run(
         run=run,
         base_master_versions=dict(applied_master_versions),
         known_ids=known,
+        known_counts=counts,
         replace_known=not incremental,
         model_version=model_version,
         model=model,
@@ -181,10 +255,18 @@ def prepare_run(
 class RunWatcher(threading.Thread):
     """Polls the runs table; keeps the newest run prepared for the main thread.
 
-    The main thread calls :meth:`take` between micro-batches and tells the
-    watcher what it applied with :meth:`applied`."""
+    The main thread calls :meth:`take` between micro-batches, applies the run,
+    :meth:`PreparedRun.discard` s it, and tells the watcher what it applied with
+    :meth:`applied`. ``spill_dir``: where prepared ids are streamed to (a folder of
+    this worker's own)."""
 
-    def __init__(self, settings: Settings, stop: threading.Event, interval: float = 1.5):
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        interval: float = 1.5,
+        spill_dir: Path | None = None,
+    ):
         super().__init__(name="speed-runs", daemon=True)
         self.settings = settings
         self.stop_event = stop
@@ -201,6 +283,11 @@ class RunWatcher(threading.Thread):
         self._wake = threading.Event()
         self.latest: RunRecord | None = None
         self.error: str | None = None
+        # Prepared ids are spilled here, one folder per worker (a crash leaves files of no
+        # use: cleared at start); None keeps them in memory.
+        self.spill_dir = spill_dir
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
 
     def applied(
         self,
@@ -209,10 +296,13 @@ class RunWatcher(threading.Thread):
         master_versions: dict[str, int],
         model_version: str | None,
     ) -> None:
+        stale = None
         with self._lock:
             self._applied = (run_id, watermark, dict(master_versions), model_version)
             if self._ready is not None and self._ready.run.run_id == run_id:
-                self._ready = None
+                stale, self._ready = self._ready, None
+        if stale is not None:
+            stale.discard()
         self._wake.set()
 
     @property
@@ -226,13 +316,17 @@ class RunWatcher(threading.Thread):
         with self._lock:
             ready, self._ready = self._ready, None
             applied = self._applied
-        if ready is None or ready.run.run_id == applied[0]:
+        if ready is None:
+            return None
+        if ready.run.run_id == applied[0]:
+            ready.discard()
             return None
         if ready.base_master_versions != applied[2]:
+            ready.discard()
             self._prepared_for = None  # prepared against another state: prepare again
             self._wake.set()
             return None
-        return ready
+        return ready  # the caller applies it, then discards its files
 
     def check_now(self) -> PreparedRun | None:
         """Look up the latest run and prepare it synchronously (at start)."""
@@ -271,18 +365,21 @@ class RunWatcher(threading.Thread):
                 applied_watermark=applied[1],
                 applied_master_versions=applied[2],
                 applied_model_version=applied[3],
+                spill_dir=self.spill_dir,
             )
         except Exception as exc:  # retried on the next poll
             self._report(f"preparing run {run.run_id} failed: {type(exc).__name__}: {exc}")
             return
         self.error = None
         with self._lock:
-            self._ready = prepared
+            replaced, self._ready = self._ready, prepared
             self._prepared_for = tag
+        if replaced is not None:
+            replaced.discard()
         log.info(
             "speed.run_prepared",
             run_id=run.run_id,
-            ids={t: tbl.num_rows for t, tbl in prepared.known_ids.items()},
+            ids=prepared.known_counts,
             incremental=not prepared.replace_known,
             model_version=prepared.model_version,
         )

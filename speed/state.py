@@ -123,7 +123,8 @@ class RunApply:
     """A published run, prepared for :meth:`SpeedState.apply_run`.
 
     ``known_ids``: per topic, a table ``(id, seen_at)`` of ids the run counted
-    (master rows below its watermark within the horizon); ``replace_known`` says
+    (master rows below its watermark within the horizon), or a Parquet file of
+    them; ``replace_known`` says
     whether they replace the known ids or add to them (an incremental load).
     ``scores``: when the sentiment model changed, ``(_partition, _offset,
     sentiment, label)`` for every held review at or above the new watermark."""
@@ -132,7 +133,7 @@ class RunApply:
     watermark: Watermark
     master_versions: dict[str, int]
     model_version: str | None
-    known_ids: dict[str, pa.Table]
+    known_ids: Mapping[str, pa.Table | Path]
     replace_known: bool
     scores: pa.Table | None = None
     reset: bool = False  # the watermark went backwards: drop everything, re-consume
@@ -564,12 +565,15 @@ class SpeedState:
             elif run.replace_known:
                 con.execute(f"DELETE FROM {known}")
             ids = run.known_ids.get(topic)
-            if ids is not None and ids.num_rows:
+            insert = (
+                f"INSERT INTO {known} SELECT id, max(seen_at) FROM {{}} n "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"
+            )
+            if isinstance(ids, Path):  # spilled by the run watcher: streamed by DuckDB
+                con.execute(insert.format("read_parquet(?)"), [str(ids)])
+            elif ids is not None and ids.num_rows:
                 with _registered(con, "new_ids", ids.select(["id", "seen_at"])):
-                    con.execute(
-                        f"""INSERT INTO {known} SELECT id, max(seen_at) FROM new_ids n
-                        WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"""
-                    )
+                    con.execute(insert.format("new_ids"))
             # Pruned events leave the views but their ids stay known until the horizon passes.
             con.execute(
                 f"""INSERT INTO {known}

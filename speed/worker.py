@@ -111,7 +111,11 @@ class SpeedWorker:
             max_wait=max_wait,
             client=kafka_client,
         )
-        self.watcher = RunWatcher(settings, self.halt)
+        self.watcher = RunWatcher(
+            settings,
+            self.halt,
+            spill_dir=settings.speed_state_dir / "prepared" / f"worker-{worker[0]}-of-{worker[1]}",
+        )
         self.counters = Counters()
         # Micro-batches polled in an older epoch (before the last seek backwards) are
         # discarded: they may lie above positions the state just moved back.
@@ -192,6 +196,7 @@ class SpeedWorker:
             ),
             self.settings.dedup_hours,
         )
+        prepared.discard()
         self.model = model
         applied = self.state.applied
         self.watcher.applied(

@@ -761,6 +761,8 @@ def test_a_run_demoted_mid_batch_re_reads_from_the_older_watermark_and_loses_not
         worker.handle(item)  # run-1 applied first (a reset); the in-flight batch discarded
         assert state.applied.run_id == "run-1"
         assert worker.counters.discarded == 1
+        # The ids run-1 counted were streamed through a file, gone once applied.
+        assert not list((settings.speed_state_dir / "prepared").rglob("*.parquet"))
         assert state.positions[("orders", 0)] == wm1["orders"][0]
 
         # While re-reading, answers leave the partitions out (callers report them missing).

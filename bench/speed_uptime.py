@@ -1,0 +1,228 @@
+"""What a speed worker's long uptime costs: read cursors and RSS under queries, memory of
+loading the ids a run counted. No broker needed (a real state, a real Flight endpoint,
+real Delta master tables).
+
+    .venv/bin/python bench/speed_uptime.py cursors --queries 4000
+    .venv/bin/python bench/speed_uptime.py known-ids --ids 2000000
+
+``cursors``: a state with 5,000 orders behind a Flight endpoint; ``--queries`` sales
+queries from 16 client threads (one in ten on a new connection, as clients come and
+go); prints cursors open and RSS before and after. ``known-ids``: a master table of
+``--ids`` orders ingested now, a run below all of them; prepares it as the run watcher
+does (ids streamed to a file, or ``--in-memory`` as a table) and applies it to a fresh
+state in this process; prints RSS after each phase and the peak. One JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cursors(queries: int) -> dict[str, object]:
+    from lambdalake.contracts import validate
+    from lambdalake.speed_protocol import SpeedQuery, connect, query_speed
+    from speed.server import SpeedFlightServer
+    from speed.state import BatchInput, SpeedState
+
+    state = SpeedState(Path(tempfile.mkdtemp()) / "w.duckdb", (0, 1))
+    state.register_partitions([("orders", 0), ("reviews", 0)])
+    n = 5000
+    values = [
+        json.dumps(
+            {
+                "event_id": f"e{o}",
+                "event_time": f"2026-11-2{o % 3}T1{o % 10}:00:00Z",
+                "store_id": f"s{o % 5}",
+                "sku": f"k{o % 50}",
+                "quantity": 2,
+                "unit_price": 1.5,
+            }
+        ).encode()
+        for o in range(n)
+    ]
+    v = validate("orders", values, [0] * n, list(range(n)))
+    state.commit_batch(BatchInput(valid={"orders": v.valid}, ends={("orders", 0): n}))
+    server = SpeedFlightServer(state, lambda: {}).start()
+    client = connect(server.endpoint)
+    q = SpeedQuery(view="sales", granularity="hour")
+    for _ in range(50):
+        query_speed(server.endpoint, q, client=client)
+    before = (state.cursor_count, rss_mib())
+
+    def one(i: int) -> None:
+        c = connect(server.endpoint) if i % 10 == 0 else client
+        try:
+            query_speed(server.endpoint, q, client=c)
+        finally:
+            if c is not client:
+                c.close()
+
+    t0 = time.monotonic()
+    rss_by_quarter = []
+    with ThreadPoolExecutor(16) as pool:
+        for quarter in range(4):
+            list(pool.map(one, range(quarter * queries // 4, (quarter + 1) * queries // 4)))
+            rss_by_quarter.append(round(rss_mib(), 1))
+    out = {
+        "queries": queries,
+        "seconds": round(time.monotonic() - t0, 1),
+        "cursors_before": before[0],
+        "cursors_after": state.cursor_count,
+        "rss_before_mib": round(before[1], 1),
+        "rss_after_each_quarter_mib": rss_by_quarter,
+    }
+    client.close()
+    server.stop()
+    state.close()
+    return out
+
+
+def make_master(lake: Path, ids: int) -> int:
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
+
+    uri = Lake(str(lake)).table(MASTER_TABLE_BY_TOPIC["orders"])
+    schema = MASTER_SCHEMA_BY_TOPIC["orders"]
+    now = datetime.now(UTC)
+    step = 250_000
+    for start in range(0, ids, step):
+        n = min(step, ids - start)
+        times = [now - timedelta(minutes=i % 2000) for i in range(n)]
+        cols: dict[str, object] = {}
+        for f in schema:
+            if f.name == "event_id":
+                cols[f.name] = pa.array([f"ORD-{start + i:012d}-{i % 99991:05d}" for i in range(n)])
+            elif f.name == "_offset":
+                cols[f.name] = pa.array(range(start, start + n), f.type)
+            elif f.name == "_partition":
+                cols[f.name] = pa.array([0] * n, f.type)
+            elif f.name == "_ingested_at":
+                cols[f.name] = pa.array([now] * n, f.type)
+            elif f.name == "event_time":
+                cols[f.name] = pa.array(times, f.type)
+            elif f.name == "event_date":
+                cols[f.name] = pa.array([t.date() for t in times], f.type)
+            elif pa.types.is_string(f.type):
+                cols[f.name] = pa.array(["x"] * n, f.type)
+            elif pa.types.is_integer(f.type):
+                cols[f.name] = pa.array([1] * n, f.type)
+            elif pa.types.is_floating(f.type):
+                cols[f.name] = pa.array([1.0] * n, f.type)
+            else:
+                cols[f.name] = pa.nulls(n, f.type)
+        write_deltalake(
+            uri, pa.table(cols, schema=schema), mode="append", partition_by=["event_date"]
+        )
+    return DeltaTable(uri).version()
+
+
+def known_ids(ids: int, in_memory: bool) -> dict[str, object]:
+    import subprocess
+
+    root = Path(tempfile.mkdtemp())
+    # Written by another process, so this one's RSS is the worker's side only.
+    made = subprocess.run(
+        [sys.executable, __file__, "make-master", "--ids", str(ids), "--lake", str(root / "lake")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    version = int(made.stdout.strip())
+
+    from lambdalake.manifest import RunRecord
+    from lambdalake.settings import Settings
+    from speed.runs import prepare_run
+    from speed.state import RunApply, SpeedState
+
+    settings = Settings(_env_file=None, lake_uri=str(root / "lake"), home=root / "home")  # type: ignore[call-arg]
+    run = RunRecord(
+        run_id="r1",
+        status="published",
+        started_at=datetime.now(UTC),
+        master_versions={"master/orders": version},
+        watermark={"orders": {0: ids}},
+    )
+    r0 = rss_mib()
+    t0 = time.monotonic()
+    prepared = prepare_run(
+        settings,
+        run,
+        applied_watermark={},
+        applied_master_versions={},
+        applied_model_version=None,
+        spill_dir=None if in_memory else root / "prepared",
+    )
+    t1, r1 = time.monotonic(), rss_mib()
+    state = SpeedState(root / "w.duckdb", (0, 1))
+    state.register_partitions([("orders", 0), ("reviews", 0)])
+    state.apply_run(
+        RunApply(
+            run_id="r1",
+            watermark=run.watermark,
+            master_versions=run.master_versions,
+            model_version=None,
+            known_ids=prepared.known_ids,
+            replace_known=prepared.replace_known,
+        ),
+        settings.dedup_hours,
+    )
+    prepared.discard()
+    out = {
+        "ids": ids,
+        "spilled": not in_memory,
+        "rss_start_mib": round(r0),
+        "rss_after_prepare_mib": round(r1),
+        "rss_after_apply_mib": round(rss_mib()),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "prepare_s": round(t1 - t0, 2),
+        "apply_s": round(time.monotonic() - t1, 2),
+        "known": state.counts()["rows"]["known_orders"],
+    }
+    state.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("cursors")
+    c.add_argument("--queries", type=int, default=4000)
+    k = sub.add_parser("known-ids")
+    k.add_argument("--ids", type=int, default=2_000_000)
+    k.add_argument("--in-memory", action="store_true", help="prepare into a table, not a file")
+    m = sub.add_parser("make-master")
+    m.add_argument("--ids", type=int, required=True)
+    m.add_argument("--lake", type=Path, required=True)
+    args = parser.parse_args()
+    os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
+    if args.what == "cursors":
+        print(json.dumps(cursors(args.queries)))
+    elif args.what == "make-master":
+        print(make_master(args.lake, args.ids))
+    else:
+        print(json.dumps(known_ids(args.ids, args.in_memory)))
+
+
+if __name__ == "__main__":
+    main()
