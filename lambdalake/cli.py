@@ -252,6 +252,13 @@ def maintenance_compact(
     retention_hours: Annotated[
         int, typer.Option(min=0, help="Vacuum files unreferenced for longer than this.")
     ] = 168,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="delta-rs (in this process, no JVM) or spark (delta-spark OPTIMIZE and VACUUM "
+            "on LAMBDALAKE_SPARK_MASTER)."
+        ),
+    ] = "delta-rs",
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
@@ -259,7 +266,7 @@ def maintenance_compact(
     compact = _load("batch.maintenance", "compact")
 
     settings = _settings(bootstrap, lake)
-    _print_json(_run(lambda: compact(settings, retention_hours=retention_hours)))
+    _print_json(_run(lambda: compact(settings, retention_hours=retention_hours, engine=engine)))
 
 
 # --- batch, speed, serving -------------------------------------------------------------------
