@@ -1,50 +1,49 @@
-"""Demand forecasts per (sku, store): per-series model choice by rolling-origin backtest.
+"""Demand forecasts per (sku, store): an ensemble for regular series, per-series choice for
+sparse ones; coherent forecasts of the sku, store and total levels (``forecast_levels``).
 
 The pure part (``forecast_series``) takes daily units of many series and
 returns the 28-day forecasts and the backtest accuracy; Spark runs it inside a
 grouped pandas UDF (``spark_forecast``), one group per bucket of series, so
-series spread over the executors and each call amortises statsforecast's setup
-over many series.
+series spread over the executors, each call amortises the models' setup over
+many series, and the global model (LightGBM) learns from the bucket's series.
+The decisions and their measurements: ``docs/forecasting.md``.
 
 Method (the decisions, in order):
 
-* **Series.** Daily units from the series' first sale to the snapshot's last
-  date, missing days filled with 0, returns netted and negative days clipped to
-  0 (demand is not negative). Models see at most the last ``train_days`` days.
-* **Tiers.** A series with fewer than ``min_backtest_days`` days cannot be
-  backtested: it gets ``Mean`` (the mean daily demand, intervals from the
-  empirical quantiles of its days) and no accuracy figures. Longer series whose
-  share of zero days is at least ``intermittent_zero_share`` are
-  *intermittent*; the rest are *smooth*.
-* **Candidates.** Smooth: ``SeasonalNaive`` (7), ``ETS_ANA`` (exponential
-  smoothing of a fixed form: additive error, no trend, additive weekly
-  season; the full AutoETS search is ~10x slower) and ``Theta`` (7, seasonal
-  decomposition + drift, which covers trends). Intermittent:
-  ``SeasonalNaive``, ``CrostonOptimized``, ``TSB`` and ``ADIDA``.
-* **Backtest.** Rolling origin, ``backtest_windows`` windows of
-  ``backtest_horizon`` days ending at the last date. Smooth models are fitted
-  once at the first origin and rolled forward (statsforecast ``refit=False``),
-  intermittent ones are refitted per window (they are cheap). The series'
-  choice is the candidate with the lowest MASE (scale: the in-sample mean
-  absolute weekly difference before the first origin) for smooth series, and
-  the lowest RMSSE (squared errors, same scale squared) for intermittent ones:
-  on a series that is mostly zeros the median is 0, so MAE-type errors reward
-  forecasting nothing, while stocking needs the mean rate (the M5 competition
-  scored RMSSE for the same reason). Ties go to the simpler model listed
-  first. Only the chosen model is refitted on the full window.
-* **Intervals.** Models with native prediction intervals (SeasonalNaive, ETS,
-  Theta) use statsforecast's 80 % and 95 % levels. Croston/TSB/ADIDA have none,
-  and their forecast is a *rate* (say 0.3 a day) while a day's demand is 0 or a
+* **Series.** Daily units from the series' first sale to its end (one date for
+  all series, or one per series), missing days filled with 0, returns netted
+  and negative days clipped to 0 (demand is not negative).
+* **Tiers.** On the recent window (the intermittent tier's), a series whose
+  share of zero days is at least ``intermittent_zero_share`` is *intermittent*,
+  the rest *smooth*. A series too short to backtest, or with no demand in the
+  window, gets ``Mean`` (the mean daily demand, intervals from the empirical
+  quantiles of its days) and no accuracy figures.
+* **Smooth series** (``combine="mean"``, the default): up to ``train_days``
+  (3 years) of history; the mean of ``smooth_models`` (default ``FourierETS``:
+  yearly Fourier season + US retail holidays by least squares, then ETS with a
+  weekly season; and ``LightGBM`` across the bucket's series). Backtest:
+  ``backtest_windows`` windows of ``backtest_horizon`` days, origins
+  ``backtest_step`` days apart, each model fitted once at the first origin and
+  rolled forward. Bounds are conformal: the quantiles of the ensemble's
+  absolute backtest errors, one width per week of the horizon. SeasonalNaive
+  is backtested alongside as the reference (a candidate row, not a member).
+  ``combine="select"`` is the earlier default (``PREVIOUS_DEFAULT``): one
+  native-interval model per series by backtest MASE.
+* **Intermittent series**: ``SeasonalNaive``, ``CrostonOptimized``, ``TSB``
+  and ``ADIDA`` on the last ``intermittent_train_days``, one per series by the
+  lowest RMSSE over 3 windows of 14 days: on a series that is mostly zeros the
+  median is 0, so MAE-type errors reward forecasting nothing, while stocking
+  needs the mean rate (the M5 competition scored RMSSE for the same reason).
+  Their forecast is a *rate* (say 0.3 a day) while a day's demand is 0 or a
   few units: their bounds are the empirical quantiles of the series' daily
   demand over its training window (10 %/90 % and 2.5 %/97.5 %, rounded
-  outwards), so "80 %" means 80 % of days, as for the other models. (Symmetric
-  conformal bands around a rate cut through the zero days; they covered ~60 %.)
-  ``Mean`` uses the same empirical bounds. Backtest coverage is measured on the
-  bounds as published, each window's bounds computed from its own past only.
-  Finally every bound is clipped at 0 and the ordering
+  outwards), so "80 %" means 80 % of days. (Symmetric conformal bands around a
+  rate cut through the zero days; they covered ~60 %.)
+* Finally every bound is clipped at 0 and the ordering
   ``lower_95 <= lower_80 <= forecast <= upper_80 <= upper_95`` enforced.
-* **Accuracy.** ``mase``, ``smape`` (percent, 0-200; a day where both actual
-  and forecast are 0 counts as 0) and the backtest coverage of each interval.
+* **Accuracy.** ``mase`` (scale: the mean absolute weekly difference before the
+  first origin), ``smape`` (percent, 0-200; a day where both actual and
+  forecast are 0 counts as 0) and the backtest coverage of each interval.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -486,39 +485,122 @@ def _fourier(ds: pd.Series | pd.DatetimeIndex, terms: int) -> np.ndarray:
     return np.concatenate([np.sin(w), np.cos(w)], axis=1)
 
 
+# US retail calendar: holidays and the shopping days around them (code 0: an ordinary day).
+HOLIDAY_NAMES = (
+    "new_year",
+    "mlk_day",
+    "presidents_day",
+    "valentines",
+    "memorial_day",
+    "independence_day",
+    "labor_day",
+    "columbus_day",
+    "veterans_day",
+    "thanksgiving",
+    "black_friday",
+    "thanksgiving_saturday",
+    "thanksgiving_sunday",
+    "cyber_monday",
+    "christmas_eve",
+    "christmas",
+    "boxing_day",
+    "new_years_eve",
+)
+
+
+def _nth_weekday(year: int, month: int, weekday: int, n: int) -> date:
+    """The n-th (1-based; -1 = last) ``weekday`` (Mon=0) of a month."""
+    if n > 0:
+        d = date(year, month, 1)
+        d += timedelta(days=(weekday - d.weekday()) % 7)
+        return d + timedelta(weeks=n - 1)
+    d = date(year + (month == 12), month % 12 + 1, 1) - timedelta(days=1)
+    return d - timedelta(days=(d.weekday() - weekday) % 7)
+
+
+def _holidays_of(year: int) -> dict[date, int]:
+    thanksgiving = _nth_weekday(year, 11, 3, 4)
+    days = (
+        date(year, 1, 1),
+        _nth_weekday(year, 1, 0, 3),
+        _nth_weekday(year, 2, 0, 3),
+        date(year, 2, 14),
+        _nth_weekday(year, 5, 0, -1),
+        date(year, 7, 4),
+        _nth_weekday(year, 9, 0, 1),
+        _nth_weekday(year, 10, 0, 2),
+        date(year, 11, 11),
+        thanksgiving,
+        thanksgiving + timedelta(days=1),
+        thanksgiving + timedelta(days=2),
+        thanksgiving + timedelta(days=3),
+        thanksgiving + timedelta(days=4),
+        date(year, 12, 24),
+        date(year, 12, 25),
+        date(year, 12, 26),
+        date(year, 12, 31),
+    )
+    return {d: code for code, d in enumerate(days, start=1)}
+
+
+def holiday(dates: Any) -> np.ndarray:
+    """Holiday code of each date (index into ``HOLIDAY_NAMES`` + 1; 0 = none)."""
+    idx = pd.DatetimeIndex(dates)
+    table: dict[date, int] = {}
+    for year in np.unique(idx.year):
+        table.update(_holidays_of(int(year)))
+    return np.array([table.get(d, 0) for d in idx.date], dtype=np.int64)
+
+
+def _calendar(ds: Any, terms: int, codes: tuple[int, ...]) -> np.ndarray:
+    """Regressors of the yearly season: Fourier terms and one dummy per holiday code."""
+    f = _fourier(ds, terms)
+    if not codes:
+        return f
+    h = holiday(ds)
+    return np.concatenate([f, (h[:, None] == np.array(codes)[None, :]).astype(np.float64)], axis=1)
+
+
 def _yearly_coefficients(
     data: pd.DataFrame, cfg: ForecastConfig, until: pd.Series | None = None
-) -> dict[Any, np.ndarray]:
-    """Per series, the yearly season's Fourier coefficients (level and trend fitted alongside).
+) -> dict[Any, tuple[tuple[int, ...], np.ndarray]]:
+    """Per series, the yearly season and holiday effects (level and trend fitted alongside).
 
     Fitted on each series' days up to ``until[uid]`` (all days if None); a series
     with fewer than ``yearly_min_days`` such days gets none (no yearly season).
+    Returns ``{uid: (holiday codes seen, coefficients)}``.
     """
-    out: dict[Any, np.ndarray] = {}
+    out: dict[Any, tuple[tuple[int, ...], np.ndarray]] = {}
     for uid, g in data.groupby("unique_id", sort=False):
         if until is not None:
             g = g[g["ds"] <= until[uid]]
         if len(g) < cfg.yearly_min_days:
             continue
         y = g["y"].to_numpy(np.float64)
-        f = _fourier(g["ds"], cfg.yearly_terms)
-        x = np.column_stack([np.ones(len(y)), np.arange(len(y)) / len(y), f])
-        # Normal equations: a 2 + 2 * terms square system, far cheaper than lstsq's SVD.
-        beta = np.linalg.solve(x.T @ x + 1e-9 * np.eye(x.shape[1]), x.T @ y)
-        out[uid] = beta[2:]
+        h = holiday(g["ds"])
+        # A holiday's effect needs two occurrences to be told apart from noise.
+        codes = tuple(int(c) for c in np.unique(h[h > 0]) if (h == c).sum() >= 2)
+        cal = _calendar(g["ds"], cfg.yearly_terms, codes)
+        x = np.column_stack([np.ones(len(y)), np.arange(len(y)) / len(y), cal])
+        # Normal equations: a small square system, far cheaper than lstsq's SVD.
+        beta = np.linalg.solve(x.T @ x + 1e-6 * np.eye(x.shape[1]), x.T @ y)
+        out[uid] = (codes, beta[2:])
     return out
 
 
-def _yearly(frame: pd.DataFrame, coefs: dict[Any, np.ndarray], cfg: ForecastConfig) -> np.ndarray:
-    """The yearly season on ``frame``'s rows (``unique_id``, ``ds``); 0 without coefficients."""
+def _yearly(
+    frame: pd.DataFrame, coefs: dict[Any, tuple[tuple[int, ...], np.ndarray]], cfg: ForecastConfig
+) -> np.ndarray:
+    """The yearly season and holiday effects on ``frame``'s rows (``unique_id``, ``ds``)."""
     out = np.zeros(len(frame))
     if not coefs:
         return out
-    f = _fourier(frame["ds"], cfg.yearly_terms)
     uids = frame["unique_id"].to_numpy()
-    for uid, beta in coefs.items():
+    ds = pd.DatetimeIndex(frame["ds"])
+    for uid, (codes, beta) in coefs.items():
         mask = uids == uid
-        out[mask] = f[mask] @ beta
+        if mask.any():
+            out[mask] = _calendar(ds[mask], cfg.yearly_terms, codes) @ beta
     return out
 
 
@@ -566,7 +648,7 @@ def _mlforecast(cfg: ForecastConfig) -> Any:
         freq="D",
         lags=list(cfg.lgb_lags),
         lag_transforms={1: [RollingMean(7), RollingMean(28)], 7: [RollingMean(28)]},
-        date_features=["dayofweek", "dayofyear", "month"],
+        date_features=["dayofweek", "dayofyear", "month", holiday],
         # One model across series of very different volumes: each series is standardised.
         target_transforms=[LocalStandardScaler()],
     )
@@ -744,7 +826,6 @@ def _ensemble(
     mean) and the forecast rows.
     """
     names = cfg.smooth_models
-    label = cfg.ensemble_name
     # Seasonal naive is backtested alongside as the reference every forecast must beat.
     scored = names if MODEL_SN in names else (*names, MODEL_SN)
     cv = _combine([_guarded(_member_cv, n, data, cfg) for n in scored], [*_CV_KEYS], scored)
@@ -776,12 +857,13 @@ def _ensemble(
         scores, w = _ensemble_score(mine, scored, scales, cfg.horizon)
         if "mean" not in scores or not all(np.isfinite(v).all() for v in w.values()):
             continue
+        shown_mean = cfg.ensemble_name
         for name, sc in scores.items():
-            shown = label if name == "mean" else name
+            shown = shown_mean if name == "mean" else name
             candidates.append(
                 (uid, shown, sc.mase, sc.rmsse, sc.smape, sc.coverage_80, sc.coverage_95)
             )
-        chosen[int(uid)] = (label, scores["mean"])
+        chosen[int(uid)] = (shown_mean, scores["mean"])
         widths[int(uid)] = w
     fc = fc[fc["unique_id"].isin(list(chosen)) & np.isfinite(fc["mean"])]
     if fc.empty:
@@ -801,7 +883,7 @@ def _ensemble(
             half[mask] = widths[int(uid)][level][step[mask]]
         out[f"lower_{level}"] = out["forecast"] - half
         out[f"upper_{level}"] = out["forecast"] + half
-    out["model"] = label
+    out["model"] = out["uid"].map({u: v[0] for u, v in chosen.items()})
     chosen = {u: v for u, v in chosen.items() if u in set(out["uid"])}
     return chosen, candidates, [out]
 
