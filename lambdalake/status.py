@@ -35,7 +35,7 @@ from lambdalake.settings import Settings
 STALE_SECONDS = 15.0
 ENDS_TTL_SECONDS = 1.0  # end offsets read at most this often per process
 ENDS_FAILED_TTL_SECONDS = 5.0  # after a failed read, the broker is not asked again for this long
-ENDS_TIMEOUT_SECONDS = 2.0
+ENDS_TIMEOUT_SECONDS = 3.0
 
 TP = tuple[str, int]
 
@@ -80,23 +80,49 @@ class _EndsCache:
                 if cached is not None and now - read_at < ENDS_TTL_SECONDS and tps <= set(cached):
                     return asked_at, cached
             asked_at = time.time()
-            try:
-                from kafka import TopicPartition
-
-                from lambdalake.kafka import end_offsets
-
-                found = end_offsets(
-                    bootstrap,
-                    [TopicPartition(t, p) for t, p in sorted(tps)],
-                    timeout=ENDS_TIMEOUT_SECONDS,
-                )
-                ends: dict[TP, int] | None = {
-                    (tp.topic, tp.partition): int(n) for tp, n in found.items()
-                }
-            except Exception:  # no broker: the workers' own lag stands
-                ends = None
+            ends = _read_ends(bootstrap, tps, ENDS_TIMEOUT_SECONDS)
             self._cache[bootstrap] = (time.monotonic(), asked_at, ends)
             return None if ends is None else (asked_at, ends)
+
+
+def _read_ends(bootstrap: str, tps: set[TP], timeout: float) -> dict[TP, int] | None:
+    """ListOffsets for ``tps`` within ``timeout`` seconds, or ``None``.
+
+    A client of an unreachable broker can block for many times its request timeout
+    (35 s measured), so: a TCP probe first, then the read in a thread waited for at
+    most ``timeout``; one that overruns is left to finish alone."""
+    import socket
+
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout / 2):
+            pass
+    except (OSError, ValueError):
+        return None
+    found: dict[TP, int] = {}
+
+    def read() -> None:
+        from kafka import TopicPartition
+
+        from lambdalake.kafka import end_offsets
+
+        ends = end_offsets(
+            bootstrap, [TopicPartition(t, p) for t, p in sorted(tps)], timeout=timeout
+        )
+        found.update({(tp.topic, tp.partition): int(n) for tp, n in ends.items()})
+
+    def guarded() -> None:
+        try:
+            read()
+        except Exception:  # no broker after all: the workers' own lag stands
+            found.clear()
+
+    thread = threading.Thread(target=guarded, name="status-ends", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or set(found) < tps:
+        return None
+    return dict(found)
 
 
 _ENDS = _EndsCache()

@@ -834,3 +834,28 @@ def test_status_measures_lag_against_the_ends_now_and_says_how_old_it_is(
         worker.close()
         state.close()
         stream.close()
+
+
+def test_status_without_a_broker_keeps_the_workers_lag_and_answers_quickly(tmp_path: Path) -> None:
+    from lambdalake.status import speed_status as system_speed_status
+
+    status_dir = tmp_path / "status"
+    status_dir.mkdir()
+    measured = (NOW - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")
+    (status_dir / "worker-0-of-1.json").write_text(
+        json.dumps(
+            {
+                "worker": "0/1",
+                "offsets": {"orders": {"0": 5}},
+                "lag": {"orders": {"0": 7}},
+                "updated_at": NOW.isoformat(),
+                "lag_measured_at": measured,
+            }
+        )
+    )
+    t0 = time.monotonic()
+    report = system_speed_status(status_dir, NOW, f"127.0.0.1:{free_port()}")
+    assert time.monotonic() - t0 < 5
+    (w,) = report["workers"]
+    assert w["lag_source"] == "worker" and w["lag"] == {"orders": {"0": 7}}
+    assert w["lag_age_s"] == 30.0 and report["total_lag"] == 7
