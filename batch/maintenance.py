@@ -85,8 +85,10 @@ def compact_table(
     dt.update_incremental()
     dt.create_checkpoint()
     dt.cleanup_metadata()
+    # full: also files no commit ever named (a failed delta-spark write leaves its Parquet
+    # files at the table root), not only those removed since the last checkpoint.
     vacuumed = dt.vacuum(
-        retention_hours=retention_hours, dry_run=False, enforce_retention_duration=True
+        retention_hours=retention_hours, dry_run=False, enforce_retention_duration=True, full=True
     )
     dt.update_incremental()
     return {

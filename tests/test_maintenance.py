@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from deltalake import DeltaTable, write_deltalake
 from ingest_stream import (
     assert_exactly_once,
@@ -115,8 +116,9 @@ def test_compact_command_prints_stats_and_refuses_unsafe_retention(tmp_path) -> 
     assert "retention" in refused.stderr
 
 
-def test_spark_engine_compacts_and_vacuums_without_changing_content_or_positions(
-    spark, tmp_path
+@pytest.mark.parametrize("engine", ["spark", "delta-rs"])
+def test_each_engine_compacts_and_vacuums_without_changing_content_or_positions(
+    request, tmp_path, engine: str
 ) -> None:
     import os
 
@@ -139,7 +141,8 @@ def test_spark_engine_compacts_and_vacuums_without_changing_content_or_positions
     files_before = {t: file_count(lake.table(t)) for t in tables}
     settings = Settings(_env_file=None, lake_uri=lake.root)  # type: ignore[call-arg]
 
-    stats = compact(settings, retention_hours=168, engine="spark", spark=spark)
+    spark = request.getfixturevalue("spark") if engine == "spark" else None
+    stats = compact(settings, retention_hours=168, engine=engine, spark=spark)
 
     assert set(stats) == set(tables)
     for t in tables:
