@@ -11,8 +11,10 @@ more (measured: p99 9.5 s and 12,700 open connections at 1,200 req/s offered).
   up to ``max_queued`` more wait for a slot, in arrival order;
 * **queueing delay**: a request that has already waited ``max_queue_seconds``
   since its bytes were read from the socket (behind other requests on the event
-  loop, or in the admission queue) is not started any more while other requests
-  wait too (a backlog). Alone, it is answered: refusing it would free nothing.
+  loop) is not started any more once requests have been arriving that late, with
+  others waiting too, for ``sustained_seconds`` (a standing backlog, as in CoDel).
+  A late request alone is answered (refusing it would free nothing), and so are
+  the requests of a short burst.
 
 Past either bound the answer is ``503`` with ``Retry-After`` and a one-line JSON
 ``detail``, written without touching the app (tens of microseconds), so refusing
@@ -51,6 +53,9 @@ class AdmissionLimits:
     max_queued: int = 64
     max_queue_seconds: float = 0.02
     retry_after_seconds: int = 1
+    # Late requests are shed once lateness has lasted this long: a burst (a page firing
+    # a few calls at once on a busy machine) passes, a standing queue does not.
+    sustained_seconds: float = 0.1
 
 
 class StampingHttpToolsProtocol(HttpToolsProtocol):
@@ -81,6 +86,7 @@ class AdmissionControl:
         self.on_refused = on_refused or (lambda reason: None)
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._late_since: float | None = None  # start of the current run of late requests
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope.get("path") in NEVER_REFUSED:
@@ -89,12 +95,21 @@ class AdmissionControl:
         limits = self.limits
         extensions = scope.get("extensions") or {}
         received = extensions.get(RECEIVED_AT)
-        waited = time.monotonic() - received if received is not None else 0.0
-        # Late, and others are waiting behind it: a backlog, so shed. A request that is
-        # late on its own (the process was descheduled) has nobody to make room for.
+        now = time.monotonic()
+        waited = now - received if received is not None else 0.0
+        # Late, with others waiting behind it, for a while: a standing backlog, so shed
+        # (as CoDel does). A request late on its own (the process was descheduled) has
+        # nobody to make room for; a short burst drains by itself.
         if waited > limits.max_queue_seconds and len(extensions.get(REQUESTS, ())) > 1:
-            await self._refuse(send, "queue_delay", f"it waited {waited * 1000:.0f} ms to start")
-            return
+            if self._late_since is None:
+                self._late_since = now
+            if now - self._late_since >= limits.sustained_seconds:
+                await self._refuse(
+                    send, "queue_delay", f"it waited {waited * 1000:.0f} ms to start"
+                )
+                return
+        else:
+            self._late_since = None
         if self.in_flight >= limits.max_in_flight:
             if len(self._waiters) >= limits.max_queued:
                 await self._refuse(send, "queue_full", f"{len(self._waiters)} requests wait")

@@ -21,11 +21,20 @@ function apiHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 
+const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
+
 async function api(path) {
-  const r = await fetch(path, { headers: apiHeaders() });
-  if (r.status === 401) { askForKey(); throw new NeedKey("this server needs an API key"); }
-  if (!r.ok) throw new Error(`${path}: ${r.status} ${await r.text()}`);
-  return r.json();
+  for (let attempt = 1; ; attempt++) {
+    const r = await fetch(path, { headers: apiHeaders() });
+    if (r.status === 401) { askForKey(); throw new NeedKey("this server needs an API key"); }
+    // A busy server sheds load with 503 + Retry-After: wait that long (with jitter) and retry.
+    if (r.status === 503 && r.headers.has("Retry-After") && attempt < 4) {
+      await sleep(1000 * (Number(r.headers.get("Retry-After")) || 1) * (0.5 + Math.random()));
+      continue;
+    }
+    if (!r.ok) throw new Error(`${path}: ${r.status} ${await r.text()}`);
+    return r.json();
+  }
 }
 
 function askForKey() {
