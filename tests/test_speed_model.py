@@ -440,7 +440,7 @@ def test_speed_worker_model(broker: EmbeddedBroker, tmp_path: Path) -> None:
     run_state_machine_as_test(
         SpeedWorkerModel,
         settings=settings(
-            max_examples=int(os.environ.get("LAMBDALAKE_MODEL_EXAMPLES", "2")),
+            max_examples=int(os.environ.get("LAMBDALAKE_MODEL_EXAMPLES", "3")),
             stateful_step_count=int(os.environ.get("LAMBDALAKE_MODEL_STEPS", "5")),
             deadline=None,
             database=None,
