@@ -25,9 +25,9 @@ Tables
         Skipped invalid events: one count per (topic, reason), bounded by the
         validator's reasons (metrics).
 
-Only the worker's main thread writes; queries read through their own cursors
-(DuckDB MVCC), so a query never blocks a commit and always sees one committed
-micro-batch.
+Only the worker's main thread writes; queries read through cursors of a small
+pool (DuckDB MVCC), so a query never blocks a commit and always sees one
+committed micro-batch.
 """
 
 from __future__ import annotations
