@@ -24,7 +24,15 @@ from pathlib import Path
 import duckdb
 import pytest
 from deltalake import DeltaTable
-from ingest_stream import (
+from kafka import KafkaProducer, TopicPartition
+
+from batch.ingest import run_ingest
+from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake.kafka_columnar import decode_batch_records
+from lambdalake.lake import QUARANTINE, Lake
+from lambdalake.manifest import ingest_positions
+from lambdalake.settings import TOPICS, Settings
+from tests.ingest_stream import (
     MAX_EVENT_BYTES,
     Stream,
     assert_exactly_once,
@@ -39,14 +47,6 @@ from ingest_stream import (
     true_ends,
     wait_for_line,
 )
-from kafka import KafkaProducer, TopicPartition
-
-from batch.ingest import run_ingest
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.kafka_columnar import decode_batch_records
-from lambdalake.lake import QUARANTINE, Lake
-from lambdalake.manifest import ingest_positions
-from lambdalake.settings import TOPICS, Settings
 
 # --- the lake after crashes (shared by the tests that read it) -------------------------------
 

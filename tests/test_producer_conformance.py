@@ -25,7 +25,16 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from ingest_stream import (
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.record.default_records import DefaultRecordBase
+from kafka.record.util import calc_crc32c
+
+from batch.ingest import run_ingest
+from lambdalake.broker import EmbeddedBroker
+from lambdalake.lake import Lake
+from lambdalake.manifest import ingest_positions
+from lambdalake.settings import TOPICS
+from tests.ingest_stream import (
     ingest_cmd,
     ingest_env,
     master_keys,
@@ -34,16 +43,7 @@ from ingest_stream import (
     review_event,
     true_ends,
 )
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.record.default_records import DefaultRecordBase
-from kafka.record.util import calc_crc32c
-from test_speed_worker import covers, status_file, worker_thread
-
-from batch.ingest import run_ingest
-from lambdalake.broker import EmbeddedBroker
-from lambdalake.lake import Lake
-from lambdalake.manifest import ingest_positions
-from lambdalake.settings import TOPICS
+from tests.test_speed_worker import covers, status_file, worker_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 Key = tuple[str, int, int]  # topic, partition, offset
