@@ -49,17 +49,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from kafka import TopicPartition
-from test_speed_worker import (
-    PARTITIONS,
-    Publisher,
-    Stream,
-    answer_sales,
-    answer_sentiment,
-    assert_same,
-    expected,
-    merged,
-    wait_until,
-)
 
 from lambdalake.broker import EmbeddedBroker, free_port
 from lambdalake.kafka import end_offsets
@@ -73,6 +62,17 @@ from lambdalake.speed_protocol import (
     speed_status,
 )
 from speed.state import MAX_READERS
+from tests.test_speed_worker import (
+    PARTITIONS,
+    Publisher,
+    Stream,
+    answer_sales,
+    answer_sentiment,
+    assert_same,
+    expected,
+    merged,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ("orders", "reviews")
@@ -289,7 +289,7 @@ class SpeedWorkerModel(RuleBasedStateMachine):
         self._demote()
 
     @precondition(lambda self: len(self.runs) > 1)
-    @rule(orders=st.integers(1000, 3000))
+    @rule(orders=st.integers(1000, 2500))
     def demote_while_a_burst_is_consumed(self, orders: int) -> None:
         self.steps.append("demote_while_a_burst_is_consumed")
         self.stream.burst(orders=orders, reviews=10, dup=0.02, bad=0.01)
@@ -418,7 +418,7 @@ def test_speed_worker_model_through_a_fixed_story(broker: EmbeddedBroker, tmp_pa
             lambda: model.produce(orders=300, reviews=20, dup=0.2),
             lambda: model.crash_and_restart(produce_first=800),
             lambda: model.publish_run(cut=0.7),
-            lambda: model.demote_while_a_burst_is_consumed(orders=3000),
+            lambda: model.demote_while_a_burst_is_consumed(orders=2000),
             lambda: model.publish_run(cut=0.3),
             model.demote_newest_run,
             model.demote_newest_run,
@@ -440,7 +440,7 @@ def test_speed_worker_model(broker: EmbeddedBroker, tmp_path: Path) -> None:
     run_state_machine_as_test(
         SpeedWorkerModel,
         settings=settings(
-            max_examples=int(os.environ.get("LAMBDALAKE_MODEL_EXAMPLES", "3")),
+            max_examples=int(os.environ.get("LAMBDALAKE_MODEL_EXAMPLES", "2")),
             stateful_step_count=int(os.environ.get("LAMBDALAKE_MODEL_STEPS", "5")),
             deadline=None,
             database=None,
