@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ingest_stream import (
+from tests.ingest_stream import (
     assert_exactly_once,
     ingest_cmd,
     ingest_env,

@@ -13,7 +13,7 @@ import json
 import threading
 from pathlib import Path
 
-from ingest_stream import assert_exactly_once, produce_stream
+from tests.ingest_stream import assert_exactly_once, produce_stream
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from batch.ingest import run_ingest
