@@ -12,6 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake.kafka import end_offsets, topic_partitions
+from lambdalake.lake import Lake
+from lambdalake.manifest import ingest_positions
+from lambdalake.settings import TOPICS
 from tests.ingest_stream import (
     assert_exactly_once,
     ingest_cmd,
@@ -22,13 +29,6 @@ from tests.ingest_stream import (
     true_ends,
     wait_for_line,
 )
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.kafka import end_offsets, topic_partitions
-from lambdalake.lake import Lake
-from lambdalake.manifest import ingest_positions
-from lambdalake.settings import TOPICS
 
 
 def test_topics_exist_with_configured_partitions(broker: EmbeddedBroker) -> None:

@@ -13,7 +13,6 @@ import json
 import threading
 from pathlib import Path
 
-from tests.ingest_stream import assert_exactly_once, produce_stream
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from batch.ingest import run_ingest
@@ -22,6 +21,7 @@ from lambdalake.demo import _master_positions, broker_holds, replay_lake
 from lambdalake.kafka import delete_topics, end_offsets, ensure_topics
 from lambdalake.lake import Lake
 from lambdalake.settings import TOPICS
+from tests.ingest_stream import assert_exactly_once, produce_stream
 
 
 def _all_messages(bootstrap: str) -> dict[tuple[str, int, int], bytes | None]:
