@@ -37,10 +37,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
 from kafka import KafkaProducer
-from serving_lake import write_small_run
 
 from lambdalake.broker import free_port
 from serving.app import create_app, running_server
+from tests.serving_lake import write_small_run
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "fuzz-test-key-0123456789abcdef"

@@ -20,11 +20,11 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from serving_lake import write_small_run
-from test_dashboard import CHROMIUM, _chromium
 
 from lambdalake.settings import Settings
 from serving.app import create_app, running_server
+from tests.serving_lake import write_small_run
+from tests.test_dashboard import CHROMIUM, _chromium
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it as root)"
