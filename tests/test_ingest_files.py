@@ -19,13 +19,13 @@ import pyarrow as pa
 from deltalake import DeltaTable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ingest_stream import ingest_cmd, ingest_env, true_ends
 from kafka import KafkaProducer
 
 from batch.ingest import run_ingest
 from batch.ingest_lake import MAX_FILES_FACTOR, plan_commits
 from lambdalake.lake import QUARANTINE, Lake
 from lambdalake.manifest import ingest_positions
+from tests.ingest_stream import ingest_cmd, ingest_env, true_ends
 
 # --- the plan, as a pure function ------------------------------------------------------------
 
