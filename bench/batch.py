@@ -2,16 +2,22 @@
 
     .venv/bin/python bench/batch.py                        # 2 years x 200 SKUs x 10 stores
     .venv/bin/python bench/batch.py --days 90 --skus 20 --stores 3   # a quick check
+    .venv/bin/python bench/batch.py --maintenance          # also: compaction, both engines
 
 Master tables are generated straight into a temporary lake (``batch.synthetic``:
 the master schema, partitioned by day, with ingest positions), then
 
 * **spark**: ``batch.run.run_batch`` with a fresh session (``--master``,
-  default ``local[*]``), per-stage seconds as the run recorded them;
+  default ``local[*]``; delta-spark reads the pinned master versions and writes
+  the views), per-stage seconds as the run recorded them;
 * **duckdb**: the same stages in this one process: delta-rs reads the same
   snapshot, DuckDB deduplicates and aggregates with the same SQL definitions
   (``lambdalake.views``), the same sentiment training and scorer, the same
-  ``forecast_series`` over all series at once, and delta-rs writes the views.
+  ``forecast_series`` over all series at once, and delta-rs writes the views;
+* **maintenance** (``--maintenance``): ``lambdalake maintenance compact`` on a
+  copy of the master tables rewritten as ``--commits`` small ingest commits,
+  once per engine (delta-rs, then delta-spark; the Spark session's start is
+  reported apart).
 
 Prints a table and, last, one JSON line with every figure.
 """
@@ -37,6 +43,7 @@ os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
 STAGES = (
     "read",
     "daily_sales",
+    "hourly_sales",
     "sentiment_train",
     "review_scores",
     "sentiment_by_sku",
@@ -130,6 +137,15 @@ def run_duckdb(lake_root: Path, out_root: Path) -> dict:
     stage("daily_sales", t)
 
     t = time.perf_counter()
+    hourly = con.sql(
+        f"SELECT * RENAME (period AS hour) FROM "
+        f"({SALES.aggregate_sql('orders', granularity='hour')})"
+    ).to_arrow_table()
+    write("hourly_sales", hourly)
+    counts["hourly_sales"] = hourly.num_rows
+    stage("hourly_sales", t)
+
+    t = time.perf_counter()
     sample = con.execute(
         "SELECT text, title, rating FROM reviews ORDER BY review_id LIMIT 100000"
     ).df()
@@ -169,6 +185,44 @@ def run_duckdb(lake_root: Path, out_root: Path) -> dict:
     return {"stages": seconds, "row_counts": counts}
 
 
+def run_maintenance(work: Path, days: int, skus: int, stores: int, seed: int, commits: int,
+                    master: str) -> dict:  # fmt: skip
+    """Compaction of the same many-commit master tables by each engine."""
+    from batch.maintenance import compact
+    from batch.spark import get_spark
+    from batch.synthetic import SalesSpec, synthetic_orders, synthetic_reviews, write_master
+    from lambdalake.lake import Lake
+    from lambdalake.settings import Settings
+
+    spec = SalesSpec(days=days, skus=skus, stores=stores, end_date=date(2026, 10, 31), seed=seed)
+    orders = synthetic_orders(spec)
+    reviews = synthetic_reviews(spec, orders)
+    source = work / "maintenance-source"
+    write_master(Lake(str(source)), "orders", orders, partitions=spec.partitions, commits=commits)
+    write_master(Lake(str(source)), "reviews", reviews, partitions=spec.partitions, commits=commits)
+    out: dict = {"commits": commits}
+    for engine in ("delta-rs", "spark"):
+        root = work / f"maintenance-{engine}"
+        shutil.copytree(source, root)
+        settings = Settings(_env_file=None, lake_uri=str(root), spark_master=master)  # type: ignore[call-arg]
+        spark = None
+        if engine == "spark":
+            t0 = time.perf_counter()
+            spark = get_spark(settings)
+            out["spark_session_start"] = round(time.perf_counter() - t0, 2)
+        try:
+            t0 = time.perf_counter()
+            stats = compact(settings, retention_hours=168, engine=engine, spark=spark)  # type: ignore[arg-type]
+            out[engine] = {
+                "seconds": round(time.perf_counter() - t0, 2),
+                "files": {t: [s["files_before"], s["files_after"]] for t, s in stats.items()},
+            }
+        finally:
+            if spark is not None:
+                spark.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--days", type=int, default=730)
@@ -179,6 +233,8 @@ def main() -> None:
     ap.add_argument("--skip-duckdb", action="store_true")
     ap.add_argument("--skip-spark", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary lake")
+    ap.add_argument("--maintenance", action="store_true", help="also time compaction per engine")
+    ap.add_argument("--commits", type=int, default=200, help="ingest commits for --maintenance")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lambdalake-bench-batch-"))
@@ -194,6 +250,12 @@ def main() -> None:
         if not args.skip_duckdb:
             print("duckdb run ...", file=sys.stderr)
             duck = run_duckdb(work / "lake", work / "duckdb-views")
+
+        maintenance = None
+        if args.maintenance:
+            print("maintenance (compaction per engine) ...", file=sys.stderr)
+            maintenance = run_maintenance(work, args.days, args.skus, args.stores, args.seed,
+                                          args.commits, args.master)  # fmt: skip
 
         n_series = spark["row_counts"].get("views/forecast_accuracy", data["series"])
         cores = os.cpu_count() or 1
@@ -215,6 +277,8 @@ def main() -> None:
             dfc = duck["stages"]["forecast"]
             rate["duckdb_series_per_s_one_core"] = round(n_series / dfc, 1) if dfc else None
         print(f"forecast rate: {rate}")
+        if maintenance:
+            print(f"maintenance: {maintenance}")
         print(
             json.dumps(
                 {
@@ -224,6 +288,7 @@ def main() -> None:
                     "spark": spark,
                     "duckdb": duck,
                     "forecast_rate": rate,
+                    "maintenance": maintenance,
                 }
             )
         )
