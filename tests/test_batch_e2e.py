@@ -78,6 +78,12 @@ def test_batch_over_ingested_history_matches_the_log_and_a_duckdb_recompute(
     assert [g[:4] + g[5:] for g in got] == [e[:4] + e[5:] for e in expected]
     assert [g[4] for g in got] == pytest.approx([e[4] for e in expected], rel=1e-9)
     assert sum(g[5] for g in got) == sent["orders"]  # every duplicate delivery dropped
+    # Hourly sales: every order once, in its UTC hour (late events included).
+    hourly = con.execute(
+        "SELECT sum(order_lines), count(*) FILTER (WHERE hour <> date_trunc('hour', hour)) "
+        "FROM hourly_sales"
+    ).fetchall()[0]
+    assert hourly == (sent["orders"], 0)
 
     reviews = con.execute("SELECT count(DISTINCT review_id) FROM master_reviews").fetchall()[0][0]
     assert reviews == sent["reviews"]
