@@ -377,6 +377,9 @@ def test_committing_a_view_twice_for_the_same_run_is_a_no_op(spark, tmp_path):
     dt = DeltaTable(lake.table(VIEW_DAILY_SALES))
     assert dt.version() == 0
     assert dt.schema().to_arrow() == pa.schema(VIEW_SCHEMAS[VIEW_DAILY_SALES])  # types as declared
+    protocol = dt.protocol()  # what delta-rs reads and appends to: no table features
+    assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)
+    assert not protocol.reader_features and not protocol.writer_features
     stats = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
     assert sum(stats["num_records"]) == 5
     # delta-spark's file statistics let readers skip files.
