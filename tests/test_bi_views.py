@@ -14,23 +14,25 @@ import duckdb
 import polars as pl
 import pytest
 from deltalake import DeltaTable
-from test_dags_batch import PublishedLake, published_lake
 
 from lambdalake.lake import (
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
+    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     Lake,
 )
 from lambdalake.manifest import RunRecord, latest_published_run
+from tests.test_dags_batch import PublishedLake, published_lake
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each view's key: the columns that identify a row (what BI tools group and join on).
 KEYS = {
     VIEW_DAILY_SALES: ["date", "store_id", "sku"],
+    VIEW_HOURLY_SALES: ["hour", "store_id", "sku"],
     VIEW_DEMAND_FORECAST: ["sku", "store_id", "date"],
     VIEW_FORECAST_ACCURACY: ["sku", "store_id"],
     VIEW_REVIEW_SCORES: ["review_id"],
