@@ -13,12 +13,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
-from ingest_stream import (
-    assert_exactly_once,
-    master_keys,
-    produce_stream,
-    quarantine_rows,
-)
 
 from batch.ingest import run_ingest
 from batch.maintenance import compact
@@ -26,6 +20,12 @@ from lambdalake.broker import EmbeddedBroker
 from lambdalake.lake import QUARANTINE, RUNS, VIEW_DAILY_SALES, Lake
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord, ingest_positions
 from lambdalake.settings import TOPICS, Settings
+from tests.ingest_stream import (
+    assert_exactly_once,
+    master_keys,
+    produce_stream,
+    quarantine_rows,
+)
 
 
 def lake_content(lake: Lake) -> dict[str, object]:
