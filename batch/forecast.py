@@ -52,7 +52,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +159,18 @@ class ForecastConfig:
     def min_backtest_days(self) -> int:
         # The first origin needs four weeks of history to fit a weekly season.
         return self.backtest_days + 4 * self.season_length
+
+    def for_young(self) -> ForecastConfig:
+        """The same settings with a shorter backtest, for smooth series with a few months of history.
+
+        Their bounds come from 14-day windows; weeks past the second reuse its width.
+        """
+        return replace(
+            self,
+            backtest_windows=self.intermittent_backtest_windows,
+            backtest_horizon=self.intermittent_backtest_horizon,
+            backtest_step=self.intermittent_backtest_horizon,
+        )
 
     def for_intermittent(self) -> ForecastConfig:
         """The same settings with the intermittent tier's window and backtest."""
@@ -917,6 +929,7 @@ class _Tiers:
     short: list[int]  # too short to backtest, or no demand in the window: Mean
     smooth: list[int]
     intermittent: list[int]
+    young: list[int] = field(default_factory=list)  # smooth, backtested on shorter windows
 
 
 def _classify(series: pd.DataFrame, cfg: ForecastConfig) -> _Tiers:
@@ -928,15 +941,19 @@ def _classify(series: pd.DataFrame, cfg: ForecastConfig) -> _Tiers:
     zero_share = recent.groupby("uid")["y"].apply(lambda s: float((s == 0).mean()))
     zero_share = zero_share.reindex(lengths.index)
     sparse = zero_share >= cfg.intermittent_zero_share
+    # A smooth series too short for the full backtest, but long enough for the shorter one.
+    young = (~sparse & (zero_share < 1.0)) & (lengths < cfg.min_backtest_days)
+    young &= lengths >= cfg.for_young().min_backtest_days
     short = (
         (zero_share >= 1.0)
         | (sparse & (recent_lengths < icfg.min_backtest_days))
-        | (~sparse & (lengths < cfg.min_backtest_days))
+        | (~sparse & (lengths < cfg.min_backtest_days) & ~young)
     )
     return _Tiers(
         short=[int(u) for u in lengths.index[short]],
-        smooth=[int(u) for u in lengths.index[~short & ~sparse]],
+        smooth=[int(u) for u in lengths.index[~short & ~sparse & ~young]],
         intermittent=[int(u) for u in lengths.index[~short & sparse]],
+        young=[int(u) for u in lengths.index[young]],
     )
 
 
@@ -1055,12 +1072,14 @@ def forecast_series(
     forecasts: list[pd.DataFrame] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if tiers.smooth:
+        for uids, tcfg in ((tiers.smooth, cfg), (tiers.young, cfg.for_young())):
+            if not uids:
+                continue
             if cfg.combine == "mean":
-                data = sf_input[sf_input["unique_id"].isin(tiers.smooth)]
-                picked, cand, fcs = _ensemble(data, cfg)
+                data = sf_input[sf_input["unique_id"].isin(uids)]
+                picked, cand, fcs = _ensemble(data, tcfg)
             else:
-                picked, cand, fcs = _select(sf_input, tiers.smooth, cfg.smooth_models, "mase", cfg)
+                picked, cand, fcs = _select(sf_input, uids, cfg.smooth_models, "mase", tcfg)
             chosen.update(picked)
             candidates += cand
             forecasts += fcs
