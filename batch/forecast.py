@@ -66,6 +66,7 @@ from batch.forecast_models import (
     check_names,
     statsforecast_model,
 )
+from lambdalake.calendar import nth_weekday
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -520,27 +521,17 @@ HOLIDAY_NAMES = (
 )
 
 
-def _nth_weekday(year: int, month: int, weekday: int, n: int) -> date:
-    """The n-th (1-based; -1 = last) ``weekday`` (Mon=0) of a month."""
-    if n > 0:
-        d = date(year, month, 1)
-        d += timedelta(days=(weekday - d.weekday()) % 7)
-        return d + timedelta(weeks=n - 1)
-    d = date(year + (month == 12), month % 12 + 1, 1) - timedelta(days=1)
-    return d - timedelta(days=(d.weekday() - weekday) % 7)
-
-
 def _holidays_of(year: int) -> dict[date, int]:
-    thanksgiving = _nth_weekday(year, 11, 3, 4)
+    thanksgiving = nth_weekday(year, 11, 3, 4)
     days = (
         date(year, 1, 1),
-        _nth_weekday(year, 1, 0, 3),
-        _nth_weekday(year, 2, 0, 3),
+        nth_weekday(year, 1, 0, 3),
+        nth_weekday(year, 2, 0, 3),
         date(year, 2, 14),
-        _nth_weekday(year, 5, 0, -1),
+        nth_weekday(year, 5, 0, -1),
         date(year, 7, 4),
-        _nth_weekday(year, 9, 0, 1),
-        _nth_weekday(year, 10, 0, 2),
+        nth_weekday(year, 9, 0, 1),
+        nth_weekday(year, 10, 0, 2),
         date(year, 11, 11),
         thanksgiving,
         thanksgiving + timedelta(days=1),

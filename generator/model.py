@@ -30,6 +30,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from generator.text import CATEGORIES, review_text
+from lambdalake.calendar import nth_weekday
 
 DAY_MS = 86_400_000
 ORDINAL_1970 = date(1970, 1, 1).toordinal()
@@ -153,25 +154,15 @@ def make_catalog(seed: int, skus: int, stores: int) -> Catalog:
 # --- calendar ----------------------------------------------------------------------------
 
 
-def _nth_weekday(year: int, month: int, weekday: int, n: int) -> date:
-    """The n-th (1-based; -1 = last) ``weekday`` (Mon=0) of a month."""
-    if n > 0:
-        d = date(year, month, 1)
-        d += timedelta(days=(weekday - d.weekday()) % 7)
-        return d + timedelta(weeks=n - 1)
-    d = date(year + (month == 12), month % 12 + 1, 1) - timedelta(days=1)
-    return d - timedelta(days=(d.weekday() - weekday) % 7)
-
-
 def holidays(year: int) -> dict[date, float]:
     """The fixed holiday list of a year: date -> demand multiplier."""
-    thanksgiving = _nth_weekday(year, 11, 3, 4)
+    thanksgiving = nth_weekday(year, 11, 3, 4)
     out = {
         date(year, 1, 1): 0.55,
         date(year, 2, 14): 1.15,
-        _nth_weekday(year, 5, 0, -1): 1.2,  # Memorial Day
+        nth_weekday(year, 5, 0, -1): 1.2,  # Memorial Day
         date(year, 7, 4): 1.25,
-        _nth_weekday(year, 9, 0, 1): 1.2,  # Labor Day
+        nth_weekday(year, 9, 0, 1): 1.2,  # Labor Day
         thanksgiving: 0.7,
         thanksgiving + timedelta(days=1): 2.6,  # Black Friday
         thanksgiving + timedelta(days=2): 1.6,
