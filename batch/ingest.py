@@ -352,14 +352,7 @@ class Ingest:
             for chunk in chunks:
                 batch.add(chunk)
                 for p in chunk.poisoned:
-                    log.warning(
-                        "ingest.poison_batch",
-                        topic=p.topic,
-                        partition=p.partition,
-                        offsets=f"{p.offset}-{p.next_offset - 1}",
-                        reason=p.quarantine_reason,
-                        detail=p.detail,
-                    )
+                    log.warning("ingest.poison_batch", **p.log_fields())
             now = time.monotonic()
             if chunks:
                 idle_since = now

@@ -79,6 +79,16 @@ class PoisonBatch:
     def quarantine_reason(self) -> str:
         return f"undecodable_batch:{self.reason}"
 
+    def log_fields(self) -> dict[str, object]:
+        """What a consumer logs when it passes this batch (ingest and speed alike)."""
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offsets": f"{self.offset}-{self.next_offset - 1}",
+            "reason": self.quarantine_reason,
+            "detail": self.detail,
+        }
+
 
 class UndecodableBatch(RuntimeError):
     """A record batch that cannot be decoded and must not be passed over.

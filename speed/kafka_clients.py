@@ -122,14 +122,7 @@ class KafkaPythonClient:
         for chunk in chunks:
             for p in chunk.poisoned:
                 self.poisoned += 1
-                log.warning(
-                    "speed.poison_batch",
-                    topic=p.topic,
-                    partition=p.partition,
-                    offsets=f"{p.offset}-{p.next_offset - 1}",
-                    reason=p.quarantine_reason,
-                    detail=p.detail,
-                )
+                log.warning("speed.poison_batch", **p.log_fields())
         return chunks
 
     def highwater(self) -> dict[TP, int]:
