@@ -47,30 +47,25 @@ def _f(name: str, t: pa.DataType) -> pa.Field:
     return pa.field(name, t, nullable=True)
 
 
+def _sales_schema(period: pa.Field) -> pa.Schema:
+    """The sales views: one schema, a period column per grain (day or UTC hour)."""
+    return pa.schema(
+        [
+            period,
+            _f("store_id", pa.string()),
+            _f("sku", pa.string()),
+            _f("units", pa.int64()),
+            _f("revenue", pa.float64()),
+            _f("order_lines", pa.int64()),
+            _f("run_id", pa.string()),
+        ]
+    )
+
+
 # The views' column contract (names, order and types), as committed to Delta.
 VIEW_SCHEMAS: dict[str, pa.Schema] = {
-    VIEW_DAILY_SALES: pa.schema(
-        [
-            _f("date", pa.date32()),
-            _f("store_id", pa.string()),
-            _f("sku", pa.string()),
-            _f("units", pa.int64()),
-            _f("revenue", pa.float64()),
-            _f("order_lines", pa.int64()),
-            _f("run_id", pa.string()),
-        ]
-    ),
-    VIEW_HOURLY_SALES: pa.schema(
-        [
-            _f("hour", UTC_TS),
-            _f("store_id", pa.string()),
-            _f("sku", pa.string()),
-            _f("units", pa.int64()),
-            _f("revenue", pa.float64()),
-            _f("order_lines", pa.int64()),
-            _f("run_id", pa.string()),
-        ]
-    ),
+    VIEW_DAILY_SALES: _sales_schema(_f("date", pa.date32())),
+    VIEW_HOURLY_SALES: _sales_schema(_f("hour", UTC_TS)),
     VIEW_REVIEW_SCORES: pa.schema(
         [
             _f("review_id", pa.string()),
