@@ -291,6 +291,7 @@ class PositionedTable:
         """Append ``rows`` with ``new_positions`` in one commit."""
         assert self.table is not None
         txns = [t for topic, ps in new_positions.items() for t in position_transactions(topic, ps)]
+        known = self.table.version()
         try:
             write_deltalake(
                 self.table,
@@ -300,7 +301,11 @@ class PositionedTable:
                 commit_properties=CommitProperties(app_transactions=txns),
             )
         except CommitFailedError as exc:
-            if "Concurrent transaction" in str(exc):
+            # Any conflict means another writer moved the table past the version this
+            # one read: a second ingest (its positions transaction, or its creating the
+            # empty table at the same moment, which shows as "Metadata changed").
+            latest = DeltaTable(self.uri, storage_options=self.storage_options).version()
+            if latest > known:
                 raise ConcurrentIngestError(
                     f"another ingest committed to {self.uri} at the same time; run one "
                     "ingest process per lake (this one stops; nothing was written twice)"

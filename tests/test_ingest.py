@@ -452,3 +452,31 @@ def test_committer_never_commits_past_a_failed_batch() -> None:
     with pytest.raises(OSError, match="disk full"):
         committer.close()
     assert committed == [1]
+
+
+@pytest.mark.parametrize("rival", ["append", "create"])
+def test_a_rival_commit_stops_ingest_with_the_reason(tmp_path, rival: str) -> None:
+    """Whatever the conflict delta-rs reports (a rival's positions transaction, or a
+    rival creating the same empty table at the same moment, which reads as "Metadata
+    changed"), ingest stops with the one-line reason and writes nothing."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from batch.ingest_lake import ConcurrentIngestError, PositionedTable
+    from lambdalake.lake import QUARANTINE_SCHEMA
+
+    uri = str(tmp_path / "quarantine")
+    ours = PositionedTable.open(
+        uri, QUARANTINE_SCHEMA, ["orders"], partition_by=None, storage_options=None
+    )
+    empty = pa.Table.from_batches([], schema=QUARANTINE_SCHEMA)
+    if rival == "append":
+        theirs = PositionedTable.open(
+            uri, QUARANTINE_SCHEMA, ["orders"], partition_by=None, storage_options=None
+        )
+        theirs.append(empty, {"orders": {0: 5}})
+    else:  # a metadata commit, as a rival creating the table just after ours makes
+        DeltaTable(uri).alter.set_table_properties({"delta.appendOnly": "false"})
+    with pytest.raises(ConcurrentIngestError, match="another ingest committed"):
+        ours.append(empty, {"orders": {0: 3}})
+    assert ingest_positions(uri, "orders") == ({0: 5} if rival == "append" else {})
