@@ -325,7 +325,7 @@ def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> No
 
     from lambdalake.settings import Settings
     from serving.admission import StampingHttpToolsProtocol
-    from serving.app import create_app
+    from serving.app import SERVING_LOOP, create_app
 
     settings = Settings(_env_file=None, lake_uri=lake, home=Path(home), speed_endpoints=endpoints)
     app = create_app(settings) if kind == "fast" else naive_app(settings)
@@ -336,6 +336,7 @@ def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> No
         log_level="warning",
         access_log=False,
         http=StampingHttpToolsProtocol,  # what `lambdalake serve` runs: arrival times for admission
+        loop=SERVING_LOOP,
     )
 
 

@@ -71,7 +71,10 @@ class Settings(BaseSettings):
         64, ge=0, description="Requests one API process lets wait for a slot (more get 503)."
     )
     api_max_queue_ms: float = Field(
-        20.0, gt=0, description="Longest a request may wait to start before it gets 503."
+        20.0,
+        gt=0,
+        description="Longest a request may wait (since its bytes reached the machine) to "
+        "start while a backlog stands; later ones get 503.",
     )
     speed_endpoints: str = Field(
         "", description="Comma-separated grpc://HOST:PORT of speed workers for the API."
