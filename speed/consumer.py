@@ -118,6 +118,17 @@ class Poller(threading.Thread):
         self.connected = False
         self.last_fetch_at: float | None = None
         self.error: BaseException | None = None
+        self._poisoned_before = 0  # poison batches passed by clients since dropped
+
+    @property
+    def halted(self) -> str | None:
+        """Why the client stopped polling a partition (a batch it must not pass), or None."""
+        return getattr(self.client, "halted", None)
+
+    @property
+    def poisoned(self) -> int:
+        """Poison batches passed since the worker started (every client so far)."""
+        return self._poisoned_before + int(getattr(self.client, "poisoned", 0))
 
     # --- called from the main thread ------------------------------------------------------
 
@@ -186,6 +197,7 @@ class Poller(threading.Thread):
                 self._put(polled)
 
     def _drop_client(self) -> None:
+        self._poisoned_before = self.poisoned
         client, self.client = self.client, None
         self.connected = False
         self._positioned = False

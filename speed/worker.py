@@ -155,6 +155,8 @@ class SpeedWorker:
             "query_endpoint": self.server.endpoint if self.server else None,
             "connected": self.poller.connected,
             "kafka_client": self.poller.client_name,
+            # Why polling is stopped (a batch that must not be passed over), while it is.
+            "halted": self.poller.halted,
             "since_start": {
                 "batches": c.batches,
                 "messages": c.messages,
@@ -162,6 +164,7 @@ class SpeedWorker:
                 "duplicates": c.duplicates,
                 "invalid": c.invalid,
                 "discarded_batches": c.discarded,
+                "poisoned_batches": self.poller.poisoned,
                 "poll_seconds": round(c.poll_seconds, 3),
                 "validate_seconds": round(c.validate_seconds, 3),
                 "commit_seconds": round(c.commit_seconds, 3),

@@ -310,8 +310,10 @@ def test_a_poison_batch_is_quarantined_and_passed_by_ingest_and_speed(
     ends = true_ends(fresh_broker.bootstrap)
     assert ingest_positions(lake.master("orders"), "orders") == ends["orders"]
 
-    held, _ = speed_held(settings, ends)
+    held, status = speed_held(settings, ends)
     assert held == master
+    assert status["since_start"]["poisoned_batches"] == 1  # the operator sees it was passed
+    assert status["halted"] is None
 
 
 def test_a_corrupt_last_batch_stops_ingest_with_one_line_then_passes_once_confirmed(
@@ -389,6 +391,31 @@ def test_the_speed_client_stops_at_an_unconfirmed_batch_without_reconnecting(
         assert consumer.position(TopicPartition("orders", 0)) == poison_at
     finally:
         client.close()
+
+
+def test_the_speed_status_says_why_polling_stopped(
+    fresh_broker: EmbeddedBroker, settings_for
+) -> None:
+    """A halted partition is visible to the operator in the worker's status file."""
+    producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=50)
+    send_batch(producer, 0, 10)
+    poison_at = send_batch(producer, 10, 10)
+    producer.close()
+    corrupt_batch(fresh_broker, "orders", 0, poison_at, "flip")
+
+    settings = settings_for(fresh_broker)
+    with worker_thread(settings):
+        deadline = time.monotonic() + 60
+        status: dict = {}
+        while not (status.get("halted") and covers(status, {"orders": {0: poison_at}})):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+            try:
+                status = status_file(settings, (0, 1))
+            except FileNotFoundError:  # not written yet
+                continue
+    assert f"orders/0 offset {poison_at}" in status["halted"]
+    assert status["since_start"]["poisoned_batches"] == 0  # halted, not passed
 
 
 def test_a_batch_larger_than_the_fetch_sizes_is_read_whole(
