@@ -17,6 +17,8 @@ Tables of a snapshot (normalised names; missing views load as empty tables):
 ``forecast``    sku, store_id, date, forecast, lower_80, upper_80, lower_95,
                 upper_95, model
 ``sentiment``   sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
+``accuracy``    sku, store_id, model, mase, coverage_80, coverage_95, n_train_days:
+                each forecast series' backtest (``views/forecast_accuracy``)
 =============  ====================================================================
 """
 
@@ -34,6 +36,7 @@ from lambdalake.lake import (
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
+    VIEW_FORECAST_ACCURACY,
     VIEW_HOURLY_SALES,
     VIEW_SENTIMENT_BY_SKU,
     Lake,
@@ -60,6 +63,8 @@ EMPTY_DDL = {
     "model VARCHAR)",
     "sentiment": "CREATE TABLE sentiment (sku VARCHAR, reviews BIGINT, rating_sum DOUBLE, "
     "sentiment_sum DOUBLE, positive BIGINT, neutral BIGINT, negative BIGINT)",
+    "accuracy": "CREATE TABLE accuracy (sku VARCHAR, store_id VARCHAR, model VARCHAR, "
+    "mase DOUBLE, coverage_80 DOUBLE, coverage_95 DOUBLE, n_train_days BIGINT)",
 }
 
 # How each snapshot table is filled from its (registered) Arrow source ``src``.
@@ -69,6 +74,11 @@ LOAD_SQL = {
     "forecast": "SELECT sku, store_id, CAST(date AS DATE) AS date, forecast, lower_80, "
     "upper_80, lower_95, upper_95, model FROM src ORDER BY sku, store_id, date",
     "sentiment": f"SELECT sku, {SENTIMENT_MEASURES} FROM src ORDER BY sku",
+    # NaN (a score the backtest could not give) as NULL: JSON has no NaN.
+    "accuracy": "SELECT sku, store_id, model, CASE WHEN isnan(mase) THEN NULL ELSE mase END, "
+    "CASE WHEN isnan(coverage_80) THEN NULL ELSE coverage_80 END, "
+    "CASE WHEN isnan(coverage_95) THEN NULL ELSE coverage_95 END, n_train_days "
+    "FROM src ORDER BY sku, store_id",
 }
 
 
@@ -141,6 +151,11 @@ class BatchSnapshot:
     def sentiment(self, sku: str | None) -> list[dict[str, Any]]:
         return merge_partials(self.tables["sentiment"].rows(sku), ["sku"], SENTIMENT)
 
+    def accuracy(self, sku: str, store_id: str | None) -> list[dict[str, Any]]:
+        """The backtest of each forecast series of ``sku`` (one store's, or every store's)."""
+        table = select(self.tables["accuracy"].rows(sku), ("store_id", "equal", store_id))
+        return table.sort_by([("store_id", "ascending")]).to_pylist()
+
     def forecast(
         self, sku: str | None, *, store_id: str | None, first: Any, last: Any
     ) -> list[dict[str, Any]]:
@@ -176,6 +191,7 @@ def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
             ("sales_day", VIEW_DAILY_SALES),
             ("forecast", VIEW_DEMAND_FORECAST),
             ("sentiment", VIEW_SENTIMENT_BY_SKU),
+            ("accuracy", VIEW_FORECAST_ACCURACY),
         ):
             if view in views:
                 _fill(con, name, _read_delta(lake, view, int(views[view])), LOAD_SQL[name])

@@ -86,6 +86,21 @@ class ForecastPoint(BaseModel):
     upper_95: float | None = None
 
 
+class SeriesAccuracy(BaseModel):
+    """How one forecast series scored on the batch layer's backtest (rolling origins on
+    its own history, before the forecast was made)."""
+
+    store_id: str
+    model: str | None = Field(description="The model that forecasts this series.")
+    mase: float | None = Field(
+        description="Backtest MASE: mean absolute error over the mean absolute weekly "
+        "difference of the history (below 1: better than last week's value)."
+    )
+    coverage_80: float | None = Field(description="Share of backtest actuals in the 80 % band.")
+    coverage_95: float | None = Field(description="Share of backtest actuals in the 95 % band.")
+    n_train_days: int | None = Field(description="Days of history the model learned from.")
+
+
 class ActualPoint(BaseModel):
     date: str
     units: int
@@ -97,7 +112,17 @@ class ForecastAnswer(Answer):
             "example": {
                 "sku": "SKU-00001",
                 "store_id": "S001",
-                "model": "AutoETS",
+                "model": "FourierETS+LightGBM",
+                "accuracy": [
+                    {
+                        "store_id": "S001",
+                        "model": "FourierETS+LightGBM",
+                        "mase": 0.71,
+                        "coverage_80": 0.82,
+                        "coverage_95": 0.96,
+                        "n_train_days": 730,
+                    }
+                ],
                 "points": [
                     {
                         "date": "2024-05-02",
@@ -119,6 +144,11 @@ class ForecastAnswer(Answer):
     sku: str
     store_id: str | None = Field(description="The store, or null for the sum over stores.")
     model: str | None = Field(description="The model the batch layer chose (null: no forecast).")
+    accuracy: list[SeriesAccuracy] = Field(
+        default_factory=list,
+        description="The backtest of each series behind the answer: the store's, or every "
+        "store's for a SKU over all stores (empty: no forecast).",
+    )
     points: list[ForecastPoint]
     actuals: list[ActualPoint] = Field(description="Merged daily units of recent days.")
 

@@ -39,6 +39,7 @@ from serving.models import (
     SentimentAnswer,
     SentimentItem,
     SentimentRanking,
+    SeriesAccuracy,
 )
 from serving.params import Granularity, SalesRange, period_label
 from serving.series import series_key
@@ -243,6 +244,7 @@ class QueryService:
 
         def compute(snap: BatchSnapshot) -> tuple[tuple, SpeedResult]:
             points, model = self._forecast_points(snap, sku, store_id, first, last)
+            accuracy = [SeriesAccuracy(**row) for row in snap.accuracy(sku, store_id)]
             acc, speed = self._sales_rows(
                 snap,
                 granularity="day",
@@ -252,14 +254,15 @@ class QueryService:
                 first=start_ts,
                 last=today_ts,
             )
-            return (points, model, acc), speed
+            return (points, model, accuracy, acc), speed
 
-        (points, model, acc), snap, speed = self._merged(compute)
+        (points, model, accuracy, acc), snap, speed = self._merged(compute)
         prov = self._provenance("forecast", snap, speed)
         return ForecastAnswer(
             sku=sku,
             store_id=store_id,
             model=model,
+            accuracy=accuracy,
             points=points,
             actuals=[
                 ActualPoint(date=key[0], units=int(row["units"] or 0))

@@ -135,6 +135,8 @@ def test_dashboard_renders_forecast_history_live_actuals_and_sentiment(
             assert rendered["refreshes"] >= 1
             assert rendered["sales"] >= 30, rendered  # daily history points drawn
             assert rendered["forecast"] == 28, rendered  # the batch forecast horizon
+            assert rendered["accuracy"] == 1, rendered  # the series' backtest, beside it
+            assert "backtest of " in dom.stdout and "MASE " in dom.stdout
             assert rendered["sentiment"] >= 1, rendered  # weekly sentiment trend points
             assert f"run {run_id}" in dom.stdout
             assert f"{live_units[sku, store]} units so far" in dom.stdout

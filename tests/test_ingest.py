@@ -460,7 +460,6 @@ def test_a_rival_commit_stops_ingest_with_the_reason(tmp_path, rival: str) -> No
     rival creating the same empty table at the same moment, which reads as "Metadata
     changed"), ingest stops with the one-line reason and writes nothing."""
     import pyarrow as pa
-    from deltalake import write_deltalake
 
     from batch.ingest_lake import ConcurrentIngestError, PositionedTable
     from lambdalake.lake import QUARANTINE_SCHEMA

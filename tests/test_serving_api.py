@@ -10,6 +10,7 @@ exact batch + speed merge is checked by the invariant suite.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import defaultdict
@@ -30,6 +31,7 @@ from lambdalake.lake import (
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
+    VIEW_FORECAST_ACCURACY,
     VIEW_SENTIMENT_BY_SKU,
 )
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord
@@ -156,6 +158,25 @@ def forecast_table(run_id: str) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def accuracy_table(run_id: str) -> pa.Table:
+    """One backtest row per forecast series; B/S2's MASE could not be computed (NaN)."""
+    rows = [
+        {
+            "sku": sku,
+            "store_id": store,
+            "model": "AutoETS",
+            "mase": math.nan if (sku, store) == ("B", "S2") else 0.5 + i / 10,
+            "smape": 20.0,
+            "coverage_80": 0.8,
+            "coverage_95": 0.95,
+            "n_train_days": 90,
+            "run_id": run_id,
+        }
+        for i, (sku, store) in enumerate((s, t) for s in ("A", "B") for t in STORES)
+    ]
+    return pa.Table.from_pylist(rows)
+
+
 SENTIMENT_ROWS = [
     # sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
     ("A", 4, 14, 1.2, 3, 1, 0),
@@ -200,13 +221,22 @@ def write_run(
     write_deltalake(str(root / VIEW_DAILY_SALES), daily_sales(orders, run_id), mode=mode)
     write_deltalake(str(root / VIEW_DEMAND_FORECAST), forecast_table(run_id), mode=mode)
     write_deltalake(str(root / VIEW_SENTIMENT_BY_SKU), sentiment_table(run_id), mode=mode)
+    write_deltalake(str(root / VIEW_FORECAST_ACCURACY), accuracy_table(run_id), mode=mode)
 
     from deltalake import DeltaTable
 
     def version(name: str) -> int:
         return int(DeltaTable(str(root / name)).version())
 
-    views = {v: version(v) for v in (VIEW_DAILY_SALES, VIEW_DEMAND_FORECAST, VIEW_SENTIMENT_BY_SKU)}
+    views = {
+        v: version(v)
+        for v in (
+            VIEW_DAILY_SALES,
+            VIEW_DEMAND_FORECAST,
+            VIEW_SENTIMENT_BY_SKU,
+            VIEW_FORECAST_ACCURACY,
+        )
+    }
     if hourly_view:
         hmode = "overwrite" if (root / VIEW_HOURLY_SALES).exists() else "error"
         write_deltalake(str(root / VIEW_HOURLY_SALES), hourly_sales(orders, run_id), mode=hmode)
@@ -441,6 +471,16 @@ def test_forecast_for_a_store_has_bounds_and_merged_actuals(api: httpx.Client, l
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["sku"] == "A" and body["store_id"] == "S1" and body["model"] == "AutoETS"
+    assert body["accuracy"] == [
+        {
+            "store_id": "S1",
+            "model": "AutoETS",
+            "mase": 0.5,
+            "coverage_80": 0.8,
+            "coverage_95": 0.95,
+            "n_train_days": 90,
+        }
+    ]
     # The actuals window (4 days up to today) plus 5 days ahead, today counted once.
     want_dates = [(TODAY + timedelta(days=d)).isoformat() for d in range(-3, 5)]
     assert [p["date"] for p in body["points"]] == want_dates
@@ -459,6 +499,11 @@ def test_forecast_for_a_store_has_bounds_and_merged_actuals(api: httpx.Client, l
 def test_forecast_over_all_stores_sums_points_without_bounds(api: httpx.Client) -> None:
     body = api.get("/v1/forecast/B", params={"horizon": "1", "actuals_days": "1"}).json()
     assert body["store_id"] is None
+    # Each store's backtest; a score the backtest could not give is null, not NaN.
+    assert [(a["store_id"], a["mase"]) for a in body["accuracy"]] == [
+        (store, None if store == "S2" else pytest.approx(0.5 + (len(STORES) + i) / 10))
+        for i, store in enumerate(STORES)
+    ]
     assert body["points"] == [
         {
             "date": TODAY.isoformat(),

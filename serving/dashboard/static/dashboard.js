@@ -96,6 +96,18 @@ async function loadSkus() {
   store.value = keep || params.get("store") || data.stores[0] || "";
 }
 
+// How the forecast scored on the batch layer's backtest, beside the chart.
+function accuracyText(rows) {
+  if (!rows.length) return "no backtest for this forecast";
+  const pct = v => (v == null ? "–" : `${Math.round(v * 100)} %`);
+  const one = a => `MASE ${fx(a.mase, 2)}, 80 % band held ${pct(a.coverage_80)}, 95 % band held ${pct(a.coverage_95)}`;
+  if (rows.length === 1) {
+    const a = rows[0];
+    return `backtest of ${a.model || "–"} on ${a.n_train_days ?? "–"} days: ${one(a)}`;
+  }
+  return "backtest per store: " + rows.map(a => `${a.store_id} (${a.model || "–"}) ${one(a)}`).join("; ");
+}
+
 async function renderSales(sku, store) {
   const storeQ = store ? `&store_id=${encodeURIComponent(store)}` : "";
   const fc = await api(`/v1/forecast/${encodeURIComponent(sku)}?horizon=28${storeQ}`);
@@ -140,9 +152,11 @@ async function renderSales(sku, store) {
     `today ${today}: ${todayActual ? todayActual.units : 0} units so far` +
     (todayF ? `; forecast ${fx(todayF.forecast, 1)} (95 %: ${fx(todayF.lower_95, 1)}–${fx(todayF.upper_95, 1)})` : "") +
     ` · as of run ${fc.as_of.run_id}` + (fc.degraded ? " · DEGRADED: a speed worker is unreachable" : "");
+  document.getElementById("forecast-accuracy").textContent = accuracyText(fc.accuracy || []);
   document.getElementById("asof").textContent = `run ${sales.as_of.run_id}`;
   window.lambdalakeRendered.sales = hist.filter(v => v != null).length;
   window.lambdalakeRendered.forecast = f.filter(v => v != null).length;
+  window.lambdalakeRendered.accuracy = (fc.accuracy || []).length;
 }
 
 async function renderSentiment(sku) {
