@@ -20,6 +20,31 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TOPICS = ("orders", "reviews")
 
 
+MIN_SECRET_CHARS = 16
+# Placeholders from docs and examples (compared ignoring case, "-" and "_").
+EXAMPLE_SECRETS = frozenset(
+    {"changeme", "replaceme", "secret", "password", "apikey", "yourapikey", "example", "test"}
+)
+
+
+def check_secret(name: str, value: str) -> None:
+    """Refuse an example value or a short secret for setting ``name`` (one-line ``ValueError``).
+
+    >>> check_secret("LAMBDALAKE_SPEED_TOKEN", "secret")
+    Traceback (most recent call last):
+    ...
+    ValueError: LAMBDALAKE_SPEED_TOKEN holds an example value ('secret'); set real keys (16+ random characters, e.g. `openssl rand -hex 24`)
+    """
+    hint = "set real keys (16+ random characters, e.g. `openssl rand -hex 24`)"
+    plain = value.lower().replace("-", "").replace("_", "")
+    if plain in EXAMPLE_SECRETS or "changeme" in plain:
+        raise ValueError(f"{name} holds an example value ({value!r}); {hint}")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"{name} holds a key of {len(value)} characters, fewer than {MIN_SECRET_CHARS}; {hint}"
+        )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LAMBDALAKE_", env_file=".env", extra="ignore", frozen=False
@@ -56,6 +81,12 @@ class Settings(BaseSettings):
         "",
         description="Shared secret of the speed workers' query endpoints: when set, a worker "
         "refuses Flight calls without it and the API sends it; empty = no auth (loopback only).",
+    )
+    speed_allow_unauthenticated: bool = Field(
+        False,
+        description="Let a speed worker serve its query endpoint on a non-loopback address "
+        "without LAMBDALAKE_SPEED_TOKEN (anyone who reaches the port reads the recent events' "
+        "aggregates); off: such a worker refuses to start.",
     )
     speed_max_records: int = Field(
         50_000, ge=1, description="Messages per speed micro-batch at most (one DuckDB commit)."

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
-from lambdalake.settings import Settings
+from lambdalake.settings import Settings, check_secret
 from speed.consumer import Assigned, Polled, Poller, quiet_kafka_logs, validate_polled
 from speed.runs import PreparedRun, RunWatcher, load_model
 from speed.server import SpeedFlightServer
@@ -272,6 +272,7 @@ class SpeedWorker:
         self, query_port: int, query_host: str = "127.0.0.1", advertise_host: str | None = None
     ) -> None:
         """Apply the latest run, open the endpoint, start the threads."""
+        check_query_auth(self.settings, query_host)
         quiet_kafka_logs()
         lake = Lake(self.settings.lake_uri)
         applied = self.state.applied
@@ -294,12 +295,6 @@ class SpeedWorker:
         except Exception as exc:  # pyarrow raises its own errors for a port in use
             raise ValueError(f"cannot serve queries on port {query_port}: {exc}") from exc
         self.server.start()
-        if not self.settings.speed_token and not _loopback(query_host):
-            log.warning(
-                "speed.endpoint_unauthenticated",
-                bind=query_host,
-                fix="set LAMBDALAKE_SPEED_TOKEN (worker and API) or bind 127.0.0.1",
-            )
         self.reporter.write()
         self.reporter.start()
         self.watcher.start()
@@ -394,6 +389,29 @@ class SpeedWorker:
             if thread.is_alive():
                 thread.join(timeout=10)
         log.info("speed.stopped", worker=self.name, messages=self.counters.messages)
+
+
+def check_query_auth(settings: Settings, query_host: str) -> None:
+    """Refuse (one-line ``ValueError``) to serve the speed layer's data unauthenticated to
+    other machines, unless ``speed_allow_unauthenticated`` accepts it; refuse an example
+    or short token. Runs before anything binds."""
+    if settings.speed_token:
+        check_secret("LAMBDALAKE_SPEED_TOKEN", settings.speed_token)
+        return
+    if _loopback(query_host):
+        return
+    if not settings.speed_allow_unauthenticated:
+        raise ValueError(
+            f"--query-host {query_host} is reachable from other machines and "
+            "LAMBDALAKE_SPEED_TOKEN is empty: set a token (the same on every worker and the "
+            "API, e.g. `openssl rand -hex 24`), or bind 127.0.0.1 "
+            "(LAMBDALAKE_SPEED_ALLOW_UNAUTHENTICATED=true accepts the risk)"
+        )
+    log.warning(
+        "speed.endpoint_unauthenticated",
+        bind=query_host,
+        fix="set LAMBDALAKE_SPEED_TOKEN (worker and API) or bind 127.0.0.1",
+    )
 
 
 def _loopback(host: str) -> bool:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,50 @@ def test_invalid_setting_is_a_one_line_error(tmp_path) -> None:
     proc = run_cli("status", "--json", env={"LAMBDALAKE_PARTITIONS": "zero"})
     assert proc.returncode == 1
     assert proc.stderr.startswith("lambdalake: error: invalid settings")
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({}, "LAMBDALAKE_SPEED_TOKEN is empty"),
+        ({"LAMBDALAKE_SPEED_TOKEN": "change-me"}, "example value"),
+        ({"LAMBDALAKE_SPEED_TOKEN": "short-token"}, "fewer than 16"),
+    ],
+)
+def test_a_speed_worker_will_not_serve_other_machines_unauthenticated(
+    tmp_path: Path, env: dict[str, str], fragment: str
+) -> None:
+    """Bound beyond the loopback, a worker needs a real token: it refuses to start, in one
+    line, before it binds or reads anything."""
+    proc = run_cli(
+        "speed",
+        "run",
+        "--query-host",
+        "0.0.0.0",
+        "--query-port",
+        "0",
+        env={
+            "LAMBDALAKE_HOME": str(tmp_path),
+            "LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1",
+            "LAMBDALAKE_SPEED_TOKEN": "",
+            **env,
+        },
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lambdalake: error:")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_check_query_auth_accepts_loopback_a_real_token_or_an_explicit_opt_out() -> None:
+    from lambdalake.settings import Settings
+    from speed.worker import check_query_auth
+
+    def settings(**kw: object) -> Settings:
+        return Settings(_env_file=None, **kw)  # type: ignore[call-arg,arg-type]
+
+    check_query_auth(settings(speed_token=""), "127.0.0.1")
+    check_query_auth(settings(speed_token=""), "::1")
+    check_query_auth(settings(speed_token="a" * 24), "0.0.0.0")
+    check_query_auth(settings(speed_token="", speed_allow_unauthenticated=True), "0.0.0.0")
+    with pytest.raises(ValueError, match="reachable from other machines"):
+        check_query_auth(settings(speed_token=""), "10.0.0.5")
