@@ -336,11 +336,17 @@ def run_batch(
 
 
 def _forecast_version(cfg: ForecastConfig) -> str:
-    import statsforecast
+    """What made the forecasts: libraries, how smooth series are combined (the mean of the
+    ensemble's models, or one selected per series), the intermittent candidates, history
+    and backtest. E.g. ``statsforecast-2.1.1+lightgbm-4.7.0/mean(FourierETS+LightGBM)/
+    select(SeasonalNaive+CrostonOptimized+TSB+ADIDA)/train1095d/bt4x28d``."""
+    from importlib.metadata import version
 
+    libs = "+".join(f"{name}-{version(name)}" for name in ("statsforecast", "lightgbm"))
     return (
-        f"statsforecast-{statsforecast.__version__}/train{cfg.train_days}d"
-        f"/bt{cfg.backtest_windows}x{cfg.backtest_horizon}d"
+        f"{libs}/{cfg.combine}({cfg.ensemble_name})"
+        f"/select({'+'.join(cfg.intermittent_models)})"
+        f"/train{cfg.train_days}d/bt{cfg.backtest_windows}x{cfg.backtest_horizon}d"
     )
 
 

@@ -351,7 +351,8 @@ def soak(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]:
             api = asyncio.run(
                 loadgen.open_loop(demo.api, next_request, args.api_rate, max(1.0, left - 0.2))
             )
-            api.pop("by_kind", None)
+            # Per kind, so a growing p99 can be traced to the query that grows.
+            api["p99_by_kind"] = {k: v["p99_ms"] for k, v in api.pop("by_kind", {}).items()}
             record(api)
         if batch_thread is not None:  # a run still going: wait for it (it is ours to end)
             batch_thread.join()
@@ -452,6 +453,10 @@ def print_row(m: Minute, names: list[str]) -> None:
             f"api {api['p50_ms']:.1f}/{api['p99_ms']:.1f} ms n={api['requests']} "
             f"err={api['errors']} refused={api['refused']}"
         )
+        by_kind = api.get("p99_by_kind") or {}
+        if by_kind:
+            worst = max(by_kind, key=lambda k: by_kind[k])
+            cols.append(f"slowest {worst} p99 {by_kind[worst]:.0f} ms")
     else:
         cols.append("api -")
     sp = m.speed

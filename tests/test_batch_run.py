@@ -268,7 +268,9 @@ def test_run_record_lists_the_pin_watermark_views_and_models(published):
     assert set(STAGES) - {"publish"} <= set(run.stage_seconds)
     assert run.stage_seconds["total"] > 0
     assert run.model_versions["sentiment"].startswith("tfidf-lr-")
-    assert run.model_versions["forecast"].startswith("statsforecast-2.1.1")
+    forecast_version = run.model_versions["forecast"]
+    assert forecast_version.startswith("statsforecast-2.1.1+lightgbm-"), forecast_version
+    assert "/mean(FourierETS+LightGBM)/" in forecast_version  # names the default ensemble
     statuses = [r.status for r in read_runs(lake.table(RUNS)) if r.run_id == run.run_id]
     assert statuses == ["running", "published"]
 
