@@ -479,3 +479,29 @@ def test_a_rival_commit_stops_ingest_with_the_reason(tmp_path, rival: str) -> No
     with pytest.raises(ConcurrentIngestError, match="another ingest committed"):
         ours.append(empty, {"orders": {0: 3}})
     assert ingest_positions(uri, "orders") == ({0: 5} if rival == "append" else {})
+
+
+def test_the_reloaded_table_still_sees_a_rival_commit(tmp_path) -> None:
+    """Ingest reloads its table object every few commits (to bound its memory), pinned at
+    its own last version: a rival's commit after that still stops it."""
+    import pyarrow as pa
+
+    from batch.ingest_lake import ConcurrentIngestError, PositionedTable
+    from lambdalake.lake import QUARANTINE_SCHEMA
+
+    uri = str(tmp_path / "quarantine")
+    empty = pa.Table.from_batches([], schema=QUARANTINE_SCHEMA)
+    ours = PositionedTable.open(
+        uri, QUARANTINE_SCHEMA, ["orders"], partition_by=None, storage_options=None
+    )
+    ours.reload_every = 1
+    before = ours.table
+    ours.append(empty, {"orders": {0: 1}})
+    assert ours.table is not before and ours.version() == 1  # reloaded, at its own version
+    theirs = PositionedTable.open(
+        uri, QUARANTINE_SCHEMA, ["orders"], partition_by=None, storage_options=None
+    )
+    theirs.append(empty, {"orders": {0: 5}})
+    with pytest.raises(ConcurrentIngestError):
+        ours.append(empty, {"orders": {0: 3}})
+    assert ingest_positions(uri, "orders") == {0: 5}

@@ -362,16 +362,23 @@ def test_a_corrupt_last_batch_stops_ingest_with_one_line_then_passes_once_confir
     )
 
 
+def corrupt_last_batch(broker: EmbeddedBroker) -> int:
+    """Two batches on orders/0, the last one's CRC broken (nothing after it confirms its
+    extent); returns its base offset."""
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=50)
+    send_batch(producer, 0, 10)
+    poison_at = send_batch(producer, 10, 10)
+    producer.close()
+    corrupt_batch(broker, "orders", 0, poison_at, "flip")
+    return poison_at
+
+
 def test_the_speed_client_stops_at_an_unconfirmed_batch_without_reconnecting(
     fresh_broker: EmbeddedBroker, settings_for
 ) -> None:
     from speed.kafka_clients import KafkaPythonClient
 
-    producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=50)
-    send_batch(producer, 0, 10)
-    poison_at = send_batch(producer, 10, 10)
-    producer.close()
-    corrupt_batch(fresh_broker, "orders", 0, poison_at, "flip")
+    poison_at = corrupt_last_batch(fresh_broker)
 
     client = KafkaPythonClient(settings_for(fresh_broker))
     try:
@@ -397,11 +404,7 @@ def test_the_speed_status_says_why_polling_stopped(
     fresh_broker: EmbeddedBroker, settings_for
 ) -> None:
     """A halted partition is visible to the operator in the worker's status file."""
-    producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=50)
-    send_batch(producer, 0, 10)
-    poison_at = send_batch(producer, 10, 10)
-    producer.close()
-    corrupt_batch(fresh_broker, "orders", 0, poison_at, "flip")
+    poison_at = corrupt_last_batch(fresh_broker)
 
     settings = settings_for(fresh_broker)
     with worker_thread(settings):
