@@ -210,7 +210,7 @@ def test_the_stamp_counts_time_spent_in_the_kernel_before_the_server_read() -> N
     from serving.admission import kernel_age
 
     if sys.platform != "linux":
-        pytest.skip("TCP_INFO is Linux's")
+        pytest.skip(reason="TCP_INFO is Linux's")
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.create_connection(server.getsockname())
         try:
