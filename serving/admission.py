@@ -30,8 +30,9 @@ stays cheap exactly when the process is short of CPU. ``/health`` is never refus
 The arrival time comes from :class:`StampingHttpToolsProtocol`, uvicorn's
 httptools protocol with two additions: it stamps each request's scope with the time
 its bytes reached the machine, and counts the requests parsed but not yet started
-(:class:`Waiting`, one per server), to see whether others wait. On Linux that is the kernel's own figure (``TCP_INFO``'s
-``last_data_recv``, milliseconds since the socket last received data), so the time
+(:class:`Waiting`, one per server), to see whether others wait. On Linux the time
+is the kernel's own figure (``TCP_INFO``'s ``last_data_recv``, milliseconds since
+the socket last received data), so the time
 a request spent where the process cannot see it counts too: in the listen
 backlog before the connection was accepted, and in the socket buffer while the
 event loop was busy. Measured at 2x overload, that wait was seconds (the accept

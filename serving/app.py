@@ -218,8 +218,9 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
 
 
 # The standard library's event loop, not uvloop: under overload uvloop left new connections
-# in the accept queue for seconds (their requests then admitted on time by every count the
-# process can see), while asyncio accepts them within the batch. Measured at 4x the
+# in the accept queue for seconds (they trickled in a few at a time, never a backlog by the
+# waiting count, so they were answered late instead of shed), while asyncio accepts them
+# within the batch. Measured at 4x the
 # sustainable point-query rate: admitted p99 0.8-3.4 s with uvloop, 20 ms with asyncio, at
 # the same throughput (docs/serving.md).
 SERVING_LOOP = "asyncio"
