@@ -247,8 +247,7 @@ def _format_storage(jvm: Jvm, config_dir: Path, server_log: Path, timeout: float
         config_dir,
         "kafka.tools.StorageTool",
         "format",
-        "--cluster-id",
-        uuid_to_kafka_id(uuid.uuid4()),
+        f"--cluster-id={new_cluster_id()}",
         "--config",
         str(config_dir / "server.properties"),
     )
@@ -268,6 +267,19 @@ def uuid_to_kafka_id(value: uuid.UUID) -> str:
     import base64
 
     return base64.urlsafe_b64encode(value.bytes).decode().rstrip("=")
+
+
+def new_cluster_id() -> str:
+    """A random cluster id that no command line mistakes for an option.
+
+    One UUID in 64 encodes to a string starting with ``-``, which Kafka's tools parse as a
+    flag ("argument --cluster-id: expected one argument"); Kafka's own ``Uuid.randomUuid()``
+    draws again in that case, and so does this.
+    """
+    while True:
+        cluster_id = uuid_to_kafka_id(uuid.uuid4())
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 # --- the watchdog ----------------------------------------------------------------------------

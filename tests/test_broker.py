@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake import broker as broker_module
+from lambdalake.broker import EmbeddedBroker, free_port, new_cluster_id, uuid_to_kafka_id
 from lambdalake.kafka import end_offsets, topic_partitions
 from lambdalake.lake import Lake
 from lambdalake.manifest import ingest_positions
@@ -29,6 +30,19 @@ from tests.ingest_stream import (
     true_ends,
     wait_for_line,
 )
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kafka's tools read an id starting with '-' as an option, and formatting fails (one
+    fresh broker in 64 did, in CI); the id is drawn again, as Kafka's own Uuid does."""
+    import uuid
+
+    dashed = uuid.UUID(bytes=bytes([0xF8]) + bytes(15))
+    plain = uuid.UUID(bytes=bytes([0x10]) + bytes(15))
+    assert uuid_to_kafka_id(dashed).startswith("-")
+    draws = iter([dashed, dashed, plain])
+    monkeypatch.setattr(broker_module.uuid, "uuid4", lambda: next(draws))
+    assert new_cluster_id() == uuid_to_kafka_id(plain)
 
 
 def test_topics_exist_with_configured_partitions(broker: EmbeddedBroker) -> None:
