@@ -67,6 +67,7 @@ from batch.forecast_models import (
     statsforecast_model,
 )
 from lambdalake.calendar import nth_weekday
+from lambdalake.views import ALL, FORECAST_LEVELS, forecast_level
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -83,6 +84,8 @@ MODEL_FOURIER_ETS = "FourierETS"
 MODEL_LIGHTGBM = "LightGBM"
 SMOOTH_MODELS = DEFAULT_SMOOTH
 INTERMITTENT_MODELS = DEFAULT_INTERMITTENT
+LEVEL_NAMES = FORECAST_LEVELS
+RECONCILERS = ("BottomUp", "MinTrace_wls_struct")
 NATIVE_INTERVALS = {name for name, spec in BY_NAME.items() if spec.native_intervals}
 
 FORECAST_COLUMNS = [
@@ -139,8 +142,16 @@ class ForecastConfig:
     yearly_min_days: int = 400  # shorter histories get no yearly season
     lgb_trees: int = 200
     lgb_lags: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 14, 21, 28, 364)
+    # How the levels are made coherent: one of RECONCILERS, or "auto" (chosen on a holdout
+    # of the last ``horizon`` days, which costs a second forecast of every series).
+    reconcile: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.reconcile != "auto" and self.reconcile not in RECONCILERS:
+            raise ValueError(
+                f"reconcile must be 'auto' or one of {', '.join(RECONCILERS)}, "
+                f"not {self.reconcile!r}"
+            )
         check_names(self.smooth_models, "smooth")
         check_names(self.intermittent_models, "intermittent")
         if not self.smooth_models or not self.intermittent_models:
@@ -1121,10 +1132,6 @@ def forecast_series(
 
 # --- forecast levels: sku x store, sku, store, total; reconciled ------------------------------
 
-ALL = "*"  # the sku or store_id of an aggregate level's rows
-LEVEL_NAMES = ("sku_store", "sku", "store", "total")
-RECONCILERS = ("BottomUp", "MinTrace_wls_struct")
-
 
 @dataclass
 class LevelForecast:
@@ -1133,11 +1140,7 @@ class LevelForecast:
     holdout_mase: dict[str, float]  # each method's mean MASE over all nodes on the holdout
 
 
-def level_of(sku: str, store_id: str) -> str:
-    """The level of a row of the level forecasts (``ALL`` marks the summed-over key)."""
-    if sku == ALL:
-        return "total" if store_id == ALL else "store"
-    return "sku" if store_id == ALL else "sku_store"
+level_of = forecast_level
 
 
 def _nodes(bottom: pd.DataFrame) -> pd.DataFrame:
@@ -1227,54 +1230,88 @@ def _reconciled_with_bounds(base: pd.DataFrame, method: str) -> pd.DataFrame:
     return order_bounds(out)
 
 
+def holdout_parts(
+    nodes: pd.DataFrame, cut: date, cfg: ForecastConfig
+) -> tuple[pd.DataFrame, pd.Series]:
+    """What choosing a reconciliation needs of some nodes, computed where they are.
+
+    ``nodes``: daily units (``sku, store_id, date, units``). Returns the base forecasts made
+    at ``cut`` (``sku, store_id, ds, forecast``: the ``horizon`` days after it) and each
+    node's MASE scale (its history up to ``cut``), both per node, so buckets of nodes can
+    compute them apart and the driver join them.
+    """
+    past = nodes[pd.to_datetime(nodes["date"]) <= pd.Timestamp(cut)]
+    if past.empty:
+        return pd.DataFrame(columns=["sku", "store_id", "ds", "forecast"]), pd.Series(
+            dtype=np.float64
+        )
+    base = forecast_series(past, cut, cfg).forecasts
+    base = base.assign(ds=pd.to_datetime(base["date"]))[["sku", "store_id", "ds", "forecast"]]
+    dense = build_series(past, cut)
+    scales = {
+        (sku, store): _seasonal_scale(g["y"].to_numpy(np.float64), cfg.season_length)
+        for (sku, store), g in dense.groupby(["sku", "store_id"], sort=False)
+    }
+    return base, pd.Series(scales, dtype=np.float64)
+
+
+def choose_reconciler(
+    holdout: pd.DataFrame, held: pd.DataFrame, scales: pd.Series
+) -> tuple[str, dict[str, float]]:
+    """The reconciliation (of ``RECONCILERS``) with the lowest mean MASE over all nodes.
+
+    ``holdout``: every node's base forecasts made ``horizon`` days before the last date
+    (``sku, store_id, ds, forecast``); ``held``: the units sold on those days
+    (``sku, store_id, ds, units``; a missing day sold 0); ``scales``: each node's MASE
+    scale, indexed by ``(sku, store_id)``. Returns the method and every method's score.
+    """
+    if holdout.empty:
+        return "BottomUp", {}
+    actual = held.assign(ds=pd.to_datetime(held["ds"])).set_index(["sku", "store_id", "ds"])
+    base = holdout.assign(ds=pd.to_datetime(holdout["ds"]))
+    scores: dict[str, float] = {}
+    for method in RECONCILERS:
+        rec = reconcile(base, method)
+        y = actual["units"].reindex(pd.MultiIndex.from_frame(rec[["sku", "store_id", "ds"]]))
+        err = np.abs(y.fillna(0.0).to_numpy(np.float64) - rec["forecast"].to_numpy())
+        per = pd.Series(err).groupby([rec["sku"].to_numpy(), rec["store_id"].to_numpy()]).mean()
+        scores[method] = float((per / scales.reindex(per.index).fillna(1.0)).mean())
+    return min(scores, key=lambda m: scores[m]), scores
+
+
+def reconcile_levels(base: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Every node's forecasts (``FORECAST_COLUMNS``), reconciled by ``method``, with ``level``."""
+    base = base.assign(ds=pd.to_datetime(base["date"]))
+    out = _reconciled_with_bounds(base, method)
+    out["level"] = [level_of(s, t) for s, t in zip(out["sku"], out["store_id"], strict=True)]
+    return out[[*FORECAST_COLUMNS, "level"]].reset_index(drop=True)
+
+
 def forecast_levels(
     daily: pd.DataFrame, last_date: date, cfg: ForecastConfig | None = None
 ) -> LevelForecast:
     """Coherent forecasts of every level: each (sku, store), each sku, each store, the total.
 
     Every node is forecast by ``forecast_series`` (so aggregates get their own
-    seasonality), then reconciled. The reconciliation (``RECONCILERS``) is chosen
-    on a holdout: the same procedure run ``horizon`` days earlier, scored by the
-    mean MASE over all nodes. Rows of an aggregate level carry ``ALL`` (``"*"``)
-    as their ``sku`` and/or ``store_id``; ``level`` names the level.
+    seasonality), then reconciled. With ``cfg.reconcile == "auto"`` the reconciliation
+    (``RECONCILERS``) is chosen on a holdout: the same procedure run ``horizon`` days
+    earlier, scored by the mean MASE over all nodes. Rows of an aggregate level carry
+    ``ALL`` (``"*"``) as their ``sku`` and/or ``store_id``; ``level`` names the level.
+    The one-process form of what ``spark_forecast_levels`` does in Spark.
     """
     cfg = cfg or ForecastConfig()
     bottom = build_series(daily, last_date)
     if bottom.empty:
         return LevelForecast(pd.DataFrame(columns=[*FORECAST_COLUMNS, "level"]), "BottomUp", {})
     nodes = _nodes(bottom)
-    end = pd.Timestamp(last_date)
-    cut = end - pd.Timedelta(days=cfg.horizon)
-    scores: dict[str, float] = {}
-    past = nodes[pd.to_datetime(nodes["date"]) <= cut]
-    if not past.empty:
-        held = nodes[pd.to_datetime(nodes["date"]) > cut]
-        base = forecast_series(past, cut.date(), cfg).forecasts
-        base = base.assign(ds=pd.to_datetime(base["date"]))
-        actual = held.assign(ds=pd.to_datetime(held["date"])).set_index(["sku", "store_id", "ds"])
-        for method in RECONCILERS:
-            rec = reconcile(base[["sku", "store_id", "ds", "forecast"]], method)
-            y = actual["units"].reindex(pd.MultiIndex.from_frame(rec[["sku", "store_id", "ds"]]))
-            err = np.abs(y.fillna(0.0).to_numpy() - rec["forecast"].to_numpy())
-            scale = _node_scales(past, cfg)
-            per = pd.Series(err).groupby([rec["sku"].to_numpy(), rec["store_id"].to_numpy()]).mean()
-            scores[method] = float((per / scale.reindex(per.index).fillna(1.0)).mean())
-    method = min(scores, key=lambda m: scores[m]) if scores else "BottomUp"
+    method, scores = cfg.reconcile, {}
+    if cfg.reconcile == "auto":
+        cut = last_date - timedelta(days=cfg.horizon)
+        holdout, scales = holdout_parts(nodes, cut, cfg)
+        held = nodes[pd.to_datetime(nodes["date"]) > pd.Timestamp(cut)]
+        method, scores = choose_reconciler(holdout, held.rename(columns={"date": "ds"}), scales)
     base = forecast_series(nodes, last_date, cfg).forecasts
-    base = base.assign(ds=pd.to_datetime(base["date"]))
-    out = _reconciled_with_bounds(base, method)
-    out["level"] = [level_of(s, t) for s, t in zip(out["sku"], out["store_id"], strict=True)]
-    return LevelForecast(out[[*FORECAST_COLUMNS, "level"]].reset_index(drop=True), method, scores)
-
-
-def _node_scales(past: pd.DataFrame, cfg: ForecastConfig) -> pd.Series:
-    """MASE scale per node: mean absolute weekly difference of its history."""
-    out = {}
-    for key, g in past.groupby(["sku", "store_id"]):
-        out[key] = _seasonal_scale(
-            g.sort_values("date")["units"].to_numpy(np.float64), cfg.season_length
-        )
-    return pd.Series(out)
+    return LevelForecast(reconcile_levels(base, method), method, scores)
 
 
 # --- Spark ---------------------------------------------------------------------------------
@@ -1286,10 +1323,9 @@ _SPARK_OUT = (
 )
 
 
-def _udf_output(result: ForecastResult) -> pd.DataFrame:
-    fc = result.forecasts.assign(kind="forecast")
-    acc = result.accuracy.assign(kind="accuracy")
-    out = pd.concat([fc, acc], ignore_index=True)
+def _spark_rows(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """``frame``'s rows in the UDF's one output schema (``_SPARK_OUT``), tagged ``kind``."""
+    out = frame.assign(kind=kind)
     cols = [c.split()[0] for c in _SPARK_OUT.split(", ")]
     for c in cols:
         if c not in out.columns:
@@ -1298,30 +1334,115 @@ def _udf_output(result: ForecastResult) -> pd.DataFrame:
     return out[cols]
 
 
+def spark_nodes(daily_sales: DataFrame, last_date: date) -> DataFrame:
+    """Daily units of every node of the hierarchy (``sku, store_id, date, units``): each
+    (sku, store) series up to ``last_date``, and their sums per sku (``store_id = ALL``),
+    per store (``sku = ALL``) and in total. Days without sales are absent, as in the view."""
+    from pyspark.sql import functions as F
+
+    d = daily_sales.where(F.col("date") <= F.lit(last_date)).select(
+        "sku", "store_id", "date", F.greatest(F.col("units"), F.lit(0)).alias("units")
+    )
+    total = F.sum("units").alias("units")
+    cols = ["sku", "store_id", "date", "units"]
+    return (
+        d.unionByName(
+            d.groupBy("sku", "date").agg(total).withColumn("store_id", F.lit(ALL)).select(*cols)
+        )
+        .unionByName(
+            d.groupBy("store_id", "date").agg(total).withColumn("sku", F.lit(ALL)).select(*cols)
+        )
+        .unionByName(
+            d.groupBy("date")
+            .agg(total)
+            .select(F.lit(ALL).alias("sku"), F.lit(ALL).alias("store_id"), "date", "units")
+        )
+    )
+
+
+def spark_level_column(sku: str = "sku", store_id: str = "store_id") -> Any:
+    """``level_of`` as a Spark column expression."""
+    from pyspark.sql import functions as F
+
+    return (
+        F.when(F.col(sku) == ALL, F.when(F.col(store_id) == ALL, "total").otherwise("store"))
+        .when(F.col(store_id) == ALL, "sku")
+        .otherwise("sku_store")
+    )
+
+
 def spark_forecast(
-    daily_sales: DataFrame,
+    nodes: DataFrame,
     last_date: date,
     cfg: ForecastConfig | None = None,
     *,
     buckets: int,
 ) -> DataFrame:
-    """Forecast every series of ``daily_sales`` (the view) in Spark.
+    """Forecast every node of ``nodes`` (``spark_nodes``) in Spark.
 
-    Series are hashed into ``buckets`` groups; each group runs ``forecast_series``
-    in a Python worker. Returns one frame with a ``kind`` column: ``forecast``
-    rows (FORECAST_COLUMNS) and ``accuracy`` rows (ACCURACY_COLUMNS).
+    Nodes are hashed into ``buckets`` groups; each group runs ``forecast_series`` in a
+    Python worker. Returns one frame with a ``kind`` column: ``forecast`` rows
+    (FORECAST_COLUMNS), ``accuracy`` rows (ACCURACY_COLUMNS) and, when the reconciliation
+    is chosen on a holdout (``cfg.reconcile == "auto"``), ``holdout`` rows (the forecasts
+    made ``horizon`` days earlier) and ``scale`` rows (each node's MASE scale, in
+    ``forecast``): the driver reconciles them with ``reconcile_collected``.
     """
     from pyspark.sql import functions as F
 
     cfg = cfg or ForecastConfig()
+    cut = last_date - timedelta(days=cfg.horizon) if cfg.reconcile == "auto" else None
 
     def run(pdf: pd.DataFrame) -> pd.DataFrame:
-        return _udf_output(forecast_series(pdf.drop(columns="bucket"), last_date, cfg))
+        series = pdf.drop(columns="bucket")
+        result = forecast_series(series, last_date, cfg)
+        parts = [
+            _spark_rows(result.forecasts, "forecast"),
+            _spark_rows(result.accuracy, "accuracy"),
+        ]
+        if cut is not None:
+            base, scales = holdout_parts(series, cut, cfg)
+            parts.append(_spark_rows(base.assign(date=base["ds"].dt.date), "holdout"))
+            keys = pd.DataFrame(list(scales.index), columns=["sku", "store_id"])
+            parts.append(_spark_rows(keys.assign(forecast=scales.to_numpy()), "scale"))
+        return pd.concat([p for p in parts if not p.empty] or parts[:1], ignore_index=True)
 
     return (
-        daily_sales.select("sku", "store_id", "date", "units")
+        nodes.select("sku", "store_id", "date", "units")
         .withColumn("bucket", F.pmod(F.xxhash64("sku", "store_id"), F.lit(buckets)))
         .repartition(buckets, "bucket")
         .groupBy("bucket")
         .applyInPandas(run, schema=_SPARK_OUT)
     )
+
+
+def reconcile_collected(
+    collected: pd.DataFrame, held: pd.DataFrame | None, cfg: ForecastConfig
+) -> LevelForecast:
+    """The driver's half of ``spark_forecast``: choose the reconciliation and apply it.
+
+    ``collected``: its ``forecast`` rows (and ``holdout`` and ``scale`` rows with
+    ``cfg.reconcile == "auto"``); ``held``: the nodes' units after the holdout's cut
+    (``sku, store_id, date, units``), needed with ``auto`` only.
+    """
+    kind = collected["kind"]
+    method, scores = cfg.reconcile, {}
+    if cfg.reconcile == "auto":
+        holdout = collected[kind == "holdout"]
+        holdout = holdout.assign(ds=pd.to_datetime(holdout["date"]))
+        sc = collected[kind == "scale"]
+        scales = pd.Series(
+            sc["forecast"].to_numpy(np.float64),
+            index=pd.MultiIndex.from_frame(sc[["sku", "store_id"]]),
+        )
+        held = (
+            held if held is not None else pd.DataFrame(columns=["sku", "store_id", "date", "units"])
+        )
+        method, scores = choose_reconciler(
+            holdout[["sku", "store_id", "ds", "forecast"]],
+            held.rename(columns={"date": "ds"}),
+            scales,
+        )
+    base = collected[kind == "forecast"][FORECAST_COLUMNS]
+    if base.empty:
+        return LevelForecast(pd.DataFrame(columns=[*FORECAST_COLUMNS, "level"]), method, scores)
+    return LevelForecast(reconcile_levels(base, method), method, scores)

@@ -103,6 +103,7 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
             _f("lower_95", pa.float64()),
             _f("upper_95", pa.float64()),
             _f("model", pa.string()),
+            _f("level", pa.string()),
             _f("run_id", pa.string()),
         ]
     ),
@@ -116,6 +117,7 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
             _f("coverage_80", pa.float64()),
             _f("coverage_95", pa.float64()),
             _f("n_train_days", pa.int32()),
+            _f("level", pa.string()),
             _f("run_id", pa.string()),
         ]
     ),

@@ -10,7 +10,8 @@ calls. Stages, each logged with its counts and seconds:
 ``sentiment_train``  the sentiment model from star ratings (or the lexicon), saved
 ``review_scores``    every review scored in Spark with the broadcast model
 ``sentiment_by_sku`` ``lambdalake.views.SENTIMENT`` over the scores
-``forecast``         per-series model choice, 28-day forecasts and backtest accuracy
+``forecast``         28-day forecasts of every level (sku x store, sku, store, total), backtest
+                     accuracy, reconciled so that the levels add up
 ``publish``          the ``published`` row in ``runs``
 
 Each view is committed to Delta (by delta-spark) as soon as it is computed, but readers serve
@@ -26,10 +27,17 @@ import math
 import re
 import time
 import traceback
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from batch.forecast import ACCURACY_COLUMNS, FORECAST_COLUMNS, ForecastConfig, spark_forecast
+from batch.forecast import (
+    ACCURACY_COLUMNS,
+    ForecastConfig,
+    reconcile_collected,
+    spark_forecast,
+    spark_level_column,
+    spark_nodes,
+)
 from batch.progress import Stages, spark_progress
 from batch.publish import RunIdentity, append_run, write_view
 from batch.sentiment_train import TrainConfig, train_sentiment
@@ -67,6 +75,11 @@ STAGES = (
     "publish",
 )
 SERIES_PER_BUCKET = 50
+# The reconciled forecasts as the driver hands them back to Spark (``reconcile_levels``).
+LEVEL_FORECAST_SCHEMA = (
+    "sku string, store_id string, date date, forecast double, lower_80 double, "
+    "upper_80 double, lower_95 double, upper_95 double, model string, level string"
+)
 
 
 class InjectedFailure(RuntimeError):
@@ -148,11 +161,13 @@ def forecast_frames(
     run_id: str,
     info: dict[str, Any],
     persist: Any,
-) -> tuple[DataFrame, DataFrame]:
-    """Forecast every series of ``daily`` (computed once, with a progress bar).
+) -> tuple[DataFrame, DataFrame, str]:
+    """Forecast every level of the hierarchy from ``daily`` (with a progress bar), coherent.
 
-    Returns the ``demand_forecast`` and ``forecast_accuracy`` rows (with ``run_id``);
-    ``info`` receives the stage's counts.
+    Each (sku, store) series, each SKU over all stores, each store over all SKUs and the
+    total are forecast in Spark, then reconciled on the driver (the forecasts are a few
+    rows per series). Returns the ``demand_forecast`` and ``forecast_accuracy`` rows (with
+    ``level`` and ``run_id``) and the reconciliation used; ``info`` receives the counts.
     """
     from pyspark.sql import functions as F
 
@@ -163,21 +178,42 @@ def forecast_frames(
         F.max(F.when(F.col("date") <= F.lit(today), F.col("date"))),
         F.countDistinct("sku", "store_id"),
     ).collect()[0]
+    last = last or date(1970, 1, 1)
+    nodes = persist(spark_nodes(daily, last))
+    n_nodes = nodes.select("sku", "store_id").distinct().count()
     parallelism = spark.sparkContext.defaultParallelism
     # About SERIES_PER_BUCKET series per Python call, and at least two tasks per core.
-    buckets = max(1, min(n_series, max(2 * parallelism, math.ceil(n_series / SERIES_PER_BUCKET))))
-    result = persist(spark_forecast(daily, last or date(1970, 1, 1), cfg, buckets=buckets))
+    buckets = max(1, min(n_nodes, max(2 * parallelism, math.ceil(n_nodes / SERIES_PER_BUCKET))))
+    result = persist(spark_forecast(nodes, last, cfg, buckets=buckets))
     t0 = time.perf_counter()
     with spark_progress(spark, f"forecast-{run_id}", "forecast", log, unit="task"):
         result.count()
     seconds = time.perf_counter() - t0
+    held = None
+    if cfg.reconcile == "auto":
+        cut = last - timedelta(days=cfg.horizon)
+        held = nodes.where(F.col("date") > F.lit(cut)).toPandas()
+    collected = result.where("kind <> 'accuracy'").toPandas()
+    t1 = time.perf_counter()
+    levels = reconcile_collected(collected, held, cfg)
     info["series"] = n_series
+    info["nodes"] = n_nodes
     info["buckets"] = buckets
-    info["series_per_second"] = int(n_series / seconds) if seconds > 0 else 0
+    info["series_per_second"] = int(n_nodes / seconds) if seconds > 0 else 0
+    info["reconcile"] = levels.method
+    info["reconcile_seconds"] = round(time.perf_counter() - t1, 3)
+    for method, score in levels.holdout_mase.items():
+        info[f"holdout_mase_{method}"] = round(score, 4)
     run_col = F.lit(run_id)
-    fc = result.where("kind = 'forecast'").select(*FORECAST_COLUMNS).withColumn("run_id", run_col)
-    acc = result.where("kind = 'accuracy'").select(*ACCURACY_COLUMNS).withColumn("run_id", run_col)
-    return fc, acc
+    fc = spark.createDataFrame(levels.forecasts, schema=LEVEL_FORECAST_SCHEMA)
+    fc = fc.withColumn("run_id", run_col)
+    acc = (
+        result.where("kind = 'accuracy'")
+        .select(*ACCURACY_COLUMNS)
+        .withColumn("level", spark_level_column())
+        .withColumn("run_id", run_col)
+    )
+    return fc, acc, levels.method
 
 
 def _training_sample(reviews: DataFrame, n_reviews: int, cap: int) -> Any:
@@ -300,7 +336,7 @@ def run_batch(
         _check_injection("sentiment_by_sku", fail_after_stage)
 
         with stages.stage("forecast") as info:
-            fc, acc = forecast_frames(session, daily, fcfg, run.run_id, info, persist)
+            fc, acc, method = forecast_frames(session, daily, fcfg, run.run_id, info, persist)
             files = max(1, session.sparkContext.defaultParallelism)
             version, rows = write_view(fc, lake, VIEW_DEMAND_FORECAST, run, files=files)
             record.view_versions[VIEW_DEMAND_FORECAST] = version
@@ -308,7 +344,7 @@ def run_batch(
             version, rows = write_view(acc, lake, VIEW_FORECAST_ACCURACY, run, files=1)
             record.view_versions[VIEW_FORECAST_ACCURACY] = version
             record.row_counts[VIEW_FORECAST_ACCURACY] = rows
-            record.model_versions["forecast"] = _forecast_version(fcfg)
+            record.model_versions["forecast"] = f"{_forecast_version(fcfg)}/levels:{method}"
         _check_injection("forecast", fail_after_stage)
 
         with stages.stage("publish"):

@@ -474,6 +474,33 @@ def _check_forecast(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]
             f"{L.VIEW_DEMAND_FORECAST}: {n} row(s) with bounds out of order "
             f"({' <= '.join(FORECAST_BOUNDS)})"
         )
+    if "level" in cols:
+        failures += _check_forecast_levels(pinned, a)
+    return failures
+
+
+def _check_forecast_levels(pinned: _Pinned, a: str) -> list[str]:
+    """The levels add up: each SKU's, each store's and the total forecast equal the sum of
+    their (sku, store) series, day by day (relative tolerance 1e-6)."""
+    from lambdalake import lake as L
+
+    failures = []
+    for level, keys in (("sku", "sku"), ("store", "store_id"), ("total", "NULL")):
+        (n,) = pinned.one(
+            f"""
+            SELECT count(*) FROM (
+                SELECT {keys} AS k, date, sum(forecast) AS summed FROM {a}
+                WHERE level = 'sku_store' GROUP BY ALL
+            ) b JOIN (SELECT {keys} AS k, date, forecast FROM {a} WHERE level = '{level}') t
+            ON b.k IS NOT DISTINCT FROM t.k AND b.date = t.date
+            WHERE abs(t.forecast - b.summed) > 1e-6 * greatest(1.0, abs(b.summed))
+            """
+        )
+        if n:
+            failures.append(
+                f"{L.VIEW_DEMAND_FORECAST}: {n} {level}-level row(s) that are not the sum of "
+                "their (sku, store) forecasts"
+            )
     return failures
 
 

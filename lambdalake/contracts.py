@@ -101,11 +101,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lambdalake.views import ALL
+
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 # Limits that are part of the contract.
 MAX_TEXT_CHARS = 20_000
 MAX_ID_CHARS = 256
+# Forecast rows of an aggregate level carry it as the key they sum over (lambdalake.views.ALL).
+RESERVED_ID = ALL
 MAX_TITLE_CHARS = 1_000
 MAX_ABS_QUANTITY = 1_000_000
 MAX_UNIT_PRICE = 1_000_000_000.0
@@ -363,7 +367,7 @@ def _check_field(kind: str, v: Any, latest_us: int) -> Any:
     if kind == _ID:
         if not isinstance(v, str):
             raise _Reject("wrong_type")
-        if not 1 <= len(v) <= MAX_ID_CHARS:
+        if not 1 <= len(v) <= MAX_ID_CHARS or v == RESERVED_ID:
             raise _Reject("out_of_range")
         return v
     if kind == _TIME:
@@ -563,7 +567,8 @@ def _field_reason_value_sql(name: str, kind: str) -> tuple[str, str]:
     if kind == _ID:
         reason = (
             f"CASE WHEN {miss} THEN {missing} WHEN {v} IS NULL THEN {wrong} "
-            f"WHEN length({v}) NOT BETWEEN 1 AND {MAX_ID_CHARS} THEN {out_of_range} END"
+            f"WHEN length({v}) NOT BETWEEN 1 AND {MAX_ID_CHARS} OR {v} = '{RESERVED_ID}' "
+            f"THEN {out_of_range} END"
         )
         return reason, v
     if kind == _TIME:

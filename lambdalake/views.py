@@ -195,3 +195,23 @@ SENTIMENT = ViewDef(
 )
 
 VIEWS = {v.name: v for v in (SALES, SENTIMENT)}
+
+# --- forecast levels --------------------------------------------------------------------------
+
+# The batch layer forecasts every level analysts plan at, reconciled so that they add up:
+# each (sku, store), each SKU over all stores, each store over all SKUs, and the total. A row
+# of an aggregate level carries ``ALL`` as the key it sums over; ``ALL`` is therefore not a
+# valid id in events (the validator rejects it as ``out_of_range``).
+ALL = "*"
+FORECAST_LEVELS = ("sku_store", "sku", "store", "total")
+
+
+def forecast_level(sku: str, store_id: str) -> str:
+    """The level of a forecast row, from its keys.
+
+    >>> forecast_level("SKU-1", "S001"), forecast_level("SKU-1", ALL), forecast_level(ALL, ALL)
+    ('sku_store', 'sku', 'total')
+    """
+    if sku == ALL:
+        return "total" if store_id == ALL else "store"
+    return "sku" if store_id == ALL else "sku_store"

@@ -44,7 +44,7 @@ from lambdalake.lake import (
 from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.settings import Settings
-from lambdalake.views import SALES, SENTIMENT
+from lambdalake.views import ALL, SALES, SENTIMENT
 from serving.series import SeriesCache
 from serving.tables import IndexedTable, merge_partials, select
 
@@ -151,18 +151,39 @@ class BatchSnapshot:
     def sentiment(self, sku: str | None) -> list[dict[str, Any]]:
         return merge_partials(self.tables["sentiment"].rows(sku), ["sku"], SENTIMENT)
 
-    def accuracy(self, sku: str, store_id: str | None) -> list[dict[str, Any]]:
-        """The backtest of each forecast series of ``sku`` (one store's, or every store's)."""
+    def accuracy(self, sku: str, store_id: str) -> list[dict[str, Any]]:
+        """The backtest of one forecast series (``ALL`` for a key an aggregate sums over)."""
         table = select(self.tables["accuracy"].rows(sku), ("store_id", "equal", store_id))
+        return table.to_pylist()
+
+    def bottom_accuracy(self, sku: str) -> list[dict[str, Any]]:
+        """The backtest of each (sku, store) series of ``sku``, by store."""
+        table = select(self.tables["accuracy"].rows(sku), ("store_id", "not_equal", ALL))
         return table.sort_by([("store_id", "ascending")]).to_pylist()
+
+    def forecast_node(
+        self, sku: str, store_id: str, *, first: Any, last: Any
+    ) -> list[dict[str, Any]]:
+        """One forecast series' rows by date: a (sku, store), or an aggregate level's node
+        (``ALL`` for the key it sums over)."""
+        table = select(
+            self.tables["forecast"].rows(sku),
+            ("store_id", "equal", store_id),
+            ("date", "greater_equal", first),
+            ("date", "less_equal", last),
+        )
+        return table.sort_by([("date", "ascending")]).to_pylist()
 
     def forecast(
         self, sku: str | None, *, store_id: str | None, first: Any, last: Any
     ) -> list[dict[str, Any]]:
-        """Forecast rows (sku, store_id, date, forecast, bounds, model), sorted."""
+        """Forecast rows of (sku, store) series (``None``: any), sorted by sku, store, date;
+        aggregate levels' rows are not among them."""
         table = self.tables["forecast"].rows(sku)
         table = select(
             table,
+            ("sku", "not_equal", ALL),
+            ("store_id", "not_equal", ALL),
             ("date", "greater_equal", first),
             ("date", "less_equal", last),
             ("store_id", "equal", store_id),

@@ -90,7 +90,8 @@ class SeriesAccuracy(BaseModel):
     """How one forecast series scored on the batch layer's backtest (rolling origins on
     its own history, before the forecast was made)."""
 
-    store_id: str
+    sku: str = Field(description="The SKU, or `*` for a series over all SKUs.")
+    store_id: str = Field(description="The store, or `*` for a series over all stores.")
     model: str | None = Field(description="The model that forecasts this series.")
     mase: float | None = Field(
         description="Backtest MASE: mean absolute error over the mean absolute weekly "
@@ -112,9 +113,11 @@ class ForecastAnswer(Answer):
             "example": {
                 "sku": "SKU-00001",
                 "store_id": "S001",
+                "level": "sku_store",
                 "model": "FourierETS+LightGBM",
                 "accuracy": [
                     {
+                        "sku": "SKU-00001",
                         "store_id": "S001",
                         "model": "FourierETS+LightGBM",
                         "mase": 0.71,
@@ -141,13 +144,18 @@ class ForecastAnswer(Answer):
         }
     )
 
-    sku: str
+    sku: str | None = Field(description="The SKU, or null for the sum over SKUs.")
     store_id: str | None = Field(description="The store, or null for the sum over stores.")
+    level: str = Field(
+        description="The level of the hierarchy answered: `sku_store`, `sku` (one SKU over "
+        "all stores), `store` (one store over all SKUs) or `total`. The levels are "
+        "reconciled: a SKU's forecast is the sum of its stores', day by day."
+    )
     model: str | None = Field(description="The model the batch layer chose (null: no forecast).")
     accuracy: list[SeriesAccuracy] = Field(
         default_factory=list,
-        description="The backtest of each series behind the answer: the store's, or every "
-        "store's for a SKU over all stores (empty: no forecast).",
+        description="The backtest of the series answered (its own model, forecast before "
+        "reconciliation; empty: no forecast).",
     )
     points: list[ForecastPoint]
     actuals: list[ActualPoint] = Field(description="Merged daily units of recent days.")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
+from lambdalake.views import ALL
+
 Granularity = Literal["day", "hour"]
 
 # Result-size caps: an answer never carries more points than these.
@@ -172,6 +174,8 @@ def check_id(value: str | None, name: str) -> str | None:
         raise InvalidParameter(name, "empty; omit it to mean all, or send an id")
     if len(value) > MAX_ID_CHARS:
         raise InvalidParameter(name, f"longer than {MAX_ID_CHARS} characters")
+    if value == ALL:
+        raise InvalidParameter(name, f"'{ALL}' is not an id; omit {name} to mean all")
     return value
 
 

@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from lambdalake.settings import Settings
-from lambdalake.views import SALES, SENTIMENT
+from lambdalake.views import ALL, SALES, SENTIMENT, forecast_level
 from serving.batch import BatchCache, BatchSnapshot, HourlyMissing
 from serving.models import (
     ActualPoint,
@@ -234,17 +234,19 @@ class QueryService:
     # --- forecast -----------------------------------------------------------------------
 
     def forecast(
-        self, *, sku: str, store_id: str | None, horizon: int, actuals_days: int
+        self, *, sku: str | None, store_id: str | None, horizon: int, actuals_days: int
     ) -> ForecastAnswer:
+        """The forecast of one node of the hierarchy: a SKU at a store, a SKU over all stores
+        (``store_id`` None), a store over all SKUs (``sku`` None) or the total (both None)."""
         today = self.today()
         first = today - timedelta(days=actuals_days - 1)
         last = today + timedelta(days=horizon - 1)
         start_ts = datetime(first.year, first.month, first.day, tzinfo=UTC)
         today_ts = datetime(today.year, today.month, today.day, tzinfo=UTC)
+        node = (sku or ALL, store_id or ALL)
 
         def compute(snap: BatchSnapshot) -> tuple[tuple, SpeedResult]:
-            points, model = self._forecast_points(snap, sku, store_id, first, last)
-            accuracy = [SeriesAccuracy(**row) for row in snap.accuracy(sku, store_id)]
+            points, model, accuracy = self._forecast_points(snap, node, first, last)
             acc, speed = self._sales_rows(
                 snap,
                 granularity="day",
@@ -261,8 +263,9 @@ class QueryService:
         return ForecastAnswer(
             sku=sku,
             store_id=store_id,
+            level=forecast_level(*node),
             model=model,
-            accuracy=accuracy,
+            accuracy=[SeriesAccuracy(**row) for row in accuracy],
             points=points,
             actuals=[
                 ActualPoint(date=key[0], units=int(row["units"] or 0))
@@ -275,10 +278,16 @@ class QueryService:
 
     @staticmethod
     def _forecast_points(
-        snap: BatchSnapshot, sku: str, store_id: str | None, first: date, last: date
-    ) -> tuple[list[ForecastPoint], str | None]:
-        rows = snap.forecast(sku, store_id=store_id, first=first, last=last)
-        if store_id is not None:
+        snap: BatchSnapshot, node: tuple[str, str], first: date, last: date
+    ) -> tuple[list[ForecastPoint], str | None, list[dict[str, Any]]]:
+        """Points, model and backtest of ``node``: the run's own forecast of it, with bounds.
+
+        A run from before forecast levels has only (sku, store) series: an aggregate is then
+        their sum, without bounds (quantiles of a sum are not sums of quantiles).
+        """
+        sku, store_id = node
+        rows = snap.forecast_node(sku, store_id, first=first, last=last)
+        if rows or forecast_level(sku, store_id) == "sku_store":
             points = [
                 ForecastPoint(
                     date=r["date"].isoformat(),
@@ -290,14 +299,20 @@ class QueryService:
                 )
                 for r in rows
             ]
-            return points, (rows[0]["model"] if rows else None)
-        # All stores: point forecasts add up; interval bounds do not, so they are left out.
+            return points, (rows[0]["model"] if rows else None), snap.accuracy(sku, store_id)
+        rows = snap.forecast(
+            None if sku == ALL else sku,
+            store_id=None if store_id == ALL else store_id,
+            first=first,
+            last=last,
+        )
         by_date: dict[date, float] = {}
         for r in rows:
             by_date[r["date"]] = by_date.get(r["date"], 0.0) + r["forecast"]
         models = sorted({r["model"] for r in rows if r["model"]})
         points = [ForecastPoint(date=d.isoformat(), forecast=f) for d, f in sorted(by_date.items())]
-        return points, ("+".join(models) or None)
+        accuracy = snap.bottom_accuracy(sku) if store_id == ALL and sku != ALL else []
+        return points, ("+".join(models) or None), accuracy
 
     # --- sentiment ----------------------------------------------------------------------
 

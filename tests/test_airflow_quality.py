@@ -50,6 +50,7 @@ from lambdalake.manifest import (
     read_runs,
 )
 from lambdalake.settings import Settings
+from lambdalake.views import forecast_level
 
 T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
 ORDERS, DUPLICATES, REVIEWS = 40, 5, 12
@@ -125,26 +126,32 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
         ]
     )
     series = sorted({(k, s) for (_, s, k) in sales})
+    # Every level: each series forecasts 3 a day; a SKU, a store and the total their sums.
+    nodes = {(k, s): 3.0 for k, s in series}
+    for k, s in series:
+        for node in ((k, "*"), ("*", s), ("*", "*")):
+            nodes[node] = nodes.get(node, 0.0) + 3.0
     forecast = pa.Table.from_pylist(
         [
             {
                 "sku": k,
                 "store_id": s,
                 "date": date(2026, 11, 10) + timedelta(days=h),
-                "forecast": 3.0,
-                "lower_80": 2.0,
-                "upper_80": 4.0,
-                "lower_95": 1.0,
-                "upper_95": 5.0,
+                "forecast": f,
+                "lower_80": 2.0 / 3 * f,
+                "upper_80": 4.0 / 3 * f,
+                "lower_95": 1.0 / 3 * f,
+                "upper_95": 5.0 / 3 * f,
                 "model": "AutoETS",
+                "level": forecast_level(k, s),
                 "run_id": "x",
             }
-            for k, s in series
+            for (k, s), f in sorted(nodes.items())
             for h in range(3)
         ]
     )
     accuracy = pa.Table.from_pylist(
-        [{"sku": k, "store_id": s, "model": "AutoETS", "mase": 0.9} for k, s in series]
+        [{"sku": k, "store_id": s, "model": "AutoETS", "mase": 0.9} for k, s in sorted(nodes)]
     )
     scores = [
         {
@@ -235,8 +242,16 @@ def _bad_forecast_negative(views):
 def _bad_forecast_bounds(views):
     t = views[VIEW_DEMAND_FORECAST]
     up = t.column("upper_80").to_pylist()
-    up[1] = 2.5  # below the forecast of 3.0
+    up[1] = 2.5  # below the forecast of its row
     return {**views, VIEW_DEMAND_FORECAST: _with_column(t, "upper_80", up)}
+
+
+def _bad_forecast_levels(views):
+    t = views[VIEW_DEMAND_FORECAST]
+    f = t.column("forecast").to_pylist()
+    i = t.column("level").to_pylist().index("store")
+    f[i] *= 1.1  # inside its bounds, but no longer the sum of the store's series
+    return {**views, VIEW_DEMAND_FORECAST: _with_column(t, "forecast", f)}
 
 
 def _bad_null_key(views):
@@ -266,6 +281,7 @@ def _bad_double_counted_reviews(views):
     [
         (_bad_forecast_negative, "negative forecast"),
         (_bad_forecast_bounds, "bounds out of order"),
+        (_bad_forecast_levels, "1 store-level row(s) that are not the sum"),
         (_bad_null_key, "null key"),
         (_bad_lost_rows, "order lines, the run read 40 orders"),
         (_bad_hourly_lost_rows, "hourly_sales: 39 order lines, the run read 40 orders"),

@@ -215,19 +215,25 @@ def test_review_scores_equal_what_the_published_model_scores(published):
     assert {r[3] for r in rows} == {model.version}
 
 
-def test_forecast_views_cover_every_series_with_ordered_bounds(published):
+def test_forecast_views_cover_every_level_with_ordered_bounds(published):
     lake, run, _, _ = published
     con = duck(lake, run)
-    n_series = con.execute(
-        "SELECT count(*) FROM (SELECT DISTINCT sku, store_id FROM daily_sales)"
-    ).fetchall()[0][0]
+    n_series, n_skus, n_stores = con.execute(
+        "SELECT count(DISTINCT (sku, store_id)), count(DISTINCT sku), count(DISTINCT store_id) "
+        "FROM daily_sales"
+    ).fetchall()[0]
     last = con.execute("SELECT max(date) FROM daily_sales").fetchall()[0][0]
     per_series = con.execute(
-        "SELECT count(*), min(date), max(date) FROM demand_forecast GROUP BY sku, store_id"
+        "SELECT level, count(*), min(date), max(date) FROM demand_forecast "
+        "GROUP BY level, sku, store_id"
     ).fetchall()
-    assert len(per_series) == n_series
+    levels = {}
+    for level, *_ in per_series:
+        levels[level] = levels.get(level, 0) + 1
+    assert levels == {"sku_store": n_series, "sku": n_skus, "store": n_stores, "total": 1}
     assert all(
-        n == 28 and (lo - last).days == 1 and (hi - last).days == 28 for n, lo, hi in per_series
+        n == 28 and (lo - last).days == 1 and (hi - last).days == 28
+        for _, n, lo, hi in per_series
     )
     bad = con.execute(
         """
@@ -242,12 +248,40 @@ def test_forecast_views_cover_every_series_with_ordered_bounds(published):
         "SELECT count(*), count(DISTINCT (sku, store_id)), min(n_train_days), "
         "count(*) FILTER (WHERE mase IS NULL) FROM forecast_accuracy"
     ).fetchall()[0]
-    assert acc[0] == acc[1] == n_series
+    assert acc[0] == acc[1] == n_series + n_skus + n_stores + 1
     assert acc[2] >= 70 and acc[3] == 0  # 84 days of history: every series backtested
     models = {m for (m,) in con.execute("SELECT DISTINCT model FROM forecast_accuracy").fetchall()}
     # A registered model, or the default ensemble of the smooth tier: never the untested mean.
     cfg = ForecastConfig()
     assert models <= set(BY_NAME) | {cfg.ensemble_name}
+
+
+def test_published_forecast_levels_add_up(published):
+    """Each SKU's, each store's and the total forecast are the sums of their (sku, store)
+    series, day by day; the aggregate rows carry '*' for the key they sum over."""
+    lake, run, _, _ = published
+    con = duck(lake, run)
+    for level, key, other in (("sku", "sku", "store_id"), ("store", "store_id", "sku")):
+        rows = con.execute(
+            f"""
+            SELECT count(*), max(abs(t.forecast - b.s) / greatest(1, b.s)),
+                   count(*) FILTER (WHERE t.{other} <> '*')
+            FROM (SELECT {key}, date, sum(forecast) s FROM demand_forecast
+                  WHERE level = 'sku_store' GROUP BY ALL) b
+            JOIN (SELECT * FROM demand_forecast WHERE level = '{level}') t USING ({key}, date)
+            """
+        ).fetchall()[0]
+        assert rows[0] > 0 and rows[1] < 1e-9 and rows[2] == 0, (level, rows)
+    n, worst = con.execute(
+        """
+        SELECT count(*), max(abs(t.forecast - b.s) / greatest(1, b.s))
+        FROM (SELECT date, sum(forecast) s FROM demand_forecast WHERE level = 'sku_store'
+              GROUP BY ALL) b
+        JOIN (SELECT * FROM demand_forecast WHERE sku = '*' AND store_id = '*') t USING (date)
+        """
+    ).fetchall()[0]
+    assert n == 28 and worst < 1e-9
+    assert "/levels:" in run.model_versions["forecast"]
 
 
 def test_run_record_lists_the_pin_watermark_views_and_models(published):

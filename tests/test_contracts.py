@@ -197,6 +197,9 @@ INVALID_ORDERS = [
     ("sku null", message("orders", sku=None), "missing_field:sku"),
     ("sku a bool", message("orders", sku=False), "wrong_type:sku"),
     ("sku empty", message("orders", sku=""), "out_of_range:sku"),
+    # '*' names "all" in forecast levels' rows, so it is no id.
+    ("sku '*'", message("orders", sku="*"), "out_of_range:sku"),
+    ("store_id '*'", message("orders", store_id="*"), "out_of_range:store_id"),
     ("quantity absent", message("orders", quantity=DROP), "missing_field:quantity"),
     ("quantity 5.0", message("orders", quantity=5.0), "wrong_type:quantity"),
     ("quantity a bool", message("orders", quantity=True), "wrong_type:quantity"),

@@ -222,7 +222,8 @@ def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
         parts.append(forecast_series(mine, LAST))
     exp_fc = pd.concat([p.forecasts for p in parts]).sort_values(["sku", "store_id", "date"])
     exp_acc = pd.concat([p.accuracy for p in parts]).set_index(["sku", "store_id"]).sort_index()
-    out = spark_forecast(sdf, LAST, buckets=buckets).toPandas()
+    out = spark_forecast(sdf, LAST, ForecastConfig(reconcile="BottomUp"), buckets=buckets)
+    out = out.toPandas()
     fc = out[out["kind"] == "forecast"].sort_values(["sku", "store_id", "date"])
     assert len(fc) == len(exp_fc) == 7 * HORIZON
     np.testing.assert_allclose(fc["forecast"].to_numpy(), exp_fc["forecast"].to_numpy(), rtol=1e-9)
@@ -272,8 +273,43 @@ def test_the_batch_forecast_origin_ignores_days_after_the_run_clock(spark):
     sdf = spark.createDataFrame(pd.concat([df, far], ignore_index=True))
     cfg = ForecastConfig(smooth_models=("SeasonalNaive",), intermittent_models=("SeasonalNaive",))
     info: dict = {}
-    fc, _ = forecast_frames(spark, sdf, cfg, "test-run", info, lambda d: d)
+    fc, _, _ = forecast_frames(spark, sdf, cfg, "test-run", info, lambda d: d)
     dates = fc.select("date").distinct().toPandas()["date"]
     assert dates.min() == end + timedelta(days=1)
     assert dates.max() == end + timedelta(days=HORIZON)
     assert info["series"] == 3
+    assert info["nodes"] == 3 + 3 + 1 + 1  # the series, each SKU, the one store, the total
+
+
+def test_spark_levels_equal_the_one_process_levels(spark):
+    """The batch run forecasts every level in Spark and reconciles on the driver: the same
+    reconciliation choice, holdout scores and coherent numbers as ``forecast_levels`` on the
+    same data (per-series members, so the split into buckets cannot change them)."""
+    from batch.forecast import forecast_levels
+    from batch.run import forecast_frames
+
+    rng = np.random.default_rng(21)
+    end = date.today() - timedelta(days=1)
+    values = {
+        (f"P{i}", f"S{j}"): _trend_seasonal(rng, 150, base=2 + 3 * i + j)
+        for i in range(3)
+        for j in range(2)
+    }
+    values[("Q0", "S0")] = _intermittent(rng, 150) + np.eye(1, 150, 0, dtype=np.int64)[0]
+    df = _frame(values, end)
+    cfg = ForecastConfig(smooth_models=("SeasonalNaive", "ETS_ANA"))
+    info: dict = {}
+    fc, acc, method = forecast_frames(spark, spark.createDataFrame(df), cfg, "t", info, lambda d: d)
+    pure = forecast_levels(df, end, cfg)
+    assert method == pure.method == info["reconcile"]
+    for name, score in pure.holdout_mase.items():
+        assert info[f"holdout_mase_{name}"] == pytest.approx(score, abs=1e-4)
+    keys = ["level", "sku", "store_id", "date"]
+    got = fc.toPandas().sort_values(keys).reset_index(drop=True)
+    want = pure.forecasts.sort_values(keys).reset_index(drop=True)
+    assert got[keys].astype(str).equals(want[keys].astype(str))
+    for col in ("forecast", "lower_80", "upper_80", "lower_95", "upper_95"):
+        np.testing.assert_allclose(got[col], want[col], rtol=1e-9, atol=1e-9)
+    assert info["nodes"] == 7 + 4 + 2 + 1
+    levels = acc.groupBy("level").count().toPandas().set_index("level")["count"].to_dict()
+    assert levels == {"sku_store": 7, "sku": 4, "store": 2, "total": 1}

@@ -36,6 +36,7 @@ from lambdalake.lake import (
 )
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord
 from lambdalake.settings import Settings
+from lambdalake.views import forecast_level
 from serving.app import create_app, running_server
 from serving.batch import VIEW_HOURLY_SALES
 
@@ -133,8 +134,32 @@ def hourly_sales(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
 FORECAST_DATES = [TODAY + timedelta(days=d) for d in range(-3, 10)]
 
 
-def forecast_table(run_id: str) -> pa.Table:
+# The aggregate levels' own forecasts (a run with forecast levels): SKU over stores, store over
+# SKUs, the total; each with bounds of its own, distinct from any sum of the bottom bounds.
+LEVEL_ROWS = {("A", "*"): 10.0, ("B", "*"): 80.0, ("*", "S1"): 45.0, ("*", "S2"): 45.0}
+LEVEL_ROWS[("*", "*")] = 90.0
+
+
+def forecast_table(run_id: str, *, levels: bool = False) -> pa.Table:
     rows = []
+    if levels:
+        for (sku, store), f in LEVEL_ROWS.items():
+            for d in FORECAST_DATES:
+                rows.append(
+                    {
+                        "sku": sku,
+                        "store_id": store,
+                        "date": d,
+                        "forecast": f,
+                        "lower_80": 0.8 * f,
+                        "upper_80": 1.2 * f,
+                        "lower_95": 0.7 * f,
+                        "upper_95": 1.3 * f,
+                        "model": "FourierETS+LightGBM",
+                        "level": forecast_level(sku, store),
+                        "run_id": run_id,
+                    }
+                )
     for sku in ("A", "B"):
         for store in STORES:
             for d in FORECAST_DATES:
@@ -152,15 +177,30 @@ def forecast_table(run_id: str) -> pa.Table:
                         "lower_95": lower,
                         "upper_95": upper,
                         "model": "AutoETS",
+                        **({"level": "sku_store"} if levels else {}),
                         "run_id": run_id,
                     }
                 )
     return pa.Table.from_pylist(rows)
 
 
-def accuracy_table(run_id: str) -> pa.Table:
+def accuracy_table(run_id: str, *, levels: bool = False) -> pa.Table:
     """One backtest row per forecast series; B/S2's MASE could not be computed (NaN)."""
-    rows = [
+    extra = [
+        {
+            "sku": sku,
+            "store_id": store,
+            "model": "FourierETS+LightGBM",
+            "mase": 0.25,
+            "smape": 10.0,
+            "coverage_80": 0.81,
+            "coverage_95": 0.96,
+            "n_train_days": 90,
+            "run_id": run_id,
+        }
+        for sku, store in (LEVEL_ROWS if levels else {})
+    ]
+    rows = extra + [
         {
             "sku": sku,
             "store_id": store,
@@ -213,15 +253,19 @@ def write_run(
     hourly_view: bool = False,
     status: str = "published",
     published_at: datetime | None = None,
+    levels: bool = False,
 ) -> RunRecord:
     """Write one run's views (appending a new version to each table) and its runs row."""
     mode = "overwrite" if (root / VIEW_DAILY_SALES).exists() else "error"
     master = pa.Table.from_pylist(orders, schema=MASTER_ORDERS_SCHEMA)
     write_deltalake(str(root / MASTER_ORDERS), master, mode=mode)
     write_deltalake(str(root / VIEW_DAILY_SALES), daily_sales(orders, run_id), mode=mode)
-    write_deltalake(str(root / VIEW_DEMAND_FORECAST), forecast_table(run_id), mode=mode)
+    forecast = forecast_table(run_id, levels=levels)
+    write_deltalake(str(root / VIEW_DEMAND_FORECAST), forecast, mode=mode)
     write_deltalake(str(root / VIEW_SENTIMENT_BY_SKU), sentiment_table(run_id), mode=mode)
-    write_deltalake(str(root / VIEW_FORECAST_ACCURACY), accuracy_table(run_id), mode=mode)
+    write_deltalake(
+        str(root / VIEW_FORECAST_ACCURACY), accuracy_table(run_id, levels=levels), mode=mode
+    )
 
     from deltalake import DeltaTable
 
@@ -471,8 +515,10 @@ def test_forecast_for_a_store_has_bounds_and_merged_actuals(api: httpx.Client, l
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["sku"] == "A" and body["store_id"] == "S1" and body["model"] == "AutoETS"
+    assert body["level"] == "sku_store"
     assert body["accuracy"] == [
         {
+            "sku": "A",
             "store_id": "S1",
             "model": "AutoETS",
             "mase": 0.5,
@@ -497,8 +543,10 @@ def test_forecast_for_a_store_has_bounds_and_merged_actuals(api: httpx.Client, l
 
 
 def test_forecast_over_all_stores_sums_points_without_bounds(api: httpx.Client) -> None:
+    """A run from before forecast levels (only (sku, store) series): a SKU over all stores is
+    the sum of its stores' forecasts, without bounds."""
     body = api.get("/v1/forecast/B", params={"horizon": "1", "actuals_days": "1"}).json()
-    assert body["store_id"] is None
+    assert body["store_id"] is None and body["level"] == "sku"
     # Each store's backtest; a score the backtest could not give is null, not NaN.
     assert [(a["store_id"], a["mase"]) for a in body["accuracy"]] == [
         (store, None if store == "S2" else pytest.approx(0.5 + (len(STORES) + i) / 10))
@@ -514,6 +562,92 @@ def test_forecast_over_all_stores_sums_points_without_bounds(api: httpx.Client) 
             "upper_95": None,
         }
     ]
+
+
+@pytest.fixture(scope="module")
+def levels_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A served run with forecast levels (each SKU, each store and the total have rows)."""
+    root = tmp_path_factory.mktemp("serving-levels") / "lake"
+    orders = make_orders()
+    write_run(root, "run-levels", orders, published_at=NOW - timedelta(hours=1), levels=True)
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, orders
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "node", "level"),
+    [
+        ("/v1/forecast/B", {}, ("B", "*"), "sku"),
+        ("/v1/forecast", {"store_id": "S2"}, ("*", "S2"), "store"),
+        ("/v1/forecast", {}, ("*", "*"), "total"),
+        ("/v1/forecast/A", {"store_id": "S1"}, ("A", "S1"), "sku_store"),
+    ],
+)
+def test_every_level_of_the_hierarchy_has_its_own_forecast_bounds_and_actuals(
+    levels_api: Any, path: str, params: dict[str, str], node: tuple[str, str], level: str
+) -> None:
+    api, orders = levels_api
+    r = api.get(path, params={**params, "horizon": "3", "actuals_days": "4"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    sku, store = node
+    assert body["level"] == level
+    assert (body["sku"], body["store_id"]) == (
+        None if sku == "*" else sku,
+        None if store == "*" else store,
+    )
+    assert body["as_of"]["run_id"] == "run-levels"
+    assert [p["date"] for p in body["points"]] == [
+        (TODAY + timedelta(days=d)).isoformat() for d in range(-3, 3)
+    ]
+    if level != "sku_store":
+        f = LEVEL_ROWS[node]
+        # The level's own bounds, not a sum of its members' (those would be 0.5 / 3 * f).
+        assert all(
+            (p["forecast"], p["lower_95"], p["upper_95"]) == (f, 0.7 * f, 1.3 * f)
+            for p in body["points"]
+        )
+        assert [(a["sku"], a["store_id"], a["mase"]) for a in body["accuracy"]] == [
+            (sku, store, 0.25)
+        ]
+    want = expected_sales(
+        orders,
+        granularity="day",
+        first=datetime(2024, 5, 7, tzinfo=UTC),
+        last=datetime(2024, 5, 10, tzinfo=UTC),
+        sku=None if sku == "*" else sku,
+        store=None if store == "*" else store,
+    )
+    assert want
+    assert {a["date"]: a["units"] for a in body["actuals"]} == {k: v[0] for k, v in want.items()}
+
+
+def test_alerts_compare_store_series_only(levels_api: Any) -> None:
+    """Aggregate levels' rows are not alerts of their own (an alert names a SKU at a store)."""
+    api, _ = levels_api
+    items = api.get("/v1/alerts/demand").json()["items"]
+    assert items and all(i["sku"] != "*" and i["store_id"] not in (None, "*") for i in items)
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "fragment"),
+    [
+        ("/v1/forecast", {"store_id": "*"}, "'store_id'"),
+        ("/v1/forecast/*", {}, "'sku'"),
+        ("/v1/forecast", {"horizon": "0"}, "'horizon'"),
+        ("/v1/forecast", {"store_id": ""}, "'store_id'"),
+        ("/v1/forecast", {"actuals_days": "x"}, "'actuals_days'"),
+    ],
+)
+def test_bad_forecast_level_parameters_are_400s(
+    levels_api: Any, path: str, params: dict[str, str], fragment: str
+) -> None:
+    api, _ = levels_api
+    r = api.get(path, params=params)
+    assert r.status_code in (400, 422), r.text
+    detail = r.json()["detail"]
+    assert fragment in str(detail), detail
 
 
 def test_sentiment_means_come_from_merged_sums(api: httpx.Client) -> None:
@@ -574,6 +708,7 @@ def test_openapi_documents_every_endpoint_with_examples(api: httpx.Client) -> No
     for path in (
         "/v1/sales",
         "/v1/forecast/{sku}",
+        "/v1/forecast",
         "/v1/sentiment/{sku}",
         "/v1/sentiment",
         "/v1/alerts/demand",
@@ -597,6 +732,7 @@ def test_api_keys_guard_everything_but_health(tmp_path: Path, lake: Any) -> None
         for path in (
             "/v1/sales",
             "/v1/sentiment/A",
+            "/v1/forecast",
             "/v1/status",
             "/metrics",
             "/docs",

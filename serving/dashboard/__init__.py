@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
 from lambdalake.lake import VIEW_REVIEW_SCORES, Lake
+from lambdalake.views import ALL
 from serving.deps import refuse_key_in_url, require_api_key
 
 STATIC = Path(__file__).parent / "static"
@@ -81,6 +82,9 @@ def dashboard_skus(request: Request) -> dict[str, Any]:
         skus.update(table.spans)
         if table.table.num_rows and "store_id" in table.table.column_names:
             stores.update(table.table.column("store_id").unique().to_pylist())
+    # The forecast's aggregate levels carry ALL ("*") for "every SKU" or "every store".
+    skus.discard(ALL)
+    stores.discard(ALL)
     return {"run_id": snap.run_id, "skus": sorted(skus), "stores": sorted(s for s in stores if s)}
 
 

@@ -92,7 +92,7 @@ async function loadSkus() {
   const store = document.getElementById("store");
   const keep = store.value;
   store.replaceChildren(option("", "all stores"), ...data.stores.map(s => option(s)));
-  // Default to one store: forecast bands are per series (quantiles of a sum are not sums).
+  // Default to one store (alerts are per store); "all stores" shows the SKU's own forecast, reconciled.
   store.value = keep || params.get("store") || data.stores[0] || "";
 }
 
