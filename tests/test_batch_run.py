@@ -232,8 +232,7 @@ def test_forecast_views_cover_every_level_with_ordered_bounds(published):
         levels[level] = levels.get(level, 0) + 1
     assert levels == {"sku_store": n_series, "sku": n_skus, "store": n_stores, "total": 1}
     assert all(
-        n == 28 and (lo - last).days == 1 and (hi - last).days == 28
-        for _, n, lo, hi in per_series
+        n == 28 and (lo - last).days == 1 and (hi - last).days == 28 for _, n, lo, hi in per_series
     )
     bad = con.execute(
         """
