@@ -831,14 +831,40 @@ def _ensemble_score(
     return scores, widths
 
 
-def _ensemble(
+def _ensemble_points(
     data: pd.DataFrame, cfg: ForecastConfig
+) -> tuple[dict[int, tuple[str, _Score]], list[tuple], list[pd.DataFrame]]:
+    """The smooth tier's point forecasts alone (the members' mean), without the backtest:
+    no bounds (left to ``order_bounds``) and no scores."""
+    names = cfg.smooth_models
+    fc = _combine(
+        [_guarded(_member_forecast, n, data, cfg) for n in names], ["unique_id", "ds"], names
+    )
+    if fc.empty:
+        return {}, [], []
+    fc = fc[np.isfinite(fc["mean"])]
+    fc = fc[fc.groupby("unique_id")["mean"].transform("size") == cfg.horizon]
+    fc = fc.sort_values(["unique_id", "ds"])
+    out = pd.DataFrame({"uid": fc["unique_id"].to_numpy(), "ds": fc["ds"].to_numpy()})
+    out["forecast"] = fc["mean"].to_numpy()
+    for level in LEVELS:
+        out[f"lower_{level}"] = np.nan
+        out[f"upper_{level}"] = np.nan
+    out["model"] = cfg.ensemble_name
+    unscored = _Score(math.nan, math.nan, math.nan, math.nan, math.nan)
+    return {int(u): (cfg.ensemble_name, unscored) for u in out["uid"].unique()}, [], [out]
+
+
+def _ensemble(
+    data: pd.DataFrame, cfg: ForecastConfig, *, points_only: bool = False
 ) -> tuple[dict[int, tuple[str, _Score]], list[tuple], list[pd.DataFrame]]:
     """The smooth tier: the mean of ``cfg.smooth_models``, conformal bounds from its backtest.
 
     Returns ``{uid: (model, score)}``, candidate rows (each member and the
-    mean) and the forecast rows.
+    mean) and the forecast rows. ``points_only``: see ``_ensemble_points``.
     """
+    if points_only:
+        return _ensemble_points(data, cfg)
     names = cfg.smooth_models
     # Seasonal naive is backtested alongside as the reference every forecast must beat.
     scored = names if MODEL_SN in names else (*names, MODEL_SN)
@@ -1041,7 +1067,11 @@ def _select(
 
 
 def forecast_series(
-    daily: pd.DataFrame, last_date: SeriesEnd, cfg: ForecastConfig | None = None
+    daily: pd.DataFrame,
+    last_date: SeriesEnd,
+    cfg: ForecastConfig | None = None,
+    *,
+    points_only: bool = False,
 ) -> ForecastResult:
     """Forecast every (sku, store_id) in ``daily`` (``sku, store_id, date, units``).
 
@@ -1050,6 +1080,10 @@ def forecast_series(
     (``FORECAST_COLUMNS``), one accuracy row per series (``ACCURACY_COLUMNS``)
     and the backtest score of every candidate (``CANDIDATE_COLUMNS``). Pure and
     deterministic; a global model (LightGBM) learns from all of ``daily``'s series.
+
+    ``points_only``: the same point forecasts of the ensemble tier without its backtest
+    (which only sets its bounds and scores): bounds collapse onto the forecast and scores
+    are NaN. The per-series choice of the other tiers still backtests, to choose.
     """
     cfg = cfg or ForecastConfig()
     os.environ.setdefault("NIXTLA_ID_AS_COL", "1")
@@ -1079,7 +1113,7 @@ def forecast_series(
                 continue
             if cfg.combine == "mean":
                 data = sf_input[sf_input["unique_id"].isin(uids)]
-                picked, cand, fcs = _ensemble(data, tcfg)
+                picked, cand, fcs = _ensemble(data, tcfg, points_only=points_only)
             else:
                 picked, cand, fcs = _select(sf_input, uids, cfg.smooth_models, "mase", tcfg)
             chosen.update(picked)
@@ -1245,7 +1279,9 @@ def holdout_parts(
         return pd.DataFrame(columns=["sku", "store_id", "ds", "forecast"]), pd.Series(
             dtype=np.float64
         )
-    base = forecast_series(past, cut, cfg).forecasts
+    # Points only: the holdout scores point forecasts, and the ensemble's backtest (most of
+    # its cost) would only make bounds.
+    base = forecast_series(past, cut, cfg, points_only=True).forecasts
     base = base.assign(ds=pd.to_datetime(base["date"]))[["sku", "store_id", "ds", "forecast"]]
     dense = build_series(past, cut)
     scales = {
@@ -1326,11 +1362,15 @@ _SPARK_OUT = (
 def _spark_rows(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     """``frame``'s rows in the UDF's one output schema (``_SPARK_OUT``), tagged ``kind``."""
     out = frame.assign(kind=kind)
-    cols = [c.split()[0] for c in _SPARK_OUT.split(", ")]
-    for c in cols:
-        if c not in out.columns:
-            out[c] = None
-    out["n_train_days"] = out["n_train_days"].astype("Int32")
+    dtypes = {"string": object, "date": object, "double": np.float64, "int": "Int32"}
+    cols = []
+    for column in _SPARK_OUT.split(", "):
+        name, kind_of = column.split()
+        cols.append(name)
+        if name not in out.columns:
+            out[name] = None
+        # One dtype per column in every part, so concatenating the parts keeps it.
+        out[name] = out[name].astype(dtypes[kind_of])
     return out[cols]
 
 

@@ -207,6 +207,7 @@ class Ingest:
         self.settings = settings
         self.stop = stop
         self.bootstrap = settings.bootstrap
+        self.security = settings.kafka_security
         self.broker_timeout_s = broker_timeout_s
         self.topics = list(TOPICS)
         self.summary = {t: TopicSummary() for t in self.topics}
@@ -238,8 +239,10 @@ class Ingest:
         Returns False if stopped while waiting for the broker."""
 
         def discover() -> dict[str, list[int]]:
-            probe_broker(self.bootstrap)
-            return discover_partitions(self.bootstrap, TOPICS, self.settings.partitions)
+            probe_broker(self.bootstrap, security=self.security)
+            return discover_partitions(
+                self.bootstrap, TOPICS, self.settings.partitions, security=self.security
+            )
 
         parts = self._retry(discover, "discover partitions", until_end)
         if parts is None:
@@ -253,7 +256,9 @@ class Ingest:
             t: {p: self.masters[t].positions[t].get(p, 0) for p in self.parts[t]}
             for t in self.topics
         }
-        consumer = self._retry(lambda: open_consumer(self.bootstrap), "connect", until_end)
+        consumer = self._retry(
+            lambda: open_consumer(self.bootstrap, security=self.security), "connect", until_end
+        )
         if consumer is None:
             return False
         self.consumer = consumer
@@ -274,7 +279,9 @@ class Ingest:
 
     def ends(self, until_end: bool) -> Positions | None:
         ends = self._retry(
-            lambda: true_end_offsets(self.bootstrap, self.parts), "read end offsets", until_end
+            lambda: true_end_offsets(self.bootstrap, self.parts, security=self.security),
+            "read end offsets",
+            until_end,
         )
         if ends is None:
             return None
@@ -369,7 +376,14 @@ class Ingest:
                 batch.opened_at = now
             if quiet:
                 # Quiet for a while: a drained topic, or a broker that went away.
-                if self._retry(lambda: probe_broker(self.bootstrap), "fetch", until_end) is None:
+                if (
+                    self._retry(
+                        lambda: probe_broker(self.bootstrap, security=self.security),
+                        "fetch",
+                        until_end,
+                    )
+                    is None
+                ):
                     break
                 idle_since = time.monotonic()
         if batch.progressed():

@@ -20,7 +20,16 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from lambdalake.kafka import CLIENT_DEFAULTS, end_offsets, ensure_topics, topic_partitions
+from lambdalake.kafka import (
+    REFUSED_ERRORS,
+    BrokerRefused,
+    Security,
+    client_args,
+    end_offsets,
+    ensure_topics,
+    refusal_since,
+    topic_partitions,
+)
 from lambdalake.logs import get_logger
 
 log = get_logger(__name__)
@@ -73,11 +82,17 @@ def with_broker_retry(
     returns ``None`` if ``stop`` is set while waiting.
     """
     while True:
+        started = time.monotonic()
         try:
             result = what()
             backoff.reset()
             return result
+        except REFUSED_ERRORS as exc:
+            raise BrokerRefused(bootstrap, action, exc) from exc
         except (KafkaError, OSError, TimeoutError) as exc:
+            refused = refusal_since(started)
+            if refused is not None:  # answered, and refused: retrying cannot help
+                raise BrokerRefused(bootstrap, action, refused) from exc
             if backoff.expired():
                 raise BrokerUnreachable(
                     f"Kafka broker {bootstrap} unreachable while trying to {action} "
@@ -98,7 +113,9 @@ def with_broker_retry(
                 return None
 
 
-def open_consumer(bootstrap: str, *, connect_timeout_s: float = 5.0) -> KafkaConsumer:
+def open_consumer(
+    bootstrap: str, *, connect_timeout_s: float = 5.0, security: Security | None = None
+) -> KafkaConsumer:
     """A consumer without group, sized for throughput (wrap it in a ``ChunkReader``).
 
     ``auto_offset_reset='none'``: a position outside the log is an error to
@@ -117,41 +134,49 @@ def open_consumer(bootstrap: str, *, connect_timeout_s: float = 5.0) -> KafkaCon
         fetch_max_wait_ms=200,
         bootstrap_timeout_ms=int(connect_timeout_s * 1000),
         reconnect_backoff_max_ms=5_000,
-        **CLIENT_DEFAULTS,
+        **client_args(security),
     )
     return consumer
 
 
 def discover_partitions(
-    bootstrap: str, topics: tuple[str, ...], partitions: int
+    bootstrap: str,
+    topics: tuple[str, ...],
+    partitions: int,
+    *,
+    security: Security | None = None,
 ) -> dict[str, list[int]]:
     """The partition ids of each topic, creating missing topics (as the broker does on
     first use) with ``partitions`` partitions."""
-    ensure_topics(bootstrap, topics, partitions)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    ensure_topics(bootstrap, topics, partitions, security=security)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **client_args(security))
     try:
         return {t: topic_partitions(consumer, t) for t in topics}
     finally:
         consumer.close()
 
 
-def true_end_offsets(bootstrap: str, parts: dict[str, list[int]]) -> Positions:
+def true_end_offsets(
+    bootstrap: str, parts: dict[str, list[int]], *, security: Security | None = None
+) -> Positions:
     """One past the last record of every partition (see :func:`lambdalake.kafka.end_offsets`)."""
     tps = [TopicPartition(t, p) for t, ps in parts.items() for p in ps]
-    ends = end_offsets(bootstrap, tps)
+    ends = end_offsets(bootstrap, tps, security=security)
     out: Positions = {t: {} for t in parts}
     for tp, end in ends.items():
         out[tp.topic][tp.partition] = int(end)
     return out
 
 
-def probe_broker(bootstrap: str, timeout_s: float = 3.0) -> None:
+def probe_broker(
+    bootstrap: str, timeout_s: float = 3.0, *, security: Security | None = None
+) -> None:
     """Return if a broker answers a metadata request within about ``timeout_s``;
     raise a :class:`KafkaError` (or :class:`OSError`) otherwise."""
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap,
         bootstrap_timeout_ms=int(timeout_s * 1000),
-        **{**CLIENT_DEFAULTS, "request_timeout_ms": max(int(timeout_s * 1000), 1_000)},
+        **client_args(security, request_timeout_ms=max(int(timeout_s * 1000), 1_000)),
     )
     try:
         admin.list_topics()

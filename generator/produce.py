@@ -59,7 +59,10 @@ class _Sender:
         max_request = max(1 << 20, 2 * settings.max_event_bytes)
         try:
             self.producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap, max_request_size=max_request, **PRODUCER_CONFIG
+                bootstrap_servers=self.bootstrap,
+                max_request_size=max_request,
+                **settings.kafka_security,
+                **PRODUCER_CONFIG,
             )
         except KafkaError as exc:
             raise TimeoutError(f"could not connect a producer to {self.bootstrap}: {exc}") from exc
@@ -128,8 +131,9 @@ class _Sender:
 
 
 def _connect(settings: Settings) -> _Sender:
-    wait_for_broker(settings.bootstrap, timeout=CONNECT_TIMEOUT_S)
-    ensure_topics(settings.bootstrap, TOPICS, settings.partitions)
+    security = settings.kafka_security
+    wait_for_broker(settings.bootstrap, timeout=CONNECT_TIMEOUT_S, security=security)
+    ensure_topics(settings.bootstrap, TOPICS, settings.partitions, security=security)
     return _Sender(settings)
 
 

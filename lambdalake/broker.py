@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,14 +124,45 @@ def java_major_version(java: str) -> int:
 
 
 def server_properties(
-    host: str, port: int, controller_port: int, data_dir: Path, partitions: int
+    host: str,
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    partitions: int,
+    sasl_users: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Kafka's configuration for one node that is both controller and broker.
 
     A static voter set (``controller.quorum.voters``) rather than a dynamic one: the
     controller's port is picked free on every start, which a single static voter allows
-    (a dynamic quorum records the voter's endpoint in the metadata log).
+    (a dynamic quorum records the voter's endpoint in the metadata log). With
+    ``sasl_users`` (user -> password) the client listener is SASL_PLAINTEXT with the PLAIN
+    mechanism and those users (the first is also the broker's own identity).
     """
+    props = _plaintext_properties(host, port, controller_port, data_dir, partitions)
+    if sasl_users:
+        user, password = next(iter(sasl_users.items()))
+        users = " ".join(f'user_{u}="{p}"' for u, p in sasl_users.items())
+        props.update(
+            {
+                "listeners": f"SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+                "advertised.listeners": f"SASL_PLAINTEXT://{host}:{port}",
+                "inter.broker.listener.name": "SASL_PLAINTEXT",
+                "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "sasl.enabled.mechanisms": "PLAIN",
+                "sasl.mechanism.inter.broker.protocol": "PLAIN",
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'username="{user}" password="{password}" {users};'
+                ),
+            }
+        )
+    return props
+
+
+def _plaintext_properties(
+    host: str, port: int, controller_port: int, data_dir: Path, partitions: int
+) -> dict[str, str]:
     return {
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
@@ -316,6 +348,8 @@ class EmbeddedBroker:
     log_path: Path
     partitions: int
     log_dir: Path
+    # kafka-python arguments a client needs here (empty: PLAINTEXT); see ``start(sasl_users=)``.
+    security: dict[str, object] = field(default_factory=dict)
     watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _archive_dump: tuple[Path, Path] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
@@ -340,10 +374,14 @@ class EmbeddedBroker:
         log_dir: Path | None = None,
         jars_dir: Path | None = None,
         heap: str = DEFAULT_HEAP,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> EmbeddedBroker:
         """Start Kafka on ``host:port`` (0 = a free port) with its data in ``log_dir``
         (formatted on first use; default a new temporary directory), wait until clients
-        can connect, and create the missing ``topics`` with ``partitions`` partitions."""
+        can connect, and create the missing ``topics`` with ``partitions`` partitions.
+
+        ``sasl_users`` (user -> password): clients must authenticate (SASL_PLAINTEXT,
+        PLAIN); ``security`` then holds the first user's client arguments."""
         jars = kafka_jars(jars_dir)
         java = java_binary()
         jvm = Jvm(java, jars, heap, class_data_archive(java, jars))
@@ -361,7 +399,7 @@ class EmbeddedBroker:
         log_path = log_dir / "server.log"
         _write_properties(
             config_dir / "server.properties",
-            server_properties(host, port, controller_port, data_dir, partitions),
+            server_properties(host, port, controller_port, data_dir, partitions, sasl_users),
         )
         (config_dir / "log4j2.xml").write_text(LOG4J2_XML.format(path=log_path))
         if not (data_dir / "meta.properties").exists():
@@ -393,11 +431,19 @@ class EmbeddedBroker:
                 cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         broker = cls(host, port, proc, log_path, partitions, log_dir)
+        if sasl_users:
+            user, password = next(iter(sasl_users.items()))
+            broker.security = {
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "PLAIN",
+                "sasl_plain_username": user,
+                "sasl_plain_password": password,
+            }
         broker._archive_dump = (dump_to, jvm.archive) if dump_to and jvm.archive else None
         try:
             broker.watchdog = _start_watchdog(proc.pid)
             broker._wait_until_ready(timeout)
-            ensure_topics(broker.bootstrap, topics, partitions)
+            ensure_topics(broker.bootstrap, topics, partitions, security=broker.security)
         except BaseException:
             broker.stop()
             raise
@@ -415,7 +461,11 @@ class EmbeddedBroker:
                     f"{self.bootstrap}: {self._last_error()} (log: {self.log_path})"
                 )
             try:
-                wait_for_broker(self.bootstrap, timeout=min(2.0, deadline - time.monotonic()))
+                wait_for_broker(
+                    self.bootstrap,
+                    timeout=min(2.0, deadline - time.monotonic()),
+                    security=self.security,
+                )
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -168,6 +168,7 @@ def replay_lake(settings: Settings) -> int:
         )
     producer = KafkaProducer(
         bootstrap_servers=settings.bootstrap,
+        **settings.kafka_security,
         batch_size=1 << 20,
         linger_ms=30,
         max_request_size=max(1 << 20, 2 * settings.max_event_bytes),
@@ -205,7 +206,7 @@ def replay_lake(settings: Settings) -> int:
     finally:
         producer.close()
     tps = [TopicPartition(t, p) for t in TOPICS for p in positions[t]]
-    ends = end_offsets(settings.bootstrap, tps)
+    ends = end_offsets(settings.bootstrap, tps, security=settings.kafka_security)
     for tp, end in ends.items():
         if end != positions[tp.topic][tp.partition]:
             raise RuntimeError(
@@ -236,7 +237,7 @@ def broker_holds(settings: Settings, positions: dict[str, dict[int, int]]) -> st
     from lambdalake.kafka import end_offsets
 
     tps = [TopicPartition(t, p) for t in TOPICS for p in positions[t]]
-    ends = end_offsets(settings.bootstrap, tps)
+    ends = end_offsets(settings.bootstrap, tps, security=settings.kafka_security)
     if all(ends[tp] >= positions[tp.topic][tp.partition] for tp in tps):
         return "all"
     if not any(ends.values()):
@@ -281,8 +282,10 @@ def _prepare_history(
     if embedded:
         from lambdalake.kafka import delete_topics, ensure_topics
 
-        delete_topics(settings.bootstrap, TOPICS)
-        ensure_topics(settings.bootstrap, TOPICS, settings.partitions)
+        delete_topics(settings.bootstrap, TOPICS, security=settings.kafka_security)
+        ensure_topics(
+            settings.bootstrap, TOPICS, settings.partitions, security=settings.kafka_security
+        )
     log.info("demo.history.generate", days=days, skus=skus, stores=stores)
     children.run(
         "generate",
@@ -357,7 +360,11 @@ def run_demo(
                 heap=settings.broker_heap,
             )
         else:
-            wait_for_broker(settings.bootstrap, timeout=settings.broker_wait_seconds)
+            wait_for_broker(
+                settings.bootstrap,
+                timeout=settings.broker_wait_seconds,
+                security=settings.kafka_security,
+            )
         log.info("demo.stage", stage="broker", bootstrap=settings.bootstrap)
 
         _prepare_history(

@@ -7,44 +7,125 @@ their positions in their own state (the lake or DuckDB), committed with the data
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import (
+    AuthorizationError,
+    KafkaError,
+    SaslAuthenticationFailedError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
 CLIENT_DEFAULTS: dict[str, object] = {
     "request_timeout_ms": 30_000,
 }
 
+# kafka-python arguments for TLS and SASL (``Settings.kafka_security``); every function here
+# that opens a client takes them as ``security``. Empty: PLAINTEXT.
+Security = Mapping[str, object]
 
-def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+
+# The broker refused who we are (credentials) or what we asked (ACLs): retrying cannot help.
+REFUSED_ERRORS: tuple[type[KafkaError], ...] = (SaslAuthenticationFailedError, AuthorizationError)
+SECURITY_SETTINGS_HINT = (
+    "check LAMBDALAKE_KAFKA_SECURITY_PROTOCOL, LAMBDALAKE_KAFKA_SASL_MECHANISM, "
+    "LAMBDALAKE_KAFKA_SASL_USERNAME and LAMBDALAKE_KAFKA_SASL_PASSWORD (and the broker's ACLs)"
+)
+
+
+class BrokerRefused(RuntimeError):
+    """The broker answered but refused our credentials or a request (one-line reason)."""
+
+    def __init__(self, bootstrap: str, action: str, exc: BaseException) -> None:
+        kind = "authentication" if isinstance(exc, SaslAuthenticationFailedError) else "access"
+        # kafka-python's text repeats the class name: "[Error 58] X: X: Authentication failed".
+        detail = re.sub(r"^(\[Error \d+\] )?(\w+: )*", "", str(exc)) or type(exc).__name__
+        super().__init__(
+            f"Kafka broker {bootstrap} refused {kind} while trying to {action} ({detail}); "
+            f"{SECURITY_SETTINGS_HINT}"
+        )
+
+
+class _RefusalLog(logging.Handler):
+    """The last refusal kafka-python's connection manager logged.
+
+    A refused bootstrap connection (wrong SASL credentials) is retried inside kafka-python
+    until its timeout, which is all it raises; the refusal itself is only logged, with the
+    exception as the record's argument. This handler keeps it, so a caller can tell
+    "refused" from "unreachable" (:func:`refusal_since`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.last: tuple[float, BaseException] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, REFUSED_ERRORS):
+                self.last = (time.monotonic(), arg)
+
+
+_REFUSALS = _RefusalLog()
+logging.getLogger("kafka").addHandler(_REFUSALS)
+
+
+def refusal_since(started: float) -> BaseException | None:
+    """The refusal (credentials or ACLs) a broker answered since ``started`` (monotonic)."""
+    last = _REFUSALS.last
+    return last[1] if last is not None and last[0] >= started else None
+
+
+def client_args(security: Security | None, **overrides: object) -> dict[str, object]:
+    """Arguments of one kafka-python client: the defaults, the security settings, overrides."""
+    return {**CLIENT_DEFAULTS, **(security or {}), **overrides}
+
+
+def wait_for_broker(
+    bootstrap: str, timeout: float = 30.0, *, security: Security | None = None
+) -> None:
     """Return once a client can talk to ``bootstrap``; :class:`TimeoutError` otherwise."""
     deadline = time.monotonic() + max(timeout, 0.1)
     last: Exception | None = None
     while time.monotonic() < deadline:
-        remaining_ms = max(100, int((deadline - time.monotonic()) * 1000))
+        # Short attempts: kafka-python retries a refused connection until this timeout.
+        remaining_ms = max(100, min(2_000, int((deadline - time.monotonic()) * 1000)))
         try:
             admin = KafkaAdminClient(
                 bootstrap_servers=bootstrap,
-                bootstrap_timeout_ms=remaining_ms,
-                **CLIENT_DEFAULTS,
+                **client_args(security, bootstrap_timeout_ms=remaining_ms),
             )
             try:
                 admin.list_topics()
                 return
             finally:
                 admin.close()
+        except REFUSED_ERRORS as exc:
+            raise BrokerRefused(bootstrap, "connect", exc) from exc
         except (KafkaError, OSError, ValueError) as exc:
+            refused = refusal_since(deadline - max(timeout, 0.1))
+            if refused is not None:
+                raise BrokerRefused(bootstrap, "connect", refused) from exc
             last = exc
             time.sleep(0.2)
     raise TimeoutError(f"no Kafka broker answering on {bootstrap} ({last})")
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> None:
+def ensure_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    partitions: int,
+    *,
+    security: Security | None = None,
+) -> None:
     """Create the topics that do not exist yet (existing ones are left as they are)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_args(security))
     try:
         existing = set(admin.list_topics())
         new = [
@@ -58,7 +139,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> Non
     finally:
         admin.close()
     # Metadata propagates asynchronously; wait until every topic shows its partitions.
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **client_args(security))
     try:
         deadline = time.monotonic() + 15
         for t in topics:
@@ -71,21 +152,27 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> Non
         consumer.close()
 
 
-def list_topics(bootstrap: str) -> list[str]:
+def list_topics(bootstrap: str, *, security: Security | None = None) -> list[str]:
     """The names of every topic on ``bootstrap`` (internal ones such as
     ``__consumer_offsets`` included)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_args(security))
     try:
         return sorted(admin.list_topics())
     finally:
         admin.close()
 
 
-def delete_topics(bootstrap: str, topics: Iterable[str], timeout: float = 30.0) -> None:
+def delete_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    timeout: float = 30.0,
+    *,
+    security: Security | None = None,
+) -> None:
     """Delete ``topics`` (missing ones are ignored) and return once the broker no longer
     lists them, so they can be created again at once."""
     names = set(topics)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **CLIENT_DEFAULTS)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_args(security))
     try:
         names &= set(admin.list_topics())
         if not names:
@@ -115,7 +202,11 @@ def topic_partitions(consumer: KafkaConsumer, topic: str, timeout: float = 15.0)
 
 
 def end_offsets(
-    bootstrap: str, partitions: Iterable[TopicPartition], timeout: float = 30.0
+    bootstrap: str,
+    partitions: Iterable[TopicPartition],
+    timeout: float = 30.0,
+    *,
+    security: Security | None = None,
 ) -> dict[TopicPartition, int]:
     """One past the last offset of each partition: the broker's high watermark.
 
@@ -133,7 +224,7 @@ def end_offsets(
         enable_auto_commit=False,
         group_id=None,
         isolation_level="read_uncommitted",
-        **{**CLIENT_DEFAULTS, "request_timeout_ms": max(1_000, int(timeout * 1000))},
+        **client_args(security, request_timeout_ms=max(1_000, int(timeout * 1000))),
     )
     try:
         found = consumer.end_offsets(tps)

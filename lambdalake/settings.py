@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOPICS = ("orders", "reviews")
@@ -54,6 +54,24 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = Field(
         None, description="HOST:PORT of the Kafka cluster; unset = the embedded broker."
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How lambdalake's Kafka clients connect: TLS (SSL, SASL_SSL) and/or SASL "
+        "authentication (SASL_PLAINTEXT, SASL_SSL).",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism, with a SASL_* protocol."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user, with a SASL_* protocol.")
+    kafka_sasl_password: str = Field("", description="SASL password, with a SASL_* protocol.")
+    kafka_ssl_cafile: Path | None = Field(
+        None,
+        description="CA bundle (PEM) to verify the brokers' certificates; unset = the system's.",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM), for brokers that require mutual TLS."
+    )
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client certificate's key (PEM).")
     broker_host: str = "127.0.0.1"
     broker_port: int = 9092
     kafka_jars: Path | None = Field(
@@ -129,6 +147,51 @@ class Settings(BaseSettings):
         description="Event dates (so files) one master commit may hold; a micro-batch "
         "spanning more is committed as several offset prefixes.",
     )
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"LAMBDALAKE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "LAMBDALAKE_KAFKA_SASL_USERNAME and LAMBDALAKE_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @property
+    def kafka_security(self) -> dict[str, object]:
+        """The security settings as kafka-python client arguments (empty for PLAINTEXT), for
+        every client lambdalake opens: ``KafkaConsumer(..., **settings.kafka_security)``."""
+        protocol = self.kafka_security_protocol
+        out: dict[str, object] = {}
+        if protocol == "PLAINTEXT":
+            return out
+        out["security_protocol"] = protocol
+        if protocol.startswith("SASL_"):
+            out["sasl_mechanism"] = self.kafka_sasl_mechanism
+            out["sasl_plain_username"] = self.kafka_sasl_username
+            out["sasl_plain_password"] = self.kafka_sasl_password
+        if protocol in ("SSL", "SASL_SSL"):
+            for key in ("cafile", "certfile", "keyfile"):
+                value = getattr(self, f"kafka_ssl_{key}")
+                if value is not None:
+                    out[f"ssl_{key}"] = str(value)
+        return out
+
+    @property
+    def kafka_security_librdkafka(self) -> dict[str, object]:
+        """The same settings as librdkafka (confluent-kafka) configuration."""
+        names = {
+            "security_protocol": "security.protocol",
+            "sasl_mechanism": "sasl.mechanism",
+            "sasl_plain_username": "sasl.username",
+            "sasl_plain_password": "sasl.password",
+            "ssl_cafile": "ssl.ca.location",
+            "ssl_certfile": "ssl.certificate.location",
+            "ssl_keyfile": "ssl.key.location",
+        }
+        return {names[k]: v for k, v in self.kafka_security.items()}
 
     @property
     def bootstrap(self) -> str:

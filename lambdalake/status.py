@@ -26,11 +26,14 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lambdalake.lake import QUARANTINE, RUNS, Lake
 from lambdalake.manifest import latest_published_run
 from lambdalake.settings import Settings
+
+if TYPE_CHECKING:
+    from lambdalake.kafka import Security
 
 STALE_SECONDS = 15.0
 ENDS_TTL_SECONDS = 1.0  # end offsets read at most this often per process
@@ -68,7 +71,9 @@ class _EndsCache:
         # bootstrap -> (monotonic time read, wall time asked, ends or None when it failed)
         self._cache: dict[str, tuple[float, float, dict[TP, int] | None]] = {}
 
-    def get(self, bootstrap: str, tps: set[TP]) -> tuple[float, dict[TP, int]] | None:
+    def get(
+        self, bootstrap: str, tps: set[TP], security: Security | None = None
+    ) -> tuple[float, dict[TP, int]] | None:
         """``(wall time the ends were asked for, ends)``, or ``None`` when unreadable."""
         with self._lock:
             hit = self._cache.get(bootstrap)
@@ -80,12 +85,14 @@ class _EndsCache:
                 if cached is not None and now - read_at < ENDS_TTL_SECONDS and tps <= set(cached):
                     return asked_at, cached
             asked_at = time.time()
-            ends = _read_ends(bootstrap, tps, ENDS_TIMEOUT_SECONDS)
+            ends = _read_ends(bootstrap, tps, ENDS_TIMEOUT_SECONDS, security)
             self._cache[bootstrap] = (time.monotonic(), asked_at, ends)
             return None if ends is None else (asked_at, ends)
 
 
-def _read_ends(bootstrap: str, tps: set[TP], timeout: float) -> dict[TP, int] | None:
+def _read_ends(
+    bootstrap: str, tps: set[TP], timeout: float, security: Security | None = None
+) -> dict[TP, int] | None:
     """ListOffsets for ``tps`` within ``timeout`` seconds, or ``None``.
 
     A client of an unreachable broker can block for many times its request timeout
@@ -107,7 +114,10 @@ def _read_ends(bootstrap: str, tps: set[TP], timeout: float) -> dict[TP, int] | 
         from lambdalake.kafka import end_offsets
 
         ends = end_offsets(
-            bootstrap, [TopicPartition(t, p) for t, p in sorted(tps)], timeout=timeout
+            bootstrap,
+            [TopicPartition(t, p) for t, p in sorted(tps)],
+            timeout=timeout,
+            security=security,
         )
         found.update({(tp.topic, tp.partition): int(n) for tp, n in ends.items()})
 
@@ -143,9 +153,14 @@ def _age(now: datetime, ts: Any) -> float | None:
         return None
 
 
-def speed_status(status_dir: Path, now: datetime, bootstrap: str | None = None) -> dict[str, Any]:
-    """The workers' status files; with ``bootstrap``, each lag measured against the
-    broker's end offsets now (see the module doc)."""
+def speed_status(
+    status_dir: Path,
+    now: datetime,
+    bootstrap: str | None = None,
+    security: Security | None = None,
+) -> dict[str, Any]:
+    """The workers' status files; with ``bootstrap`` (and the clients' ``security``
+    settings), each lag measured against the broker's end offsets now (see the module doc)."""
     workers: list[dict[str, Any]] = []
     for path in sorted(status_dir.glob("worker-*.json")) if status_dir.is_dir() else []:
         try:
@@ -159,7 +174,7 @@ def speed_status(status_dir: Path, now: datetime, bootstrap: str | None = None) 
     measured = None
     if bootstrap and workers:
         wanted = {tp for w in workers for tp in _owned(w)}
-        measured = _ENDS.get(bootstrap, wanted) if wanted else None
+        measured = _ENDS.get(bootstrap, wanted, security) if wanted else None
     for w in workers:
         if measured is not None:
             asked_at, ends = measured
@@ -205,7 +220,9 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
     lake = Lake(settings.lake_uri)
     return {
         "batch": batch_status(lake, now),
-        "speed": speed_status(settings.speed_state_dir / "status", now, settings.bootstrap),
+        "speed": speed_status(
+            settings.speed_state_dir / "status", now, settings.bootstrap, settings.kafka_security
+        ),
         "quarantine": quarantine_counts(lake),
         "generated_at": _iso(now),
     }

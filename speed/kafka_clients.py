@@ -78,6 +78,7 @@ class KafkaPythonClient:
             reconnect_backoff_max_ms=5_000,
             request_timeout_ms=30_000,
             bootstrap_timeout_ms=5_000,
+            **settings.kafka_security,
         )
         self.reader = ChunkReader(self.consumer, component="speed")
         self.poisoned = 0  # poison batches skipped
@@ -158,6 +159,7 @@ class ConfluentClient:
                 "max.partition.fetch.bytes": 8 * 1024 * 1024,
                 "reconnect.backoff.max.ms": 5_000,
                 "logger": self._log,
+                **settings.kafka_security_librdkafka,
                 "error_cb": lambda err: None,
             }
         )

@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,9 +72,12 @@ class EndOffsets:
     """ListOffsets(latest) through one consumer kept open (a new one per read cost a
     connection and a metadata round trip every second)."""
 
-    def __init__(self, bootstrap: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, bootstrap: str, timeout: float = 5.0, security: Mapping[str, object] | None = None
+    ) -> None:
         self.bootstrap = bootstrap
         self.timeout = timeout
+        self.security = dict(security or {})
         self._consumer: KafkaConsumer | None = None
 
     def read(self, tps: list[TP]) -> dict[TP, int]:
@@ -88,6 +91,7 @@ class EndOffsets:
                 isolation_level="read_uncommitted",
                 request_timeout_ms=max(1_000, int(self.timeout * 1000)),
                 bootstrap_timeout_ms=max(1_000, int(self.timeout * 1000)),
+                **self.security,
             )
         try:
             found = self._consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
@@ -132,6 +136,7 @@ class StatusReporter(threading.Thread):
         *,
         interval: float = 1.0,
         ends_every: float = 1.0,
+        security: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(name="speed-status", daemon=True)
         self.path = path
@@ -143,7 +148,7 @@ class StatusReporter(threading.Thread):
         self.ends_every = ends_every
         self.ends: dict[TP, int] = {}
         self.ends_measured_at: float | None = None  # wall time of the last ListOffsets read
-        self._end_offsets = EndOffsets(bootstrap)
+        self._end_offsets = EndOffsets(bootstrap, security=security)
         self.broker_unreachable = False
         self._next_ends = 0.0
         self._backoff = ends_every

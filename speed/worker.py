@@ -128,6 +128,7 @@ class SpeedWorker:
             self.snapshot,
             lambda: dict(self.poller.highwater),
             self.halt,
+            security=settings.kafka_security,
         )
 
     # --- status ---------------------------------------------------------------------------

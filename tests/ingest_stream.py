@@ -87,12 +87,18 @@ class Stream:
 
 
 def produce_stream(
-    bootstrap: str, n: int, *, seed: int, rate: float | None = None, stream: Stream | None = None
+    bootstrap: str,
+    n: int,
+    *,
+    seed: int,
+    rate: float | None = None,
+    stream: Stream | None = None,
+    security: dict[str, object] | None = None,
 ) -> Stream:
     """Produce ``n`` messages (about 85 % orders), 4 % invalid and 3 % redeliveries."""
     rng = random.Random(seed)
     stream = stream or Stream()
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1, **(security or {}))
     pending = []
     sent_valid: list[tuple[str, bytes]] = []
     started = time.monotonic()

@@ -313,3 +313,21 @@ def test_spark_levels_equal_the_one_process_levels(spark):
     assert info["nodes"] == 7 + 4 + 2 + 1
     levels = acc.groupBy("level").count().toPandas().set_index("level")["count"].to_dict()
     assert levels == {"sku_store": 7, "sku": 4, "store": 2, "total": 1}
+
+
+def test_points_only_gives_the_same_points_without_the_backtest():
+    """The reconciliation holdout asks for points only: the ensemble's points are the same,
+    its bounds collapse onto them and nothing is scored."""
+    rng = np.random.default_rng(8)
+    values = {(f"P{i}", "S1"): _trend_seasonal(rng, 200, base=4 + i) for i in range(4)}
+    df = _frame(values, LAST)
+    cfg = ForecastConfig(smooth_models=("SeasonalNaive", "ETS_ANA"))
+    full = forecast_series(df, LAST, cfg)
+    points = forecast_series(df, LAST, cfg, points_only=True)
+    keys = ["sku", "store_id", "date"]
+    merged = full.forecasts.merge(points.forecasts, on=keys, suffixes=("", "_p"))
+    assert len(merged) == len(full.forecasts) == 4 * HORIZON
+    np.testing.assert_allclose(merged["forecast_p"], merged["forecast"], rtol=1e-12)
+    assert (merged["upper_95_p"] == merged["forecast_p"]).all()
+    assert (merged["upper_95"] > merged["forecast"]).any()
+    assert points.accuracy["mase"].isna().all() and points.candidates.empty
