@@ -34,6 +34,7 @@ from lambdalake.lake import (
     Lake,
 )
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord
+from lambdalake.views import PERIOD_COLUMN, SALES, SENTIMENT, Granularity, ViewDef
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -47,25 +48,28 @@ def _f(name: str, t: pa.DataType) -> pa.Field:
     return pa.field(name, t, nullable=True)
 
 
-def _sales_schema(period: pa.Field) -> pa.Schema:
-    """The sales views: one schema, a period column per grain (day or UTC hour)."""
-    return pa.schema(
-        [
-            period,
-            _f("store_id", pa.string()),
-            _f("sku", pa.string()),
-            _f("units", pa.int64()),
-            _f("revenue", pa.float64()),
-            _f("order_lines", pa.int64()),
-            _f("run_id", pa.string()),
-        ]
+def _nullable(schema: pa.Schema) -> pa.Schema:
+    # Spark writes every column as OPTIONAL; the Delta schema says the same.
+    return pa.schema([f.with_nullable(True) for f in schema])
+
+
+def _aggregate_schema(view: ViewDef, granularity: Granularity | None = None) -> pa.Schema:
+    """An aggregate view's schema, from its definition (``lambdalake.views``): the period
+    (named as ``PERIOD_COLUMN`` says), dimensions, measures, derived measures, ``run_id``."""
+    return _nullable(
+        view.arrow_schema(
+            granularity,
+            period_name=PERIOD_COLUMN[granularity] if granularity else "period",
+            derived=True,
+            extra=[("run_id", "string")],
+        )
     )
 
 
 # The views' column contract (names, order and types), as committed to Delta.
 VIEW_SCHEMAS: dict[str, pa.Schema] = {
-    VIEW_DAILY_SALES: _sales_schema(_f("date", pa.date32())),
-    VIEW_HOURLY_SALES: _sales_schema(_f("hour", UTC_TS)),
+    VIEW_DAILY_SALES: _aggregate_schema(SALES, "day"),
+    VIEW_HOURLY_SALES: _aggregate_schema(SALES, "hour"),
     VIEW_REVIEW_SCORES: pa.schema(
         [
             _f("review_id", pa.string()),
@@ -78,20 +82,7 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
             _f("run_id", pa.string()),
         ]
     ),
-    VIEW_SENTIMENT_BY_SKU: pa.schema(
-        [
-            _f("sku", pa.string()),
-            _f("reviews", pa.int64()),
-            _f("mean_rating", pa.float64()),
-            _f("mean_sentiment", pa.float64()),
-            _f("positive", pa.int64()),
-            _f("neutral", pa.int64()),
-            _f("negative", pa.int64()),
-            _f("rating_sum", pa.int64()),
-            _f("sentiment_sum", pa.float64()),
-            _f("run_id", pa.string()),
-        ]
-    ),
+    VIEW_SENTIMENT_BY_SKU: _aggregate_schema(SENTIMENT),
     VIEW_DEMAND_FORECAST: pa.schema(
         [
             _f("sku", pa.string()),

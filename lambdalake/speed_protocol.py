@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 
 from lambdalake.manifest import Watermark
-from lambdalake.views import SALES, SENTIMENT, VIEWS
+from lambdalake.views import VIEWS
 
 ViewName = Literal["sales", "sentiment"]
 Granularity = Literal["day", "hour"]
@@ -58,33 +58,11 @@ UTC_TS = pa.timestamp("us", tz="UTC")
 META_KEY = b"lambdalake"
 STALE_WATERMARK = "stale watermark"
 
-# Arrow types of each view's measures in an answer (the measures themselves are
-# defined once, in lambdalake.views; this only fixes their wire types).
-MEASURE_TYPES: dict[str, pa.DataType] = {
-    "units": pa.int64(),
-    "revenue": pa.float64(),
-    "order_lines": pa.int64(),
-    "reviews": pa.int64(),
-    "rating_sum": pa.int64(),
-    "sentiment_sum": pa.float64(),
-    "positive": pa.int64(),
-    "neutral": pa.int64(),
-    "negative": pa.int64(),
-}
-
 
 def answer_schema(view: ViewName, granularity: Granularity = "day") -> pa.Schema:
-    """The Arrow schema of an answer: ``period`` (sales only), dimensions, measures."""
-    vd = VIEWS[view]
-    fields: list[pa.Field] = []
-    if vd.has_period:
-        fields.append(pa.field("period", pa.date32() if granularity == "day" else UTC_TS))
-    fields += [pa.field(d, pa.string()) for d in vd.dimensions]
-    fields += [pa.field(m, MEASURE_TYPES[m]) for m in vd.measure_names]
-    return pa.schema(fields)
-
-
-assert set(SALES.measure_names) | set(SENTIMENT.measure_names) <= set(MEASURE_TYPES)
+    """The Arrow schema of an answer: ``period`` (sales only), dimensions, measures, as the
+    view defines them (``ViewDef.arrow_schema``)."""
+    return VIEWS[view].arrow_schema(granularity)
 
 
 def parse_bound(text: str) -> date | datetime:

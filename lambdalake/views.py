@@ -20,10 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Agg = Literal["sum", "count", "min", "max"]
 Granularity = Literal["day", "hour"]
+MeasureType = Literal["int64", "float64"]
+
+# Each measure type's name per engine (Arrow/Parquet/Delta use the Arrow type).
+DUCKDB_TYPES: dict[str, str] = {"int64": "BIGINT", "float64": "DOUBLE"}
+PERIOD_DUCKDB_TYPES: dict[str, str] = {"day": "DATE", "hour": "TIMESTAMPTZ"}
 
 # The expression that buckets an event's time, per granularity (UTC).
 PERIOD_EXPR: dict[str, str] = {
@@ -44,6 +49,7 @@ class Measure:
     name: str
     expr: str
     agg: Agg
+    type: MeasureType = "int64"  # the partial's type, everywhere (Arrow, Delta, DuckDB, Spark)
 
     @property
     def merge_agg(self) -> str:
@@ -109,6 +115,52 @@ class ViewDef:
     def measure(self, name: str) -> Measure:
         return next(m for m in self.measures if m.name == name)
 
+    def partial_columns(self, granularity: Granularity | None = "day") -> list[tuple[str, str]]:
+        """``(column, type)`` of a partial row: ``period`` (a view with periods, given a
+        granularity: ``date`` or ``timestamp`` UTC), the dimensions (``string``) and the
+        measures (``int64``/``float64``). The one source of every engine's schema.
+
+        >>> SENTIMENT.partial_columns()[:3]
+        [('sku', 'string'), ('reviews', 'int64'), ('rating_sum', 'int64')]
+        """
+        cols: list[tuple[str, str]] = []
+        if self.has_period and granularity is not None:
+            cols.append(("period", "date" if granularity == "day" else "timestamp"))
+        cols += [(d, "string") for d in self.dimensions]
+        cols += [(m.name, m.type) for m in self.measures]
+        return cols
+
+    def arrow_schema(
+        self,
+        granularity: Granularity | None = "day",
+        *,
+        period_name: str = "period",
+        derived: bool = False,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> Any:
+        """The partials' Arrow schema (``pyarrow.Schema``): see :meth:`partial_columns`;
+        ``derived`` adds the derived measures (``float64``), ``extra`` more columns."""
+        import pyarrow as pa
+
+        types = {
+            "string": pa.string(),
+            "int64": pa.int64(),
+            "float64": pa.float64(),
+            "date": pa.date32(),
+            "timestamp": pa.timestamp("us", tz="UTC"),
+        }
+        cols = self.partial_columns(granularity)
+        if derived:
+            cols += [(d.name, "float64") for d in self.derived]
+        cols += list(extra)
+        return pa.schema([pa.field(period_name if n == "period" else n, types[t]) for n, t in cols])
+
+    def duckdb_ddl(self, table: str, granularity: Granularity | None = "day") -> str:
+        """``CREATE TABLE`` of an empty table of partials in DuckDB."""
+        names = {"string": "VARCHAR", "date": "DATE", "timestamp": "TIMESTAMPTZ", **DUCKDB_TYPES}
+        cols = ", ".join(f"{n} {names[t]}" for n, t in self.partial_columns(granularity))
+        return f"CREATE TABLE {table} ({cols})"
+
     def aggregate_sql(
         self,
         source: str,
@@ -168,7 +220,7 @@ SALES = ViewDef(
     dimensions=("store_id", "sku"),
     measures=(
         Measure("units", "quantity", "sum"),
-        Measure("revenue", "quantity * unit_price", "sum"),
+        Measure("revenue", "quantity * unit_price", "sum", "float64"),
         Measure("order_lines", "*", "count"),
     ),
 )
@@ -182,7 +234,7 @@ SENTIMENT = ViewDef(
     measures=(
         Measure("reviews", "*", "count"),
         Measure("rating_sum", "rating", "sum"),
-        Measure("sentiment_sum", "sentiment", "sum"),
+        Measure("sentiment_sum", "sentiment", "sum", "float64"),
         Measure("positive", "CASE WHEN label = 'positive' THEN 1 ELSE 0 END", "sum"),
         Measure("neutral", "CASE WHEN label = 'neutral' THEN 1 ELSE 0 END", "sum"),
         Measure("negative", "CASE WHEN label = 'negative' THEN 1 ELSE 0 END", "sum"),

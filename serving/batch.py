@@ -54,15 +54,12 @@ SALES_MEASURES = ", ".join(m.name for m in SALES.measures)
 SENTIMENT_MEASURES = ", ".join(m.name for m in SENTIMENT.measures)
 
 EMPTY_DDL = {
-    "sales_day": "CREATE TABLE sales_day (period DATE, store_id VARCHAR, sku VARCHAR, "
-    "units BIGINT, revenue DOUBLE, order_lines BIGINT)",
-    "sales_hour": "CREATE TABLE sales_hour (period TIMESTAMPTZ, store_id VARCHAR, sku VARCHAR, "
-    "units BIGINT, revenue DOUBLE, order_lines BIGINT)",
+    "sales_day": SALES.duckdb_ddl("sales_day", "day"),
+    "sales_hour": SALES.duckdb_ddl("sales_hour", "hour"),
     "forecast": "CREATE TABLE forecast (sku VARCHAR, store_id VARCHAR, date DATE, "
     "forecast DOUBLE, lower_80 DOUBLE, upper_80 DOUBLE, lower_95 DOUBLE, upper_95 DOUBLE, "
     "model VARCHAR)",
-    "sentiment": "CREATE TABLE sentiment (sku VARCHAR, reviews BIGINT, rating_sum DOUBLE, "
-    "sentiment_sum DOUBLE, positive BIGINT, neutral BIGINT, negative BIGINT)",
+    "sentiment": SENTIMENT.duckdb_ddl("sentiment", None),
     "accuracy": "CREATE TABLE accuracy (sku VARCHAR, store_id VARCHAR, model VARCHAR, "
     "mase DOUBLE, coverage_80 DOUBLE, coverage_95 DOUBLE, n_train_days BIGINT)",
 }

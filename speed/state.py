@@ -49,14 +49,13 @@ import pyarrow as pa
 from lambdalake.contracts import FIELDS_BY_TOPIC, KEY_BY_TOPIC
 from lambdalake.manifest import Watermark, watermark_from_json, watermark_to_json
 from lambdalake.speed_protocol import (
-    MEASURE_TYPES,
     AnswerMeta,
     SpeedQuery,
     answer_schema,
     parse_bound,
     stale_watermark_error,
 )
-from lambdalake.views import SALES, SENTIMENT, Granularity, ViewDef
+from lambdalake.views import DUCKDB_TYPES, SALES, SENTIMENT, Granularity, ViewDef
 
 TOPICS = ("orders", "reviews")
 VIEW_BY_TOPIC: dict[str, ViewDef] = {"orders": SALES, "reviews": SENTIMENT}
@@ -70,7 +69,6 @@ SCHEMA_VERSION = "1"
 MAX_READERS = 8
 
 SCORE_FIELDS = [pa.field("sentiment", pa.float64()), pa.field("label", pa.string())]
-SQL_TYPES = {pa.int64(): "BIGINT", pa.float64(): "DOUBLE"}
 
 
 def held_schema(topic: str) -> pa.Schema:
@@ -831,9 +829,7 @@ def _answer_sql(
     if where:
         inner += " WHERE " + " AND ".join(where)
     merged = view.merge_sql(f"({inner})", keys=keys, derive=False)
-    out = [*keys] + [
-        f"CAST({m} AS {SQL_TYPES[MEASURE_TYPES[m]]}) AS {m}" for m in view.measure_names
-    ]
+    out = [*keys] + [f"CAST({m.name} AS {DUCKDB_TYPES[m.type]}) AS {m.name}" for m in view.measures]
     return f"SELECT {', '.join(out)} FROM ({merged}) ORDER BY ALL", params
 
 

@@ -106,3 +106,33 @@ def test_generated_sql_runs_identically_in_spark(spark) -> None:
         for r in spark.sql(sql).collect()
     )
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("view", "granularity"), [(SALES, "day"), (SALES, "hour"), (SENTIMENT, None)]
+)
+def test_every_engine_types_a_measure_as_the_view_defines_it(view, granularity) -> None:
+    """A measure's type is written once (``Measure.type``): the batch view's Delta schema,
+    the speed layer's answers and the serving snapshot's empty table all carry it."""
+    from batch.publish import VIEW_SCHEMAS
+    from lambdalake.lake import VIEW_DAILY_SALES, VIEW_HOURLY_SALES, VIEW_SENTIMENT_BY_SKU
+    from lambdalake.speed_protocol import answer_schema
+    from serving.batch import EMPTY_DDL
+
+    want = {m.name: m.type for m in view.measures}
+    delta = VIEW_SCHEMAS[
+        {"day": VIEW_DAILY_SALES, "hour": VIEW_HOURLY_SALES, None: VIEW_SENTIMENT_BY_SKU}[
+            granularity
+        ]
+    ]
+    speed = answer_schema(view.name, granularity or "day")
+    con = duckdb.connect()
+    con.execute("SET TimeZone='UTC'")
+    table = {"day": "sales_day", "hour": "sales_hour", None: "sentiment"}[granularity]
+    con.execute(EMPTY_DDL[table])
+    served = con.sql(f"SELECT * FROM {table}").to_arrow_table().schema
+    for schema in (delta, speed, served):
+        got = {name: str(schema.field(name).type) for name in want}
+        assert got == {n: {"int64": "int64", "float64": "double"}[t] for n, t in want.items()}
+    # The dimensions and period line up too (names and order), run_id and means aside.
+    assert served.names == speed.names == [c for c, _ in view.partial_columns(granularity)]
