@@ -608,7 +608,7 @@ def confirm_published(settings: Settings, run_id: str) -> RunRecord:
     its watermark and view versions. Raises ``ValueError`` otherwise.
     """
     from lambdalake import lake as L
-    from lambdalake.manifest import latest_published_run
+    from lambdalake.manifest import latest_published_run, watermark_to_json
 
     lake = L.Lake(_absolute_uri(settings.lake_uri))
     served = latest_published_run(lake.table(L.RUNS), lake.storage_options)
@@ -620,9 +620,7 @@ def confirm_published(settings: Settings, run_id: str) -> RunRecord:
         "publish.served",
         run_id=served.run_id,
         published_at=str(served.published_at),
-        watermark=json.dumps(
-            {t: {str(p): o for p, o in ps.items()} for t, ps in served.watermark.items()}
-        ),
+        watermark=watermark_to_json(served.watermark),
         view_versions=json.dumps(served.view_versions, sort_keys=True),
     )
     return served

@@ -27,7 +27,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from lambdalake.kafka import ensure_topics, wait_for_broker
 from lambdalake.logs import get_logger
+from lambdalake.net import free_port, port_is_free
 from lambdalake.settings import TOPICS
 
 log = get_logger(__name__)
@@ -50,23 +50,6 @@ NODE_ID = 1
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be started; the message says what to do."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a listener could bind ``host:port`` (a port in TIME_WAIT counts as free)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 # --- finding Java and the jars ------------------------------------------------------------

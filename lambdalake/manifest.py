@@ -60,15 +60,28 @@ RUNS_SCHEMA = pa.schema(
 )
 
 
+def watermark_to_dict(wm: Watermark) -> dict[str, dict[str, int]]:
+    """The JSON form of a watermark or any offsets per topic and partition (partition ids as
+    strings, sorted): the one encoding the runs table, the speed protocol, status files and
+    API answers use.
+
+    >>> watermark_to_dict({"orders": {1: 5, 0: 7}})
+    {'orders': {'0': 7, '1': 5}}
+    """
+    return {t: {str(p): int(o) for p, o in sorted(ps.items())} for t, ps in sorted(wm.items())}
+
+
+def watermark_from_dict(raw: dict[str, Any] | None) -> Watermark:
+    """The inverse of :func:`watermark_to_dict` (``None`` is empty)."""
+    return {t: {int(p): int(o) for p, o in ps.items()} for t, ps in (raw or {}).items()}
+
+
 def watermark_to_json(wm: Watermark) -> str:
-    return json.dumps(
-        {t: {str(p): o for p, o in sorted(ps.items())} for t, ps in sorted(wm.items())}
-    )
+    return json.dumps(watermark_to_dict(wm))
 
 
 def watermark_from_json(text: str) -> Watermark:
-    raw = json.loads(text or "{}")
-    return {t: {int(p): int(o) for p, o in ps.items()} for t, ps in raw.items()}
+    return watermark_from_dict(json.loads(text or "{}"))
 
 
 @dataclass

@@ -48,11 +48,10 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
-from lambdalake.manifest import Watermark
-from lambdalake.views import VIEWS
+from lambdalake.manifest import Watermark, watermark_from_dict, watermark_to_dict
+from lambdalake.views import VIEWS, Granularity
 
 ViewName = Literal["sales", "sentiment"]
-Granularity = Literal["day", "hour"]
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 META_KEY = b"lambdalake"
@@ -76,12 +75,8 @@ def parse_bound(text: str) -> date | datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-def _offsets_to_json(offsets: Watermark) -> dict[str, dict[str, int]]:
-    return {t: {str(p): int(o) for p, o in sorted(ps.items())} for t, ps in sorted(offsets.items())}
-
-
-def _offsets_from_json(raw: dict[str, Any] | None) -> Watermark:
-    return {t: {int(p): int(o) for p, o in ps.items()} for t, ps in (raw or {}).items()}
+_offsets_to_json = watermark_to_dict
+_offsets_from_json = watermark_from_dict
 
 
 @dataclass(frozen=True)

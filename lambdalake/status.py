@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lambdalake.lake import QUARANTINE, RUNS, Lake
-from lambdalake.manifest import latest_published_run
+from lambdalake.manifest import latest_published_run, watermark_to_dict
 from lambdalake.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,9 +56,7 @@ def batch_status(lake: Lake, now: datetime) -> dict[str, Any]:
         "run_id": run.run_id,
         "published_at": _iso(published),
         "age_seconds": round((now - published).total_seconds(), 3),
-        "watermark": {
-            t: {str(p): o for p, o in sorted(ps.items())} for t, ps in run.watermark.items()
-        },
+        "watermark": watermark_to_dict(run.watermark),
         "model_versions": run.model_versions,
     }
 

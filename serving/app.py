@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from lambdalake.logs import get_logger
+from lambdalake.net import free_port
 from lambdalake.settings import Settings
 from serving import dashboard
 from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
@@ -257,12 +257,6 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None
         return
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     uvicorn.run("serving.app:app_from_environment", factory=True, workers=workers, **options)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
 
-from lambdalake.views import ALL
-
-Granularity = Literal["day", "hour"]
+from lambdalake.views import ALL, Granularity
 
 # Result-size caps: an answer never carries more points than these.
 MAX_DAY_POINTS = 3_660  # ten years of days

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
+from lambdalake.manifest import watermark_to_dict
 from lambdalake.settings import Settings
 from lambdalake.views import ALL, SALES, SENTIMENT, forecast_level
 from serving.batch import BatchCache, BatchSnapshot, HourlyMissing
@@ -81,10 +82,8 @@ def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
     return Merged(
         as_of=AsOf(
             run_id=snap.run_id,
-            watermark={t: {str(p): o for p, o in sorted(ps.items())} for t, ps in wm.items()},
-            speed_offsets={
-                t: {str(p): o for p, o in sorted(ps.items())} for t, ps in speed.offsets.items()
-            },
+            watermark=watermark_to_dict(wm),
+            speed_offsets=watermark_to_dict(speed.offsets),
         ),
         degraded=speed.degraded,
         missing={t: ps for t, ps in speed.missing.items() if ps},

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
+from lambdalake.manifest import watermark_to_dict
 from lambdalake.settings import Settings, check_secret
 from speed.consumer import Assigned, Polled, Poller, quiet_kafka_logs, validate_polled
 from speed.runs import PreparedRun, RunWatcher, load_model
@@ -144,15 +145,10 @@ class SpeedWorker:
             "invalid": invalid_totals(counts["invalid"]),
             "invalid_by_topic": counts["invalid"],
             "run_id": applied.run_id,
-            "watermark": {
-                t: {str(p): o for p, o in sorted(ps.items())} for t, ps in applied.watermark.items()
-            },
+            "watermark": watermark_to_dict(applied.watermark),
             "model_version": applied.model_version,
             # Partitions re-read after the watermark went back, and the offset to reach.
-            "rereading": {
-                t: {str(p): o for p, o in sorted(ps.items())}
-                for t, ps in applied.rereading(self.state.positions).items()
-            },
+            "rereading": watermark_to_dict(applied.rereading(self.state.positions)),
             "query_endpoint": self.server.endpoint if self.server else None,
             "connected": self.poller.connected,
             "kafka_client": self.poller.client_name,
