@@ -31,19 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from deltalake import DeltaTable
 
-from lambdalake.lake import (
-    MASTER_ORDERS,
-    MASTER_REVIEWS,
-    QUARANTINE,
-    RUNS,
-    VIEW_DAILY_SALES,
-    VIEW_DEMAND_FORECAST,
-    VIEW_FORECAST_ACCURACY,
-    VIEW_HOURLY_SALES,
-    VIEW_REVIEW_SCORES,
-    VIEW_SENTIMENT_BY_SKU,
-    Lake,
-)
+from lambdalake.lake import BATCH_VIEWS, MASTER_ORDERS, MASTER_REVIEWS, QUARANTINE, RUNS, Lake
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 
@@ -55,18 +43,7 @@ log = get_logger(__name__)
 Engine = Literal["delta-rs", "spark"]
 ENGINES: tuple[Engine, ...] = ("delta-rs", "spark")
 
-MAINTAINED_TABLES = (
-    MASTER_ORDERS,
-    MASTER_REVIEWS,
-    QUARANTINE,
-    VIEW_DAILY_SALES,
-    VIEW_HOURLY_SALES,
-    VIEW_DEMAND_FORECAST,
-    VIEW_FORECAST_ACCURACY,
-    VIEW_REVIEW_SCORES,
-    VIEW_SENTIMENT_BY_SKU,
-    RUNS,
-)
+MAINTAINED_TABLES = (MASTER_ORDERS, MASTER_REVIEWS, QUARANTINE, *BATCH_VIEWS, RUNS)
 
 # Delta's default ``delta.deletedFileRetentionDuration`` (7 days): vacuuming files
 # younger than this could break a reader still on an older snapshot.

@@ -224,26 +224,14 @@ def view_keys() -> dict[str, tuple[str, ...]]:
     """The views every run publishes, and the key columns none of their rows may leave empty."""
     from lambdalake import lake as L
 
-    return {
-        L.VIEW_DAILY_SALES: ("date", "store_id", "sku"),
-        L.VIEW_HOURLY_SALES: ("hour", "store_id", "sku"),
-        L.VIEW_DEMAND_FORECAST: ("sku", "store_id", "date"),
-        L.VIEW_FORECAST_ACCURACY: ("sku", "store_id"),
-        L.VIEW_REVIEW_SCORES: ("review_id", "sku"),
-        L.VIEW_SENTIMENT_BY_SKU: ("sku",),
-    }
+    return {v.table: v.key for v in L.PUBLISHED_VIEWS}
 
 
 def unique_key_views() -> tuple[str, ...]:
     """Views whose key must be unique: a duplicate key double-counts in every reader's sum."""
     from lambdalake import lake as L
 
-    return (
-        L.VIEW_DAILY_SALES,
-        L.VIEW_HOURLY_SALES,
-        L.VIEW_REVIEW_SCORES,
-        L.VIEW_SENTIMENT_BY_SKU,
-    )
+    return tuple(v.table for v in L.PUBLISHED_VIEWS if v.unique)
 
 
 FORECAST_BOUNDS = ("lower_95", "lower_80", "forecast", "upper_80", "upper_95")

@@ -27,15 +27,28 @@ VIEW_REVIEW_SCORES = "views/review_scores"
 VIEW_SENTIMENT_BY_SKU = "views/sentiment_by_sku"
 MODELS_SENTIMENT = "models/sentiment"
 
-# The views every batch run publishes (and lists in its ``runs`` row), in commit order.
-BATCH_VIEWS = (
-    VIEW_DAILY_SALES,
-    VIEW_HOURLY_SALES,
-    VIEW_REVIEW_SCORES,
-    VIEW_SENTIMENT_BY_SKU,
-    VIEW_DEMAND_FORECAST,
-    VIEW_FORECAST_ACCURACY,
+
+@dataclass(frozen=True)
+class PublishedView:
+    """What every reader may rely on of one view a batch run publishes."""
+
+    table: str
+    key: tuple[str, ...]  # the columns that identify a row; none of them is ever empty
+    unique: bool = True  # no two rows share the key (a duplicate double-counts in any sum)
+
+
+# The views every batch run publishes (and lists in its ``runs`` row), in commit order; the
+# data-quality gate and table maintenance take their list from here.
+PUBLISHED_VIEWS = (
+    PublishedView(VIEW_DAILY_SALES, ("date", "store_id", "sku")),
+    PublishedView(VIEW_HOURLY_SALES, ("hour", "store_id", "sku")),
+    PublishedView(VIEW_REVIEW_SCORES, ("review_id", "sku")),
+    PublishedView(VIEW_SENTIMENT_BY_SKU, ("sku",)),
+    # Every level's rows: "*" stands for the key an aggregate sums over, so keys stay unique.
+    PublishedView(VIEW_DEMAND_FORECAST, ("sku", "store_id", "date")),
+    PublishedView(VIEW_FORECAST_ACCURACY, ("sku", "store_id")),
 )
+BATCH_VIEWS = tuple(v.table for v in PUBLISHED_VIEWS)
 
 MASTER_TABLE_BY_TOPIC = {"orders": MASTER_ORDERS, "reviews": MASTER_REVIEWS}
 

@@ -89,6 +89,12 @@ def test_batch_over_ingested_history_matches_the_log_and_a_duckdb_recompute(
     assert reviews == sent["reviews"]
     assert con.execute("SELECT sum(reviews) FROM sentiment_by_sku").fetchall()[0][0] == reviews
     assert con.execute("SELECT count(*) FROM review_scores").fetchall()[0][0] == reviews
-    n_series = len({(g[1], g[2]) for g in got})
-    assert con.execute("SELECT count(*) FROM forecast_accuracy").fetchall()[0][0] == n_series
-    assert con.execute("SELECT count(*) FROM demand_forecast").fetchall()[0][0] == 28 * n_series
+    series = {(g[2], g[1]) for g in got}  # (sku, store_id)
+    # Every level: each series, each SKU and each store over the others, and the total.
+    nodes = len(series) + len({k for k, _ in series}) + len({t for _, t in series}) + 1
+    assert con.execute("SELECT count(*) FROM forecast_accuracy").fetchall()[0][0] == nodes
+    per_level = dict(
+        con.execute("SELECT level, count(*) FROM demand_forecast GROUP BY level").fetchall()
+    )
+    assert per_level["sku_store"] == 28 * len(series)
+    assert sum(per_level.values()) == 28 * nodes
