@@ -67,7 +67,7 @@ from batch.forecast_models import (
     statsforecast_model,
 )
 from lambdalake.calendar import nth_weekday
-from lambdalake.views import ALL, FORECAST_LEVELS, forecast_level
+from lambdalake.views import ALL, forecast_level
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -84,7 +84,6 @@ MODEL_FOURIER_ETS = "FourierETS"
 MODEL_LIGHTGBM = "LightGBM"
 SMOOTH_MODELS = DEFAULT_SMOOTH
 INTERMITTENT_MODELS = DEFAULT_INTERMITTENT
-LEVEL_NAMES = FORECAST_LEVELS
 RECONCILERS = ("BottomUp", "MinTrace_wls_struct")
 NATIVE_INTERVALS = {name for name, spec in BY_NAME.items() if spec.native_intervals}
 
@@ -143,7 +142,7 @@ class ForecastConfig:
     lgb_trees: int = 200
     lgb_lags: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 14, 21, 28, 364)
     # How the levels are made coherent: one of RECONCILERS, or "auto" (chosen on a holdout
-    # of the last ``horizon`` days, which costs a second forecast of every series).
+    # of the last ``horizon`` days, which costs a second, points-only forecast of every node).
     reconcile: str = "auto"
 
     def __post_init__(self) -> None:
@@ -1174,7 +1173,10 @@ class LevelForecast:
     holdout_mase: dict[str, float]  # each method's mean MASE over all nodes on the holdout
 
 
-level_of = forecast_level
+def with_level(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the ``level`` of each row, from its ``sku`` and ``store_id``."""
+    keys = zip(frame["sku"], frame["store_id"], strict=True)
+    return frame.assign(level=[forecast_level(s, t) for s, t in keys])
 
 
 def _nodes(bottom: pd.DataFrame) -> pd.DataFrame:
@@ -1226,7 +1228,7 @@ def reconcile(base: pd.DataFrame, method: str) -> pd.DataFrame:
     s_df = pd.DataFrame(s_mat, columns=[ids[k] for k in bottom])
     s_df.insert(0, "unique_id", [ids[k] for k in nodes])
     tags = {
-        name: np.array([ids[k] for k in nodes if level_of(*k) == name], dtype=object)
+        name: np.array([ids[k] for k in nodes if forecast_level(*k) == name], dtype=object)
         for name in ("total", "sku", "store", "sku_store")
     }
     uid = pd.Series([ids[(s, t)] for s, t in zip(base["sku"], base["store_id"], strict=True)])
@@ -1319,8 +1321,7 @@ def reconcile_levels(base: pd.DataFrame, method: str) -> pd.DataFrame:
     """Every node's forecasts (``FORECAST_COLUMNS``), reconciled by ``method``, with ``level``."""
     base = base.assign(ds=pd.to_datetime(base["date"]))
     out = _reconciled_with_bounds(base, method)
-    out["level"] = [level_of(s, t) for s, t in zip(out["sku"], out["store_id"], strict=True)]
-    return out[[*FORECAST_COLUMNS, "level"]].reset_index(drop=True)
+    return with_level(out)[[*FORECAST_COLUMNS, "level"]].reset_index(drop=True)
 
 
 def forecast_levels(
@@ -1333,7 +1334,7 @@ def forecast_levels(
     (``RECONCILERS``) is chosen on a holdout: the same procedure run ``horizon`` days
     earlier, scored by the mean MASE over all nodes. Rows of an aggregate level carry
     ``ALL`` (``"*"``) as their ``sku`` and/or ``store_id``; ``level`` names the level.
-    The one-process form of what ``spark_forecast_levels`` does in Spark.
+    The one-process form of what ``spark_forecast`` and ``reconcile_collected`` do in Spark.
     """
     cfg = cfg or ForecastConfig()
     bottom = build_series(daily, last_date)
@@ -1355,7 +1356,7 @@ def forecast_levels(
 _SPARK_OUT = (
     "kind string, sku string, store_id string, date date, forecast double, lower_80 double, "
     "upper_80 double, lower_95 double, upper_95 double, model string, mase double, "
-    "smape double, coverage_80 double, coverage_95 double, n_train_days int"
+    "smape double, coverage_80 double, coverage_95 double, n_train_days int, level string"
 )
 
 
@@ -1400,17 +1401,6 @@ def spark_nodes(daily_sales: DataFrame, last_date: date) -> DataFrame:
     )
 
 
-def spark_level_column(sku: str = "sku", store_id: str = "store_id") -> Any:
-    """``level_of`` as a Spark column expression."""
-    from pyspark.sql import functions as F
-
-    return (
-        F.when(F.col(sku) == ALL, F.when(F.col(store_id) == ALL, "total").otherwise("store"))
-        .when(F.col(store_id) == ALL, "sku")
-        .otherwise("sku_store")
-    )
-
-
 def spark_forecast(
     nodes: DataFrame,
     last_date: date,
@@ -1444,7 +1434,8 @@ def spark_forecast(
             parts.append(_spark_rows(base.assign(date=base["ds"].dt.date), "holdout"))
             keys = pd.DataFrame(list(scales.index), columns=["sku", "store_id"])
             parts.append(_spark_rows(keys.assign(forecast=scales.to_numpy()), "scale"))
-        return pd.concat([p for p in parts if not p.empty] or parts[:1], ignore_index=True)
+        out = pd.concat([p for p in parts if not p.empty] or parts[:1], ignore_index=True)
+        return with_level(out)
 
     return (
         nodes.select("sku", "store_id", "date", "units")

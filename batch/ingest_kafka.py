@@ -21,13 +21,11 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from lambdalake.kafka import (
-    REFUSED_ERRORS,
-    BrokerRefused,
     Security,
     client_args,
     end_offsets,
     ensure_topics,
-    refusal_since,
+    raise_if_refused,
     topic_partitions,
 )
 from lambdalake.logs import get_logger
@@ -87,12 +85,9 @@ def with_broker_retry(
             result = what()
             backoff.reset()
             return result
-        except REFUSED_ERRORS as exc:
-            raise BrokerRefused(bootstrap, action, exc) from exc
         except (KafkaError, OSError, TimeoutError) as exc:
-            refused = refusal_since(started)
-            if refused is not None:  # answered, and refused: retrying cannot help
-                raise BrokerRefused(bootstrap, action, refused) from exc
+            # Answered, and refused: retrying cannot help.
+            raise_if_refused(exc, bootstrap, action, started)
             if backoff.expired():
                 raise BrokerUnreachable(
                     f"Kafka broker {bootstrap} unreachable while trying to {action} "

@@ -35,7 +35,6 @@ from batch.forecast import (
     ForecastConfig,
     reconcile_collected,
     spark_forecast,
-    spark_level_column,
     spark_nodes,
 )
 from batch.progress import Stages, spark_progress
@@ -209,8 +208,7 @@ def forecast_frames(
     fc = fc.withColumn("run_id", run_col)
     acc = (
         result.where("kind = 'accuracy'")
-        .select(*ACCURACY_COLUMNS)
-        .withColumn("level", spark_level_column())
+        .select(*ACCURACY_COLUMNS, "level")
         .withColumn("run_id", run_col)
     )
     return fc, acc, levels.method

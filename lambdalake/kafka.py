@@ -82,6 +82,14 @@ def refusal_since(started: float) -> BaseException | None:
     return last[1] if last is not None and last[0] >= started else None
 
 
+def raise_if_refused(exc: BaseException, bootstrap: str, action: str, started: float) -> None:
+    """Raise :class:`BrokerRefused` if ``exc`` (a failed attempt begun at ``started``) was a
+    refusal, raised or only logged by kafka-python; return otherwise (a retry may help)."""
+    refused = exc if isinstance(exc, REFUSED_ERRORS) else refusal_since(started)
+    if refused is not None:
+        raise BrokerRefused(bootstrap, action, refused) from exc
+
+
 def client_args(security: Security | None, **overrides: object) -> dict[str, object]:
     """Arguments of one kafka-python client: the defaults, the security settings, overrides."""
     return {**CLIENT_DEFAULTS, **(security or {}), **overrides}
@@ -91,7 +99,8 @@ def wait_for_broker(
     bootstrap: str, timeout: float = 30.0, *, security: Security | None = None
 ) -> None:
     """Return once a client can talk to ``bootstrap``; :class:`TimeoutError` otherwise."""
-    deadline = time.monotonic() + max(timeout, 0.1)
+    started = time.monotonic()
+    deadline = started + max(timeout, 0.1)
     last: Exception | None = None
     while time.monotonic() < deadline:
         # Short attempts: kafka-python retries a refused connection until this timeout.
@@ -106,12 +115,8 @@ def wait_for_broker(
                 return
             finally:
                 admin.close()
-        except REFUSED_ERRORS as exc:
-            raise BrokerRefused(bootstrap, "connect", exc) from exc
         except (KafkaError, OSError, ValueError) as exc:
-            refused = refusal_since(deadline - max(timeout, 0.1))
-            if refused is not None:
-                raise BrokerRefused(bootstrap, "connect", refused) from exc
+            raise_if_refused(exc, bootstrap, "connect", started)
             last = exc
             time.sleep(0.2)
     raise TimeoutError(f"no Kafka broker answering on {bootstrap} ({last})")
