@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +46,13 @@ from batch.ingest_kafka import (
     true_end_offsets,
     with_broker_retry,
 )
-from batch.ingest_lake import PositionedTable, master_rows, open_tables, quarantine_rows
+from batch.ingest_lake import (
+    ConcurrentIngestError,
+    PositionedTable,
+    master_rows,
+    open_tables,
+    quarantine_rows,
+)
 from lambdalake.contracts import REJECTED_SCHEMA, validate
 from lambdalake.kafka_columnar import (
     HALT_ERRORS,
@@ -217,6 +224,7 @@ class Ingest:
         self.positions: Positions = {}
         self.consumer: KafkaConsumer | None = None
         self.reader: ChunkReader | None = None
+        self.resyncs = 0  # times a rival ingest's commit made this one read the tables again
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -303,28 +311,59 @@ class Ingest:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, until_end: bool) -> None:
-        ends = self.ends(until_end)
-        if ends is None:
-            return
-        if until_end:
-            log.info("ingest.until_end", ends=ends, behind=self._behind(ends))
+        """Consume and commit until stopped (or, with ``until_end``, drained).
+
+        A rival ingest committing to the same table (:class:`ConcurrentIngestError`)
+        is survived the way a crash is: the failed micro-batch is dropped, the tables
+        and positions read again and the consumer re-seeked to them, so both writers
+        go on and neither writes a row twice (each commit is conditional on the
+        positions it read)."""
         started = time.monotonic()
-        committer = Committer(self.commit, warm_up=self._warm_up_validator)
-        try:
-            self._consume(committer, ends, until_end)
-        finally:
-            # Stopped, drained or failed: every submitted batch is whole, commit it.
-            committer.close()
+        messages = blocked_s = 0.0
+        while True:
+            ends = self.ends(until_end)
+            if ends is None:
+                return
+            if until_end:
+                log.info("ingest.until_end", ends=ends, behind=self._behind(ends))
+            committer = Committer(self.commit, warm_up=self._warm_up_validator)
+            try:
+                try:
+                    self._consume(committer, ends, until_end)
+                finally:
+                    # Stopped, drained or failed: every submitted batch is whole, commit it.
+                    committer.close()
+            except ConcurrentIngestError as exc:
+                self.resyncs += 1
+                log.warning("ingest.rival_writer", reason=str(exc), resyncs=self.resyncs)
+                if not self.resync(until_end):
+                    return
+                continue
+            finally:
+                messages += committer.committed
+                blocked_s += committer.blocked_s
+            break
         elapsed = time.monotonic() - started
         log.info(
             "ingest.done",
-            messages=committer.committed,
+            messages=int(messages),
             seconds=round(elapsed, 2),
-            events_per_s=round(committer.committed / elapsed) if elapsed > 0 else None,
-            consumer_blocked_s=round(committer.blocked_s, 2),
+            events_per_s=round(messages / elapsed) if elapsed > 0 else None,
+            consumer_blocked_s=round(blocked_s, 2),
             positions=self.positions,
+            resyncs=self.resyncs,
             stopped=self.stop.is_set(),
         )
+
+    def resync(self, until_end: bool) -> bool:
+        """Drop what was read past the committed positions and start again from the
+        tables as they are now (after a rival's commit). False if stopped meanwhile."""
+        self.close()
+        self.consumer = self.reader = None
+        # A short random pause, so two rivals do not collide on every micro-batch.
+        if self.stop.wait(random.uniform(0.05, 0.5)):
+            return False
+        return self.connect(until_end)
 
     def _consume(self, committer: Committer, ends: Positions, until_end: bool) -> None:
         """Poll into micro-batches and hand each to ``committer`` when full, due or done."""

@@ -14,7 +14,9 @@ idempotent on its own:
 * each writer keeps the :class:`DeltaTable` it read its positions from and
   commits through it, so a second ingest committing the same app ids in the
   meantime makes delta-rs fail the commit (``ConcurrentTransaction``) instead
-  of duplicating rows.
+  of duplicating rows; the loser drops that micro-batch and resumes from the
+  tables' positions as they now are, as after a crash (two ingests started by
+  mistake both run to the end, each commit exact).
 
 Files per commit. A Delta table partitioned by ``event_date`` gets at least one
 file per date in every commit, and delta-rs holds one open writer per date while
@@ -78,7 +80,8 @@ RELOAD_EVERY_COMMITS = 50
 class ConcurrentIngestError(ValueError):
     """Another writer committed ingest positions to the same table meanwhile.
 
-    A ``ValueError`` so the command line reports it as a one-line reason."""
+    Nothing of the failed commit was written. :meth:`batch.ingest.Ingest.run` reads
+    the tables again and goes on from their positions (as after a crash)."""
 
 
 # --- pure transforms ----------------------------------------------------------------------
@@ -316,8 +319,8 @@ class PositionedTable:
             latest = DeltaTable(self.uri, storage_options=self.storage_options).version()
             if latest > known:
                 raise ConcurrentIngestError(
-                    f"another ingest committed to {self.uri} at the same time; run one "
-                    "ingest process per lake (this one stops; nothing was written twice)"
+                    f"another ingest committed to {self.uri} at the same time (nothing "
+                    "of this commit was written); run one ingest process per lake"
                 ) from exc
             raise
         for topic, ps in new_positions.items():
