@@ -25,16 +25,13 @@ import pyarrow as pa
 
 from lambdalake.lake import (
     RUNS,
-    VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
-    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
-    VIEW_SENTIMENT_BY_SKU,
     Lake,
 )
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord
-from lambdalake.views import PERIOD_COLUMN, SALES, SENTIMENT, Granularity, ViewDef
+from lambdalake.views import PERIOD_COLUMN, Granularity, ViewDef, aggregate_tables
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -53,7 +50,7 @@ def _nullable(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_nullable(True) for f in schema])
 
 
-def _aggregate_schema(view: ViewDef, granularity: Granularity | None = None) -> pa.Schema:
+def aggregate_schema(view: ViewDef, granularity: Granularity | None) -> pa.Schema:
     """An aggregate view's schema, from its definition (``lambdalake.views``): the period
     (named as ``PERIOD_COLUMN`` says), dimensions, measures, derived measures, ``run_id``."""
     return _nullable(
@@ -68,8 +65,7 @@ def _aggregate_schema(view: ViewDef, granularity: Granularity | None = None) -> 
 
 # The views' column contract (names, order and types), as committed to Delta.
 VIEW_SCHEMAS: dict[str, pa.Schema] = {
-    VIEW_DAILY_SALES: _aggregate_schema(SALES, "day"),
-    VIEW_HOURLY_SALES: _aggregate_schema(SALES, "hour"),
+    **{table: aggregate_schema(view, grain) for view, grain, table in aggregate_tables()},
     VIEW_REVIEW_SCORES: pa.schema(
         [
             _f("review_id", pa.string()),
@@ -82,7 +78,6 @@ VIEW_SCHEMAS: dict[str, pa.Schema] = {
             _f("run_id", pa.string()),
         ]
     ),
-    VIEW_SENTIMENT_BY_SKU: _aggregate_schema(SENTIMENT),
     VIEW_DEMAND_FORECAST: pa.schema(
         [
             _f("sku", pa.string()),

@@ -9,10 +9,15 @@ calls. Stages, each logged with its counts and seconds:
 ``hourly_sales``     ``lambdalake.views.SALES`` per UTC hour, store and SKU
 ``sentiment_train``  the sentiment model from star ratings (or the lexicon), saved
 ``review_scores``    every review scored in Spark with the broadcast model
-``sentiment_by_sku`` ``lambdalake.views.SENTIMENT`` over the scores
+``sentiment_by_sku`` ``lambdalake.views.SENTIMENT`` over the scores, all time
+``sentiment_weekly`` ``lambdalake.views.SENTIMENT`` over the scores, per ISO week
 ``forecast``         28-day forecasts of every level (sku x store, sku, store, total), backtest
                      accuracy, reconciled so that the levels add up
 ``publish``          the ``published`` row in ``runs``
+
+The aggregate stages are not written out one by one: every table of every view definition
+(``ViewDef.tables`` in ``lambdalake.views``) is one stage, named after its table, run as
+soon as its topic's events (orders; reviews once scored) are ready.
 
 Each view is committed to Delta (by delta-spark) as soon as it is computed, but readers serve
 only the views listed by the latest *published* run, so a failure anywhere
@@ -43,33 +48,41 @@ from batch.sentiment_train import TrainConfig, train_sentiment
 from batch.snapshot import deduplicate, pin_snapshot, read_pinned
 from lambdalake.lake import (
     MASTER_TABLE_BY_TOPIC,
-    VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
-    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
-    VIEW_SENTIMENT_BY_SKU,
     Lake,
 )
 from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord
 from lambdalake.sentiment import SentimentModel
 from lambdalake.settings import Settings
-from lambdalake.views import PERIOD_COLUMN, SALES, SENTIMENT, Granularity
+from lambdalake.views import PERIOD_COLUMN, SALES, VIEWS_BY_TOPIC, Granularity, ViewDef
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 log = get_logger("batch")
 
+
+def _stage(table: str) -> str:
+    """An aggregate table's stage: its name (``views/daily_sales`` -> ``daily_sales``)."""
+    return table.rsplit("/", 1)[-1]
+
+
+def aggregate_stages(topic: str) -> list[tuple[ViewDef, Granularity | None, str]]:
+    """``(view, grain, table)`` of each aggregate table over ``topic``'s events, in the
+    order the run writes them (coarsest grain first)."""
+    return [(v, g, v.tables[g]) for v in VIEWS_BY_TOPIC[topic] for g in reversed(v.grains)]
+
+
 STAGES = (
     "pin",
     "read",
-    "daily_sales",
-    "hourly_sales",
+    *(_stage(t) for _, _, t in aggregate_stages("orders")),
     "sentiment_train",
     "review_scores",
-    "sentiment_by_sku",
+    *(_stage(t) for _, _, t in aggregate_stages("reviews")),
     "forecast",
     "publish",
 )
@@ -94,30 +107,27 @@ def _temp_name(what: str, run_id: str) -> str:
     return f"lambdalake_{what}_" + re.sub(r"\W", "_", run_id)
 
 
-def sales_frame(
-    spark: SparkSession, orders: DataFrame, run_id: str, granularity: Granularity
+def aggregate_frame(
+    spark: SparkSession,
+    events: DataFrame,
+    view: ViewDef,
+    granularity: Granularity | None,
+    run_id: str,
 ) -> DataFrame:
-    """``views/daily_sales`` or ``views/hourly_sales`` rows from deduplicated orders (the
-    shared SALES definition at that grain; the period column named by ``PERIOD_COLUMN``)."""
+    """The rows of ``view``'s table at ``granularity`` from deduplicated ``events`` (orders,
+    or scored reviews): its partials, derived measures and ``run_id``, the period column named
+    as ``PERIOD_COLUMN`` says."""
     from pyspark.sql import functions as F
 
-    name = _temp_name("orders", run_id)
-    orders.createOrReplaceTempView(name)
-    df = spark.sql(SALES.aggregate_sql(name, granularity=granularity))
-    return df.withColumnRenamed("period", PERIOD_COLUMN[granularity]).withColumn(
-        "run_id", F.lit(run_id)
-    )
-
-
-def sentiment_by_sku_frame(spark: SparkSession, scores: DataFrame, run_id: str) -> DataFrame:
-    """``views/sentiment_by_sku`` from scored reviews (the shared SENTIMENT definition)."""
-    from pyspark.sql import functions as F
-
-    name = _temp_name("scores", run_id)
-    scores.createOrReplaceTempView(name)
-    partials = SENTIMENT.aggregate_sql(name, granularity=None)
-    derived = ", ".join(d.sql() for d in SENTIMENT.derived)
-    return spark.sql(f"SELECT *, {derived} FROM ({partials})").withColumn("run_id", F.lit(run_id))
+    name = _temp_name(view.topic, run_id)
+    events.createOrReplaceTempView(name)
+    sql = view.aggregate_sql(name, granularity=granularity)
+    if view.derived:
+        sql = f"SELECT *, {', '.join(d.sql() for d in view.derived)} FROM ({sql})"
+    df = spark.sql(sql)
+    if granularity is not None:
+        df = df.withColumnRenamed("period", PERIOD_COLUMN[granularity])
+    return df.withColumn("run_id", F.lit(run_id))
 
 
 SCORES_SCHEMA = (
@@ -287,20 +297,23 @@ def run_batch(
         record.row_counts.update({"orders": info["orders"], "reviews": info["reviews"]})
         _check_injection("read", fail_after_stage)
 
-        with stages.stage("daily_sales") as info:
-            daily = persist(sales_frame(session, orders, run.run_id, "day"))
-            version, rows = write_view(daily, lake, VIEW_DAILY_SALES, run)
-            record.view_versions[VIEW_DAILY_SALES] = version
-            record.row_counts[VIEW_DAILY_SALES] = info["rows"] = rows
-        _check_injection("daily_sales", fail_after_stage)
+        frames = {"orders": orders}
+        files_by_grain = {"hour": session.sparkContext.defaultParallelism, "week": 1, None: 1}
 
-        with stages.stage("hourly_sales") as info:
-            hourly = sales_frame(session, orders, run.run_id, "hour")
-            files = max(1, session.sparkContext.defaultParallelism)
-            version, rows = write_view(hourly, lake, VIEW_HOURLY_SALES, run, files=files)
-            record.view_versions[VIEW_HOURLY_SALES] = version
-            record.row_counts[VIEW_HOURLY_SALES] = info["rows"] = rows
-        _check_injection("hourly_sales", fail_after_stage)
+        def write_aggregates(topic: str) -> None:
+            for view, grain, table in aggregate_stages(topic):
+                with stages.stage(_stage(table)) as info:
+                    df = aggregate_frame(session, frames[topic], view, grain, run.run_id)
+                    if view is SALES and grain == "day":  # the forecasts' history
+                        df = frames["daily"] = persist(df)
+                    version, rows = write_view(
+                        df, lake, table, run, files=files_by_grain.get(grain)
+                    )
+                    record.view_versions[table] = version
+                    record.row_counts[table] = info["rows"] = rows
+                _check_injection(_stage(table), fail_after_stage)
+
+        write_aggregates("orders")
 
         with stages.stage("sentiment_train") as info:
             sample = _training_sample(reviews, record.row_counts["reviews"], tcfg.max_train_reviews)
@@ -326,14 +339,11 @@ def run_batch(
             record.row_counts[VIEW_REVIEW_SCORES] = info["rows"] = rows
         _check_injection("review_scores", fail_after_stage)
 
-        with stages.stage("sentiment_by_sku") as info:
-            by_sku = sentiment_by_sku_frame(session, scores, run.run_id)
-            version, rows = write_view(by_sku, lake, VIEW_SENTIMENT_BY_SKU, run, files=1)
-            record.view_versions[VIEW_SENTIMENT_BY_SKU] = version
-            record.row_counts[VIEW_SENTIMENT_BY_SKU] = info["rows"] = rows
-        _check_injection("sentiment_by_sku", fail_after_stage)
+        frames["reviews"] = scores
+        write_aggregates("reviews")
 
         with stages.stage("forecast") as info:
+            daily = frames["daily"]
             fc, acc, method = forecast_frames(session, daily, fcfg, run.run_id, info, persist)
             files = max(1, session.sparkContext.defaultParallelism)
             version, rows = write_view(fc, lake, VIEW_DEMAND_FORECAST, run, files=files)

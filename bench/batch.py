@@ -40,15 +40,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
 
-STAGES = (
-    "read",
-    "daily_sales",
-    "hourly_sales",
-    "sentiment_train",
-    "review_scores",
-    "sentiment_by_sku",
-    "forecast",
-)
+def _stages() -> tuple[str, ...]:
+    from batch.run import STAGES as RUN_STAGES
+
+    return tuple(s for s in RUN_STAGES if s not in ("pin", "publish"))
+
+
+STAGES = _stages()
 
 
 def build(lake_root: Path, days: int, skus: int, stores: int, seed: int) -> dict:

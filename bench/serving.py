@@ -67,10 +67,10 @@ def build_lake(root: Path, *, skus: int, stores: int, days: int, seed: int) -> d
         RUNS,
         VIEW_DAILY_SALES,
         VIEW_DEMAND_FORECAST,
+        VIEW_HOURLY_SALES,
         VIEW_SENTIMENT_BY_SKU,
     )
     from lambdalake.manifest import RUNS_SCHEMA, RunRecord
-    from serving.batch import VIEW_HOURLY_SALES
 
     rng = np.random.default_rng(seed)
     run_id = "bench-run"
@@ -192,12 +192,12 @@ def naive_app(settings: Any) -> Any:
         RUNS,
         VIEW_DAILY_SALES,
         VIEW_DEMAND_FORECAST,
+        VIEW_HOURLY_SALES,
         VIEW_SENTIMENT_BY_SKU,
         Lake,
     )
     from lambdalake.manifest import latest_published_run
     from lambdalake.views import SALES, SENTIMENT
-    from serving.batch import VIEW_HOURLY_SALES
     from serving.speed import SpeedClient, SpeedFilter
 
     lake = Lake(settings.lake_uri)

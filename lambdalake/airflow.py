@@ -293,11 +293,11 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
 
     Checks: every view is listed and readable at its pinned version; no key
     column is null and keys that must be unique are; the row counts the run
-    recorded match the tables; ``daily_sales`` and ``hourly_sales`` count exactly the
-    orders the run recorded reading, and between the distinct and the total order lines of
-    the pinned master snapshot (deduplication happens within a horizon, so the
-    exact number lies in that range); ``review_scores`` likewise against the
-    reviews, and ``sentiment_by_sku`` adds up to ``review_scores``; forecasts are finite, not negative, and their bounds
+    recorded match the tables; every aggregate table of every view definition
+    (``lambdalake.views``) counts exactly the events the run recorded reading (its
+    ``COUNT(*)`` measure summed), and between the distinct and the total events of the
+    pinned master snapshot (deduplication happens within a horizon, so the exact number
+    lies in that range); ``review_scores`` likewise against the reviews; forecasts are finite, not negative, and their bounds
     ordered ``lower_95 <= lower_80 <= forecast <= upper_80 <= upper_95``;
     sentiment lies in [-1, 1] with a known label.
     """
@@ -386,6 +386,8 @@ def _check_counts_against_master(
     pinned: _Pinned, columns: dict[str, list[str]], recorded: Mapping[str, int]
 ) -> list[str]:
     from lambdalake import lake as L
+    from lambdalake.contracts import KEY_BY_TOPIC
+    from lambdalake.views import aggregate_tables
 
     failures: list[str] = []
 
@@ -395,24 +397,30 @@ def _check_counts_against_master(
         total, distinct = pinned.one(f"SELECT count(*), count(DISTINCT {key}) FROM {_alias(table)}")
         return int(total), int(distinct)
 
-    total, distinct = master_counts(L.MASTER_ORDERS, "event_id")
-    for view in (L.VIEW_DAILY_SALES, L.VIEW_HOURLY_SALES):
-        sales = columns.get(view)
-        if sales is not None and "order_lines" in sales:
-            (lines,) = pinned.one(f"SELECT coalesce(sum(order_lines), 0) FROM {_alias(view)}")
-            if not distinct <= int(lines) <= total:
-                failures.append(
-                    f"{view}: {lines} order lines, the master snapshot holds "
-                    f"{distinct} distinct of {total}"
-                )
-            read = recorded.get("orders")  # the deduplicated orders the run read
-            if read is not None and int(read) != int(lines):
-                failures.append(f"{view}: {lines} order lines, the run read {read} orders")
-        elif sales is not None:
-            failures.append(f"{view}: no order_lines column")
+    masters = {
+        topic: master_counts(table, KEY_BY_TOPIC[topic])
+        for topic, table in L.MASTER_TABLE_BY_TOPIC.items()
+    }
+    # Every aggregate table counts each deduplicated event the run read once, at any grain.
+    for view, _grain, table in aggregate_tables():
+        cols = columns.get(table)
+        if cols is None:
+            continue
+        if view.event_count not in cols:
+            failures.append(f"{table}: no {view.event_count} column")
+            continue
+        (n,) = pinned.one(f"SELECT coalesce(sum({view.event_count}), 0) FROM {_alias(table)}")
+        total, distinct = masters[view.topic]
+        if not distinct <= int(n) <= total:
+            failures.append(
+                f"{table}: {n} {view.event_count}, the master snapshot holds "
+                f"{distinct} distinct of {total}"
+            )
+        read = recorded.get(view.topic)  # the deduplicated events the run read
+        if read is not None and int(read) != int(n):
+            failures.append(f"{table}: {n} {view.event_count}, the run read {read} {view.topic}")
 
-    total, distinct = master_counts(L.MASTER_REVIEWS, "review_id")
-    scores: int | None = None
+    total, distinct = masters["reviews"]
     if L.VIEW_REVIEW_SCORES in columns:
         (scores,) = pinned.one(f"SELECT count(*) FROM {_alias(L.VIEW_REVIEW_SCORES)}")
         if not distinct <= int(scores) <= total:
@@ -423,16 +431,6 @@ def _check_counts_against_master(
         read = recorded.get("reviews")
         if read is not None and int(read) != int(scores):
             failures.append(f"{L.VIEW_REVIEW_SCORES}: {scores} rows, the run read {read} reviews")
-    by_sku = columns.get(L.VIEW_SENTIMENT_BY_SKU)
-    if by_sku is not None and scores is not None and "reviews" in by_sku:
-        (summed,) = pinned.one(
-            f"SELECT coalesce(sum(reviews), 0) FROM {_alias(L.VIEW_SENTIMENT_BY_SKU)}"
-        )
-        if int(summed) != int(scores):
-            failures.append(
-                f"{L.VIEW_SENTIMENT_BY_SKU}: {summed} reviews in all, "
-                f"{L.VIEW_REVIEW_SCORES} has {scores}"
-            )
     return failures
 
 

@@ -14,17 +14,20 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from lambdalake.contracts import ORDER_FIELDS, REVIEW_FIELDS
+from lambdalake.views import SALES, SENTIMENT, aggregate_tables
 
 MASTER_ORDERS = "master/orders"
 MASTER_REVIEWS = "master/reviews"
 QUARANTINE = "quarantine"
 RUNS = "runs"
-VIEW_DAILY_SALES = "views/daily_sales"
+# The aggregate views' tables are named by their definitions (``lambdalake.views``).
+VIEW_DAILY_SALES = SALES.tables["day"]
+VIEW_HOURLY_SALES = SALES.tables["hour"]
+VIEW_SENTIMENT_BY_SKU = SENTIMENT.tables[None]
+VIEW_SENTIMENT_WEEKLY = SENTIMENT.tables["week"]
 VIEW_DEMAND_FORECAST = "views/demand_forecast"
 VIEW_FORECAST_ACCURACY = "views/forecast_accuracy"
-VIEW_HOURLY_SALES = "views/hourly_sales"
 VIEW_REVIEW_SCORES = "views/review_scores"
-VIEW_SENTIMENT_BY_SKU = "views/sentiment_by_sku"
 MODELS_SENTIMENT = "models/sentiment"
 
 
@@ -37,13 +40,12 @@ class PublishedView:
     unique: bool = True  # no two rows share the key (a duplicate double-counts in any sum)
 
 
-# The views every batch run publishes (and lists in its ``runs`` row), in commit order; the
-# data-quality gate and table maintenance take their list from here.
+# The views every batch run publishes (and lists in its ``runs`` row); the data-quality gate
+# and table maintenance take their list from here. Each aggregate table, with its key, comes
+# from its view definition.
 PUBLISHED_VIEWS = (
-    PublishedView(VIEW_DAILY_SALES, ("date", "store_id", "sku")),
-    PublishedView(VIEW_HOURLY_SALES, ("hour", "store_id", "sku")),
+    *(PublishedView(table, view.table_key(grain)) for view, grain, table in aggregate_tables()),
     PublishedView(VIEW_REVIEW_SCORES, ("review_id", "sku")),
-    PublishedView(VIEW_SENTIMENT_BY_SKU, ("sku",)),
     # Every level's rows: "*" stands for the key an aggregate sums over, so keys stay unique.
     PublishedView(VIEW_DEMAND_FORECAST, ("sku", "store_id", "date")),
     PublishedView(VIEW_FORECAST_ACCURACY, ("sku", "store_id")),

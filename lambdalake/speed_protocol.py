@@ -51,16 +51,20 @@ import pyarrow as pa
 from lambdalake.manifest import Watermark, watermark_from_dict, watermark_to_dict
 from lambdalake.views import VIEWS, Granularity
 
-ViewName = Literal["sales", "sentiment"]
+# A view's name in a query: one of lambdalake.views.VIEWS (checked by SpeedQuery).
+ViewName = str
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 META_KEY = b"lambdalake"
 STALE_WATERMARK = "stale watermark"
+# A query's granularity when it names none: the view's default grain (sales by day,
+# sentiment over all time).
+DEFAULT = "default"
 
 
-def answer_schema(view: ViewName, granularity: Granularity = "day") -> pa.Schema:
-    """The Arrow schema of an answer: ``period`` (sales only), dimensions, measures, as the
-    view defines them (``ViewDef.arrow_schema``)."""
+def answer_schema(view: ViewName, granularity: Granularity | None) -> pa.Schema:
+    """The Arrow schema of an answer: ``period`` (at a grain; none for all time), dimensions,
+    measures, as the view defines them (``ViewDef.arrow_schema``)."""
     return VIEWS[view].arrow_schema(granularity)
 
 
@@ -83,14 +87,17 @@ _offsets_from_json = watermark_from_dict
 class SpeedQuery:
     """One request for partial aggregates.
 
-    ``start``/``end`` are inclusive period bounds as ISO dates or date-times
-    (UTC when no offset is given); for ``granularity="hour"`` a bare date as
-    ``end`` includes that whole day. The sentiment view has no period: the
-    bounds and ``stores`` are ignored for it. ``skus``/``stores`` ``None`` = all.
+    ``granularity`` is the view's stored grain or any coarser one
+    (``ViewDef.check_grain``); ``None`` is all time (no period column: the bounds are
+    ignored); left out, the view's default grain (``ViewDef.default_grain``). ``start``/``end`` are inclusive
+    period bounds as ISO dates or date-times (UTC when no offset is given); for
+    ``granularity="hour"`` a bare date as ``end`` includes that whole day, for
+    ``"week"`` a date selects its ISO week. ``stores`` applies to views with a
+    ``store_id`` dimension. ``skus``/``stores`` ``None`` = all.
     """
 
     view: ViewName
-    granularity: Granularity = "day"
+    granularity: Granularity | Literal["default"] | None = DEFAULT
     skus: tuple[str, ...] | None = None
     stores: tuple[str, ...] | None = None
     start: str | None = None
@@ -100,8 +107,10 @@ class SpeedQuery:
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
             raise ValueError(f"unknown view {self.view!r}; expected one of {sorted(VIEWS)}")
-        if self.granularity not in ("day", "hour"):
-            raise ValueError(f"granularity must be 'day' or 'hour', not {self.granularity!r}")
+        view = VIEWS[self.view]
+        if self.granularity == DEFAULT:
+            object.__setattr__(self, "granularity", view.default_grain)
+        view.check_grain(self.granularity)  # type: ignore[arg-type]
         # Accept lists from callers, keep the object hashable-by-value.
         for name in ("skus", "stores"):
             value = getattr(self, name)
@@ -137,7 +146,7 @@ class SpeedQuery:
             raw = json.loads(data)
             return cls(
                 view=raw["view"],
-                granularity=raw.get("granularity") or "day",
+                granularity=raw.get("granularity", DEFAULT),
                 skus=tuple(raw["skus"]) if raw.get("skus") is not None else None,
                 stores=tuple(raw["stores"]) if raw.get("stores") is not None else None,
                 start=raw.get("start"),

@@ -18,28 +18,63 @@ DuckDB ``SET TimeZone='UTC'``): days and hours are UTC.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Agg = Literal["sum", "count", "min", "max"]
-Granularity = Literal["day", "hour"]
+Granularity = Literal["hour", "day", "week"]
 MeasureType = Literal["int64", "float64"]
+
+# Grains from finest to coarsest; ``None`` is "all time" (no period column). A period of one
+# grain lies in exactly one period of every coarser grain (a UTC hour in one UTC day, a day
+# in one ISO week), so partials of a fine grain roll up to any coarser one exactly.
+GRAINS: tuple[Granularity | None, ...] = ("hour", "day", "week", None)
 
 # Each measure type's name per engine (Arrow/Parquet/Delta use the Arrow type).
 DUCKDB_TYPES: dict[str, str] = {"int64": "BIGINT", "float64": "DOUBLE"}
-PERIOD_DUCKDB_TYPES: dict[str, str] = {"day": "DATE", "hour": "TIMESTAMPTZ"}
+# A period's type per grain: an hour is its UTC start, a day its date, a week its Monday.
+PERIOD_TYPES: dict[str, str] = {"hour": "timestamp", "day": "date", "week": "date"}
 
-# The expression that buckets an event's time, per granularity (UTC).
+# The expression that buckets an event's time, per granularity (UTC; ISO weeks start Monday
+# in both engines).
 PERIOD_EXPR: dict[str, str] = {
-    "day": "event_date",
     "hour": "date_trunc('hour', event_time)",
+    "day": "event_date",
+    "week": "CAST(date_trunc('week', event_time) AS DATE)",
 }
 
-# The column that holds the period in the batch layer's sales views, per granularity:
-# ``views/daily_sales.date`` (DATE) and ``views/hourly_sales.hour`` (UTC TIMESTAMP, the hour's
-# start). The speed layer and serving call it ``period``.
-PERIOD_COLUMN: dict[str, str] = {"day": "date", "hour": "hour"}
+# The expression that rolls a finer period column ``{c}`` up to a grain.
+ROLLUP_EXPR: dict[str, str] = {
+    "hour": "{c}",
+    "day": "CAST({c} AS DATE)",
+    "week": "CAST(date_trunc('week', CAST({c} AS DATE)) AS DATE)",
+}
+
+# The column that holds the period in the batch layer's aggregate views, per grain:
+# ``views/daily_sales.date`` (DATE), ``views/hourly_sales.hour`` (UTC TIMESTAMP, the hour's
+# start), ``views/sentiment_weekly.week`` (DATE, the ISO week's Monday). The speed layer and
+# serving call it ``period``.
+PERIOD_COLUMN: dict[str, str] = {"hour": "hour", "day": "date", "week": "week"}
+
+# Events are deduplicated by their topic's key (``lambdalake.contracts.KEY_BY_TOPIC``); of
+# several events with one key the first in the log wins: the lowest offset, then the lowest
+# partition. Every layer dedups with this window (Spark SQL and DuckDB).
+FIRST_WINS = ("_offset", "_partition")
+
+
+def dedup_rank_sql(key: str) -> str:
+    """The rank of an event among those sharing its ``key`` (1 = the one that counts).
+
+    >>> dedup_rank_sql("event_id")
+    'row_number() OVER (PARTITION BY event_id ORDER BY _offset, _partition)'
+    """
+    return f"row_number() OVER (PARTITION BY {key} ORDER BY {', '.join(FIRST_WINS)})"
+
+
+def finer(a: Granularity | None, b: Granularity | None) -> bool:
+    """``a`` is strictly finer than ``b`` (``None``, all time, is the coarsest)."""
+    return GRAINS.index(a) < GRAINS.index(b)
 
 
 @dataclass(frozen=True)
@@ -98,15 +133,65 @@ class Mean:
 
 @dataclass(frozen=True)
 class ViewDef:
-    """An aggregate view over one topic's deduplicated events."""
+    """An aggregate view over one topic's deduplicated events: everything it is.
+
+    ``tables`` maps each grain the batch layer publishes (``None``: all time) to its Delta
+    table; the table's key is the period column (``PERIOD_COLUMN``) and the dimensions, and
+    its columns are :meth:`arrow_schema` with the derived measures and ``run_id``. The speed
+    layer keeps partials at the finest grain (:attr:`stored_grain`) and rolls them up to any
+    grain asked (:attr:`grains`). Events are deduplicated by ``key`` with
+    :func:`dedup_rank_sql`. Adding a grain or a view here adds its batch table, its speed
+    partials, its place in the protocol and in the serving snapshot; only the API's route
+    that answers it is written by hand.
+    """
 
     name: str
     topic: str
     key: str
     dimensions: tuple[str, ...]
     measures: tuple[Measure, ...]
+    tables: Mapping[Granularity | None, str]
     derived: tuple[Mean, ...] = field(default_factory=tuple)
-    has_period: bool = True
+
+    @property
+    def grains(self) -> tuple[Granularity | None, ...]:
+        """The grains the view answers at, finest first."""
+        return tuple(g for g in GRAINS if g in self.tables)
+
+    @property
+    def stored_grain(self) -> Granularity | None:
+        """The finest grain: what the speed layer keeps, and rolls up from."""
+        return self.grains[0]
+
+    @property
+    def has_period(self) -> bool:
+        """Partials carry a period (the view has a grain finer than all time)."""
+        return self.stored_grain is not None
+
+    @property
+    def event_count(self) -> str:
+        """The measure that counts the view's events (``COUNT(*)``): summed over any of its
+        tables, it is the number of deduplicated events the table was built from."""
+        return next(m.name for m in self.measures if m.agg == "count" and m.expr == "*")
+
+    def table_key(self, granularity: Granularity | None) -> tuple[str, ...]:
+        """The columns that identify a row of the view's table at ``granularity``."""
+        period = (PERIOD_COLUMN[granularity],) if granularity is not None else ()
+        return (*period, *self.dimensions)
+
+    @property
+    def default_grain(self) -> Granularity | None:
+        """The grain of a question that names none: the coarsest published."""
+        return self.grains[-1]
+
+    def check_grain(self, granularity: Granularity | None) -> None:
+        """``ValueError`` unless partials can answer at ``granularity``: the stored grain
+        or any coarser one (they roll up exactly), published as a table or not."""
+        if granularity not in GRAINS or finer(granularity, self.stored_grain):
+            coarser = [g or "all time" for g in GRAINS if not finer(g, self.stored_grain)]
+            raise ValueError(
+                f"view {self.name} has no grain {granularity!r}; it answers at {', '.join(coarser)}"
+            )
 
     @property
     def measure_names(self) -> list[str]:
@@ -115,24 +200,24 @@ class ViewDef:
     def measure(self, name: str) -> Measure:
         return next(m for m in self.measures if m.name == name)
 
-    def partial_columns(self, granularity: Granularity | None = "day") -> list[tuple[str, str]]:
-        """``(column, type)`` of a partial row: ``period`` (a view with periods, given a
-        granularity: ``date`` or ``timestamp`` UTC), the dimensions (``string``) and the
-        measures (``int64``/``float64``). The one source of every engine's schema.
+    def partial_columns(self, granularity: Granularity | None) -> list[tuple[str, str]]:
+        """``(column, type)`` of a partial row: ``period`` (given a granularity:
+        ``PERIOD_TYPES``), the dimensions (``string``) and the measures
+        (``int64``/``float64``). The one source of every engine's schema.
 
-        >>> SENTIMENT.partial_columns()[:3]
+        >>> SENTIMENT.partial_columns(None)[:3]
         [('sku', 'string'), ('reviews', 'int64'), ('rating_sum', 'int64')]
         """
         cols: list[tuple[str, str]] = []
-        if self.has_period and granularity is not None:
-            cols.append(("period", "date" if granularity == "day" else "timestamp"))
+        if granularity is not None:
+            cols.append(("period", PERIOD_TYPES[granularity]))
         cols += [(d, "string") for d in self.dimensions]
         cols += [(m.name, m.type) for m in self.measures]
         return cols
 
     def arrow_schema(
         self,
-        granularity: Granularity | None = "day",
+        granularity: Granularity | None,
         *,
         period_name: str = "period",
         derived: bool = False,
@@ -155,7 +240,7 @@ class ViewDef:
         cols += list(extra)
         return pa.schema([pa.field(period_name if n == "period" else n, types[t]) for n, t in cols])
 
-    def duckdb_ddl(self, table: str, granularity: Granularity | None = "day") -> str:
+    def duckdb_ddl(self, table: str, granularity: Granularity | None) -> str:
         """``CREATE TABLE`` of an empty table of partials in DuckDB."""
         names = {"string": "VARCHAR", "date": "DATE", "timestamp": "TIMESTAMPTZ", **DUCKDB_TYPES}
         cols = ", ".join(f"{n} {names[t]}" for n, t in self.partial_columns(granularity))
@@ -172,12 +257,12 @@ class ViewDef:
         """SQL that aggregates deduplicated events in ``source`` into partials.
 
         ``dimensions`` defaults to all of the view's; a period column named
-        ``period`` leads when the view has one and ``granularity`` is given.
+        ``period`` leads when ``granularity`` is given.
         """
         dims = list(self.dimensions if dimensions is None else dimensions)
         select: list[str] = []
         group: list[str] = []
-        if self.has_period and granularity is not None:
+        if granularity is not None:
             select.append(f"{PERIOD_EXPR[granularity]} AS period")
             group.append(PERIOD_EXPR[granularity])
         select += dims
@@ -218,6 +303,7 @@ SALES = ViewDef(
     topic="orders",
     key="event_id",
     dimensions=("store_id", "sku"),
+    tables={"hour": "views/hourly_sales", "day": "views/daily_sales"},
     measures=(
         Measure("units", "quantity", "sum"),
         Measure("revenue", "quantity * unit_price", "sum", "float64"),
@@ -225,12 +311,14 @@ SALES = ViewDef(
     ),
 )
 
-# Sentiment per SKU over scored reviews (columns ``rating``, ``sentiment``, ``label``).
+# Sentiment per SKU over scored reviews (columns ``rating``, ``sentiment``, ``label``), per
+# ISO week and over all time.
 SENTIMENT = ViewDef(
     name="sentiment",
     topic="reviews",
     key="review_id",
     dimensions=("sku",),
+    tables={"week": "views/sentiment_weekly", None: "views/sentiment_by_sku"},
     measures=(
         Measure("reviews", "*", "count"),
         Measure("rating_sum", "rating", "sum"),
@@ -243,10 +331,18 @@ SENTIMENT = ViewDef(
         Mean("mean_rating", "rating_sum", "reviews"),
         Mean("mean_sentiment", "sentiment_sum", "reviews"),
     ),
-    has_period=False,
 )
 
 VIEWS = {v.name: v for v in (SALES, SENTIMENT)}
+VIEWS_BY_TOPIC: dict[str, tuple[ViewDef, ...]] = {
+    t: tuple(v for v in VIEWS.values() if v.topic == t) for t in ("orders", "reviews")
+}
+
+
+def aggregate_tables() -> list[tuple[ViewDef, Granularity | None, str]]:
+    """``(view, grain, table)`` of every aggregate table the batch layer publishes."""
+    return [(v, g, v.tables[g]) for v in VIEWS.values() for g in v.grains]
+
 
 # --- forecast levels --------------------------------------------------------------------------
 

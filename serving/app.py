@@ -29,7 +29,7 @@ from lambdalake.net import free_port
 from lambdalake.settings import Settings
 from serving import dashboard
 from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
-from serving.batch import BatchCache, HourlyMissing
+from serving.batch import BatchCache, ViewMissing
 from serving.deps import check_api_keys, require_api_key
 from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
@@ -159,7 +159,6 @@ def create_app(
     app.state.service = service
     app.state.metrics = metrics
     app.state.batch = batch
-    app.state.sentiment_trends = dashboard.SentimentTrends()
 
     auth = [Depends(require_api_key)]
     for module in (sales, forecast, sentiment, alerts):
@@ -183,8 +182,8 @@ def create_app(
     async def invalid_parameter(request: Request, exc: InvalidParameter) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
-    @app.exception_handler(HourlyMissing)
-    async def hourly_missing(request: Request, exc: HourlyMissing) -> JSONResponse:
+    @app.exception_handler(ViewMissing)
+    async def view_missing(request: Request, exc: ViewMissing) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(exc)})
 
     @app.exception_handler(RequestValidationError)

@@ -8,18 +8,20 @@ ever query the in-memory snapshot: the hot path never touches Delta files.
 
 Tables of a snapshot (normalised names; missing views load as empty tables):
 
-=============  ====================================================================
-``sales_day``   period DATE, store_id, sku, units, revenue, order_lines
-``sales_hour``  period TIMESTAMPTZ (hour start), store_id, sku, units, revenue,
-                order_lines — from ``views/hourly_sales``; a run without that
-                view cannot answer hours (:class:`HourlyMissing`), serving never
-                reads ``master/orders``
-``forecast``    sku, store_id, date, forecast, lower_80, upper_80, lower_95,
-                upper_95, model
-``sentiment``   sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
-``accuracy``    sku, store_id, model, mase, coverage_80, coverage_95, n_train_days:
-                each forecast series' backtest (``views/forecast_accuracy``)
-=============  ====================================================================
+===================  ===============================================================
+``<view>_<grain>``   each aggregate table of each view definition
+                     (``lambdalake.views``): ``period`` (an hour's start, a date, a
+                     week's Monday), the dimensions, the measures; ``<view>`` alone for
+                     its all-time table. Today ``sales_day``, ``sales_hour``,
+                     ``sentiment_week`` and ``sentiment``. A run that does not publish
+                     one of them (a run from before it existed) cannot answer it
+                     (:class:`ViewMissing`); serving never reads ``master/orders``
+``forecast``         sku, store_id, date, forecast, lower_80, upper_80, lower_95,
+                     upper_95, model
+``accuracy``         sku, store_id, model, mase, coverage_80, coverage_95,
+                     n_train_days: each forecast series' backtest
+                     (``views/forecast_accuracy``)
+===================  ===============================================================
 """
 
 from __future__ import annotations
@@ -34,70 +36,93 @@ import pyarrow as pa
 
 from lambdalake.lake import (
     RUNS,
-    VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
-    VIEW_HOURLY_SALES,
-    VIEW_SENTIMENT_BY_SKU,
     Lake,
 )
 from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.settings import Settings
-from lambdalake.views import ALL, SALES, SENTIMENT
+from lambdalake.views import (
+    ALL,
+    PERIOD_COLUMN,
+    SALES,
+    Granularity,
+    ViewDef,
+    aggregate_tables,
+)
 from serving.series import SeriesCache
 from serving.tables import IndexedTable, merge_partials, select
 
 log = get_logger(__name__)
 
-SALES_MEASURES = ", ".join(m.name for m in SALES.measures)
-SENTIMENT_MEASURES = ", ".join(m.name for m in SENTIMENT.measures)
+
+def snapshot_table(view: ViewDef, granularity: Granularity | None) -> str:
+    """The snapshot's table of a view at a grain: ``sales_day``; ``sentiment`` (all time)."""
+    return view.name if granularity is None else f"{view.name}_{granularity}"
+
+
+# snapshot table -> (view, grain, lake table), for every aggregate table.
+AGGREGATES: dict[str, tuple[ViewDef, Granularity | None, str]] = {
+    snapshot_table(v, g): (v, g, t) for v, g, t in aggregate_tables()
+}
 
 EMPTY_DDL = {
-    "sales_day": SALES.duckdb_ddl("sales_day", "day"),
-    "sales_hour": SALES.duckdb_ddl("sales_hour", "hour"),
+    **{name: v.duckdb_ddl(name, g) for name, (v, g, _) in AGGREGATES.items()},
     "forecast": "CREATE TABLE forecast (sku VARCHAR, store_id VARCHAR, date DATE, "
     "forecast DOUBLE, lower_80 DOUBLE, upper_80 DOUBLE, lower_95 DOUBLE, upper_95 DOUBLE, "
     "model VARCHAR)",
-    "sentiment": SENTIMENT.duckdb_ddl("sentiment", None),
     "accuracy": "CREATE TABLE accuracy (sku VARCHAR, store_id VARCHAR, model VARCHAR, "
     "mase DOUBLE, coverage_80 DOUBLE, coverage_95 DOUBLE, n_train_days BIGINT)",
 }
 
-# How each snapshot table is filled from its (registered) Arrow source ``src``.
+# How the forecast tables are filled from their (registered) Arrow source ``src``.
 LOAD_SQL = {
-    "sales_day": f"SELECT CAST(date AS DATE) AS period, store_id, sku, {SALES_MEASURES} "
-    "FROM src ORDER BY sku, store_id, period",
     "forecast": "SELECT sku, store_id, CAST(date AS DATE) AS date, forecast, lower_80, "
     "upper_80, lower_95, upper_95, model FROM src ORDER BY sku, store_id, date",
-    "sentiment": f"SELECT sku, {SENTIMENT_MEASURES} FROM src ORDER BY sku",
     # NaN (a score the backtest could not give) as NULL: JSON has no NaN.
     "accuracy": "SELECT sku, store_id, model, CASE WHEN isnan(mase) THEN NULL ELSE mase END, "
     "CASE WHEN isnan(coverage_80) THEN NULL ELSE coverage_80 END, "
     "CASE WHEN isnan(coverage_95) THEN NULL ELSE coverage_95 END, n_train_days "
     "FROM src ORDER BY sku, store_id",
 }
+FORECAST_TABLES = {"forecast": VIEW_DEMAND_FORECAST, "accuracy": VIEW_FORECAST_ACCURACY}
+
+# Period columns hourly views were written with before the column was named ``hour``.
+_LEGACY_PERIOD = {"hour": ("period", "event_hour", "ts")}
 
 
-def _hour_load_sql(columns: list[str]) -> str:
-    col = next((c for c in ("period", "hour", "event_hour", "ts") if c in columns), None)
+def aggregate_load_sql(
+    view: ViewDef, granularity: Granularity | None, columns: list[str], table: str
+) -> str:
+    """How a snapshot table of ``view`` is filled from its lake table (``src``): sorted by
+    ``sku``, the other dimensions and the period (what the SKU and series indexes need)."""
+    dims = ["sku", *(d for d in view.dimensions if d != "sku")]
+    measures = ", ".join(m.name for m in view.measures)
+    if granularity is None:
+        return (
+            f"SELECT {', '.join(view.dimensions)}, {measures} FROM src ORDER BY {', '.join(dims)}"
+        )
+    candidates = (PERIOD_COLUMN[granularity], *_LEGACY_PERIOD.get(granularity, ()))
+    col = next((c for c in candidates if c in columns), None)
     if col is None:
-        raise ValueError(f"{VIEW_HOURLY_SALES} has no hour column (columns: {columns})")
+        raise ValueError(f"{table} has no {granularity} column (columns: {columns})")
+    ddb = "TIMESTAMPTZ" if granularity == "hour" else "DATE"
     return (
-        f"SELECT CAST({col} AS TIMESTAMPTZ) AS period, store_id, sku, {SALES_MEASURES} "
-        "FROM src ORDER BY sku, store_id, period"
+        f"SELECT CAST({col} AS {ddb}) AS period, {', '.join(view.dimensions)}, {measures} "
+        f"FROM src ORDER BY {', '.join(dims)}, period"
     )
 
 
-class HourlyMissing(LookupError):
-    """The served run publishes no hourly sales view: hour answers cannot be given."""
+class ViewMissing(LookupError):
+    """The served run does not publish the view table a question needs."""
 
-    def __init__(self, run_id: str | None) -> None:
+    def __init__(self, table: str, run_id: str | None, hint: str) -> None:
         super().__init__(
-            f"no hourly sales in the served batch run {run_id}: it publishes no "
-            f"{VIEW_HOURLY_SALES} view (a run from before hourly views); ask for "
-            "granularity=day, or retry after the next batch run"
+            f"the served batch run {run_id} publishes no {table} view (a run from before "
+            f"it existed); {hint}retry after the next batch run"
         )
+        self.table = table
         self.run_id = run_id
 
 
@@ -107,7 +132,7 @@ class BatchSnapshot:
 
     run: RunRecord | None
     tables: dict[str, IndexedTable]
-    hourly_source: str  # "view" | "missing" (the run has no hourly view) | "none" (no run)
+    missing: frozenset[str] = frozenset()  # aggregate lake tables the run does not publish
     loaded_at: float = field(default_factory=time.time)
     series: SeriesCache = field(init=False)  # sales per (key, period), for point queries
 
@@ -117,6 +142,12 @@ class BatchSnapshot:
             {"day": self.tables["sales_day"].table, "hour": self.tables["sales_hour"].table},
         )
 
+    def require(self, view: ViewDef, granularity: Granularity | None, hint: str = "") -> None:
+        """Raise :class:`ViewMissing` if the run does not publish ``view`` at that grain."""
+        table = view.tables[granularity]
+        if table in self.missing:
+            raise ViewMissing(table, self.run_id, hint)
+
     @property
     def run_id(self) -> str | None:
         return self.run.run_id if self.run else None
@@ -125,28 +156,24 @@ class BatchSnapshot:
     def watermark(self) -> Watermark:
         return self.run.watermark if self.run else {}
 
-    def sales(
+    def aggregate(
         self,
-        granularity: str,
+        view: ViewDef,
+        granularity: Granularity | None,
         *,
         keys: list[str],
         sku: str | None,
-        store_id: str | None,
-        first: Any,
-        last: Any,
+        store_id: str | None = None,
+        first: Any = None,
+        last: Any = None,
     ) -> list[dict[str, Any]]:
-        """Sales partials merged by ``keys`` (``period`` plus dimensions), filtered."""
-        table = self.tables["sales_day" if granularity == "day" else "sales_hour"].rows(sku)
-        table = select(
-            table,
-            ("period", "greater_equal", first),
-            ("period", "less_equal", last),
-            ("store_id", "equal", store_id),
-        )
-        return merge_partials(table, keys, SALES)
-
-    def sentiment(self, sku: str | None) -> list[dict[str, Any]]:
-        return merge_partials(self.tables["sentiment"].rows(sku), ["sku"], SENTIMENT)
+        """A view's partials at a grain merged by ``keys`` (``period`` and dimensions),
+        filtered by SKU, store and an inclusive period range."""
+        table = self.tables[snapshot_table(view, granularity)].rows(sku)
+        conditions: list[tuple[str, str, Any]] = [("store_id", "equal", store_id)]
+        if granularity is not None:
+            conditions += [("period", "greater_equal", first), ("period", "less_equal", last)]
+        return merge_partials(select(table, *conditions), keys, view)
 
     def accuracy(self, sku: str, store_id: str) -> list[dict[str, Any]]:
         """The backtest of one forecast series (``ALL`` for a key an aggregate sums over)."""
@@ -202,31 +229,26 @@ def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
     con.execute("SET TimeZone='UTC'")
     for ddl in EMPTY_DDL.values():
         con.execute(ddl)
-    hourly = "none"
+    missing: set[str] = set()
     if run is not None:
         views = run.view_versions
-        for name, view in (
-            ("sales_day", VIEW_DAILY_SALES),
-            ("forecast", VIEW_DEMAND_FORECAST),
-            ("sentiment", VIEW_SENTIMENT_BY_SKU),
-            ("accuracy", VIEW_FORECAST_ACCURACY),
-        ):
-            if view in views:
-                _fill(con, name, _read_delta(lake, view, int(views[view])), LOAD_SQL[name])
-        if VIEW_HOURLY_SALES in views:
-            src = _read_delta(lake, VIEW_HOURLY_SALES, int(views[VIEW_HOURLY_SALES]))
-            _fill(con, "sales_hour", src, _hour_load_sql(src.column_names))
-            hourly = "view"
-        else:
-            # Serving never scans master/orders: an API replica's load time and memory stay
-            # independent of history. Hour questions are refused for such a run (HourlyMissing).
-            hourly = "missing"
+        for name, table in FORECAST_TABLES.items():
+            if table in views:
+                _fill(con, name, _read_delta(lake, table, int(views[table])), LOAD_SQL[name])
+        for name, (view, grain, table) in AGGREGATES.items():
+            if table not in views:
+                # Serving never recomputes a view from master: an API replica's load time and
+                # memory stay independent of history. Questions needing it are refused.
+                missing.add(table)
+                continue
+            src = _read_delta(lake, table, int(views[table]))
+            _fill(con, name, src, aggregate_load_sql(view, grain, src.column_names, table))
     tables = {
         name: IndexedTable.build(con.sql(f"SELECT * FROM {name}").to_arrow_table())
         for name in EMPTY_DDL
     }
     con.close()
-    snap = BatchSnapshot(run=run, tables=tables, hourly_source=hourly)
+    snap = BatchSnapshot(run=run, tables=tables, missing=frozenset(missing))
     snap.series.warm()  # before the snapshot is swapped in: no request pays for it
     return snap
 
@@ -306,7 +328,7 @@ class BatchCache:
             log.info(
                 "serving.batch_loaded",
                 run_id=snap.run_id,
-                hourly=snap.hourly_source,
+                missing=sorted(snap.missing),
                 seconds=round(time.monotonic() - started, 3),
             )
             return True

@@ -194,6 +194,23 @@ class SentimentRanking(Answer):
     items: list[SentimentItem]
 
 
+class SentimentWeek(BaseModel):
+    week: str = Field(description="The ISO week's Monday, `YYYY-MM-DD` (UTC).")
+    reviews: int
+    mean_rating: float | None
+    mean_sentiment: float | None = Field(description="Mean sentiment score in [-1, 1].")
+    positive: int
+    neutral: int
+    negative: int
+
+
+class SentimentWeeks(Answer):
+    """A SKU's review sentiment per ISO week: weeks without reviews are left out."""
+
+    sku: str
+    weeks: list[SentimentWeek]
+
+
 class DemandAlert(BaseModel):
     sku: str
     store_id: str | None

@@ -20,7 +20,9 @@ from lambdalake.views import ALL, Granularity
 # Result-size caps: an answer never carries more points than these.
 MAX_DAY_POINTS = 3_660  # ten years of days
 MAX_HOUR_POINTS = 24 * 93  # about three months of hours
+MAX_WEEK_POINTS = 530  # ten years of weeks
 DEFAULT_DAYS = 30
+DEFAULT_WEEKS = 26
 DEFAULT_HOURS = 48
 MAX_ID_CHARS = 256  # the event contract's limit for ids
 MAX_HORIZON_DAYS = 366
@@ -163,6 +165,32 @@ def sales_range(
     return rng
 
 
+def monday(d: date) -> date:
+    """The Monday of ``d``'s ISO week."""
+    return d - timedelta(days=d.weekday())
+
+
+def week_range(start: str | None, end: str | None, *, today: date) -> tuple[date, date]:
+    """Validate ``start``/``end`` of a weekly answer: the Mondays of the first and last ISO
+    weeks, inclusive. A date inside a week selects that week. Defaults: the week of ``end``
+    (today) and the ``DEFAULT_WEEKS - 1`` before it; at most ``MAX_WEEK_POINTS`` weeks."""
+    last = monday(parse_time_bound(end, "end", end=True).date() if end is not None else today)
+    first = (
+        monday(parse_time_bound(start, "start", end=False).date())
+        if start is not None
+        else last - timedelta(weeks=DEFAULT_WEEKS - 1)
+    )
+    if first > last:
+        raise InvalidParameter("start", f"start's week ({first}) is after end's week ({last})")
+    weeks = (last - first).days // 7 + 1
+    if weeks > MAX_WEEK_POINTS:
+        raise InvalidParameter(
+            "start",
+            f"range too large: {weeks} weekly points, at most {MAX_WEEK_POINTS}; narrow start/end",
+        )
+    return first, last
+
+
 def check_id(value: str | None, name: str) -> str | None:
     """An optional identifier (sku, store_id): non-empty, at most 256 characters."""
     if value is None:
@@ -185,8 +213,9 @@ def check_int(value: int | None, name: str, *, low: int, high: int, default: int
 
 
 def period_label(ts: datetime | date, granularity: Granularity) -> str:
-    """The ``period`` string of a point: ``2024-05-01`` or ``2024-05-01T10:00:00Z``."""
-    if granularity == "day":
+    """The ``period`` string of a point: ``2024-05-01`` (a day, or a week's Monday) or
+    ``2024-05-01T10:00:00Z`` (an hour)."""
+    if granularity in ("day", "week"):
         return (ts.date() if isinstance(ts, datetime) else ts).isoformat()
     assert isinstance(ts, datetime)
     if ts.tzinfo is None:

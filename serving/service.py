@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from lambdalake.manifest import watermark_to_dict
 from lambdalake.settings import Settings
 from lambdalake.views import ALL, SALES, SENTIMENT, forecast_level
-from serving.batch import BatchCache, BatchSnapshot, HourlyMissing
+from serving.batch import BatchCache, BatchSnapshot
 from serving.models import (
     ActualPoint,
     AlertsAnswer,
@@ -40,6 +40,8 @@ from serving.models import (
     SentimentAnswer,
     SentimentItem,
     SentimentRanking,
+    SentimentWeek,
+    SentimentWeeks,
     SeriesAccuracy,
 )
 from serving.params import Granularity, SalesRange, period_label
@@ -166,14 +168,19 @@ class QueryService:
         last: datetime,
     ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
         """Merged sales partials keyed by (period label, *dims)."""
-        if granularity == "hour" and snap.hourly_source == "missing":
-            raise HourlyMissing(snap.run_id)
+        snap.require(SALES, granularity, hint="ask for granularity=day, or ")
         lo: Any = first.date() if granularity == "day" else first
         hi: Any = last.date() if granularity == "day" else last
         acc: dict[tuple, dict[str, Any]] = {}
         if dims:
-            rows = snap.sales(
-                granularity, keys=["period", *dims], sku=sku, store_id=store_id, first=lo, last=hi
+            rows = snap.aggregate(
+                SALES,
+                granularity,
+                keys=["period", *dims],
+                sku=sku,
+                store_id=store_id,
+                first=lo,
+                last=hi,
             )
             for row in rows:
                 key = (period_label(row["period"], granularity), *(row[d] for d in dims))
@@ -319,7 +326,7 @@ class QueryService:
         self, snap: BatchSnapshot, sku: str | None
     ) -> tuple[dict[str, dict[str, Any]], SpeedResult]:
         acc: dict[str, dict[str, Any]] = {}
-        for row in snap.sentiment(sku):
+        for row in snap.aggregate(SENTIMENT, None, keys=["sku"], sku=sku):
             merge_into(acc, row["sku"], row, SENTIMENT)
         speed = self._speed_query(
             SENTIMENT, SpeedFilter(granularity=None, dimensions=("sku",), sku=sku), snap
@@ -362,6 +369,46 @@ class QueryService:
         prov = self._provenance("sentiment_ranking", snap, speed)
         return SentimentRanking(
             items=items[:limit],
+            as_of=prov.as_of,
+            degraded=prov.degraded,
+            missing_partitions=prov.missing,
+        )
+
+    def sentiment_weeks(self, *, sku: str, first: date, last: date) -> SentimentWeeks:
+        """A SKU's sentiment per ISO week (``first``/``last``: Mondays, inclusive), merged."""
+        snap_hint = "ask /v1/sentiment/{sku} for all time, or "
+
+        def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
+            snap.require(SENTIMENT, "week", hint=snap_hint)
+            acc: dict[str, dict[str, Any]] = {}
+            for row in snap.aggregate(
+                SENTIMENT, "week", keys=["period"], sku=sku, first=first, last=last
+            ):
+                merge_into(acc, row["period"].isoformat(), row, SENTIMENT)
+            speed = self._speed_query(
+                SENTIMENT,
+                SpeedFilter(
+                    granularity="week",
+                    sku=sku,
+                    first=datetime(first.year, first.month, first.day, tzinfo=UTC),
+                    last=datetime(last.year, last.month, last.day, tzinfo=UTC),
+                ),
+                snap,
+            )
+            for row in speed.rows:
+                merge_into(acc, period_label(row["period"], "week"), row, SENTIMENT)
+            return acc, speed
+
+        acc, snap, speed = self._merged(compute)
+        prov = self._provenance("sentiment_weeks", snap, speed)
+        return SentimentWeeks(
+            sku=sku,
+            weeks=[
+                SentimentWeek(
+                    week=week, **self._sentiment_item(sku, row).model_dump(exclude={"sku"})
+                )
+                for week, row in sorted(acc.items())
+            ],
             as_of=prov.as_of,
             degraded=prov.degraded,
             missing_partitions=prov.missing,

@@ -41,8 +41,8 @@ from lambdalake.speed_protocol import (
     query_speed,
 )
 from lambdalake.views import ViewDef
-from serving.series import SeriesCache, series_key
-from serving.tables import IndexedTable, as_days, merge_partials, select
+from serving.series import KEY_SETS, SeriesCache, series_key
+from serving.tables import IndexedTable, merge_partials, rollup, select
 
 log = get_logger(__name__)
 
@@ -64,7 +64,7 @@ class WouldBlock(Exception):
 class SpeedFilter:
     """What a query selects: optional sku/store, an optional inclusive period range."""
 
-    granularity: str | None = None  # "day" | "hour" | None (no period column)
+    granularity: str | None = None  # "hour" | "day" | "week" | None (all time: no period)
     dimensions: tuple[str, ...] = ()  # group-by dimensions besides the period
     sku: str | None = None
     store_id: str | None = None
@@ -140,23 +140,26 @@ class _Snapshot:
 
 
 def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list[dict[str, Any]]:
-    """Filter a worker's full hourly partials to ``flt`` and merge them (pure)."""
+    """Filter a worker's partials (at the view's stored grain) to ``flt``, roll them up to
+    its grain and merge them (pure)."""
     table = index.rows(flt.sku)
-    if not view.has_period:
+    store = ("store_id", "equal", flt.store_id) if "store_id" in view.dimensions else None
+    if flt.granularity is None:  # all time: the periods merge away
+        table = select(table, *([store] if store else []))
         return merge_partials(table, list(view.dimensions), view)
     lo: Any = flt.first
     hi: Any = flt.last
-    if flt.granularity == "day":
-        # A UTC hour lies in one UTC day: days are the hours' dates.
+    if flt.granularity != "hour":
+        # A UTC hour lies in one UTC day, a day in one ISO week: periods roll up exactly.
         column = table.schema.get_field_index("period")
-        table = table.set_column(column, "period", as_days(table["period"]))
+        table = table.set_column(column, "period", rollup(table["period"], flt.granularity))
         lo = lo.date() if lo is not None else None
         hi = hi.date() if hi is not None else None
     table = select(
         table,
         ("period", "greater_equal", lo),
         ("period", "less_equal", hi),
-        ("store_id", "equal", flt.store_id),
+        *([store] if store else []),
     )
     return merge_partials(table, ["period", *view.dimensions], view)
 
@@ -330,7 +333,7 @@ class SpeedClient:
         self, key: tuple[str, str], endpoint: str, view: ViewDef, min_offsets: Watermark
     ) -> _Snapshot | SpeedAnswer | SpeedError:
         """Fetch a new snapshot (the caller holds the key's lock)."""
-        q = SpeedQuery(view=view.name, granularity="hour", min_offsets=min_offsets)  # type: ignore[arg-type]
+        q = SpeedQuery(view=view.name, granularity=view.stored_grain, min_offsets=min_offsets)
         asked = time.monotonic()  # a snapshot's age counts from the question, not the answer
         answer = self._ask(endpoint, q)
         if isinstance(answer, SpeedError):
@@ -347,7 +350,7 @@ class SpeedClient:
             index=IndexedTable.build(answer.table, sort=True),
             series=(
                 SeriesCache(view, {"day": answer.table, "hour": answer.table})
-                if view.has_period
+                if view.stored_grain == "hour" and set(KEY_SETS[-1]) <= set(view.dimensions)
                 else None
             ),
         )
@@ -442,14 +445,14 @@ class SpeedClient:
 def _bound(ts: datetime | None, granularity: str | None) -> str | None:
     if ts is None:
         return None
-    return ts.date().isoformat() if granularity == "day" else ts.isoformat()
+    return ts.date().isoformat() if granularity in ("day", "week") else ts.isoformat()
 
 
 def to_speed_query(view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedQuery:
     """The protocol request for ``flt`` (pure)."""
     return SpeedQuery(
-        view=view.name,  # type: ignore[arg-type]
-        granularity=(flt.granularity or "day"),  # type: ignore[arg-type]
+        view=view.name,
+        granularity=flt.granularity,  # type: ignore[arg-type]
         skus=(flt.sku,) if flt.sku is not None else None,
         stores=(flt.store_id,) if flt.store_id is not None else None,
         start=_bound(flt.first, flt.granularity),

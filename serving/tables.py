@@ -50,6 +50,25 @@ def as_days(period: pa.ChunkedArray) -> pa.ChunkedArray:
     return period if pa.types.is_date32(period.type) else pc.cast(period, pa.date32())
 
 
+def rollup(period: pa.ChunkedArray, granularity: str) -> pa.ChunkedArray:
+    """Periods (hour starts, dates or Mondays) as periods of ``granularity``: hours stay,
+    a day is its date, a week its ISO Monday (``lambdalake.views.ROLLUP_EXPR`` in Arrow).
+
+    >>> from datetime import date
+    >>> rollup(pa.chunked_array([[date(2024, 5, 1), date(2024, 5, 5)]]), "week").to_pylist()
+    [datetime.date(2024, 4, 29), datetime.date(2024, 4, 29)]
+    """
+    if granularity == "hour":
+        return period
+    days = as_days(period)
+    if granularity == "day":
+        return days
+    if granularity != "week":
+        raise ValueError(f"no grain {granularity!r}")
+    numbers = pc.subtract(days.cast(pa.int32()), pc.day_of_week(days).cast(pa.int32()))
+    return numbers.cast(pa.date32())
+
+
 def select(table: pa.Table, *conditions: tuple[str, str, Any]) -> pa.Table:
     """Rows where every ``(column, op, value)`` holds (``op`` a pyarrow.compute
     comparison); a ``None`` value means no condition."""

@@ -55,16 +55,22 @@ from lambdalake.speed_protocol import (
     parse_bound,
     stale_watermark_error,
 )
-from lambdalake.views import DUCKDB_TYPES, SALES, SENTIMENT, Granularity, ViewDef
+from lambdalake.views import (
+    DUCKDB_TYPES,
+    ROLLUP_EXPR,
+    VIEWS,
+    VIEWS_BY_TOPIC,
+    ViewDef,
+    dedup_rank_sql,
+)
 
 TOPICS = ("orders", "reviews")
-VIEW_BY_TOPIC: dict[str, ViewDef] = {"orders": SALES, "reviews": SENTIMENT}
 HELD = {t: f"held_{t}" for t in TOPICS}
 KNOWN = {t: f"known_{t}" for t in TOPICS}
-PARTIALS = {t: f"partials_{VIEW_BY_TOPIC[t].name}" for t in TOPICS}
-# The hot path stores hourly partials; day answers roll hours up (a UTC hour lies in one day).
-STORED_GRANULARITY: Granularity = "hour"
-SCHEMA_VERSION = "1"
+# One table of partials per view (a topic may feed several), at the view's finest grain;
+# answers roll them up to the grain asked (lambdalake.views.ROLLUP_EXPR).
+PARTIALS = {name: f"partials_{name}" for name in VIEWS}
+SCHEMA_VERSION = "2"
 # Read cursors kept open at most (queries beyond this wait for one to be free).
 MAX_READERS = 8
 
@@ -84,14 +90,12 @@ def held_schema(topic: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def partials_sql(topic: str, source: str) -> str:
-    """The shared view definition's aggregate over ``source`` at the stored granularity."""
-    view = VIEW_BY_TOPIC[topic]
-    return view.aggregate_sql(source, granularity=STORED_GRANULARITY if view.has_period else None)
+def partials_sql(view: ViewDef, source: str) -> str:
+    """The view definition's aggregate over ``source`` at its stored (finest) grain."""
+    return view.aggregate_sql(source, granularity=view.stored_grain)
 
 
-def partial_keys(topic: str) -> list[str]:
-    view = VIEW_BY_TOPIC[topic]
+def partial_keys(view: ViewDef) -> list[str]:
     return (["period"] if view.has_period else []) + list(view.dimensions)
 
 
@@ -197,7 +201,7 @@ class SpeedState:
         self._create_schema()
         self.applied = self._read_applied(self.con)
         self.positions = self._read_positions(self.con)
-        self._partial_rows = {t: self._count(PARTIALS[t]) for t in TOPICS}
+        self._partial_rows = {v: self._count(PARTIALS[v]) for v in VIEWS}
         self._compacted_rows = dict(self._partial_rows)
 
     # --- setup ---------------------------------------------------------------------------
@@ -220,10 +224,8 @@ class SpeedState:
             con.execute(
                 f"CREATE TABLE IF NOT EXISTS {KNOWN[topic]} (id VARCHAR, seen_at TIMESTAMPTZ)"
             )
-            con.execute(
-                f"CREATE TABLE IF NOT EXISTS {PARTIALS[topic]} AS "
-                f"{partials_sql(topic, HELD[topic])} LIMIT 0"
-            )
+            for view in VIEWS_BY_TOPIC[topic]:
+                self._create_partials(view)
             # Per-micro-batch scratch tables (temporary: this connection only).
             con.execute(f"CREATE TEMP TABLE cand_{topic} AS SELECT * FROM {HELD[topic]} LIMIT 0")
             con.execute(
@@ -242,6 +244,27 @@ class SpeedState:
                 f"{self.path} holds the state of worker {row[0]}, not {layout}; "
                 "use the worker's own file or another LAMBDALAKE_SPEED_DIR"
             )
+
+    def _create_partials(self, view: ViewDef) -> None:
+        """The view's partials table; rebuilt from the held events when a file from before
+        holds it in another shape (a view gained a grain, a measure): partials are a
+        function of the held events, so nothing is lost."""
+        con = self.con
+        table = PARTIALS[view.name]
+        expected = [name for name, _ in view.partial_columns(view.stored_grain)]
+        found = [
+            r[0]
+            for r in con.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE table_name = ? "
+                "ORDER BY column_index",
+                [table],
+            ).fetchall()
+        ]
+        if found == expected:
+            return
+        if found:
+            con.execute(f"DROP TABLE {table}")
+        con.execute(f"CREATE TABLE {table} AS {partials_sql(view, HELD[view.topic])}")
 
     def _create_invalid(self) -> None:
         """``invalid``: one row per (topic, reason) with its count, updated in place.
@@ -387,13 +410,13 @@ class SpeedState:
                         "INSERT INTO invalid SELECT * FROM invalid_in ON CONFLICT (topic, reason) "
                         "DO UPDATE SET n = invalid.n + excluded.n"
                     )
-            compact = [t for t in held if self._needs_compaction(t)]
-            for topic in compact:
-                self._compact_partials(topic)
+            compact = [v for t in held for v in VIEWS_BY_TOPIC[t] if self._needs_compaction(v)]
+            for view in compact:
+                self._compact_partials(view)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
-            self._partial_rows = {t: self._count(PARTIALS[t]) for t in TOPICS}
+            self._partial_rows = {v: self._count(PARTIALS[v]) for v in VIEWS}
             raise
         self.positions = new_positions
         return BatchResult(held=held, duplicates=dups, seconds=time.perf_counter() - t0)
@@ -406,7 +429,7 @@ class SpeedState:
         """
         con = self.con
         key = KEY_BY_TOPIC[topic]
-        held, known, partials = HELD[topic], KNOWN[topic], PARTIALS[topic]
+        held, known = HELD[topic], KNOWN[topic]
         names = held_schema(topic).names
         # Scratch tables live for the connection (no catalog change per micro-batch).
         cand, conf = f"cand_{topic}", f"conf_{topic}"
@@ -416,7 +439,7 @@ class SpeedState:
             con.execute(
                 f"""INSERT INTO {cand} SELECT * FROM batch_in b
                 WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})
-                QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _offset, _partition) = 1"""
+                QUALIFY {dedup_rank_sql(key)} = 1"""
             )
         con.execute(
             f"""INSERT INTO {conf}
@@ -439,20 +462,21 @@ class SpeedState:
             )
         con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM {cand}")
         n_new = int(_one(con, f"SELECT count(*) FROM {cand}")[0])
-        if n_wins:
-            self._rebuild_partials(topic)
-        elif n_new:
-            added = _one(con, f"INSERT INTO {partials} {partials_sql(topic, cand)}")
-            self._partial_rows[topic] += int(added[0])
+        for view in VIEWS_BY_TOPIC[topic]:
+            if n_wins:
+                self._rebuild_partials(view)
+            elif n_new:
+                added = _one(con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, cand)}")
+                self._partial_rows[view.name] += int(added[0])
         return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
 
-    def _needs_compaction(self, topic: str) -> bool:
-        return self._partial_rows[topic] > 2 * self._compacted_rows[topic] + 100_000
+    def _needs_compaction(self, view: ViewDef) -> bool:
+        return self._partial_rows[view.name] > 2 * self._compacted_rows[view.name] + 100_000
 
-    def _compact_partials(self, topic: str) -> None:
+    def _compact_partials(self, view: ViewDef) -> None:
         """Merge the partials log with the view's merge rules (same answers, fewer rows)."""
-        view, partials = VIEW_BY_TOPIC[topic], PARTIALS[topic]
-        keys = partial_keys(topic)
+        partials = PARTIALS[view.name]
+        keys = partial_keys(view)
         self.con.execute(
             f"CREATE OR REPLACE TEMP TABLE merged AS "
             f"{view.merge_sql(partials, keys=keys, derive=False)}"
@@ -461,14 +485,14 @@ class SpeedState:
         self.con.execute(f"INSERT INTO {partials} BY NAME SELECT * FROM merged")
         self.con.execute("DROP TABLE merged")
         n = self._count(partials)
-        self._partial_rows[topic] = self._compacted_rows[topic] = n
+        self._partial_rows[view.name] = self._compacted_rows[view.name] = n
 
-    def _rebuild_partials(self, topic: str) -> None:
-        partials = PARTIALS[topic]
+    def _rebuild_partials(self, view: ViewDef) -> None:
+        partials = PARTIALS[view.name]
         self.con.execute(f"DELETE FROM {partials}")
-        self.con.execute(f"INSERT INTO {partials} {partials_sql(topic, HELD[topic])}")
+        self.con.execute(f"INSERT INTO {partials} {partials_sql(view, HELD[view.topic])}")
         n = self._count(partials)
-        self._partial_rows[topic] = self._compacted_rows[topic] = n
+        self._partial_rows[view.name] = self._compacted_rows[view.name] = n
 
     # --- runs -------------------------------------------------------------------------------
 
@@ -500,7 +524,8 @@ class SpeedState:
             horizon = now - timedelta(hours=dedup_hours)
             for topic in TOPICS:
                 con.execute(f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ?", [horizon])
-                self._rebuild_partials(topic)
+            for view in VIEWS.values():
+                self._rebuild_partials(view)
             # Owned partitions resume at max(own position, watermark); after a reset
             # (the watermark went backwards) exactly at the watermark.
             new_positions = {
@@ -656,7 +681,7 @@ class SpeedState:
 
         Partitions being re-read after a reset are left out of the answer (rows,
         ``partitions``, ``offsets``) and listed in ``rereading``."""
-        view = SALES if q.view == "sales" else SENTIMENT
+        view = VIEWS[q.view]
         topic = view.topic
         with self.snapshot() as cur:
             applied = self._read_applied(cur)
@@ -681,7 +706,7 @@ class SpeedState:
             # Held events filtered by offset (and partition) when the stored partials
             # cover more than asked: a caller at a newer run, or partitions left out.
             exact = bool(skipped) or any(lows[p] > pruned.get(p, 0) for p in lows)
-            sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[topic], exact)
+            sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[view.name], exact)
             lows_tbl = pa.table(
                 {
                     "partition": pa.array(list(lows), pa.int32()),
@@ -759,23 +784,30 @@ def _plus(ts: datetime, delta: timedelta) -> datetime:
 def period_bounds(
     granularity: str, start: str | None, end: str | None
 ) -> tuple[datetime | None, datetime | None]:
-    """Inclusive period bounds as a half-open ``[lo, hi)`` range of hour starts (UTC).
+    """Inclusive period bounds as a half-open ``[lo, hi)`` range of instants (UTC): hour
+    starts for hours, day starts for days, Monday starts for weeks (a date or time selects
+    its period).
 
     Dates near the ends of the calendar clamp (``end=9999-12-31`` has no upper
     bound); a bound that is not an ISO date or date-time is a ``ValueError``."""
 
     def day_start(d: date) -> datetime:
+        if granularity == "week":
+            d = d - timedelta(days=d.weekday())
         return datetime(d.year, d.month, d.day, tzinfo=UTC)
 
+    step = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}[
+        granularity
+    ]
     lo = hi = None
     if start:
         s = parse_bound(start)
         if isinstance(s, datetime):
             s = _utc(s)
             lo = (
-                day_start(s.date())
-                if granularity == "day"
-                else s.replace(minute=0, second=0, microsecond=0)
+                s.replace(minute=0, second=0, microsecond=0)
+                if granularity == "hour"
+                else day_start(s.date())
             )
         else:
             lo = day_start(s)
@@ -783,12 +815,12 @@ def period_bounds(
         e = parse_bound(end)
         if isinstance(e, datetime):
             e = _utc(e)
-            if granularity == "day":
-                hi = _plus(day_start(e.date()), timedelta(days=1))
+            if granularity == "hour":
+                hi = _plus(e.replace(minute=0, second=0, microsecond=0), step)
             else:
-                hi = _plus(e.replace(minute=0, second=0, microsecond=0), timedelta(hours=1))
+                hi = _plus(day_start(e.date()), step)
         else:
-            hi = _plus(day_start(e), timedelta(days=1))
+            hi = _plus(day_start(e), timedelta(days=1) if granularity == "hour" else step)
     if hi == LATEST:
         hi = None  # nothing lies beyond the last representable instant
     return lo, hi
@@ -799,9 +831,8 @@ def _answer_sql(
 ) -> tuple[str, list[Any]]:
     """SQL for an answer: stored partials (or an exact aggregate of held events
     filtered by offset), filtered, rolled up to the granularity, merged."""
-    topic = view.topic
     if exact:
-        source = f"({partials_sql(topic, f'(SELECT h.* FROM {held} h JOIN lows_tbl l ON l.partition = h._partition WHERE h._offset >= l.low)')})"
+        source = f"({partials_sql(view, f'(SELECT h.* FROM {held} h JOIN lows_tbl l ON l.partition = h._partition WHERE h._offset >= l.low)')})"
     else:
         source = partials
     where: list[str] = []
@@ -809,25 +840,27 @@ def _answer_sql(
     if q.skus is not None:
         where.append("list_contains(?, sku)")
         params.append(list(q.skus))
+    if q.stores is not None and "store_id" in view.dimensions:
+        where.append("list_contains(?, store_id)")
+        params.append(list(q.stores))
     cols = list(view.dimensions) + view.measure_names
     keys = list(view.dimensions)
-    if view.has_period:
-        if q.stores is not None:
-            where.append("list_contains(?, store_id)")
-            params.append(list(q.stores))
+    bounds: list[str] = []
+    if q.granularity is not None:
+        # Rolled up from the stored grain (a period lies in one period of any coarser grain).
+        cols = [f"{ROLLUP_EXPR[q.granularity].format(c='period')} AS period", *cols]
+        keys = ["period", *keys]
         lo, hi = period_bounds(q.granularity, q.start, q.end)
         if lo is not None:
-            where.append("period >= ?")
-            params.append(lo)
+            bounds.append("period >= ?")
         if hi is not None:
-            where.append("period < ?")
-            params.append(hi)
-        period = "CAST(period AS DATE)" if q.granularity == "day" else "period"
-        cols = [f"{period} AS period", *cols]
-        keys = ["period", *keys]
+            bounds.append("period < ?")
+        params += [b for b in (lo, hi) if b is not None]
     inner = f"SELECT {', '.join(cols)} FROM {source} AS s"
     if where:
         inner += " WHERE " + " AND ".join(where)
+    if bounds:
+        inner = f"SELECT * FROM ({inner}) WHERE " + " AND ".join(bounds)
     merged = view.merge_sql(f"({inner})", keys=keys, derive=False)
     out = [*keys] + [f"CAST({m.name} AS {DUCKDB_TYPES[m.type]}) AS {m.name}" for m in view.measures]
     return f"SELECT {', '.join(out)} FROM ({merged}) ORDER BY ALL", params

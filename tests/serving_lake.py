@@ -1,8 +1,8 @@
 """A small lake with one published run, written in the batch layer's documented view shapes.
 
 For serving tests that need a served run but no Spark: ``views/daily_sales``,
-``views/hourly_sales``, ``views/demand_forecast``, ``views/sentiment_by_sku`` and
-``views/review_scores`` for the given ids, and the ``runs`` row that publishes them.
+``views/hourly_sales``, ``views/demand_forecast``, ``views/sentiment_by_sku``,
+``views/sentiment_weekly`` and ``views/review_scores`` for the given ids, and the ``runs`` row that publishes them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from lambdalake.lake import (
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
+    VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
+    VIEW_SENTIMENT_WEEKLY,
 )
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord
-from serving.batch import VIEW_HOURLY_SALES
 
 
 def write_small_run(
@@ -102,6 +103,20 @@ def write_small_run(
         for w in range(3)
     ]
     write_deltalake(str(root / VIEW_REVIEW_SCORES), pa.Table.from_pylist(scores))
+    weekly = [  # the scores per ISO week, as the batch layer aggregates them
+        {
+            "week": s["event_time"].date() - timedelta(days=s["event_time"].weekday()),
+            "sku": s["sku"],
+            "reviews": 1,
+            "rating_sum": s["rating"],
+            "sentiment_sum": s["sentiment"],
+            "positive": 1,
+            "neutral": 0,
+            "negative": 0,
+        }
+        for s in scores
+    ]
+    write_deltalake(str(root / VIEW_SENTIMENT_WEEKLY), pa.Table.from_pylist(weekly))
     views = {
         v: int(DeltaTable(str(root / v)).version())
         for v in (
@@ -109,6 +124,7 @@ def write_small_run(
             VIEW_HOURLY_SALES,
             VIEW_DEMAND_FORECAST,
             VIEW_SENTIMENT_BY_SKU,
+            VIEW_SENTIMENT_WEEKLY,
             VIEW_REVIEW_SCORES,
         )
     }

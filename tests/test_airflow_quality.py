@@ -39,6 +39,7 @@ from lambdalake.lake import (
     VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
+    VIEW_SENTIMENT_WEEKLY,
     Lake,
 )
 from lambdalake.manifest import (
@@ -171,6 +172,10 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
     sentiment = pa.Table.from_pylist(
         [{"sku": k, **v, "neutral": 0} for k, v in sorted(by_sku.items())]
     )
+    monday = T0.date() - timedelta(days=T0.weekday())  # every review is at T0
+    weekly = pa.Table.from_pylist(
+        [{"week": monday, "sku": k, **v, "neutral": 0} for k, v in sorted(by_sku.items())]
+    )
     hourly_sales = pa.Table.from_pylist(
         [
             {"hour": h, "store_id": s, "sku": k, "units": u, "revenue": rev, "order_lines": n}
@@ -184,6 +189,7 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
         VIEW_FORECAST_ACCURACY: accuracy,
         VIEW_REVIEW_SCORES: pa.Table.from_pylist(scores),
         VIEW_SENTIMENT_BY_SKU: sentiment,
+        VIEW_SENTIMENT_WEEKLY: weekly,
     }
 
 
@@ -271,6 +277,11 @@ def _bad_hourly_lost_rows(views):
     return {**views, VIEW_HOURLY_SALES: t.slice(1)}
 
 
+def _bad_weekly_lost_reviews(views):
+    t = views[VIEW_SENTIMENT_WEEKLY]
+    return {**views, VIEW_SENTIMENT_WEEKLY: t.slice(1)}
+
+
 def _bad_double_counted_reviews(views):
     t = views[VIEW_REVIEW_SCORES]
     return {**views, VIEW_REVIEW_SCORES: pa.concat_tables([t, t.slice(0, 2)])}
@@ -283,8 +294,9 @@ def _bad_double_counted_reviews(views):
         (_bad_forecast_bounds, "bounds out of order"),
         (_bad_forecast_levels, "1 store-level row(s) that are not the sum"),
         (_bad_null_key, "null key"),
-        (_bad_lost_rows, "order lines, the run read 40 orders"),
-        (_bad_hourly_lost_rows, "hourly_sales: 39 order lines, the run read 40 orders"),
+        (_bad_lost_rows, "order_lines, the run read 40 orders"),
+        (_bad_hourly_lost_rows, "hourly_sales: 39 order_lines, the run read 40 orders"),
+        (_bad_weekly_lost_reviews, "sentiment_weekly: "),
         (_bad_double_counted_reviews, "duplicated key"),
     ],
 )

@@ -35,6 +35,7 @@ from lambdalake.lake import (
     VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
+    VIEW_SENTIMENT_WEEKLY,
     Lake,
 )
 from lambdalake.manifest import RunRecord, latest_published_run, read_runs
@@ -50,6 +51,7 @@ VIEWS = (
     VIEW_HOURLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
+    VIEW_SENTIMENT_WEEKLY,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
 )
@@ -192,6 +194,39 @@ def test_sentiment_by_sku_counts_and_means_equal_a_duckdb_recompute(published):
         """
     ).fetchall()[0][0]
     assert mismatches == 0
+
+
+def test_sentiment_weekly_equals_a_recompute_and_adds_up_to_all_time(published):
+    """The weekly grain of the sentiment view: per ISO week (Monday, UTC) exactly the scored
+    reviews of that week, and its weeks sum to ``sentiment_by_sku``."""
+    lake, run, _, _ = published
+    con = duck(lake, run)
+    assert con.execute("SELECT count(*) FROM sentiment_weekly").fetchall()[0][0] > 0
+    assert con.execute(
+        "SELECT count(*) FROM sentiment_weekly WHERE dayofweek(week) <> 1"
+    ).fetchall() == [(0,)]  # every period is a Monday
+    mismatches = con.execute(
+        """
+        SELECT count(*) FROM sentiment_weekly w FULL JOIN (
+            SELECT CAST(event_time - INTERVAL (isodow(event_time) - 1) DAY AS DATE) AS week,
+                   sku, count(*) n, sum(rating) rs, sum(sentiment) ss,
+                   count(*) FILTER (WHERE label = 'positive') pos
+            FROM review_scores GROUP BY ALL) r USING (week, sku)
+        WHERE w.reviews IS DISTINCT FROM r.n OR w.rating_sum IS DISTINCT FROM r.rs
+           OR w.positive IS DISTINCT FROM r.pos OR abs(w.sentiment_sum - r.ss) > 1e-9
+           OR abs(w.mean_rating - r.rs / r.n) > 1e-12
+        """
+    ).fetchall()[0][0]
+    assert mismatches == 0
+    summed = con.execute(
+        """
+        SELECT count(*) FROM (SELECT sku, sum(reviews) n, sum(rating_sum) rs
+                              FROM sentiment_weekly GROUP BY sku) w
+        FULL JOIN sentiment_by_sku s USING (sku)
+        WHERE w.n IS DISTINCT FROM s.reviews OR w.rs IS DISTINCT FROM s.rating_sum
+        """
+    ).fetchall()[0][0]
+    assert summed == 0
 
 
 def test_review_scores_equal_what_the_published_model_scores(published):

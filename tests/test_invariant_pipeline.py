@@ -358,6 +358,27 @@ class Recompute:
         }
 
 
+    def sentiment_weeks(
+        self, sku: str, scores: dict[str, tuple[float, str]], first: date
+    ) -> dict[str, tuple[int, int, int]]:
+        """Per ISO week (its Monday, from ``first``): reviews, rating sum and positives of
+        ``sku``'s covered reviews."""
+        out: dict[str, list[int]] = {}
+        for s in self.reviews:
+            e = s.event
+            if e["sku"] != sku:
+                continue
+            day = e["event_time"].astimezone(UTC)
+            monday = day.date() - timedelta(days=day.weekday())
+            if monday < first:
+                continue
+            acc = out.setdefault(monday.isoformat(), [0, 0, 0])
+            acc[0] += 1
+            acc[1] += e["rating"]
+            acc[2] += scores[e["review_id"]][1] == "positive"
+        return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
 # --- random queries --------------------------------------------------------------------------
 
 
@@ -625,6 +646,18 @@ class Checker:
                 ), f"[{step}] {sku}: {body} vs {want}"
             else:
                 assert body["mean_rating"] is None and body["mean_sentiment"] is None
+        # Every SKU's weeks too (the sentiment view at its weekly grain), merged the same way.
+        first = datetime.now(UTC).date() - timedelta(weeks=104)
+        first -= timedelta(days=first.weekday())
+        for sku in SKUS:
+            body = self.get(f"/v1/sentiment-weeks/{sku}", {"start": first.isoformat()})
+            self._check_coverage(body, "reviews", ends, run_id, degraded_partitions, step)
+            want = Recompute(self.log, body["as_of"]).sentiment_weeks(sku, scores, first)
+            got = {
+                w["week"]: (w["reviews"], round(w["mean_rating"] * w["reviews"]), w["positive"])
+                for w in body["weeks"]
+            }
+            assert got == want, f"[{step}] {sku} weeks: {got} vs {want}"
 
     def _check_coverage(
         self,

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,14 @@ from lambdalake.lake import (
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
+    VIEW_HOURLY_SALES,
     VIEW_SENTIMENT_BY_SKU,
+    VIEW_SENTIMENT_WEEKLY,
 )
 from lambdalake.manifest import RUNS_SCHEMA, RunRecord
 from lambdalake.settings import Settings
 from lambdalake.views import forecast_level
 from serving.app import create_app, running_server
-from serving.batch import VIEW_HOURLY_SALES
 
 NOW = datetime(2024, 5, 10, 20, 0, tzinfo=UTC)  # late in the day: low-demand alerts are armed
 TODAY = NOW.date()
@@ -225,6 +226,23 @@ SENTIMENT_ROWS = [
 ]
 
 
+# The same reviews per ISO week (Mondays): A's span two weeks, and add up to the rows above.
+SENTIMENT_WEEK_ROWS = [
+    # week, sku, reviews, rating_sum, sentiment_sum, positive, neutral, negative
+    (date(2024, 4, 29), "A", 3, 11, 0.9, 2, 1, 0),
+    (date(2024, 5, 6), "A", 1, 3, 0.3, 1, 0, 0),
+    (date(2024, 5, 6), "B", 2, 3, -0.8, 0, 0, 2),
+    (date(2024, 5, 6), "C", 1, 5, 0.9, 1, 0, 0),
+]
+
+
+def sentiment_weekly_table(run_id: str) -> pa.Table:
+    names = ["week", "sku", "reviews", "rating_sum", "sentiment_sum"]
+    names += ["positive", "neutral", "negative"]
+    rows = [dict(zip(names, r, strict=True)) for r in SENTIMENT_WEEK_ROWS]
+    return pa.Table.from_pylist([{**r, "run_id": run_id} for r in rows])
+
+
 def sentiment_table(run_id: str) -> pa.Table:
     return pa.Table.from_pylist(
         [
@@ -251,6 +269,7 @@ def write_run(
     orders: list[dict[str, Any]],
     *,
     hourly_view: bool = False,
+    weekly_view: bool = True,
     status: str = "published",
     published_at: datetime | None = None,
     levels: bool = False,
@@ -281,6 +300,12 @@ def write_run(
             VIEW_FORECAST_ACCURACY,
         )
     }
+    if weekly_view:
+        wmode = "overwrite" if (root / VIEW_SENTIMENT_WEEKLY).exists() else "error"
+        write_deltalake(
+            str(root / VIEW_SENTIMENT_WEEKLY), sentiment_weekly_table(run_id), mode=wmode
+        )
+        views[VIEW_SENTIMENT_WEEKLY] = version(VIEW_SENTIMENT_WEEKLY)
     if hourly_view:
         hmode = "overwrite" if (root / VIEW_HOURLY_SALES).exists() else "error"
         write_deltalake(str(root / VIEW_HOURLY_SALES), hourly_sales(orders, run_id), mode=hmode)
@@ -658,6 +683,37 @@ def test_sentiment_means_come_from_merged_sums(api: httpx.Client) -> None:
     assert (body["positive"], body["neutral"], body["negative"]) == (3, 1, 0)
 
 
+def test_sentiment_weeks_come_from_the_weekly_view(api: httpx.Client) -> None:
+    body = api.get("/v1/sentiment-weeks/A", params={"start": "2024-04-01"}).json()
+    weeks = {w["week"]: w for w in body["weeks"]}
+    assert list(weeks) == ["2024-04-29", "2024-05-06"]
+    assert weeks["2024-04-29"]["reviews"] == 3
+    assert weeks["2024-04-29"]["mean_rating"] == pytest.approx(11 / 3)
+    assert weeks["2024-05-06"]["mean_sentiment"] == pytest.approx(0.3)
+    # The weeks add up to the all-time answer.
+    total = api.get("/v1/sentiment/A").json()
+    assert sum(w["reviews"] for w in body["weeks"]) == total["reviews"]
+    # A date inside a week selects the week; the default range ends at today's week.
+    one = api.get("/v1/sentiment-weeks/A", params={"start": "2024-05-01", "end": "2024-05-02"})
+    assert [w["week"] for w in one.json()["weeks"]] == ["2024-04-29"]
+    assert [w["week"] for w in api.get("/v1/sentiment-weeks/B").json()["weeks"]] == ["2024-05-06"]
+    bad = api.get("/v1/sentiment-weeks/A", params={"start": "2024-05-10", "end": "2024-04-01"})
+    assert bad.status_code == 400 and "after end" in bad.json()["detail"]
+    huge = api.get("/v1/sentiment-weeks/A", params={"start": "2000-01-01"})
+    assert huge.status_code == 400 and "at most" in huge.json()["detail"]
+
+
+def test_a_run_without_weekly_sentiment_says_so(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    write_run(root, "run-1", make_orders(seed=2, n=50), weekly_view=False)
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        r = client.get("/v1/sentiment-weeks/A")
+        assert r.status_code == 503, r.text
+        assert "views/sentiment_weekly" in r.json()["detail"]
+        assert client.get("/v1/sentiment/A").json()["reviews"] == 4
+
+
 def test_sentiment_ranking_orders_and_limits(api: httpx.Client) -> None:
     worst = api.get("/v1/sentiment", params={"order": "worst"}).json()["items"]
     assert [i["sku"] for i in worst] == ["B", "A", "C"]
@@ -711,6 +767,7 @@ def test_openapi_documents_every_endpoint_with_examples(api: httpx.Client) -> No
         "/v1/forecast",
         "/v1/sentiment/{sku}",
         "/v1/sentiment",
+        "/v1/sentiment-weeks/{sku}",
         "/v1/alerts/demand",
         "/v1/status",
         "/health",
@@ -739,7 +796,7 @@ def test_api_keys_guard_everything_but_health(tmp_path: Path, lake: Any) -> None
             "/redoc",
             "/openapi.json",
             "/dashboard/api/skus",
-            "/dashboard/api/sentiment-trend/A",
+            "/v1/sentiment-weeks/A",
         ):
             r = client.get(path)
             assert r.status_code == 401, path
@@ -784,7 +841,7 @@ def test_skus_with_a_slash_can_be_queried(tmp_path: Path) -> None:
             assert sum(a["units"] for a in r.json()["actuals"]) > 0
         r = client.get("/v1/sentiment/BOX%2F12")
         assert r.status_code == 200 and r.json()["sku"] == "BOX/12"
-        assert client.get("/dashboard/api/sentiment-trend/BOX%2F12").status_code == 200
+        assert client.get("/v1/sentiment-weeks/BOX%2F12").status_code == 200
         r = client.get("/v1/sentiment/")
         assert r.status_code == 400 and "'sku'" in r.json()["detail"]
 
@@ -831,7 +888,7 @@ def test_new_published_run_is_served_and_failed_run_is_not(tmp_path: Path) -> No
             last=datetime(2024, 5, 10, 23, tzinfo=UTC),
         )
         assert_same_points(points_of(hours), want_h)
-        assert app.state.batch.current().hourly_source == "view"
+        assert VIEW_HOURLY_SALES not in app.state.batch.current().missing
 
 
 def test_hot_path_answers_from_memory_without_reading_delta_files(tmp_path: Path) -> None:
@@ -868,7 +925,7 @@ def test_a_run_without_hourly_view_refuses_hours_and_never_reads_master(tmp_path
         assert hour.status_code == 503, hour.text
         detail = hour.json()["detail"]
         assert "run-1" in detail and "views/hourly_sales" in detail and "granularity=day" in detail
-        assert app.state.batch.current().hourly_source == "missing"
+        assert app.state.batch.current().missing == {VIEW_HOURLY_SALES}
 
 
 def test_no_published_run_yet_answers_empty_with_null_run(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from lambdalake.contracts import validate
 from lambdalake.sentiment import lexicon_model
 from lambdalake.speed_protocol import SpeedQuery
+from lambdalake.views import SALES
 from speed.runs import watermark_went_back
 from speed.state import BatchInput, RunApply, SpeedState, period_bounds
 from speed.worker import score_table, with_scores
@@ -248,9 +249,71 @@ def test_compaction_of_partials_keeps_every_answer(state: SpeedState) -> None:
     for start in range(0, 60, 10):
         state.commit_batch(batch("orders", rows[start : start + 10]))
     before = sales(state, granularity="hour")
-    state._compact_partials("orders")
+    state._compact_partials(SALES)
     assert state.con.execute("SELECT count(*) FROM partials_sales").fetchone()[0] == 3
     assert sales(state, granularity="hour") == before
+
+
+def review(i: int, *, sku: str, when: datetime, rating: int) -> dict:
+    return {
+        "review_id": f"r{i}",
+        "event_time": when.isoformat().replace("+00:00", "Z"),
+        "sku": sku,
+        "rating": rating,
+        "text": "great, I love it" if rating > 3 else "awful, it broke",
+    }
+
+
+def test_one_topic_feeds_every_grain_of_its_view(tmp_path: Path) -> None:
+    """Reviews feed the sentiment view's partials once (stored per ISO week): its weekly
+    answers and its all-time answer both equal a recompute over the deduplicated reviews,
+    whichever week boundary (Sunday 23:59 UTC, Monday 00:00) an event sits on; and a state
+    file whose partials have another shape (from before weeks) is rebuilt on open."""
+    path = tmp_path / "w.duckdb"
+    state = SpeedState(path, (0, 1))
+    start = datetime(2026, 10, 4, tzinfo=UTC)  # a Sunday (all before now: none rejected)
+    rng = np.random.default_rng(5)
+    rows = []
+    for o in range(300):
+        when = start + timedelta(minutes=int(rng.integers(0, 60 * 24 * 40)))
+        if o % 50 == 0:
+            when = datetime(2026, 10, 11, 23, 59, 59, tzinfo=UTC)  # the last second of a week
+        rows.append((0, o, review(o, sku=f"s{o % 4}", when=when, rating=int(rng.integers(1, 6)))))
+    rows += [(0, 300 + k, rows[k][2]) for k in range(20)]  # redeliveries: counted once
+    for first in range(0, len(rows), 40):
+        state.commit_batch(batch("reviews", rows[first : first + 40], model=lexicon_model()))
+
+    want_weeks: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    want_all: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for _, _, r in rows[:300]:
+        when = datetime.fromisoformat(r["event_time"].replace("Z", "+00:00"))
+        monday = (when - timedelta(days=when.weekday())).date()
+        for acc in (want_weeks[(monday, r["sku"])], want_all[r["sku"]]):
+            acc[0] += 1
+            acc[1] += r["rating"]
+
+    def answers(s: SpeedState) -> tuple[dict, dict]:
+        weeks = s.query(SpeedQuery(view="sentiment", granularity="week"))[0].to_pylist()
+        total = s.query(SpeedQuery(view="sentiment"))[0].to_pylist()
+        return (
+            {(r["period"], r["sku"]): [r["reviews"], r["rating_sum"]] for r in weeks},
+            {r["sku"]: [r["reviews"], r["rating_sum"]] for r in total},
+        )
+
+    assert answers(state) == (dict(want_weeks), dict(want_all))
+    assert all(p.weekday() == 0 for p, _ in answers(state)[0])
+    # Bounds select whole weeks: a Wednesday selects its week.
+    q = SpeedQuery(view="sentiment", granularity="week", start="2026-10-14", end="2026-10-14")
+    one = state.query(q)[0].to_pylist()
+    assert {r["period"] for r in one} == {datetime(2026, 10, 12, tzinfo=UTC).date()}
+    state.con.execute("DROP TABLE partials_sentiment")
+    state.con.execute("CREATE TABLE partials_sentiment (sku VARCHAR, reviews BIGINT)")
+    state.close()
+    reopened = SpeedState(path, (0, 1))
+    assert answers(reopened) == (dict(want_weeks), dict(want_all))
+    reopened.close()
+    with pytest.raises(ValueError, match="no grain 'hour'"):
+        SpeedQuery(view="sentiment", granularity="hour")
 
 
 def test_a_crash_mid_batch_leaves_the_last_commit(tmp_path: Path) -> None:

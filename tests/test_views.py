@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from lambdalake.views import SALES, SENTIMENT
+from lambdalake.views import SALES, SENTIMENT, aggregate_tables
 
 
 def _orders(n: int, seed: int) -> pa.Table:
@@ -109,28 +109,26 @@ def test_generated_sql_runs_identically_in_spark(spark) -> None:
 
 
 @pytest.mark.parametrize(
-    ("view", "granularity"), [(SALES, "day"), (SALES, "hour"), (SENTIMENT, None)]
+    ("view", "granularity", "table"),
+    aggregate_tables(),
+    ids=[t for _, _, t in aggregate_tables()],
 )
-def test_every_engine_types_a_measure_as_the_view_defines_it(view, granularity) -> None:
+def test_every_engine_types_a_measure_as_the_view_defines_it(view, granularity, table) -> None:
     """A measure's type is written once (``Measure.type``): the batch view's Delta schema,
-    the speed layer's answers and the serving snapshot's empty table all carry it."""
+    the speed layer's answers and the serving snapshot's empty table all carry it, for
+    every table of every view definition."""
     from batch.publish import VIEW_SCHEMAS
-    from lambdalake.lake import VIEW_DAILY_SALES, VIEW_HOURLY_SALES, VIEW_SENTIMENT_BY_SKU
     from lambdalake.speed_protocol import answer_schema
-    from serving.batch import EMPTY_DDL
+    from serving.batch import EMPTY_DDL, snapshot_table
 
     want = {m.name: m.type for m in view.measures}
-    delta = VIEW_SCHEMAS[
-        {"day": VIEW_DAILY_SALES, "hour": VIEW_HOURLY_SALES, None: VIEW_SENTIMENT_BY_SKU}[
-            granularity
-        ]
-    ]
-    speed = answer_schema(view.name, granularity or "day")
+    delta = VIEW_SCHEMAS[table]
+    speed = answer_schema(view.name, granularity)
     con = duckdb.connect()
     con.execute("SET TimeZone='UTC'")
-    table = {"day": "sales_day", "hour": "sales_hour", None: "sentiment"}[granularity]
-    con.execute(EMPTY_DDL[table])
-    served = con.sql(f"SELECT * FROM {table}").to_arrow_table().schema
+    name = snapshot_table(view, granularity)
+    con.execute(EMPTY_DDL[name])
+    served = con.sql(f"SELECT * FROM {name}").to_arrow_table().schema
     for schema in (delta, speed, served):
         got = {name: str(schema.field(name).type) for name in want}
         assert got == {n: {"int64": "int64", "float64": "double"}[t] for n, t in want.items()}

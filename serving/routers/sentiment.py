@@ -1,4 +1,5 @@
-"""``GET /v1/sentiment/{sku}`` and the ranking ``GET /v1/sentiment?order=worst|best``."""
+"""``GET /v1/sentiment/{sku}``, the ranking ``GET /v1/sentiment?order=worst|best`` and a
+SKU's weeks, ``GET /v1/sentiment-weeks/{sku}``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Path, Query
 
 from serving.deps import get_service
-from serving.models import SentimentAnswer, SentimentRanking
-from serving.params import MAX_RANKING_LIMIT, check_id, check_int
+from serving.models import SentimentAnswer, SentimentRanking, SentimentWeeks
+from serving.params import MAX_RANKING_LIMIT, check_id, check_int, week_range
 from serving.service import QueryService
 
 router = APIRouter(prefix="/v1", tags=["sentiment"])
@@ -47,3 +48,27 @@ async def get_sentiment(
     An unknown SKU answers zero reviews and null means."""
     sku = check_id(sku, "sku") or sku
     return await service.answer(lambda: service.sentiment(sku=sku))
+
+
+@router.get(
+    "/sentiment-weeks/{sku:path}",
+    response_model=SentimentWeeks,
+    summary="Review sentiment of a SKU per ISO week",
+)
+async def get_sentiment_weeks(
+    service: Annotated[QueryService, Depends(get_service)],
+    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=["SKU-00001"])],
+    start: Annotated[
+        str | None,
+        Query(description="A date in the first week (default: 25 weeks before `end`'s week)."),
+    ] = None,
+    end: Annotated[
+        str | None, Query(description="A date in the last week (default: today, UTC).")
+    ] = None,
+) -> SentimentWeeks:
+    """Per ISO week (`week` = its Monday, UTC) from `start`'s week to `end`'s: review count,
+    mean rating, mean sentiment and label counts, batch + speed merged. Weeks without
+    reviews are left out; at most 530 weeks per answer (`MAX_WEEK_POINTS`)."""
+    sku = check_id(sku, "sku") or sku
+    first, last = week_range(start, end, today=service.today())
+    return await service.answer(lambda: service.sentiment_weeks(sku=sku, first=first, last=last))

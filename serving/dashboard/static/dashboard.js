@@ -161,7 +161,7 @@ async function renderSales(sku, store) {
 
 async function renderSentiment(sku) {
   const s = await api(`/v1/sentiment/${encodeURIComponent(sku)}`);
-  const trend = await api(`/dashboard/api/sentiment-trend/${encodeURIComponent(sku)}`);
+  const trend = await api(`/v1/sentiment-weeks/${encodeURIComponent(sku)}`);
   const summary = document.getElementById("sentiment-summary");
   if (s.reviews) {
     summary.replaceChildren(
@@ -173,7 +173,7 @@ async function renderSentiment(sku) {
   }
   const labels = trend.weeks.map(w => w.week);
   const datasets = [
-    { label: "weekly mean sentiment (batch)", data: trend.weeks.map(w => w.mean_sentiment), borderColor: "#2f9e44", yAxisID: "y", pointRadius: 2 },
+    { label: "weekly mean sentiment", data: trend.weeks.map(w => w.mean_sentiment), borderColor: "#2f9e44", yAxisID: "y", pointRadius: 2 },
     { label: "reviews per week", data: trend.weeks.map(w => w.reviews), type: "bar", backgroundColor: "rgba(0,0,0,.12)", yAxisID: "y1" },
   ];
   if (!sentimentChart) {
