@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
 
+
 def _stages() -> tuple[str, ...]:
     from batch.run import STAGES as RUN_STAGES
 

@@ -357,7 +357,6 @@ class Recompute:
             **{k: labels.get(k, 0) for k in ("positive", "neutral", "negative")},
         }
 
-
     def sentiment_weeks(
         self, sku: str, scores: dict[str, tuple[float, str]], first: date
     ) -> dict[str, tuple[int, int, int]]:
