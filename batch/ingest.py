@@ -53,15 +53,18 @@ from batch.ingest_lake import (
     open_tables,
     quarantine_rows,
 )
+from batch.ingest_skip import Skip, check_skips, read_stopped_batch
 from lambdalake.contracts import REJECTED_SCHEMA, validate
 from lambdalake.kafka_columnar import (
     HALT_ERRORS,
     Chunk,
     ChunkReader,
     PoisonBatch,
+    UndecodableBatch,
 )
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
+from lambdalake.manifest import ingest_positions
 from lambdalake.settings import TOPICS, Settings
 
 log = get_logger(__name__)
@@ -355,6 +358,37 @@ class Ingest:
             stopped=self.stop.is_set(),
         )
 
+    def skip(self, skips: list[Skip]) -> None:
+        """Pass the record batches ingest is stopped at, as an operator asked
+        (``ingest --skip``; see :mod:`batch.ingest_skip`).
+
+        Every skip is checked and its batch read before anything is written (a
+        refusal, :class:`~batch.ingest_skip.SkipRefused`, writes nothing); then they
+        are committed as one micro-batch of poison batches, the way :meth:`commit`
+        commits any: a quarantine row each, and the positions past them in the same
+        commits. Call after :meth:`connect`; reconnect before consuming on."""
+        ends = self.ends(until_end=True)
+        if ends is None:
+            return
+        check_skips(skips, self.positions, ends)
+        passed = [
+            read_stopped_batch(
+                self.bootstrap,
+                s,
+                ends[s.topic][s.partition],
+                security=self.security,
+                timeout_s=self.broker_timeout_s,
+                stop=self.stop,
+            )
+            for s in skips
+        ]
+        batch = MicroBatch(start=_copy(self.positions), end=_copy(self.positions))
+        for p in passed:
+            batch.poisoned.append(p)
+            batch.end[p.topic][p.partition] = p.next_offset
+            log.warning("ingest.skipped_by_operator", **p.log_fields())
+        self.commit(batch)
+
     def resync(self, until_end: bool) -> bool:
         """Drop what was read past the committed positions and start again from the
         tables as they are now (after a rival's commit). False if stopped meanwhile."""
@@ -390,6 +424,12 @@ class Ingest:
                 if batch.progressed():
                     committer.submit(batch)
                     batch = MicroBatch(start=_copy(batch.end), end=_copy(batch.end))
+                if isinstance(exc, UndecodableBatch) and self._skipped_elsewhere(exc):
+                    # An operator's `ingest --skip` passed it: start again from the tables.
+                    raise ConcurrentIngestError(
+                        f"{exc.topic}/{exc.partition} was moved past offset {exc.offset} "
+                        "by another ingest (an operator's --skip)"
+                    ) from None
                 halted_since = halted_since or time.monotonic()
                 self._halted(exc, halt, halted_since, until_end)
                 continue
@@ -427,6 +467,16 @@ class Ingest:
                 idle_since = time.monotonic()
         if batch.progressed():
             committer.submit(batch)
+
+    def _skipped_elsewhere(self, exc: UndecodableBatch) -> bool:
+        """Whether master's committed position of the stopped partition is past the
+        offset this ingest stopped at: another ingest (an operator's skip) passed it.
+        This one never commits past where it stands, so its own commits never count."""
+        table = self.masters.get(exc.topic)
+        if table is None:
+            return False
+        latest = ingest_positions(table.uri, exc.topic, storage_options=table.storage_options)
+        return latest.get(exc.partition, 0) > exc.offset
 
     def _halted(self, exc: BaseException, backoff: Backoff, since: float, until_end: bool) -> None:
         """Wait (with backoff) before reading a batch that must not be passed over again;
@@ -541,9 +591,10 @@ class Ingest:
         return batch.messages
 
     def close(self) -> None:
-        if self.consumer is not None:
+        consumer, self.consumer, self.reader = self.consumer, None, None
+        if consumer is not None:
             with contextlib.suppress(KafkaError):
-                self.consumer.close()
+                consumer.close()
 
     def result(self) -> dict[str, dict[str, int]]:
         return {
@@ -557,8 +608,12 @@ def run_ingest(
     until_end: bool,
     stop: threading.Event,
     broker_timeout_s: float | None = None,
+    skip: list[Skip] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Consume both topics into the lake; return what THIS invocation wrote.
+
+    ``skip``: first pass these record batches ingest is stopped at (an operator's
+    call, :meth:`Ingest.skip`), then consume on only with ``until_end``.
 
     ``until_end``: drain to the true end offsets seen at start, then return;
     otherwise run until ``stop`` is set (the micro-batch in hand is committed,
@@ -572,6 +627,14 @@ def run_ingest(
     ingest = Ingest(settings, stop=stop, broker_timeout_s=float(timeout))
     try:
         with _gc_tuned_for_throughput():
+            if skip:
+                # A one-shot command: the broker is waited for as with --until-end.
+                if not ingest.connect(until_end=True):
+                    return ingest.result()
+                ingest.skip(skip)
+                ingest.close()
+                if not until_end or stop.is_set():
+                    return ingest.result()
             if ingest.connect(until_end):
                 ingest.run(until_end)
     finally:

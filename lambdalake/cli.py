@@ -235,15 +235,27 @@ def ingest(
     until_end: Annotated[
         bool, typer.Option("--until-end", help="Drain to the end offsets seen at start, then exit.")
     ] = False,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--skip",
+            metavar="TOPIC/PARTITION@OFFSET",
+            help="Pass the record batch ingest is stopped at (an operator's call, see "
+            "docs/kafka.md): one quarantine row, positions past it; then exit, or drain "
+            "with --until-end. OFFSET must be the partition's committed position. Repeatable.",
+        ),
+    ] = None,
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
     """Kafka to the master Delta tables, exactly once (invalid events to quarantine)."""
     run_ingest = _load("batch.ingest", "run_ingest")
+    parse_skip = _load("batch.ingest_skip", "parse_skip")
 
     settings = _settings(bootstrap, lake)
+    skips = _run(lambda: [parse_skip(s) for s in skip or []])
     stop = stop_event_on_signals()
-    summary = _run(lambda: run_ingest(settings, until_end=until_end, stop=stop))
+    summary = _run(lambda: run_ingest(settings, until_end=until_end, stop=stop, skip=skips))
     _print_json(summary)
 
 

@@ -82,12 +82,34 @@ def refusal_since(started: float) -> BaseException | None:
     return last[1] if last is not None and last[0] >= started else None
 
 
+def refusal(
+    exc: BaseException, bootstrap: str, action: str, started: float
+) -> BrokerRefused | None:
+    """The :class:`BrokerRefused` that ``exc`` (a failed attempt begun at ``started``) was,
+    raised or only logged by kafka-python; None if it was not a refusal."""
+    refused = exc if isinstance(exc, REFUSED_ERRORS) else refusal_since(started)
+    return None if refused is None else BrokerRefused(bootstrap, action, refused)
+
+
 def raise_if_refused(exc: BaseException, bootstrap: str, action: str, started: float) -> None:
     """Raise :class:`BrokerRefused` if ``exc`` (a failed attempt begun at ``started``) was a
     refusal, raised or only logged by kafka-python; return otherwise (a retry may help)."""
-    refused = exc if isinstance(exc, REFUSED_ERRORS) else refusal_since(started)
+    refused = refusal(exc, bootstrap, action, started)
     if refused is not None:
-        raise BrokerRefused(bootstrap, action, refused) from exc
+        raise refused from exc
+
+
+def quiet_client_logs() -> None:
+    """Keep kafka-python's own log lines (one per reconnect attempt) out of this process's
+    output, for a process that reports connection trouble itself.
+
+    Refusals are still seen by :func:`refusal_since`: kafka-python logs them at ERROR
+    ("Connection failed: ..."), so the level stays there (CRITICAL would drop the record
+    before the handler that keeps them sees it), and nothing propagates to the root
+    logger's handlers."""
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.setLevel(logging.ERROR)
+    kafka_log.propagate = False
 
 
 def client_args(security: Security | None, **overrides: object) -> dict[str, object]:

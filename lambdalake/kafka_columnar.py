@@ -74,9 +74,13 @@ class PoisonBatch:
     reason: str  # a short category: "unsupported_codec", "decompression", ...
     detail: str
     raw: bytes
+    # Passed because an operator said so (``lambdalake ingest --skip``), not by the rule.
+    by_operator: bool = False
 
     @property
     def quarantine_reason(self) -> str:
+        if self.by_operator:
+            return f"skipped_by_operator:{self.reason}"
         return f"undecodable_batch:{self.reason}"
 
     def log_fields(self) -> dict[str, object]:
@@ -96,14 +100,49 @@ class UndecodableBatch(RuntimeError):
     Either its extent cannot be trusted (passing it could skip records
     silently) or the fix is on this side (a codec library to install). The
     partition stops at ``offset``: the consumer keeps its position and retries
-    with backoff. The message is one line."""
+    with backoff. The message is one line.
 
-    def __init__(self, topic: str, partition: int, offset: int, reason: str) -> None:
+    ``kind`` is a short category of the reason. When the batch's header could be
+    read, ``raw`` is the whole batch as the broker sent it and ``next_offset`` the
+    offset after it, as its header says and as far as the fetch can check it (it
+    contains ``offset``; a batch after it in the fetch starts right there): what an
+    operator's skip (:meth:`as_skipped`) passes. Otherwise both are None."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        reason: str,
+        *,
+        kind: str = "undecodable",
+        raw: bytes | None = None,
+        next_offset: int | None = None,
+    ) -> None:
         self.topic = topic
         self.partition = partition
         self.offset = offset
         self.reason = reason
+        self.kind = kind
+        self.raw = raw
+        self.next_offset = next_offset
         super().__init__(f"{topic}/{partition} offset {offset}: {reason}")
+
+    def as_skipped(self) -> PoisonBatch:
+        """This batch as a :class:`PoisonBatch` passed by an operator: quarantined with
+        ``skipped_by_operator:<kind>``, from ``offset`` to ``next_offset``."""
+        if self.next_offset is None or self.next_offset <= self.offset:
+            raise ValueError(f"{self}: the batch's extent is unknown, it cannot be skipped")
+        return PoisonBatch(
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            next_offset=self.next_offset,
+            reason=self.kind,
+            detail=" ".join(self.reason.split())[:300],
+            raw=self.raw or b"",
+            by_operator=True,
+        )
 
 
 # What stops a partition (see :class:`UndecodableBatch`), whichever decoder is in use.
@@ -127,6 +166,19 @@ def _poison_reason(exc: BaseException) -> str:
 
 class _DecompressionError(Exception):
     pass
+
+
+def _claimed_extent(batch: Any, following: Any, at: int) -> int | None:
+    """The offset after ``batch`` as its (v2) header says, if the fetch does not
+    contradict it: the batch contains ``at`` (where the consumer stands) and the batch
+    after it in the fetch, if any, starts right there. None otherwise. A failed CRC
+    does not cover the header's base offset and length: this is a claim for an
+    operator's skip to act on, never for the decoder to pass the batch by itself."""
+    if batch.magic != 2 or not batch.base_offset <= at < batch.next_offset:
+        return None
+    if following is not None and following.base_offset != batch.next_offset:
+        return None
+    return int(batch.next_offset)
 
 
 def _zigzag_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -296,6 +348,7 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):
                         tp.partition,
                         max(expected, self.fetch_offset),
                         f"unreadable record batch header ({exc}); its extent is unknown",
+                        kind="unreadable_header",
                     ) from exc
             if batch is None:
                 return
@@ -314,12 +367,16 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):
                     or batch.base_offset > max(expected, self.fetch_offset)
                     or not following.validate_crc()
                 ):
+                    at = max(expected, self.fetch_offset)
                     raise UndecodableBatch(
                         tp.topic,
                         tp.partition,
-                        max(expected, self.fetch_offset),
+                        at,
                         f"the record batch at offset {batch.base_offset} failed its CRC check "
                         "and no intact batch after it confirms its extent",
+                        kind="crc_unconfirmed",
+                        raw=bytes(batch._buffer),
+                        next_offset=_claimed_extent(batch, following, at),
                     )
                 if self.isolation_level == IsolationLevel.READ_COMMITTED:
                     # Its attributes are not to be trusted either: it could be an abort
@@ -327,12 +384,16 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):
                     # when no aborted transaction is open at its offsets.
                     self._consume_aborted_transactions_up_to(batch.last_offset)
                     if self.aborted_producer_ids:
+                        at = max(expected, self.fetch_offset)
                         raise UndecodableBatch(
                             tp.topic,
                             tp.partition,
-                            max(expected, self.fetch_offset),
+                            at,
                             f"the record batch at offset {batch.base_offset} failed its CRC "
                             "check inside an aborted transaction's range",
+                            kind="crc_in_aborted_transaction",
+                            raw=bytes(batch._buffer),
+                            next_offset=_claimed_extent(batch, following, at),
                         )
                 pushed_back = following
                 yield [], batch.next_offset, self._poison(tp, batch, bytes(batch._buffer), "crc")
@@ -348,6 +409,7 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):
                         tp.partition,
                         max(expected, self.fetch_offset),
                         f"legacy message set cannot be decoded ({exc})",
+                        kind="legacy_format",
                     ) from exc
                 self.bytes_read += batch.size_in_bytes
                 next_offset = decoded[-1][0] + 1 if decoded else self.next_fetch_offset
@@ -376,12 +438,16 @@ class ColumnarPartitionRecords(Fetcher.PartitionRecords):
                         except UnsupportedCodecError as exc:
                             if batch.compression_type in CODEC_PACKAGES:
                                 name, package = CODEC_PACKAGES[batch.compression_type]
+                                at = max(batch.base_offset, self.fetch_offset)
                                 raise UndecodableBatch(
                                     tp.topic,
                                     tp.partition,
-                                    max(batch.base_offset, self.fetch_offset),
+                                    at,
                                     f"record batch compressed with {name} but the {package} "
                                     f"library is missing here: pip install {package}",
+                                    kind="missing_codec_library",
+                                    raw=bytes(original),
+                                    next_offset=_claimed_extent(batch, None, at),
                                 ) from exc
                             raise
                         except Exception as exc:

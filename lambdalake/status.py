@@ -253,7 +253,11 @@ def render_status(report: dict[str, Any]) -> None:
         state = "alive" if w.get("alive") else "stale"
         age = w.get("lag_age_s")
         measured = "" if age is None else f" (measured {age:.0f} s ago)"
-        t.add_row(f"speed {w.get('worker')}", state, f"lag {lag}{measured}; held {held}")
+        detail = f"lag {lag}{measured}; held {held}"
+        for key in ("broker_refused", "halted"):  # why it is not reading, if it is not
+            if w.get(key):
+                detail += f"; {key.replace('_', ' ')}: {w[key]}"
+        t.add_row(f"speed {w.get('worker')}", state, detail)
     q = report["quarantine"]
     if q:
         for topic, reasons in sorted(q.items()):

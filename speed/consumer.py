@@ -24,7 +24,6 @@ between the target and them, which the re-read must deliver first.
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 import time
@@ -33,6 +32,7 @@ from datetime import timedelta
 
 import pyarrow as pa
 
+from lambdalake.kafka import quiet_client_logs, refusal
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
 from speed.kafka_clients import KafkaClient, make_client
@@ -40,6 +40,9 @@ from speed.kafka_clients import KafkaClient, make_client
 log = get_logger(__name__)
 
 TP = tuple[str, int]
+# A broker that is down or refuses us is asked again after 0.5 s, 1 s, 2 s ... at most
+# this long apart.
+RECONNECT_BACKOFF_CAP_S = 30.0
 
 
 def owned_partitions(partitions: dict[str, list[int]], worker: tuple[int, int]) -> list[TP]:
@@ -118,6 +121,8 @@ class Poller(threading.Thread):
         self.connected = False
         self.last_fetch_at: float | None = None
         self.error: BaseException | None = None
+        # Why the broker refused us (credentials or ACLs), one line, until a poll succeeds.
+        self.refused: str | None = None
         self._poisoned_before = 0  # poison batches passed by clients since dropped
 
     @property
@@ -161,21 +166,22 @@ class Poller(threading.Thread):
         delay = 0.5
         while not self.stop_event.is_set():
             if self.client is None:
+                started = time.monotonic()
                 try:
                     self._connect()
-                    delay = 0.5
                 except ValueError:
                     raise  # a configuration the worker cannot run with
-                except Exception as exc:  # no broker (yet): retry with backoff
+                except Exception as exc:  # no broker (yet), or refused: retry with backoff
                     self.connected = False
-                    log.warning(
-                        "speed.broker_unreachable",
-                        bootstrap=self.settings.bootstrap,
-                        error=f"{type(exc).__name__}: {exc}",
-                        retry_in=delay,
-                    )
+                    if not self._refused(exc, "connect", started, delay):
+                        log.warning(
+                            "speed.broker_unreachable",
+                            bootstrap=self.settings.bootstrap,
+                            error=f"{type(exc).__name__}: {exc}",
+                            retry_in=delay,
+                        )
                     self.stop_event.wait(delay)
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, RECONNECT_BACKOFF_CAP_S)
                     continue
                 self._put(Assigned(list(self.assigned)))
                 # Wait for the main thread's positions before the first poll.
@@ -184,17 +190,35 @@ class Poller(threading.Thread):
                         return
             client = self.client
             assert client is not None
+            started = time.monotonic()
             try:
                 self._apply_seeks(client)
                 polled = self._collect(client)
             except client.errors as exc:
                 # Start over with a new client; the main thread re-seeks it to the
                 # committed positions, and anything polled twice is dropped there.
-                log.warning("speed.consumer_error", error=f"{type(exc).__name__}: {exc}")
+                if self._refused(exc, "fetch", started, delay):
+                    self.stop_event.wait(delay)  # refused again right away otherwise
+                    delay = min(delay * 2, RECONNECT_BACKOFF_CAP_S)
+                else:
+                    log.warning("speed.consumer_error", error=f"{type(exc).__name__}: {exc}")
                 self._drop_client()
                 continue
+            # Reset by a poll, not by a connect: a refused fetch follows a good connect.
+            delay = 0.5
+            self.refused = None
             if polled.messages or polled.ends:
                 self._put(polled)
+
+    def _refused(self, exc: BaseException, action: str, started: float, delay: float) -> bool:
+        """If ``exc`` (an attempt begun at ``started``) was the broker refusing us, say why
+        (``refused``, ``speed.broker_refused`` in the log) and return True."""
+        refused = refusal(exc, self.settings.bootstrap, action, started)
+        if refused is None:
+            return False
+        self.refused = str(refused)
+        log.error("speed.broker_refused", reason=self.refused, retry_in=delay)
+        return True
 
     def _drop_client(self) -> None:
         self._poisoned_before = self.poisoned
@@ -336,5 +360,6 @@ def validate_polled(
 
 
 def quiet_kafka_logs() -> None:
-    """kafka-python logs every reconnect attempt; the worker reports those itself."""
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    """kafka-python logs every reconnect attempt; the worker reports those itself
+    (refusals included: :func:`lambdalake.kafka.quiet_client_logs` keeps them seen)."""
+    quiet_client_logs()

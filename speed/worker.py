@@ -154,6 +154,8 @@ class SpeedWorker:
             "kafka_client": self.poller.client_name,
             # Why polling is stopped (a batch that must not be passed over), while it is.
             "halted": self.poller.halted,
+            # Why the broker refuses this worker (credentials or ACLs), while it does.
+            "broker_refused": self.poller.refused,
             "since_start": {
                 "batches": c.batches,
                 "messages": c.messages,

@@ -148,6 +148,56 @@ def test_wrong_credentials_end_ingest_with_one_line_naming_the_settings(
     assert time.monotonic() - started < 30
 
 
+def test_a_speed_worker_with_wrong_credentials_says_why_in_its_status_and_keeps_trying(
+    sasl_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The refusal reaches the operator (status and one log line per attempt) while the
+    worker retries with backoff: it neither exits nor spins."""
+    env = _env(sasl_broker, tmp_path, password="not-the-password-0123456789")
+    log_path = tmp_path / "speed.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log_file:
+        speed = subprocess.Popen(
+            [sys.executable, "-m", "lambdalake.cli", "speed", "run", "--query-port", "0"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        worker: dict[str, Any] = {}
+        while not worker.get("broker_refused"):
+            assert speed.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() - started < 60, (worker, log_path.read_text()[-3000:])
+            time.sleep(0.5)
+            status = subprocess.run(
+                [sys.executable, "-m", "lambdalake.cli", "status", "--json"],
+                capture_output=True,
+                env=env,
+                cwd=ROOT,
+                timeout=60,
+                check=False,
+            )
+            assert status.returncode == 0, status.stderr.decode()[-2000:]
+            workers = json.loads(status.stdout)["speed"]["workers"]
+            worker = workers[0] if workers else {}
+        refused = worker["broker_refused"]
+        assert "refused authentication" in refused, refused
+        assert "LAMBDALAKE_KAFKA_SASL_PASSWORD" in refused, refused
+        assert worker["alive"] and worker["connected"] is False, worker
+        watched_from = time.monotonic()
+        time.sleep(15)
+        assert speed.poll() is None, log_path.read_text()[-3000:]  # still trying
+        watched_s = time.monotonic() - watched_from
+    finally:
+        speed.terminate()
+        speed.wait(timeout=30)
+    lines = [line for line in log_path.read_text().splitlines() if "speed.broker_refused" in line]
+    assert lines and all("refused authentication" in line for line in lines), lines
+    # One line per attempt, attempts backing off: a handful, not a loop.
+    assert len(lines) <= 2 + watched_s / 5, lines
+
+
 def test_a_client_without_credentials_reads_nothing(sasl_broker: EmbeddedBroker) -> None:
     from lambdalake.kafka import wait_for_broker
 
