@@ -27,13 +27,21 @@ version keep their files for ``retention_hours``.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from deltalake import DeltaTable
 
-from lambdalake.lake import BATCH_VIEWS, MASTER_ORDERS, MASTER_REVIEWS, QUARANTINE, RUNS, Lake
+from lambdalake.lake import (
+    BATCH_VIEWS,
+    MASTER_ORDERS,
+    MASTER_REVIEWS,
+    QUARANTINE,
+    RUNS,
+    Lake,
+)
 from lambdalake.logs import get_logger
-from lambdalake.settings import Settings
+from lambdalake.settings import Settings, absolute_uri
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -178,3 +186,28 @@ def compact(
         if session is not None and spark is None:
             session.stop()
     return stats
+
+
+def expire_quarantine(settings: Settings, days: int, *, now: datetime | None = None) -> int:
+    """Delete quarantined messages ingested more than ``days`` days ago; returns how many.
+
+    Deleting rewrites the affected files only; the ingest positions (app
+    transactions) stay in the table's log. The files are removed from disk by
+    the next ``lambdalake maintenance compact`` vacuum.
+    """
+    from lambdalake import lake as L
+
+    if days < 0:
+        raise ValueError(f"retention must be >= 0 days, got {days}")
+    lake = L.Lake(absolute_uri(settings.lake_uri))
+    uri = lake.table(L.QUARANTINE)
+    if not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):
+        log.info("quarantine.retention", deleted=0, reason="no quarantine table")
+        return 0
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    stamp = cutoff.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    dt = DeltaTable(uri, storage_options=lake.storage_options)
+    metrics = dt.delete(f"_ingested_at < '{stamp}'")
+    deleted = int(metrics.get("num_deleted_rows", 0))
+    log.info("quarantine.retention", deleted=deleted, older_than=stamp)
+    return deleted

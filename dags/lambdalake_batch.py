@@ -8,10 +8,10 @@ A thin schedule: each task runs the product's own command with the settings'
   exactly once, up to the end offsets seen at start (re-running adds nothing twice).
 * ``batch_run``: ``lambdalake batch run`` - one Spark run over a pinned master
   snapshot; it publishes its views and prints the run_id (the task's XCom).
-* ``dq_check``: ``python -m lambdalake.airflow dq-check`` - checks the run's
+* ``dq_check``: ``lambdalake batch check --run-id R`` - checks the run's
   pinned views; a failing run is marked ``failed`` in the ``runs`` table so
   readers fall back to the previous published run, and the DAG run fails.
-* ``publish``: confirms the checked run is the one served and logs its
+* ``publish``: ``lambdalake batch publish --run-id R`` - confirms the checked run is the one served and logs its
   watermark and view versions.
 
 Schedule: ``LAMBDALAKE_BATCH_SCHEDULE`` (default ``@hourly``); no catch-up, one

@@ -1,6 +1,6 @@
 """lambdalake_maintenance: daily quarantine retention, then compaction, checkpoints and vacuum.
 
-* ``expire_quarantine``: ``python -m lambdalake.airflow expire-quarantine --days N``
+* ``expire_quarantine``: ``lambdalake maintenance expire-quarantine --days N``
   deletes quarantined messages ingested more than N days ago (param
   ``quarantine_days``, default 30); the count is logged and returned as XCom.
 * ``compact``: ``lambdalake maintenance compact --retention-hours H`` compacts,
@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Param
 
-from lambdalake.airflow import helper_command, lambdalake_command, task_defaults
+from lambdalake.airflow import lambdalake_command, task_defaults
 from lambdalake.settings import Settings
 
 settings = Settings()
@@ -47,7 +47,9 @@ with DAG(
     expire_quarantine = BashOperator(
         task_id="expire_quarantine",
         bash_command="set -euo pipefail; "
-        + helper_command(settings, "expire-quarantine", '--days "$QUARANTINE_DAYS"'),
+        + lambdalake_command(
+            settings, "maintenance", "expire-quarantine", '--days "$QUARANTINE_DAYS"'
+        ),
         env={"QUARANTINE_DAYS": "{{ params.quarantine_days }}"},
         append_env=True,
         execution_timeout=timedelta(hours=1),

@@ -281,6 +281,21 @@ def maintenance_compact(
     _print_json(_run(lambda: compact(settings, retention_hours=retention_hours, engine=engine)))
 
 
+@maintenance_app.command("expire-quarantine")
+def maintenance_expire_quarantine(
+    days: Annotated[
+        int, typer.Option(min=0, help="Keep quarantined messages this many days.")
+    ] = 30,
+    bootstrap: Bootstrap = None,
+    lake: LakeOpt = None,
+) -> None:
+    """Delete quarantined messages ingested longer ago than the retention."""
+    expire = _load("batch.maintenance", "expire_quarantine")
+    settings = _settings(bootstrap, lake)
+    deleted = _run(lambda: expire(settings, days))
+    _print_json({"deleted": deleted, "retention_days": days})
+
+
 # --- batch, speed, serving -------------------------------------------------------------------
 
 
@@ -314,6 +329,29 @@ def batch_run(
         kwargs["forecast_config"] = _forecast_config(forecast_models)
     run_id = _run(lambda: run_batch(settings, **kwargs))
     typer.echo(run_id)
+
+
+RunIdOpt = Annotated[str, typer.Option("--run-id", help="The batch run to act on.")]
+
+
+@batch_app.command("check")
+def batch_check(run_id: RunIdOpt, bootstrap: Bootstrap = None, lake: LakeOpt = None) -> None:
+    """Check a published run's views (the data-quality gate); on failure mark it failed, so
+    readers fall back to the previous run, and exit 1 with the failures."""
+    dq_check = _load("batch.quality", "dq_check")
+    settings = _settings(bootstrap, lake)
+    failures = _run(lambda: dq_check(settings, run_id))
+    _print_json({"run_id": run_id, "ok": not failures, "failures": failures})
+    if failures:
+        _fail(f"run {run_id} failed {len(failures)} data-quality check(s): " + "; ".join(failures))
+
+
+@batch_app.command("publish")
+def batch_publish(run_id: RunIdOpt, bootstrap: Bootstrap = None, lake: LakeOpt = None) -> None:
+    """Confirm a checked run is the one readers are served; print its run_id."""
+    confirm = _load("batch.quality", "confirm_published")
+    settings = _settings(bootstrap, lake)
+    typer.echo(_run(lambda: confirm(settings, run_id)).run_id)
 
 
 def _forecast_config(names: str) -> Any:

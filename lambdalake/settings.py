@@ -218,3 +218,11 @@ class Settings(BaseSettings):
         if lake:
             update["lake_uri"] = lake
         return self.model_copy(update=update)
+
+
+def absolute_uri(uri: str) -> str:
+    """A local lake path made absolute (Airflow tasks run in a temporary directory); URIs
+    with a scheme (``s3://...``) unchanged."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())

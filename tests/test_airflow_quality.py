@@ -18,13 +18,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from lambdalake.airflow import (
-    check_run,
-    confirm_published,
-    demote_run,
-    dq_check,
-    expire_quarantine,
-)
+from batch.maintenance import expire_quarantine
+from batch.quality import check_run, confirm_published, demote_run, dq_check
 from lambdalake.lake import (
     MASTER_ORDERS,
     MASTER_ORDERS_SCHEMA,
@@ -341,7 +336,8 @@ def test_a_run_that_was_never_published_fails_the_check(lake_with_good_run) -> N
 def test_dq_check_command_exits_non_zero_with_the_reason(lake_with_good_run) -> None:
     settings, lake, views = lake_with_good_run
     publish(lake, "run-bad", _bad_forecast_bounds(views), T0 + timedelta(hours=1))
-    cmd = [sys.executable, "-m", "lambdalake.airflow", "dq-check", "--lake", settings.lake_uri]
+    cli = str(Path(sys.executable).parent / "lambdalake")
+    cmd = [cli, "batch", "check", "--lake", settings.lake_uri]
 
     ok = subprocess.run([*cmd, "--run-id", "run-good"], capture_output=True, text=True)
     bad = subprocess.run([*cmd, "--run-id", "run-bad"], capture_output=True, text=True)

@@ -27,7 +27,8 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 from kafka import TopicPartition
 
-from lambdalake.airflow import airflow_env, check_run
+from batch.quality import check_run
+from lambdalake.airflow import airflow_env
 from lambdalake.broker import EmbeddedBroker
 from lambdalake.kafka import end_offsets
 from lambdalake.lake import RUNS, VIEW_DEMAND_FORECAST, Lake
@@ -179,14 +180,14 @@ def test_a_failing_quality_check_leaves_the_previous_run_served(
     _spoil_forecast(lake, good)
     assert latest_published_run(lake.table(RUNS)).run_id == "bad-run"
 
-    helper = [str(BIN / "python"), "-m", "lambdalake.airflow"]
+    cli = [str(BIN / "lambdalake"), "batch"]
     check = subprocess.run(
-        [*helper, "dq-check", "--run-id", "bad-run", "--lake", str(copy)],
+        [*cli, "check", "--run-id", "bad-run", "--lake", str(copy)],
         capture_output=True,
         text=True,
     )
     publish = subprocess.run(
-        [*helper, "publish", "--run-id", "bad-run", "--lake", str(copy)],
+        [*cli, "publish", "--run-id", "bad-run", "--lake", str(copy)],
         capture_output=True,
         text=True,
     )

@@ -319,7 +319,7 @@ class SpeedWorkerModel(RuleBasedStateMachine):
         )
 
     def _demote(self) -> None:
-        from lambdalake.airflow import demote_run
+        from batch.quality import demote_run
 
         run_id, _ = self.runs[-1]
         assert demote_run(self.settings, run_id, ["model test: demoted"])

@@ -721,7 +721,7 @@ def test_a_run_demoted_mid_batch_re_reads_from_the_older_watermark_and_loses_not
     """The watermark goes back (the newest run demoted) while a micro-batch polled above
     the worker's positions is in flight: that batch must not be committed after the
     re-seek, or positions jump past every event between the older watermark and it."""
-    from lambdalake.airflow import demote_run
+    from batch.quality import demote_run
 
     settings = settings_for(fresh_broker)
     stream = Stream(fresh_broker.bootstrap, seed=71)
