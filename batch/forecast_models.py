@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lambdalake.errors import InvalidInput
+
 Tier = Literal["smooth", "intermittent"]
 Kind = Literal["statsforecast", "fourier_ets", "lightgbm"]
 
@@ -120,7 +122,7 @@ DEFAULT_SMOOTH: tuple[str, ...] = ("FourierETS", "LightGBM")
 DEFAULT_INTERMITTENT: tuple[str, ...] = ("SeasonalNaive", "CrostonOptimized", "TSB", "ADIDA")
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InvalidInput):
     """A model name that is not in the registry (or not for that tier)."""
 
 

@@ -55,6 +55,7 @@ from batch.ingest_lake import (
 )
 from batch.ingest_skip import Skip, check_skips, read_stopped_batch
 from lambdalake.contracts import REJECTED_SCHEMA, validate
+from lambdalake.errors import OperationFailed
 from lambdalake.kafka_columnar import (
     HALT_ERRORS,
     Chunk,
@@ -303,7 +304,7 @@ class Ingest:
             if pos > ends[t].get(p, 0)
         }
         if ahead:
-            raise ValueError(
+            raise OperationFailed(
                 f"the lake has consumed past the end of the Kafka log ({ahead}: position, end): "
                 f"the broker at {self.bootstrap} lost messages or the topics were recreated "
                 "(the embedded broker keeps topics in memory only). Point ingest at the broker "
@@ -414,7 +415,7 @@ class Ingest:
             try:
                 chunks = reader.poll(POLL_TIMEOUT_MS, remaining)
             except OffsetOutOfRangeError as exc:
-                raise ValueError(
+                raise OperationFailed(
                     f"a committed position is outside the Kafka log ({exc}): the broker at "
                     f"{self.bootstrap} lost messages or the topics were recreated; use a fresh "
                     "lake or the broker the lake was filled from"
@@ -485,7 +486,7 @@ class Ingest:
         reason = " ".join(str(exc).split())
         waited = time.monotonic() - since
         if until_end and waited >= self.broker_timeout_s:
-            raise RuntimeError(
+            raise OperationFailed(
                 f"{reason}; stopped there for {waited:.0f} s. Everything before it is "
                 "committed; see docs/kafka.md (poison batches)"
             ) from None

@@ -20,6 +20,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from lambdalake.errors import Unreachable
 from lambdalake.kafka import (
     Security,
     client_args,
@@ -39,7 +40,7 @@ FETCH_MAX_BYTES = 64 * 1024 * 1024
 MAX_PARTITION_FETCH_BYTES = 16 * 1024 * 1024
 
 
-class BrokerUnreachable(TimeoutError):
+class BrokerUnreachable(Unreachable):
     """The broker did not answer within the allowed time (a :class:`TimeoutError`)."""
 
 

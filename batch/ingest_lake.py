@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
+from lambdalake.errors import OperationFailed
 from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, QUARANTINE, QUARANTINE_SCHEMA, UTC_TS, Lake
 from lambdalake.logs import get_logger
 from lambdalake.manifest import ingest_app_id, ingest_positions
@@ -77,7 +78,7 @@ MAX_FILES_FACTOR = 2
 RELOAD_EVERY_COMMITS = 50
 
 
-class ConcurrentIngestError(ValueError):
+class ConcurrentIngestError(OperationFailed):
     """Another writer committed ingest positions to the same table meanwhile.
 
     Nothing of the failed commit was written. :meth:`batch.ingest.Ingest.run` reads

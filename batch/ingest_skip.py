@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 
 from batch.ingest_kafka import open_consumer
+from lambdalake.errors import InvalidInput
 from lambdalake.kafka import Security
 from lambdalake.kafka_columnar import DECODER_ERRORS, ChunkReader, PoisonBatch, UndecodableBatch
 
@@ -37,7 +38,7 @@ POLL_TIMEOUT_MS = 200
 _SPEC = re.compile(r"^(?P<topic>[^/@\s]+)/(?P<partition>\d+)@(?P<offset>\d+)$")
 
 
-class SkipRefused(ValueError):
+class SkipRefused(InvalidInput):
     """A skip that is not exactly where ingest is stopped; nothing was written."""
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from deltalake import DeltaTable
 
+from lambdalake.errors import InvalidInput
 from lambdalake.lake import (
     BATCH_VIEWS,
     MASTER_ORDERS,
@@ -144,9 +145,9 @@ def compact(
     ``spark`` is given).
     """
     if engine not in ENGINES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        raise InvalidInput(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if retention_hours < MIN_RETENTION_HOURS:
-        raise ValueError(
+        raise InvalidInput(
             f"--retention-hours {retention_hours} is below the tables' deleted-file "
             f"retention ({MIN_RETENTION_HOURS} h): vacuum could remove files that a batch "
             f"run pinned to an older snapshot still reads; use {MIN_RETENTION_HOURS} or more"
@@ -198,7 +199,7 @@ def expire_quarantine(settings: Settings, days: int, *, now: datetime | None = N
     from lambdalake import lake as L
 
     if days < 0:
-        raise ValueError(f"retention must be >= 0 days, got {days}")
+        raise InvalidInput(f"retention must be >= 0 days, got {days}")
     lake = L.Lake(absolute_uri(settings.lake_uri))
     uri = lake.table(L.QUARANTINE)
     if not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):

@@ -22,6 +22,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from lambdalake.errors import OperationFailed
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
 from lambdalake.manifest import RunRecord
@@ -409,7 +410,7 @@ def confirm_published(settings: Settings, run_id: str) -> RunRecord:
     lake = L.Lake(absolute_uri(settings.lake_uri))
     served = latest_published_run(lake.table(L.RUNS), lake.storage_options)
     if served is None or served.run_id != run_id:
-        raise ValueError(
+        raise OperationFailed(
             f"run {run_id} is not the served run (served: {served.run_id if served else 'none'})"
         )
     log.info(

@@ -46,6 +46,7 @@ from batch.progress import Stages, spark_progress
 from batch.publish import RunIdentity, append_run, write_view
 from batch.sentiment_train import TrainConfig, train_sentiment
 from batch.snapshot import deduplicate, pin_snapshot, read_pinned
+from lambdalake.errors import InvalidInput
 from lambdalake.lake import (
     MASTER_TABLE_BY_TOPIC,
     VIEW_DEMAND_FORECAST,
@@ -256,7 +257,9 @@ def run_batch(
     from batch.spark import get_spark
 
     if fail_after_stage is not None and fail_after_stage not in STAGES[:-1]:
-        raise ValueError(f"fail_after_stage must be one of {STAGES[:-1]}, not {fail_after_stage!r}")
+        raise InvalidInput(
+            f"fail_after_stage must be one of {STAGES[:-1]}, not {fail_after_stage!r}"
+        )
     lake = Lake(settings.lake_uri)
     fcfg = forecast_config or ForecastConfig()
     tcfg = train_config or TrainConfig()

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lambdalake.errors import OperationFailed
 from lambdalake.settings import Settings
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ DELTA_TABLE_DEFAULTS = {
 }
 
 
-class DeltaJarsMissing(RuntimeError):
+class DeltaJarsMissing(OperationFailed):
     """delta-spark's jars are not installed where the batch layer looks for them."""
 
 

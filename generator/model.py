@@ -31,6 +31,7 @@ import numpy as np
 
 from generator.text import CATEGORIES, review_text
 from lambdalake.calendar import nth_weekday
+from lambdalake.errors import InvalidInput
 
 DAY_MS = 86_400_000
 ORDINAL_1970 = date(1970, 1, 1).toordinal()
@@ -103,7 +104,7 @@ def _price_point(x: float) -> float:
 def make_catalog(seed: int, skus: int, stores: int) -> Catalog:
     """The catalog of ``skus`` SKUs and ``stores`` stores for ``seed``."""
     if skus < 1 or stores < 1:
-        raise ValueError("skus and stores must be at least 1")
+        raise InvalidInput("skus and stores must be at least 1")
     cat, product, price, pop, quality, pack, amp, peak, trend, elast = ([] for _ in range(10))
     for i in range(skus):
         rng = np.random.default_rng([seed, CATALOG_STREAM, i])

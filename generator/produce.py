@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from generator.model import REVIEW_RATE, expected_lines, make_catalog
 from generator.stream import Counts, Fractions, LiveStream, Message, history
+from lambdalake.errors import InvalidInput, Unreachable
 from lambdalake.kafka import ensure_topics, wait_for_broker
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
@@ -65,7 +66,7 @@ class _Sender:
                 **PRODUCER_CONFIG,
             )
         except KafkaError as exc:
-            raise TimeoutError(f"could not connect a producer to {self.bootstrap}: {exc}") from exc
+            raise Unreachable(f"could not connect a producer to {self.bootstrap}: {exc}") from exc
         self._partitions = {t: sorted(self._partitions_for(t)) for t in TOPICS}
         self._by_key: dict[tuple[str, bytes], int] = {}
         self.failed = 0
@@ -81,7 +82,7 @@ class _Sender:
             if parts:
                 return set(parts)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {topic!r} has no partitions on {self.bootstrap}")
+                raise Unreachable(f"topic {topic!r} has no partitions on {self.bootstrap}")
             time.sleep(0.1)
 
     def _partition(self, topic: str, key: bytes) -> int:
@@ -111,7 +112,7 @@ class _Sender:
         return n
 
     def _raise(self) -> None:
-        raise TimeoutError(
+        raise Unreachable(
             f"{self.failed} message(s) were not delivered to {self.bootstrap}: "
             f"{type(self.first_error).__name__}: {self.first_error}"
         )
@@ -121,7 +122,7 @@ class _Sender:
         try:
             self.producer.flush(timeout=FLUSH_TIMEOUT_S)
         except KafkaTimeoutError as exc:
-            raise TimeoutError(
+            raise Unreachable(
                 f"messages were not acknowledged by {self.bootstrap} within {FLUSH_TIMEOUT_S:.0f} s"
             ) from exc
         finally:
@@ -140,17 +141,17 @@ def _connect(settings: Settings) -> _Sender:
 def history_window(days: int, end_date: str | None) -> tuple[date, date]:
     """``(first_day, last_day)`` of a history ending on ``end_date`` (default yesterday, UTC)."""
     if days < 1:
-        raise ValueError(f"--days must be at least 1, got {days}")
+        raise InvalidInput(f"--days must be at least 1, got {days}")
     if end_date is None:
         last = datetime.now(UTC).date() - timedelta(days=1)
     else:
         try:
             last = date.fromisoformat(end_date)
         except ValueError:
-            raise ValueError(f"--end-date must be a date YYYY-MM-DD, got {end_date!r}") from None
+            raise InvalidInput(f"--end-date must be a date YYYY-MM-DD, got {end_date!r}") from None
     first = last - timedelta(days=days - 1)
     if first < FIRST_DAY or last > LAST_DAY:
-        raise ValueError(
+        raise InvalidInput(
             f"history {first}..{last} is outside {FIRST_DAY}..{LAST_DAY} (event times the "
             "contract accepts); use fewer --days or another --end-date"
         )
@@ -159,7 +160,7 @@ def history_window(days: int, end_date: str | None) -> tuple[date, date]:
 
 def _check_sizes(skus: int, stores: int) -> None:
     if skus < 1 or stores < 1:
-        raise ValueError(f"--skus and --stores must be at least 1, got {skus} and {stores}")
+        raise InvalidInput(f"--skus and --stores must be at least 1, got {skus} and {stores}")
 
 
 def _history_share(
@@ -287,9 +288,9 @@ def run_live(
     everything is flushed before returning the counts.
     """
     if not rate > 0:
-        raise ValueError(f"--rate must be positive, got {rate}")
+        raise InvalidInput(f"--rate must be positive, got {rate}")
     if duration is not None and duration < 0:
-        raise ValueError(f"--duration must not be negative, got {duration}")
+        raise InvalidInput(f"--duration must not be negative, got {duration}")
     _check_sizes(skus, stores)
     fractions = Fractions(late_fraction, duplicate_fraction, bad_fraction)
     catalog = make_catalog(seed, skus, stores)

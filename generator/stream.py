@@ -24,6 +24,7 @@ import orjson
 from generator import model
 from generator.faults import bad_message
 from generator.model import DAY_MS, Catalog, DayEvents
+from lambdalake.errors import InvalidInput
 
 # (topic, key, value); a ``None`` value is a tombstone (one of the bad kinds).
 Message = tuple[str, bytes, bytes | None]
@@ -49,7 +50,7 @@ class Fractions:
         for name in ("late", "duplicate", "bad"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0) or math.isnan(v):
-                raise ValueError(f"{name}_fraction must be between 0 and 1, got {v}")
+                raise InvalidInput(f"{name}_fraction must be between 0 and 1, got {v}")
 
 
 class Quota:

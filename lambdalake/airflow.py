@@ -41,6 +41,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lambdalake.errors import Unreachable
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings, absolute_uri
 
@@ -334,9 +335,7 @@ def run_airflow(
             if login and _api_healthy(port):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Airflow did not answer on port {port} in {ready_timeout:.0f} s"
-                )
+                raise Unreachable(f"Airflow did not answer on port {port} in {ready_timeout:.0f} s")
             stop.wait(1.0)
         if login and not stop.is_set():
             sys.stdout.write(

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lambdalake.errors import OperationFailed
 from lambdalake.kafka import ensure_topics, wait_for_broker
 from lambdalake.logs import get_logger
 from lambdalake.net import free_port, port_is_free
@@ -48,7 +49,7 @@ DEFAULT_HEAP = "512m"
 NODE_ID = 1
 
 
-class BrokerError(RuntimeError):
+class BrokerError(OperationFailed):
     """The embedded broker could not be started; the message says what to do."""
 
 

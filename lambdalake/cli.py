@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from lambdalake.errors import LambdalakeError
 from lambdalake.settings import Settings
 
 app = typer.Typer(
@@ -47,7 +48,7 @@ LakeOpt = Annotated[
 T = TypeVar("T")
 
 
-class UserError(Exception):
+class UserError(LambdalakeError):
     """An error a user can act on: printed as one line, exit code 1."""
 
 
@@ -65,19 +66,12 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _run(fn: Callable[[], T]) -> T:
-    """Run a command body; known failures become a one-line reason and exit 1."""
-    from lambdalake.broker import BrokerError
-
+    """Run a command body; the product's own failures (:class:`LambdalakeError`, see
+    ``lambdalake.errors``), time-outs and missing files become a one-line reason and exit 1.
+    Anything else is a bug: it keeps its traceback."""
     try:
         return fn()
-    except (
-        UserError,
-        BrokerError,
-        TimeoutError,
-        FileNotFoundError,
-        ValueError,
-        RuntimeError,
-    ) as exc:
+    except (LambdalakeError, TimeoutError, FileNotFoundError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", 130)

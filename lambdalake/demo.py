@@ -33,6 +33,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from lambdalake.errors import OperationFailed
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
 
@@ -94,7 +95,9 @@ class Children:
         )
         out = proc.stdout.decode(errors="replace")
         if proc.returncode != 0:
-            raise RuntimeError(f"`lambdalake {' '.join(args)}` failed with code {proc.returncode}")
+            raise OperationFailed(
+                f"`lambdalake {' '.join(args)}` failed with code {proc.returncode}"
+            )
         return out
 
     def dead(self) -> Child | None:
@@ -193,7 +196,7 @@ def replay_lake(settings: Settings) -> int:
                         # The key is not kept; a tombstone (no value) needs one to be sent.
                         by_offset[q["_offset"]] = (None if q["raw"] else b"", q["raw"])
                 if sorted(by_offset) != list(range(end)):
-                    raise RuntimeError(
+                    raise OperationFailed(
                         f"{topic}/{partition}: the lake's offsets are not 0..{end - 1}; "
                         "cannot restore them into a new broker"
                     )
@@ -209,7 +212,7 @@ def replay_lake(settings: Settings) -> int:
     ends = end_offsets(settings.bootstrap, tps, security=settings.kafka_security)
     for tp, end in ends.items():
         if end != positions[tp.topic][tp.partition]:
-            raise RuntimeError(
+            raise OperationFailed(
                 f"replay left {tp.topic}/{tp.partition} at {end}, lake says "
                 f"{positions[tp.topic][tp.partition]}"
             )
@@ -315,7 +318,7 @@ def _wait_ready(settings: Settings, children: Children, stop: threading.Event) -
     while not stop.is_set() and time.monotonic() < deadline:
         dead = children.dead()
         if dead:
-            raise RuntimeError(f"{dead.name} exited early; see {dead.log_path}")
+            raise OperationFailed(f"{dead.name} exited early; see {dead.log_path}")
         try:
             status = httpx.get(url, timeout=2).json()
             workers = status["speed"]["workers"]
@@ -399,7 +402,7 @@ def run_demo(
         if not _wait_ready(settings, children, stop):
             if stop.is_set():
                 return
-            raise RuntimeError(f"not ready within {READY_TIMEOUT_S:.0f} s; logs in {log_dir}")
+            raise OperationFailed(f"not ready within {READY_TIMEOUT_S:.0f} s; logs in {log_dir}")
         api = f"http://{settings.api_host}:{settings.api_port}"
         lake_flag = f"--lake {settings.lake_uri}"
         print(
@@ -424,7 +427,7 @@ def run_demo(
         while not stop.is_set():
             dead = children.dead()
             if dead:
-                raise RuntimeError(
+                raise OperationFailed(
                     f"{dead.name} exited with code {dead.process.returncode}; see {dead.log_path}"
                 )
             stop.wait(1.0)

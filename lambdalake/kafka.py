@@ -22,6 +22,8 @@ from kafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from lambdalake.errors import OperationFailed, Unreachable
+
 CLIENT_DEFAULTS: dict[str, object] = {
     "request_timeout_ms": 30_000,
 }
@@ -39,7 +41,7 @@ SECURITY_SETTINGS_HINT = (
 )
 
 
-class BrokerRefused(RuntimeError):
+class BrokerRefused(OperationFailed):
     """The broker answered but refused our credentials or a request (one-line reason)."""
 
     def __init__(self, bootstrap: str, action: str, exc: BaseException) -> None:
@@ -141,7 +143,7 @@ def wait_for_broker(
             raise_if_refused(exc, bootstrap, "connect", started)
             last = exc
             time.sleep(0.2)
-    raise TimeoutError(f"no Kafka broker answering on {bootstrap} ({last})")
+    raise Unreachable(f"no Kafka broker answering on {bootstrap} ({last})")
 
 
 def ensure_topics(
@@ -172,7 +174,7 @@ def ensure_topics(
         for t in topics:
             while not consumer.partitions_for_topic(t):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"topic {t} did not appear on {bootstrap}")
+                    raise Unreachable(f"topic {t} did not appear on {bootstrap}")
                 time.sleep(0.1)
                 consumer.topics()
     finally:
@@ -209,7 +211,7 @@ def delete_topics(
         deadline = time.monotonic() + timeout
         while names & set(admin.list_topics()):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"topics {sorted(names)} still listed on {bootstrap}")
+                raise Unreachable(f"topics {sorted(names)} still listed on {bootstrap}")
             time.sleep(0.05)
     finally:
         admin.close()
@@ -223,7 +225,7 @@ def topic_partitions(consumer: KafkaConsumer, topic: str, timeout: float = 15.0)
         if parts:
             return sorted(parts)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic!r} not found")
+            raise Unreachable(f"topic {topic!r} not found")
         consumer.topics()
         time.sleep(0.1)
 

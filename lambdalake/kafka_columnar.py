@@ -44,6 +44,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError, UnsupportedCodecError
 
+from lambdalake.errors import OperationFailed
 from lambdalake.logs import get_logger
 
 log = get_logger(__name__)
@@ -94,7 +95,7 @@ class PoisonBatch:
         }
 
 
-class UndecodableBatch(RuntimeError):
+class UndecodableBatch(OperationFailed):
     """A record batch that cannot be decoded and must not be passed over.
 
     Either its extent cannot be trusted (passing it could skip records

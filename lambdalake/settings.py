@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lambdalake.errors import InvalidInput
+
 TOPICS = ("orders", "reviews")
 
 
@@ -28,19 +30,19 @@ EXAMPLE_SECRETS = frozenset(
 
 
 def check_secret(name: str, value: str) -> None:
-    """Refuse an example value or a short secret for setting ``name`` (one-line ``ValueError``).
+    """Refuse an example value or a short secret for setting ``name`` (one-line ``InvalidInput``, a ``ValueError``).
 
     >>> check_secret("LAMBDALAKE_SPEED_TOKEN", "secret")
     Traceback (most recent call last):
     ...
-    ValueError: LAMBDALAKE_SPEED_TOKEN holds an example value ('secret'); set real keys (16+ random characters, e.g. `openssl rand -hex 24`)
+    lambdalake.errors.InvalidInput: LAMBDALAKE_SPEED_TOKEN holds an example value ('secret'); set real keys (16+ random characters, e.g. `openssl rand -hex 24`)
     """
     hint = "set real keys (16+ random characters, e.g. `openssl rand -hex 24`)"
     plain = value.lower().replace("-", "").replace("_", "")
     if plain in EXAMPLE_SECRETS or "changeme" in plain:
-        raise ValueError(f"{name} holds an example value ({value!r}); {hint}")
+        raise InvalidInput(f"{name} holds an example value ({value!r}); {hint}")
     if len(value) < MIN_SECRET_CHARS:
-        raise ValueError(
+        raise InvalidInput(
             f"{name} holds a key of {len(value)} characters, fewer than {MIN_SECRET_CHARS}; {hint}"
         )
 
@@ -153,7 +155,7 @@ class Settings(BaseSettings):
         if self.kafka_security_protocol.startswith("SASL_") and not (
             self.kafka_sasl_username and self.kafka_sasl_password
         ):
-            raise ValueError(
+            raise InvalidInput(
                 f"LAMBDALAKE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
                 "LAMBDALAKE_KAFKA_SASL_USERNAME and LAMBDALAKE_KAFKA_SASL_PASSWORD"
             )

@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
+from lambdalake.errors import OperationFailed
 from lambdalake.manifest import Watermark, watermark_from_dict, watermark_to_dict
 from lambdalake.views import VIEWS, Granularity
 
@@ -234,7 +235,7 @@ ErrorKind = Literal[
 ]
 
 
-class SpeedError(RuntimeError):
+class SpeedError(OperationFailed):
     """A speed worker could not answer; :attr:`kind` says why (see the module doc).
 
     Only ``kind == "unavailable"`` (:attr:`worker_down`) means the worker itself

@@ -34,6 +34,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from lambdalake.errors import LambdalakeError
 from lambdalake.lake import (
     RUNS,
     VIEW_DEMAND_FORECAST,
@@ -114,7 +115,7 @@ def aggregate_load_sql(
     )
 
 
-class ViewMissing(LookupError):
+class ViewMissing(LambdalakeError, LookupError):
     """The served run does not publish the view table a question needs."""
 
     def __init__(self, table: str, run_id: str | None, hint: str) -> None:

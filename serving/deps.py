@@ -19,12 +19,12 @@ URL_KEY_PARAMS = ("key", "api_key", "apikey", "x-api-key")
 
 
 def check_api_keys(keys: frozenset[str]) -> None:
-    """Refuse example secrets and short keys, with a one-line ``ValueError``.
+    """Refuse example secrets and short keys, with a one-line ``InvalidInput`` (a ``ValueError``).
 
     >>> check_api_keys(frozenset({"change-me"}))
     Traceback (most recent call last):
     ...
-    ValueError: LAMBDALAKE_API_KEYS holds an example value ('change-me'); set real keys (16+ random characters, e.g. `openssl rand -hex 24`)
+    lambdalake.errors.InvalidInput: LAMBDALAKE_API_KEYS holds an example value ('change-me'); set real keys (16+ random characters, e.g. `openssl rand -hex 24`)
     """
     for key in sorted(keys):
         check_secret("LAMBDALAKE_API_KEYS", key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+from lambdalake.errors import InvalidInput
 from lambdalake.views import ALL, Granularity
 
 # Result-size caps: an answer never carries more points than these.
@@ -35,7 +36,7 @@ SUPPORTED_FIRST = datetime(1900, 1, 1, tzinfo=UTC)
 SUPPORTED_LAST = datetime(2999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 
 
-class InvalidParameter(ValueError):
+class InvalidParameter(InvalidInput):
     """A request parameter is invalid; ``str(exc)`` is the message for the caller."""
 
     def __init__(self, name: str, message: str) -> None:

@@ -32,6 +32,7 @@ from datetime import timedelta
 
 import pyarrow as pa
 
+from lambdalake.errors import InvalidInput, Unreachable
 from lambdalake.kafka import quiet_client_logs, refusal
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
@@ -250,15 +251,13 @@ class Poller(threading.Thread):
                 found = client.partitions(topic)
                 while not found:
                     if time.monotonic() > deadline or self.stop_event.is_set():
-                        raise TimeoutError(
-                            f"topic {topic!r} not found on {self.settings.bootstrap}"
-                        )
+                        raise Unreachable(f"topic {topic!r} not found on {self.settings.bootstrap}")
                     time.sleep(0.2)
                     found = client.partitions(topic)
                 parts[topic] = found
             owned = owned_partitions(parts, self.worker)
             if not owned:
-                raise ValueError(
+                raise InvalidInput(
                     f"worker {self.worker[0]}/{self.worker[1]} owns no partition of "
                     f"{parts}; use fewer workers"
                 )

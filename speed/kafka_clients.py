@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Protocol
 
+from lambdalake.errors import InvalidInput
 from lambdalake.kafka_columnar import HALT_ERRORS, Chunk, ChunkReader
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
@@ -50,7 +51,7 @@ def make_client(name: str, settings: Settings) -> KafkaClient:
         return KafkaPythonClient(settings)
     if name == "confluent-kafka":
         return ConfluentClient(settings)
-    raise ValueError(f"unknown Kafka client {name!r}; expected one of {', '.join(CLIENTS)}")
+    raise InvalidInput(f"unknown Kafka client {name!r}; expected one of {', '.join(CLIENTS)}")
 
 
 class KafkaPythonClient:

@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from lambdalake.contracts import FIELDS_BY_TOPIC, KEY_BY_TOPIC
+from lambdalake.errors import InvalidInput
 from lambdalake.manifest import Watermark, watermark_from_json, watermark_to_json
 from lambdalake.speed_protocol import (
     AnswerMeta,
@@ -240,7 +241,7 @@ class SpeedState:
                 [layout, SCHEMA_VERSION],
             )
         elif row[0] != layout:
-            raise ValueError(
+            raise InvalidInput(
                 f"{self.path} holds the state of worker {row[0]}, not {layout}; "
                 "use the worker's own file or another LAMBDALAKE_SPEED_DIR"
             )

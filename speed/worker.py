@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lambdalake.errors import InvalidInput
 from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
 from lambdalake.manifest import watermark_to_dict
@@ -292,7 +293,7 @@ class SpeedWorker:
                 token=self.settings.speed_token or None,
             )
         except Exception as exc:  # pyarrow raises its own errors for a port in use
-            raise ValueError(f"cannot serve queries on port {query_port}: {exc}") from exc
+            raise InvalidInput(f"cannot serve queries on port {query_port}: {exc}") from exc
         self.server.start()
         self.reporter.write()
         self.reporter.start()
@@ -400,7 +401,7 @@ def check_query_auth(settings: Settings, query_host: str) -> None:
     if _loopback(query_host):
         return
     if not settings.speed_allow_unauthenticated:
-        raise ValueError(
+        raise InvalidInput(
             f"--query-host {query_host} is reachable from other machines and "
             "LAMBDALAKE_SPEED_TOKEN is empty: set a token (the same on every worker and the "
             "API, e.g. `openssl rand -hex 24`), or bind 127.0.0.1 "
