@@ -67,7 +67,7 @@ from batch.forecast_models import (
     statsforecast_model,
 )
 from lambdalake.calendar import nth_weekday
-from lambdalake.views import ALL, forecast_level
+from lambdalake.contract.views import ALL, forecast_level
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame

@@ -7,7 +7,7 @@ the shared validator and committed with one delta-rs append per table:
 ``quarantine`` first (rejected messages), then ``master/orders`` and
 ``master/reviews`` (valid events plus lineage columns), each commit carrying the
 positions it advances to as Delta app transactions (see
-:mod:`batch.ingest_lake` and :mod:`lambdalake.manifest`). A crash at any
+:mod:`batch.ingest_lake` and :mod:`lambdalake.contract.manifest`). A crash at any
 moment therefore loses and duplicates nothing: a restart resumes at master's
 committed positions and skips quarantine rows already committed.
 
@@ -54,18 +54,18 @@ from batch.ingest_lake import (
     quarantine_rows,
 )
 from batch.ingest_skip import Skip, check_skips, read_stopped_batch
-from lambdalake.contracts import REJECTED_SCHEMA, validate
+from lambdalake.contract.events import REJECTED_SCHEMA, validate
+from lambdalake.contract.lake import Lake
+from lambdalake.contract.manifest import ingest_positions
 from lambdalake.errors import OperationFailed
-from lambdalake.kafka_columnar import (
+from lambdalake.kafka.columnar import (
     HALT_ERRORS,
     Chunk,
     ChunkReader,
     PoisonBatch,
     UndecodableBatch,
 )
-from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
-from lambdalake.manifest import ingest_positions
 from lambdalake.settings import TOPICS, Settings
 
 log = get_logger(__name__)

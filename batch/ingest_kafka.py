@@ -1,6 +1,6 @@
 """Kafka side of ingest: a manually assigned consumer that hands back columns, not records.
 
-Ingest reads the consumer through the shared :class:`~lambdalake.kafka_columnar.ChunkReader`:
+Ingest reads the consumer through the shared :class:`~lambdalake.kafka.columnar.ChunkReader`:
 the columnar decoder (``(offset, value)`` columns instead of kafka-python's
 per-record ``ConsumerRecord`` objects, which alone would cap ingest below its
 target), positions past transaction markers, and poison batches passed over
@@ -21,7 +21,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from lambdalake.errors import Unreachable
-from lambdalake.kafka import (
+from lambdalake.kafka.clients import (
     Security,
     client_args,
     end_offsets,
@@ -155,7 +155,7 @@ def discover_partitions(
 def true_end_offsets(
     bootstrap: str, parts: dict[str, list[int]], *, security: Security | None = None
 ) -> Positions:
-    """One past the last record of every partition (see :func:`lambdalake.kafka.end_offsets`)."""
+    """One past the last record of every partition (see :func:`lambdalake.kafka.clients.end_offsets`)."""
     tps = [TopicPartition(t, p) for t, ps in parts.items() for p in ps]
     ends = end_offsets(bootstrap, tps, security=security)
     out: Positions = {t: {} for t in parts}

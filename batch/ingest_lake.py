@@ -1,6 +1,6 @@
 """Lake side of ingest: lineage columns, replay filtering, and the position-carrying commits.
 
-The protocol (see :mod:`lambdalake.manifest`): every commit to ``master/<topic>``
+The protocol (see :mod:`lambdalake.contract.manifest`): every commit to ``master/<topic>``
 carries one Delta app transaction per partition of the topic,
 ``ingest_app_id(topic, p) -> next offset``, so the rows and the position they
 advance to land in one atomic commit. ``quarantine`` (both topics, one table)
@@ -53,10 +53,16 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
+from lambdalake.contract.lake import (
+    MASTER_SCHEMA_BY_TOPIC,
+    QUARANTINE,
+    QUARANTINE_SCHEMA,
+    UTC_TS,
+    Lake,
+)
+from lambdalake.contract.manifest import ingest_app_id, ingest_positions
 from lambdalake.errors import OperationFailed
-from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, QUARANTINE, QUARANTINE_SCHEMA, UTC_TS, Lake
 from lambdalake.logs import get_logger
-from lambdalake.manifest import ingest_app_id, ingest_positions
 
 log = get_logger(__name__)
 
@@ -99,7 +105,7 @@ def master_rows(valid: pa.Table, topic: str, ingested_at: datetime) -> pa.Table:
     """Valid events (the validator's ``valid`` table) as ``master/<topic>`` rows.
 
     Adds ``_topic`` and ``_ingested_at``, orders and types the columns as the
-    master schema says (``lambdalake.lake.MASTER_SCHEMA_BY_TOPIC``).
+    master schema says (``lambdalake.contract.lake.MASTER_SCHEMA_BY_TOPIC``).
     """
     schema = MASTER_SCHEMA_BY_TOPIC[topic]
     extra = _lineage(topic, valid.num_rows, ingested_at)

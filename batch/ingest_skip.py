@@ -11,7 +11,7 @@ transaction's range. Only an operator can judge what it held; ``lambdalake inges
 * the batch's header must say where it ends, and nothing may contradict it (the
   next batch in the fetch starts there; the log ends at or after it).
 
-The batch then becomes a :class:`~lambdalake.kafka_columnar.PoisonBatch` passed by
+The batch then becomes a :class:`~lambdalake.kafka.columnar.PoisonBatch` passed by
 the operator, committed the way ingest commits any poison batch (see
 :meth:`batch.ingest.Ingest.skip`): one quarantine row (``skipped_by_operator:<kind>``,
 the whole batch as ``raw``, ``_offset`` = ``OFFSET``) and the positions past it.
@@ -31,8 +31,8 @@ from kafka import TopicPartition
 
 from batch.ingest_kafka import open_consumer
 from lambdalake.errors import InvalidInput
-from lambdalake.kafka import Security
-from lambdalake.kafka_columnar import DECODER_ERRORS, ChunkReader, PoisonBatch, UndecodableBatch
+from lambdalake.kafka.clients import Security
+from lambdalake.kafka.columnar import DECODER_ERRORS, ChunkReader, PoisonBatch, UndecodableBatch
 
 POLL_TIMEOUT_MS = 200
 _SPEC = re.compile(r"^(?P<topic>[^/@\s]+)/(?P<partition>\d+)@(?P<offset>\d+)$")

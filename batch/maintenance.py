@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from deltalake import DeltaTable
 
-from lambdalake.errors import InvalidInput
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     BATCH_VIEWS,
     MASTER_ORDERS,
     MASTER_REVIEWS,
@@ -41,6 +40,7 @@ from lambdalake.lake import (
     RUNS,
     Lake,
 )
+from lambdalake.errors import InvalidInput
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings, absolute_uri
 
@@ -196,7 +196,7 @@ def expire_quarantine(settings: Settings, days: int, *, now: datetime | None = N
     transactions) stay in the table's log. The files are removed from disk by
     the next ``lambdalake maintenance compact`` vacuum.
     """
-    from lambdalake import lake as L
+    from lambdalake.contract import lake as L
 
     if days < 0:
         raise InvalidInput(f"retention must be >= 0 days, got {days}")

@@ -9,7 +9,7 @@ no-op (Delta skips a write whose txnVersion is not newer) and
 :func:`write_view` returns the version of the first commit.
 
 The run becomes visible only when :func:`append_run` appends its ``published``
-row to ``runs`` (``lambdalake.manifest``, written with delta-rs like every
+row to ``runs`` (``lambdalake.contract.manifest``, written with delta-rs like every
 reader of it reads it). Files of a run that failed before its commit are never
 referenced; vacuum removes them.
 """
@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     RUNS,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
     VIEW_REVIEW_SCORES,
     Lake,
 )
-from lambdalake.manifest import RUNS_SCHEMA, RunRecord
-from lambdalake.views import PERIOD_COLUMN, Granularity, ViewDef, aggregate_tables
+from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
+from lambdalake.contract.views import PERIOD_COLUMN, Granularity, ViewDef, aggregate_tables
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -51,7 +51,7 @@ def _nullable(schema: pa.Schema) -> pa.Schema:
 
 
 def aggregate_schema(view: ViewDef, granularity: Granularity | None) -> pa.Schema:
-    """An aggregate view's schema, from its definition (``lambdalake.views``): the period
+    """An aggregate view's schema, from its definition (``lambdalake.contract.views``): the period
     (named as ``PERIOD_COLUMN`` says), dimensions, measures, derived measures, ``run_id``."""
     return _nullable(
         view.arrow_schema(

@@ -8,8 +8,8 @@ failures. ``lambdalake batch publish --run-id R`` confirms the checked run is th
 (:func:`confirm_published`).
 
 The checks derive from the contract: every published view and its key
-(``lambdalake.lake.PUBLISHED_VIEWS``), every aggregate table's event count
-(``lambdalake.views``).
+(``lambdalake.contract.lake.PUBLISHED_VIEWS``), every aggregate table's event count
+(``lambdalake.contract.views``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from lambdalake.contract.lake import Lake
+from lambdalake.contract.manifest import RunRecord
 from lambdalake.errors import OperationFailed
-from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
-from lambdalake.manifest import RunRecord
 from lambdalake.settings import Settings, absolute_uri
 
 log = get_logger(__name__)
@@ -33,14 +33,14 @@ log = get_logger(__name__)
 
 def view_keys() -> dict[str, tuple[str, ...]]:
     """The views every run publishes, and the key columns none of their rows may leave empty."""
-    from lambdalake import lake as L
+    from lambdalake.contract import lake as L
 
     return {v.table: v.key for v in L.PUBLISHED_VIEWS}
 
 
 def unique_key_views() -> tuple[str, ...]:
     """Views whose key must be unique: a duplicate key double-counts in every reader's sum."""
-    from lambdalake import lake as L
+    from lambdalake.contract import lake as L
 
     return tuple(v.table for v in L.PUBLISHED_VIEWS if v.unique)
 
@@ -105,15 +105,15 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
     Checks: every view is listed and readable at its pinned version; no key
     column is null and keys that must be unique are; the row counts the run
     recorded match the tables; every aggregate table of every view definition
-    (``lambdalake.views``) counts exactly the events the run recorded reading (its
+    (``lambdalake.contract.views``) counts exactly the events the run recorded reading (its
     ``COUNT(*)`` measure summed), and between the distinct and the total events of the
     pinned master snapshot (deduplication happens within a horizon, so the exact number
     lies in that range); ``review_scores`` likewise against the reviews; forecasts are finite, not negative, and their bounds
     ordered ``lower_95 <= lower_80 <= forecast <= upper_80 <= upper_95``;
     sentiment lies in [-1, 1] with a known label.
     """
-    from lambdalake import lake as L
-    from lambdalake.manifest import read_runs
+    from lambdalake.contract import lake as L
+    from lambdalake.contract.manifest import read_runs
 
     lake = L.Lake(absolute_uri(settings.lake_uri))
     run = _published_record(read_runs(lake.table(L.RUNS), lake.storage_options), run_id)
@@ -196,9 +196,9 @@ def _check_recorded_counts(
 def _check_counts_against_master(
     pinned: _Pinned, columns: dict[str, list[str]], recorded: Mapping[str, int]
 ) -> list[str]:
-    from lambdalake import lake as L
-    from lambdalake.contracts import KEY_BY_TOPIC
-    from lambdalake.views import aggregate_tables
+    from lambdalake.contract import lake as L
+    from lambdalake.contract.events import KEY_BY_TOPIC
+    from lambdalake.contract.views import aggregate_tables
 
     failures: list[str] = []
 
@@ -246,7 +246,7 @@ def _check_counts_against_master(
 
 
 def _check_forecast(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
-    from lambdalake import lake as L
+    from lambdalake.contract import lake as L
 
     cols = columns.get(L.VIEW_DEMAND_FORECAST)
     if cols is None:
@@ -279,7 +279,7 @@ def _check_forecast(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]
 def _check_forecast_levels(pinned: _Pinned, a: str) -> list[str]:
     """The levels add up: each SKU's, each store's and the total forecast equal the sum of
     their (sku, store) series, day by day (relative tolerance 1e-6)."""
-    from lambdalake import lake as L
+    from lambdalake.contract import lake as L
 
     failures = []
     for level, keys in (("sku", "sku"), ("store", "store_id"), ("total", "NULL")):
@@ -302,7 +302,7 @@ def _check_forecast_levels(pinned: _Pinned, a: str) -> list[str]:
 
 
 def _check_sentiment(pinned: _Pinned, columns: dict[str, list[str]]) -> list[str]:
-    from lambdalake import lake as L
+    from lambdalake.contract import lake as L
 
     cols = columns.get(L.VIEW_REVIEW_SCORES)
     if cols is None:
@@ -338,8 +338,8 @@ def demote_run(
     """
     from deltalake import write_deltalake
 
-    from lambdalake import lake as L
-    from lambdalake.manifest import RUNS_SCHEMA, read_runs
+    from lambdalake.contract import lake as L
+    from lambdalake.contract.manifest import RUNS_SCHEMA, read_runs
 
     lake = L.Lake(absolute_uri(settings.lake_uri))
     runs_uri = lake.table(L.RUNS)
@@ -404,8 +404,8 @@ def confirm_published(settings: Settings, run_id: str) -> RunRecord:
     confirms (idempotently) that the checked run is the one served and logs
     its watermark and view versions. Raises ``ValueError`` otherwise.
     """
-    from lambdalake import lake as L
-    from lambdalake.manifest import latest_published_run, watermark_to_json
+    from lambdalake.contract import lake as L
+    from lambdalake.contract.manifest import latest_published_run, watermark_to_json
 
     lake = L.Lake(absolute_uri(settings.lake_uri))
     served = latest_published_run(lake.table(L.RUNS), lake.storage_options)

@@ -5,18 +5,18 @@ calls. Stages, each logged with its counts and seconds:
 
 ``pin``              current version, files and ingest positions of each master table
 ``read``             read exactly those files, deduplicate (lowest offset wins)
-``daily_sales``      ``lambdalake.views.SALES`` per day, store and SKU
-``hourly_sales``     ``lambdalake.views.SALES`` per UTC hour, store and SKU
+``daily_sales``      ``lambdalake.contract.views.SALES`` per day, store and SKU
+``hourly_sales``     ``lambdalake.contract.views.SALES`` per UTC hour, store and SKU
 ``sentiment_train``  the sentiment model from star ratings (or the lexicon), saved
 ``review_scores``    every review scored in Spark with the broadcast model
-``sentiment_by_sku`` ``lambdalake.views.SENTIMENT`` over the scores, all time
-``sentiment_weekly`` ``lambdalake.views.SENTIMENT`` over the scores, per ISO week
+``sentiment_by_sku`` ``lambdalake.contract.views.SENTIMENT`` over the scores, all time
+``sentiment_weekly`` ``lambdalake.contract.views.SENTIMENT`` over the scores, per ISO week
 ``forecast``         28-day forecasts of every level (sku x store, sku, store, total), backtest
                      accuracy, reconciled so that the levels add up
 ``publish``          the ``published`` row in ``runs``
 
 The aggregate stages are not written out one by one: every table of every view definition
-(``ViewDef.tables`` in ``lambdalake.views``) is one stage, named after its table, run as
+(``ViewDef.tables`` in ``lambdalake.contract.views``) is one stage, named after its table, run as
 soon as its topic's events (orders; reviews once scored) are ready.
 
 Each view is committed to Delta (by delta-spark) as soon as it is computed, but readers serve
@@ -46,19 +46,19 @@ from batch.progress import Stages, spark_progress
 from batch.publish import RunIdentity, append_run, write_view
 from batch.sentiment_train import TrainConfig, train_sentiment
 from batch.snapshot import deduplicate, pin_snapshot, read_pinned
-from lambdalake.errors import InvalidInput
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     MASTER_TABLE_BY_TOPIC,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
     VIEW_REVIEW_SCORES,
     Lake,
 )
+from lambdalake.contract.manifest import RunRecord
+from lambdalake.contract.views import PERIOD_COLUMN, SALES, VIEWS_BY_TOPIC, Granularity, ViewDef
+from lambdalake.errors import InvalidInput
 from lambdalake.logs import get_logger
-from lambdalake.manifest import RunRecord
 from lambdalake.sentiment import SentimentModel
 from lambdalake.settings import Settings
-from lambdalake.views import PERIOD_COLUMN, SALES, VIEWS_BY_TOPIC, Granularity, ViewDef
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

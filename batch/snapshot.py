@@ -2,7 +2,7 @@
 
 A pin is, per topic, the current Delta version of ``master/<topic>``, the
 Parquet files delta-rs lists for that version, and the ingest position
-committed with it (``lambdalake.manifest.ingest_positions``): the watermark.
+committed with it (``lambdalake.contract.manifest.ingest_positions``): the watermark.
 Spark then reads that version with Delta's own reader (``versionAsOf``), so
 rows ingested while the run is going on are neither half-seen nor
 double-counted, and any table feature delta-spark supports is honoured.
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from lambdalake.contracts import KEY_BY_TOPIC
-from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
-from lambdalake.manifest import Watermark, ingest_positions
+from lambdalake.contract.events import KEY_BY_TOPIC
+from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
+from lambdalake.contract.manifest import Watermark, ingest_positions
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -1,6 +1,6 @@
 """Synthetic master tables, written straight to the lake (no Kafka), for tests and benchmarks.
 
-The tables have exactly the shape ingest writes (``lambdalake.lake`` schemas,
+The tables have exactly the shape ingest writes (``lambdalake.contract.lake`` schemas,
 partitioned by ``event_date``, one Delta app transaction per topic partition
 holding the ingest position), so the batch layer cannot tell them from real
 ones. Generation is vectorised: two years x 2,000 series take seconds.
@@ -27,8 +27,8 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, Lake
-from lambdalake.manifest import ingest_app_id
+from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, Lake
+from lambdalake.contract.manifest import ingest_app_id
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ the master schema, partitioned by day, with ingest positions), then
   the views), per-stage seconds as the run recorded them;
 * **duckdb**: the same stages in this one process: delta-rs reads the same
   snapshot, DuckDB deduplicates and aggregates with the same SQL definitions
-  (``lambdalake.views``), the same sentiment training and scorer, the same
+  (``lambdalake.contract.views``), the same sentiment training and scorer, the same
   ``forecast_series`` over all series at once, and delta-rs writes the views;
 * **maintenance** (``--maintenance``): ``lambdalake maintenance compact`` on a
   copy of the master tables rewritten as ``--commits`` small ingest commits,
@@ -52,7 +52,7 @@ STAGES = _stages()
 
 def build(lake_root: Path, days: int, skus: int, stores: int, seed: int) -> dict:
     from batch.synthetic import SalesSpec, build_master
-    from lambdalake.lake import Lake
+    from lambdalake.contract.lake import Lake
 
     spec = SalesSpec(days=days, skus=skus, stores=stores, end_date=date(2026, 10, 31), seed=seed)
     t0 = time.perf_counter()
@@ -68,8 +68,8 @@ def build(lake_root: Path, days: int, skus: int, stores: int, seed: int) -> dict
 def run_spark(lake_root: Path, master: str) -> dict:
     from batch.run import run_batch
     from batch.spark import get_spark
-    from lambdalake.lake import RUNS, Lake
-    from lambdalake.manifest import latest_published_run
+    from lambdalake.contract.lake import RUNS, Lake
+    from lambdalake.contract.manifest import latest_published_run
     from lambdalake.settings import Settings
 
     settings = Settings(_env_file=None, lake_uri=str(lake_root), spark_master=master)  # type: ignore[call-arg]
@@ -100,8 +100,8 @@ def run_duckdb(lake_root: Path, out_root: Path) -> dict:
 
     from batch.forecast import forecast_series
     from batch.sentiment_train import train_sentiment
-    from lambdalake.lake import Lake
-    from lambdalake.views import SALES, SENTIMENT
+    from lambdalake.contract.lake import Lake
+    from lambdalake.contract.views import SALES, SENTIMENT
 
     lake = Lake(str(lake_root))
     seconds: dict[str, float] = {}
@@ -190,7 +190,7 @@ def run_maintenance(work: Path, days: int, skus: int, stores: int, seed: int, co
     from batch.maintenance import compact
     from batch.spark import get_spark
     from batch.synthetic import SalesSpec, synthetic_orders, synthetic_reviews, write_master
-    from lambdalake.lake import Lake
+    from lambdalake.contract.lake import Lake
     from lambdalake.settings import Settings
 
     spec = SalesSpec(days=days, skus=skus, stores=stores, end_date=date(2026, 10, 31), seed=seed)

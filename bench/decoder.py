@@ -4,10 +4,10 @@ What it does
     Builds an in-memory partition log like a fetch response's: 200 record batches
     of 500 order-like records (~200-byte JSON values, keyed by SKU), once per codec
     (none, gzip, snappy, lz4, zstd), and decodes it with
-    :class:`lambdalake.kafka_columnar.ColumnarPartitionRecords` (``read_committed``,
+    :class:`lambdalake.kafka.columnar.ColumnarPartitionRecords` (``read_committed``,
     taken 50,000 records at a time, as ingest's polls do), and with kafka-python's own
     ``PartitionRecords`` for scale. With ``--against REF`` the decoder of that git
-    commit is loaded from ``git show REF:lambdalake/kafka_columnar.py`` and timed in
+    commit is loaded from ``git show REF:lambdalake/kafka/columnar.py`` and timed in
     the same process, interleaved, so a loaded machine affects both alike.
 
     Figures are process CPU time (best of ``--repeat``), in microseconds per record:
@@ -37,7 +37,7 @@ from kafka import TopicPartition  # noqa: E402
 from kafka.consumer.fetcher import Fetcher, IsolationLevel  # noqa: E402
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder  # noqa: E402
 
-from lambdalake import kafka_columnar  # noqa: E402
+from lambdalake.kafka.clients import columnar as kafka_columnar  # noqa: E402
 
 CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 BATCHES, PER_BATCH = 200, 500
@@ -66,14 +66,19 @@ def make_log(codec: int, seed: int = 0) -> bytes:
     return bytes(data)
 
 
+# Where the decoder lived: now, and before the shared package was split by role.
+DECODER_PATHS = ("lambdalake/kafka/columnar.py", "lambdalake/kafka_columnar.py")
+
+
 def load_at(ref: str) -> ModuleType:
-    """``lambdalake/kafka_columnar.py`` as it was at git commit ``ref``."""
-    source = subprocess.run(
-        ["git", "show", f"{ref}:lambdalake/kafka_columnar.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout
+    """The columnar decoder as it was at git commit ``ref`` (at either of its paths)."""
+    for where in DECODER_PATHS:
+        shown = subprocess.run(["git", "show", f"{ref}:{where}"], cwd=ROOT, capture_output=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        raise SystemExit(f"no columnar decoder at {ref} ({' or '.join(DECODER_PATHS)})")
     path = Path(tempfile.mkdtemp()) / "kafka_columnar_ref.py"
     path.write_bytes(source)
     spec = importlib.util.spec_from_file_location("kafka_columnar_ref", path)

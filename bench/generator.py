@@ -28,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 from generator.model import make_catalog  # noqa: E402
 from generator.produce import run_history  # noqa: E402
 from generator.stream import Counts, Fractions, history  # noqa: E402
-from lambdalake.broker import EmbeddedBroker  # noqa: E402
+from lambdalake.ops.broker import EmbeddedBroker  # noqa: E402
 from lambdalake.settings import Settings  # noqa: E402
 
 

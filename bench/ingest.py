@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 from deltalake import DeltaTable  # noqa: E402
 from kafka import KafkaProducer, TopicPartition  # noqa: E402
 
-from lambdalake.broker import EmbeddedBroker  # noqa: E402
-from lambdalake.kafka import end_offsets  # noqa: E402
-from lambdalake.lake import Lake  # noqa: E402
-from lambdalake.manifest import ingest_positions  # noqa: E402
+from lambdalake.contract.lake import Lake  # noqa: E402
+from lambdalake.contract.manifest import ingest_positions  # noqa: E402
+from lambdalake.kafka.clients import end_offsets  # noqa: E402
+from lambdalake.ops.broker import EmbeddedBroker  # noqa: E402
 
 PRODUCER_CONFIG = {"batch_size": 1 << 20, "linger_ms": 30, "metrics_enabled": False}
 SKUS = 500

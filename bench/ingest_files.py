@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def rows(n: int, dates: int, order: str, seed: int):  # -> pa.Table
     import pyarrow as pa
 
-    from lambdalake.lake import MASTER_ORDERS_SCHEMA
+    from lambdalake.contract.lake import MASTER_ORDERS_SCHEMA
 
     rnd = random.Random(seed)
     base = date(2018, 1, 1)
@@ -60,7 +60,7 @@ def case(
     n: int, dates: int, order: str, max_dates: int, seed: int, out: multiprocessing.Queue
 ) -> None:
     from batch.ingest_lake import MASTER_PARTITION_BY, PositionedTable
-    from lambdalake.lake import MASTER_ORDERS_SCHEMA
+    from lambdalake.contract.lake import MASTER_ORDERS_SCHEMA
 
     table = rows(n, dates, order, seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,14 +63,14 @@ def build_lake(root: Path, *, skus: int, stores: int, days: int, seed: int) -> d
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from lambdalake.lake import (
+    from lambdalake.contract.lake import (
         RUNS,
         VIEW_DAILY_SALES,
         VIEW_DEMAND_FORECAST,
         VIEW_HOURLY_SALES,
         VIEW_SENTIMENT_BY_SKU,
     )
-    from lambdalake.manifest import RUNS_SCHEMA, RunRecord
+    from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
 
     rng = np.random.default_rng(seed)
     run_id = "bench-run"
@@ -188,7 +188,7 @@ def naive_app(settings: Any) -> Any:
     from deltalake import DeltaTable
     from fastapi import FastAPI
 
-    from lambdalake.lake import (
+    from lambdalake.contract.lake import (
         RUNS,
         VIEW_DAILY_SALES,
         VIEW_DEMAND_FORECAST,
@@ -196,9 +196,9 @@ def naive_app(settings: Any) -> Any:
         VIEW_SENTIMENT_BY_SKU,
         Lake,
     )
-    from lambdalake.manifest import latest_published_run
-    from lambdalake.views import SALES, SENTIMENT
-    from serving.speed import SpeedClient, SpeedFilter
+    from lambdalake.contract.manifest import latest_published_run
+    from lambdalake.contract.views import SALES, SENTIMENT
+    from serving.speed_client import SpeedClient, SpeedFilter
 
     lake = Lake(settings.lake_uri)
     speed = SpeedClient(settings)
@@ -416,7 +416,7 @@ def start_speed(
     """Embedded broker + recent events + one speed worker (caught up). Returns them."""
     from kafka import KafkaProducer
 
-    from lambdalake.broker import EmbeddedBroker, free_port
+    from lambdalake.ops.broker import EmbeddedBroker, free_port
 
     broker = EmbeddedBroker.start(port=0, partitions=4, log_dir=work / "broker")
     rng = random.Random(seed)
@@ -593,7 +593,7 @@ def main() -> None:
         run_server(args.kind, args.lake, args.home, args.port, args.endpoints)
         return
 
-    from lambdalake.broker import free_port
+    from lambdalake.ops.broker import free_port
 
     work = Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     lake = work / "lake"

@@ -196,7 +196,7 @@ class Demo:
     """``lambdalake demo`` as a subprocess in its own home, on free ports."""
 
     def __init__(self, args: argparse.Namespace, home: Path) -> None:
-        from lambdalake.broker import free_port
+        from lambdalake.ops.broker import free_port
 
         self.home = home
         self.api_port = free_port()

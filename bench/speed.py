@@ -53,13 +53,13 @@ import duckdb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
-from lambdalake.broker import EmbeddedBroker, free_port  # noqa: E402
-from lambdalake.speed_protocol import (  # noqa: E402
+from lambdalake.contract.speed_protocol import (  # noqa: E402
     SpeedQuery,
     connect,
     query_speed,
     speed_status,
 )
+from lambdalake.ops.broker import EmbeddedBroker, free_port  # noqa: E402
 
 Key = tuple[str, str, str]  # (hour ISO, store, sku)
 Sums = dict[Key, tuple[int, float, int]]
@@ -186,7 +186,7 @@ def differences(got: Sums, want: Sums, limit: int = 5) -> dict[str, Any]:
 
 
 def true_ends(bootstrap: str, partitions: int) -> dict[int, int]:
-    from lambdalake.kafka import end_offsets
+    from lambdalake.kafka.clients import end_offsets
 
     ends = end_offsets(bootstrap, [TopicPartition("orders", p) for p in range(partitions)])
     return {tp.partition: o for tp, o in ends.items()}

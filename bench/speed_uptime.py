@@ -38,8 +38,8 @@ def rss_mib() -> float:
 
 
 def cursors(queries: int) -> dict[str, object]:
-    from lambdalake.contracts import validate
-    from lambdalake.speed_protocol import SpeedQuery, connect, query_speed
+    from lambdalake.contract.events import validate
+    from lambdalake.contract.speed_protocol import SpeedQuery, connect, query_speed
     from speed.server import SpeedFlightServer
     from speed.state import BatchInput, SpeedState
 
@@ -100,7 +100,7 @@ def make_master(lake: Path, ids: int) -> int:
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
+    from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
 
     uri = Lake(str(lake)).table(MASTER_TABLE_BY_TOPIC["orders"])
     schema = MASTER_SCHEMA_BY_TOPIC["orders"]
@@ -150,7 +150,7 @@ def known_ids(ids: int, in_memory: bool) -> dict[str, object]:
     )
     version = int(made.stdout.strip())
 
-    from lambdalake.manifest import RunRecord
+    from lambdalake.contract.manifest import RunRecord
     from lambdalake.settings import Settings
     from speed.runs import prepare_run
     from speed.state import RunApply, SpeedState

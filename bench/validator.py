@@ -31,7 +31,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lambdalake import contracts
+from lambdalake.contract import events as contracts
 
 WORDS = [
     "great",

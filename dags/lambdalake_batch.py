@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 
-from lambdalake.airflow import lambdalake_command, quality_gate, task_defaults
+from lambdalake.ops.airflow import lambdalake_command, quality_gate, task_defaults
 from lambdalake.settings import Settings
 
 settings = Settings()

@@ -2,7 +2,7 @@
 
 ``bad_message(i, topic, event, rnd, max_event_bytes)`` turns a valid event into
 the ``i``-th bad message of a run. The kinds follow the reasons of
-:mod:`lambdalake.contracts` and are cycled so that any run with at least
+:mod:`lambdalake.contract.events` and are cycled so that any run with at least
 ``len(KINDS)`` bad messages contains every kind; within a kind the variants are
 cycled too. Oversize messages (> ``max_event_bytes``) are big, so after the first
 cycle they take one slot in four of their turn (the others become truncated

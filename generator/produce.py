@@ -28,7 +28,7 @@ from tqdm import tqdm
 from generator.model import REVIEW_RATE, expected_lines, make_catalog
 from generator.stream import Counts, Fractions, LiveStream, Message, history
 from lambdalake.errors import InvalidInput, Unreachable
-from lambdalake.kafka import ensure_topics, wait_for_broker
+from lambdalake.kafka.clients import ensure_topics, wait_for_broker
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
 

@@ -121,7 +121,7 @@ def broker(
 ) -> None:
     """Run the embedded Apache Kafka broker (KRaft, one node; data in HOME/broker) in the
     foreground."""
-    from lambdalake.broker import EmbeddedBroker
+    from lambdalake.ops.broker import EmbeddedBroker
 
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()
@@ -440,7 +440,7 @@ def status(
     lake: LakeOpt = None,
 ) -> None:
     """Freshness: latest run, watermark, speed lag, quarantine counts."""
-    from lambdalake.status import collect_status, render_status
+    from lambdalake.ops.status import collect_status, render_status
 
     settings = _settings(bootstrap, lake)
     report = _run(lambda: collect_status(settings))
@@ -457,7 +457,7 @@ def airflow(
     lake: LakeOpt = None,
 ) -> None:
     """Airflow standalone (UI, scheduler, DAG processor) with the project's dags/."""
-    run_airflow = _load("lambdalake.airflow", "run_airflow")
+    run_airflow = _load("lambdalake.ops.airflow", "run_airflow")
 
     settings = _settings(bootstrap, lake)
     _run(lambda: run_airflow(settings, port=port))
@@ -473,7 +473,7 @@ def demo(
     lake: LakeOpt = None,
 ) -> None:
     """The embedded default: broker, history, batch, speed worker, API and live events."""
-    run_demo = _load("lambdalake.demo", "run_demo")
+    run_demo = _load("lambdalake.ops.demo", "run_demo")
 
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from lambdalake.lake import Lake
+    from lambdalake.contract.lake import Lake
 
 LABELS = ("negative", "neutral", "positive")
 KIND_LEXICON = "lexicon"
@@ -204,7 +204,7 @@ class SentimentModel:
 
         Saving the same version twice writes the same bytes (versions name contents).
         """
-        from lambdalake.lake import MODELS_SENTIMENT
+        from lambdalake.contract.lake import MODELS_SENTIMENT
 
         fs, base = _filesystem(lake.table(f"{MODELS_SENTIMENT}/{self.version}"))
         fs.create_dir(base, recursive=True)
@@ -222,7 +222,7 @@ class SentimentModel:
     @classmethod
     def load(cls, lake: Lake, version: str) -> SentimentModel:
         """Load a saved artifact; raises ``FileNotFoundError`` naming the version if absent."""
-        from lambdalake.lake import MODELS_SENTIMENT
+        from lambdalake.contract.lake import MODELS_SENTIMENT
 
         uri = lake.table(f"{MODELS_SENTIMENT}/{version}")
         fs, base = _filesystem(uri)

@@ -25,17 +25,17 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from lambdalake.logs import get_logger
-from lambdalake.net import free_port
+from lambdalake.ops.net import free_port
 from lambdalake.settings import Settings
 from serving import dashboard
 from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
-from serving.batch import BatchCache, ViewMissing
 from serving.deps import check_api_keys, require_api_key
 from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
 from serving.routers import alerts, forecast, sales, sentiment, system
+from serving.served_run import BatchCache, ViewMissing
 from serving.service import QueryService
-from serving.speed import SpeedClient
+from serving.speed_client import SpeedClient
 
 log = get_logger(__name__)
 
@@ -111,7 +111,7 @@ def create_app(
     cache polls the runs table every ``poll_seconds``; each speed worker's partial
     view is fetched at most every ``speed_cache_ttl`` seconds (0 = one worker query
     per request), and answered from for up to ``speed_stale_grace`` more seconds
-    while a background fetch replaces it (see :mod:`serving.speed`). ``admission``:
+    while a background fetch replaces it (see :mod:`serving.speed_client`). ``admission``:
     the per-process limits of :mod:`serving.admission` (``True``: from ``settings``;
     ``None``/``False``: none). Raises ``ValueError`` for an example or too short API key.
     """

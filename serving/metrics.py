@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lambdalake.lake import Lake
+from lambdalake.contract.lake import Lake
+from lambdalake.ops.status import quarantine_counts, speed_status
 from lambdalake.settings import Settings
-from lambdalake.status import quarantine_counts, speed_status
-from serving.batch import BatchCache
+from serving.served_run import BatchCache
 
 QUARANTINE_TTL = 10.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

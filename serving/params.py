@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+from lambdalake.contract.views import ALL, Granularity
 from lambdalake.errors import InvalidInput
-from lambdalake.views import ALL, Granularity
 
 # Result-size caps: an answer never carries more points than these.
 MAX_DAY_POINTS = 3_660  # ten years of days

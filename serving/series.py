@@ -11,7 +11,7 @@ zero-copy slice.
 
 >>> import pyarrow as pa
 >>> from datetime import date
->>> from lambdalake.views import SALES
+>>> from lambdalake.contract.views import SALES
 >>> t = pa.table({
 ...     "period": pa.array([date(2024, 5, 1), date(2024, 5, 1), date(2024, 5, 2)]),
 ...     "store_id": ["S1", "S2", "S1"], "sku": ["A", "A", "A"],
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.views import ViewDef
+from lambdalake.contract.views import ViewDef
 from serving.params import period_label
 from serving.tables import as_days, key_runs, merge_table
 

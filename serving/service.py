@@ -1,8 +1,8 @@
 """The answers: batch view (run R) merged with speed partials for offsets >= watermark(R).
 
 Route functions call one method here each; this is where the merge lives. Every
-measure is combined through the shared view definitions (``lambdalake.views``):
-batch rows with each ``Measure.merge_agg`` (see ``serving.batch.merge_partials``),
+measure is combined through the shared view definitions (``lambdalake.contract.views``):
+batch rows with each ``Measure.merge_agg`` (see ``serving.served_run.merge_partials``),
 speed partials with ``ViewDef.combine_rows``, means with ``Mean.compute`` after the
 merge — never a measure defined twice.
 
@@ -12,7 +12,7 @@ published meanwhile), the latest run is loaded and the query retried once.
 The API's handlers are ``async`` and call :meth:`QueryService.answer`: a question is
 first answered on the event loop from what is in memory (the run's views, the speed
 snapshots); only when that would wait for I/O (a speed worker round trip, a run to
-load) does :class:`~serving.speed.WouldBlock` send it to a worker thread instead. The
+load) does :class:`~serving.speed_client.WouldBlock` send it to a worker thread instead. The
 common case skips two thread hand-offs per request.
 """
 
@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
-from lambdalake.manifest import watermark_to_dict
+from lambdalake.contract.manifest import watermark_to_dict
+from lambdalake.contract.views import ALL, SALES, SENTIMENT, forecast_level
 from lambdalake.settings import Settings
-from lambdalake.views import ALL, SALES, SENTIMENT, forecast_level
-from serving.batch import BatchCache, BatchSnapshot
 from serving.models import (
     ActualPoint,
     AlertsAnswer,
@@ -46,7 +45,8 @@ from serving.models import (
 )
 from serving.params import Granularity, SalesRange, period_label
 from serving.series import series_key
-from serving.speed import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
+from serving.served_run import BatchCache, BatchSnapshot
+from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
 
 T = TypeVar("T")
 

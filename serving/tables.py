@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lambdalake.views import ViewDef
+from lambdalake.contract.views import ViewDef
 
-# Arrow's name for each merge aggregate of lambdalake.views.Measure.merge_agg.
+# Arrow's name for each merge aggregate of lambdalake.contract.views.Measure.merge_agg.
 ARROW_AGG = {"SUM": "sum", "MIN": "min", "MAX": "max"}
 
 
@@ -52,7 +52,7 @@ def as_days(period: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def rollup(period: pa.ChunkedArray, granularity: str) -> pa.ChunkedArray:
     """Periods (hour starts, dates or Mondays) as periods of ``granularity``: hours stay,
-    a day is its date, a week its ISO Monday (``lambdalake.views.ROLLUP_EXPR`` in Arrow).
+    a day is its date, a week its ISO Monday (``lambdalake.contract.views.ROLLUP_EXPR`` in Arrow).
 
     >>> from datetime import date
     >>> rollup(pa.chunked_array([[date(2024, 5, 1), date(2024, 5, 5)]]), "week").to_pylist()

@@ -33,7 +33,7 @@ from datetime import timedelta
 import pyarrow as pa
 
 from lambdalake.errors import InvalidInput, Unreachable
-from lambdalake.kafka import quiet_client_logs, refusal
+from lambdalake.kafka.clients import quiet_client_logs, refusal
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
 from speed.kafka_clients import KafkaClient, make_client
@@ -342,7 +342,7 @@ def validate_polled(
 
     Runs on the worker's main thread: the validator works in DuckDB and Arrow,
     mostly outside the GIL, so it overlaps with the poller's next Kafka fetch."""
-    from lambdalake.contracts import validate
+    from lambdalake.contract.events import validate
 
     out: dict[str, TopicBatch] = {}
     for topic, msgs in polled.raw.items():
@@ -360,5 +360,5 @@ def validate_polled(
 
 def quiet_kafka_logs() -> None:
     """kafka-python logs every reconnect attempt; the worker reports those itself
-    (refusals included: :func:`lambdalake.kafka.quiet_client_logs` keeps them seen)."""
+    (refusals included: :func:`lambdalake.kafka.clients.quiet_client_logs` keeps them seen)."""
     quiet_client_logs()

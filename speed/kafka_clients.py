@@ -2,7 +2,7 @@
 
 ``kafka-python`` (the default, a project dependency) parses record batches in
 pure Python; it is read through the shared columnar decoder
-(:class:`lambdalake.kafka_columnar.ChunkReader`), which extracts only offsets
+(:class:`lambdalake.kafka.columnar.ChunkReader`), which extracts only offsets
 and values instead of building a ``ConsumerRecord`` per message, and reports
 positions past transaction markers and poison batches. ``confluent-kafka``
 (librdkafka, optional: ``pip install confluent-kafka``) parses in C. Both are
@@ -19,7 +19,7 @@ import time
 from typing import Protocol
 
 from lambdalake.errors import InvalidInput
-from lambdalake.kafka_columnar import HALT_ERRORS, Chunk, ChunkReader
+from lambdalake.kafka.columnar import HALT_ERRORS, Chunk, ChunkReader
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 

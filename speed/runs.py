@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.contracts import KEY_BY_TOPIC
-from lambdalake.lake import MASTER_TABLE_BY_TOPIC, RUNS, Lake
+from lambdalake.contract.events import KEY_BY_TOPIC
+from lambdalake.contract.lake import MASTER_TABLE_BY_TOPIC, RUNS, Lake
+from lambdalake.contract.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.logs import get_logger
-from lambdalake.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.settings import TOPICS, Settings
 
 log = get_logger(__name__)

@@ -1,12 +1,12 @@
 """The query endpoint of a speed worker: an Arrow Flight server in a thread.
 
-``do_get`` answers a :class:`lambdalake.speed_protocol.SpeedQuery` with partial
+``do_get`` answers a :class:`lambdalake.contract.speed_protocol.SpeedQuery` with partial
 aggregates; ``do_action("status")`` returns the worker's status object. Each
 request reads the state through a pooled DuckDB cursor inside one read
 transaction (MVCC), so answers are consistent and never wait for, nor stall,
 the micro-batch commits.
 
-Errors carry their kind (see :mod:`lambdalake.speed_protocol`): a bad request is
+Errors carry their kind (see :mod:`lambdalake.contract.speed_protocol`): a bad request is
 ``bad_request``; anything else that fails is logged with an error id and
 answered as ``worker_failed`` with that id only, never the exception's text.
 With a shared secret (``token``) every call must carry ``authorization: Bearer
@@ -24,8 +24,8 @@ from typing import Any
 
 import pyarrow.flight as flight
 
+from lambdalake.contract.speed_protocol import META_KEY, SpeedQuery, flight_error
 from lambdalake.logs import get_logger
-from lambdalake.speed_protocol import META_KEY, SpeedQuery, flight_error
 from speed.state import SpeedState
 
 log = get_logger(__name__)

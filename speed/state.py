@@ -46,17 +46,16 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.contracts import FIELDS_BY_TOPIC, KEY_BY_TOPIC
-from lambdalake.errors import InvalidInput
-from lambdalake.manifest import Watermark, watermark_from_json, watermark_to_json
-from lambdalake.speed_protocol import (
+from lambdalake.contract.events import FIELDS_BY_TOPIC, KEY_BY_TOPIC
+from lambdalake.contract.manifest import Watermark, watermark_from_json, watermark_to_json
+from lambdalake.contract.speed_protocol import (
     AnswerMeta,
     SpeedQuery,
     answer_schema,
     parse_bound,
     stale_watermark_error,
 )
-from lambdalake.views import (
+from lambdalake.contract.views import (
     DUCKDB_TYPES,
     ROLLUP_EXPR,
     VIEWS,
@@ -64,12 +63,13 @@ from lambdalake.views import (
     ViewDef,
     dedup_rank_sql,
 )
+from lambdalake.errors import InvalidInput
 
 TOPICS = ("orders", "reviews")
 HELD = {t: f"held_{t}" for t in TOPICS}
 KNOWN = {t: f"known_{t}" for t in TOPICS}
 # One table of partials per view (a topic may feed several), at the view's finest grain;
-# answers roll them up to the grain asked (lambdalake.views.ROLLUP_EXPR).
+# answers roll them up to the grain asked (lambdalake.contract.views.ROLLUP_EXPR).
 PARTIALS = {name: f"partials_{name}" for name in VIEWS}
 SCHEMA_VERSION = "2"
 # Read cursors kept open at most (queries beyond this wait for one to be free).

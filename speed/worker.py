@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lambdalake.contract.lake import Lake
+from lambdalake.contract.manifest import watermark_to_dict
 from lambdalake.errors import InvalidInput
-from lambdalake.lake import Lake
 from lambdalake.logs import get_logger
-from lambdalake.manifest import watermark_to_dict
 from lambdalake.settings import Settings, check_secret
 from speed.consumer import Assigned, Polled, Poller, quiet_kafka_logs, validate_polled
 from speed.runs import PreparedRun, RunWatcher, load_model

@@ -31,8 +31,8 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
 
-from lambdalake.broker import EmbeddedBroker  # noqa: E402
-from lambdalake.kafka import delete_topics, ensure_topics, list_topics  # noqa: E402
+from lambdalake.kafka.clients import delete_topics, ensure_topics, list_topics  # noqa: E402
+from lambdalake.ops.broker import EmbeddedBroker  # noqa: E402
 from lambdalake.settings import TOPICS, Settings  # noqa: E402
 
 ARTIFACTS = ROOT / "test-artifacts"

@@ -20,8 +20,8 @@ from pathlib import Path
 from deltalake import DeltaTable
 from kafka import KafkaProducer, TopicPartition
 
-from lambdalake.kafka import end_offsets
-from lambdalake.lake import QUARANTINE, Lake
+from lambdalake.contract.lake import QUARANTINE, Lake
+from lambdalake.kafka.clients import end_offsets
 from lambdalake.settings import TOPICS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
@@ -23,7 +23,7 @@ from lambdalake.lake import (
     VIEW_SENTIMENT_BY_SKU,
     VIEW_SENTIMENT_WEEKLY,
 )
-from lambdalake.manifest import RUNS_SCHEMA, RunRecord
+from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
 
 
 def write_small_run(

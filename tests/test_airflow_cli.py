@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from lambdalake.broker import free_port
+from lambdalake.ops.broker import free_port
 
 DAG_IDS = {"lambdalake_batch", "lambdalake_maintenance", "lambdalake_reprocess"}
 

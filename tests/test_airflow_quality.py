@@ -20,7 +20,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from batch.maintenance import expire_quarantine
 from batch.quality import check_run, confirm_published, demote_run, dq_check
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     MASTER_ORDERS,
     MASTER_ORDERS_SCHEMA,
     MASTER_REVIEWS,
@@ -37,7 +37,7 @@ from lambdalake.lake import (
     VIEW_SENTIMENT_WEEKLY,
     Lake,
 )
-from lambdalake.manifest import (
+from lambdalake.contract.manifest import (
     RUNS_SCHEMA,
     RunRecord,
     ingest_app_id,
@@ -45,8 +45,8 @@ from lambdalake.manifest import (
     latest_published_run,
     read_runs,
 )
+from lambdalake.contract.views import forecast_level
 from lambdalake.settings import Settings
-from lambdalake.views import forecast_level
 
 T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
 ORDERS, DUPLICATES, REVIEWS = 40, 5, 12

@@ -38,7 +38,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
 from kafka import KafkaProducer
 
-from lambdalake.broker import free_port
+from lambdalake.ops.broker import free_port
 from serving.app import create_app, running_server
 from tests.serving_lake import write_small_run
 

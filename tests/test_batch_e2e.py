@@ -9,9 +9,9 @@ import pytest
 from deltalake import DeltaTable
 from kafka import TopicPartition
 
-from lambdalake.kafka import end_offsets
-from lambdalake.lake import MASTER_ORDERS, MASTER_REVIEWS, RUNS, Lake
-from lambdalake.manifest import latest_published_run
+from lambdalake.contract.lake import MASTER_ORDERS, MASTER_REVIEWS, RUNS, Lake
+from lambdalake.contract.manifest import latest_published_run
+from lambdalake.kafka.clients import end_offsets
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from batch.publish import VIEW_SCHEMAS
 from batch.run import STAGES, InjectedFailure, run_batch
 from batch.snapshot import pin_table, read_pinned
 from batch.synthetic import SalesSpec, build_master, synthetic_orders, write_master
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     MASTER_ORDERS,
     MASTER_REVIEWS,
     RUNS,
@@ -38,7 +38,7 @@ from lambdalake.lake import (
     VIEW_SENTIMENT_WEEKLY,
     Lake,
 )
-from lambdalake.manifest import RunRecord, latest_published_run, read_runs
+from lambdalake.contract.manifest import RunRecord, latest_published_run, read_runs
 from lambdalake.sentiment import SentimentModel
 from lambdalake.settings import Settings
 

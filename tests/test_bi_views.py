@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     RUNS,
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
@@ -25,7 +25,7 @@ from lambdalake.lake import (
     VIEW_SENTIMENT_BY_SKU,
     Lake,
 )
-from lambdalake.manifest import RunRecord, latest_published_run
+from lambdalake.contract.manifest import RunRecord, latest_published_run
 from tests.test_dags_batch import PublishedLake, published_lake
 
 ROOT = Path(__file__).resolve().parents[1]

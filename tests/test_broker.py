@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from lambdalake import broker as broker_module
-from lambdalake.broker import EmbeddedBroker, free_port, new_cluster_id, uuid_to_kafka_id
-from lambdalake.kafka import end_offsets, topic_partitions
-from lambdalake.lake import Lake
-from lambdalake.manifest import ingest_positions
+from lambdalake.contract.lake import Lake
+from lambdalake.contract.manifest import ingest_positions
+from lambdalake.kafka.clients import end_offsets, topic_partitions
+from lambdalake.ops import broker as broker_module
+from lambdalake.ops.broker import EmbeddedBroker, free_port, new_cluster_id, uuid_to_kafka_id
 from lambdalake.settings import TOPICS
 from tests.ingest_stream import (
     assert_exactly_once,

@@ -64,7 +64,7 @@ def test_status_json_on_an_empty_lake(tmp_path) -> None:
 
 
 def test_unreachable_broker_is_a_one_line_error(tmp_path) -> None:
-    from lambdalake.broker import free_port
+    from lambdalake.ops.broker import free_port
 
     proc = run_cli(
         "ingest",

@@ -33,7 +33,7 @@ from kafka.record.default_records import DefaultRecordBase, DefaultRecordBatch
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 from kafka.record.util import calc_crc32c
 
-from lambdalake.kafka_columnar import (
+from lambdalake.kafka.columnar import (
     ColumnarPartitionRecords,
     PoisonBatch,
     UndecodableBatch,
@@ -406,8 +406,8 @@ def test_the_decoder_replaces_kafka_pythons_only_while_its_self_check_passes(
     self-check fail: the consumer keeps kafka-python's decoder, and reads correctly."""
     import kafka
 
-    from lambdalake import kafka_columnar
-    from lambdalake.kafka_columnar import ChunkReader, fast_decoder_supported
+    from lambdalake.kafka.clients import columnar as kafka_columnar
+    from lambdalake.kafka.columnar import ChunkReader, fast_decoder_supported
 
     def consumer() -> KafkaConsumer:
         return KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lambdalake import contracts
-from lambdalake.contracts import (
+from lambdalake.contract import events as contracts
+from lambdalake.contract.events import (
     DEFAULT_MAX_FUTURE,
     FIELDS_BY_TOPIC,
     REJECTED_SCHEMA,

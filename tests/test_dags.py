@@ -1,7 +1,7 @@
 """The DAG files: they parse without errors, fast, with no heavy imports, and schedule what we mean.
 
 Parsing happens in a subprocess with the same Airflow environment ``lambdalake
-airflow`` uses (:func:`lambdalake.airflow.airflow_env`), so the import is timed
+airflow`` uses (:func:`lambdalake.ops.airflow.airflow_env`), so the import is timed
 cold and ``sys.modules`` shows exactly what a DAG file pulled in.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import typer
 
-from lambdalake.airflow import airflow_env
 from lambdalake.cli import app as cli_app
+from lambdalake.ops.airflow import airflow_env
 from lambdalake.settings import Settings
 
 HEAVY = ("pyspark", "deltalake", "duckdb", "polars", "statsforecast", "sklearn", "batch")
@@ -194,7 +194,7 @@ def test_every_lambdalake_call_in_the_dags_is_a_real_command_with_real_flags(
 def test_the_airflow_environment_helper_exists(parsed: dict) -> None:
     for step in ("env",):
         proc = subprocess.run(
-            [sys.executable, "-m", "lambdalake.airflow", step, "--help"],
+            [sys.executable, "-m", "lambdalake.ops.airflow", step, "--help"],
             capture_output=True,
             text=True,
             env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent)},

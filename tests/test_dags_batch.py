@@ -28,11 +28,11 @@ from deltalake import DeltaTable, write_deltalake
 from kafka import TopicPartition
 
 from batch.quality import check_run
-from lambdalake.airflow import airflow_env
-from lambdalake.broker import EmbeddedBroker
-from lambdalake.kafka import end_offsets
-from lambdalake.lake import RUNS, VIEW_DEMAND_FORECAST, Lake
-from lambdalake.manifest import RUNS_SCHEMA, RunRecord, latest_published_run, read_runs
+from lambdalake.contract.lake import RUNS, VIEW_DEMAND_FORECAST, Lake
+from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord, latest_published_run, read_runs
+from lambdalake.kafka.clients import end_offsets
+from lambdalake.ops.airflow import airflow_env
+from lambdalake.ops.broker import EmbeddedBroker
 from lambdalake.settings import TOPICS, Settings
 
 BIN = Path(sys.executable).parent

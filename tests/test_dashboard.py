@@ -22,8 +22,8 @@ from kafka import TopicPartition
 from batch.ingest import run_ingest
 from batch.run import run_batch
 from generator.produce import run_history, run_live
-from lambdalake.broker import free_port
-from lambdalake.kafka import end_offsets
+from lambdalake.kafka.clients import end_offsets
+from lambdalake.ops.broker import free_port
 from lambdalake.settings import TOPICS
 from serving.app import create_app, running_server
 

@@ -22,8 +22,8 @@ from batch.publish import BATCH_APP_ID, VIEW_SCHEMAS, RunIdentity, write_view
 from batch.snapshot import pin_table, read_pinned
 from batch.spark import DELTA_TABLE_DEFAULTS, DeltaJarsMissing, delta_jars, spark_path
 from batch.synthetic import SalesSpec, synthetic_orders, write_master
-from lambdalake.lake import MASTER_ORDERS, VIEW_DAILY_SALES, VIEW_HOURLY_SALES, Lake
-from lambdalake.manifest import ingest_app_id, ingest_positions
+from lambdalake.contract.lake import MASTER_ORDERS, VIEW_DAILY_SALES, VIEW_HOURLY_SALES, Lake
+from lambdalake.contract.manifest import ingest_app_id, ingest_positions
 
 SALES_DDL = "date date, store_id string, sku string, units long, revenue double, order_lines long"
 

@@ -1,7 +1,7 @@
 """The demo and the broker's log: a second run reuses the log, only a wiped broker is refilled.
 
 The demo keeps the embedded Kafka's log in ``HOME/broker``; before going on it compares the
-broker's ends with the lake's ingest positions (:func:`lambdalake.demo.broker_holds`). These
+broker's ends with the lake's ingest positions (:func:`lambdalake.ops.demo.broker_holds`). These
 tests build a lake from a real broker, then check what the demo would see after a restart
 on the same log (everything: no replay), on a wiped broker (empty: the lake is replayed, and
 every message gets its offset back) and on a broker holding less than the lake read.
@@ -16,10 +16,10 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from batch.ingest import run_ingest
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.demo import _master_positions, broker_holds, replay_lake
-from lambdalake.kafka import delete_topics, end_offsets, ensure_topics
-from lambdalake.lake import Lake
+from lambdalake.contract.lake import Lake
+from lambdalake.kafka.clients import delete_topics, end_offsets, ensure_topics
+from lambdalake.ops.broker import EmbeddedBroker, free_port
+from lambdalake.ops.demo import _master_positions, broker_holds, replay_lake
 from lambdalake.settings import TOPICS
 from tests.ingest_stream import assert_exactly_once, produce_stream
 

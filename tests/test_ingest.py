@@ -27,10 +27,10 @@ from deltalake import DeltaTable
 from kafka import KafkaProducer, TopicPartition
 
 from batch.ingest import run_ingest
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.kafka_columnar import decode_batch_records
-from lambdalake.lake import QUARANTINE, Lake
-from lambdalake.manifest import ingest_positions
+from lambdalake.contract.lake import QUARANTINE, Lake
+from lambdalake.contract.manifest import ingest_positions
+from lambdalake.kafka.columnar import decode_batch_records
+from lambdalake.ops.broker import EmbeddedBroker, free_port
 from lambdalake.settings import TOPICS, Settings
 from tests.ingest_stream import (
     MAX_EVENT_BYTES,
@@ -435,7 +435,7 @@ def test_columnar_partition_records_take_like_kafka_python(magic: int) -> None:
     from kafka.consumer.fetcher import Fetcher
     from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
-    from lambdalake.kafka_columnar import ColumnarPartitionRecords
+    from lambdalake.kafka.columnar import ColumnarPartitionRecords
 
     data = b""
     for base in range(0, 600, 100):  # six batches of 100 records
@@ -492,7 +492,7 @@ def test_a_rival_commit_fails_ours_with_the_reason(tmp_path, rival: str) -> None
     import pyarrow as pa
 
     from batch.ingest_lake import ConcurrentIngestError, PositionedTable
-    from lambdalake.lake import QUARANTINE_SCHEMA
+    from lambdalake.contract.lake import QUARANTINE_SCHEMA
 
     uri = str(tmp_path / "quarantine")
     ours = PositionedTable.open(
@@ -517,7 +517,7 @@ def test_the_reloaded_table_still_sees_a_rival_commit(tmp_path) -> None:
     import pyarrow as pa
 
     from batch.ingest_lake import ConcurrentIngestError, PositionedTable
-    from lambdalake.lake import QUARANTINE_SCHEMA
+    from lambdalake.contract.lake import QUARANTINE_SCHEMA
 
     uri = str(tmp_path / "quarantine")
     empty = pa.Table.from_batches([], schema=QUARANTINE_SCHEMA)

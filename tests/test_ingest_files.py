@@ -23,8 +23,8 @@ from kafka import KafkaProducer
 
 from batch.ingest import run_ingest
 from batch.ingest_lake import MAX_FILES_FACTOR, plan_commits
-from lambdalake.lake import QUARANTINE, Lake
-from lambdalake.manifest import ingest_positions
+from lambdalake.contract.lake import QUARANTINE, Lake
+from lambdalake.contract.manifest import ingest_positions
 from tests.ingest_stream import ingest_cmd, ingest_env, true_ends
 
 # --- the plan, as a pure function ------------------------------------------------------------

@@ -20,9 +20,9 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from batch.ingest import run_ingest
-from lambdalake.broker import EmbeddedBroker
-from lambdalake.lake import QUARANTINE, Lake
-from lambdalake.manifest import ingest_positions
+from lambdalake.contract.lake import QUARANTINE, Lake
+from lambdalake.contract.manifest import ingest_positions
+from lambdalake.ops.broker import EmbeddedBroker
 from tests.ingest_stream import (
     ROOT,
     ingest_cmd,

@@ -567,8 +567,8 @@ class Checker:
 
     def scores(self) -> dict[str, tuple[float, str]]:
         """Every produced review scored with the served run's sentiment model."""
-        from lambdalake.lake import RUNS, Lake
-        from lambdalake.manifest import latest_published_run
+        from lambdalake.contract.lake import RUNS, Lake
+        from lambdalake.contract.manifest import latest_published_run
         from lambdalake.sentiment import SentimentModel, lexicon_model
 
         lake = Lake(self.settings.lake_uri)

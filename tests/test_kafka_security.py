@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.kafka import end_offsets
-from lambdalake.lake import Lake
+from lambdalake.contract.lake import Lake
+from lambdalake.kafka.clients import end_offsets
+from lambdalake.ops.broker import EmbeddedBroker, free_port
 from lambdalake.settings import TOPICS
 from tests.ingest_stream import ROOT, assert_exactly_once, ingest_cmd, ingest_env, produce_stream
 
@@ -199,7 +199,7 @@ def test_a_speed_worker_with_wrong_credentials_says_why_in_its_status_and_keeps_
 
 
 def test_a_client_without_credentials_reads_nothing(sasl_broker: EmbeddedBroker) -> None:
-    from lambdalake.kafka import wait_for_broker
+    from lambdalake.kafka.clients import wait_for_broker
 
     with pytest.raises(TimeoutError):
         wait_for_broker(sasl_broker.bootstrap, timeout=3)

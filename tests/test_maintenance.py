@@ -16,9 +16,9 @@ from deltalake import DeltaTable, write_deltalake
 
 from batch.ingest import run_ingest
 from batch.maintenance import compact
-from lambdalake.broker import EmbeddedBroker
-from lambdalake.lake import QUARANTINE, RUNS, VIEW_DAILY_SALES, Lake
-from lambdalake.manifest import RUNS_SCHEMA, RunRecord, ingest_positions
+from lambdalake.contract.lake import QUARANTINE, RUNS, VIEW_DAILY_SALES, Lake
+from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord, ingest_positions
+from lambdalake.ops.broker import EmbeddedBroker
 from lambdalake.settings import TOPICS, Settings
 from tests.ingest_stream import (
     assert_exactly_once,

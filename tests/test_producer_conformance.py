@@ -30,9 +30,9 @@ from kafka.record.default_records import DefaultRecordBase
 from kafka.record.util import calc_crc32c
 
 from batch.ingest import run_ingest
-from lambdalake.broker import EmbeddedBroker
-from lambdalake.lake import Lake
-from lambdalake.manifest import ingest_positions
+from lambdalake.contract.lake import Lake
+from lambdalake.contract.manifest import ingest_positions
+from lambdalake.ops.broker import EmbeddedBroker
 from lambdalake.settings import TOPICS
 from tests.ingest_stream import (
     ingest_cmd,

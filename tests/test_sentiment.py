@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from batch.sentiment_train import TrainConfig, rating_labels, train_sentiment
-from lambdalake.lake import Lake
+from lambdalake.contract.lake import Lake
 from lambdalake.sentiment import (
     KIND_LEXICON,
     KIND_TFIDF_LR,

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     MASTER_ORDERS,
     MASTER_ORDERS_SCHEMA,
     QUARANTINE,
@@ -36,9 +36,9 @@ from lambdalake.lake import (
     VIEW_SENTIMENT_BY_SKU,
     VIEW_SENTIMENT_WEEKLY,
 )
-from lambdalake.manifest import RUNS_SCHEMA, RunRecord
+from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
+from lambdalake.contract.views import forecast_level
 from lambdalake.settings import Settings
-from lambdalake.views import forecast_level
 from serving.app import create_app, running_server
 
 NOW = datetime(2024, 5, 10, 20, 0, tzinfo=UTC)  # late in the day: low-demand alerts are armed

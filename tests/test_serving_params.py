@@ -6,8 +6,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
+from lambdalake.contract.views import SALES, SENTIMENT
 from lambdalake.settings import Settings
-from lambdalake.views import SALES, SENTIMENT
 from serving.params import (
     MAX_DAY_POINTS,
     MAX_HOUR_POINTS,
@@ -16,7 +16,7 @@ from serving.params import (
     period_label,
     sales_range,
 )
-from serving.speed import SpeedFilter, all_partitions, parse_endpoints, to_speed_query
+from serving.speed_client import SpeedFilter, all_partitions, parse_endpoints, to_speed_query
 
 TODAY = date(2024, 5, 10)
 NOW = datetime(2024, 5, 10, 15, 42, tzinfo=UTC)

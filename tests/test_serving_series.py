@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 import pyarrow as pa
 import pytest
 
-from lambdalake.views import SALES
+from lambdalake.contract.views import SALES
 from serving.params import period_label
 from serving.series import KEY_SETS, SeriesCache, SeriesIndex, series_key
 from serving.tables import merge_partials, merge_table, select

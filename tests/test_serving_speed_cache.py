@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lambdalake.contracts import validate
+from lambdalake.contract.events import validate
+from lambdalake.contract.speed_protocol import SpeedError, SpeedQuery
+from lambdalake.contract.views import SALES
 from lambdalake.settings import Settings
-from lambdalake.speed_protocol import SpeedError, SpeedQuery
-from lambdalake.views import SALES
-from serving.speed import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
+from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
 from speed.server import SpeedFlightServer
 from speed.state import BatchInput, SpeedState
 

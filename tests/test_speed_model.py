@@ -50,17 +50,17 @@ from hypothesis.stateful import (
 )
 from kafka import TopicPartition
 
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.kafka import end_offsets
-from lambdalake.manifest import Watermark
-from lambdalake.settings import Settings
-from lambdalake.speed_protocol import (
+from lambdalake.contract.manifest import Watermark
+from lambdalake.contract.speed_protocol import (
     SpeedError,
     SpeedQuery,
     StaleWatermark,
     query_speed,
     speed_status,
 )
+from lambdalake.kafka.clients import end_offsets
+from lambdalake.ops.broker import EmbeddedBroker, free_port
+from lambdalake.settings import Settings
 from speed.state import MAX_READERS
 from tests.test_speed_worker import (
     PARTITIONS,

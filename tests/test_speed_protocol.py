@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lambdalake.broker import free_port
-from lambdalake.contracts import validate
-from lambdalake.speed_protocol import (
+from lambdalake.contract.events import validate
+from lambdalake.contract.speed_protocol import (
     SpeedBadRequest,
     SpeedError,
     SpeedQuery,
@@ -22,6 +21,7 @@ from lambdalake.speed_protocol import (
     query_speed,
     speed_status,
 )
+from lambdalake.ops.broker import free_port
 from speed.server import SpeedFlightServer
 from speed.state import BatchInput, RunApply, SpeedState
 

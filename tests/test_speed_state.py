@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from lambdalake.contracts import validate
+from lambdalake.contract.events import validate
+from lambdalake.contract.speed_protocol import SpeedQuery
+from lambdalake.contract.views import SALES
 from lambdalake.sentiment import lexicon_model
-from lambdalake.speed_protocol import SpeedQuery
-from lambdalake.views import SALES
 from speed.runs import watermark_went_back
 from speed.state import BatchInput, RunApply, SpeedState, period_bounds
 from speed.worker import score_table, with_scores

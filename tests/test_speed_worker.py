@@ -29,12 +29,12 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 from kafka import KafkaProducer
 
-from lambdalake.broker import EmbeddedBroker, free_port
-from lambdalake.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, RUNS, Lake
-from lambdalake.manifest import RUNS_SCHEMA, RunRecord, Watermark
+from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, RUNS, Lake
+from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord, Watermark
+from lambdalake.contract.speed_protocol import SpeedAnswer, SpeedQuery, query_speed, speed_status
+from lambdalake.ops.broker import EmbeddedBroker, free_port
 from lambdalake.sentiment import lexicon_model
 from lambdalake.settings import Settings
-from lambdalake.speed_protocol import SpeedAnswer, SpeedQuery, query_speed, speed_status
 from speed.consumer import Polled
 from speed.state import SpeedState
 from speed.worker import SpeedWorker, run_worker
@@ -792,7 +792,7 @@ def test_status_measures_lag_against_the_ends_now_and_says_how_old_it_is(
 ) -> None:
     """Messages wait while the worker does not commit: `lambdalake status` must show
     them at once (not a 0 from ends read seconds ago), with the measurement's age."""
-    from lambdalake.status import collect_status
+    from lambdalake.ops.status import collect_status
 
     settings = settings_for(fresh_broker)
     stream = Stream(fresh_broker.bootstrap, seed=83)
@@ -840,7 +840,7 @@ def test_status_measures_lag_against_the_ends_now_and_says_how_old_it_is(
 
 
 def test_status_without_a_broker_keeps_the_workers_lag_and_answers_quickly(tmp_path: Path) -> None:
-    from lambdalake.status import speed_status as system_speed_status
+    from lambdalake.ops.status import speed_status as system_speed_status
 
     status_dir = tmp_path / "status"
     status_dir.mkdir()

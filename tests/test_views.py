@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from lambdalake.views import SALES, SENTIMENT, aggregate_tables
+from lambdalake.contract.views import SALES, SENTIMENT, aggregate_tables
 
 
 def _orders(n: int, seed: int) -> pa.Table:
@@ -118,8 +118,8 @@ def test_every_engine_types_a_measure_as_the_view_defines_it(view, granularity, 
     the speed layer's answers and the serving snapshot's empty table all carry it, for
     every table of every view definition."""
     from batch.publish import VIEW_SCHEMAS
-    from lambdalake.speed_protocol import answer_schema
-    from serving.batch import EMPTY_DDL, snapshot_table
+    from lambdalake.contract.speed_protocol import answer_schema
+    from serving.served_run import EMPTY_DDL, snapshot_table
 
     want = {m.name: m.type for m in view.measures}
     delta = VIEW_SCHEMAS[table]

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from lambdalake.views import ALL
+from lambdalake.contract.views import ALL
 from serving.deps import refuse_key_in_url, require_api_key
 
 STATIC = Path(__file__).parent / "static"

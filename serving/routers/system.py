@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lambdalake.ops.status import collect_status
 from lambdalake.settings import Settings
-from lambdalake.status import collect_status
 from serving.deps import get_service, get_settings, require_api_key
 from serving.models import Health, StatusAnswer
 from serving.service import QueryService

@@ -48,11 +48,11 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
+from lambdalake.contract.manifest import Watermark, watermark_from_dict, watermark_to_dict
+from lambdalake.contract.views import VIEWS, Granularity
 from lambdalake.errors import OperationFailed
-from lambdalake.manifest import Watermark, watermark_from_dict, watermark_to_dict
-from lambdalake.views import VIEWS, Granularity
 
-# A view's name in a query: one of lambdalake.views.VIEWS (checked by SpeedQuery).
+# A view's name in a query: one of lambdalake.contract.views.VIEWS (checked by SpeedQuery).
 ViewName = str
 
 UTC_TS = pa.timestamp("us", tz="UTC")

@@ -28,12 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lambdalake.lake import QUARANTINE, RUNS, Lake
-from lambdalake.manifest import latest_published_run, watermark_to_dict
+from lambdalake.contract.lake import QUARANTINE, RUNS, Lake
+from lambdalake.contract.manifest import latest_published_run, watermark_to_dict
 from lambdalake.settings import Settings
 
 if TYPE_CHECKING:
-    from lambdalake.kafka import Security
+    from lambdalake.kafka.clients import Security
 
 STALE_SECONDS = 15.0
 ENDS_TTL_SECONDS = 1.0  # end offsets read at most this often per process
@@ -109,7 +109,7 @@ def _read_ends(
     def read() -> None:
         from kafka import TopicPartition
 
-        from lambdalake.kafka import end_offsets
+        from lambdalake.kafka.clients import end_offsets
 
         ends = end_offsets(
             bootstrap,

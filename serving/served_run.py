@@ -10,7 +10,7 @@ Tables of a snapshot (normalised names; missing views load as empty tables):
 
 ===================  ===============================================================
 ``<view>_<grain>``   each aggregate table of each view definition
-                     (``lambdalake.views``): ``period`` (an hour's start, a date, a
+                     (``lambdalake.contract.views``): ``period`` (an hour's start, a date, a
                      week's Monday), the dimensions, the measures; ``<view>`` alone for
                      its all-time table. Today ``sales_day``, ``sales_hour``,
                      ``sentiment_week`` and ``sentiment``. A run that does not publish
@@ -34,17 +34,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from lambdalake.errors import LambdalakeError
-from lambdalake.lake import (
+from lambdalake.contract.lake import (
     RUNS,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
     Lake,
 )
-from lambdalake.logs import get_logger
-from lambdalake.manifest import RunRecord, Watermark, latest_published_run
-from lambdalake.settings import Settings
-from lambdalake.views import (
+from lambdalake.contract.manifest import RunRecord, Watermark, latest_published_run
+from lambdalake.contract.views import (
     ALL,
     PERIOD_COLUMN,
     SALES,
@@ -52,6 +49,9 @@ from lambdalake.views import (
     ViewDef,
     aggregate_tables,
 )
+from lambdalake.errors import LambdalakeError
+from lambdalake.logs import get_logger
+from lambdalake.settings import Settings
 from serving.series import SeriesCache
 from serving.tables import IndexedTable, merge_partials, select
 

@@ -57,7 +57,7 @@ ROLLUP_EXPR: dict[str, str] = {
 # serving call it ``period``.
 PERIOD_COLUMN: dict[str, str] = {"hour": "hour", "day": "date", "week": "week"}
 
-# Events are deduplicated by their topic's key (``lambdalake.contracts.KEY_BY_TOPIC``); of
+# Events are deduplicated by their topic's key (``lambdalake.contract.events.KEY_BY_TOPIC``); of
 # several events with one key the first in the log wins: the lowest offset, then the lowest
 # partition. Every layer dedups with this window (Spark SQL and DuckDB).
 FIRST_WINS = ("_offset", "_partition")

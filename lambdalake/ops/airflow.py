@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO_ROOT / "dags"
 SIMPLE_AUTH_MANAGER = (
     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
@@ -356,7 +356,7 @@ def run_airflow(
         log.info("airflow.stopped")
 
 
-# --- python -m lambdalake.airflow env: the environment for an Airflow CLI by hand ------------
+# --- python -m lambdalake.ops.airflow env: the environment for an Airflow CLI by hand ------------
 
 
 def _helper_app() -> Any:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from lambdalake.contracts import ORDER_FIELDS, REVIEW_FIELDS
-from lambdalake.views import SALES, SENTIMENT, aggregate_tables
+from lambdalake.contract.events import ORDER_FIELDS, REVIEW_FIELDS
+from lambdalake.contract.views import SALES, SENTIMENT, aggregate_tables
 
 MASTER_ORDERS = "master/orders"
 MASTER_REVIEWS = "master/reviews"
 QUARANTINE = "quarantine"
 RUNS = "runs"
-# The aggregate views' tables are named by their definitions (``lambdalake.views``).
+# The aggregate views' tables are named by their definitions (``lambdalake.contract.views``).
 VIEW_DAILY_SALES = SALES.tables["day"]
 VIEW_HOURLY_SALES = SALES.tables["hour"]
 VIEW_SENTIMENT_BY_SKU = SENTIMENT.tables[None]

@@ -128,8 +128,8 @@ def _demo_settings(settings: Settings) -> Settings:
 
 
 def _master_positions(settings: Settings) -> dict[str, dict[int, int]]:
-    from lambdalake.lake import Lake
-    from lambdalake.manifest import ingest_positions
+    from lambdalake.contract.lake import Lake
+    from lambdalake.contract.manifest import ingest_positions
 
     lake = Lake(settings.lake_uri)
     return {t: ingest_positions(lake.master(t), t) for t in TOPICS}
@@ -138,7 +138,7 @@ def _master_positions(settings: Settings) -> dict[str, dict[int, int]]:
 def _event_json(topic: str, row: dict[str, Any]) -> bytes:
     import orjson
 
-    from lambdalake.contracts import FIELDS_BY_TOPIC
+    from lambdalake.contract.events import FIELDS_BY_TOPIC
 
     event: dict[str, Any] = {}
     for f in FIELDS_BY_TOPIC[topic]:
@@ -159,8 +159,8 @@ def replay_lake(settings: Settings) -> int:
     from deltalake import DeltaTable
     from kafka import KafkaProducer, TopicPartition
 
-    from lambdalake.kafka import end_offsets
-    from lambdalake.lake import QUARANTINE, Lake
+    from lambdalake.contract.lake import QUARANTINE, Lake
+    from lambdalake.kafka.clients import end_offsets
 
     lake = Lake(settings.lake_uri)
     positions = _master_positions(settings)
@@ -237,7 +237,7 @@ def broker_holds(settings: Settings, positions: dict[str, dict[int, int]]) -> st
     broker), or ``"less"`` (some of the log the lake was filled from is missing)."""
     from kafka import TopicPartition
 
-    from lambdalake.kafka import end_offsets
+    from lambdalake.kafka.clients import end_offsets
 
     tps = [TopicPartition(t, p) for t in TOPICS for p in positions[t]]
     ends = end_offsets(settings.bootstrap, tps, security=settings.kafka_security)
@@ -283,7 +283,7 @@ def _prepare_history(
         shutil.rmtree(lake_path)
     marker.unlink(missing_ok=True)
     if embedded:
-        from lambdalake.kafka import delete_topics, ensure_topics
+        from lambdalake.kafka.clients import delete_topics, ensure_topics
 
         delete_topics(settings.bootstrap, TOPICS, security=settings.kafka_security)
         ensure_topics(
@@ -302,8 +302,8 @@ def _prepare_history(
 
 
 def _latest_run_matches_lake(settings: Settings) -> bool:
-    from lambdalake.lake import RUNS, Lake
-    from lambdalake.manifest import latest_published_run
+    from lambdalake.contract.lake import RUNS, Lake
+    from lambdalake.contract.manifest import latest_published_run
 
     run = latest_published_run(Lake(settings.lake_uri).table(RUNS))
     return run is not None and run.watermark == _master_positions(settings)
@@ -343,8 +343,8 @@ def run_demo(
     stop: threading.Event,
 ) -> None:
     """Start everything, print what to open, and keep running until ``stop`` is set."""
-    from lambdalake.broker import EmbeddedBroker, free_port
-    from lambdalake.kafka import wait_for_broker
+    from lambdalake.kafka.clients import wait_for_broker
+    from lambdalake.ops.broker import EmbeddedBroker, free_port
 
     settings = _demo_settings(settings)
     log_dir = settings.home / "logs"

@@ -29,10 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lambdalake.logs import get_logger
-from lambdalake.manifest import Watermark
-from lambdalake.settings import Settings
-from lambdalake.speed_protocol import (
+from lambdalake.contract.manifest import Watermark
+from lambdalake.contract.speed_protocol import (
     SpeedAnswer,
     SpeedError,
     SpeedQuery,
@@ -40,7 +38,9 @@ from lambdalake.speed_protocol import (
     connect,
     query_speed,
 )
-from lambdalake.views import ViewDef
+from lambdalake.contract.views import ViewDef
+from lambdalake.logs import get_logger
+from lambdalake.settings import Settings
 from serving.series import KEY_SETS, SeriesCache, series_key
 from serving.tables import IndexedTable, merge_partials, rollup, select
 

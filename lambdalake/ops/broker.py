@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lambdalake.errors import OperationFailed
-from lambdalake.kafka import ensure_topics, wait_for_broker
+from lambdalake.kafka.clients import ensure_topics, wait_for_broker
 from lambdalake.logs import get_logger
-from lambdalake.net import free_port, port_is_free
+from lambdalake.ops.net import free_port, port_is_free
 from lambdalake.settings import TOPICS
 
 log = get_logger(__name__)
@@ -184,7 +184,7 @@ def _plaintext_properties(
 
 
 LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by lambdalake.broker on every start: Kafka's warnings and errors, to server.log. -->
+<!-- Written by lambdalake.ops.broker on every start: Kafka's warnings and errors, to server.log. -->
 <Configuration status="warn">
   <Appenders>
     <File name="file" fileName="{path}" append="true">
@@ -201,7 +201,7 @@ LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def _write_properties(path: Path, props: dict[str, str]) -> None:
-    lines = ["# Written by lambdalake.broker on every start; edits are overwritten."]
+    lines = ["# Written by lambdalake.ops.broker on every start; edits are overwritten."]
     lines += [f"{k}={v}" for k, v in props.items()]
     path.write_text("\n".join(lines) + "\n")
 

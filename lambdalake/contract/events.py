@@ -101,14 +101,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lambdalake.views import ALL
+from lambdalake.contract.views import ALL
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 # Limits that are part of the contract.
 MAX_TEXT_CHARS = 20_000
 MAX_ID_CHARS = 256
-# Forecast rows of an aggregate level carry it as the key they sum over (lambdalake.views.ALL).
+# Forecast rows of an aggregate level carry it as the key they sum over (lambdalake.contract.views.ALL).
 RESERVED_ID = ALL
 MAX_TITLE_CHARS = 1_000
 MAX_ABS_QUANTITY = 1_000_000

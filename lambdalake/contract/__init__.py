@@ -1,0 +1,13 @@
+"""The contract every part of lambdalake builds to: read these to know the system.
+
+* :mod:`~lambdalake.contract.events` - the events (orders, reviews): fields, keys, the
+  validator and its quarantine reasons.
+* :mod:`~lambdalake.contract.views` - one definition per aggregate view: dimensions, typed
+  measures and how partials merge, grains and their tables, the dedup rule, forecast levels.
+* :mod:`~lambdalake.contract.lake` - where every table lives and the lake's Arrow schemas;
+  the views every run publishes and their keys.
+* :mod:`~lambdalake.contract.manifest` - the ``runs`` table, the offset watermark and its
+  one JSON form, ingest positions.
+* :mod:`~lambdalake.contract.speed_protocol` - what a speed worker answers the serving
+  layer (Arrow Flight), and its error kinds.
+"""
