@@ -37,7 +37,7 @@ from kafka import TopicPartition  # noqa: E402
 from kafka.consumer.fetcher import Fetcher, IsolationLevel  # noqa: E402
 from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder  # noqa: E402
 
-from lambdalake.kafka.clients import columnar as kafka_columnar  # noqa: E402
+from lambdalake.kafka import columnar as kafka_columnar  # noqa: E402
 
 CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 BATCHES, PER_BATCH = 200, 500

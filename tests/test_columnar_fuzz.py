@@ -406,7 +406,7 @@ def test_the_decoder_replaces_kafka_pythons_only_while_its_self_check_passes(
     self-check fail: the consumer keeps kafka-python's decoder, and reads correctly."""
     import kafka
 
-    from lambdalake.kafka.clients import columnar as kafka_columnar
+    from lambdalake.kafka import columnar as kafka_columnar
     from lambdalake.kafka.columnar import ChunkReader, fast_decoder_supported
 
     def consumer() -> KafkaConsumer:
