@@ -54,9 +54,10 @@ from batch.ingest_lake import (
     quarantine_rows,
 )
 from batch.ingest_skip import Skip, check_skips, read_stopped_batch
-from lambdalake.contract.events import REJECTED_SCHEMA, validate
+from lambdalake.contract.events import REJECTED_SCHEMA
 from lambdalake.contract.lake import Lake
 from lambdalake.contract.manifest import ingest_positions
+from lambdalake.contract.validation import validate
 from lambdalake.errors import OperationFailed
 from lambdalake.kafka.columnar import (
     HALT_ERRORS,

@@ -38,8 +38,8 @@ def rss_mib() -> float:
 
 
 def cursors(queries: int) -> dict[str, object]:
-    from lambdalake.contract.events import validate
     from lambdalake.contract.speed_protocol import SpeedQuery, connect, query_speed
+    from lambdalake.contract.validation import validate
     from speed.server import SpeedFlightServer
     from speed.state import BatchInput, SpeedState
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lambdalake.contract import events as contracts
+from lambdalake.contract import validation
 
 WORDS = [
     "great",
@@ -184,7 +185,7 @@ def run_validate(
     def go() -> None:
         for start in range(0, len(values), batch):
             chunk = values[start : start + batch]
-            v, by_reference = contracts._validate(
+            v, by_reference = validation._validate(
                 topic, chunk, [0] * len(chunk), range(start, start + len(chunk)), 256 * 1024
             )
             counts[0] += v.valid.num_rows
@@ -196,7 +197,7 @@ def run_validate(
 
 
 def run_reference(topic: str, values: list[bytes | None]) -> Timing:
-    return timed(lambda: [contracts.validate_one_reference(topic, v) for v in values])
+    return timed(lambda: [validation.validate_one_reference(topic, v) for v in values])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             with_invalid("reviews", review_events, rnd, args.invalid_share),
         ),
     ]
-    contracts.validate("orders", [b"{}"], [0], [0])  # warm up: connection and prepared plans
+    validation.validate("orders", [b"{}"], [0], [0])  # warm up: connection and prepared plans
 
     header = (
         f"{'data set':<22}{'messages':>9}{'avg B':>7}  {'validate ev/s wall':>19}{'cpu':>10}"

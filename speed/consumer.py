@@ -342,7 +342,7 @@ def validate_polled(
 
     Runs on the worker's main thread: the validator works in DuckDB and Arrow,
     mostly outside the GIL, so it overlaps with the poller's next Kafka fetch."""
-    from lambdalake.contract.events import validate
+    from lambdalake.contract.validation import validate
 
     out: dict[str, TopicBatch] = {}
     for topic, msgs in polled.raw.items():

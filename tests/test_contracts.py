@@ -19,15 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lambdalake.contract import events as contracts
+from lambdalake.contract import validation
 from lambdalake.contract.events import (
     DEFAULT_MAX_FUTURE,
     FIELDS_BY_TOPIC,
     REJECTED_SCHEMA,
     VALID_SCHEMA_BY_TOPIC,
     Validated,
-    validate,
-    validate_one_reference,
 )
+from lambdalake.contract.validation import validate, validate_one_reference
 
 DROP = object()  # marks a field to leave out of a message
 
@@ -457,7 +457,7 @@ def test_schemas_are_the_topic_fields_then_date_and_lineage() -> None:
         schema = VALID_SCHEMA_BY_TOPIC[topic]
         assert list(schema)[: len(fields)] == fields
         assert schema.names[len(fields) :] == ["event_date", "_partition", "_offset"]
-        assert [f.name for f in fields] == [n for n, _ in contracts._CHECKS_BY_TOPIC[topic]]
+        assert [f.name for f in fields] == [n for n, _ in contracts.CHECKS_BY_TOPIC[topic]]
     assert REJECTED_SCHEMA.names == ["_partition", "_offset", "raw", "reason"]
     assert REJECTED_SCHEMA.field("raw").nullable and not REJECTED_SCHEMA.field("reason").nullable
 
@@ -511,7 +511,7 @@ def test_unknown_topic_and_mismatched_lengths_are_caller_errors() -> None:
 def test_ordinary_messages_never_need_the_reference() -> None:
     values = [message("orders", event_id=f"e{i}", quantity=i % 7 + 1) for i in range(300)]
     values += [json.dumps(ORDER, indent=1).encode(), b"garbage", message("orders", quantity=0)]
-    validated, by_reference = contracts._validate("orders", values, [0] * 303, range(303), 10**6)
+    validated, by_reference = validation._validate("orders", values, [0] * 303, range(303), 10**6)
     assert by_reference == 0
     assert validated.valid.num_rows == 301
 
@@ -524,7 +524,7 @@ def test_nesting_repeated_names_and_escapes_are_checked_exactly_on_the_fast_path
         b'{"sku":"a",' + message("orders")[1:],  # a field named twice
         b'{"sku":"a","sku":null,' + message("orders", sku=DROP)[1:],  # ... once null
     ]
-    validated, by_reference = contracts._validate("orders", values, [0] * 5, range(5), 10**6)
+    validated, by_reference = validation._validate("orders", values, [0] * 5, range(5), 10**6)
     assert by_reference == 0
     assert validated.valid.column("_offset").to_pylist() == [0, 1, 2]
     assert validated.rejected.column("reason").to_pylist() == ["bad_json", "bad_json"]
@@ -536,7 +536,7 @@ def test_rows_the_fast_path_cannot_decide_go_to_the_reference() -> None:
         message("orders")[:-1] + b",}",
         message("orders")[:-1] + b',"x":nan}',
     ]
-    validated, by_reference = contracts._validate("orders", values, [0] * 3, range(3), 10**6)
+    validated, by_reference = validation._validate("orders", values, [0] * 3, range(3), 10**6)
     assert by_reference == 2
     assert validated.rejected.column("reason").to_pylist() == ["bad_json", "bad_json"]
 

@@ -28,7 +28,7 @@ from generator import model
 from generator.faults import KINDS
 from generator.produce import run_history, run_live
 from generator.stream import Counts, Fractions, history
-from lambdalake.contract.events import validate
+from lambdalake.contract.validation import validate
 from lambdalake.kafka.clients import end_offsets, topic_partitions
 from lambdalake.settings import TOPICS
 

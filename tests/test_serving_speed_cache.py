@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lambdalake.contract.events import validate
 from lambdalake.contract.speed_protocol import SpeedError, SpeedQuery
+from lambdalake.contract.validation import validate
 from lambdalake.contract.views import SALES
 from lambdalake.settings import Settings
 from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from lambdalake.contract.events import validate
 from lambdalake.contract.speed_protocol import (
     SpeedBadRequest,
     SpeedError,
@@ -21,6 +20,7 @@ from lambdalake.contract.speed_protocol import (
     query_speed,
     speed_status,
 )
+from lambdalake.contract.validation import validate
 from lambdalake.ops.broker import free_port
 from speed.server import SpeedFlightServer
 from speed.state import BatchInput, RunApply, SpeedState

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from lambdalake.contract.events import validate
 from lambdalake.contract.speed_protocol import SpeedQuery
+from lambdalake.contract.validation import validate
 from lambdalake.contract.views import SALES
 from lambdalake.sentiment import lexicon_model
 from speed.runs import watermark_went_back

@@ -1,7 +1,9 @@
 """The contract every part of lambdalake builds to: read these to know the system.
 
-* :mod:`~lambdalake.contract.events` - the events (orders, reviews): fields, keys, the
-  validator and its quarantine reasons.
+* :mod:`~lambdalake.contract.events` - the events (orders, reviews): fields, keys and the
+  rules that make a message valid or quarantine it with a reason;
+  :mod:`~lambdalake.contract.validation` applies them (a plain reference and the
+  vectorised validator every consumer runs).
 * :mod:`~lambdalake.contract.views` - one definition per aggregate view: dimensions, typed
   measures and how partials merge, grains and their tables, the dedup rule, forecast levels.
 * :mod:`~lambdalake.contract.lake` - where every table lives and the lake's Arrow schemas;
