@@ -18,6 +18,7 @@ import pyarrow as pa
 from lambdalake.contract.events import KEY_BY_TOPIC
 from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
 from lambdalake.contract.manifest import Watermark, ingest_positions
+from lambdalake.contract.views import dedup_rank_sql
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -116,10 +117,9 @@ def read_pinned(spark: SparkSession, pin: TablePin) -> DataFrame:
 
 
 def deduplicate(df: DataFrame, topic: str) -> DataFrame:
-    """One row per event key: the lowest offset wins (then the lowest partition)."""
-    from pyspark.sql import Window
+    """One row per event key: the first in the log wins (the shared rule,
+    ``lambdalake.contract.views.dedup_rank_sql``: the lowest offset, then partition)."""
     from pyspark.sql import functions as F
 
-    key = KEY_BY_TOPIC[topic]
-    w = Window.partitionBy(key).orderBy(F.col("_offset").asc(), F.col("_partition").asc())
-    return df.withColumn("_rank", F.row_number().over(w)).where("_rank = 1").drop("_rank")
+    rank = F.expr(dedup_rank_sql(KEY_BY_TOPIC[topic]))
+    return df.withColumn("_rank", rank).where("_rank = 1").drop("_rank")
