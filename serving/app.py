@@ -34,7 +34,7 @@ from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
 from serving.routers import alerts, forecast, sales, sentiment, system
 from serving.served_run import BatchCache, ViewMissing
-from serving.service import QueryService
+from serving.service import CursorExpired, QueryService
 from serving.speed_client import SpeedClient
 
 log = get_logger(__name__)
@@ -181,6 +181,10 @@ def create_app(
     @app.exception_handler(InvalidParameter)
     async def invalid_parameter(request: Request, exc: InvalidParameter) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.exception_handler(CursorExpired)
+    async def cursor_expired(request: Request, exc: CursorExpired) -> JSONResponse:
+        return JSONResponse(status_code=410, content={"detail": str(exc)})
 
     @app.exception_handler(ViewMissing)
     async def view_missing(request: Request, exc: ViewMissing) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 _WATERMARK_EXAMPLE = {"orders": {"0": 1200, "1": 1175}, "reviews": {"0": 310, "1": 298}}
 
@@ -49,10 +49,25 @@ class Answer(BaseModel):
 
 
 class SalesPoint(BaseModel):
-    period: str = Field(description="A UTC date (day) or hour start (hour).")
+    period: str = Field(
+        description="The period's start: a UTC date (day), the ISO week's Monday (week), the "
+        "month's first day (month), or an hour start `YYYY-MM-DDTHH:00:00Z` (hour)."
+    )
+    sku: str | None = Field(None, description="With `group_by` including `sku` only.")
+    store_id: str | None = Field(None, description="With `group_by` including `store_id` only.")
     units: int = Field(description="sum(quantity); returns subtract.")
     revenue: float = Field(description="sum(quantity * unit_price).")
     order_lines: int = Field(description="count of order lines.")
+
+    # No return annotation: the OpenAPI schema stays the model's.
+    @model_serializer(mode="wrap")
+    def _without_absent_groups(self, handler: Any):  # type: ignore[no-untyped-def]
+        # A point carries the group fields it was broken down by, and no others.
+        out = handler(self)
+        for name in ("sku", "store_id"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
 class SalesAnswer(Answer):
@@ -75,6 +90,11 @@ class SalesAnswer(Answer):
     )
 
     points: list[SalesPoint]
+    next_cursor: str | None = Field(
+        None,
+        description="Pass it back as `cursor=` (with the same parameters) for the next page; "
+        "null on the last page. Every page is as of the first page's `as_of`.",
+    )
 
 
 class ForecastPoint(BaseModel):

@@ -22,6 +22,14 @@ from lambdalake.errors import InvalidInput
 MAX_DAY_POINTS = 3_660  # ten years of days
 MAX_HOUR_POINTS = 24 * 93  # about three months of hours
 MAX_WEEK_POINTS = 530  # ten years of weeks
+MAX_MONTH_POINTS = 1_200  # every month events may have (2000 to 2100)
+MAX_POINTS = {
+    "hour": MAX_HOUR_POINTS,
+    "day": MAX_DAY_POINTS,
+    "week": MAX_WEEK_POINTS,
+    "month": MAX_MONTH_POINTS,
+}
+DEFAULT_MONTHS = 12
 DEFAULT_DAYS = 30
 DEFAULT_WEEKS = 26
 DEFAULT_HOURS = 48
@@ -92,17 +100,33 @@ def floor_hour(ts: datetime) -> datetime:
     return ts.replace(minute=0, second=0, microsecond=0)
 
 
+def first_of_month(d: date) -> date:
+    return d.replace(day=1)
+
+
+def months_between(a: date, b: date) -> int:
+    """Whole months from ``a``'s month to ``b``'s (pure)."""
+    return (b.year - a.year) * 12 + b.month - a.month
+
+
 @dataclass(frozen=True)
 class SalesRange:
-    """An inclusive range of periods: dates for ``day``, hour starts (UTC) for ``hour``."""
+    """An inclusive range of periods, each given by its start (UTC midnight of a day, a
+    week's Monday, a month's first day; an hour's start)."""
 
     granularity: Granularity
-    first: datetime  # first period (a day's midnight, or an hour's start), UTC
-    last: datetime  # last period, inclusive
+    first: datetime  # first period's start, UTC
+    last: datetime  # last period's start, inclusive
 
     @property
     def periods(self) -> int:
-        step = timedelta(days=1) if self.granularity == "day" else timedelta(hours=1)
+        if self.granularity == "month":
+            return months_between(self.first.date(), self.last.date()) + 1
+        step = {
+            "hour": timedelta(hours=1),
+            "day": timedelta(days=1),
+            "week": timedelta(weeks=1),
+        }[self.granularity]
         return int((self.last - self.first) / step) + 1
 
     @property
@@ -124,13 +148,16 @@ def sales_range(
 ) -> SalesRange:
     """Validate ``start``/``end``/``granularity`` of ``/v1/sales`` into a :class:`SalesRange`.
 
-    Defaults: ``end`` = today (UTC), ``start`` = 30 days (day) or 48 hours (hour)
-    before ``end``. A time inside a period selects that period (hours are
-    floored, datetimes select their date for ``day``). Past the caps the answer
-    is a 400 asking for a narrower range, never a truncated answer.
+    Defaults: ``end`` = today (UTC), ``start`` = 30 days (day), 48 hours (hour), 26 weeks
+    (week) or 12 months (month) before ``end``'s period. A time inside a period selects that
+    period (hours are floored; a date selects its day, ISO week or month). Past the caps
+    (``MAX_POINTS``: they scale with the grain) the answer is a 400 asking for a narrower
+    range, never a truncated answer.
     """
-    if granularity not in ("day", "hour"):
-        raise InvalidParameter("granularity", f"{granularity!r}; send 'day' or 'hour'")
+    if granularity not in MAX_POINTS:
+        raise InvalidParameter(
+            "granularity", f"{granularity!r}; send one of {', '.join(MAX_POINTS)}"
+        )
     now = now or datetime.now(UTC)
     end_ts = (
         parse_time_bound(end, "end", end=True)
@@ -145,6 +172,20 @@ def sales_range(
             s = parse_time_bound(start, "start", end=False)
             first = datetime(s.year, s.month, s.day, tzinfo=UTC)
         cap, unit = MAX_DAY_POINTS, "daily"
+    elif granularity in ("week", "month"):
+        floor = monday if granularity == "week" else first_of_month
+        last_d = floor(end_ts.date())
+        if start is None:
+            first_d = (
+                last_d - timedelta(weeks=DEFAULT_WEEKS - 1)
+                if granularity == "week"
+                else _months_back(last_d, DEFAULT_MONTHS - 1)
+            )
+        else:
+            first_d = floor(parse_time_bound(start, "start", end=False).date())
+        first = datetime(first_d.year, first_d.month, first_d.day, tzinfo=UTC)
+        last = datetime(last_d.year, last_d.month, last_d.day, tzinfo=UTC)
+        cap, unit = MAX_POINTS[granularity], f"{granularity}ly"
     else:
         last = floor_hour(end_ts) if end is not None else floor_hour(now)
         first = (
@@ -159,11 +200,18 @@ def sales_range(
         )
     rng = SalesRange(granularity, first, last)  # type: ignore[arg-type]
     if rng.periods > cap:
-        hint = "; narrow start/end" + (" or use granularity=day" if unit == "hourly" else "")
+        coarser = {"hourly": "day", "daily": "week", "weekly": "month"}.get(unit)
+        hint = "; narrow start/end" + (f" or use granularity={coarser}" if coarser else "")
         raise InvalidParameter(
             "start", f"range too large: {rng.periods} {unit} points, at most {cap}{hint}"
         )
     return rng
+
+
+def _months_back(d: date, n: int) -> date:
+    """The first day of the month ``n`` months before ``d``'s (pure)."""
+    total = d.year * 12 + d.month - 1 - n
+    return date(total // 12, total % 12 + 1, 1)
 
 
 def monday(d: date) -> date:
@@ -214,11 +262,149 @@ def check_int(value: int | None, name: str, *, low: int, high: int, default: int
 
 
 def period_label(ts: datetime | date, granularity: Granularity) -> str:
-    """The ``period`` string of a point: ``2024-05-01`` (a day, or a week's Monday) or
-    ``2024-05-01T10:00:00Z`` (an hour)."""
-    if granularity in ("day", "week"):
+    """The ``period`` string of a point: ``2024-05-01`` (a day, a week's Monday, a month's
+    first day) or ``2024-05-01T10:00:00Z`` (an hour)."""
+    if granularity != "hour":
         return (ts.date() if isinstance(ts, datetime) else ts).isoformat()
     assert isinstance(ts, datetime)
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00Z")
+
+
+# --- /v1/sales: breakdowns, order, paging ------------------------------------------------------
+
+# What a sales answer can be broken down by (each point then carries these fields).
+GROUP_FIELDS = ("sku", "store_id")
+SALES_ORDERS = ("period", "units_desc", "revenue_desc")
+DEFAULT_LIMIT = 1_000
+MAX_LIMIT = 10_000
+MAX_FILTER_IDS = 1_000
+
+
+def id_list(values: list[str] | None, name: str) -> tuple[str, ...] | None:
+    """A filter's ids: the parameter repeated and/or comma-separated (``sku=A,B&sku=C``), each
+    checked as an id; duplicates dropped, order kept. None when not given."""
+    if not values:
+        return None
+    out: dict[str, None] = {}
+    for value in values:
+        for part in value.split(","):
+            out[check_id(part, name) or part] = None
+    if len(out) > MAX_FILTER_IDS:
+        raise InvalidParameter(name, f"{len(out)} ids, at most {MAX_FILTER_IDS}")
+    return tuple(out)
+
+
+def group_by_list(text: str | None) -> tuple[str, ...]:
+    """``group_by``: a comma-separated subset of ``GROUP_FIELDS``, in the order given."""
+    if not text:
+        return ()
+    fields: dict[str, None] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if part not in GROUP_FIELDS:
+            raise InvalidParameter(
+                "group_by",
+                f"{part!r} is not a field; send a comma list of {', '.join(GROUP_FIELDS)}",
+            )
+        fields[part] = None
+    return tuple(fields)
+
+
+def sales_order(text: str) -> str:
+    if text not in SALES_ORDERS:
+        raise InvalidParameter("order", f"{text!r}; send one of {', '.join(SALES_ORDERS)}")
+    return text
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next page of an answer starts, and what pins the answer: its batch run and
+    speed offsets (every page is computed as of them), and a digest of the question."""
+
+    digest: str
+    run_id: str | None
+    speed_offsets: dict[str, dict[int, int]]
+    missing: dict[str, list[int]]
+    position: int
+
+    def encode(self) -> str:
+        import base64
+        import json
+
+        body = {
+            "q": self.digest,
+            "r": self.run_id,
+            "o": {t: {str(p): o for p, o in ps.items()} for t, ps in self.speed_offsets.items()},
+            "m": self.missing,
+            "p": self.position,
+        }
+        raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str, digest: str) -> Cursor:
+        """The cursor in ``text``, which must belong to the question with ``digest``."""
+        import base64
+        import binascii
+        import json
+
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            body = json.loads(raw)
+            cursor = cls(
+                digest=str(body["q"]),
+                run_id=body["r"],
+                speed_offsets={
+                    str(t): {int(p): int(o) for p, o in ps.items()} for t, ps in body["o"].items()
+                },
+                missing={str(t): [int(p) for p in ps] for t, ps in body["m"].items()},
+                position=int(body["p"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            raise InvalidParameter(
+                "cursor", "not a cursor; pass back an answer's next_cursor as it is"
+            ) from None
+        if cursor.digest != digest or cursor.position < 0:
+            raise InvalidParameter(
+                "cursor",
+                "it belongs to another question; send the same parameters as the first page "
+                "(explicit start and end keep them the same across days)",
+            )
+        return cursor
+
+
+@dataclass(frozen=True)
+class SalesQuery:
+    """A validated ``/v1/sales`` question."""
+
+    rng: SalesRange
+    skus: tuple[str, ...] | None = None
+    stores: tuple[str, ...] | None = None
+    group_by: tuple[str, ...] = ()
+    order: str = "period"
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None  # as sent; :meth:`decoded_cursor` checks it
+
+    @property
+    def digest(self) -> str:
+        """What identifies the question across its pages (everything but the cursor)."""
+        import hashlib
+
+        key = repr(
+            (
+                self.rng.granularity,
+                self.rng.first.isoformat(),
+                self.rng.last.isoformat(),
+                self.skus,
+                self.stores,
+                self.group_by,
+                self.order,
+                self.limit,
+            )
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+    def decoded_cursor(self) -> Cursor | None:
+        return None if self.cursor is None else Cursor.decode(self.cursor, self.digest)

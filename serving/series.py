@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from lambdalake.contract.views import ViewDef
 from serving.params import period_label
-from serving.tables import as_days, key_runs, merge_table
+from serving.tables import key_runs, merge_table, rollup
 
 # Every key combination a sales question can pin: nothing, the SKU, the store, both.
 KEY_SETS: tuple[tuple[str, ...], ...] = ((), ("sku",), ("store_id",), ("sku", "store_id"))
@@ -44,7 +44,7 @@ _EPOCH_DAY = date(1970, 1, 1)
 
 def _period_number(value: date | datetime, granularity: str) -> int:
     """A period bound as the integer the index sorts on (days, or microseconds, since 1970)."""
-    if granularity == "day":
+    if granularity != "hour":
         day = value.date() if isinstance(value, datetime) else value
         return (day - _EPOCH_DAY).days
     assert isinstance(value, datetime)
@@ -54,7 +54,7 @@ def _period_number(value: date | datetime, granularity: str) -> int:
 
 
 def _period_numbers(column: pa.ChunkedArray, granularity: str) -> np.ndarray:
-    if granularity == "day":
+    if granularity != "hour":
         return column.cast(pa.int32()).to_numpy().astype(np.int64)
     return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
 
@@ -74,14 +74,12 @@ class SeriesIndex:
         cls, partials: pa.Table, keys: tuple[str, ...], view: ViewDef, granularity: str
     ) -> SeriesIndex:
         """Merge ``partials`` (``period``, the view's dimensions and measures; periods of
-        ``granularity``, or hours when asking for days) by ``keys`` and period.
+        ``granularity``, or of a finer grain they roll up from) by ``keys`` and period.
 
         Partials already one row per ``(*keys, period)`` in that order (a batch view
         indexed by all its dimensions) are used as they are: no group-by, no sort, no copy."""
         measures = tuple(m.name for m in view.measures)
-        period = partials.column("period")
-        if granularity == "day":
-            period = as_days(period)
+        period = rollup(partials.column("period"), granularity)
         table = pa.table(
             {"period": period, **{k: partials.column(k) for k in keys}}
             | {m: partials.column(m) for m in measures}
@@ -154,7 +152,7 @@ def period_labels(numbers: list[int], granularity: str) -> list[str]:
         if label is None:
             when: date | datetime = (
                 date.fromordinal(_EPOCH_DAY.toordinal() + n)
-                if granularity == "day"
+                if granularity != "hour"
                 else datetime.fromtimestamp(n / 1_000_000, tz=UTC)
             )
             label = period_label(when, granularity)  # type: ignore[arg-type]
@@ -185,9 +183,9 @@ class SeriesCache:
                 self._built[(granularity, keys)] = found
             return found
 
-    def warm(self, granularities: tuple[str, ...] = ("day", "hour")) -> None:
-        """Build every key set now (e.g. before a new batch run is swapped in)."""
-        for granularity in granularities:
+    def warm(self) -> None:
+        """Build every key set of every grain now (e.g. before a new batch run is swapped in)."""
+        for granularity in self.sources:
             for keys in KEY_SETS:
                 self.get(granularity, keys)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,8 +140,7 @@ class BatchSnapshot:
 
     def __post_init__(self) -> None:
         self.series = SeriesCache(
-            SALES,
-            {"day": self.tables["sales_day"].table, "hour": self.tables["sales_hour"].table},
+            SALES, {g: self.tables[snapshot_table(SALES, g)].table for g in SALES.grains}
         )
 
     def require(self, view: ViewDef, granularity: Granularity | None, hint: str = "") -> None:
@@ -167,11 +167,20 @@ class BatchSnapshot:
         store_id: str | None = None,
         first: Any = None,
         last: Any = None,
+        skus: Sequence[str] | None = None,
+        stores: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """A view's partials at a grain merged by ``keys`` (``period`` and dimensions),
-        filtered by SKU, store and an inclusive period range."""
-        table = self.tables[snapshot_table(view, granularity)].rows(sku)
+        filtered by SKU (``sku``, or any of ``skus``), store (``store_id``, or any of
+        ``stores``) and an inclusive period range."""
+        indexed = self.tables[snapshot_table(view, granularity)]
+        if skus is None or len(skus) == 1:
+            table = indexed.rows(skus[0] if skus else sku)
+        else:
+            table = pa.concat_tables([indexed.table.slice(0, 0), *(indexed.rows(s) for s in skus)])
         conditions: list[tuple[str, str, Any]] = [("store_id", "equal", store_id)]
+        if stores is not None:
+            conditions.append(("store_id", "is_in", pa.array(list(stores), pa.string())))
         if granularity is not None:
             conditions += [("period", "greater_equal", first), ("period", "less_equal", last)]
         return merge_partials(select(table, *conditions), keys, view)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
-from lambdalake.contract.manifest import watermark_to_dict
+from lambdalake.contract.manifest import Watermark, watermark_to_dict
 from lambdalake.contract.views import ALL, SALES, SENTIMENT, forecast_level
+from lambdalake.errors import LambdalakeError
 from lambdalake.settings import Settings
 from serving.models import (
     ActualPoint,
@@ -43,7 +44,7 @@ from serving.models import (
     SentimentWeeks,
     SeriesAccuracy,
 )
-from serving.params import Granularity, SalesRange, period_label
+from serving.params import MAX_LIMIT, Cursor, Granularity, SalesQuery, period_label
 from serving.series import series_key
 from serving.served_run import BatchCache, BatchSnapshot
 from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
@@ -77,6 +78,61 @@ class Merged:
     as_of: AsOf
     degraded: bool
     missing: dict[str, list[int]]
+
+
+class CursorExpired(LambdalakeError, LookupError):
+    """A page was asked for an answer whose batch run is no longer served (or whose speed
+    events were pruned since): it cannot be given as of the first page any more."""
+
+    def __init__(self, run_id: str | None) -> None:
+        super().__init__(
+            f"the cursor's answer is as of batch run {run_id}, which is no longer served "
+            "(a newer run was published); ask again without cursor"
+        )
+
+
+Row = tuple[tuple, dict[str, Any]]
+
+
+def _periods(rows: list[Row]) -> list[str]:
+    """The distinct periods of ordered rows, in order."""
+    return list(dict.fromkeys(key[0] for key, _ in rows))
+
+
+def _ordered(acc: dict[tuple, dict[str, Any]], q: SalesQuery) -> list[Row]:
+    """``acc``'s rows in the answer's order; for a ranking, each period's top ``q.limit``."""
+    if q.order == "period":
+        return sorted(acc.items())
+    measure = "units" if q.order == "units_desc" else "revenue"
+    by_period: dict[str, list[Row]] = {}
+    for key, row in acc.items():
+        by_period.setdefault(key[0], []).append((key, row))
+    out: list[Row] = []
+    for period in sorted(by_period):
+        ranked = sorted(by_period[period], key=lambda kr: (-(kr[1][measure] or 0), kr[0][1:]))
+        out += ranked[: q.limit]
+    return out
+
+
+def _page(rows: list[Row], q: SalesQuery, start: int) -> tuple[list[Row], int]:
+    """One page of ordered rows from ``start`` and where the next begins: a row index for
+    ``order=period``, a period index for a ranking (pages hold whole periods)."""
+    if q.order == "period":
+        end = min(len(rows), start + q.limit)
+        return rows[start:end], end
+    periods = _periods(rows)
+    by_period: dict[str, list[Row]] = {}
+    for key, row in rows:
+        by_period.setdefault(key[0], []).append((key, row))
+    taken: list[Row] = []
+    end = start
+    while end < len(periods):
+        chunk = by_period[periods[end]]
+        if taken and len(taken) + len(chunk) > MAX_LIMIT:
+            break
+        taken += chunk
+        end += 1
+    return taken, end
 
 
 def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
@@ -132,8 +188,17 @@ class QueryService:
             _MAY_BLOCK.reset(token)
         return await run_in_threadpool(question)
 
-    def _speed_query(self, view: Any, flt: SpeedFilter, snap: BatchSnapshot) -> SpeedResult:
-        return self.speed.query(view, flt, snap.watermark, block=_MAY_BLOCK.get())
+    def _speed_query(
+        self,
+        view: Any,
+        flt: SpeedFilter,
+        snap: BatchSnapshot,
+        *,
+        max_offsets: Watermark | None = None,
+    ) -> SpeedResult:
+        return self.speed.query(
+            view, flt, snap.watermark, block=_MAY_BLOCK.get(), max_offsets=max_offsets
+        )
 
     def _current_run(self) -> BatchSnapshot:
         if not self.batch.loaded and not _MAY_BLOCK.get():
@@ -166,13 +231,18 @@ class QueryService:
         store_id: str | None,
         first: datetime,
         last: datetime,
+        skus: tuple[str, ...] | None = None,
+        stores: tuple[str, ...] | None = None,
+        max_offsets: Watermark | None = None,
     ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
-        """Merged sales partials keyed by (period label, *dims)."""
+        """Merged sales partials keyed by (period label, *dims); ``skus``/``stores`` filter by
+        several ids (instead of ``sku``/``store_id``); ``max_offsets`` bounds the speed
+        layer's events from above (a page pinned to its answer's ``as_of``)."""
         snap.require(SALES, granularity, hint="ask for granularity=day, or ")
-        lo: Any = first.date() if granularity == "day" else first
-        hi: Any = last.date() if granularity == "day" else last
+        lo: Any = first if granularity == "hour" else first.date()
+        hi: Any = last if granularity == "hour" else last.date()
         acc: dict[tuple, dict[str, Any]] = {}
-        if dims:
+        if dims or skus is not None or stores is not None:
             rows = snap.aggregate(
                 SALES,
                 granularity,
@@ -181,6 +251,8 @@ class QueryService:
                 store_id=store_id,
                 first=lo,
                 last=hi,
+                skus=skus,
+                stores=stores,
             )
             for row in rows:
                 key = (period_label(row["period"], granularity), *(row[d] for d in dims))
@@ -189,52 +261,99 @@ class QueryService:
             names, series_key_ = series_key(sku, store_id)
             for label, values in snap.series.get(granularity, names).points(series_key_, lo, hi):
                 acc[(label,)] = values
-        speed = self._speed_query(
-            SALES,
-            SpeedFilter(
-                granularity=granularity,
-                dimensions=dims,
-                sku=sku,
-                store_id=store_id,
-                first=first,
-                last=last,
-            ),
-            snap,
+        flt = SpeedFilter(
+            granularity=granularity,
+            dimensions=dims,
+            sku=sku,
+            store_id=store_id,
+            first=first,
+            last=last,
+            skus=skus,
+            stores=stores,
         )
+        speed = self._speed_query(SALES, flt, snap, max_offsets=max_offsets)
         for row in speed.rows:
             period = row["period"]  # a label already when it comes from a series index
             label = period if isinstance(period, str) else period_label(period, granularity)
             merge_into(acc, (label, *(row[d] for d in dims)), row, SALES)
         return acc, speed
 
-    def sales(self, *, sku: str | None, store_id: str | None, rng: SalesRange) -> SalesAnswer:
+    def sales(self, q: SalesQuery) -> SalesAnswer:
+        """Sales per period, broken down by ``q.group_by``, filtered, ordered and paged.
+
+        ``order=period``: rows by period then group fields, ``limit`` rows per page.
+        ``units_desc``/``revenue_desc``: each period's rows ranked by the measure (ties by the
+        group fields), the top ``limit`` of each period; a page holds whole periods, at most
+        ``MAX_LIMIT`` rows. A page after the first is computed as of the first page's
+        ``as_of`` (its run and speed offsets), so every row appears exactly once."""
+        cursor = q.decoded_cursor()
+        one = len(q.skus or ()) <= 1 and len(q.stores or ()) <= 1 and not q.group_by
+
         def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
+            if cursor is not None and snap.run_id != cursor.run_id:
+                raise CursorExpired(cursor.run_id)
             return self._sales_rows(
                 snap,
-                granularity=rng.granularity,
-                dims=(),
-                sku=sku,
-                store_id=store_id,
-                first=rng.first,
-                last=rng.last,
+                granularity=q.rng.granularity,
+                dims=q.group_by,
+                # One series (or all): the per-key series index answers it.
+                sku=q.skus[0] if one and q.skus else None,
+                store_id=q.stores[0] if one and q.stores else None,
+                first=q.rng.first,
+                last=q.rng.last,
+                skus=None if one else q.skus,
+                stores=None if one else q.stores,
+                max_offsets=cursor.speed_offsets if cursor is not None else None,
             )
 
-        acc, snap, speed = self._merged(compute)
+        if cursor is not None:
+            if not _MAY_BLOCK.get():
+                raise WouldBlock("a page as of earlier offsets asks the speed workers")
+            snap = self._current_run()
+            acc, speed = compute(snap)
+            if speed.stale:
+                raise CursorExpired(cursor.run_id)
+            merged = Merged(
+                as_of=AsOf(
+                    run_id=snap.run_id,
+                    watermark=watermark_to_dict(snap.watermark),
+                    speed_offsets=watermark_to_dict(cursor.speed_offsets),
+                ),
+                degraded=any(cursor.missing.values()),
+                missing=cursor.missing,
+            )
+        else:
+            acc, snap, speed = self._merged(compute)
+            merged = self._provenance("sales", snap, speed)
+        rows = _ordered(acc, q)
+        start = cursor.position if cursor is not None else 0
+        page, end = _page(rows, q, start)
+        total = len(rows) if q.order == "period" else len(_periods(rows))
+        next_cursor = None
+        if end < total:
+            next_cursor = Cursor(
+                digest=q.digest,
+                run_id=snap.run_id,
+                speed_offsets=cursor.speed_offsets if cursor is not None else speed.offsets,
+                missing=merged.missing,
+                position=end,
+            ).encode()
         points = [
             SalesPoint(
                 period=key[0],
+                **dict(zip(q.group_by, key[1:], strict=True)),
                 units=int(row["units"] or 0),
                 revenue=float(row["revenue"] or 0.0),
                 order_lines=int(row["order_lines"] or 0),
             )
-            for key, row in sorted(acc.items())
+            for key, row in page
         ]
-        prov = self._provenance("sales", snap, speed)
         return SalesAnswer(
             points=points,
-            as_of=prov.as_of,
-            degraded=prov.degraded,
-            missing_partitions=prov.missing,
+            next_cursor=next_cursor,
+            as_of=merged.as_of,
+            degraded=merged.degraded,
+            missing_partitions=merged.missing,
         )
 
     # --- forecast -----------------------------------------------------------------------

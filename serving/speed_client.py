@@ -29,6 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from lambdalake.contract.manifest import Watermark
 from lambdalake.contract.speed_protocol import (
     SpeedAnswer,
@@ -70,6 +72,18 @@ class SpeedFilter:
     store_id: str | None = None
     first: datetime | None = None  # first period (inclusive), UTC
     last: datetime | None = None  # last period (inclusive), UTC
+    skus: tuple[str, ...] | None = None  # several SKUs (with ``sku`` None)
+    stores: tuple[str, ...] | None = None  # several stores (with ``store_id`` None)
+
+    @property
+    def sku_list(self) -> tuple[str, ...] | None:
+        return self.skus if self.skus is not None else (None if self.sku is None else (self.sku,))
+
+    @property
+    def store_list(self) -> tuple[str, ...] | None:
+        if self.stores is not None:
+            return self.stores
+        return None if self.store_id is None else (self.store_id,)
 
 
 @dataclass
@@ -142,8 +156,17 @@ class _Snapshot:
 def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list[dict[str, Any]]:
     """Filter a worker's partials (at the view's stored grain) to ``flt``, roll them up to
     its grain and merge them (pure)."""
-    table = index.rows(flt.sku)
-    store = ("store_id", "equal", flt.store_id) if "store_id" in view.dimensions else None
+    skus = flt.sku_list
+    if skus is None or len(skus) == 1:
+        table = index.rows(None if skus is None else skus[0])
+    else:
+        table = pa.concat_tables([index.table.slice(0, 0), *(index.rows(s) for s in skus)])
+    stores = flt.store_list
+    store = (
+        ("store_id", "is_in", pa.array(stores, pa.string()))
+        if stores is not None and "store_id" in view.dimensions
+        else None
+    )
     if flt.granularity is None:  # all time: the periods merge away
         table = select(table, *([store] if store else []))
         return merge_partials(table, list(view.dimensions), view)
@@ -168,7 +191,13 @@ def snapshot_partials(snap: _Snapshot, view: ViewDef, flt: SpeedFilter) -> list[
     """``local_partials`` of a cached snapshot; a question without group-by dimensions
     (one series: a SKU, a store, both or all) is read from the snapshot's series index,
     with ``period`` already the API's label."""
-    if snap.series is None or flt.dimensions or flt.granularity is None:
+    if (
+        snap.series is None
+        or flt.dimensions
+        or flt.granularity is None
+        or flt.skus is not None
+        or flt.stores is not None
+    ):
         return local_partials(snap.index, view, flt)
     names, key = series_key(flt.sku, flt.store_id)
     series = snap.series.get(flt.granularity, names)
@@ -349,7 +378,7 @@ class SpeedClient:
             answer=answer,
             index=IndexedTable.build(answer.table, sort=True),
             series=(
-                SeriesCache(view, {"day": answer.table, "hour": answer.table})
+                SeriesCache(view, {g: answer.table for g in view.grains if g is not None})
                 if view.stored_grain == "hour" and set(KEY_SETS[-1]) <= set(view.dimensions)
                 else None
             ),
@@ -365,10 +394,16 @@ class SpeedClient:
         min_offsets: Watermark,
         *,
         block: bool = True,
+        max_offsets: Watermark | None = None,
     ) -> Partials | SpeedError:
-        """One worker's partials for ``flt``: from its snapshot, or asked directly."""
+        """One worker's partials for ``flt``: from its snapshot, or asked directly (always
+        for an answer bounded by ``max_offsets``: snapshots hold everything)."""
         key = (endpoint, view.name)
-        use_cache = self.cache_ttl > 0 and time.monotonic() >= self._too_big_until.get(key, 0.0)
+        use_cache = (
+            not max_offsets
+            and self.cache_ttl > 0
+            and time.monotonic() >= self._too_big_until.get(key, 0.0)
+        )
         if use_cache:
             got = self._snapshot(endpoint, view, min_offsets, block=block)
             if isinstance(got, SpeedError):
@@ -382,23 +417,30 @@ class SpeedClient:
         else:
             if not block:
                 raise WouldBlock(f"speed partials of {view.name} from {endpoint} need a query")
-            direct = self._ask(endpoint, to_speed_query(view, flt, min_offsets))
+            direct = self._ask(endpoint, to_speed_query(view, flt, min_offsets, max_offsets))
             if isinstance(direct, SpeedError):
                 return direct
             rows, answer = direct.table.to_pylist(), direct
         return Partials(rows, answer.partitions, answer.offsets, answer.meta.worker)
 
     def query(
-        self, view: ViewDef, flt: SpeedFilter, min_offsets: Watermark, *, block: bool = True
+        self,
+        view: ViewDef,
+        flt: SpeedFilter,
+        min_offsets: Watermark,
+        *,
+        block: bool = True,
+        max_offsets: Watermark | None = None,
     ) -> SpeedResult:
-        """Partials of ``view`` over events at offsets >= ``min_offsets`` from every worker.
+        """Partials of ``view`` over events at offsets >= ``min_offsets`` (and below
+        ``max_offsets``, when given) from every worker.
 
         ``block=False``: answer from cached snapshots only, or raise :class:`WouldBlock`."""
         statuses = self.statuses()
         endpoints = self.endpoints(statuses)
 
         def one(ep: str) -> Partials | SpeedError:
-            return self._partials(ep, view, flt, min_offsets, block=block)
+            return self._partials(ep, view, flt, min_offsets, block=block, max_offsets=max_offsets)
 
         if len(endpoints) == 1 or not block:  # nothing to wait for in parallel
             answers = [one(ep) for ep in endpoints]
@@ -445,17 +487,23 @@ class SpeedClient:
 def _bound(ts: datetime | None, granularity: str | None) -> str | None:
     if ts is None:
         return None
-    return ts.date().isoformat() if granularity in ("day", "week") else ts.isoformat()
+    return ts.isoformat() if granularity == "hour" else ts.date().isoformat()
 
 
-def to_speed_query(view: ViewDef, flt: SpeedFilter, min_offsets: Watermark) -> SpeedQuery:
+def to_speed_query(
+    view: ViewDef,
+    flt: SpeedFilter,
+    min_offsets: Watermark,
+    max_offsets: Watermark | None = None,
+) -> SpeedQuery:
     """The protocol request for ``flt`` (pure)."""
     return SpeedQuery(
         view=view.name,
         granularity=flt.granularity,  # type: ignore[arg-type]
-        skus=(flt.sku,) if flt.sku is not None else None,
-        stores=(flt.store_id,) if flt.store_id is not None else None,
+        skus=flt.sku_list,
+        stores=flt.store_list,
         start=_bound(flt.first, flt.granularity),
         end=_bound(flt.last, flt.granularity),
         min_offsets=min_offsets,
+        max_offsets=max_offsets or {},
     )

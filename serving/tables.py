@@ -51,8 +51,9 @@ def as_days(period: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def rollup(period: pa.ChunkedArray, granularity: str) -> pa.ChunkedArray:
-    """Periods (hour starts, dates or Mondays) as periods of ``granularity``: hours stay,
-    a day is its date, a week its ISO Monday (``lambdalake.contract.views.ROLLUP_EXPR`` in Arrow).
+    """Periods (hour starts, dates, Mondays or months' first days) as periods of
+    ``granularity``: hours stay, a day is its date, a week its ISO Monday, a month its first
+    day (``lambdalake.contract.views.ROLLUP_EXPR`` in Arrow).
 
     >>> from datetime import date
     >>> rollup(pa.chunked_array([[date(2024, 5, 1), date(2024, 5, 5)]]), "week").to_pylist()
@@ -63,10 +64,11 @@ def rollup(period: pa.ChunkedArray, granularity: str) -> pa.ChunkedArray:
     days = as_days(period)
     if granularity == "day":
         return days
-    if granularity != "week":
-        raise ValueError(f"no grain {granularity!r}")
-    numbers = pc.subtract(days.cast(pa.int32()), pc.day_of_week(days).cast(pa.int32()))
-    return numbers.cast(pa.date32())
+    if granularity == "week":
+        return pc.floor_temporal(days, unit="week", week_starts_monday=True)
+    if granularity == "month":
+        return pc.floor_temporal(days, unit="month")
+    raise ValueError(f"no grain {granularity!r}")
 
 
 def select(table: pa.Table, *conditions: tuple[str, str, Any]) -> pa.Table:

@@ -704,14 +704,31 @@ class SpeedState:
                 )
             skipped = rereading.get(topic, {})
             lows = {p: lo for p, lo in lows.items() if p not in skipped}
+            bound = q.max_offsets.get(topic, {})
+            held_to = {p: positions[(topic, p)] for p in lows}
+            short = {p: (held_to[p], int(bound[p])) for p in lows if held_to[p] < bound.get(p, 0)}
+            if short:
+                detail = ", ".join(
+                    f"{topic}[{p}] held up to {h}, asked up to {b}" for p, (h, b) in short.items()
+                )
+                raise stale_watermark_error(
+                    applied.run_id, applied.watermark, f"worker does not hold {detail}"
+                )
+            highs = {p: min(held_to[p], int(bound.get(p, held_to[p]))) for p in lows}
             # Held events filtered by offset (and partition) when the stored partials
-            # cover more than asked: a caller at a newer run, or partitions left out.
-            exact = bool(skipped) or any(lows[p] > pruned.get(p, 0) for p in lows)
+            # cover more than asked: a caller at a newer run, partitions left out, or an
+            # answer bounded from above.
+            exact = (
+                bool(skipped)
+                or any(lows[p] > pruned.get(p, 0) for p in lows)
+                or any(highs[p] < held_to[p] for p in lows)
+            )
             sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[view.name], exact)
             lows_tbl = pa.table(
                 {
                     "partition": pa.array(list(lows), pa.int32()),
                     "low": pa.array(list(lows.values()), pa.int64()),
+                    "high": pa.array([highs[p] for p in lows], pa.int64()),
                 }
             )
             with _registered(cur, "lows_tbl", lows_tbl):
@@ -722,7 +739,7 @@ class SpeedState:
             run_id=applied.run_id,
             watermark=applied.watermark,
             min_offsets={topic: lows},
-            offsets={topic: {p: positions[(topic, p)] for p in lows}},
+            offsets={topic: highs},
             partitions={
                 t: sorted(p for tt, p in positions if tt == t and p not in rereading.get(t, {}))
                 for t in TOPICS
@@ -833,7 +850,7 @@ def _answer_sql(
     """SQL for an answer: stored partials (or an exact aggregate of held events
     filtered by offset), filtered, rolled up to the granularity, merged."""
     if exact:
-        source = f"({partials_sql(view, f'(SELECT h.* FROM {held} h JOIN lows_tbl l ON l.partition = h._partition WHERE h._offset >= l.low)')})"
+        source = f"({partials_sql(view, f'(SELECT h.* FROM {held} h JOIN lows_tbl l ON l.partition = h._partition WHERE h._offset >= l.low AND h._offset < l.high)')})"
     else:
         source = partials
     where: list[str] = []

@@ -33,8 +33,10 @@ from lambdalake.contract.lake import (
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
     VIEW_HOURLY_SALES,
+    VIEW_MONTHLY_SALES,
     VIEW_SENTIMENT_BY_SKU,
     VIEW_SENTIMENT_WEEKLY,
+    VIEW_WEEKLY_SALES,
 )
 from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
 from lambdalake.contract.views import forecast_level
@@ -87,6 +89,36 @@ def dedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in sorted(rows, key=lambda r: r["_offset"]):
         best.setdefault(r["event_id"], r)
     return list(best.values())
+
+
+def period_start(r: dict[str, Any], granularity: str) -> date:
+    """The start of an order's week (Monday) or month (first day), UTC."""
+    day = r["event_date"]
+    if granularity == "week":
+        return day - timedelta(days=day.weekday())
+    return day.replace(day=1)
+
+
+def period_sales(rows: list[dict[str, Any]], run_id: str, granularity: str) -> pa.Table:
+    """``views/weekly_sales`` or ``views/monthly_sales`` rows, as the batch layer writes them."""
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
+    for r in dedup(rows):
+        a = acc[(period_start(r, granularity), r["store_id"], r["sku"])]
+        a[0] += r["quantity"]
+        a[1] += r["quantity"] * r["unit_price"]
+        a[2] += 1
+    keys = sorted(acc)
+    return pa.table(
+        {
+            granularity: pa.array([k[0] for k in keys], pa.date32()),
+            "store_id": [k[1] for k in keys],
+            "sku": [k[2] for k in keys],
+            "units": pa.array([acc[k][0] for k in keys], pa.int64()),
+            "revenue": [acc[k][1] for k in keys],
+            "order_lines": pa.array([acc[k][2] for k in keys], pa.int64()),
+            "run_id": [run_id] * len(keys),
+        }
+    )
 
 
 def daily_sales(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
@@ -300,6 +332,10 @@ def write_run(
             VIEW_FORECAST_ACCURACY,
         )
     }
+    for table, grain in ((VIEW_WEEKLY_SALES, "week"), (VIEW_MONTHLY_SALES, "month")):
+        pmode = "overwrite" if (root / table).exists() else "error"
+        write_deltalake(str(root / table), period_sales(orders, run_id, grain), mode=pmode)
+        views[table] = version(table)
     if weekly_view:
         wmode = "overwrite" if (root / VIEW_SENTIMENT_WEEKLY).exists() else "error"
         write_deltalake(
@@ -925,7 +961,7 @@ def test_a_run_without_hourly_view_refuses_hours_and_never_reads_master(tmp_path
         assert hour.status_code == 503, hour.text
         detail = hour.json()["detail"]
         assert "run-1" in detail and "views/hourly_sales" in detail and "granularity=day" in detail
-        assert app.state.batch.current().missing == {VIEW_HOURLY_SALES}
+        assert VIEW_HOURLY_SALES in app.state.batch.current().missing
 
 
 def test_no_published_run_yet_answers_empty_with_null_run(tmp_path: Path) -> None:
@@ -977,3 +1013,207 @@ def test_unreachable_speed_worker_makes_answers_degraded_not_partial(
         assert_same_points(points_of(body), want)
         metrics = client.get("/metrics").text
         assert 'lambdalake_api_degraded_answers_total{route="sales"} 1.0' in metrics
+
+
+# --- /v1/sales: grains, breakdowns, order, paging, formats -----------------------------------
+
+
+def recompute(
+    orders: list[dict[str, Any]],
+    granularity: str,
+    group_by: tuple[str, ...],
+    *,
+    skus: set[str] | None = None,
+    stores: set[str] | None = None,
+) -> dict[tuple, tuple[int, float, int]]:
+    """(period, *group fields) -> (units, revenue, order_lines), from the deduplicated orders."""
+    out: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
+    for r in dedup(orders):
+        if (skus and r["sku"] not in skus) or (stores and r["store_id"] not in stores):
+            continue
+        period = (
+            r["event_date"] if granularity == "day" else period_start(r, granularity)
+        ).isoformat()
+        a = out[(period, *(r[g] for g in group_by))]
+        a[0] += r["quantity"]
+        a[1] += r["quantity"] * r["unit_price"]
+        a[2] += 1
+    return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
+def keyed(points: list[dict[str, Any]], group_by: tuple[str, ...]) -> dict[tuple, tuple]:
+    rows = {
+        (p["period"], *(p[g] for g in group_by)): (p["units"], p["revenue"], p["order_lines"])
+        for p in points
+    }
+    assert len(rows) == len(points), "a row appears twice"
+    return rows
+
+
+def assert_same_rows(got: dict[tuple, tuple], want: dict[tuple, tuple]) -> None:
+    assert set(got) == set(want)
+    for k, (units, revenue, lines) in want.items():
+        assert got[k][0] == units and got[k][2] == lines, k
+        assert got[k][1] == pytest.approx(revenue, rel=1e-9), k
+
+
+@pytest.mark.parametrize("granularity", ["day", "week", "month"])
+@pytest.mark.parametrize("group_by", [(), ("sku",), ("store_id",), ("sku", "store_id")])
+def test_sales_at_every_grain_and_breakdown_equal_a_recompute(
+    api: httpx.Client, lake: Any, granularity: str, group_by: tuple[str, ...]
+) -> None:
+    _, orders = lake
+    params = {"granularity": granularity, "start": "2024-04-01", "end": "2024-05-31"}
+    if group_by:
+        params["group_by"] = ",".join(group_by)
+    body = api.get("/v1/sales", params=params).json()
+    assert_same_rows(keyed(body["points"], group_by), recompute(orders, granularity, group_by))
+    assert body["next_cursor"] is None
+    for p in body["points"]:  # a point carries exactly the fields it was grouped by
+        assert set(p) == {"period", *group_by, "units", "revenue", "order_lines"}
+    if granularity == "week":
+        assert all(date.fromisoformat(p["period"]).weekday() == 0 for p in body["points"])
+    if granularity == "month":
+        assert all(p["period"].endswith("-01") for p in body["points"])
+
+
+def test_sales_filters_take_repeats_and_comma_lists(api: httpx.Client, lake: Any) -> None:
+    _, orders = lake
+    params = [
+        ("granularity", "week"),
+        ("start", "2024-04-01"),
+        ("end", "2024-05-31"),
+        ("group_by", "sku,store_id"),
+        ("sku", "A,B"),
+        ("sku", "A"),
+        ("store_id", "S2"),
+    ]
+    body = api.get("/v1/sales", params=params).json()
+    want = recompute(orders, "week", ("sku", "store_id"), skus={"A", "B"}, stores={"S2"})
+    assert want
+    assert_same_rows(keyed(body["points"], ("sku", "store_id")), want)
+
+
+def test_top_n_ranks_within_each_period(api: httpx.Client, lake: Any) -> None:
+    _, orders = lake
+    params = {
+        "granularity": "month",
+        "start": "2024-04-01",
+        "end": "2024-05-31",
+        "group_by": "sku",
+        "order": "revenue_desc",
+        "limit": "2",
+    }
+    body = api.get("/v1/sales", params=params).json()
+    full = recompute(orders, "month", ("sku",))
+    want: list[tuple] = []
+    for period in sorted({k[0] for k in full}):
+        ranked = sorted((k for k in full if k[0] == period), key=lambda k: (-full[k][1], k[1:]))
+        want += ranked[:2]
+    assert [(p["period"], p["sku"]) for p in body["points"]] == want
+
+
+def test_cursor_pages_hold_every_row_exactly_once(api: httpx.Client) -> None:
+    params = {
+        "granularity": "day",
+        "start": "2024-04-01",
+        "end": "2024-05-31",
+        "group_by": "sku,store_id",
+        "limit": "4",
+    }
+    whole = api.get("/v1/sales", params={**params, "limit": "10000"}).json()
+    assert whole["next_cursor"] is None
+    pages, cursor = [], None
+    while True:
+        r = api.get("/v1/sales", params={**params, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert page["as_of"] == whole["as_of"]  # every page as of the first page's as_of
+        assert len(page["points"]) <= 4
+        pages.append(page["points"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(pages) > 2
+    assert [p for page in pages for p in page] == whole["points"]
+    # A cursor belongs to its question; anything else is a 400 that says so.
+    first = api.get("/v1/sales", params=params).json()
+    other = api.get("/v1/sales", params={**params, "limit": "5", "cursor": first["next_cursor"]})
+    assert other.status_code == 400 and "another question" in other.json()["detail"]
+    junk = api.get("/v1/sales", params={**params, "cursor": "not-a-cursor"})
+    assert junk.status_code == 400 and "'cursor'" in junk.json()["detail"]
+
+
+def test_a_cursor_of_a_run_no_longer_served_is_gone(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    orders = make_orders(seed=9, n=200)
+    write_run(root, "run-1", orders, published_at=NOW - timedelta(hours=2))
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    params = {"start": "2024-05-01", "end": "2024-05-10", "group_by": "sku", "limit": "2"}
+    with running_server(app) as url, httpx.Client(base_url=url) as client:
+        first = client.get("/v1/sales", params=params).json()
+        assert first["next_cursor"]
+        write_run(root, "run-2", orders, published_at=NOW - timedelta(hours=1))
+        app.state.batch.refresh(force=True)
+        r = client.get("/v1/sales", params={**params, "cursor": first["next_cursor"]})
+        assert r.status_code == 410, r.text
+        assert "run-1" in r.json()["detail"] and "without cursor" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("form", ["csv", "parquet", "arrow"])
+def test_sales_as_csv_parquet_and_arrow_hold_the_json_points(api: httpx.Client, form: str) -> None:
+    import io
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    params = {"granularity": "week", "start": "2024-04-01", "group_by": "sku"}
+    body = api.get("/v1/sales", params={**params, "end": "2024-05-31"}).json()
+    media = {
+        "csv": "text/csv",
+        "parquet": "application/vnd.apache.parquet",
+        "arrow": "application/vnd.apache.arrow.stream",
+    }[form]
+    for r in (
+        api.get("/v1/sales", params={**params, "end": "2024-05-31", "format": form}),
+        api.get("/v1/sales", params={**params, "end": "2024-05-31"}, headers={"Accept": media}),
+    ):
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith(media)
+        assert json.loads(r.headers["X-As-Of"]) == body["as_of"]
+        assert r.headers["X-Degraded"] == str(body["degraded"]).lower()
+        data = io.BytesIO(r.content)
+        table = (
+            pacsv.read_csv(data, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            if form == "csv"
+            else pq.read_table(data)
+            if form == "parquet"
+            else pa.ipc.open_stream(data).read_all()
+        )
+        assert table.column_names == ["period", "sku", "units", "revenue", "order_lines"]
+        got = [
+            {**row, "period": str(row["period"])} for row in table.to_pylist()
+        ]  # CSV reads dates back as dates
+        assert got == body["points"]
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"group_by": "colour"}, "'group_by'"),
+        ({"order": "best"}, "'order'"),
+        ({"limit": "0"}, "'limit'"),
+        ({"limit": "10001"}, "'limit'"),
+        ({"format": "xml"}, "'format'"),
+        ({"granularity": "year"}, "'granularity'"),
+        ({"granularity": "week", "start": "1990-01-01", "end": "2024-01-01"}, "granularity=month"),
+        ({"granularity": "month", "start": "1900-01-01", "end": "2999-01-01"}, "at most 1200"),
+        ({"sku": "A,,B"}, "'sku'"),
+    ],
+)
+def test_bad_sales_parameters_are_400s_that_say_what_to_send(
+    api: httpx.Client, params: dict[str, str], fragment: str
+) -> None:
+    r = api.get("/v1/sales", params=params)
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["detail"]

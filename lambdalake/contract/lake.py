@@ -23,6 +23,8 @@ RUNS = "runs"
 # The aggregate views' tables are named by their definitions (``lambdalake.contract.views``).
 VIEW_DAILY_SALES = SALES.tables["day"]
 VIEW_HOURLY_SALES = SALES.tables["hour"]
+VIEW_WEEKLY_SALES = SALES.tables["week"]
+VIEW_MONTHLY_SALES = SALES.tables["month"]
 VIEW_SENTIMENT_BY_SKU = SENTIMENT.tables[None]
 VIEW_SENTIMENT_WEEKLY = SENTIMENT.tables["week"]
 VIEW_DEMAND_FORECAST = "views/demand_forecast"

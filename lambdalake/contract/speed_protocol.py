@@ -94,7 +94,11 @@ class SpeedQuery:
     period bounds as ISO dates or date-times (UTC when no offset is given); for
     ``granularity="hour"`` a bare date as ``end`` includes that whole day, for
     ``"week"`` a date selects its ISO week. ``stores`` applies to views with a
-    ``store_id`` dimension. ``skus``/``stores`` ``None`` = all.
+    ``store_id`` dimension. ``skus``/``stores`` ``None`` = all. ``max_offsets``
+    (optional) bounds the events from above, per partition (exclusive): an answer as of
+    earlier offsets than the worker holds, exactly (a page of an answer pinned to its
+    ``as_of``); a worker that does not hold events up to them refuses with
+    :class:`StaleWatermark`.
     """
 
     view: ViewName
@@ -104,6 +108,7 @@ class SpeedQuery:
     start: str | None = None
     end: str | None = None
     min_offsets: Watermark = field(default_factory=dict)
+    max_offsets: Watermark = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
@@ -128,6 +133,7 @@ class SpeedQuery:
                 "start": self.start,
                 "end": self.end,
                 "min_offsets": _offsets_to_json(self.min_offsets),
+                "max_offsets": _offsets_to_json(self.max_offsets),
             }
         ).encode()
 
@@ -153,6 +159,7 @@ class SpeedQuery:
                 start=raw.get("start"),
                 end=raw.get("end"),
                 min_offsets=_offsets_from_json(raw.get("min_offsets")),
+                max_offsets=_offsets_from_json(raw.get("max_offsets")),
             ).check()
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"bad speed query: {exc}") from exc

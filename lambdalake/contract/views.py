@@ -23,18 +23,30 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Agg = Literal["sum", "count", "min", "max"]
-Granularity = Literal["hour", "day", "week"]
+Granularity = Literal["hour", "day", "week", "month"]
 MeasureType = Literal["int64", "float64"]
 
-# Grains from finest to coarsest; ``None`` is "all time" (no period column). A period of one
-# grain lies in exactly one period of every coarser grain (a UTC hour in one UTC day, a day
-# in one ISO week), so partials of a fine grain roll up to any coarser one exactly.
-GRAINS: tuple[Granularity | None, ...] = ("hour", "day", "week", None)
+# Grains, finest first; ``None`` is "all time" (no period column).
+GRAINS: tuple[Granularity | None, ...] = ("hour", "day", "week", "month", None)
+# The grains each grain rolls up into exactly: a period lies in one period of each (a UTC hour
+# in one UTC day, a day in one ISO week and one month). A week does not lie in one month.
+ROLLS_UP_TO: dict[Granularity | None, frozenset[Granularity | None]] = {
+    "hour": frozenset({"day", "week", "month", None}),
+    "day": frozenset({"week", "month", None}),
+    "week": frozenset({None}),
+    "month": frozenset({None}),
+    None: frozenset(),
+}
 
 # Each measure type's name per engine (Arrow/Parquet/Delta use the Arrow type).
 DUCKDB_TYPES: dict[str, str] = {"int64": "BIGINT", "float64": "DOUBLE"}
 # A period's type per grain: an hour is its UTC start, a day its date, a week its Monday.
-PERIOD_TYPES: dict[str, str] = {"hour": "timestamp", "day": "date", "week": "date"}
+PERIOD_TYPES: dict[str, str] = {
+    "hour": "timestamp",
+    "day": "date",
+    "week": "date",
+    "month": "date",
+}
 
 # The expression that buckets an event's time, per granularity (UTC; ISO weeks start Monday
 # in both engines).
@@ -42,6 +54,7 @@ PERIOD_EXPR: dict[str, str] = {
     "hour": "date_trunc('hour', event_time)",
     "day": "event_date",
     "week": "CAST(date_trunc('week', event_time) AS DATE)",
+    "month": "CAST(date_trunc('month', event_time) AS DATE)",
 }
 
 # The expression that rolls a finer period column ``{c}`` up to a grain.
@@ -49,13 +62,14 @@ ROLLUP_EXPR: dict[str, str] = {
     "hour": "{c}",
     "day": "CAST({c} AS DATE)",
     "week": "CAST(date_trunc('week', CAST({c} AS DATE)) AS DATE)",
+    "month": "CAST(date_trunc('month', CAST({c} AS DATE)) AS DATE)",
 }
 
 # The column that holds the period in the batch layer's aggregate views, per grain:
 # ``views/daily_sales.date`` (DATE), ``views/hourly_sales.hour`` (UTC TIMESTAMP, the hour's
 # start), ``views/sentiment_weekly.week`` (DATE, the ISO week's Monday). The speed layer and
 # serving call it ``period``.
-PERIOD_COLUMN: dict[str, str] = {"hour": "hour", "day": "date", "week": "week"}
+PERIOD_COLUMN: dict[str, str] = {"hour": "hour", "day": "date", "week": "week", "month": "month"}
 
 # Events are deduplicated by their topic's key (``lambdalake.contract.events.KEY_BY_TOPIC``); of
 # several events with one key the first in the log wins: the lowest offset, then the lowest
@@ -72,9 +86,10 @@ def dedup_rank_sql(key: str) -> str:
     return f"row_number() OVER (PARTITION BY {key} ORDER BY {', '.join(FIRST_WINS)})"
 
 
-def finer(a: Granularity | None, b: Granularity | None) -> bool:
-    """``a`` is strictly finer than ``b`` (``None``, all time, is the coarsest)."""
-    return GRAINS.index(a) < GRAINS.index(b)
+def rolls_up(a: Granularity | None, b: Granularity | None) -> bool:
+    """Partials at grain ``a`` answer at grain ``b`` exactly (the same grain, or one every
+    period of ``a`` lies in)."""
+    return a == b or b in ROLLS_UP_TO[a]
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,7 @@ class ViewDef:
     dimensions: tuple[str, ...]
     measures: tuple[Measure, ...]
     tables: Mapping[Granularity | None, str]
+    default_grain: Granularity | None  # the grain of a question that names none
     derived: tuple[Mean, ...] = field(default_factory=tuple)
 
     @property
@@ -179,16 +195,11 @@ class ViewDef:
         period = (PERIOD_COLUMN[granularity],) if granularity is not None else ()
         return (*period, *self.dimensions)
 
-    @property
-    def default_grain(self) -> Granularity | None:
-        """The grain of a question that names none: the coarsest published."""
-        return self.grains[-1]
-
     def check_grain(self, granularity: Granularity | None) -> None:
         """``ValueError`` unless partials can answer at ``granularity``: the stored grain
         or any coarser one (they roll up exactly), published as a table or not."""
-        if granularity not in GRAINS or finer(granularity, self.stored_grain):
-            coarser = [g or "all time" for g in GRAINS if not finer(g, self.stored_grain)]
+        if granularity not in GRAINS or not rolls_up(self.stored_grain, granularity):
+            coarser = [g or "all time" for g in GRAINS if rolls_up(self.stored_grain, g)]
             raise ValueError(
                 f"view {self.name} has no grain {granularity!r}; it answers at {', '.join(coarser)}"
             )
@@ -303,7 +314,13 @@ SALES = ViewDef(
     topic="orders",
     key="event_id",
     dimensions=("store_id", "sku"),
-    tables={"hour": "views/hourly_sales", "day": "views/daily_sales"},
+    tables={
+        "hour": "views/hourly_sales",
+        "day": "views/daily_sales",
+        "week": "views/weekly_sales",
+        "month": "views/monthly_sales",
+    },
+    default_grain="day",
     measures=(
         Measure("units", "quantity", "sum"),
         Measure("revenue", "quantity * unit_price", "sum", "float64"),
@@ -319,6 +336,7 @@ SENTIMENT = ViewDef(
     key="review_id",
     dimensions=("sku",),
     tables={"week": "views/sentiment_weekly", None: "views/sentiment_by_sku"},
+    default_grain=None,
     measures=(
         Measure("reviews", "*", "count"),
         Measure("rating_sum", "rating", "sum"),

@@ -1,14 +1,28 @@
-"""``GET /v1/sales``: merged sales per day or hour."""
+"""``GET /v1/sales``: merged sales per hour, day, week or month, broken down, ordered, paged."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+import pyarrow as pa
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from serving.deps import get_service
+from serving.formats import FORMATS, MEDIA_TYPES, answer_headers, negotiate, table_body
 from serving.models import SalesAnswer
-from serving.params import check_id, sales_range
+from serving.params import (
+    DEFAULT_LIMIT,
+    GROUP_FIELDS,
+    MAX_LIMIT,
+    MAX_POINTS,
+    SALES_ORDERS,
+    SalesQuery,
+    check_int,
+    group_by_list,
+    id_list,
+    sales_order,
+    sales_range,
+)
 from serving.service import QueryService
 
 router = APIRouter(prefix="/v1", tags=["sales"])
@@ -19,20 +33,44 @@ DATE_OR_TIME = {
 }
 
 
-@router.get("/sales", response_model=SalesAnswer, summary="Sales per day or hour, batch + speed")
+SALES_COLUMNS = {"units": pa.int64(), "revenue": pa.float64(), "order_lines": pa.int64()}
+
+
+@router.get(
+    "/sales",
+    response_model=SalesAnswer,
+    summary="Sales per hour, day, week or month, broken down and paged, batch + speed",
+    responses={
+        200: {
+            "content": {media: {} for name, media in MEDIA_TYPES.items() if name != "json"},
+            "description": "JSON by default; CSV, Parquet or an Arrow IPC stream with "
+            "`format=` or the `Accept` header (then `as_of` is in the `X-As-Of` header).",
+        }
+    },
+)
 async def get_sales(
+    request: Request,
     service: Annotated[QueryService, Depends(get_service)],
     sku: Annotated[
-        str | None, Query(description="One SKU; omit for all.", examples=["SKU-00001"])
+        list[str] | None,
+        Query(
+            description="Only these SKUs: repeat the parameter or send a comma list "
+            "(an id containing a comma cannot be listed). Omit for all.",
+            examples=["SKU-00001"],
+        ),
     ] = None,
     store_id: Annotated[
-        str | None, Query(description="One store; omit for all.", examples=["S001"])
+        list[str] | None,
+        Query(
+            description="Only these stores (repeat or comma list). Omit for all.", examples=["S001"]
+        ),
     ] = None,
     start: Annotated[
         str | None,
         Query(
-            description="First period, inclusive: ISO date or datetime (UTC if no offset). "
-            "Default: 30 days (day) or 48 hours (hour) before end. Years 1900 to 2999.",
+            description="First period, inclusive: ISO date or datetime (UTC if no offset); a "
+            "date selects its day, week or month. Default: 30 days, 48 hours, 26 weeks or 12 "
+            "months before end. Years 1900 to 2999.",
             examples=["2024-05-01"],
             json_schema_extra=DATE_OR_TIME,
         ),
@@ -49,17 +87,86 @@ async def get_sales(
     granularity: Annotated[
         str,
         Query(
-            description="`day` or `hour` (UTC).",
+            description="`hour`, `day`, `week` (ISO; `period` = its Monday) or `month` "
+            "(`period` = its first day); UTC. Range caps: "
+            + ", ".join(f"{n:,} {g}s" for g, n in MAX_POINTS.items())
+            + ".",
             examples=["day"],
-            json_schema_extra={"enum": ["day", "hour"]},
+            json_schema_extra={"enum": list(MAX_POINTS)},
         ),
     ] = "day",
-) -> SalesAnswer:
-    """Units, revenue and order lines per period, summed over the dimensions not filtered.
+    group_by: Annotated[
+        str | None,
+        Query(
+            description="Break down by a comma list of "
+            + ", ".join(f"`{f}`" for f in GROUP_FIELDS)
+            + ": each point carries those fields. Omit to sum over them.",
+            examples=["sku"],
+        ),
+    ] = None,
+    order: Annotated[
+        str,
+        Query(
+            description="`period` (then the group fields), or `units_desc` / `revenue_desc`: "
+            "each period's rows ranked by the measure, the top `limit` of each period.",
+            json_schema_extra={"enum": list(SALES_ORDERS)},
+        ),
+    ] = "period",
+    limit: Annotated[
+        int | None,
+        Query(
+            description=f"Rows per page (`order=period`) or per period (a ranking); default "
+            f"{DEFAULT_LIMIT:,}, at most {MAX_LIMIT:,}."
+        ),
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="An answer's `next_cursor`, with the same other parameters: the "
+            "next page, as of the first page's `as_of`."
+        ),
+    ] = None,
+    format: Annotated[
+        str | None,
+        Query(
+            description="`json` (default), `csv`, `parquet` or `arrow` (Arrow IPC stream); or "
+            "send an `Accept` header.",
+            json_schema_extra={"enum": list(FORMATS)},
+        ),
+    ] = None,
+) -> Any:
+    """Units, revenue and order lines per period, summed over the dimensions not grouped by.
 
-    Exact merge: the batch views of the latest published run plus the speed
-    layer's partials for every event at or above that run's offset watermark.
+    Exact merge: the batch views of the latest published run plus the speed layer's
+    partials for every event at or above that run's offset watermark. Examples:
+    `granularity=week&group_by=store_id` (units per store per week),
+    `granularity=month&group_by=sku&order=revenue_desc&limit=20` (the 20 best-selling
+    SKUs of each month).
     """
+    form = negotiate(format, request.headers.get("accept"))
     rng = sales_range(start, end, granularity, today=service.today(), now=service.clock())
-    sku, store_id = check_id(sku, "sku"), check_id(store_id, "store_id")
-    return await service.answer(lambda: service.sales(sku=sku, store_id=store_id, rng=rng))
+    q = SalesQuery(
+        rng=rng,
+        skus=id_list(sku, "sku"),
+        stores=id_list(store_id, "store_id"),
+        group_by=group_by_list(group_by),
+        order=sales_order(order),
+        limit=check_int(limit, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT),
+        cursor=cursor,
+    )
+    q.decoded_cursor()  # a bad cursor is a 400 before any work
+    answer = await service.answer(lambda: service.sales(q))
+    if form == "json":
+        return answer
+    columns: dict[str, pa.Array] = {
+        "period": pa.array([p.period for p in answer.points], pa.string())
+    }
+    for field in q.group_by:
+        columns[field] = pa.array([getattr(p, field) for p in answer.points], pa.string())
+    for name, typ in SALES_COLUMNS.items():
+        columns[name] = pa.array([getattr(p, name) for p in answer.points], typ)
+    return Response(
+        content=table_body(pa.table(columns), form),
+        media_type=MEDIA_TYPES[form],
+        headers=answer_headers(answer, answer.next_cursor),
+    )
