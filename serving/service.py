@@ -94,6 +94,17 @@ class CursorExpired(LambdalakeError, LookupError):
 Row = tuple[tuple, dict[str, Any]]
 
 
+def _pinned(cursor: Cursor, snap: BatchSnapshot) -> Watermark:
+    """The speed offsets a page is computed as of: the first page's, and for partitions the
+    first page lacked (a worker was down) the watermark itself, so that a worker back since
+    adds nothing the first page did not have."""
+    bounds = {t: dict(ps) for t, ps in cursor.speed_offsets.items()}
+    for topic, parts in cursor.missing.items():
+        for p in parts:
+            bounds.setdefault(topic, {})[p] = snap.watermark.get(topic, {}).get(p, 0)
+    return bounds
+
+
 def _periods(rows: list[Row]) -> list[str]:
     """The distinct periods of ordered rows, in order."""
     return list(dict.fromkeys(key[0] for key, _ in rows))
@@ -303,7 +314,7 @@ class QueryService:
                 last=q.rng.last,
                 skus=None if one else q.skus,
                 stores=None if one else q.stores,
-                max_offsets=cursor.speed_offsets if cursor is not None else None,
+                max_offsets=_pinned(cursor, snap) if cursor is not None else None,
             )
 
         if cursor is not None:

@@ -803,20 +803,29 @@ def period_bounds(
     granularity: str, start: str | None, end: str | None
 ) -> tuple[datetime | None, datetime | None]:
     """Inclusive period bounds as a half-open ``[lo, hi)`` range of instants (UTC): hour
-    starts for hours, day starts for days, Monday starts for weeks (a date or time selects
-    its period).
+    starts for hours, day starts for days, Mondays for weeks, first days for months (a date
+    or time selects its period).
 
     Dates near the ends of the calendar clamp (``end=9999-12-31`` has no upper
     bound); a bound that is not an ISO date or date-time is a ``ValueError``."""
 
     def day_start(d: date) -> datetime:
+        """The start of the day-or-coarser period holding ``d``."""
         if granularity == "week":
             d = d - timedelta(days=d.weekday())
+        elif granularity == "month":
+            d = d.replace(day=1)
         return datetime(d.year, d.month, d.day, tzinfo=UTC)
 
-    step = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}[
-        granularity
-    ]
+    def after(start: datetime) -> datetime:
+        """The start of the next period."""
+        if granularity == "month":
+            if start.year == 9999 and start.month == 12:
+                return LATEST
+            return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+        step = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}
+        return _plus(start, step[granularity])
+
     lo = hi = None
     if start:
         s = parse_bound(start)
@@ -834,11 +843,13 @@ def period_bounds(
         if isinstance(e, datetime):
             e = _utc(e)
             if granularity == "hour":
-                hi = _plus(e.replace(minute=0, second=0, microsecond=0), step)
+                hi = after(e.replace(minute=0, second=0, microsecond=0))
             else:
-                hi = _plus(day_start(e.date()), step)
+                hi = after(day_start(e.date()))
+        elif granularity == "hour":  # a bare date includes its whole day
+            hi = _plus(datetime(e.year, e.month, e.day, tzinfo=UTC), timedelta(days=1))
         else:
-            hi = _plus(day_start(e), timedelta(days=1) if granularity == "hour" else step)
+            hi = after(day_start(e))
     if hi == LATEST:
         hi = None  # nothing lies beyond the last representable instant
     return lo, hi

@@ -134,6 +134,8 @@ def test_dashboard_renders_forecast_history_live_actuals_and_sentiment(
             assert "error" not in rendered, rendered.get("error")
             assert rendered["refreshes"] >= 1
             assert rendered["sales"] >= 30, rendered  # daily history points drawn
+            # Every day of the history is a point: a day without sales is drawn as zero.
+            assert rendered["sales"] == rendered["history_days"], rendered
             assert rendered["forecast"] == 28, rendered  # the batch forecast horizon
             assert rendered["accuracy"] == 1, rendered  # the series' backtest, beside it
             assert "backtest of " in dom.stdout and "MASE " in dom.stdout

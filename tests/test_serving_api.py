@@ -39,7 +39,7 @@ from lambdalake.contract.lake import (
     VIEW_WEEKLY_SALES,
 )
 from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
-from lambdalake.contract.views import forecast_level
+from lambdalake.contract.views import PERIOD_COLUMN, forecast_level
 from lambdalake.settings import Settings
 from serving.app import create_app, running_server
 
@@ -92,15 +92,16 @@ def dedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def period_start(r: dict[str, Any], granularity: str) -> date:
-    """The start of an order's week (Monday) or month (first day), UTC."""
+    """The start of an order's day, week (Monday) or month (first day), UTC."""
     day = r["event_date"]
     if granularity == "week":
         return day - timedelta(days=day.weekday())
-    return day.replace(day=1)
+    return day.replace(day=1) if granularity == "month" else day
 
 
 def period_sales(rows: list[dict[str, Any]], run_id: str, granularity: str) -> pa.Table:
-    """``views/weekly_sales`` or ``views/monthly_sales`` rows, as the batch layer writes them."""
+    """``views/daily_sales``, ``weekly_sales`` or ``monthly_sales`` rows, as the batch layer
+    writes them (the period column named by ``PERIOD_COLUMN``)."""
     acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
     for r in dedup(rows):
         a = acc[(period_start(r, granularity), r["store_id"], r["sku"])]
@@ -110,7 +111,7 @@ def period_sales(rows: list[dict[str, Any]], run_id: str, granularity: str) -> p
     keys = sorted(acc)
     return pa.table(
         {
-            granularity: pa.array([k[0] for k in keys], pa.date32()),
+            PERIOD_COLUMN[granularity]: pa.array([k[0] for k in keys], pa.date32()),
             "store_id": [k[1] for k in keys],
             "sku": [k[2] for k in keys],
             "units": pa.array([acc[k][0] for k in keys], pa.int64()),
@@ -122,24 +123,7 @@ def period_sales(rows: list[dict[str, Any]], run_id: str, granularity: str) -> p
 
 
 def daily_sales(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
-    acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])
-    for r in dedup(rows):
-        a = acc[(r["event_date"], r["store_id"], r["sku"])]
-        a[0] += r["quantity"]
-        a[1] += r["quantity"] * r["unit_price"]
-        a[2] += 1
-    keys = sorted(acc)
-    return pa.table(
-        {
-            "date": pa.array([k[0] for k in keys], pa.date32()),
-            "store_id": [k[1] for k in keys],
-            "sku": [k[2] for k in keys],
-            "units": pa.array([acc[k][0] for k in keys], pa.int64()),
-            "revenue": [acc[k][1] for k in keys],
-            "order_lines": pa.array([acc[k][2] for k in keys], pa.int64()),
-            "run_id": [run_id] * len(keys),
-        }
-    )
+    return period_sales(rows, run_id, "day")
 
 
 def hourly_sales(rows: list[dict[str, Any]], run_id: str) -> pa.Table:

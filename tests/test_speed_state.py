@@ -207,6 +207,11 @@ def test_period_bounds_are_inclusive_periods() -> None:
     assert (lo, hi) == (datetime(2026, 1, 2, tzinfo=UTC), datetime(2026, 1, 4, tzinfo=UTC))
     lo, hi = period_bounds("hour", "2026-01-02T05:30:00+02:00", "2026-01-02T07:00:00Z")
     assert (lo, hi) == (datetime(2026, 1, 2, 3, tzinfo=UTC), datetime(2026, 1, 2, 8, tzinfo=UTC))
+    lo, hi = period_bounds("week", "2026-10-14", "2026-10-14T23:00:00Z")
+    assert (lo, hi) == (datetime(2026, 10, 12, tzinfo=UTC), datetime(2026, 10, 19, tzinfo=UTC))
+    lo, hi = period_bounds("month", "2026-10-15", "2026-12-03")
+    assert (lo, hi) == (datetime(2026, 10, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_bounds("month", None, "9999-12-31") == (None, None)
     with pytest.raises(ValueError, match="not an ISO date"):
         period_bounds("day", "yesterday", None)
 

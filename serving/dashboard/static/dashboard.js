@@ -120,6 +120,8 @@ async function renderSales(sku, store) {
   const idx = new Map(labels.map((d, i) => [d, i]));
   const series = () => labels.map(() => null);
   const hist = series(), f = series(), l80 = series(), u80 = series(), l95 = series(), u95 = series(), live = series();
+  // A day without sales is a zero, not a gap: the API leaves such periods out.
+  for (let i = 0; i < labels.length && labels[i] <= today; i++) hist[i] = 0;
   for (const p of sales.points) { const i = idx.get(String(p.period).slice(0, 10)); if (i != null) hist[i] = p.units; }
   for (const p of fc.points) {
     const i = idx.get(p.date); if (i == null) continue;
@@ -155,6 +157,7 @@ async function renderSales(sku, store) {
   document.getElementById("forecast-accuracy").textContent = accuracyText(fc.accuracy || []);
   document.getElementById("asof").textContent = `run ${sales.as_of.run_id}`;
   window.lambdalakeRendered.sales = hist.filter(v => v != null).length;
+  window.lambdalakeRendered.history_days = labels.filter(d => d <= today).length;
   window.lambdalakeRendered.forecast = f.filter(v => v != null).length;
   window.lambdalakeRendered.accuracy = (fc.accuracy || []).length;
 }
