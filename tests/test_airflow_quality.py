@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -32,9 +33,11 @@ from lambdalake.contract.lake import (
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
     VIEW_HOURLY_SALES,
+    VIEW_MONTHLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     VIEW_SENTIMENT_WEEKLY,
+    VIEW_WEEKLY_SALES,
     Lake,
 )
 from lambdalake.contract.manifest import (
@@ -46,6 +49,7 @@ from lambdalake.contract.manifest import (
     read_runs,
 )
 from lambdalake.contract.views import forecast_level
+from lambdalake.errors import OperationFailed
 from lambdalake.settings import Settings
 
 T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
@@ -177,9 +181,24 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
             for (h, s, k), (u, rev, n) in sorted(hourly.items())
         ]
     )
+
+    def roll_up(key: str, start: Any) -> pa.Table:  # the daily rows per week or month
+        acc: dict[tuple, list[float]] = {}
+        for (d, s, k), (u, rev, n) in sales.items():
+            a = acc.setdefault((start(d), s, k), [0, 0.0, 0])
+            a[0], a[1], a[2] = a[0] + u, a[1] + rev, a[2] + n
+        return pa.Table.from_pylist(
+            [
+                {key: p, "store_id": s, "sku": k, "units": u, "revenue": rev, "order_lines": n}
+                for (p, s, k), (u, rev, n) in sorted(acc.items())
+            ]
+        )
+
     return {
         VIEW_DAILY_SALES: daily_sales,
         VIEW_HOURLY_SALES: hourly_sales,
+        VIEW_WEEKLY_SALES: roll_up("week", lambda d: d - timedelta(days=d.weekday())),
+        VIEW_MONTHLY_SALES: roll_up("month", lambda d: d.replace(day=1)),
         VIEW_DEMAND_FORECAST: forecast,
         VIEW_FORECAST_ACCURACY: accuracy,
         VIEW_REVIEW_SCORES: pa.Table.from_pylist(scores),
@@ -310,7 +329,7 @@ def test_a_bad_run_fails_the_check_and_the_previous_run_stays_served(
     failed = [r for r in read_runs(lake.table(RUNS)) if r.status == "failed"]
     assert [r.run_id for r in failed] == ["run-bad"]
     assert expected in (failed[0].error or "")
-    with pytest.raises(ValueError, match="not the served run"):
+    with pytest.raises(OperationFailed, match="not the served run"):
         confirm_published(settings, "run-bad")
     assert confirm_published(settings, "run-good").run_id == "run-good"
 
