@@ -19,9 +19,11 @@ from lambdalake.contract.lake import (
     VIEW_DAILY_SALES,
     VIEW_DEMAND_FORECAST,
     VIEW_HOURLY_SALES,
+    VIEW_MONTHLY_SALES,
     VIEW_REVIEW_SCORES,
     VIEW_SENTIMENT_BY_SKU,
     VIEW_SENTIMENT_WEEKLY,
+    VIEW_WEEKLY_SALES,
 )
 from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
 
@@ -63,6 +65,16 @@ def write_small_run(
 
     measures = ["store_id", "sku", "units", "revenue", "order_lines"]
     write_deltalake(str(root / VIEW_DAILY_SALES), table(daily, ["date", *measures]))
+    for view, column, start in (
+        (VIEW_WEEKLY_SALES, "week", lambda d: d - timedelta(days=d.weekday())),
+        (VIEW_MONTHLY_SALES, "month", lambda d: d.replace(day=1)),
+    ):  # the daily rows rolled up, as the batch layer's weekly and monthly views hold them
+        acc: dict[tuple, list] = {}
+        for day, store, sku, units, revenue, lines in daily:
+            a = acc.setdefault((start(day), store, sku), [0, 0.0, 0])
+            a[0], a[1], a[2] = a[0] + units, a[1] + revenue, a[2] + lines
+        rows = [(*k, *v) for k, v in sorted(acc.items())]
+        write_deltalake(str(root / view), table(rows, [column, *measures]))
     hours = table(hourly, ["hour", *measures])
     hours = hours.set_column(0, "hour", hours["hour"].cast(pa.timestamp("us", tz="UTC")))
     write_deltalake(str(root / VIEW_HOURLY_SALES), hours)
@@ -122,6 +134,8 @@ def write_small_run(
         for v in (
             VIEW_DAILY_SALES,
             VIEW_HOURLY_SALES,
+            VIEW_WEEKLY_SALES,
+            VIEW_MONTHLY_SALES,
             VIEW_DEMAND_FORECAST,
             VIEW_SENTIMENT_BY_SKU,
             VIEW_SENTIMENT_WEEKLY,
