@@ -74,6 +74,10 @@ PARTIALS = {name: f"partials_{name}" for name in VIEWS}
 SCHEMA_VERSION = "2"
 # Read cursors kept open at most (queries beyond this wait for one to be free).
 MAX_READERS = 8
+# A scratch table is created again once this many rows went through it: DuckDB keeps the
+# rows a DELETE removed from a temporary table (they are never checkpointed), so one kept
+# for the connection grew by every event ever consumed (~115 bytes each, measured).
+SCRATCH_ROWS_MAX = 100_000
 
 SCORE_FIELDS = [pa.field("sentiment", pa.float64()), pa.field("label", pa.string())]
 
@@ -199,6 +203,7 @@ class SpeedState:
         self._idle: list[duckdb.DuckDBPyConnection] = []
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._cursor_cond = threading.Condition()
+        self._scratch_rows: dict[str, int] = {}  # rows put in each topic's scratch tables
         self._create_schema()
         self.applied = self._read_applied(self.con)
         self.positions = self._read_positions(self.con)
@@ -227,12 +232,7 @@ class SpeedState:
             )
             for view in VIEWS_BY_TOPIC[topic]:
                 self._create_partials(view)
-            # Per-micro-batch scratch tables (temporary: this connection only).
-            con.execute(f"CREATE TEMP TABLE cand_{topic} AS SELECT * FROM {HELD[topic]} LIMIT 0")
-            con.execute(
-                f"CREATE TEMP TABLE conf_{topic} "
-                "(id VARCHAR, hp INTEGER, ho BIGINT, new_wins BOOLEAN)"
-            )
+            self._create_scratch(topic)
         layout = f"{self.worker[0]}/{self.worker[1]}"
         row = con.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
         if row is None:
@@ -245,6 +245,40 @@ class SpeedState:
                 f"{self.path} holds the state of worker {row[0]}, not {layout}; "
                 "use the worker's own file or another LAMBDALAKE_SPEED_DIR"
             )
+
+    def _create_scratch(self, topic: str) -> None:
+        """The topic's per-micro-batch scratch tables (temporary: this connection only),
+        new and empty. Kept across micro-batches (no catalog change per batch) until
+        ``SCRATCH_ROWS_MAX`` rows went through them (see :meth:`_bound_scratch`)."""
+        self.con.execute(
+            f"CREATE OR REPLACE TEMP TABLE cand_{topic} AS SELECT * FROM {HELD[topic]} LIMIT 0"
+        )
+        self.con.execute(
+            f"CREATE OR REPLACE TEMP TABLE conf_{topic} "
+            "(id VARCHAR, hp INTEGER, ho BIGINT, new_wins BOOLEAN)"
+        )
+        self._scratch_rows[topic] = 0
+
+    def _bound_scratch(self, topics: list[str]) -> None:
+        """Create a topic's scratch tables again once ``SCRATCH_ROWS_MAX`` rows went through
+        them: what DELETE removes from a temporary table stays stored until it is dropped."""
+        for topic in topics:
+            if self._scratch_rows[topic] >= SCRATCH_ROWS_MAX:
+                self._create_scratch(topic)
+
+    def scratch_rows_stored(self) -> dict[str, int]:
+        """Rows each scratch table physically stores, deleted ones included (bounded by
+        about ``SCRATCH_ROWS_MAX`` plus one micro-batch)."""
+        out = {}
+        for topic in TOPICS:
+            for table in (f"cand_{topic}", f"conf_{topic}"):
+                row = self.con.execute(
+                    "SELECT coalesce(sum(count), 0) FROM pragma_storage_info(?) "
+                    "WHERE column_path = '[0]'",
+                    [f"temp.{table}"],
+                ).fetchone()
+                out[table] = int(row[0]) if row else 0
+        return out
 
     def _create_partials(self, view: ViewDef) -> None:
         """The view's partials table; rebuilt from the held events when a file from before
@@ -373,6 +407,7 @@ class SpeedState:
         con = self.con
         held: dict[str, int] = {}
         dups: dict[str, int] = {}
+        self._bound_scratch([t for t, tb in batch.valid.items() if tb.num_rows])
         con.execute("BEGIN TRANSACTION")
         try:
             for topic, table in batch.valid.items():
@@ -436,6 +471,7 @@ class SpeedState:
         cand, conf = f"cand_{topic}", f"conf_{topic}"
         con.execute(f"DELETE FROM {cand}")
         con.execute(f"DELETE FROM {conf}")
+        self._scratch_rows[topic] += table.num_rows
         with _registered(con, "batch_in", table.select(names)):
             con.execute(
                 f"""INSERT INTO {cand} SELECT * FROM batch_in b

@@ -387,6 +387,25 @@ def test_read_cursors_are_pooled_not_one_per_thread(state: SpeedState) -> None:
     assert 1 <= state.cursor_count <= state.max_readers
 
 
+def test_scratch_tables_stay_bounded_over_many_micro_batches(
+    state: SpeedState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DuckDB keeps what DELETE removes from a temporary table: scratch tables kept for the
+    # connection stored every event ever consumed (~115 bytes each, without end).
+    import speed.state
+
+    monkeypatch.setattr(speed.state, "SCRATCH_ROWS_MAX", 2_000)
+    per_batch, batches = 500, 40
+    for b in range(batches):
+        rows = [(b % 2, b * per_batch + i, order(b * per_batch + i)) for i in range(per_batch)]
+        state.commit_batch(batch("orders", rows))
+        stored = state.scratch_rows_stored()
+        assert stored["cand_orders"] <= 2_000 + per_batch, (b, stored)
+    assert total_units(state) == per_batch * batches  # answers unchanged across re-creations
+    # Without the bound the scratch table would store all 20,000 events by now.
+    assert per_batch * batches > 4 * (2_000 + per_batch)
+
+
 def test_invalid_counts_keep_one_row_per_topic_and_reason(state: SpeedState) -> None:
     for i in range(40):
         state.commit_batch(batch("orders", [(0, 2 * i, b"{bad"), (0, 2 * i + 1, order(i, qty=0))]))

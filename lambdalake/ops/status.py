@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,23 +194,88 @@ def speed_status(
     return {"workers": workers, "total_lag": total_lag}
 
 
-def quarantine_counts(lake: Lake) -> dict[str, dict[str, int]]:
-    from deltalake import DeltaTable
+class QuarantineCounter:
+    """Quarantine counts by (topic, reason), kept up to date incrementally (thread-safe).
 
-    uri = lake.table(QUARANTINE)
-    if not DeltaTable.is_deltatable(uri, storage_options=lake.storage_options):
-        return {}
-    table = (
-        DeltaTable(uri, storage_options=lake.storage_options)
-        .to_pyarrow_dataset()
-        .to_table(columns=["_topic", "reason"])
-    )
-    counts: dict[str, dict[str, int]] = {}
-    if table.num_rows:
-        grouped = table.group_by(["_topic", "reason"]).aggregate([("reason", "count")])
-        for row in grouped.to_pylist():
-            counts.setdefault(row["_topic"], {})[row["reason"]] = int(row["reason_count"])
-    return counts
+    The quarantine table only grows (ingest appends a file per commit with bad events),
+    so a count re-read from every file costs more with every hour of uptime: after a day
+    at the demo's load, thousands of files per ``/v1/status``. This reads only the files
+    added since the last call; when one it counted is gone (an OPTIMIZE or an overwrite
+    rewrote the table) it counts everything again, once. What it keeps is the counts
+    (one per topic and reason) and the paths it counted (the files the table itself
+    lists in its log)."""
+
+    def __init__(self, lake: Lake) -> None:
+        self.lake = lake
+        self._lock = threading.Lock()
+        self._version: int | None = None
+        self._files: frozenset[str] = frozenset()
+        self._counts: dict[tuple[str, str], int] = {}
+        self.files_read = 0  # data files read by the last call (0: nothing new)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{topic: {reason: n}}`` at the table's latest version."""
+        import pyarrow.dataset as ds
+        from deltalake import DeltaTable
+
+        with self._lock:
+            self.files_read = 0
+            uri = self.lake.table(QUARANTINE)
+            options = self.lake.storage_options
+            if not DeltaTable.is_deltatable(uri, storage_options=options):
+                self._version, self._files, self._counts = None, frozenset(), {}
+                return {}
+            dt = DeltaTable(uri, storage_options=options)
+            version = int(dt.version())
+            if version != self._version:
+                dataset = dt.to_pyarrow_dataset()
+                fragments = {f.path: f for f in dataset.get_fragments()}
+                if not self._files <= fragments.keys():  # rewritten: count it all again
+                    self._files, self._counts = frozenset(), {}
+                added = [f for path, f in fragments.items() if path not in self._files]
+                if added:
+                    table = ds.FileSystemDataset(
+                        added,
+                        schema=dataset.schema,
+                        format=dataset.format,
+                        filesystem=dataset.filesystem,
+                    ).to_table(columns=["_topic", "reason"])
+                    counts = dict(self._counts)
+                    if table.num_rows:
+                        grouped = table.group_by(["_topic", "reason"]).aggregate(
+                            [("reason", "count")]
+                        )
+                        for row in grouped.to_pylist():
+                            key = (row["_topic"], row["reason"])
+                            counts[key] = counts.get(key, 0) + int(row["reason_count"])
+                    self._counts = counts
+                    self.files_read = len(added)
+                self._files = frozenset(fragments)
+                self._version = version
+            out: dict[str, dict[str, int]] = {}
+            for (topic, reason), n in sorted(self._counts.items()):
+                out.setdefault(topic, {})[reason] = n
+            return out
+
+
+# One counter per lake this process reads (a handful at most; tests open many).
+_COUNTERS: OrderedDict[tuple[str, str], QuarantineCounter] = OrderedDict()
+_COUNTERS_MAX = 8
+_COUNTERS_LOCK = threading.Lock()
+
+
+def quarantine_counts(lake: Lake) -> dict[str, dict[str, int]]:
+    """Quarantined events by topic and reason (this process's :class:`QuarantineCounter`
+    of the lake: each call reads only the files added since the previous one)."""
+    key = (lake.table(QUARANTINE), json.dumps(lake.storage_options or {}, sort_keys=True))
+    with _COUNTERS_LOCK:
+        counter = _COUNTERS.get(key)
+        if counter is None:
+            counter = _COUNTERS[key] = QuarantineCounter(lake)
+            while len(_COUNTERS) > _COUNTERS_MAX:
+                _COUNTERS.popitem(last=False)
+        _COUNTERS.move_to_end(key)
+    return counter.counts()
 
 
 def collect_status(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
