@@ -301,7 +301,12 @@ def run_batch(
         _check_injection("read", fail_after_stage)
 
         frames = {"orders": orders}
-        files_by_grain = {"hour": session.sparkContext.defaultParallelism, "week": 1, None: 1}
+        files_by_grain = {
+            "hour": session.sparkContext.defaultParallelism,
+            "week": 1,
+            "month": 1,
+            None: 1,
+        }
 
         def write_aggregates(topic: str) -> None:
             for view, grain, table in aggregate_stages(topic):

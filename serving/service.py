@@ -105,11 +105,6 @@ def _pinned(cursor: Cursor, snap: BatchSnapshot) -> Watermark:
     return bounds
 
 
-def _periods(rows: list[Row]) -> list[str]:
-    """The distinct periods of ordered rows, in order."""
-    return list(dict.fromkeys(key[0] for key, _ in rows))
-
-
 def _ordered(acc: dict[tuple, dict[str, Any]], q: SalesQuery) -> list[Row]:
     """``acc``'s rows in the answer's order; for a ranking, each period's top ``q.limit``."""
     if q.order == "period":
@@ -125,16 +120,16 @@ def _ordered(acc: dict[tuple, dict[str, Any]], q: SalesQuery) -> list[Row]:
     return out
 
 
-def _page(rows: list[Row], q: SalesQuery, start: int) -> tuple[list[Row], int]:
-    """One page of ordered rows from ``start`` and where the next begins: a row index for
-    ``order=period``, a period index for a ranking (pages hold whole periods)."""
+def _page(rows: list[Row], q: SalesQuery, start: int) -> tuple[list[Row], int, int]:
+    """One page of ordered rows from ``start``, where the next begins and where they end: row
+    indexes for ``order=period``, period indexes for a ranking (pages hold whole periods)."""
     if q.order == "period":
         end = min(len(rows), start + q.limit)
-        return rows[start:end], end
-    periods = _periods(rows)
-    by_period: dict[str, list[Row]] = {}
+        return rows[start:end], end, len(rows)
+    by_period: dict[str, list[Row]] = {}  # in the rows' (period) order
     for key, row in rows:
         by_period.setdefault(key[0], []).append((key, row))
+    periods = list(by_period)
     taken: list[Row] = []
     end = start
     while end < len(periods):
@@ -143,7 +138,7 @@ def _page(rows: list[Row], q: SalesQuery, start: int) -> tuple[list[Row], int]:
             break
         taken += chunk
         end += 1
-    return taken, end
+    return taken, end, len(periods)
 
 
 def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
@@ -338,8 +333,7 @@ class QueryService:
             merged = self._provenance("sales", snap, speed)
         rows = _ordered(acc, q)
         start = cursor.position if cursor is not None else 0
-        page, end = _page(rows, q, start)
-        total = len(rows) if q.order == "period" else len(_periods(rows))
+        page, end, total = _page(rows, q, start)
         next_cursor = None
         if end < total:
             next_cursor = Cursor(
@@ -514,7 +508,7 @@ class QueryService:
             for row in snap.aggregate(
                 SENTIMENT, "week", keys=["period"], sku=sku, first=first, last=last
             ):
-                merge_into(acc, row["period"].isoformat(), row, SENTIMENT)
+                merge_into(acc, period_label(row["period"], "week"), row, SENTIMENT)
             speed = self._speed_query(
                 SENTIMENT,
                 SpeedFilter(
