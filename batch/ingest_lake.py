@@ -54,6 +54,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from lambdalake.contract.lake import (
+    MASTER_PARTITION_BY,
     MASTER_SCHEMA_BY_TOPIC,
     QUARANTINE,
     QUARANTINE_SCHEMA,
@@ -67,8 +68,6 @@ from lambdalake.logs import get_logger
 log = get_logger(__name__)
 
 Positions = dict[str, dict[int, int]]  # topic -> partition -> next offset to consume
-
-MASTER_PARTITION_BY = ["event_date"]
 
 # Dates (so files, and delta-rs' open partition writers) one master commit may hold.
 DEFAULT_MAX_DATES_PER_COMMIT = 256
@@ -350,7 +349,7 @@ def open_tables(
             lake.master(t),
             MASTER_SCHEMA_BY_TOPIC[t],
             [t],
-            partition_by=MASTER_PARTITION_BY,
+            partition_by=MASTER_PARTITION_BY[t],
             storage_options=lake.storage_options,
             max_dates_per_commit=max_dates_per_commit,
         )

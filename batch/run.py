@@ -46,6 +46,7 @@ from batch.progress import Stages, spark_progress
 from batch.publish import RunIdentity, append_run, write_view
 from batch.sentiment_train import TrainConfig, train_sentiment
 from batch.snapshot import deduplicate, pin_snapshot, read_pinned
+from lambdalake.contract.events import REFERENCE_TOPICS
 from lambdalake.contract.lake import (
     MASTER_TABLE_BY_TOPIC,
     VIEW_DEMAND_FORECAST,
@@ -80,6 +81,7 @@ def aggregate_stages(topic: str) -> list[tuple[ViewDef, Granularity | None, str]
 STAGES = (
     "pin",
     "read",
+    *(_stage(t) for topic in REFERENCE_TOPICS for _, _, t in aggregate_stages(topic)),
     *(_stage(t) for _, _, t in aggregate_stages("orders")),
     "sentiment_train",
     "review_scores",
@@ -295,12 +297,19 @@ def run_batch(
             reviews = persist(
                 deduplicate(read_pinned(session, snapshot.pins["reviews"]), "reviews")
             )
+            # Reference data is not deduplicated: every message is a version of its id's
+            # record, and the last one wins (the views' ``last`` measures).
+            references = {
+                t: persist(read_pinned(session, snapshot.pins[t])) for t in REFERENCE_TOPICS
+            }
             info["orders"] = orders.count()
             info["reviews"] = reviews.count()
-        record.row_counts.update({"orders": info["orders"], "reviews": info["reviews"]})
+            for topic, df in references.items():
+                info[topic] = df.count()
+        record.row_counts.update({t: info[t] for t in ("orders", "reviews", *REFERENCE_TOPICS)})
         _check_injection("read", fail_after_stage)
 
-        frames = {"orders": orders}
+        frames = {"orders": orders, **references}
         files_by_grain = {
             "hour": session.sparkContext.defaultParallelism,
             "week": 1,
@@ -321,6 +330,8 @@ def run_batch(
                     record.row_counts[table] = info["rows"] = rows
                 _check_injection(_stage(table), fail_after_stage)
 
+        for topic in REFERENCE_TOPICS:
+            write_aggregates(topic)
         write_aggregates("orders")
 
         with stages.stage("sentiment_train") as info:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from lambdalake.contract.events import KEY_BY_TOPIC
+from lambdalake.contract.events import KEY_BY_TOPIC, TOPICS
 from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, MASTER_TABLE_BY_TOPIC, Lake
 from lambdalake.contract.manifest import Watermark, ingest_positions
 from lambdalake.contract.views import dedup_rank_sql
@@ -64,7 +64,7 @@ def pin_table(lake: Lake, topic: str) -> TablePin:
     return TablePin(topic, uri, version, tuple(dt.file_uris()), positions)
 
 
-def pin_snapshot(lake: Lake, topics: tuple[str, ...] = ("orders", "reviews")) -> Snapshot:
+def pin_snapshot(lake: Lake, topics: tuple[str, ...] = TOPICS) -> Snapshot:
     return Snapshot({t: pin_table(lake, t) for t in topics})
 
 

@@ -59,8 +59,8 @@ def rows(n: int, dates: int, order: str, seed: int):  # -> pa.Table
 def case(
     n: int, dates: int, order: str, max_dates: int, seed: int, out: multiprocessing.Queue
 ) -> None:
-    from batch.ingest_lake import MASTER_PARTITION_BY, PositionedTable
-    from lambdalake.contract.lake import MASTER_ORDERS_SCHEMA
+    from batch.ingest_lake import PositionedTable
+    from lambdalake.contract.lake import MASTER_ORDERS_SCHEMA, MASTER_PARTITION_BY
 
     table = rows(n, dates, order, seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +69,7 @@ def case(
             uri,
             MASTER_ORDERS_SCHEMA,
             ["orders"],
-            partition_by=MASTER_PARTITION_BY,
+            partition_by=MASTER_PARTITION_BY["orders"],
             storage_options=None,
             max_dates_per_commit=max_dates,
         )

@@ -17,10 +17,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lambdalake.contract.events import TOPICS  # noqa: F401  (re-exported: the topics)
 from lambdalake.errors import InvalidInput
-
-TOPICS = ("orders", "reviews")
-
 
 MIN_SECRET_CHARS = 16
 # Placeholders from docs and examples (compared ignoring case, "-" and "_").

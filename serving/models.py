@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer
+
+from serving.params import GROUP_FIELDS
 
 _WATERMARK_EXAMPLE = {"orders": {"0": 1200, "1": 1175}, "reviews": {"0": 310, "1": 298}}
 
@@ -55,17 +57,29 @@ class SalesPoint(BaseModel):
     )
     sku: str | None = Field(None, description="With `group_by` including `sku` only.")
     store_id: str | None = Field(None, description="With `group_by` including `store_id` only.")
+    category: str | None = Field(
+        None,
+        description="With `group_by` including `category` only: the SKU's category as the "
+        "`products` topic says now (null for SKUs it has no record of).",
+    )
+    region: str | None = Field(
+        None,
+        description="With `group_by` including `region` only: the store's region as the "
+        "`stores` topic says now (null for stores it has no record of).",
+    )
     units: int = Field(description="sum(quantity); returns subtract.")
     revenue: float = Field(description="sum(quantity * unit_price).")
     order_lines: int = Field(description="count of order lines.")
+    # The group fields this point carries (a null category is a value then, not an absence).
+    _groups: tuple[str, ...] = PrivateAttr(default=())
 
     # No return annotation: the OpenAPI schema stays the model's.
     @model_serializer(mode="wrap")
     def _without_absent_groups(self, handler: Any):  # type: ignore[no-untyped-def]
         # A point carries the group fields it was broken down by, and no others.
         out = handler(self)
-        for name in ("sku", "store_id"):
-            if out.get(name) is None:
+        for name in GROUP_FIELDS:
+            if name not in self._groups and out.get(name) is None:
                 out.pop(name, None)
         return out
 

@@ -274,8 +274,10 @@ def period_label(ts: datetime | date, granularity: Granularity) -> str:
 
 # --- /v1/sales: breakdowns, order, paging ------------------------------------------------------
 
-# What a sales answer can be broken down by (each point then carries these fields).
-GROUP_FIELDS = ("sku", "store_id")
+# What a sales answer can be broken down by (each point then carries these fields): its
+# dimensions and the reference data's attributes of them (lambdalake.contract.views
+# SALES_ATTRIBUTES).
+GROUP_FIELDS = ("sku", "store_id", "category", "region")
 SALES_ORDERS = ("period", "units_desc", "revenue_desc")
 DEFAULT_LIMIT = 1_000
 MAX_LIMIT = 10_000
@@ -293,6 +295,24 @@ def id_list(values: list[str] | None, name: str) -> tuple[str, ...] | None:
             out[check_id(part, name) or part] = None
     if len(out) > MAX_FILTER_IDS:
         raise InvalidParameter(name, f"{len(out)} ids, at most {MAX_FILTER_IDS}")
+    return tuple(out)
+
+
+def label_list(values: list[str] | None, name: str) -> tuple[str, ...] | None:
+    """A filter's labels (``category``, ``region``): repeated and/or comma-separated, each a
+    string of 1..256 characters; duplicates dropped, order kept. None when not given."""
+    if not values:
+        return None
+    out: dict[str, None] = {}
+    for value in values:
+        for part in value.split(","):
+            if not 1 <= len(part) <= MAX_ID_CHARS:
+                raise InvalidParameter(
+                    name, f"{part[:40]!r}: a label has 1 to {MAX_ID_CHARS} characters"
+                )
+            out[part] = None
+    if len(out) > MAX_FILTER_IDS:
+        raise InvalidParameter(name, f"{len(out)} values, at most {MAX_FILTER_IDS}")
     return tuple(out)
 
 
@@ -383,6 +403,8 @@ class SalesQuery:
     skus: tuple[str, ...] | None = None
     stores: tuple[str, ...] | None = None
     group_by: tuple[str, ...] = ()
+    categories: tuple[str, ...] | None = None
+    regions: tuple[str, ...] | None = None
     order: str = "period"
     limit: int = DEFAULT_LIMIT
     cursor: str | None = None  # as sent; :meth:`decoded_cursor` checks it
@@ -400,6 +422,8 @@ class SalesQuery:
                 self.skus,
                 self.stores,
                 self.group_by,
+                self.categories,
+                self.regions,
                 self.order,
                 self.limit,
             )

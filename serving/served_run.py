@@ -54,7 +54,7 @@ from lambdalake.errors import LambdalakeError
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 from serving.series import SeriesCache
-from serving.tables import IndexedTable, merge_partials, select
+from serving.tables import IndexedTable, index_key, merge_partials, select
 
 log = get_logger(__name__)
 
@@ -99,7 +99,8 @@ def aggregate_load_sql(
 ) -> str:
     """How a snapshot table of ``view`` is filled from its lake table (``src``): sorted by
     ``sku``, the other dimensions and the period (what the SKU and series indexes need)."""
-    dims = ["sku", *(d for d in view.dimensions if d != "sku")]
+    key = index_key(view)
+    dims = [key, *(d for d in view.dimensions if d != key)]
     measures = ", ".join(m.name for m in view.measures)
     if granularity is None:
         return (
@@ -174,10 +175,7 @@ class BatchSnapshot:
         filtered by SKU (``sku``, or any of ``skus``), store (``store_id``, or any of
         ``stores``) and an inclusive period range."""
         indexed = self.tables[snapshot_table(view, granularity)]
-        if skus is None or len(skus) == 1:
-            table = indexed.rows(skus[0] if skus else sku)
-        else:
-            table = pa.concat_tables([indexed.table.slice(0, 0), *(indexed.rows(s) for s in skus)])
+        table = indexed.rows_of(skus) if skus is not None else indexed.rows(sku)
         conditions: list[tuple[str, str, Any]] = [("store_id", "equal", store_id)]
         if stores is not None:
             conditions.append(("store_id", "is_in", pa.array(list(stores), pa.string())))
@@ -247,14 +245,21 @@ def load_snapshot(lake: Lake, run: RunRecord | None) -> BatchSnapshot:
                 _fill(con, name, _read_delta(lake, table, int(views[table])), LOAD_SQL[name])
         for name, (view, grain, table) in AGGREGATES.items():
             if table not in views:
+                if view.wins == "last":
+                    # Reference data from before it was published: the run's watermark has
+                    # no position for its topic, so the speed layer holds all of it.
+                    continue
                 # Serving never recomputes a view from master: an API replica's load time and
                 # memory stay independent of history. Questions needing it are refused.
                 missing.add(table)
                 continue
             src = _read_delta(lake, table, int(views[table]))
             _fill(con, name, src, aggregate_load_sql(view, grain, src.column_names, table))
+    keys = {name: index_key(view) for name, (view, _, _) in AGGREGATES.items()}
     tables = {
-        name: IndexedTable.build(con.sql(f"SELECT * FROM {name}").to_arrow_table())
+        name: IndexedTable.build(
+            con.sql(f"SELECT * FROM {name}").to_arrow_table(), key=keys.get(name, "sku")
+        )
         for name in EMPTY_DDL
     }
     con.close()

@@ -24,8 +24,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
+import pyarrow as pa
+
 from lambdalake.contract.manifest import Watermark, watermark_to_dict
-from lambdalake.contract.views import ALL, SALES, SENTIMENT, forecast_level
+from lambdalake.contract.views import (
+    ALL,
+    SALES,
+    SALES_ATTRIBUTES,
+    SENTIMENT,
+    ViewDef,
+    forecast_level,
+)
 from lambdalake.errors import LambdalakeError
 from lambdalake.settings import Settings
 from serving.models import (
@@ -46,8 +55,9 @@ from serving.models import (
 )
 from serving.params import MAX_LIMIT, Cursor, Granularity, SalesQuery, period_label
 from serving.series import series_key
-from serving.served_run import BatchCache, BatchSnapshot
+from serving.served_run import BatchCache, BatchSnapshot, snapshot_table
 from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
+from serving.tables import merge_table
 
 T = TypeVar("T")
 
@@ -105,17 +115,24 @@ def _pinned(cursor: Cursor, snap: BatchSnapshot) -> Watermark:
     return bounds
 
 
+def _sortable(key: tuple) -> tuple:
+    """A row key that sorts with nulls (an id the reference data has no record of) last."""
+    return tuple((v is None, v or "") for v in key)
+
+
 def _ordered(acc: dict[tuple, dict[str, Any]], q: SalesQuery) -> list[Row]:
     """``acc``'s rows in the answer's order; for a ranking, each period's top ``q.limit``."""
     if q.order == "period":
-        return sorted(acc.items())
+        return sorted(acc.items(), key=lambda kv: _sortable(kv[0]))
     measure = "units" if q.order == "units_desc" else "revenue"
     by_period: dict[str, list[Row]] = {}
     for key, row in acc.items():
         by_period.setdefault(key[0], []).append((key, row))
     out: list[Row] = []
     for period in sorted(by_period):
-        ranked = sorted(by_period[period], key=lambda kr: (-(kr[1][measure] or 0), kr[0][1:]))
+        ranked = sorted(
+            by_period[period], key=lambda kr: (-(kr[1][measure] or 0), _sortable(kr[0][1:]))
+        )
         out += ranked[: q.limit]
     return out
 
@@ -141,6 +158,20 @@ def _page(rows: list[Row], q: SalesQuery, start: int) -> tuple[list[Row], int, i
     return taken, end, len(periods)
 
 
+def combined(*results: SpeedResult) -> SpeedResult:
+    """Several speed answers (of different topics) as one: offsets and missing partitions of
+    each topic, stale if any is."""
+    out = SpeedResult()
+    for r in results:
+        out.rows.extend(r.rows)
+        for topic, parts in r.offsets.items():
+            out.offsets.setdefault(topic, {}).update(parts)
+        for topic, missing in r.missing.items():
+            out.missing[topic] = sorted({*out.missing.get(topic, []), *missing})
+        out.stale = out.stale or r.stale
+    return out
+
+
 def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
     wm = snap.watermark
     return Merged(
@@ -152,6 +183,28 @@ def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
         degraded=speed.degraded,
         missing={t: ps for t, ps in speed.missing.items() if ps},
     )
+
+
+def _regrouped(
+    acc: dict[tuple, dict[str, Any]],
+    dims: tuple[str, ...],
+    group_by: tuple[str, ...],
+    refs: dict[str, dict[str, dict[str, Any]]],
+) -> dict[tuple, dict[str, Any]]:
+    """Rows keyed by (period, *dims) merged into rows keyed by (period, *group_by), where a
+    group field may be an attribute of a dimension (``category`` of the SKU)."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for key, row in acc.items():
+        values = dict(zip(dims, key[1:], strict=True))
+        group = []
+        for g in group_by:
+            if g in SALES_ATTRIBUTES:
+                record = refs[g].get(values[SALES_ATTRIBUTES[g][1]])
+                group.append(record[g] if record is not None else None)
+            else:
+                group.append(values[g])
+        merge_into(out, (key[0], *group), row, SALES)
+    return out
 
 
 class QueryService:
@@ -284,6 +337,51 @@ class QueryService:
             merge_into(acc, (label, *(row[d] for d in dims)), row, SALES)
         return acc, speed
 
+    # --- reference data -----------------------------------------------------------------
+
+    def reference(
+        self, snap: BatchSnapshot, view: ViewDef, *, max_offsets: Watermark | None = None
+    ) -> tuple[dict[str, dict[str, Any]], SpeedResult]:
+        """Each id's record of a reference view (``products``, ``stores``): the run's table
+        merged with the speed layer's messages at or above its watermark, the last message
+        of an id winning (``version``). Optional fields a message left out are ``None``."""
+        flt = SpeedFilter(granularity=None, dimensions=view.dimensions)
+        speed = self._speed_query(view, flt, snap, max_offsets=max_offsets)
+        batch = snap.tables[snapshot_table(view, None)].table
+        table = batch
+        if speed.rows:
+            table = pa.concat_tables([batch, pa.Table.from_pylist(speed.rows, schema=batch.schema)])
+        key = view.dimensions[0]
+        strings = [m.name for m in view.measures if m.agg == "last"]
+        records = {}
+        for row in merge_table(table, [key], view).to_pylist() if table.num_rows else []:
+            records[row[key]] = {**row, **{f: row[f] or None for f in strings}}
+        return records, speed
+
+    def _sales_scope(
+        self, snap: BatchSnapshot, q: SalesQuery, max_offsets: Watermark | None
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[SpeedResult], tuple | None, tuple | None]:
+        """The reference records a sales question needs (by attribute), their speed answers,
+        and its SKU and store filters with the category and region filters applied."""
+        wanted = {
+            attr: (q.categories if attr == "category" else q.regions) for attr in SALES_ATTRIBUTES
+        }
+        refs: dict[str, dict[str, dict[str, Any]]] = {}
+        speeds: list[SpeedResult] = []
+        filters: dict[str, tuple[str, ...] | None] = {"sku": q.skus, "store_id": q.stores}
+        for attr, (view, dim) in SALES_ATTRIBUTES.items():
+            if attr not in q.group_by and wanted[attr] is None:
+                continue
+            records, speed = self.reference(snap, view, max_offsets=max_offsets)
+            refs[attr] = records
+            speeds.append(speed)
+            if wanted[attr] is not None:
+                allowed = set(wanted[attr] or ())
+                ids = [i for i, r in sorted(records.items()) if r[attr] in allowed]
+                given = filters[dim]
+                filters[dim] = tuple(ids if given is None else (i for i in given if i in set(ids)))
+        return refs, speeds, filters["sku"], filters["store_id"]
+
     def sales(self, q: SalesQuery) -> SalesAnswer:
         """Sales per period, broken down by ``q.group_by``, filtered, ordered and paged.
 
@@ -293,24 +391,41 @@ class QueryService:
         ``MAX_LIMIT`` rows. A page after the first is computed as of the first page's
         ``as_of`` (its run and speed offsets), so every row appears exactly once."""
         cursor = q.decoded_cursor()
-        one = len(q.skus or ()) <= 1 and len(q.stores or ()) <= 1 and not q.group_by
+        # Category and region are attributes of the SKU and the store (type-1: as the
+        # reference data says now): sales are merged by SKU / store, then regrouped.
+        dims = tuple(
+            dict.fromkeys(
+                SALES_ATTRIBUTES[g][1] if g in SALES_ATTRIBUTES else g for g in q.group_by
+            )
+        )
 
         def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
             if cursor is not None and snap.run_id != cursor.run_id:
                 raise CursorExpired(cursor.run_id)
-            return self._sales_rows(
+            pins = _pinned(cursor, snap) if cursor is not None else None
+            refs, ref_speeds, skus, stores = self._sales_scope(snap, q, pins)
+            one = (
+                len(skus or ()) <= 1
+                and len(stores or ()) <= 1
+                and not q.group_by
+                and not (skus == () or stores == ())
+            )
+            acc, speed = self._sales_rows(
                 snap,
                 granularity=q.rng.granularity,
-                dims=q.group_by,
+                dims=dims,
                 # One series (or all): the per-key series index answers it.
-                sku=q.skus[0] if one and q.skus else None,
-                store_id=q.stores[0] if one and q.stores else None,
+                sku=skus[0] if one and skus else None,
+                store_id=stores[0] if one and stores else None,
                 first=q.rng.first,
                 last=q.rng.last,
-                skus=None if one else q.skus,
-                stores=None if one else q.stores,
-                max_offsets=_pinned(cursor, snap) if cursor is not None else None,
+                skus=None if one else skus,
+                stores=None if one else stores,
+                max_offsets=pins,
             )
+            if dims != q.group_by:
+                acc = _regrouped(acc, dims, q.group_by, refs)
+            return acc, combined(speed, *ref_speeds)
 
         if cursor is not None:
             if not _MAY_BLOCK.get():
@@ -343,16 +458,17 @@ class QueryService:
                 missing=merged.missing,
                 position=end,
             ).encode()
-        points = [
-            SalesPoint(
+        points = []
+        for key, row in page:
+            point = SalesPoint(
                 period=key[0],
                 **dict(zip(q.group_by, key[1:], strict=True)),
                 units=int(row["units"] or 0),
                 revenue=float(row["revenue"] or 0.0),
                 order_lines=int(row["order_lines"] or 0),
             )
-            for key, row in page
-        ]
+            point._groups = q.group_by
+            points.append(point)
         return SalesAnswer(
             points=points,
             next_cursor=next_cursor,

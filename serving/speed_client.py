@@ -44,7 +44,7 @@ from lambdalake.contract.views import ViewDef
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 from serving.series import KEY_SETS, SeriesCache, series_key
-from serving.tables import IndexedTable, merge_partials, rollup, select
+from serving.tables import IndexedTable, index_key, merge_partials, rollup, select
 
 log = get_logger(__name__)
 
@@ -156,11 +156,7 @@ class _Snapshot:
 def local_partials(index: IndexedTable, view: ViewDef, flt: SpeedFilter) -> list[dict[str, Any]]:
     """Filter a worker's partials (at the view's stored grain) to ``flt``, roll them up to
     its grain and merge them (pure)."""
-    skus = flt.sku_list
-    if skus is None or len(skus) == 1:
-        table = index.rows(None if skus is None else skus[0])
-    else:
-        table = pa.concat_tables([index.table.slice(0, 0), *(index.rows(s) for s in skus)])
+    table = index.rows_of(flt.sku_list) if "sku" in view.dimensions else index.table
     stores = flt.store_list
     store = (
         ("store_id", "is_in", pa.array(stores, pa.string()))
@@ -376,7 +372,7 @@ class SpeedClient:
             fetched=asked,
             min_offsets=min_offsets,
             answer=answer,
-            index=IndexedTable.build(answer.table, sort=True),
+            index=IndexedTable.build(answer.table, sort=True, key=index_key(view)),
             series=(
                 SeriesCache(view, {g: answer.table for g in view.grains if g is not None})
                 if view.stored_grain == "hour" and set(KEY_SETS[-1]) <= set(view.dimensions)
@@ -412,7 +408,8 @@ class SpeedClient:
                 rows = snapshot_partials(got, view, flt)
                 answer = got.answer
             else:  # too big to cache: filter this one fetch, ask per request from now on
-                rows = local_partials(IndexedTable.build(got.table, sort=True), view, flt)
+                index = IndexedTable.build(got.table, sort=True, key=index_key(view))
+                rows = local_partials(index, view, flt)
                 answer = got
         else:
             if not block:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,33 +16,52 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lambdalake.contract.views import ViewDef
+from lambdalake.contract.views import VERSION, ViewDef
 
-# Arrow's name for each merge aggregate of lambdalake.contract.views.Measure.merge_agg.
-ARROW_AGG = {"SUM": "sum", "MIN": "min", "MAX": "max"}
+# Tables received over Arrow Flight may hold buffers that are not 64-byte aligned; Acero
+# (``group_by``) then writes a warning to stderr on every call. Let it copy them aligned
+# instead (read when the first plan runs; an operator's own setting wins).
+os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
+
+# Arrow's name for each merge aggregate of lambdalake.contract.views.Measure.merge_agg
+# ("last" over rows sorted by the view's version: the latest record's value).
+ARROW_AGG = {"SUM": "sum", "MIN": "min", "MAX": "max", "LAST": "last"}
+
+
+def index_key(view: ViewDef) -> str:
+    """The column a view's tables are indexed by: ``sku`` when it has one (the API's usual
+    filter), else its first dimension (``store_id`` of the stores view)."""
+    return "sku" if "sku" in view.dimensions else view.dimensions[0]
 
 
 @dataclass(frozen=True)
 class IndexedTable:
-    """An Arrow table sorted by ``sku``, with the row span of every SKU."""
+    """An Arrow table sorted by ``key`` (``sku`` unless told), with the row span of every
+    key value."""
 
     table: pa.Table
     spans: dict[str, tuple[int, int]]
 
     @classmethod
-    def build(cls, table: pa.Table, *, sort: bool = False) -> IndexedTable:
-        """Index ``table`` (already sorted by ``sku``, or ``sort=True`` to sort it here)."""
+    def build(cls, table: pa.Table, *, sort: bool = False, key: str = "sku") -> IndexedTable:
+        """Index ``table`` (already sorted by ``key``, or ``sort=True`` to sort it here)."""
         if sort and table.num_rows:
-            table = table.sort_by("sku")
-        spans = {key[0]: (a, b) for key, a, b in key_runs(table, ("sku",))}
+            table = table.sort_by(key)
+        spans = {k[0]: (a, b) for k, a, b in key_runs(table, (key,))}
         return cls(table=table, spans=spans)
 
     def rows(self, sku: str | None) -> pa.Table:
-        """All rows, or one SKU's (zero-copy); an unknown SKU gives an empty table."""
+        """All rows, or one key's (zero-copy); an unknown key gives an empty table."""
         if sku is None:
             return self.table
         a, b = self.spans.get(sku, (0, 0))
         return self.table.slice(a, b - a)
+
+    def rows_of(self, keys: tuple[str, ...] | list[str] | None) -> pa.Table:
+        """The rows of any of ``keys`` (``None``: all), in key order of the list."""
+        if keys is None or len(keys) == 1:
+            return self.rows(keys[0] if keys else None)
+        return pa.concat_tables([self.table.slice(0, 0), *(self.rows(k) for k in keys)])
 
 
 def as_days(period: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -107,6 +127,8 @@ def key_runs(table: pa.Table, keys: tuple[str, ...]) -> list[tuple[tuple[str, ..
 def merge_table(table: pa.Table, keys: list[str], view: ViewDef) -> pa.Table:
     """Partial rows merged by ``keys`` with the view's own merge rules (``Measure.merge_agg``)."""
     aggs = [(m.name, ARROW_AGG[m.merge_agg]) for m in view.measures]
+    if any(m.merge_agg == "LAST" for m in view.measures):
+        table = table.sort_by(VERSION)  # "last" in each group is then the latest record's
     out = table.group_by(keys, use_threads=False).aggregate(aggs)
     return out.rename_columns(
         [c.rsplit("_", 1)[0] if c not in keys else c for c in out.column_names]

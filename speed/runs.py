@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.contract.events import KEY_BY_TOPIC
+from lambdalake.contract.events import KEY_BY_TOPIC, REFERENCE_TOPICS
 from lambdalake.contract.lake import MASTER_TABLE_BY_TOPIC, RUNS, Lake
 from lambdalake.contract.manifest import RunRecord, Watermark, latest_published_run
 from lambdalake.logs import get_logger
@@ -209,7 +209,8 @@ def prepare_run(
         name = MASTER_TABLE_BY_TOPIC[topic]
         version = run.master_versions.get(name)
         base = applied_master_versions.get(name)
-        if version is None or settings.dedup_hours == 0:
+        # Reference data is not deduplicated: no ids to know.
+        if version is None or settings.dedup_hours == 0 or topic in REFERENCE_TOPICS:
             known[topic] = IDS_SCHEMA.empty_table()
             counts[topic] = 0
             continue

@@ -46,7 +46,14 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.contract.events import FIELDS_BY_TOPIC, KEY_BY_TOPIC
+from lambdalake.contract.events import (
+    EVENT_DATE,
+    FIELDS_BY_TOPIC,
+    KEY_BY_TOPIC,
+    REFERENCE_TOPICS,
+    TOPICS,
+    timed,
+)
 from lambdalake.contract.manifest import Watermark, watermark_from_json, watermark_to_json
 from lambdalake.contract.speed_protocol import (
     AnswerMeta,
@@ -65,7 +72,6 @@ from lambdalake.contract.views import (
 )
 from lambdalake.errors import InvalidInput
 
-TOPICS = ("orders", "reviews")
 HELD = {t: f"held_{t}" for t in TOPICS}
 KNOWN = {t: f"known_{t}" for t in TOPICS}
 # One table of partials per view (a topic may feed several), at the view's finest grain;
@@ -83,10 +89,11 @@ SCORE_FIELDS = [pa.field("sentiment", pa.float64()), pa.field("label", pa.string
 
 
 def held_schema(topic: str) -> pa.Schema:
-    """Columns of a held event: the topic's fields, ``event_date``, lineage, scores."""
+    """Columns of a held event: the topic's fields, ``event_date`` (timed topics), lineage,
+    scores (reviews)."""
     fields = [
         *FIELDS_BY_TOPIC[topic],
-        pa.field("event_date", pa.date32(), nullable=False),
+        *([EVENT_DATE] if timed(topic) else []),
         pa.field("_partition", pa.int32(), nullable=False),
         pa.field("_offset", pa.int64(), nullable=False),
     ]
@@ -462,8 +469,21 @@ class SpeedState:
 
         Within the batch and against held events the lowest (offset, partition)
         wins; an id already known (counted by the batch run or pruned) is a duplicate.
+        Reference data is held whole (every message is a version of its id's record; the
+        views keep the last).
         """
         con = self.con
+        if topic in REFERENCE_TOPICS:
+            names = held_schema(topic).names
+            with _registered(con, "batch_in", table.select(names)):
+                con.execute(f"INSERT INTO {HELD[topic]} BY NAME SELECT * FROM batch_in")
+            for view in VIEWS_BY_TOPIC[topic]:
+                with _registered(con, "batch_in", table.select(names)):
+                    added = _one(
+                        con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, 'batch_in')}"
+                    )
+                self._partial_rows[view.name] += int(added[0])
+            return table.num_rows, 0
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
         names = held_schema(topic).names
@@ -619,6 +639,14 @@ class SpeedState:
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
         with _registered(con, "wm", _watermark_table(topic, run.watermark)):
+            if topic in REFERENCE_TOPICS:  # no ids to know: held versions below it go
+                if run.reset:
+                    con.execute(f"DELETE FROM {held}")
+                con.execute(
+                    f"DELETE FROM {held} h USING wm w WHERE w.partition = h._partition "
+                    "AND h._offset < w.offset"
+                )
+                return
             if run.reset:
                 con.execute(f"DELETE FROM {held}")
                 con.execute(f"DELETE FROM {known}")
@@ -779,6 +807,7 @@ class SpeedState:
             partitions={
                 t: sorted(p for tt, p in positions if tt == t and p not in rereading.get(t, {}))
                 for t in TOPICS
+                if any(tt == t for tt, _ in positions)  # the topics this worker owns
             },
             model_version=applied.model_version if topic == "reviews" else None,
             exact_filter=exact,
@@ -902,12 +931,14 @@ def _answer_sql(
         source = partials
     where: list[str] = []
     params: list[Any] = []
-    if q.skus is not None:
-        where.append("list_contains(?, sku)")
-        params.append(list(q.skus))
-    if q.stores is not None and "store_id" in view.dimensions:
-        where.append("list_contains(?, store_id)")
-        params.append(list(q.stores))
+    for name, ids in (("sku", q.skus), ("store_id", q.stores)):
+        if ids is None or name not in view.dimensions:
+            continue
+        if ids:
+            where.append(f"list_contains(?::VARCHAR[], {name})")
+            params.append(list(ids))
+        else:  # an empty list selects nothing
+            where.append("false")
     cols = list(view.dimensions) + view.measure_names
     keys = list(view.dimensions)
     bounds: list[str] = []

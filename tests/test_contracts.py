@@ -53,7 +53,9 @@ REVIEW = {
     "text": 'Works as "advertised".\nWould buy again.',
     "customer_id": "cust-9",
 }
-BASE = {"orders": ORDER, "reviews": REVIEW}
+PRODUCT = {"sku": "SKU-42", "category": "Kitchen", "name": "Pan 24 cm", "brand": "Acme"}
+STORE = {"store_id": "store-7", "region": "West", "name": "Downtown", "city": "Lyon"}
+BASE = {"orders": ORDER, "reviews": REVIEW, "products": PRODUCT, "stores": STORE}
 
 
 def message(topic: str, **changes: Any) -> bytes:
@@ -456,7 +458,8 @@ def test_schemas_are_the_topic_fields_then_date_and_lineage() -> None:
     for topic, fields in FIELDS_BY_TOPIC.items():
         schema = VALID_SCHEMA_BY_TOPIC[topic]
         assert list(schema)[: len(fields)] == fields
-        assert schema.names[len(fields) :] == ["event_date", "_partition", "_offset"]
+        date = ["event_date"] if contracts.timed(topic) else []  # reference data has no time
+        assert schema.names[len(fields) :] == [*date, "_partition", "_offset"]
         assert [f.name for f in fields] == [n for n, _ in contracts.CHECKS_BY_TOPIC[topic]]
     assert REJECTED_SCHEMA.names == ["_partition", "_offset", "raw", "reason"]
     assert REJECTED_SCHEMA.field("raw").nullable and not REJECTED_SCHEMA.field("reason").nullable
@@ -599,7 +602,7 @@ def property_settings(examples: int) -> settings:
     )
 
 
-topics = st.sampled_from(["orders", "reviews"])
+topics = st.sampled_from(["orders", "reviews", "products", "stores"])
 # Validator clocks and skews: the contract's range alone, and bounds that fall exactly on
 # times the generated messages use (2024-05-01T12:34:56Z, epoch ms 1714567890123).
 clocks = st.sampled_from(
@@ -829,3 +832,33 @@ def test_near_valid_json_agrees_with_the_reference(
 ) -> None:
     rnd = random.Random(seed)
     assert_agrees(topic, [near_valid_message(rnd, topic) for _ in range(200)], clock)
+
+
+# --------------------------------------------------------------------------------------
+# Reference data (products, stores): no time, a required label, optional names.
+# --------------------------------------------------------------------------------------
+
+INVALID_REFERENCE = [
+    ("products", message("products", category=DROP), "missing_field:category"),
+    ("products", message("products", category=""), "out_of_range:category"),
+    ("products", message("products", category="c" * 257), "out_of_range:category"),
+    ("products", message("products", category=7), "wrong_type:category"),
+    ("products", message("products", sku="*"), "out_of_range:sku"),
+    ("products", message("products", name=["x"]), "wrong_type:name"),
+    ("products", message("products", brand="b" * 1001), "out_of_range:brand"),
+    ("stores", message("stores", region=None), "missing_field:region"),
+    ("stores", message("stores", store_id=""), "out_of_range:store_id"),
+    ("stores", message("stores", city=1.5), "wrong_type:city"),
+    ("stores", b"[]", "not_object"),
+]
+
+
+@pytest.mark.parametrize(("topic", "value", "reason"), INVALID_REFERENCE)
+def test_invalid_reference_data_is_rejected_with_its_reason(topic, value, reason) -> None:
+    assert one(topic, value) == reason == reference(topic, value)
+
+
+def test_reference_data_has_no_time_and_keeps_optional_fields_null() -> None:
+    got = one("products", message("products", name=None, brand=DROP, event_time="not a time"))
+    assert got == {"sku": "SKU-42", "category": "Kitchen", "name": None, "brand": None}
+    assert one("stores", message("stores")) == STORE == reference("stores", message("stores"))

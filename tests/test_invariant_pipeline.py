@@ -7,7 +7,9 @@ SIGKILL and restarted, and the serving API over real HTTP. The test produces
 every event itself — late ones (weeks back), out of order, in three time
 formats, duplicates (of events already in a batch run too), conflicting
 duplicates (same id, other payload: the lowest offset wins) and bad events —
-and remembers the (partition, offset) Kafka gave each one.
+and remembers the (partition, offset) Kafka gave each one. Reference data too:
+products and stores, re-categorised and moved between regions along the way
+(the last message of an id wins, for all history), with ids it never describes.
 
 After each step, many random queries (sku, store, ranges, day and hour) must
 equal a recompute, done here in DuckDB from the events the test produced, over
@@ -47,7 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("LAMBDALAKE_INVARIANT_SEED", "20240517"))
 SKUS = [f"sku-{i:02d}" for i in range(8)]
 STORES = ["st-1", "st-2", "st-3"]
-TOPICS = ("orders", "reviews")
+TOPICS = ("orders", "reviews", "products", "stores")
+CATEGORIES = ["cat-a", "cat-b", "cat-c"]
+REGIONS = ["north", "south"]
 PARTITIONS = 4
 WORKERS = 2
 QUERIES_PER_CHECK = 40
@@ -181,6 +185,42 @@ class Generator:
             del payload["title"]
         return self.log.send("reviews", event["sku"], json.dumps(payload).encode(), event)
 
+    def product(self, sku: str, *, category: str | None = None) -> Sent:
+        """A product's record (keyed by SKU): its category, sometimes a name and brand."""
+        event = {"sku": sku, "category": category or self.rng.choice(CATEGORIES)}
+        if self.rng.random() < 0.5:
+            event |= {"name": f"name of {sku}", "brand": self.rng.choice(["acme", "globex"])}
+        return self.log.send("products", sku, json.dumps(event).encode(), event)
+
+    def store(self, store_id: str, *, region: str | None = None) -> Sent:
+        event = {"store_id": store_id, "region": region or self.rng.choice(REGIONS)}
+        return self.log.send("stores", store_id, json.dumps(event).encode(), event)
+
+    def bad_reference(self) -> Sent:
+        """A reference message that is not one (quarantined, never a record)."""
+        sku = self.rng.choice(SKUS)
+        topic, value = self.rng.choice(
+            [
+                ("products", json.dumps({"sku": sku}).encode()),  # no category
+                ("products", json.dumps({"sku": sku, "category": ""}).encode()),
+                ("stores", json.dumps({"store_id": "st-1", "region": 5}).encode()),
+                ("stores", b"{"),
+            ]
+        )
+        return self.log.send(topic, sku if topic == "products" else "st-1", value, None)
+
+    def catalog_changes(self, n: int) -> None:
+        """``n`` random re-categorisations, new products and store moves (some invalid)."""
+        for _ in range(n):
+            r = self.rng.random()
+            if r < 0.6:
+                self.product(self.rng.choice(SKUS))
+            elif r < 0.85:
+                self.store(self.rng.choice(STORES))
+            else:
+                self.bad_reference()
+        self.log.flush()
+
     def _style(self, style: int | None) -> int:
         return self.rng.randrange(4) if style is None else style
 
@@ -309,6 +349,24 @@ class Recompute:
             "CREATE TABLE o AS SELECT * FROM raw_orders "
             "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY off, part) = 1"
         )
+        # Reference data: each id's last covered message (by offset, then partition).
+        for topic, key, attr in (("products", "sku", "category"), ("stores", "store_id", "region")):
+            last: dict[str, Sent] = {}
+            for m in sorted(
+                (m for m in log.valid(topic) if covered(m, as_of)),
+                key=lambda m: (m.offset, m.partition),
+            ):
+                last[m.event[key]] = m
+            self.con.register(
+                f"raw_{topic}",
+                pa.table(
+                    {
+                        key: pa.array(list(last), pa.string()),
+                        attr: pa.array([m.event[attr] for m in last.values()], pa.string()),
+                    }
+                ),
+            )
+            self.con.execute(f"CREATE TABLE {topic} AS SELECT * FROM raw_{topic}")
         reviews = [s for s in log.valid("reviews") if covered(s, as_of)]
         first: dict[str, Sent] = {}
         for s in sorted(reviews, key=lambda s: s.offset):
@@ -356,15 +414,18 @@ class Recompute:
         }[gran]
         group = [g for g in q.get("group_by", "").split(",") if g]
         where, params = ["period BETWEEN ? AND ?"], [first, last]
-        for name, ids in (("sku", q.get("sku")), ("store_id", q.get("store_id"))):
+        filters = ("sku", "store_id", "category", "region")
+        for name, ids in ((f, q.get(f)) for f in filters):
             if ids:
                 where.append(f"list_contains(?, {name})")
                 params.append(ids.split(","))
         cols = ", ".join(["CAST(period AS VARCHAR)", *group])
+        # Type-1: a SKU's sales count under the category its last covered record names.
         sql = (
             f"SELECT {cols}, SUM(quantity), SUM(quantity * unit_price), COUNT(*) "
-            f"FROM (SELECT *, {period} AS period FROM o) WHERE {' AND '.join(where)} "
-            f"GROUP BY ALL"
+            f"FROM (SELECT o.*, p.category, s.region, {period} AS period FROM o "
+            f"LEFT JOIN products p USING (sku) LEFT JOIN stores s USING (store_id)) "
+            f"WHERE {' AND '.join(where)} GROUP BY ALL"
         )
         rows = self.con.execute(sql, params).fetchall()
         n = 1 + len(group)
@@ -458,7 +519,7 @@ def breakdown_query(rng: random.Random, now: datetime) -> dict[str, Any]:
     q: dict[str, Any] = {"limit": rng.choice([3, 7, 50])}
     gran = rng.choice(["day", "week", "month"])
     q["granularity"] = gran
-    group = [g for g in ("sku", "store_id") if rng.random() < 0.6]
+    group = [g for g in ("sku", "store_id", "category", "region") if rng.random() < 0.45]
     if group:
         q["group_by"] = ",".join(group)
     skus = rng.sample(SKUS, rng.randint(0, 2))
@@ -466,6 +527,10 @@ def breakdown_query(rng: random.Random, now: datetime) -> dict[str, Any]:
         q["sku"] = ",".join(skus)
     if rng.random() < 0.4:
         q["store_id"] = ",".join(rng.sample(STORES, 2))
+    if rng.random() < 0.3:
+        q["category"] = ",".join(rng.sample(CATEGORIES, rng.randint(1, 2)))
+    if rng.random() < 0.2:
+        q["region"] = rng.choice(REGIONS)
     a = now.date() - timedelta(days=rng.randint(0, 60))
     b = a + timedelta(days=rng.randint(0, 60))
     q["start"], q["end"] = a.isoformat(), b.isoformat()
@@ -837,7 +902,14 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
     gen = Generator(log, rng, now)
     workers = [SpeedWorker(settings, i, WORKERS, tmp_path) for i in range(WORKERS)]
     try:
-        # 1. History (with its own duplicates and bad events), ingested, batch run 1.
+        # 1. History (with its own duplicates and bad events), ingested, batch run 1. The
+        #    catalog first: every SKU but the last, every store but the last (ids no record
+        #    describes count under a null category / region).
+        for sku in SKUS[:-1]:
+            gen.product(sku)
+        for store in STORES[:-1]:
+            gen.store(store)
+        gen.bad_reference()
         gen.mixed(
             orders=500, reviews=100, late=20, redeliveries=20, conflicts=8, bad=15, recent=(0, 35)
         )
@@ -887,6 +959,7 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
                 bad=10,
                 old_pool=history,
             )
+            gen.catalog_changes(8)  # re-categorised after run 1: the speed layer's to apply
             for w in workers:
                 w.wait_caught_up(log.ends())
             check.check_step("live after run 1", run_id=run1)
@@ -900,10 +973,12 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
             gen.mixed(
                 orders=rng.randint(80, 160), reviews=20, late=5, redeliveries=10, conflicts=3, bad=5
             )
+            gen.catalog_changes(4)
             ingest_until_end(settings)
             gen.mixed(
                 orders=rng.randint(60, 120), reviews=15, late=5, redeliveries=10, conflicts=3, bad=5
             )
+            gen.catalog_changes(4)
             run2 = run_batch(settings, spark=spark)
             assert run2 != run1
             # Right away: the API may still hold run 1 while workers prune to run 2; every
@@ -958,6 +1033,7 @@ def test_merged_answers_equal_a_full_recompute_through_runs_duplicates_and_crash
             for w in workers:
                 w.kill9()
             gen.mixed(orders=60, reviews=10, late=5, redeliveries=5, conflicts=2, bad=3)
+            gen.catalog_changes(6)
             for w in workers:
                 w.start()
             for w in workers:

@@ -131,6 +131,9 @@ def test_every_engine_types_a_measure_as_the_view_defines_it(view, granularity, 
     served = con.sql(f"SELECT * FROM {name}").to_arrow_table().schema
     for schema in (delta, speed, served):
         got = {name: str(schema.field(name).type) for name in want}
-        assert got == {n: {"int64": "int64", "float64": "double"}[t] for n, t in want.items()}
+        assert got == {
+            n: {"int64": "int64", "float64": "double", "string": "string"}[t]
+            for n, t in want.items()
+        }
     # The dimensions and period line up too (names and order), run_id and means aside.
     assert served.names == speed.names == [c for c, _ in view.partial_columns(granularity)]

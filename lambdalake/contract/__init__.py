@@ -1,6 +1,7 @@
 """The contract every part of lambdalake builds to: read these to know the system.
 
-* :mod:`~lambdalake.contract.events` - the events (orders, reviews): fields, keys and the
+* :mod:`~lambdalake.contract.events` - the topics (events: orders, reviews; reference data:
+  products, stores): fields, keys and the
   rules that make a message valid or quarantine it with a reason;
   :mod:`~lambdalake.contract.validation` applies them (a plain reference and the
   vectorised validator every consumer runs).

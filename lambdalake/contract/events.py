@@ -1,5 +1,6 @@
-"""Event contracts for the ``orders`` and ``reviews`` topics: fields, keys, and the rules
-that make a message valid or quarantine it with a reason.
+"""Event contracts of the topics: ``orders`` and ``reviews`` (events, each counted once) and
+``products`` and ``stores`` (reference data, the last message of an id wins): fields, keys,
+and the rules that make a message valid or quarantine it with a reason.
 
 Reasons are low-cardinality strings ``kind`` or ``kind:field`` (they are metric
 labels and quarantine groupings):
@@ -43,7 +44,7 @@ In detail (where the architecture is silent, these are the decisions):
 
 Field domains. Lengths count Unicode code points (as Python's ``len``):
 
-- ids (``event_id``, ``review_id``, ``store_id``, ``sku``): string, 1..256 chars.
+- ids (``event_id``, ``review_id``, ``store_id``, ``sku``): string, 1..256 chars, not ``*``.
 - ``event_time``: an RFC 3339 string with a mandatory offset,
   ``YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`` (separator ``T``, ``t`` or a space;
   ``z`` allowed; offsets up to 23:59), normalised to UTC, digits beyond microseconds
@@ -66,6 +67,13 @@ Field domains. Lengths count Unicode code points (as Python's ``len``):
 - ``title``: optional string (null allowed), at most 1,000 chars (``out_of_range:title``).
 - ``text``: required string, may be empty; over 20,000 chars is ``oversize:text``.
 - ``customer_id``: optional string (null allowed).
+- ``category`` (products), ``region`` (stores): a string of 1..256 chars.
+- ``name``, ``brand`` (products), ``name``, ``city`` (stores): optional strings (null
+  allowed), at most 1,000 chars (``out_of_range``).
+
+Reference data (``products``, ``stores``) has no ``event_time``: a message is the id's
+record as of its place in the log, and the last message of an id (by offset) wins, for
+all history (a type-1 dimension; see :data:`REFERENCE_TOPICS`).
 
 The validators that apply these rules, a plain reference and the vectorised one every
 consumer runs, are in :mod:`lambdalake.contract.validation`.
@@ -117,10 +125,46 @@ REVIEW_FIELDS = [
     pa.field("customer_id", pa.string(), nullable=True),
 ]
 
-FIELDS_BY_TOPIC = {"orders": ORDER_FIELDS, "reviews": REVIEW_FIELDS}
+PRODUCT_FIELDS = [
+    pa.field("sku", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("name", pa.string(), nullable=True),
+    pa.field("brand", pa.string(), nullable=True),
+]
 
-# The idempotency key of each topic's events.
-KEY_BY_TOPIC = {"orders": "event_id", "reviews": "review_id"}
+STORE_FIELDS = [
+    pa.field("store_id", pa.string(), nullable=False),
+    pa.field("region", pa.string(), nullable=False),
+    pa.field("name", pa.string(), nullable=True),
+    pa.field("city", pa.string(), nullable=True),
+]
+
+FIELDS_BY_TOPIC = {
+    "orders": ORDER_FIELDS,
+    "reviews": REVIEW_FIELDS,
+    "products": PRODUCT_FIELDS,
+    "stores": STORE_FIELDS,
+}
+
+# Topics of events: each event counts once, the first of a key in the log wins (a
+# redelivery is a duplicate). Topics of reference data: each message is an id's whole
+# record, the last of an id in the log wins (a change applies to all history).
+EVENT_TOPICS = ("orders", "reviews")
+REFERENCE_TOPICS = ("products", "stores")
+TOPICS = (*EVENT_TOPICS, *REFERENCE_TOPICS)
+
+# The key of each topic: an event's idempotency key, a reference record's id.
+KEY_BY_TOPIC = {
+    "orders": "event_id",
+    "reviews": "review_id",
+    "products": "sku",
+    "stores": "store_id",
+}
+
+
+def timed(topic: str) -> bool:
+    """The topic's messages carry ``event_time`` (and so ``event_date``)."""
+    return any(f.name == "event_time" for f in FIELDS_BY_TOPIC[topic])
 
 
 # --------------------------------------------------------------------------------------
@@ -133,11 +177,13 @@ MIN_EVENT_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in epoch microseconds
 MAX_EVENT_US = 4_102_444_800_000_000  # 2100-01-01T00:00:00Z, exclusive
 US_PER_DAY = 86_400_000_000
 
+EVENT_DATE = pa.field("event_date", pa.date32(), nullable=False)
+
 VALID_SCHEMA_BY_TOPIC: dict[str, pa.Schema] = {
     topic: pa.schema(
         [
             *fields,
-            pa.field("event_date", pa.date32(), nullable=False),
+            *([EVENT_DATE] if timed(topic) else []),
             pa.field("_partition", pa.int32(), nullable=False),
             pa.field("_offset", pa.int64(), nullable=False),
         ]
@@ -183,6 +229,8 @@ KIND_RATING, KIND_TITLE, KIND_TEXT, KIND_OPTIONAL_STRING = (
     "text",
     "optional_string",
 )
+# A required label (``category``, ``region``): a string of 1..MAX_ID_CHARS chars.
+KIND_LABEL = "label"
 
 CHECKS_BY_TOPIC: dict[str, list[tuple[str, str]]] = {
     "orders": [
@@ -202,6 +250,19 @@ CHECKS_BY_TOPIC: dict[str, list[tuple[str, str]]] = {
         ("title", KIND_TITLE),
         ("text", KIND_TEXT),
         ("customer_id", KIND_OPTIONAL_STRING),
+    ],
+    # An optional name is checked as a title is (a string of at most MAX_TITLE_CHARS).
+    "products": [
+        ("sku", KIND_ID),
+        ("category", KIND_LABEL),
+        ("name", KIND_TITLE),
+        ("brand", KIND_TITLE),
+    ],
+    "stores": [
+        ("store_id", KIND_ID),
+        ("region", KIND_LABEL),
+        ("name", KIND_TITLE),
+        ("city", KIND_TITLE),
     ],
 }
 

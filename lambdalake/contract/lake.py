@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from lambdalake.contract.events import ORDER_FIELDS, REVIEW_FIELDS
-from lambdalake.contract.views import SALES, SENTIMENT, aggregate_tables
+from lambdalake.contract.events import EVENT_DATE, FIELDS_BY_TOPIC, TOPICS, timed
+from lambdalake.contract.views import PRODUCTS, SALES, SENTIMENT, STORES, aggregate_tables
 
 MASTER_ORDERS = "master/orders"
 MASTER_REVIEWS = "master/reviews"
+MASTER_PRODUCTS = "master/products"
+MASTER_STORES = "master/stores"
 QUARANTINE = "quarantine"
 RUNS = "runs"
 # The aggregate views' tables are named by their definitions (``lambdalake.contract.views``).
@@ -27,6 +29,8 @@ VIEW_WEEKLY_SALES = SALES.tables["week"]
 VIEW_MONTHLY_SALES = SALES.tables["month"]
 VIEW_SENTIMENT_BY_SKU = SENTIMENT.tables[None]
 VIEW_SENTIMENT_WEEKLY = SENTIMENT.tables["week"]
+DIM_PRODUCTS = PRODUCTS.tables[None]
+DIM_STORES = STORES.tables[None]
 VIEW_DEMAND_FORECAST = "views/demand_forecast"
 VIEW_FORECAST_ACCURACY = "views/forecast_accuracy"
 VIEW_REVIEW_SCORES = "views/review_scores"
@@ -54,7 +58,12 @@ PUBLISHED_VIEWS = (
 )
 BATCH_VIEWS = tuple(v.table for v in PUBLISHED_VIEWS)
 
-MASTER_TABLE_BY_TOPIC = {"orders": MASTER_ORDERS, "reviews": MASTER_REVIEWS}
+MASTER_TABLE_BY_TOPIC = {
+    "orders": MASTER_ORDERS,
+    "reviews": MASTER_REVIEWS,
+    "products": MASTER_PRODUCTS,
+    "stores": MASTER_STORES,
+}
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
@@ -66,13 +75,18 @@ LINEAGE_FIELDS = [
     pa.field("_ingested_at", UTC_TS, nullable=False),
 ]
 
-MASTER_ORDERS_SCHEMA = pa.schema(
-    [*ORDER_FIELDS, pa.field("event_date", pa.date32(), nullable=False), *LINEAGE_FIELDS]
-)
-MASTER_REVIEWS_SCHEMA = pa.schema(
-    [*REVIEW_FIELDS, pa.field("event_date", pa.date32(), nullable=False), *LINEAGE_FIELDS]
-)
-MASTER_SCHEMA_BY_TOPIC = {"orders": MASTER_ORDERS_SCHEMA, "reviews": MASTER_REVIEWS_SCHEMA}
+# A master table: the topic's fields, ``event_date`` (a timed topic's, its partition
+# column), the lineage. Reference data has no time: its tables are not partitioned.
+MASTER_SCHEMA_BY_TOPIC = {
+    topic: pa.schema(
+        [*FIELDS_BY_TOPIC[topic], *([EVENT_DATE] if timed(topic) else []), *LINEAGE_FIELDS]
+    )
+    for topic in TOPICS
+}
+MASTER_ORDERS_SCHEMA = MASTER_SCHEMA_BY_TOPIC["orders"]
+MASTER_REVIEWS_SCHEMA = MASTER_SCHEMA_BY_TOPIC["reviews"]
+# The column each master table is partitioned by (none for reference data).
+MASTER_PARTITION_BY = {t: (["event_date"] if timed(t) else None) for t in TOPICS}
 
 QUARANTINE_SCHEMA = pa.schema(
     [

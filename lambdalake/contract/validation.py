@@ -40,6 +40,7 @@ from lambdalake.contract.events import (
     FIELDS_BY_TOPIC,
     KIND_CURRENCY,
     KIND_ID,
+    KIND_LABEL,
     KIND_OPTIONAL_STRING,
     KIND_PRICE,
     KIND_QUANTITY,
@@ -62,6 +63,7 @@ from lambdalake.contract.events import (
     VALID_SCHEMA_BY_TOPIC,
     Validated,
     checks_of,
+    timed,
 )
 
 # --------------------------------------------------------------------------------------
@@ -209,6 +211,12 @@ def _check_field(kind: str, v: Any, latest_us: int) -> Any:
         return v
     if kind == KIND_TIME:
         return _check_time(v, latest_us)
+    if kind == KIND_LABEL:
+        if not isinstance(v, str):
+            raise _Reject("wrong_type")
+        if not 1 <= len(v) <= MAX_ID_CHARS:
+            raise _Reject("out_of_range")
+        return v
     if kind in (KIND_QUANTITY, KIND_RATING):
         if not _is_int(v):
             raise _Reject("wrong_type")
@@ -295,7 +303,8 @@ def _reference(
             event[name] = _check_field(kind, v, latest_us)
         except _Reject as r:
             return f"{r.reason}:{name}"
-    event["event_date"] = event["event_time"].date()
+    if "event_time" in event:
+        event["event_date"] = event["event_time"].date()
     return event
 
 
@@ -321,7 +330,15 @@ def _suspect_pattern(topic: str) -> str:
 
 
 _SUSPECT_BY_TOPIC = {topic: _suspect_pattern(topic) for topic in CHECKS_BY_TOPIC}
-_STRING_KINDS = {KIND_ID, KIND_TIME, KIND_CURRENCY, KIND_TITLE, KIND_TEXT, KIND_OPTIONAL_STRING}
+_STRING_KINDS = {
+    KIND_ID,
+    KIND_LABEL,
+    KIND_TIME,
+    KIND_CURRENCY,
+    KIND_TITLE,
+    KIND_TEXT,
+    KIND_OPTIONAL_STRING,
+}
 _INTEGER_KINDS = {KIND_TIME, KIND_QUANTITY, KIND_RATING}
 _NUMBER_KINDS = {KIND_TIME, KIND_QUANTITY, KIND_RATING, KIND_PRICE}
 
@@ -408,6 +425,12 @@ def _field_reason_value_sql(name: str, kind: str) -> tuple[str, str]:
             f"THEN {out_of_range} END"
         )
         return reason, v
+    if kind == KIND_LABEL:
+        reason = (
+            f"CASE WHEN {miss} THEN {missing} WHEN {v} IS NULL THEN {wrong} "
+            f"WHEN length({v}) NOT BETWEEN 1 AND {MAX_ID_CHARS} THEN {out_of_range} END"
+        )
+        return reason, v
     if kind == KIND_TIME:
         # $1: the exclusive upper bound of this execution (the clock plus the skew).
         in_range = f"ts_us >= {MIN_EVENT_US} AND ts_us < $1"
@@ -486,8 +509,9 @@ def _build_sql(topic: str) -> str:
         ["*", *[f"j.{name} AS e_{name}" for name in names]],
         ["*", *[col for name, kind in checks for col in _field_columns_sql(name, kind)]],
     ]
-    time_field = next(name for name, kind in checks if kind == KIND_TIME)
-    steps += [["*", *cols] for cols in _time_steps_sql(time_field)]
+    time_field = next((name for name, kind in checks if kind == KIND_TIME), None)
+    if time_field is not None:
+        steps += [["*", *cols] for cols in _time_steps_sql(time_field)]
     reasons, values = [], []
     for name, kind in checks:
         reason, value = _field_reason_value_sql(name, kind)
@@ -567,7 +591,8 @@ class _Engine:
 
     def validate(self, topic: str, text: pa.Array, suspect: pa.Array, latest_us: int) -> pa.Table:
         batch = pa.table({"s": text, "suspect": suspect})
-        return self._run(self.batch, batch, f"validate_{topic}", latest_us)
+        args = (latest_us,) if timed(topic) else ()  # the time bound is the one parameter
+        return self._run(self.batch, batch, f"validate_{topic}", *args)
 
 
 _local = threading.local()
@@ -688,14 +713,15 @@ def _validate(
         )
 
     ok = pc.is_null(reason)
-    ts_us = pc.filter(columns["event_time"], ok)
     valid_cols = []
     for field in FIELDS_BY_TOPIC[topic]:
         if field.type == UTC_TS:
-            valid_cols.append(ts_us.view(UTC_TS))
+            valid_cols.append(pc.filter(columns[field.name], ok).view(UTC_TS))
         else:
             valid_cols.append(pc.filter(columns[field.name], ok).cast(field.type))
-    valid_cols.append(pc.divide(ts_us, US_PER_DAY).cast(pa.int32()).view(pa.date32()))
+    if timed(topic):
+        ts_us = pc.filter(columns["event_time"], ok)
+        valid_cols.append(pc.divide(ts_us, US_PER_DAY).cast(pa.int32()).view(pa.date32()))
     valid_cols += [pc.filter(parts, ok), pc.filter(offs, ok)]
     bad = pc.invert(ok)
     rejected = pa.Table.from_arrays(

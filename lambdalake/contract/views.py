@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Agg = Literal["sum", "count", "min", "max"]
+Agg = Literal["sum", "count", "min", "max", "last"]
 Granularity = Literal["hour", "day", "week", "month"]
-MeasureType = Literal["int64", "float64"]
+MeasureType = Literal["int64", "float64", "string"]
 
 # Grains, finest first; ``None`` is "all time" (no period column).
 GRAINS: tuple[Granularity | None, ...] = ("hour", "day", "week", "month", None)
@@ -39,7 +39,7 @@ ROLLS_UP_TO: dict[Granularity | None, frozenset[Granularity | None]] = {
 }
 
 # Each measure type's name per engine (Arrow/Parquet/Delta use the Arrow type).
-DUCKDB_TYPES: dict[str, str] = {"int64": "BIGINT", "float64": "DOUBLE"}
+DUCKDB_TYPES: dict[str, str] = {"int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR"}
 # A period's type per grain: an hour is its UTC start, a day its date, a week its Monday.
 PERIOD_TYPES: dict[str, str] = {
     "hour": "timestamp",
@@ -92,9 +92,22 @@ def rolls_up(a: Granularity | None, b: Granularity | None) -> bool:
     return a == b or b in ROLLS_UP_TO[a]
 
 
+# The place of a message in the log as one number, for "the last message wins": its offset,
+# then its partition (an id a keyed producer sends lives in one partition, where the offset
+# alone orders it; an id seen in several partitions is decided by the higher offset). Exact
+# for offsets below 2**51 and fewer than 4,096 partitions.
+LOG_POSITION = "(_offset * 4096 + _partition)"
+# A reference view's measure holding its record's LOG_POSITION (``last`` measures follow it).
+VERSION = "version"
+
+
 @dataclass(frozen=True)
 class Measure:
-    """A mergeable measure: ``agg(expr)`` over events, merged with ``merge_agg``."""
+    """A mergeable measure: ``agg(expr)`` over events, merged with ``merge_agg``.
+
+    ``last``: the value of the message latest in the log, by the view's ``version`` measure
+    (``max(LOG_POSITION)``); merged by taking the row with the highest version. A missing
+    value is kept as ``''`` (both engines' ``max_by`` would skip a NULL otherwise)."""
 
     name: str
     expr: str
@@ -103,24 +116,31 @@ class Measure:
 
     @property
     def merge_agg(self) -> str:
-        return {"sum": "SUM", "count": "SUM", "min": "MIN", "max": "MAX"}[self.agg]
+        return {"sum": "SUM", "count": "SUM", "min": "MIN", "max": "MAX", "last": "LAST"}[self.agg]
 
     def aggregate_sql(self) -> str:
         if self.agg == "count":
             return f"COUNT({self.expr}) AS {self.name}"
+        if self.agg == "last":
+            return f"max_by(coalesce({self.expr}, ''), {LOG_POSITION}) AS {self.name}"
         return f"{self.agg.upper()}({self.expr}) AS {self.name}"
 
     def merge_sql(self, column: str | None = None) -> str:
+        if self.agg == "last":
+            return f"max_by({column or self.name}, {VERSION}) AS {self.name}"
         return f"{self.merge_agg}({column or self.name}) AS {self.name}"
 
     def combine(self, a: float | int | None, b: float | int | None) -> float | int | None:
-        """Merge two partial values in Python (``None`` = no events)."""
+        """Merge two partial values in Python (``None`` = no events); a ``last`` measure is
+        merged by :meth:`ViewDef.combine_rows`, which knows the rows' versions."""
         if a is None:
             return b
         if b is None:
             return a
         if self.merge_agg == "SUM":
             return a + b
+        if self.merge_agg == "LAST":
+            raise ValueError(f"{self.name}: a last value is merged by row (combine_rows)")
         return min(a, b) if self.merge_agg == "MIN" else max(a, b)
 
 
@@ -168,6 +188,10 @@ class ViewDef:
     tables: Mapping[Granularity | None, str]
     default_grain: Granularity | None  # the grain of a question that names none
     derived: tuple[Mean, ...] = field(default_factory=tuple)
+    # Events (``first``): the first of a key in the log counts, later ones are duplicates
+    # (dedup_rank_sql). Reference data (``last``): every message counts, and the view keeps
+    # each id's last record (``last`` measures); nothing is deduplicated.
+    wins: Literal["first", "last"] = "first"
 
     @property
     def grains(self) -> tuple[Granularity | None, ...]:
@@ -303,8 +327,12 @@ class ViewDef:
     def combine_rows(self, a: dict, b: dict) -> dict:
         """Merge two partial rows (same keys) in Python."""
         out = dict(a)
+        later = b if (b.get(VERSION) or -1) > (a.get(VERSION) or -1) else a
         for m in self.measures:
-            out[m.name] = m.combine(a.get(m.name), b.get(m.name))
+            if m.agg == "last":
+                out[m.name] = later.get(m.name)
+            else:
+                out[m.name] = m.combine(a.get(m.name), b.get(m.name))
         return out
 
 
@@ -351,9 +379,41 @@ SENTIMENT = ViewDef(
     ),
 )
 
-VIEWS = {v.name: v for v in (SALES, SENTIMENT)}
+# Reference data: each id's record, the last message of the id in the log winning (type-1:
+# a change applies to all history). ``messages`` counts every message of the id, ``version``
+# is the latest one's place in the log (LOG_POSITION), the other measures its fields. Sales
+# are broken down by ``category`` and ``region`` by joining these at question time.
+
+
+def _reference_view(name: str, key: str, fields: tuple[str, ...]) -> ViewDef:
+    return ViewDef(
+        name=name,
+        topic=name,
+        key=key,
+        dimensions=(key,),
+        tables={None: f"dims/{name}"},
+        default_grain=None,
+        measures=(
+            Measure("messages", "*", "count"),
+            Measure(VERSION, LOG_POSITION, "max"),
+            *(Measure(f, f, "last", "string") for f in fields),
+        ),
+        wins="last",
+    )
+
+
+PRODUCTS = _reference_view("products", "sku", ("category", "name", "brand"))
+STORES = _reference_view("stores", "store_id", ("region", "name", "city"))
+# The attribute of each reference view that sales can be broken down by (and filtered on).
+SALES_ATTRIBUTES: dict[str, tuple[ViewDef, str]] = {
+    "category": (PRODUCTS, "sku"),
+    "region": (STORES, "store_id"),
+}
+
+VIEWS = {v.name: v for v in (SALES, SENTIMENT, PRODUCTS, STORES)}
 VIEWS_BY_TOPIC: dict[str, tuple[ViewDef, ...]] = {
-    t: tuple(v for v in VIEWS.values() if v.topic == t) for t in ("orders", "reviews")
+    t: tuple(v for v in VIEWS.values() if v.topic == t)
+    for t in ("orders", "reviews", "products", "stores")
 }
 
 

@@ -20,6 +20,7 @@ from serving.params import (
     check_int,
     group_by_list,
     id_list,
+    label_list,
     sales_order,
     sales_range,
 )
@@ -63,6 +64,22 @@ async def get_sales(
         list[str] | None,
         Query(
             description="Only these stores (repeat or comma list). Omit for all.", examples=["S001"]
+        ),
+    ] = None,
+    category: Annotated[
+        list[str] | None,
+        Query(
+            description="Only SKUs of these categories, as the `products` topic says now "
+            "(repeat or comma list). Omit for all.",
+            examples=["Kitchen"],
+        ),
+    ] = None,
+    region: Annotated[
+        list[str] | None,
+        Query(
+            description="Only stores of these regions, as the `stores` topic says now (repeat "
+            "or comma list). Omit for all.",
+            examples=["West"],
         ),
     ] = None,
     start: Annotated[
@@ -141,7 +158,10 @@ async def get_sales(
     partials for every event at or above that run's offset watermark. Examples:
     `granularity=week&group_by=store_id` (units per store per week),
     `granularity=month&group_by=sku&order=revenue_desc&limit=20` (the 20 best-selling
-    SKUs of each month).
+    SKUs of each month), `granularity=week&group_by=category` (units per category per
+    week), `granularity=month&group_by=region&region=West` (one region by month).
+    Categories and regions are type-1: a SKU re-categorised counts under its new category
+    for all of its history, within seconds of the `products` message.
     """
     form = negotiate(format, request.headers.get("accept"))
     rng = sales_range(start, end, granularity, today=service.today(), now=service.clock())
@@ -150,6 +170,8 @@ async def get_sales(
         skus=id_list(sku, "sku"),
         stores=id_list(store_id, "store_id"),
         group_by=group_by_list(group_by),
+        categories=label_list(category, "category"),
+        regions=label_list(region, "region"),
         order=sales_order(order),
         limit=check_int(limit, "limit", low=1, high=MAX_LIMIT, default=DEFAULT_LIMIT),
         cursor=cursor,
