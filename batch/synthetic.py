@@ -27,7 +27,7 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-from lambdalake.contract.lake import MASTER_SCHEMA_BY_TOPIC, Lake
+from lambdalake.contract.lake import MASTER_PARTITION_BY, MASTER_SCHEMA_BY_TOPIC, Lake
 from lambdalake.contract.manifest import ingest_app_id
 
 
@@ -321,7 +321,7 @@ def write_master(
             uri,
             chunk,
             mode="append",
-            partition_by=["event_date"],
+            partition_by=MASTER_PARTITION_BY[topic],
             storage_options=lake.storage_options,
             commit_properties=CommitProperties(
                 app_transactions=[
@@ -339,10 +339,50 @@ def _chunks(table: pa.Table, n: int) -> Iterable[pa.Table]:
         yield table.slice(start, size)
 
 
+CATEGORIES = ("Kitchen", "Garden", "Toys", "Books", "Sports")
+REGIONS = ("North", "South", "East", "West")
+
+
+def synthetic_catalog(spec: SalesSpec) -> dict[str, pa.Table]:
+    """Master rows of the ``products`` and ``stores`` topics for ``spec``'s ids: a record per
+    SKU and store, then (deterministically) a second one for every third SKU, re-categorised,
+    and every second store, moved: the last one of each id is the record that holds."""
+    rng = np.random.default_rng(spec.seed + 7)
+    out = {}
+    for topic, ids, attr, values in (
+        ("products", [sku_name(i) for i in range(spec.skus)], "category", CATEGORIES),
+        ("stores", [store_name(i) for i in range(spec.stores)], "region", REGIONS),
+    ):
+        rows = [(i, str(values[int(rng.integers(len(values)))])) for i in ids]
+        every = 3 if topic == "products" else 2
+        rows += [(i, str(values[int(rng.integers(len(values)))])) for i in ids[::every]]
+        schema = MASTER_SCHEMA_BY_TOPIC[topic]
+        key = schema.names[0]
+        part = np.array([partition_of(i, spec.partitions) for i, _ in rows], dtype=np.int32)
+        offsets = _assign_offsets(part, np.arange(len(rows)), spec.partitions)
+        cols: dict[str, list | np.ndarray] = {
+            key: [i for i, _ in rows],
+            attr: [v for _, v in rows],
+            "name": [f"{i} name" for i, _ in rows],
+            "_topic": [topic] * len(rows),
+            "_partition": part,
+            "_offset": offsets,
+            "_ingested_at": [datetime.now(UTC)] * len(rows),
+        }
+        for f in schema:
+            cols.setdefault(f.name, [None] * len(rows))
+        out[topic] = pa.table(
+            {f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema
+        )
+    return out
+
+
 def build_master(lake: Lake, spec: SalesSpec, *, commits: int = 1) -> dict[str, pa.Table]:
-    """Generate orders and reviews for ``spec`` and append them to the lake's master tables."""
+    """Generate orders, reviews and the catalog (products, stores) for ``spec`` and append
+    them to the lake's master tables."""
     orders = synthetic_orders(spec)
     reviews = synthetic_reviews(spec, orders)
-    write_master(lake, "orders", orders, partitions=spec.partitions, commits=commits)
-    write_master(lake, "reviews", reviews, partitions=spec.partitions, commits=commits)
-    return {"orders": orders, "reviews": reviews}
+    written = {"orders": orders, "reviews": reviews, **synthetic_catalog(spec)}
+    for topic, table in written.items():
+        write_master(lake, topic, table, partitions=spec.partitions, commits=commits)
+    return written

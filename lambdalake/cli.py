@@ -451,6 +451,40 @@ def status(
 
 
 @app.command()
+def sql(
+    statement: Annotated[str, typer.Argument(help="One SELECT statement (DuckDB dialect).")],
+    api: Annotated[
+        str | None,
+        typer.Option(
+            "--api",
+            help="The API's URL (default LAMBDALAKE_API_URL, else "
+            "http://LAMBDALAKE_API_HOST:LAMBDALAKE_API_PORT).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Default LAMBDALAKE_API_KEY.")
+    ] = None,
+    output: Annotated[
+        str, typer.Option("--format", help="table (default), csv or json.")
+    ] = "table",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 60.0,
+) -> None:
+    """SQL over the merged views of a running API (POST /v1/sql); see docs/sql.md."""
+    from lambdalake.ops.sql_client import api_url, run_sql
+
+    settings = _settings(None, None)
+    _run(
+        lambda: run_sql(
+            statement,
+            url=(api or api_url(settings)).rstrip("/"),
+            api_key=api_key if api_key is not None else (settings.api_key or None),
+            output=output,
+            timeout=timeout,
+        )
+    )
+
+
+@app.command()
 def airflow(
     port: Annotated[int, typer.Option(help="Port of the Airflow UI.")] = 8080,
     bootstrap: Bootstrap = None,

@@ -125,6 +125,24 @@ class Settings(BaseSettings):
         description="Longest a request may wait (since its bytes reached the machine) to "
         "start while a backlog stands; later ones get 503.",
     )
+    api_url: str = Field(
+        "",
+        description="The API the CLI's `sql` command asks; empty: "
+        "http://LAMBDALAKE_API_HOST:LAMBDALAKE_API_PORT.",
+    )
+    api_key: str = Field("", description="The key the CLI's `sql` command sends (X-API-Key).")
+    sql_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="A SQL statement is interrupted after this long."
+    )
+    sql_max_rows: int = Field(
+        100_000, ge=1, description="Rows a SQL answer holds at most (`truncated` beyond)."
+    )
+    sql_memory_limit: str = Field(
+        "1GB", description="DuckDB memory_limit of each SQL statement (e.g. 512MB, 2GB)."
+    )
+    sql_concurrency: int = Field(
+        2, ge=1, description="SQL statements one API process runs at once (more get 429)."
+    )
     speed_endpoints: str = Field(
         "", description="Comma-separated grpc://HOST:PORT of speed workers for the API."
     )

@@ -32,7 +32,7 @@ from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToo
 from serving.deps import check_api_keys, require_api_key
 from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
-from serving.routers import alerts, forecast, sales, sentiment, system
+from serving.routers import alerts, forecast, reference, sales, sentiment, sql, system
 from serving.served_run import BatchCache, ViewMissing
 from serving.service import CursorExpired, QueryService
 from serving.speed_client import SpeedClient
@@ -161,7 +161,7 @@ def create_app(
     app.state.batch = batch
 
     auth = [Depends(require_api_key)]
-    for module in (sales, forecast, sentiment, alerts):
+    for module in (sales, reference, sql, forecast, sentiment, alerts):
         app.include_router(module.router, dependencies=auth)
     app.include_router(system.router)
     app.include_router(dashboard.router)

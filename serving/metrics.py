@@ -112,6 +112,19 @@ class ApiMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.sql_statements = Counter(
+            "lambdalake_sql_statements",
+            "SQL statements by outcome (ok, refused, failed, timeout, memory, busy).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.sql_seconds = Histogram(
+            "lambdalake_sql_statement_seconds",
+            "Time to answer a SQL statement (merge inputs, run, encode), by outcome.",
+            ["outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         self.registry.register(FreshnessCollector(settings, batch))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:

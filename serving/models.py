@@ -301,3 +301,46 @@ class StatusAnswer(BaseModel):
 
 class ErrorAnswer(BaseModel):
     detail: str
+
+
+class Product(BaseModel):
+    sku: str
+    category: str = Field(description="As the SKU's last `products` message says.")
+    name: str | None = None
+    brand: str | None = None
+
+
+class Store(BaseModel):
+    store_id: str
+    region: str = Field(description="As the store's last `stores` message says.")
+    name: str | None = None
+    city: str | None = None
+
+
+class ProductsAnswer(Answer):
+    """Every product record, current (the last message of each SKU, batch + speed merged)."""
+
+    items: list[Product]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "items": [
+                    {"sku": "SKU-00001", "category": "Kitchen", "name": "Pan", "brand": "Acme"}
+                ],
+                "as_of": {
+                    "run_id": "20260101T000000Z-abc123",
+                    "watermark": {},
+                    "speed_offsets": {},
+                },
+                "degraded": False,
+                "missing_partitions": {},
+            }
+        }
+    )
+
+
+class StoresAnswer(Answer):
+    """Every store record, current (the last message of each store, batch + speed merged)."""
+
+    items: list[Store]

@@ -21,6 +21,8 @@ Tables of a snapshot (normalised names; missing views load as empty tables):
 ``accuracy``         sku, store_id, model, mase, coverage_80, coverage_95,
                      n_train_days: each forecast series' backtest
                      (``views/forecast_accuracy``)
+``review_scores``    review_id, sku, event_time, rating, sentiment, label: every
+                     scored review of the run (SQL's ``review_scores``)
 ===================  ===============================================================
 """
 
@@ -39,6 +41,7 @@ from lambdalake.contract.lake import (
     RUNS,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
+    VIEW_REVIEW_SCORES,
     Lake,
 )
 from lambdalake.contract.manifest import RunRecord, Watermark, latest_published_run
@@ -76,6 +79,9 @@ EMPTY_DDL = {
     "model VARCHAR)",
     "accuracy": "CREATE TABLE accuracy (sku VARCHAR, store_id VARCHAR, model VARCHAR, "
     "mase DOUBLE, coverage_80 DOUBLE, coverage_95 DOUBLE, n_train_days BIGINT)",
+    # Every scored review of the run (for SQL; about 100 bytes a review in memory).
+    "review_scores": "CREATE TABLE review_scores (review_id VARCHAR, sku VARCHAR, "
+    "event_time TIMESTAMPTZ, rating INTEGER, sentiment DOUBLE, label VARCHAR)",
 }
 
 # How the forecast tables are filled from their (registered) Arrow source ``src``.
@@ -87,8 +93,14 @@ LOAD_SQL = {
     "CASE WHEN isnan(coverage_80) THEN NULL ELSE coverage_80 END, "
     "CASE WHEN isnan(coverage_95) THEN NULL ELSE coverage_95 END, n_train_days "
     "FROM src ORDER BY sku, store_id",
+    "review_scores": "SELECT review_id, sku, event_time, rating, sentiment, label FROM src "
+    "ORDER BY sku, review_id",
 }
-FORECAST_TABLES = {"forecast": VIEW_DEMAND_FORECAST, "accuracy": VIEW_FORECAST_ACCURACY}
+FORECAST_TABLES = {
+    "forecast": VIEW_DEMAND_FORECAST,
+    "accuracy": VIEW_FORECAST_ACCURACY,
+    "review_scores": VIEW_REVIEW_SCORES,
+}
 
 # Period columns hourly views were written with before the column was named ``hour``.
 _LEGACY_PERIOD = {"hour": ("period", "event_hour", "ts")}

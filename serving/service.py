@@ -27,11 +27,14 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from lambdalake.contract.manifest import Watermark, watermark_to_dict
+from lambdalake.contract.speed_protocol import answer_schema
 from lambdalake.contract.views import (
     ALL,
+    PRODUCTS,
     SALES,
     SALES_ATTRIBUTES,
     SENTIMENT,
+    STORES,
     ViewDef,
     forecast_level,
 )
@@ -44,6 +47,8 @@ from serving.models import (
     DemandAlert,
     ForecastAnswer,
     ForecastPoint,
+    Product,
+    ProductsAnswer,
     SalesAnswer,
     SalesPoint,
     SentimentAnswer,
@@ -52,11 +57,14 @@ from serving.models import (
     SentimentWeek,
     SentimentWeeks,
     SeriesAccuracy,
+    Store,
+    StoresAnswer,
 )
 from serving.params import MAX_LIMIT, Cursor, Granularity, SalesQuery, period_label
 from serving.series import series_key
 from serving.served_run import BatchCache, BatchSnapshot, snapshot_table
 from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
+from serving.sql import SqlLimits, SqlResult, Statement
 from serving.tables import merge_table
 
 T = TypeVar("T")
@@ -358,6 +366,35 @@ class QueryService:
             records[row[key]] = {**row, **{f: row[f] or None for f in strings}}
         return records, speed
 
+    def _records(
+        self, view: ViewDef, attr: str, wanted: tuple[str, ...] | None
+    ) -> tuple[list[dict[str, Any]], Merged]:
+        def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
+            return self.reference(snap, view)
+
+        records, snap, speed = self._merged(compute)
+        keep = None if wanted is None else set(wanted)
+        items = [r for _, r in sorted(records.items()) if keep is None or r[attr] in keep]
+        return items, self._provenance(view.name, snap, speed)
+
+    def products(self, categories: tuple[str, ...] | None) -> ProductsAnswer:
+        items, merged = self._records(PRODUCTS, "category", categories)
+        return ProductsAnswer(
+            items=[Product(**r) for r in items],
+            as_of=merged.as_of,
+            degraded=merged.degraded,
+            missing_partitions=merged.missing,
+        )
+
+    def stores(self, regions: tuple[str, ...] | None) -> StoresAnswer:
+        items, merged = self._records(STORES, "region", regions)
+        return StoresAnswer(
+            items=[Store(**r) for r in items],
+            as_of=merged.as_of,
+            degraded=merged.degraded,
+            missing_partitions=merged.missing,
+        )
+
     def _sales_scope(
         self, snap: BatchSnapshot, q: SalesQuery, max_offsets: Watermark | None
     ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[SpeedResult], tuple | None, tuple | None]:
@@ -476,6 +513,42 @@ class QueryService:
             degraded=merged.degraded,
             missing_partitions=merged.missing,
         )
+
+    # --- SQL ------------------------------------------------------------------------------
+
+    def sql(self, stmt: Statement, limits: SqlLimits) -> tuple[SqlResult, Merged]:
+        """Run a checked statement over the merged tables it names, all as of one run and
+        one set of speed offsets (see :mod:`serving.sql`). Blocks: call it on a thread."""
+        from serving.sql import REVIEW_SCORES, build_inputs, execute
+
+        views = {
+            "sales_hourly": SALES,
+            "sales_daily": SALES,
+            "products": PRODUCTS,
+            "stores": STORES,
+            "review_scores": REVIEW_SCORES,
+        }
+        needed = {views[t].name: views[t] for t in stmt.tables if t in views}
+
+        def compute(snap: BatchSnapshot) -> tuple[Any, SpeedResult]:
+            if "sales_hourly" in stmt.tables:
+                snap.require(SALES, "hour", hint="use sales_daily, or ")
+            results, speed_tables = [], {}
+            for name, view in needed.items():
+                r = self.speed.query(view, SpeedFilter(), snap.watermark, whole=True)
+                results.append(r)
+                schema = answer_schema(view.name, getattr(view, "stored_grain", None))
+                speed_tables[name] = (
+                    pa.concat_tables([t.cast(schema) for t in r.tables])
+                    if r.tables
+                    else schema.empty_table()
+                )
+            batch = {name: t.table for name, t in snap.tables.items()}
+            return build_inputs(stmt.tables, batch, speed_tables), combined(*results)
+
+        inputs, snap, speed = self._merged(compute)
+        merged = self._provenance("sql", snap, speed)
+        return execute(stmt, inputs, limits), merged
 
     # --- forecast -----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from lambdalake.contract.manifest import Watermark
 from lambdalake.contract.speed_protocol import (
+    EventView,
     SpeedAnswer,
     SpeedError,
     SpeedQuery,
@@ -91,6 +92,7 @@ class SpeedResult:
     """Partials from the reachable workers, what they cover, and what is missing."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[pa.Table] = field(default_factory=list)  # ``whole`` answers: each worker's
     offsets: Watermark = field(default_factory=dict)  # topic -> partition -> exclusive upper
     missing: dict[str, list[int]] = field(default_factory=dict)  # topic -> partitions
     stale: bool = False  # a worker has pruned past the requested watermark
@@ -142,6 +144,7 @@ class Partials:
     partitions: dict[str, list[int]]
     offsets: Watermark
     worker: str
+    table: pa.Table | None = None  # a ``whole`` answer: every partial (or event) row
 
 
 @dataclass(frozen=True)
@@ -420,23 +423,61 @@ class SpeedClient:
             rows, answer = direct.table.to_pylist(), direct
         return Partials(rows, answer.partitions, answer.offsets, answer.meta.worker)
 
+    def _whole(
+        self,
+        endpoint: str,
+        view: ViewDef | EventView,
+        min_offsets: Watermark,
+        *,
+        block: bool = True,
+        max_offsets: Watermark | None = None,
+    ) -> Partials | SpeedError:
+        """One worker's every partial of ``view`` at its stored grain (its snapshot when
+        cached), or every held event of an event view (always asked)."""
+        if isinstance(view, ViewDef) and not max_offsets and self.cache_ttl > 0:
+            got = self._snapshot(endpoint, view, min_offsets, block=block)
+            if isinstance(got, SpeedError):
+                return got
+            answer = got.answer if isinstance(got, _Snapshot) else got
+        else:
+            if not block:
+                raise WouldBlock(f"{view.name} from {endpoint} needs a query")
+            grain = view.stored_grain if isinstance(view, ViewDef) else None
+            q = SpeedQuery(
+                view=view.name,
+                granularity=grain,
+                min_offsets=min_offsets,
+                max_offsets=max_offsets or {},
+            )
+            direct = self._ask(endpoint, q)
+            if isinstance(direct, SpeedError):
+                return direct
+            answer = direct
+        return Partials([], answer.partitions, answer.offsets, answer.meta.worker, answer.table)
+
     def query(
         self,
-        view: ViewDef,
+        view: ViewDef | EventView,
         flt: SpeedFilter,
         min_offsets: Watermark,
         *,
         block: bool = True,
         max_offsets: Watermark | None = None,
+        whole: bool = False,
     ) -> SpeedResult:
         """Partials of ``view`` over events at offsets >= ``min_offsets`` (and below
         ``max_offsets``, when given) from every worker.
 
-        ``block=False``: answer from cached snapshots only, or raise :class:`WouldBlock`."""
+        ``block=False``: answer from cached snapshots only, or raise :class:`WouldBlock`.
+        ``whole``: every partial at the view's stored grain (``flt`` unused), or every held
+        event of an :class:`EventView`, as Arrow tables (``SpeedResult.tables``)."""
         statuses = self.statuses()
         endpoints = self.endpoints(statuses)
 
         def one(ep: str) -> Partials | SpeedError:
+            if whole:
+                return self._whole(ep, view, min_offsets, block=block, max_offsets=max_offsets)
+            assert isinstance(view, ViewDef)
             return self._partials(ep, view, flt, min_offsets, block=block, max_offsets=max_offsets)
 
         if len(endpoints) == 1 or not block:  # nothing to wait for in parallel
@@ -463,6 +504,8 @@ class SpeedClient:
                 continue
             covered |= owned
             result.rows.extend(answer.rows)
+            if answer.table is not None:
+                result.tables.append(answer.table)
             for topic, parts in answer.offsets.items():
                 if topic == view.topic:
                     result.offsets.setdefault(topic, {}).update(parts)

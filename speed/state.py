@@ -56,11 +56,14 @@ from lambdalake.contract.events import (
 )
 from lambdalake.contract.manifest import Watermark, watermark_from_json, watermark_to_json
 from lambdalake.contract.speed_protocol import (
+    EVENT_VIEWS,
     AnswerMeta,
+    EventView,
     SpeedQuery,
     answer_schema,
     parse_bound,
     stale_watermark_error,
+    topic_of,
 )
 from lambdalake.contract.views import (
     DUCKDB_TYPES,
@@ -746,8 +749,7 @@ class SpeedState:
 
         Partitions being re-read after a reset are left out of the answer (rows,
         ``partitions``, ``offsets``) and listed in ``rereading``."""
-        view = VIEWS[q.view]
-        topic = view.topic
+        topic = topic_of(q.view)
         with self.snapshot() as cur:
             applied = self._read_applied(cur)
             positions = self._read_positions(cur)
@@ -787,7 +789,11 @@ class SpeedState:
                 or any(lows[p] > pruned.get(p, 0) for p in lows)
                 or any(highs[p] < held_to[p] for p in lows)
             )
-            sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[view.name], exact)
+            if q.view in EVENT_VIEWS:
+                sql, params = _events_sql(EVENT_VIEWS[q.view], q, HELD[topic])
+            else:
+                view = VIEWS[q.view]
+                sql, params = _answer_sql(view, q, HELD[topic], PARTIALS[view.name], exact)
             lows_tbl = pa.table(
                 {
                     "partition": pa.array(list(lows), pa.int32()),
@@ -918,6 +924,20 @@ def period_bounds(
     if hi == LATEST:
         hi = None  # nothing lies beyond the last representable instant
     return lo, hi
+
+
+def _events_sql(view: EventView, q: SpeedQuery, held: str) -> tuple[str, list[Any]]:
+    """SQL for an event view's answer: the held events in each partition's offset range."""
+    sql = (
+        f"SELECT {', '.join(view.schema.names)} FROM {held} h "
+        "JOIN lows_tbl l ON l.partition = h._partition "
+        "WHERE h._offset >= l.low AND h._offset < l.high"
+    )
+    params: list[Any] = []
+    if q.skus is not None:
+        sql += " AND list_contains(?::VARCHAR[], sku)" if q.skus else " AND false"
+        params = [list(q.skus)] if q.skus else []
+    return sql + " ORDER BY h._partition, h._offset", params
 
 
 def _answer_sql(

@@ -61,6 +61,26 @@ def review_event(i: int) -> dict[str, object]:
     return event
 
 
+def product_event(i: int) -> dict[str, object]:
+    event: dict[str, object] = {"sku": f"sku-{i % 17}", "category": f"cat-{i % 4}"}
+    if i % 2:
+        event["name"] = f"product {i}"
+    return event
+
+
+def store_event(i: int) -> dict[str, object]:
+    return {"store_id": f"store-{i % 3}", "region": f"region-{i % 2}", "city": f"city {i}"}
+
+
+EVENTS = {
+    "orders": order_event,
+    "reviews": review_event,
+    "products": product_event,
+    "stores": store_event,
+}
+# The key of each topic's messages (reference data is keyed by its id).
+ID_FIELD = {"orders": "event_id", "reviews": "review_id", "products": "sku", "stores": "store_id"}
+
 INVALID_ORDERS: list[bytes | None] = [
     b"{not json",
     json.dumps({**order_event(0), "quantity": 0}).encode(),  # out of range
@@ -75,6 +95,12 @@ INVALID_REVIEWS: list[bytes | None] = [
     json.dumps({**review_event(0), "rating": 6}).encode(),
     json.dumps({k: v for k, v in review_event(0).items() if k != "text"}).encode(),
 ]
+INVALID = {
+    "orders": INVALID_ORDERS,
+    "reviews": INVALID_REVIEWS,
+    "products": [json.dumps({"sku": "sku-1"}).encode(), b"{", None],
+    "stores": [json.dumps({"store_id": "store-1", "region": ""}).encode(), b"[]"],
+}
 
 
 @dataclass
@@ -95,7 +121,8 @@ def produce_stream(
     stream: Stream | None = None,
     security: dict[str, object] | None = None,
 ) -> Stream:
-    """Produce ``n`` messages (about 85 % orders), 4 % invalid and 3 % redeliveries."""
+    """Produce ``n`` messages (about 85 % orders, 11 % reviews, 2 % each of products and
+    stores), 4 % invalid and 3 % redeliveries."""
     rng = random.Random(seed)
     stream = stream or Stream()
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1, **(security or {}))
@@ -103,17 +130,26 @@ def produce_stream(
     sent_valid: list[tuple[str, bytes]] = []
     started = time.monotonic()
     for i in range(n):
-        topic = "orders" if rng.random() < 0.85 else "reviews"
+        pick = rng.random()
+        topic = (
+            "orders"
+            if pick < 0.85
+            else "reviews"
+            if pick < 0.96
+            else "products"
+            if pick < 0.98
+            else "stores"
+        )
         roll = rng.random()
         if roll < 0.04:
-            value = rng.choice(INVALID_ORDERS if topic == "orders" else INVALID_REVIEWS)
+            value = rng.choice(INVALID[topic])
             valid = False
         elif roll < 0.07 and sent_valid:
             topic, value = rng.choice(sent_valid)  # a redelivery: same bytes, same id
             valid = True
             stream.redeliveries += 1
         else:
-            event = order_event(i) if topic == "orders" else review_event(i)
+            event = EVENTS[topic](i)
             value = json.dumps(event).encode()
             valid = True
             sent_valid.append((topic, value))
@@ -175,7 +211,7 @@ def true_ends(bootstrap: str) -> dict[str, dict[int, int]]:
 
 def master_keys(lake: Lake, topic: str) -> list[tuple[Key, str]]:
     rows = DeltaTable(lake.master(topic)).to_pyarrow_table().to_pylist()
-    id_field = "event_id" if topic == "orders" else "review_id"
+    id_field = ID_FIELD[topic]
     return [((r["_topic"], r["_partition"], r["_offset"]), r[id_field]) for r in rows]
 
 
@@ -200,7 +236,7 @@ def assert_exactly_once(lake: Lake, stream: Stream) -> None:
             f"{topic}: missing {sorted(expected - set(keys))[:5]}, "
             f"unexpected {sorted(set(keys) - expected)[:5]}"
         )
-        id_field = "event_id" if topic == "orders" else "review_id"
+        id_field = ID_FIELD[topic]
         for key, event_id in rows:
             assert json.loads(stream.valid[key])[id_field] == event_id
     q = quarantine_rows(lake)

@@ -48,7 +48,7 @@ from lambdalake.contract.manifest import (
     latest_published_run,
     read_runs,
 )
-from lambdalake.contract.views import forecast_level
+from lambdalake.contract.views import PRODUCTS, STORES, forecast_level
 from lambdalake.errors import OperationFailed
 from lambdalake.settings import Settings
 
@@ -204,6 +204,11 @@ def good_views(orders: pa.Table, reviews: pa.Table) -> dict[str, pa.Table]:
         VIEW_REVIEW_SCORES: pa.Table.from_pylist(scores),
         VIEW_SENTIMENT_BY_SKU: sentiment,
         VIEW_SENTIMENT_WEEKLY: weekly,
+        # No reference data in this lake: its views are published empty.
+        **{
+            v.tables[None]: v.arrow_schema(None, extra=[("run_id", "string")]).empty_table()
+            for v in (PRODUCTS, STORES)
+        },
     }
 
 

@@ -25,8 +25,11 @@ from batch.publish import VIEW_SCHEMAS
 from batch.run import STAGES, InjectedFailure, aggregate_stages, run_batch
 from batch.snapshot import pin_table, read_pinned
 from batch.synthetic import SalesSpec, build_master, synthetic_orders, write_master
+from lambdalake.contract.events import REFERENCE_TOPICS, TOPICS
 from lambdalake.contract.lake import (
     BATCH_VIEWS,
+    DIM_PRODUCTS,
+    DIM_STORES,
     MASTER_ORDERS,
     MASTER_REVIEWS,
     RUNS,
@@ -308,6 +311,33 @@ def test_published_forecast_levels_add_up(published):
     assert "/levels:" in run.model_versions["forecast"]
 
 
+def test_reference_views_hold_each_ids_last_record(published):
+    """``dims/products`` and ``dims/stores``: one row per id, the fields of its last message
+    (by offset, then partition), every message counted; re-categorised SKUs included."""
+    lake, run, written, _ = published
+    con = duck(lake, run)
+    for topic, key, attr, table in (
+        ("products", "sku", "category", DIM_PRODUCTS),
+        ("stores", "store_id", "region", DIM_STORES),
+    ):
+        rows = written[topic].to_pylist()
+        last: dict[str, dict] = {}
+        for r in sorted(rows, key=lambda r: (r["_offset"], r["_partition"])):
+            last[r[key]] = r
+        con.register(
+            f"dim_{topic}",
+            DeltaTable(lake.table(table), version=run.view_versions[table]).to_pyarrow_table(),
+        )
+        got = {
+            r[0]: (r[1], r[2])
+            for r in con.execute(f"SELECT {key}, {attr}, messages FROM dim_{topic}").fetchall()
+        }
+        counts = {k: sum(r[key] == k for r in rows) for k in last}
+        assert got == {k: (r[attr], counts[k]) for k, r in last.items()}
+        assert max(counts.values()) > 1, "the fixture re-sends some ids"
+        assert run.row_counts[topic] == len(rows)
+
+
 def test_run_record_lists_the_pin_watermark_views_and_models(published):
     lake, run, written, _ = published
     for topic, table in (("orders", MASTER_ORDERS), ("reviews", MASTER_REVIEWS)):
@@ -383,7 +413,8 @@ def test_failure_before_publish_leaves_the_previous_run_served_and_a_rerun_is_cl
     # Every sales table, the scores and the all-time sentiment came before the failure.
     sales_tables = {table for _, _, table in aggregate_stages("orders")}
     assert {VIEW_DAILY_SALES, VIEW_HOURLY_SALES} <= sales_tables
-    assert set(moved) == sales_tables | {VIEW_REVIEW_SCORES, VIEW_SENTIMENT_BY_SKU}
+    dims = {table for topic in REFERENCE_TOPICS for _, _, table in aggregate_stages(topic)}
+    assert set(moved) == sales_tables | dims | {VIEW_REVIEW_SCORES, VIEW_SENTIMENT_BY_SKU}
     for view, version in first.view_versions.items():
         assert view_at(lake, view, version).equals(before[view])
 
@@ -412,7 +443,7 @@ def test_a_run_over_an_empty_lake_publishes_empty_views_and_says_why(spark, tmp_
     run_id = run_batch(make_settings(root), spark=spark)
     run = latest_published_run(Lake(str(root)).table(RUNS))
     assert run is not None and run.run_id == run_id
-    assert run.master_versions == {} and run.watermark == {"orders": {}, "reviews": {}}
+    assert run.master_versions == {} and run.watermark == {t: {} for t in TOPICS}
     assert all(run.row_counts[v] == 0 for v in VIEWS)
     assert any("master/orders absent" in n for n in run.notes)
     assert any("lexicon" in n for n in run.notes)

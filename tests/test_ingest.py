@@ -162,7 +162,8 @@ def test_master_reads_the_same_in_duckdb_and_spark(
         # comes from the partition directories.
         files = DeltaTable(root, version=dt.version()).file_uris()
         df = spark.read.option("basePath", root).parquet(*files)
-        assert dict(df.dtypes)["event_date"] == "date"
+        if "event_date" in columns:  # reference data has no time (nor partitions)
+            assert dict(df.dtypes)["event_date"] == "date"
         spark_exprs = [
             f"unix_micros({n}) AS {n}"
             if n in as_us

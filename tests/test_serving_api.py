@@ -39,7 +39,8 @@ from lambdalake.contract.lake import (
     VIEW_WEEKLY_SALES,
 )
 from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
-from lambdalake.contract.views import PERIOD_COLUMN, forecast_level
+from lambdalake.contract.views import PERIOD_COLUMN, PRODUCTS, forecast_level
+from lambdalake.contract.views import STORES as STORES_VIEW
 from lambdalake.settings import Settings
 from serving.app import create_app, running_server
 
@@ -47,6 +48,10 @@ NOW = datetime(2024, 5, 10, 20, 0, tzinfo=UTC)  # late in the day: low-demand al
 TODAY = NOW.date()
 SKUS = ("A", "B", "C")
 STORES = ("S1", "S2")
+# The run's reference data: C has no product record, S2 no store record (their sales group
+# under a null category / region).
+CATEGORY = {"A": "toys", "B": "food"}
+REGION = {"S1": "west"}
 
 
 # --- writing a lake in the documented shapes -----------------------------------------------
@@ -316,6 +321,19 @@ def write_run(
             VIEW_FORECAST_ACCURACY,
         )
     }
+    for view, key, attr, records in (
+        (PRODUCTS, "sku", "category", CATEGORY),
+        (STORES_VIEW, "store_id", "region", REGION),
+    ):
+        table = view.tables[None]
+        rows = [
+            {key: k, "messages": 1, "version": i * 4096, attr: v, "run_id": run_id}
+            for i, (k, v) in enumerate(sorted(records.items()))
+        ]
+        schema = view.arrow_schema(None, extra=[("run_id", "string")])
+        rmode = "overwrite" if (root / table).exists() else "error"
+        write_deltalake(str(root / table), pa.Table.from_pylist(rows, schema=schema), mode=rmode)
+        views[table] = version(table)
     for table, grain in ((VIEW_WEEKLY_SALES, "week"), (VIEW_MONTHLY_SALES, "month")):
         pmode = "overwrite" if (root / table).exists() else "error"
         write_deltalake(str(root / table), period_sales(orders, run_id, grain), mode=pmode)
@@ -330,7 +348,11 @@ def write_run(
         hmode = "overwrite" if (root / VIEW_HOURLY_SALES).exists() else "error"
         write_deltalake(str(root / VIEW_HOURLY_SALES), hourly_sales(orders, run_id), mode=hmode)
         views[VIEW_HOURLY_SALES] = version(VIEW_HOURLY_SALES)
-    watermark: dict[str, dict[int, int]] = {"orders": {p: 0 for p in range(4)}}
+    watermark: dict[str, dict[int, int]] = {
+        "orders": {p: 0 for p in range(4)},
+        "products": {0: len(CATEGORY)},
+        "stores": {0: len(REGION)},
+    }
     for r in orders:
         p = r["_partition"]
         watermark["orders"][p] = max(watermark["orders"][p], r["_offset"] + 1)
@@ -1018,6 +1040,7 @@ def recompute(
         period = (
             r["event_date"] if granularity == "day" else period_start(r, granularity)
         ).isoformat()
+        r = {**r, "category": CATEGORY.get(r["sku"]), "region": REGION.get(r["store_id"])}
         a = out[(period, *(r[g] for g in group_by))]
         a[0] += r["quantity"]
         a[1] += r["quantity"] * r["unit_price"]
@@ -1201,3 +1224,61 @@ def test_bad_sales_parameters_are_400s_that_say_what_to_send(
     r = api.get("/v1/sales", params=params)
     assert r.status_code == 400, r.text
     assert fragment in r.json()["detail"]
+
+
+# --- reference data: products and stores ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "group_by", [("category",), ("region",), ("category", "store_id"), ("sku", "region")]
+)
+def test_sales_by_category_and_region_join_the_current_records(
+    api: httpx.Client, lake: Any, group_by: tuple[str, ...]
+) -> None:
+    """Type-1: each SKU's sales count under its category, a store's under its region; ids no
+    record names group under null (kept in JSON and CSV)."""
+    _, orders = lake
+    params = {"granularity": "week", "start": "2024-04-01", "end": "2024-05-31"}
+    body = api.get("/v1/sales", params={**params, "group_by": ",".join(group_by)}).json()
+    assert_same_rows(keyed(body["points"], group_by), recompute(orders, "week", group_by))
+    assert any(None in k[1:] for k in keyed(body["points"], group_by)), "unknown ids are null"
+    assert all(
+        set(p) == {"period", *group_by, "units", "revenue", "order_lines"} for p in body["points"]
+    )
+    csv = api.get("/v1/sales", params={**params, "group_by": ",".join(group_by), "format": "csv"})
+    header = csv.text.splitlines()[0].replace('"', "")
+    assert header == ",".join(["period", *group_by, "units", "revenue", "order_lines"])
+
+
+def test_category_and_region_filters_select_skus_and_stores_by_their_records(
+    api: httpx.Client, lake: Any
+) -> None:
+    _, orders = lake
+    params = {"granularity": "month", "start": "2024-04-01", "end": "2024-05-31"}
+    body = api.get(
+        "/v1/sales", params={**params, "category": "toys,food", "group_by": "sku"}
+    ).json()
+    assert_same_rows(
+        keyed(body["points"], ("sku",)), recompute(orders, "month", ("sku",), skus={"A", "B"})
+    )
+    body = api.get("/v1/sales", params={**params, "region": "west", "sku": "A,C"}).json()
+    want = recompute(orders, "month", (), skus={"A", "C"}, stores={"S1"})
+    assert_same_rows(keyed(body["points"], ()), want)
+    # A category no record names selects nothing (not everything).
+    body = api.get("/v1/sales", params={**params, "category": "garden"}).json()
+    assert body["points"] == []
+    for bad in ({"category": ""}, {"region": "x" * 257}, {"group_by": "brand"}):
+        r = api.get("/v1/sales", params={**params, **bad})
+        assert r.status_code == 400 and r.json()["detail"], r.text
+
+
+def test_products_and_stores_list_the_current_records(api: httpx.Client) -> None:
+    body = api.get("/v1/products").json()
+    assert [(p["sku"], p["category"]) for p in body["items"]] == sorted(CATEGORY.items())
+    assert body["items"][0]["name"] is None  # a field the record left out
+    assert body["as_of"]["watermark"]["products"] == {"0": len(CATEGORY)}
+    body = api.get("/v1/products", params={"category": "food"}).json()
+    assert [p["sku"] for p in body["items"]] == ["B"]
+    body = api.get("/v1/stores").json()
+    assert [(s["store_id"], s["region"]) for s in body["items"]] == sorted(REGION.items())
+    assert api.get("/v1/stores", params={"region": ""}).status_code == 400

@@ -63,9 +63,44 @@ STALE_WATERMARK = "stale watermark"
 DEFAULT = "default"
 
 
+@dataclass(frozen=True)
+class EventView:
+    """Held events answered one row each (not aggregated): a topic's events at or above the
+    watermark, deduplicated as the worker holds them, with ``columns`` of ``schema``."""
+
+    name: str
+    topic: str
+    schema: pa.Schema
+
+
+# Every scored review a worker holds (the SQL table ``review_scores``'s speed side).
+REVIEW_SCORES = EventView(
+    "review_scores",
+    "reviews",
+    pa.schema(
+        [
+            ("review_id", pa.string()),
+            ("sku", pa.string()),
+            ("event_time", pa.timestamp("us", tz="UTC")),
+            ("rating", pa.int32()),
+            ("sentiment", pa.float64()),
+            ("label", pa.string()),
+        ]
+    ),
+)
+EVENT_VIEWS = {REVIEW_SCORES.name: REVIEW_SCORES}
+
+
+def topic_of(view: ViewName) -> str:
+    """The topic a view (aggregate or events) is built from."""
+    return EVENT_VIEWS[view].topic if view in EVENT_VIEWS else VIEWS[view].topic
+
+
 def answer_schema(view: ViewName, granularity: Granularity | None) -> pa.Schema:
     """The Arrow schema of an answer: ``period`` (at a grain; none for all time), dimensions,
-    measures, as the view defines them (``ViewDef.arrow_schema``)."""
+    measures, as the view defines them (``ViewDef.arrow_schema``); an event view's columns."""
+    if view in EVENT_VIEWS:
+        return EVENT_VIEWS[view].schema
     return VIEWS[view].arrow_schema(granularity)
 
 
@@ -111,12 +146,18 @@ class SpeedQuery:
     max_offsets: Watermark = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.view not in VIEWS:
-            raise ValueError(f"unknown view {self.view!r}; expected one of {sorted(VIEWS)}")
-        view = VIEWS[self.view]
-        if self.granularity == DEFAULT:
-            object.__setattr__(self, "granularity", view.default_grain)
-        view.check_grain(self.granularity)  # type: ignore[arg-type]
+        if self.view in EVENT_VIEWS:  # rows, not aggregates: no grain
+            if self.granularity not in (DEFAULT, None):
+                raise ValueError(f"view {self.view} has no grain; it answers held events")
+            object.__setattr__(self, "granularity", None)
+        elif self.view not in VIEWS:
+            names = sorted([*VIEWS, *EVENT_VIEWS])
+            raise ValueError(f"unknown view {self.view!r}; expected one of {names}")
+        else:
+            view = VIEWS[self.view]
+            if self.granularity == DEFAULT:
+                object.__setattr__(self, "granularity", view.default_grain)
+            view.check_grain(self.granularity)  # type: ignore[arg-type]
         # Accept lists from callers, keep the object hashable-by-value.
         for name in ("skus", "stores"):
             value = getattr(self, name)

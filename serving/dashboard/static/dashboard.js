@@ -190,6 +190,33 @@ async function renderSentiment(sku) {
   window.lambdalakeRendered.sentiment = labels.length;
 }
 
+let breakdownChart = null;
+const PALETTE = ["#1c7ed6", "#f08c00", "#2f9e44", "#e03131", "#7048e8", "#0c8599", "#d6336c", "#5c940d", "#868e96"];
+
+// Units per ISO week by category or region: one call (group_by), stacked bars; ids no
+// catalog record names are "(none)". Labels are drawn on the canvas, never parsed as HTML.
+async function renderBreakdown() {
+  const by = document.getElementById("breakdown").value;
+  const start = addDays(isoDay(new Date()), -7 * 12);
+  const body = await api(`/v1/sales?granularity=week&group_by=${by}&start=${start}`);
+  const weeks = [...new Set(body.points.map(p => p.period))].sort();
+  const groups = [...new Set(body.points.map(p => p[by] ?? "(none)"))].sort();
+  const units = new Map(body.points.map(p => [`${p.period}|${p[by] ?? "(none)"}`, p.units]));
+  const datasets = groups.map((g, i) => ({
+    label: g, data: weeks.map(w => units.get(`${w}|${g}`) ?? 0),
+    backgroundColor: PALETTE[i % PALETTE.length], stack: "units",
+  }));
+  if (!breakdownChart) {
+    breakdownChart = new Chart(document.getElementById("breakdown-chart"), {
+      type: "bar", data: { labels: weeks, datasets },
+      options: { animation: false, scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } },
+    });
+  } else {
+    breakdownChart.data.labels = weeks; breakdownChart.data.datasets = datasets; breakdownChart.update("none");
+  }
+  window.lambdalakeRendered.breakdown = groups;
+}
+
 async function renderAlerts() {
   const a = await api("/v1/alerts/demand");
   const body = document.querySelector("#alerts tbody");
@@ -206,6 +233,7 @@ async function refresh() {
     const sku = document.getElementById("sku").value;
     const store = document.getElementById("store").value;
     if (sku) await Promise.all([renderSales(sku, store), renderSentiment(sku)]);
+    await renderBreakdown();
     await renderAlerts();
     window.lambdalakeRendered.refreshes += 1;
     document.body.dataset.rendered = JSON.stringify(window.lambdalakeRendered);
@@ -232,6 +260,7 @@ async function main() {
   });
   document.getElementById("sku").addEventListener("change", refresh);
   document.getElementById("store").addEventListener("change", refresh);
+  document.getElementById("breakdown").addEventListener("change", refresh);
   await start();
   setInterval(() => { if (document.getElementById("key-form").hidden) refresh(); }, REFRESH_MS);
 }
