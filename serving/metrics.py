@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -116,6 +116,11 @@ class ApiMetrics:
             "lambdalake_sql_statements",
             "SQL statements by outcome (ok, refused, failed, timeout, memory, busy).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.sql_running = Gauge(
+            "lambdalake_sql_running",
+            "SQL statements being answered now in this process.",
             registry=self.registry,
         )
         self.sql_seconds = Histogram(

@@ -117,9 +117,11 @@ async def post_sql(
                 f"{limits.concurrency} statements are running in this process "
                 "(LAMBDALAKE_SQL_CONCURRENCY); retry in a second"
             )
+        metrics.sql_running.inc()
         try:
             result, merged = await run_in_threadpool(service.sql, stmt, limits)
         finally:
+            metrics.sql_running.dec()
             gate.release()
     except SqlRefused as exc:
         outcome = "refused"
