@@ -14,7 +14,13 @@ What it does
        * open loop: point queries (one sku, 30 days) at ``--rate`` requests/s for
          ``--duration`` seconds, latency measured from the scheduled send time
          (no coordinated omission): p50/p99.
-    4. Prints a table and one JSON line with every figure.
+       * breakdowns (``/v1/sales`` with ``group_by``): units per category per week over a
+         quarter, the top 20 SKUs per month over a year, revenue per region per month over
+         two years, each open loop at ``--breakdown-rate`` (50/s): p50/p99;
+    4. For this API only: SQL (``POST /v1/sql``: a point lookup, a category x week
+       aggregate over a quarter, a top 20 over a year) at ``--sql-rate`` (20/s) each,
+       beside the same three questions through the endpoints at the same rate.
+    5. Prints a table and one JSON line with every figure.
 
 The load generator (``bench/loadgen.py``: asyncio streams, keep-alive HTTP/1.1, a
 few tens of microseconds of CPU per request) runs on the same machine: on a small
@@ -44,6 +50,15 @@ sys.path.insert(0, str(ROOT))
 
 import loadgen  # noqa: E402  (bench/loadgen.py: the script's own directory is on sys.path)
 
+CATEGORIES = ["Kitchen", "Garden", "Toys", "Books", "Sports", "Beauty", "Office", "Pets"]
+REGIONS = ["North", "South", "West"]
+# Breakdowns (issue: the analyst's questions in one call), each at --breakdown-rate.
+BREAKDOWNS = ("category_week_quarter", "top20_sku_month_year", "region_month_2y")
+# SQL and the same questions through the endpoints, each at --sql-rate.
+SQL_KINDS = ("sql_point", "sql_category_week_quarter", "sql_top20_year")
+# (top 20 through the endpoints ranks per month: the closest one call answers)
+SQL_ENDPOINT_KINDS = ("sales_point", "category_week_quarter", "top20_sku_month_year")
+
 MIX = [  # (kind, weight)
     ("sales_point", 60),
     ("sales_hour_all", 10),
@@ -63,14 +78,19 @@ def build_lake(root: Path, *, skus: int, stores: int, days: int, seed: int) -> d
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
+    from lambdalake.contract.events import TOPICS
     from lambdalake.contract.lake import (
         RUNS,
         VIEW_DAILY_SALES,
         VIEW_DEMAND_FORECAST,
         VIEW_HOURLY_SALES,
+        VIEW_MONTHLY_SALES,
         VIEW_SENTIMENT_BY_SKU,
+        VIEW_WEEKLY_SALES,
     )
     from lambdalake.contract.manifest import RUNS_SCHEMA, RunRecord
+    from lambdalake.contract.views import PRODUCTS
+    from lambdalake.contract.views import STORES as STORES_VIEW
 
     rng = np.random.default_rng(seed)
     run_id = "bench-run"
@@ -155,13 +175,52 @@ def build_lake(root: Path, *, skus: int, stores: int, days: int, seed: int) -> d
         )
     write_deltalake(str(root / VIEW_SENTIMENT_BY_SKU), pa.Table.from_pylist(sent))
 
+    # Weekly and monthly sales: the daily rows rolled up, as the batch layer writes them.
+    import pyarrow.compute as pc
+
+    for table, column, unit in (
+        (VIEW_WEEKLY_SALES, "week", "week"),
+        (VIEW_MONTHLY_SALES, "month", "month"),
+    ):
+        start = pc.floor_temporal(daily["date"], unit=unit, week_starts_monday=True)
+        rolled = (
+            daily.append_column(column, start.cast(pa.date32()))
+            .group_by([column, "store_id", "sku"], use_threads=False)
+            .aggregate([("units", "sum"), ("revenue", "sum"), ("order_lines", "sum")])
+            .rename_columns([column, "store_id", "sku", "units", "revenue", "order_lines"])
+        )
+        write_deltalake(
+            str(root / table), rolled.append_column("run_id", pa.array([run_id] * rolled.num_rows))
+        )
+    # The catalog: CATEGORIES categories, REGIONS regions (the speed layer re-categorises some).
+    for view, ids, attr, values in (
+        (PRODUCTS, sku_ids, "category", CATEGORIES),
+        (STORES_VIEW, store_ids, "region", REGIONS),
+    ):
+        rows = [
+            {
+                view.dimensions[0]: i,
+                "messages": 1,
+                "version": k * 4096,
+                attr: values[k % len(values)],
+                "run_id": run_id,
+            }
+            for k, i in enumerate(ids)
+        ]
+        schema = view.arrow_schema(None, extra=[("run_id", "string")])
+        write_deltalake(str(root / view.tables[None]), pa.Table.from_pylist(rows, schema=schema))
+
     views = {
         v: int(DeltaTable(str(root / v)).version())
         for v in (
             VIEW_DAILY_SALES,
             VIEW_HOURLY_SALES,
+            VIEW_WEEKLY_SALES,
+            VIEW_MONTHLY_SALES,
             VIEW_DEMAND_FORECAST,
             VIEW_SENTIMENT_BY_SKU,
+            PRODUCTS.tables[None],
+            STORES_VIEW.tables[None],
         )
     }
     now = datetime.now(UTC)
@@ -170,7 +229,7 @@ def build_lake(root: Path, *, skus: int, stores: int, days: int, seed: int) -> d
         status="published",
         started_at=now,
         published_at=now,
-        watermark={"orders": {p: 0 for p in range(4)}, "reviews": {p: 0 for p in range(4)}},
+        watermark={t: {p: 0 for p in range(4)} for t in TOPICS},
         view_versions=views,
     )
     write_deltalake(str(root / RUNS), pa.Table.from_pylist([rec.to_row()], schema=RUNS_SCHEMA))
@@ -197,7 +256,7 @@ def naive_app(settings: Any) -> Any:
         Lake,
     )
     from lambdalake.contract.manifest import latest_published_run
-    from lambdalake.contract.views import SALES, SENTIMENT
+    from lambdalake.contract.views import PRODUCTS, SALES, SENTIMENT, STORES
     from serving.speed_client import SpeedClient, SpeedFilter
 
     lake = Lake(settings.lake_uri)
@@ -215,6 +274,69 @@ def naive_app(settings: Any) -> Any:
             acc[k] = vd.combine_rows(acc.get(k, {m.name: None for m in vd.measures}), r)
         return acc
 
+    def records(run: Any, vd: Any) -> dict[str, dict]:
+        """A reference view's records: the run's Delta table and the speed layer's rows."""
+        rows = view(vd.tables[None], run).to_pylist()
+        res = speed.query(
+            vd, SpeedFilter(granularity=None, dimensions=vd.dimensions), run.watermark
+        )
+        key = vd.dimensions[0]
+        return {k[0]: v for k, v in merge(rows + res.rows, [key], vd).items()}
+
+    def breakdown(
+        run: Any,
+        granularity: str,
+        group: list[str],
+        first: date,
+        last: date,
+        order: str,
+        limit: int,
+    ) -> dict:
+        """Daily rows read per request, with the speed rows, rolled up and grouped in Python."""
+        t = view(VIEW_DAILY_SALES, run, (ds.field("date") >= first) & (ds.field("date") <= last))
+        res = speed.query(
+            SALES,
+            SpeedFilter(
+                granularity="day",
+                dimensions=("store_id", "sku"),
+                first=datetime(first.year, first.month, first.day, tzinfo=UTC),
+                last=datetime(last.year, last.month, last.day, 23, tzinfo=UTC),
+            ),
+            run.watermark,
+        )
+        rows = [{**r, "period": r.pop("date")} for r in t.to_pylist()] + res.rows
+        refs = {}
+        if "category" in group:
+            refs["category"] = records(run, PRODUCTS)
+        if "region" in group:
+            refs["region"] = records(run, STORES)
+        out: dict = {}
+        for r in rows:
+            d = r["period"]
+            d = d if isinstance(d, date) else date.fromisoformat(str(d)[:10])
+            p = d - timedelta(days=d.weekday()) if granularity == "week" else d.replace(day=1)
+            values = {
+                "category": (refs.get("category", {}).get(r["sku"]) or {}).get("category"),
+                "region": (refs.get("region", {}).get(r["store_id"]) or {}).get("region"),
+                "sku": r["sku"],
+                "store_id": r["store_id"],
+            }
+            k = (p.isoformat(), *(values[g] for g in group))
+            out[k] = SALES.combine_rows(out.get(k, {m.name: None for m in SALES.measures}), r)
+        items = sorted(out.items(), key=lambda kv: str(kv[0]))
+        if order != "period":
+            measure = "units" if order == "units_desc" else "revenue"
+            by_period: dict = {}
+            for k, v in items:
+                by_period.setdefault(k[0], []).append((k, v))
+            items = [
+                kv
+                for per in by_period.values()
+                for kv in sorted(per, key=lambda kv: -(kv[1][measure] or 0))[:limit]
+            ]
+        points = [{"period": k[0], **dict(zip(group, k[1:], strict=True)), **v} for k, v in items]
+        return {"points": points, "as_of": {"run_id": run.run_id}}
+
     @app.get("/v1/sales")
     def sales(
         sku: str | None = None,
@@ -222,8 +344,16 @@ def naive_app(settings: Any) -> Any:
         start: str | None = None,
         end: str | None = None,
         granularity: str = "day",
+        group_by: str | None = None,
+        order: str = "period",
+        limit: int = 1000,
     ) -> dict:
         run = latest_published_run(lake.table(RUNS))
+        if group_by or granularity in ("week", "month"):
+            last = date.fromisoformat(end[:10]) if end else datetime.now(UTC).date()
+            first = date.fromisoformat(start[:10]) if start else last - timedelta(days=180)
+            group = [g for g in (group_by or "").split(",") if g]
+            return breakdown(run, granularity, group, first, last, order, limit)
         last = date.fromisoformat(end[:10]) if end else datetime.now(UTC).date()
         first = date.fromisoformat(start[:10]) if start else last - timedelta(days=29)
         col = "date" if granularity == "day" else "hour"
@@ -365,6 +495,49 @@ def request_for(kind: str, rng: random.Random, data: dict[str, Any]) -> tuple[st
         return f"/v1/forecast/{sku}", {"store_id": store}
     if kind == "ranking":
         return "/v1/sentiment", {"order": rng.choice(["worst", "best"]), "limit": 10}
+    if kind == "category_week_quarter":
+        return "/v1/sales", {
+            "granularity": "week",
+            "group_by": "category",
+            "start": str(today - timedelta(days=91)),
+            "end": str(today),
+        }
+    if kind == "top20_sku_month_year":
+        return "/v1/sales", {
+            "granularity": "month",
+            "group_by": "sku",
+            "order": "revenue_desc",
+            "limit": 20,
+            "start": str(today - timedelta(days=364)),
+            "end": str(today),
+        }
+    if kind == "region_month_2y":
+        return "/v1/sales", {
+            "granularity": "month",
+            "group_by": "region",
+            "start": str(today - timedelta(days=730)),
+            "end": str(today),
+        }
+    if kind == "sql_point":
+        sql = (
+            f"SELECT period, units, revenue FROM sales_daily WHERE sku = '{sku}' "
+            f"AND store_id = '{store}' AND period > current_date - INTERVAL 30 DAY"
+        )
+        return "/v1/sql", {loadgen.JSON_BODY: {"sql": sql}}
+    if kind == "sql_category_week_quarter":
+        sql = (
+            "SELECT p.category, date_trunc('week', s.period) AS week, sum(s.units) AS units "
+            "FROM sales_daily s JOIN products p USING (sku) "
+            "WHERE s.period >= current_date - INTERVAL 91 DAY GROUP BY ALL"
+        )
+        return "/v1/sql", {loadgen.JSON_BODY: {"sql": sql}}
+    if kind == "sql_top20_year":
+        sql = (
+            "SELECT sku, sum(revenue) AS revenue FROM sales_daily "
+            "WHERE period > current_date - INTERVAL 365 DAY GROUP BY sku "
+            "ORDER BY revenue DESC LIMIT 20"
+        )
+        return "/v1/sql", {loadgen.JSON_BODY: {"sql": sql}}
     return "/v1/alerts/demand", {}
 
 
@@ -445,6 +618,16 @@ def start_speed(
             }
             topic = "orders"
         producer.send(topic, key=sku.encode(), value=json.dumps(value).encode())
+    # The catalog through the speed layer too: a record per SKU and store, then a fifth of
+    # the SKUs re-categorised (the answers join the merged records).
+    for k, sku in enumerate(data["skus"]):
+        for version in range(1 + (k % 5 == 0)):
+            category = CATEGORIES[(k + version) % len(CATEGORIES)]
+            value = {"sku": sku, "category": category, "name": f"{sku} name"}
+            producer.send("products", key=sku.encode(), value=json.dumps(value).encode())
+    for k, store in enumerate(data["stores"]):
+        value = {"store_id": store, "region": REGIONS[k % len(REGIONS)]}
+        producer.send("stores", key=store.encode(), value=json.dumps(value).encode())
     producer.flush()
     producer.close()
     port = free_port()
@@ -481,7 +664,7 @@ def start_speed(
             info = json.loads(status.read_text())
             held = sum((info.get("events") or {}).values())
             lag = sum(int(n) for ps in (info.get("lag") or {}).values() for n in ps.values())
-            if held >= events and lag == 0:
+            if held >= events + len(data["skus"]) + len(data["stores"]) and lag == 0:
                 break
         except (OSError, ValueError):
             pass
@@ -588,6 +771,9 @@ def main() -> None:
     )
     ap.add_argument("--step-duration", type=float, default=4.0, help="seconds per overload step")
     ap.add_argument("--no-overload", action="store_true", help="skip the overload step")
+    ap.add_argument("--breakdown-rate", type=float, default=50.0, help="req/s per breakdown kind")
+    ap.add_argument("--sql-rate", type=float, default=20.0, help="req/s per SQL question")
+    ap.add_argument("--no-breakdowns", action="store_true", help="skip breakdowns and SQL")
     args = ap.parse_args()
     if args.cmd == "server":
         run_server(args.kind, args.lake, args.home, args.port, args.endpoints)
@@ -639,6 +825,35 @@ def main() -> None:
                 point = request_stream(data, args.seed, kind="sales_point")
                 opened = asyncio.run(loadgen.open_loop(base, point, args.rate, args.duration))
                 results[kind] = {"closed_loop": closed, "open_loop_point": opened}
+                if not args.no_breakdowns:
+                    print(f"[3/3] {kind}: breakdowns at {args.breakdown_rate:g}/s each", flush=True)
+                    results[kind]["breakdowns"] = {
+                        b: asyncio.run(
+                            loadgen.open_loop(
+                                base,
+                                request_stream(data, args.seed, kind=b),
+                                args.breakdown_rate,
+                                args.duration,
+                            )
+                        )
+                        for b in BREAKDOWNS
+                    }
+                if kind == "fast" and not args.no_breakdowns:
+                    print(
+                        f"[3/3] fast: SQL and the same questions at {args.sql_rate:g}/s", flush=True
+                    )
+                    for key, kinds in (("sql", SQL_KINDS), ("sql_endpoints", SQL_ENDPOINT_KINDS)):
+                        results[kind][key] = {
+                            k: asyncio.run(
+                                loadgen.open_loop(
+                                    base,
+                                    request_stream(data, args.seed, kind=k),
+                                    args.sql_rate,
+                                    args.duration,
+                                )
+                            )
+                            for k in kinds
+                        }
                 if kind == "fast" and not args.no_overload:
                     print("[3/3] fast: overload (ramp, 2x, 4x, recovery)", flush=True)
                     ramp = [float(r) for r in args.ramp.split(",")]
@@ -664,6 +879,24 @@ def main() -> None:
             f"{kind:<7} {c['throughput_rps']:>10} {c['p50_ms']:>8} {c['p99_ms']:>8}   "
             f"{o['achieved_rps']}/{o['target_rps']} rps: {o['p50_ms']} / {o['p99_ms']}"
         )
+    if any("breakdowns" in results.get(k, {}) for k in ("fast", "naive")):
+        print(f"\nbreakdowns at {args.breakdown_rate:g} req/s each: p50 / p99 ms (errors)")
+        for b in BREAKDOWNS:
+            cells = []
+            for kind in ("fast", "naive"):
+                r = results.get(kind, {}).get("breakdowns", {}).get(b)
+                if r:
+                    cells.append(f"{kind} {r['p50_ms']} / {r['p99_ms']} ({r['errors']})")
+            print(f"  {b:<24} " + "   ".join(cells))
+    if "sql" in results.get("fast", {}):
+        print(f"\nSQL beside the endpoints at {args.sql_rate:g} req/s each: p50 / p99 ms (errors)")
+        for k_sql, k_ep in zip(SQL_KINDS, SQL_ENDPOINT_KINDS, strict=True):
+            a = results["fast"]["sql"][k_sql]
+            b = results["fast"]["sql_endpoints"][k_ep]
+            print(
+                f"  {k_sql:<26} {a['p50_ms']} / {a['p99_ms']} ({a['errors']})   "
+                f"{k_ep}: {b['p50_ms']} / {b['p99_ms']} ({b['errors']})"
+            )
     over = results.get("fast", {}).get("overload")
     if over and over.get("sustained_rps"):
         print(f"\noverload (point queries; highest clean rate {over['sustained_rps']:.0f} req/s)")

@@ -21,7 +21,7 @@ from lambdalake.kafka.clients import delete_topics, end_offsets, ensure_topics
 from lambdalake.ops.broker import EmbeddedBroker, free_port
 from lambdalake.ops.demo import _master_positions, broker_holds, replay_lake
 from lambdalake.settings import TOPICS
-from tests.ingest_stream import assert_exactly_once, produce_stream
+from tests.ingest_stream import ID_FIELD, assert_exactly_once, produce_stream
 
 
 def _all_messages(bootstrap: str) -> dict[tuple[str, int, int], bytes | None]:
@@ -78,7 +78,7 @@ def test_a_second_demo_reuses_the_log_and_only_a_wiped_broker_is_replayed(
     assert set(replayed) == set(stream.valid) | set(stream.invalid)
     for key, raw in stream.invalid.items():
         assert replayed[key] == raw
-    id_field = {"orders": "event_id", "reviews": "review_id"}
+    id_field = ID_FIELD
     for key, raw in stream.valid.items():
         value = replayed[key]
         assert value is not None

@@ -162,6 +162,11 @@ KEY_BY_TOPIC = {
 }
 
 
+# The field a producer keys each topic's messages by (so an id's messages share a partition):
+# a SKU's orders and reviews, a record's id.
+MESSAGE_KEY_BY_TOPIC = {"orders": "sku", "reviews": "sku", "products": "sku", "stores": "store_id"}
+
+
 def timed(topic: str) -> bool:
     """The topic's messages carry ``event_time`` (and so ``event_date``)."""
     return any(f.name == "event_time" for f in FIELDS_BY_TOPIC[topic])

@@ -159,6 +159,7 @@ def replay_lake(settings: Settings) -> int:
     from deltalake import DeltaTable
     from kafka import KafkaProducer, TopicPartition
 
+    from lambdalake.contract.events import MESSAGE_KEY_BY_TOPIC
     from lambdalake.contract.lake import QUARANTINE, Lake
     from lambdalake.kafka.clients import end_offsets
 
@@ -182,11 +183,12 @@ def replay_lake(settings: Settings) -> int:
             if not positions[topic]:
                 continue
             master = DeltaTable(lake.master(topic)).to_pyarrow_table()
+            key_field = MESSAGE_KEY_BY_TOPIC[topic]
             for partition, end in sorted(positions[topic].items()):
                 rows = master.filter(pc.equal(master["_partition"], partition))
                 by_offset: dict[int, tuple[bytes | None, bytes | None]] = {}
                 for row in rows.to_pylist():
-                    by_offset[row["_offset"]] = (row["sku"].encode(), _event_json(topic, row))
+                    by_offset[row["_offset"]] = (row[key_field].encode(), _event_json(topic, row))
                 if quarantine is not None:
                     mask = pc.and_(
                         pc.equal(quarantine["_topic"], topic),
