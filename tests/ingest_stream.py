@@ -20,6 +20,7 @@ from pathlib import Path
 from deltalake import DeltaTable
 from kafka import KafkaProducer, TopicPartition
 
+from lambdalake.contract.events import KEY_BY_TOPIC
 from lambdalake.contract.lake import QUARANTINE, Lake
 from lambdalake.kafka.clients import end_offsets
 from lambdalake.settings import TOPICS
@@ -175,8 +176,7 @@ def true_ends(bootstrap: str) -> dict[str, dict[int, int]]:
 
 def master_keys(lake: Lake, topic: str) -> list[tuple[Key, str]]:
     rows = DeltaTable(lake.master(topic)).to_pyarrow_table().to_pylist()
-    id_field = "event_id" if topic == "orders" else "review_id"
-    return [((r["_topic"], r["_partition"], r["_offset"]), r[id_field]) for r in rows]
+    return [((r["_topic"], r["_partition"], r["_offset"]), r[KEY_BY_TOPIC[topic]]) for r in rows]
 
 
 def quarantine_rows(lake: Lake) -> list[dict[str, object]]:
