@@ -285,7 +285,7 @@ def test_a_speed_worker_stopped_at_the_batch_passes_it_once_the_operator_skips_i
         )
         passed_in = time.monotonic() - skipped
         print(f"the speed worker passed the skipped batch {passed_in:.1f} s after the skip")
-        assert passed_in < 10, passed_in
+        assert passed_in < 15, passed_in  # looks at most 5 s apart; status written each second
         assert status["halted"] is None
         assert status["since_start"]["skipped_by_operator"] == 1
         assert status["since_start"]["poisoned_batches"] == 0
