@@ -19,8 +19,9 @@ Operator's skips: while the client is stopped at a record batch it must not pass
 passed that batch with ``lambdalake ingest --skip``
 (:class:`lambdalake.kafka.skips.OperatorSkips`): right away, then after 1 s, 2 s,
 4 s ... at most :data:`SKIP_CHECK_CAP_S` apart. If so, the client continues right
-after the batch, and the micro-batch carries the skip (``Polled.skipped``) and the
-position past it, for the main thread to commit like any other.
+after the batch, and a micro-batch of its own, after everything polled before the
+batch, carries the skip (``Polled.skipped``) and the position past it, for the main
+thread to commit like any other.
 
 Epochs: a seek backwards (the watermark went back, or a new connection) starts a
 new epoch, and every micro-batch carries the epoch it was polled in. A batch
@@ -216,7 +217,7 @@ class Poller(threading.Thread):
             try:
                 self._apply_seeks(client)
                 polled = self._collect(client)
-                self._pass_operator_skip(client, polled)
+                skipped = self._pass_operator_skip(client, polled.epoch)
             except client.errors as exc:
                 # Start over with a new client; the main thread re-seeks it to the
                 # committed positions, and anything polled twice is dropped there.
@@ -230,33 +231,35 @@ class Poller(threading.Thread):
             # Reset by a poll, not by a connect: a refused fetch follows a good connect.
             delay = 0.5
             self.refused = None
-            if polled.messages or polled.ends or polled.skipped:
+            if polled.messages or polled.ends:
                 self._put(polled)
+            if skipped is not None:  # after everything polled before the batch
+                self._put(skipped)
 
-    def _pass_operator_skip(self, client: KafkaClient, polled: Polled) -> None:
-        """If the client is stopped at a batch an operator skipped, continue after it and
-        put the skip in ``polled`` (at the cadence of the module doc)."""
+    def _pass_operator_skip(self, client: KafkaClient, epoch: int) -> Polled | None:
+        """If the client is stopped at a batch an operator skipped, continue right after it
+        and return a micro-batch of that alone: the skip, and the position past it (asked
+        at the cadence of the module doc)."""
         halt = getattr(client, "halted_at", None)
         if halt is None:
             self._skip_check_at, self._skip_check_delay = 0.0, 1.0
-            return
+            return None
         now = time.monotonic()
         if now < self._skip_check_at:
-            return
+            return None
         self._skip_check_at = now + self._skip_check_delay
         self._skip_check_delay = min(self._skip_check_delay * 2, SKIP_CHECK_CAP_S)
         try:
             skip = self.skips.find(halt)
         except Exception as exc:  # the lake unreadable now: stay stopped, ask again later
             log.warning("speed.skip_check_failed", error=f"{type(exc).__name__}: {exc}")
-            return
+            return None
         if skip is None or not client.pass_skipped(skip):  # type: ignore[attr-defined]
-            return
-        tp = (skip.topic, skip.partition)
-        polled.ends[tp] = max(polled.ends.get(tp, 0), skip.next_offset)
-        self._next[tp] = skip.next_offset
-        polled.skipped.append(skip)
+            return None
         self._skip_check_at, self._skip_check_delay = 0.0, 1.0
+        tp = (skip.topic, skip.partition)
+        self._next[tp] = skip.next_offset
+        return Polled(ends={tp: skip.next_offset}, epoch=epoch, skipped=[skip])
 
     def _refused(self, exc: BaseException, action: str, started: float, delay: float) -> bool:
         """If ``exc`` (an attempt begun at ``started``) was the broker refusing us, say why

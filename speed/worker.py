@@ -349,9 +349,9 @@ class SpeedWorker:
             return
         behind = [s for s in item.skipped if self.state.threshold(s.topic, s.partition) < s.offset]
         if behind:
-            # The poller only passes a batch it stands at, after everything before it:
-            # should that ever not hold, read again from the committed positions rather
-            # than move past events not committed yet.
+            # The poller hands a skip over alone, after everything polled before the batch,
+            # so the position is at the batch by now: should that ever not hold, read again
+            # from the committed positions rather than move past events not committed yet.
             self.counters.discarded += 1
             log.error("speed.skip_out_of_order", skipped=[s.log_fields() for s in behind])
             self.epoch = self.poller.seek(

@@ -333,6 +333,28 @@ def test_a_speed_worker_does_not_pass_a_stopped_at_batch_without_a_skip(
     assert sorted(held_orders(settings).values()) == sorted(f"e-{i}" for i in range(10))
 
 
+def test_a_speed_worker_that_reaches_the_batch_after_the_skip_passes_it_at_once(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """The usual order when the worker was down or behind: the skip is already in the lake
+    when the worker gets to the batch; its first look finds it."""
+    settings = settings_for(fresh_broker)
+    lake = Lake(settings.lake_uri)
+    stuck_at = stuck_ingest(fresh_broker, settings.lake_uri, tmp_path)
+    done = ingest(
+        fresh_broker, settings.lake_uri, tmp_path, "--skip", f"orders/0@{stuck_at}", "--until-end"
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    ends = true_ends(fresh_broker.bootstrap)
+    with worker_thread(settings):
+        status = wait_until(
+            lambda: covers(s := status_file(settings, (0, 1)), ends) and s, 30, "the worker"
+        )
+    assert status["since_start"]["skipped_by_operator"] == 1
+    assert held_orders(settings) == master_orders(lake)
+    assert sorted(held_orders(settings).values()) == sorted(f"e-{i}" for i in range(20))
+
+
 # --- what the speed layer finds in the lake (no broker) ----------------------------------------
 
 
