@@ -243,6 +243,7 @@ class Poller(threading.Thread):
         halt = getattr(client, "halted_at", None)
         if halt is None:
             self._skip_check_at, self._skip_check_delay = 0.0, 1.0
+            self.skips.close()  # the tables' snapshots are not kept while reading on
             return None
         now = time.monotonic()
         if now < self._skip_check_at:

@@ -42,8 +42,8 @@ class OperatorSkips:
     """Finds the operator's skip of the batch a consumer is stopped at (see the module doc).
 
     Keeps the two Delta tables it reads open and brings them up to date incrementally, so a
-    consumer can ask every few seconds while it is stopped. Not thread-safe: one consumer
-    thread asks."""
+    consumer can ask every few seconds while it is stopped; :meth:`close` lets them go
+    once it reads on. Not thread-safe: one consumer thread asks."""
 
     def __init__(self, lake: Lake, *, component: str = "speed") -> None:
         self.lake = lake
@@ -145,9 +145,10 @@ class OperatorSkips:
         return table
 
     def close(self) -> None:
-        """Forget the open tables (the next :meth:`find` opens them again)."""
-        self._tables.clear()
-        self._looked = None
+        """Let the open tables go (the next :meth:`find` opens them again)."""
+        if self._tables or self._looked is not None:
+            self._tables.clear()
+            self._looked = None
 
 
 def _position(table: Any, topic: str, partition: int) -> int:
