@@ -235,8 +235,9 @@ def ingest(
             "--skip",
             metavar="TOPIC/PARTITION@OFFSET",
             help="Pass the record batch ingest is stopped at (an operator's call, see "
-            "docs/kafka.md): one quarantine row, positions past it; then exit, or drain "
-            "with --until-end. OFFSET must be the partition's committed position. Repeatable.",
+            "docs/kafka.md): one quarantine row, positions past it (speed workers stopped "
+            "there follow it within seconds); then exit, or drain with --until-end. OFFSET "
+            "must be the partition's committed position. Repeatable.",
         ),
     ] = None,
     bootstrap: Bootstrap = None,

@@ -14,6 +14,15 @@ Positions are NOT kept here: the main thread tells the poller where to start
 (:meth:`Poller.seek`) from the positions committed in the state, and filters
 out anything below them, so what the poller has in flight is never trusted.
 
+Operator's skips: while the client is stopped at a record batch it must not pass
+(``halted_at``, see docs/kafka.md), the poller asks the lake whether an operator
+passed that batch with ``lambdalake ingest --skip``
+(:class:`lambdalake.kafka.skips.OperatorSkips`): right away, then after 1 s, 2 s,
+4 s ... at most :data:`SKIP_CHECK_CAP_S` apart. If so, the client continues right
+after the batch, and a micro-batch of its own, after everything polled before the
+batch, carries the skip (``Polled.skipped``) and the position past it, for the main
+thread to commit like any other.
+
 Epochs: a seek backwards (the watermark went back, or a new connection) starts a
 new epoch, and every micro-batch carries the epoch it was polled in. A batch
 polled before the seek is discarded by the main thread, not committed: its
@@ -32,8 +41,11 @@ from datetime import timedelta
 
 import pyarrow as pa
 
+from lambdalake.contract.lake import Lake
 from lambdalake.errors import InvalidInput, Unreachable
 from lambdalake.kafka.clients import quiet_client_logs, refusal
+from lambdalake.kafka.columnar import PoisonBatch
+from lambdalake.kafka.skips import OperatorSkips
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
 from speed.kafka_clients import KafkaClient, make_client
@@ -44,6 +56,11 @@ TP = tuple[str, int]
 # A broker that is down or refuses us is asked again after 0.5 s, 1 s, 2 s ... at most
 # this long apart.
 RECONNECT_BACKOFF_CAP_S = 30.0
+# While stopped at a batch, the lake is asked for an operator's skip of it after 0 s, 1 s,
+# 2 s, 4 s ... at most this long apart: a look at two Delta logs, brought up to date
+# incrementally (a data file is read only once ingest is past the batch). Kept well under
+# the Kafka re-read's 60 s cap: finding the skip is what ends the stop.
+SKIP_CHECK_CAP_S = 5.0
 
 
 def owned_partitions(partitions: dict[str, list[int]], worker: tuple[int, int]) -> list[TP]:
@@ -77,6 +94,8 @@ class Polled:
     first_at: float = 0.0  # monotonic time the first message was polled
     poll_seconds: float = 0.0
     epoch: int = 0  # the seek epoch it was polled in (see the module doc)
+    # Batches passed because an operator skipped them; ``ends`` is past each.
+    skipped: list[PoisonBatch] = field(default_factory=list)
 
 
 @dataclass
@@ -125,6 +144,9 @@ class Poller(threading.Thread):
         # Why the broker refused us (credentials or ACLs), one line, until a poll succeeds.
         self.refused: str | None = None
         self._poisoned_before = 0  # poison batches passed by clients since dropped
+        self.skips = OperatorSkips(Lake(settings.lake_uri))
+        self._skip_check_at = 0.0  # monotonic time of the next look for a skip
+        self._skip_check_delay = 1.0
 
     @property
     def halted(self) -> str | None:
@@ -195,6 +217,7 @@ class Poller(threading.Thread):
             try:
                 self._apply_seeks(client)
                 polled = self._collect(client)
+                skipped = self._pass_operator_skip(client, polled.epoch)
             except client.errors as exc:
                 # Start over with a new client; the main thread re-seeks it to the
                 # committed positions, and anything polled twice is dropped there.
@@ -210,6 +233,34 @@ class Poller(threading.Thread):
             self.refused = None
             if polled.messages or polled.ends:
                 self._put(polled)
+            if skipped is not None:  # after everything polled before the batch
+                self._put(skipped)
+
+    def _pass_operator_skip(self, client: KafkaClient, epoch: int) -> Polled | None:
+        """If the client is stopped at a batch an operator skipped, continue right after it
+        and return a micro-batch of that alone: the skip, and the position past it (asked
+        at the cadence of the module doc)."""
+        halt = getattr(client, "halted_at", None)
+        if halt is None:
+            self._skip_check_at, self._skip_check_delay = 0.0, 1.0
+            self.skips.close()  # the tables' snapshots are not kept while reading on
+            return None
+        now = time.monotonic()
+        if now < self._skip_check_at:
+            return None
+        self._skip_check_at = now + self._skip_check_delay
+        self._skip_check_delay = min(self._skip_check_delay * 2, SKIP_CHECK_CAP_S)
+        try:
+            skip = self.skips.find(halt)
+        except Exception as exc:  # the lake unreadable now: stay stopped, ask again later
+            log.warning("speed.skip_check_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        if skip is None or not client.pass_skipped(skip):  # type: ignore[attr-defined]
+            return None
+        self._skip_check_at, self._skip_check_delay = 0.0, 1.0
+        tp = (skip.topic, skip.partition)
+        self._next[tp] = skip.next_offset
+        return Polled(ends={tp: skip.next_offset}, epoch=epoch, skipped=[skip])
 
     def _refused(self, exc: BaseException, action: str, started: float, delay: float) -> bool:
         """If ``exc`` (an attempt begun at ``started``) was the broker refusing us, say why

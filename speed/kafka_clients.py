@@ -19,7 +19,7 @@ import time
 from typing import Protocol
 
 from lambdalake.errors import InvalidInput
-from lambdalake.kafka.columnar import HALT_ERRORS, Chunk, ChunkReader
+from lambdalake.kafka.columnar import HALT_ERRORS, Chunk, ChunkReader, PoisonBatch, UndecodableBatch
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 
@@ -60,7 +60,9 @@ class KafkaPythonClient:
     A poison batch is skipped and counted (``poisoned``; ingest is the one
     quarantine writer). A batch that must not be passed over stops polling:
     ``poll`` returns nothing until a backoff delay has passed (``halted`` says
-    why), then reads it again, without reconnecting."""
+    why, ``halted_at`` where), then reads it again, without reconnecting. An
+    operator's skip of that batch is passed with :meth:`pass_skipped`; a seek of
+    the stopped partition ends the stop too (it is read again from there)."""
 
     def __init__(self, settings: Settings) -> None:
         from kafka import KafkaConsumer
@@ -84,6 +86,9 @@ class KafkaPythonClient:
         self.reader = ChunkReader(self.consumer, component="speed")
         self.poisoned = 0  # poison batches skipped
         self.halted: str | None = None  # why polling stopped, while it is stopped
+        # Where (the columnar decoder's stop; None with kafka-python's own decoder, which
+        # does not say which batch failed: such a stop is never passed by a skip).
+        self.halted_at: UndecodableBatch | None = None
         self._halt_attempt = 0
         self._halt_until = 0.0
 
@@ -104,6 +109,30 @@ class KafkaPythonClient:
         from kafka import TopicPartition
 
         self.consumer.seek(TopicPartition(*tp), offset)
+        at = self.halted_at
+        if at is not None and (at.topic, at.partition) == tp:
+            self._resume()  # read from the new position now, not after the backoff
+
+    def pass_skipped(self, skip: PoisonBatch) -> bool:
+        """Pass the batch polling is stopped at, which an operator skipped (``skip``, from
+        :class:`lambdalake.kafka.skips.OperatorSkips`): continue right after it. False,
+        and nothing done, unless it is exactly the batch this client is stopped at."""
+        at = self.halted_at
+        if at is None or (at.topic, at.partition, at.offset, at.next_offset) != (
+            skip.topic,
+            skip.partition,
+            skip.offset,
+            skip.next_offset,
+        ):
+            return False
+        self.seek((skip.topic, skip.partition), skip.next_offset)
+        return True
+
+    def _resume(self) -> None:
+        self._halt_attempt = 0
+        self._halt_until = 0.0
+        self.halted = None
+        self.halted_at = None
 
     def poll(self, timeout: float, max_records: int) -> list[Chunk]:
         wait = self._halt_until - time.monotonic()
@@ -117,10 +146,10 @@ class KafkaPythonClient:
             self._halt_attempt += 1
             self._halt_until = time.monotonic() + delay
             self.halted = " ".join(str(exc).split())
+            self.halted_at = exc if isinstance(exc, UndecodableBatch) else None
             log.error("speed.partition_halted", reason=self.halted, retry_in_s=delay)
             return []
-        self._halt_attempt = 0
-        self.halted = None
+        self._resume()
         for chunk in chunks:
             for p in chunk.poisoned:
                 self.poisoned += 1

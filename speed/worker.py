@@ -41,7 +41,7 @@ from speed.consumer import Assigned, Polled, Poller, quiet_kafka_logs, validate_
 from speed.runs import PreparedRun, RunWatcher, load_model
 from speed.server import SpeedFlightServer
 from speed.state import BatchInput, RunApply, SpeedState, invalid_totals
-from speed.status import StatusReporter, status_path
+from speed.status import StatusReporter, iso, status_path
 
 log = get_logger(__name__)
 
@@ -66,6 +66,9 @@ class Counters:
     validate_seconds: float = 0.0
     commit_seconds: float = 0.0
     discarded: int = 0  # micro-batches polled before a seek backwards, not committed
+    skipped_by_operator: int = 0  # record batches passed after an operator's skip
+    # The last of them: topic, partition, offsets, reason, passed_at.
+    last_skipped_by_operator: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.monotonic)
     last_commit_at: float | None = None
     rate: float = 0.0  # messages/s over the last progress interval
@@ -155,6 +158,8 @@ class SpeedWorker:
             "kafka_client": self.poller.client_name,
             # Why polling is stopped (a batch that must not be passed over), while it is.
             "halted": self.poller.halted,
+            # The last record batch passed because an operator skipped it (ingest --skip).
+            "last_skipped_by_operator": self.counters.last_skipped_by_operator,
             # Why the broker refuses this worker (credentials or ACLs), while it does.
             "broker_refused": self.poller.refused,
             "since_start": {
@@ -165,6 +170,7 @@ class SpeedWorker:
                 "invalid": c.invalid,
                 "discarded_batches": c.discarded,
                 "poisoned_batches": self.poller.poisoned,
+                "skipped_by_operator": c.skipped_by_operator,
                 "poll_seconds": round(c.poll_seconds, 3),
                 "validate_seconds": round(c.validate_seconds, 3),
                 "commit_seconds": round(c.commit_seconds, 3),
@@ -253,6 +259,14 @@ class SpeedWorker:
         c.poll_seconds += polled.poll_seconds
         c.validate_seconds += validate_seconds
         c.last_commit_at = time.monotonic()
+        for skip in polled.skipped:
+            # Committed: the position is past the batch, none of its events counted.
+            c.skipped_by_operator += 1
+            c.last_skipped_by_operator = {
+                **{k: v for k, v in skip.log_fields().items() if k != "detail"},
+                "passed_at": iso(time.time()),
+            }
+            log.warning("speed.skipped_by_operator", **skip.log_fields())
         if polled.first_at:
             c.latencies.append(c.last_commit_at - polled.first_at)
         log.debug(
@@ -331,6 +345,22 @@ class SpeedWorker:
                 messages=item.messages,
                 epoch=item.epoch,
                 current_epoch=self.epoch,
+            )
+            return
+        behind = [s for s in item.skipped if self.state.threshold(s.topic, s.partition) < s.offset]
+        if behind:
+            # The poller hands a skip over alone, after everything polled before the batch,
+            # so the position is at the batch by now: should that ever not hold, read again
+            # from the committed positions rather than move past events not committed yet.
+            self.counters.discarded += 1
+            log.error("speed.skip_out_of_order", skipped=[s.log_fields() for s in behind])
+            self.epoch = self.poller.seek(
+                {
+                    tp: self.state.positions[tp]
+                    for tp in self.poller.assigned
+                    if tp in self.state.positions
+                },
+                backwards=True,
             )
             return
         self.process(item)

@@ -20,6 +20,7 @@ from pathlib import Path
 from deltalake import DeltaTable
 from kafka import KafkaProducer, TopicPartition
 
+from lambdalake.contract.events import KEY_BY_TOPIC
 from lambdalake.contract.lake import QUARANTINE, Lake
 from lambdalake.kafka.clients import end_offsets
 from lambdalake.settings import TOPICS
@@ -79,7 +80,7 @@ EVENTS = {
     "stores": store_event,
 }
 # The key of each topic's messages (reference data is keyed by its id).
-ID_FIELD = {"orders": "event_id", "reviews": "review_id", "products": "sku", "stores": "store_id"}
+ID_FIELD = KEY_BY_TOPIC  # each topic's id field (a reference record's id is its key)
 
 INVALID_ORDERS: list[bytes | None] = [
     b"{not json",
@@ -211,8 +212,7 @@ def true_ends(bootstrap: str) -> dict[str, dict[int, int]]:
 
 def master_keys(lake: Lake, topic: str) -> list[tuple[Key, str]]:
     rows = DeltaTable(lake.master(topic)).to_pyarrow_table().to_pylist()
-    id_field = ID_FIELD[topic]
-    return [((r["_topic"], r["_partition"], r["_offset"]), r[id_field]) for r in rows]
+    return [((r["_topic"], r["_partition"], r["_offset"]), r[ID_FIELD[topic]]) for r in rows]
 
 
 def quarantine_rows(lake: Lake) -> list[dict[str, object]]:

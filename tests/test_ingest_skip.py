@@ -5,7 +5,9 @@ On a real Apache Kafka broker, a batch of an aborted transaction gets a flipped 
 broker's own segment file: its CRC fails inside an aborted transaction's range, which
 ingest never passes by itself. The skip writes one quarantine row for it and moves the
 master and quarantine positions past it, and nothing more; a skip anywhere ingest is not
-stopped is refused with one line and writes nothing.
+stopped is refused with one line and writes nothing. A speed worker stopped at the same
+batch passes it once the skip is committed (it reads the skip from the lake), within
+seconds and without a batch run, and never without one.
 """
 
 from __future__ import annotations
@@ -15,14 +17,25 @@ import struct
 import subprocess
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
 from kafka import KafkaProducer
+from kafka.record.memory_records import MemoryRecordsBuilder
 
 from batch.ingest import run_ingest
+from batch.ingest_lake import master_rows, open_tables
+from batch.ingest_lake import quarantine_rows as rejected_to_rows
+from lambdalake.contract.events import REJECTED_SCHEMA
 from lambdalake.contract.lake import QUARANTINE, Lake
 from lambdalake.contract.manifest import ingest_positions
+from lambdalake.contract.validation import validate
+from lambdalake.kafka.columnar import UndecodableBatch
+from lambdalake.kafka.skips import OperatorSkips
 from lambdalake.ops.broker import EmbeddedBroker
+from lambdalake.settings import TOPICS, Settings
 from tests.ingest_stream import (
     ROOT,
     ingest_cmd,
@@ -34,6 +47,7 @@ from tests.ingest_stream import (
     true_ends,
 )
 from tests.test_producer_conformance import corrupt_batch, send_batch
+from tests.test_speed_worker import covers, offsets_of, status_file, wait_until, worker_thread
 
 
 def abort_a_batch(bootstrap: str, first: int, n: int) -> int:
@@ -205,3 +219,218 @@ def test_a_continuous_ingest_stopped_at_the_batch_goes_on_after_the_skip(
         ingest_positions(lake.master("orders"), "orders")
         == true_ends(fresh_broker.bootstrap)["orders"]
     )
+
+
+# --- the speed layer ---------------------------------------------------------------------------
+
+
+def stuck_ingest(broker: EmbeddedBroker, lake_uri: str, tmp: Path) -> int:
+    """e-0 .. e-9, an aborted batch of 10 with a flipped byte, then e-10 .. e-19 on
+    orders/0; ingest stopped at the aborted batch (everything before it committed).
+    Returns the batch's offset."""
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=50)
+    send_batch(producer, 0, 10)
+    stuck_at = abort_a_batch(broker.bootstrap, 100, 10)
+    send_batch(producer, 10, 10)
+    producer.close()
+    corrupt_batch(broker, "orders", 0, stuck_at, "flip")
+    err = one_error_line(ingest(broker, lake_uri, tmp, "--until-end"))
+    assert f"orders/0 offset {stuck_at}: " in err, err
+    assert ingest_positions(Lake(lake_uri).master("orders"), "orders")[0] == stuck_at
+    return stuck_at
+
+
+def stopped_at(settings: Settings, offset: int) -> dict | None:
+    """The worker's status once it is stopped at orders/0 ``offset``, else None."""
+    status = status_file(settings, (0, 1))
+    at = offsets_of(status).get("orders", {}).get(0)
+    if status.get("halted") and f"orders/0 offset {offset}" in status["halted"] and at == offset:
+        return status
+    return None
+
+
+def held_orders(settings: Settings) -> dict[tuple[int, int], str]:
+    """The orders the (stopped) worker holds: (partition, offset) -> event_id."""
+    con = duckdb.connect(str(settings.speed_state_dir / "worker-0-of-1.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT _partition, _offset, event_id FROM held_orders").fetchall()
+    finally:
+        con.close()
+    return {(p, o): event_id for p, o, event_id in rows}
+
+
+def master_orders(lake: Lake) -> dict[tuple[int, int], str]:
+    return {(p, o): event_id for (_, p, o), event_id in master_keys(lake, "orders")}
+
+
+def test_a_speed_worker_stopped_at_the_batch_passes_it_once_the_operator_skips_it(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """No batch run: the worker reads the skip from the lake, moves to where ingest's skip
+    moved (right after the batch), counts none of its events, says so in its status, and
+    then holds exactly the valid events ingest wrote."""
+    settings = settings_for(fresh_broker)
+    lake = Lake(settings.lake_uri)
+    stuck_at = stuck_ingest(fresh_broker, settings.lake_uri, tmp_path)
+    with worker_thread(settings):
+        status = wait_until(lambda: stopped_at(settings, stuck_at), 60, "the worker to stop")
+        assert status["since_start"]["skipped_by_operator"] == 0
+
+        done = ingest(fresh_broker, settings.lake_uri, tmp_path, "--skip", f"orders/0@{stuck_at}")
+        assert done.returncode == 0, done.stderr.decode()
+        skipped = time.monotonic()
+        ends = true_ends(fresh_broker.bootstrap)
+        status = wait_until(
+            lambda: covers(s := status_file(settings, (0, 1)), ends) and s, 30, "the worker to pass"
+        )
+        passed_in = time.monotonic() - skipped
+        print(f"the speed worker passed the skipped batch {passed_in:.1f} s after the skip")
+        assert passed_in < 15, passed_in  # looks at most 5 s apart; status written each second
+        assert status["halted"] is None
+        assert status["since_start"]["skipped_by_operator"] == 1
+        assert status["since_start"]["poisoned_batches"] == 0
+        last = status["last_skipped_by_operator"]
+        assert (last["topic"], last["partition"], last["offsets"], last["reason"]) == (
+            "orders",
+            0,
+            f"{stuck_at}-{stuck_at + 9}",
+            "skipped_by_operator:crc_in_aborted_transaction",
+        )
+        assert sum(status["invalid"].values()) == 0  # the batch's events are not counted
+
+        producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=50)
+        send_batch(producer, 20, 10)
+        producer.close()
+        done = ingest(fresh_broker, settings.lake_uri, tmp_path, "--until-end")
+        assert done.returncode == 0, done.stderr.decode()
+        ends = true_ends(fresh_broker.bootstrap)
+        status = wait_until(
+            lambda: covers(s := status_file(settings, (0, 1)), ends) and s, 30, "the worker"
+        )
+    # Exactly once: the speed layer holds what a recompute over master would count (no run
+    # yet, so all of it), at ingest's positions; nothing of the skipped batch.
+    held = held_orders(settings)
+    assert held == master_orders(lake)
+    assert sorted(held.values()) == sorted(f"e-{i}" for i in range(30))
+    assert offsets_of(status)["orders"] == ingest_positions(lake.master("orders"), "orders")
+    assert offsets_of(status)["orders"] == ends["orders"]
+
+
+def test_a_speed_worker_does_not_pass_a_stopped_at_batch_without_a_skip(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """Ingest is stopped at the batch too and nobody skipped it: the worker keeps asking
+    the lake (at 0, 1, 3, 7 s ...) and stays where it is, holding only what came before."""
+    settings = settings_for(fresh_broker)
+    stuck_at = stuck_ingest(fresh_broker, settings.lake_uri, tmp_path)
+    with worker_thread(settings):
+        wait_until(lambda: stopped_at(settings, stuck_at), 60, "the worker to stop")
+        time.sleep(8)  # several looks at the lake, and several reads of the batch
+        status = status_file(settings, (0, 1))
+    assert stopped_at(settings, stuck_at), status
+    assert status["since_start"]["skipped_by_operator"] == 0
+    assert status["last_skipped_by_operator"] is None
+    assert sorted(held_orders(settings).values()) == sorted(f"e-{i}" for i in range(10))
+
+
+def test_a_speed_worker_that_reaches_the_batch_after_the_skip_passes_it_at_once(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """The usual order when the worker was down or behind: the skip is already in the lake
+    when the worker gets to the batch; its first look finds it."""
+    settings = settings_for(fresh_broker)
+    lake = Lake(settings.lake_uri)
+    stuck_at = stuck_ingest(fresh_broker, settings.lake_uri, tmp_path)
+    done = ingest(
+        fresh_broker, settings.lake_uri, tmp_path, "--skip", f"orders/0@{stuck_at}", "--until-end"
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    ends = true_ends(fresh_broker.bootstrap)
+    with worker_thread(settings):
+        status = wait_until(
+            lambda: covers(s := status_file(settings, (0, 1)), ends) and s, 30, "the worker"
+        )
+    assert status["since_start"]["skipped_by_operator"] == 1
+    assert held_orders(settings) == master_orders(lake)
+    assert sorted(held_orders(settings).values()) == sorted(f"e-{i}" for i in range(20))
+
+
+# --- what the speed layer finds in the lake (no broker) ----------------------------------------
+
+
+def _batch(base_offset: int, n: int) -> bytes:
+    """A v2 record batch of ``n`` records at ``base_offset``, as a broker stores it."""
+    b = MemoryRecordsBuilder(magic=2, compression_type=0, batch_size=1 << 20, offset=0)
+    for i in range(n):
+        b.append(timestamp=1, key=None, value=b"v%d" % i, headers=[])
+    b.close()
+    data = bytearray(b.buffer())
+    struct.pack_into(">q", data, 0, base_offset)
+    return bytes(data)
+
+
+def _commit(lake: Lake, ends: dict[int, int], rejected: list[tuple[int, int, bytes, str]]) -> None:
+    """An ingest commit on orders: ``rejected`` (partition, offset, raw, reason) to
+    quarantine, then the positions ``ends`` in both tables, as ingest commits them."""
+    masters, quarantine = open_tables(lake, list(TOPICS))
+    positions = {t: {p: 0 for p in range(4)} for t in TOPICS}
+    positions["orders"].update(ends)
+    table = pa.table(
+        {
+            "_partition": pa.array([r[0] for r in rejected], pa.int32()),
+            "_offset": pa.array([r[1] for r in rejected], pa.int64()),
+            "raw": pa.array([r[2] for r in rejected], pa.binary()),
+            "reason": pa.array([r[3] for r in rejected], pa.string()),
+        },
+        schema=REJECTED_SCHEMA,
+    )
+    now = datetime.now(UTC)
+    rows = rejected_to_rows(table, "orders", now, quarantine.positions.get("orders", {}))
+    if rows.num_rows:
+        quarantine.append(rows, positions)
+    valid = validate("orders", [], [], [], max_event_bytes=1 << 20).valid
+    masters["orders"].append(master_rows(valid, "orders", now), {"orders": positions["orders"]})
+
+
+def test_the_skip_a_stopped_consumer_finds_is_exactly_the_one_ingest_committed(
+    tmp_path: Path,
+) -> None:
+    """Only a ``skipped_by_operator`` row at the offset the consumer stands at, with ingest's
+    positions past the batch its header describes, and the consumer's own read of the batch
+    agreeing where it ends, is a skip to take; it moves the consumer to right after it."""
+    raw = _batch(10, 10)  # offsets 10-19
+    halt = UndecodableBatch(
+        "orders",
+        0,
+        10,
+        "failed its CRC",
+        kind="crc_in_aborted_transaction",
+        raw=raw,
+        next_offset=20,
+    )
+    lake = Lake(str(tmp_path / "lake"))
+    skips = OperatorSkips(lake)
+    assert skips.find(halt) is None  # no lake yet
+
+    _commit(lake, {0: 10}, [(0, 3, b"{", "bad_json")])  # ingest stopped at 10 as well
+    assert skips.find(halt) is None
+
+    # Ingest passed offset 10 by itself (no skip row): that is no skip for this consumer.
+    other = Lake(str(tmp_path / "other"))
+    _commit(other, {0: 25}, [(0, 10, raw, "undecodable_batch:crc")])
+    assert OperatorSkips(other).find(halt) is None
+
+    _commit(lake, {0: 20}, [(0, 10, raw, "skipped_by_operator:crc_in_aborted_transaction")])
+    skip = skips.find(halt)
+    assert skip is not None and skip.by_operator
+    assert (skip.topic, skip.partition, skip.offset, skip.next_offset) == ("orders", 0, 10, 20)
+    assert skip.quarantine_reason == "skipped_by_operator:crc_in_aborted_transaction"
+
+    def stopped(partition: int, offset: int, next_offset: int | None) -> UndecodableBatch:
+        return UndecodableBatch("orders", partition, offset, "x", raw=raw, next_offset=next_offset)
+
+    assert OperatorSkips(lake).find(stopped(0, 10, 20)) is not None
+    assert OperatorSkips(lake).find(stopped(1, 10, 20)) is None  # another partition
+    assert OperatorSkips(lake).find(stopped(0, 11, 20)) is None  # stopped elsewhere
+    assert OperatorSkips(lake).find(stopped(0, 10, 19)) is None  # read as another extent
+    assert OperatorSkips(lake).find(stopped(0, 10, None)) is None  # extent unknown here

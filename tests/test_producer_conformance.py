@@ -30,6 +30,7 @@ from kafka.record.default_records import DefaultRecordBase
 from kafka.record.util import calc_crc32c
 
 from batch.ingest import run_ingest
+from lambdalake.contract.events import KEY_BY_TOPIC
 from lambdalake.contract.lake import Lake
 from lambdalake.contract.manifest import ingest_positions
 from lambdalake.ops.broker import EmbeddedBroker
@@ -47,7 +48,7 @@ from tests.test_speed_worker import covers, status_file, worker_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 Key = tuple[str, int, int]  # topic, partition, offset
-ID_FIELD = {"orders": "event_id", "reviews": "review_id"}
+ID_FIELD = KEY_BY_TOPIC
 CODECS = ("gzip", "lz4", "zstd", "snappy", None)
 MAX_EVENT_BYTES = 4096
 
@@ -220,7 +221,9 @@ def test_ingest_and_speed_read_exactly_what_a_read_committed_consumer_reads(
     assert sorted(r["reason"].split(":")[0] for r in rows) == ["bad_json", "oversize"]
     assert summary["orders"]["written"] + summary["reviews"]["written"] == len(valid)
     for topic in TOPICS:  # past the last transaction marker too
-        assert ingest_positions(lake.master(topic), topic) == ends[topic]
+        positions = ingest_positions(lake.master(topic), topic)
+        # A topic nothing was sent to (products, stores here) has nothing committed.
+        assert positions == ends[topic] or (not positions and not any(ends[topic].values()))
 
     held, _ = speed_held(settings, ends)
     assert held == valid

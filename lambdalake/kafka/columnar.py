@@ -57,6 +57,10 @@ TESTED_KAFKA_PYTHON = "3.0.12"
 # UndecodableBatch, a reason to stop and retry, not to reconnect.
 DECODER_ERRORS: tuple[type[BaseException], ...] = (CorruptRecordError, UnsupportedCodecError)
 
+# The quarantine reason's prefix of a batch an operator passed (``ingest --skip``); the speed
+# layer looks for it to pass the same batch (:mod:`lambdalake.kafka.skips`).
+SKIPPED_BY_OPERATOR = "skipped_by_operator"
+
 
 @dataclass(frozen=True)
 class PoisonBatch:
@@ -81,7 +85,7 @@ class PoisonBatch:
     @property
     def quarantine_reason(self) -> str:
         if self.by_operator:
-            return f"skipped_by_operator:{self.reason}"
+            return f"{SKIPPED_BY_OPERATOR}:{self.reason}"
         return f"undecodable_batch:{self.reason}"
 
     def log_fields(self) -> dict[str, object]:
@@ -144,6 +148,24 @@ class UndecodableBatch(OperationFailed):
             raw=self.raw or b"",
             by_operator=True,
         )
+
+
+def batch_extent(raw: bytes) -> tuple[int, int] | None:
+    """The base offset and the offset after the v2 record batch whose bytes (header first)
+    are ``raw``, as its header says: where an operator's skip of it went
+    (:meth:`UndecodableBatch.as_skipped` took ``next_offset`` from the same header). None
+    if ``raw`` is not one whole v2 batch.
+
+    >>> batch_extent(b"")
+    """
+    from kafka.record.default_records import DefaultRecordBatch
+
+    if len(raw) < DefaultRecordBatch.HEADER_STRUCT.size:
+        return None
+    batch = DefaultRecordBatch(raw)
+    if batch.magic != 2 or batch.size_in_bytes != len(raw) or batch.last_offset_delta < 0:
+        return None
+    return int(batch.base_offset), int(batch.next_offset)
 
 
 # What stops a partition (see :class:`UndecodableBatch`), whichever decoder is in use.

@@ -323,6 +323,12 @@ def render_status(report: dict[str, Any]) -> None:
         for key in ("broker_refused", "halted"):  # why it is not reading, if it is not
             if w.get(key):
                 detail += f"; {key.replace('_', ' ')}: {w[key]}"
+        skip = w.get("last_skipped_by_operator")
+        if skip:  # a batch it passed because an operator skipped it (ingest --skip)
+            detail += (
+                f"; passed {skip.get('topic')}/{skip.get('partition')} "
+                f"{skip.get('offsets')} ({skip.get('reason')}) at {skip.get('passed_at')}"
+            )
         t.add_row(f"speed {w.get('worker')}", state, detail)
     q = report["quarantine"]
     if q:
