@@ -186,6 +186,32 @@ class BatchSnapshot:
         """A view's partials at a grain merged by ``keys`` (``period`` and dimensions),
         filtered by SKU (``sku``, or any of ``skus``), store (``store_id``, or any of
         ``stores``) and an inclusive period range."""
+        table = self.partials(
+            view,
+            granularity,
+            sku=sku,
+            store_id=store_id,
+            first=first,
+            last=last,
+            skus=skus,
+            stores=stores,
+        )
+        return merge_partials(table, keys, view)
+
+    def partials(
+        self,
+        view: ViewDef,
+        granularity: Granularity | None,
+        *,
+        sku: str | None,
+        store_id: str | None = None,
+        first: Any = None,
+        last: Any = None,
+        skus: Sequence[str] | None = None,
+        stores: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """The rows of a view's table at a grain, filtered as :meth:`aggregate` says, unmerged
+        (Arrow; zero-copy slices where the SKU index allows)."""
         indexed = self.tables[snapshot_table(view, granularity)]
         table = indexed.rows_of(skus) if skus is not None else indexed.rows(sku)
         conditions: list[tuple[str, str, Any]] = [("store_id", "equal", store_id)]
@@ -193,7 +219,7 @@ class BatchSnapshot:
             conditions.append(("store_id", "is_in", pa.array(list(stores), pa.string())))
         if granularity is not None:
             conditions += [("period", "greater_equal", first), ("period", "less_equal", last)]
-        return merge_partials(select(table, *conditions), keys, view)
+        return select(table, *conditions)
 
     def accuracy(self, sku: str, store_id: str) -> list[dict[str, Any]]:
         """The backtest of one forecast series (``ALL`` for a key an aggregate sums over)."""

@@ -25,6 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lambdalake.contract.manifest import Watermark, watermark_to_dict
 from lambdalake.contract.speed_protocol import answer_schema
@@ -193,26 +194,22 @@ def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
     )
 
 
-def _regrouped(
-    acc: dict[tuple, dict[str, Any]],
-    dims: tuple[str, ...],
-    group_by: tuple[str, ...],
-    refs: dict[str, dict[str, dict[str, Any]]],
-) -> dict[tuple, dict[str, Any]]:
-    """Rows keyed by (period, *dims) merged into rows keyed by (period, *group_by), where a
-    group field may be an attribute of a dimension (``category`` of the SKU)."""
-    out: dict[tuple, dict[str, Any]] = {}
-    for key, row in acc.items():
-        values = dict(zip(dims, key[1:], strict=True))
-        group = []
-        for g in group_by:
-            if g in SALES_ATTRIBUTES:
-                record = refs[g].get(values[SALES_ATTRIBUTES[g][1]])
-                group.append(record[g] if record is not None else None)
-            else:
-                group.append(values[g])
-        merge_into(out, (key[0], *group), row, SALES)
-    return out
+def with_attributes(
+    table: pa.Table, keys: tuple[str, ...], refs: dict[str, dict[str, dict[str, Any]]]
+) -> pa.Table:
+    """``table`` with a column for each attribute among ``keys`` (``category`` of its ``sku``,
+    ``region`` of its ``store_id``) from the current records ``refs``; null for an id no
+    record names."""
+    for key in keys:
+        if key not in SALES_ATTRIBUTES or key in table.column_names:
+            continue
+        _, dim = SALES_ATTRIBUTES[key]
+        records = refs.get(key, {})
+        ids = pa.array(list(records), pa.string())
+        values = pa.array([r[key] for r in records.values()], pa.string())
+        positions = pc.index_in(table[dim], value_set=ids)
+        table = table.append_column(key, pc.take(values, positions))
+    return table
 
 
 class QueryService:
@@ -301,29 +298,31 @@ class QueryService:
         skus: tuple[str, ...] | None = None,
         stores: tuple[str, ...] | None = None,
         max_offsets: Watermark | None = None,
+        group_by: tuple[str, ...] | None = None,
+        refs: dict[str, dict[str, dict[str, Any]]] | None = None,
     ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
         """Merged sales partials keyed by (period label, *dims); ``skus``/``stores`` filter by
         several ids (instead of ``sku``/``store_id``); ``max_offsets`` bounds the speed
-        layer's events from above (a page pinned to its answer's ``as_of``)."""
+        layer's events from above (a page pinned to its answer's ``as_of``). With
+        ``group_by`` (fields or attributes of ``dims``, looked up in ``refs``), keyed by
+        (period label, *group_by) instead."""
         snap.require(SALES, granularity, hint="ask for granularity=day, or ")
         lo: Any = first if granularity == "hour" else first.date()
         hi: Any = last if granularity == "hour" else last.date()
         acc: dict[tuple, dict[str, Any]] = {}
-        if dims or skus is not None or stores is not None:
-            rows = snap.aggregate(
+        breakdown = bool(dims or skus is not None or stores is not None)
+        batch: pa.Table | None = None
+        if breakdown:
+            batch = snap.partials(
                 SALES,
                 granularity,
-                keys=["period", *dims],
                 sku=sku,
                 store_id=store_id,
                 first=lo,
                 last=hi,
                 skus=skus,
                 stores=stores,
-            )
-            for row in rows:
-                key = (period_label(row["period"], granularity), *(row[d] for d in dims))
-                merge_into(acc, key, row, SALES)
+            ).select(["period", *dims, *SALES.measure_names])
         else:  # one series (the point query): the run's per-key series, sliced
             names, series_key_ = series_key(sku, store_id)
             for label, values in snap.series.get(granularity, names).points(series_key_, lo, hi):
@@ -339,6 +338,19 @@ class QueryService:
             stores=stores,
         )
         speed = self._speed_query(SALES, flt, snap, max_offsets=max_offsets)
+        if batch is not None:
+            # Batch and speed partials merged in Arrow by the answer's keys (the rows are the
+            # question's periods x ids; only the merged groups become Python rows).
+            if speed.rows:
+                recent = pa.Table.from_pylist(speed.rows).select(batch.column_names)
+                batch = pa.concat_tables([batch, recent.cast(batch.schema)])
+            keys = group_by if group_by is not None else dims
+            batch = with_attributes(batch, keys, refs or {})
+            for row in (
+                merge_table(batch, ["period", *keys], SALES).to_pylist() if batch.num_rows else []
+            ):
+                acc[(period_label(row["period"], granularity), *(row[k] for k in keys))] = row
+            return acc, speed
         for row in speed.rows:
             period = row["period"]  # a label already when it comes from a series index
             label = period if isinstance(period, str) else period_label(period, granularity)
@@ -459,9 +471,9 @@ class QueryService:
                 skus=None if one else skus,
                 stores=None if one else stores,
                 max_offsets=pins,
+                group_by=q.group_by,
+                refs=refs,
             )
-            if dims != q.group_by:
-                acc = _regrouped(acc, dims, q.group_by, refs)
             return acc, combined(speed, *ref_speeds)
 
         if cursor is not None:
