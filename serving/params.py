@@ -272,6 +272,16 @@ def period_label(ts: datetime | date, granularity: Granularity) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00Z")
 
 
+# --- OpenAPI examples ---------------------------------------------------------------------------
+
+# Values the documentation's examples ("Try it out") use: the demo's catalog (generator/) and the
+# last four weeks as of the server's start, so every example answers rows on `make demo`.
+EXAMPLE_SKU, EXAMPLE_STORE = "SKU-00001", "S001"
+EXAMPLE_CATEGORY, EXAMPLE_REGION = "kitchen", "Europe"
+EXAMPLE_END = datetime.now(UTC).date().isoformat()
+EXAMPLE_START = (datetime.now(UTC).date() - timedelta(days=27)).isoformat()
+
+
 # --- /v1/sales: breakdowns, order, paging ------------------------------------------------------
 
 # What a sales answer can be broken down by (each point then carries these fields): its

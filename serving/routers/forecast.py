@@ -12,6 +12,8 @@ from serving.deps import get_service
 from serving.models import ForecastAnswer
 from serving.params import (
     DEFAULT_ACTUALS_DAYS,
+    EXAMPLE_SKU,
+    EXAMPLE_STORE,
     MAX_HORIZON_DAYS,
     check_id,
     check_int,
@@ -55,10 +57,10 @@ async def _answer(
 )
 async def get_forecast(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=["SKU-00001"])],
+    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=[EXAMPLE_SKU])],
     store_id: Annotated[
         str | None,
-        Query(description="One store; omit for the SKU over all stores.", examples=["S001"]),
+        Query(description="One store; omit for the SKU over all stores.", examples=[EXAMPLE_STORE]),
     ] = None,
     horizon: HorizonQ = None,
     actuals_days: ActualsDaysQ = None,

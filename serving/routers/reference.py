@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 
 from serving.deps import get_service
 from serving.models import ProductsAnswer, StoresAnswer
-from serving.params import label_list
+from serving.params import EXAMPLE_CATEGORY, EXAMPLE_REGION, label_list
 from serving.service import QueryService
 
 router = APIRouter(prefix="/v1", tags=["reference data"])
@@ -19,7 +19,9 @@ async def get_products(
     service: Annotated[QueryService, Depends(get_service)],
     category: Annotated[
         list[str] | None,
-        Query(description="Only these categories (repeat or comma list).", examples=["Kitchen"]),
+        Query(
+            description="Only these categories (repeat or comma list).", examples=[EXAMPLE_CATEGORY]
+        ),
     ] = None,
 ) -> ProductsAnswer:
     """Each SKU's current record: the last `products` message of the SKU (by offset), the
@@ -34,7 +36,7 @@ async def get_stores(
     service: Annotated[QueryService, Depends(get_service)],
     region: Annotated[
         list[str] | None,
-        Query(description="Only these regions (repeat or comma list).", examples=["West"]),
+        Query(description="Only these regions (repeat or comma list).", examples=[EXAMPLE_REGION]),
     ] = None,
 ) -> StoresAnswer:
     """Each store's current record (the last `stores` message of the store), sorted by id."""

@@ -12,6 +12,12 @@ from serving.formats import FORMATS, MEDIA_TYPES, answer_headers, negotiate, tab
 from serving.models import SalesAnswer
 from serving.params import (
     DEFAULT_LIMIT,
+    EXAMPLE_CATEGORY,
+    EXAMPLE_END,
+    EXAMPLE_REGION,
+    EXAMPLE_SKU,
+    EXAMPLE_START,
+    EXAMPLE_STORE,
     GROUP_FIELDS,
     MAX_LIMIT,
     MAX_POINTS,
@@ -57,13 +63,14 @@ async def get_sales(
         Query(
             description="Only these SKUs: repeat the parameter or send a comma list "
             "(an id containing a comma cannot be listed). Omit for all.",
-            examples=["SKU-00001"],
+            examples=[EXAMPLE_SKU],
         ),
     ] = None,
     store_id: Annotated[
         list[str] | None,
         Query(
-            description="Only these stores (repeat or comma list). Omit for all.", examples=["S001"]
+            description="Only these stores (repeat or comma list). Omit for all.",
+            examples=[EXAMPLE_STORE],
         ),
     ] = None,
     category: Annotated[
@@ -71,7 +78,7 @@ async def get_sales(
         Query(
             description="Only SKUs of these categories, as the `products` topic says now "
             "(repeat or comma list). Omit for all.",
-            examples=["Kitchen"],
+            examples=[EXAMPLE_CATEGORY],
         ),
     ] = None,
     region: Annotated[
@@ -79,7 +86,7 @@ async def get_sales(
         Query(
             description="Only stores of these regions, as the `stores` topic says now (repeat "
             "or comma list). Omit for all.",
-            examples=["West"],
+            examples=[EXAMPLE_REGION],
         ),
     ] = None,
     start: Annotated[
@@ -88,7 +95,7 @@ async def get_sales(
             description="First period, inclusive: ISO date or datetime (UTC if no offset); a "
             "date selects its day, week or month. Default: 30 days, 48 hours, 26 weeks or 12 "
             "months before end. Years 1900 to 2999.",
-            examples=["2024-05-01"],
+            examples=[EXAMPLE_START],
             json_schema_extra=DATE_OR_TIME,
         ),
     ] = None,
@@ -97,7 +104,7 @@ async def get_sales(
         Query(
             description="Last period, inclusive (a date includes its whole day). Default: now. "
             "Years 1900 to 2999.",
-            examples=["2024-05-31"],
+            examples=[EXAMPLE_END],
             json_schema_extra=DATE_OR_TIME,
         ),
     ] = None,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 
 from serving.deps import get_service
 from serving.models import SentimentAnswer, SentimentRanking, SentimentWeeks
-from serving.params import MAX_RANKING_LIMIT, check_id, check_int, week_range
+from serving.params import EXAMPLE_SKU, MAX_RANKING_LIMIT, check_id, check_int, week_range
 from serving.service import QueryService
 
 router = APIRouter(prefix="/v1", tags=["sentiment"])
@@ -42,7 +42,7 @@ async def get_sentiment_ranking(
 )
 async def get_sentiment(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=["SKU-00001"])],
+    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=[EXAMPLE_SKU])],
 ) -> SentimentAnswer:
     """Review count, mean rating, mean sentiment and label counts (batch + speed merged).
     An unknown SKU answers zero reviews and null means."""
@@ -57,7 +57,7 @@ async def get_sentiment(
 )
 async def get_sentiment_weeks(
     service: Annotated[QueryService, Depends(get_service)],
-    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=["SKU-00001"])],
+    sku: Annotated[str, Path(description="The SKU (it may contain `/`).", examples=[EXAMPLE_SKU])],
     start: Annotated[
         str | None,
         Query(description="A date in the first week (default: 25 weeks before `end`'s week)."),
