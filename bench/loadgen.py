@@ -54,7 +54,8 @@ class Connection:
             body = json.dumps(params[JSON_BODY]).encode()
             self.writer.write(
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
-                f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
         else:
             target = f"{path}?{urlencode(params)}" if params else path

@@ -555,6 +555,16 @@ def request_stream(data: dict[str, Any], seed: int, kind: str | None = None) -> 
     return next_request
 
 
+def open_loops(
+    base: str, data: dict[str, Any], seed: int, kinds: tuple[str, ...], rate: float, duration: float
+) -> dict[str, dict]:
+    """An open loop of each kind in turn, at ``rate`` for ``duration`` s: kind -> figures."""
+    return {
+        k: asyncio.run(loadgen.open_loop(base, request_stream(data, seed, kind=k), rate, duration))
+        for k in kinds
+    }
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` s (an overloaded server may still be working
     through requests its clients gave up on)."""
@@ -827,33 +837,17 @@ def main() -> None:
                 results[kind] = {"closed_loop": closed, "open_loop_point": opened}
                 if not args.no_breakdowns:
                     print(f"[3/3] {kind}: breakdowns at {args.breakdown_rate:g}/s each", flush=True)
-                    results[kind]["breakdowns"] = {
-                        b: asyncio.run(
-                            loadgen.open_loop(
-                                base,
-                                request_stream(data, args.seed, kind=b),
-                                args.breakdown_rate,
-                                args.duration,
-                            )
-                        )
-                        for b in BREAKDOWNS
-                    }
+                    results[kind]["breakdowns"] = open_loops(
+                        base, data, args.seed, BREAKDOWNS, args.breakdown_rate, args.duration
+                    )
                 if kind == "fast" and not args.no_breakdowns:
                     print(
                         f"[3/3] fast: SQL and the same questions at {args.sql_rate:g}/s", flush=True
                     )
                     for key, kinds in (("sql", SQL_KINDS), ("sql_endpoints", SQL_ENDPOINT_KINDS)):
-                        results[kind][key] = {
-                            k: asyncio.run(
-                                loadgen.open_loop(
-                                    base,
-                                    request_stream(data, args.seed, kind=k),
-                                    args.sql_rate,
-                                    args.duration,
-                                )
-                            )
-                            for k in kinds
-                        }
+                        results[kind][key] = open_loops(
+                            base, data, args.seed, kinds, args.sql_rate, args.duration
+                        )
                 if kind == "fast" and not args.no_overload:
                     print("[3/3] fast: overload (ramp, 2x, 4x, recovery)", flush=True)
                     ramp = [float(r) for r in args.ramp.split(",")]

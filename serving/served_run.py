@@ -171,32 +171,11 @@ class BatchSnapshot:
         return self.run.watermark if self.run else {}
 
     def aggregate(
-        self,
-        view: ViewDef,
-        granularity: Granularity | None,
-        *,
-        keys: list[str],
-        sku: str | None,
-        store_id: str | None = None,
-        first: Any = None,
-        last: Any = None,
-        skus: Sequence[str] | None = None,
-        stores: Sequence[str] | None = None,
+        self, view: ViewDef, granularity: Granularity | None, *, keys: list[str], **filters: Any
     ) -> list[dict[str, Any]]:
-        """A view's partials at a grain merged by ``keys`` (``period`` and dimensions),
-        filtered by SKU (``sku``, or any of ``skus``), store (``store_id``, or any of
-        ``stores``) and an inclusive period range."""
-        table = self.partials(
-            view,
-            granularity,
-            sku=sku,
-            store_id=store_id,
-            first=first,
-            last=last,
-            skus=skus,
-            stores=stores,
-        )
-        return merge_partials(table, keys, view)
+        """A view's partials at a grain (filtered as :meth:`partials` says) merged by ``keys``
+        (``period`` and dimensions)."""
+        return merge_partials(self.partials(view, granularity, **filters), keys, view)
 
     def partials(
         self,
@@ -210,8 +189,9 @@ class BatchSnapshot:
         skus: Sequence[str] | None = None,
         stores: Sequence[str] | None = None,
     ) -> pa.Table:
-        """The rows of a view's table at a grain, filtered as :meth:`aggregate` says, unmerged
-        (Arrow; zero-copy slices where the SKU index allows)."""
+        """The rows of a view's table at a grain, filtered by SKU (``sku``, or any of
+        ``skus``), store (``store_id``, or any of ``stores``) and an inclusive period range;
+        unmerged (Arrow; zero-copy slices where the SKU index allows)."""
         indexed = self.tables[snapshot_table(view, granularity)]
         table = indexed.rows_of(skus) if skus is not None else indexed.rows(sku)
         conditions: list[tuple[str, str, Any]] = [("store_id", "equal", store_id)]

@@ -48,7 +48,6 @@ from serving.models import (
     DemandAlert,
     ForecastAnswer,
     ForecastPoint,
-    Product,
     ProductsAnswer,
     SalesAnswer,
     SalesPoint,
@@ -58,7 +57,6 @@ from serving.models import (
     SentimentWeek,
     SentimentWeeks,
     SeriesAccuracy,
-    Store,
     StoresAnswer,
 )
 from serving.params import MAX_LIMIT, Cursor, Granularity, SalesQuery, period_label
@@ -379,33 +377,29 @@ class QueryService:
         return records, speed
 
     def _records(
-        self, view: ViewDef, attr: str, wanted: tuple[str, ...] | None
-    ) -> tuple[list[dict[str, Any]], Merged]:
+        self, view: ViewDef, attr: str, wanted: tuple[str, ...] | None, answer: Any
+    ) -> Any:
+        """``answer`` (a model with ``items``) of a reference view's current records, those
+        whose ``attr`` is one of ``wanted`` (``None``: all), sorted by id."""
+
         def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
             return self.reference(snap, view)
 
         records, snap, speed = self._merged(compute)
         keep = None if wanted is None else set(wanted)
-        items = [r for _, r in sorted(records.items()) if keep is None or r[attr] in keep]
-        return items, self._provenance(view.name, snap, speed)
+        merged = self._provenance(view.name, snap, speed)
+        return answer(
+            items=[r for _, r in sorted(records.items()) if keep is None or r[attr] in keep],
+            as_of=merged.as_of,
+            degraded=merged.degraded,
+            missing_partitions=merged.missing,
+        )
 
     def products(self, categories: tuple[str, ...] | None) -> ProductsAnswer:
-        items, merged = self._records(PRODUCTS, "category", categories)
-        return ProductsAnswer(
-            items=[Product(**r) for r in items],
-            as_of=merged.as_of,
-            degraded=merged.degraded,
-            missing_partitions=merged.missing,
-        )
+        return self._records(PRODUCTS, "category", categories, ProductsAnswer)
 
     def stores(self, regions: tuple[str, ...] | None) -> StoresAnswer:
-        items, merged = self._records(STORES, "region", regions)
-        return StoresAnswer(
-            items=[Store(**r) for r in items],
-            as_of=merged.as_of,
-            degraded=merged.degraded,
-            missing_partitions=merged.missing,
-        )
+        return self._records(STORES, "region", regions, StoresAnswer)
 
     def _sales_scope(
         self, snap: BatchSnapshot, q: SalesQuery, max_offsets: Watermark | None
