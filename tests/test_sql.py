@@ -300,3 +300,14 @@ def test_every_example_in_the_docs_runs(sql_api: Any) -> None:
         r = sql(client, statement)  # as written, the closing semicolon included
         assert r.status_code == 200, (statement, r.text)
         assert r.json()["columns"], statement
+
+
+def test_api_keys_apply_to_sql(tmp_path: Path) -> None:
+    root = tmp_path / "lake"
+    write_run(root, "run-1", make_orders(n=50), hourly_view=True)
+    key = "k1-0123456789abcdef"
+    app = create_app(settings_at(root, api_keys=key), clock=lambda: NOW)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert sql(client, "SELECT 1").status_code == 401
+        r = client.post("/v1/sql", json={"sql": "SELECT 1 AS one"}, headers={"X-API-Key": key})
+        assert r.status_code == 200 and r.json()["rows"] == [[1]]
