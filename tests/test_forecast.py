@@ -65,16 +65,18 @@ def structured():
 
 
 def test_trend_seasonal_series_get_the_ensemble_and_it_beats_seasonal_naive(structured):
-    """Regular series get the mean of the default members; its backtest beats seasonal naive."""
+    """Regular series get the mean of the default members (those for series without a year
+    of history: these have 300 days); its backtest beats seasonal naive."""
     result, _, _ = structured
     cand = result.candidates
     chosen = result.accuracy.set_index("sku")
     cfg = ForecastConfig()
+    assert cfg.yearly_min_days > 300
     for sku in [f"T{i:02d}" for i in range(12)]:
         mine = cand[cand["sku"] == sku].set_index("model")
         model = chosen.loc[sku, "model"]
-        assert model == cfg.ensemble_name
-        assert set(cfg.smooth_models) | {MODEL_SN} <= set(mine.index)
+        assert model == cfg.for_short().ensemble_name
+        assert set(cfg.short_models or ()) | {MODEL_SN} <= set(mine.index)
         assert mine.loc[model, "mase"] < mine.loc[MODEL_SN, "mase"]
         assert chosen.loc[sku, "mase"] == pytest.approx(mine.loc[model, "mase"])
         assert chosen.loc[sku, "n_train_days"] == min(300, cfg.train_days)
@@ -230,7 +232,7 @@ def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
     np.testing.assert_allclose(fc["upper_95"].to_numpy(), exp_fc["upper_95"].to_numpy(), rtol=1e-9)
     acc = out[out["kind"] == "accuracy"].set_index(["sku", "store_id"]).sort_index()
     assert list(acc["model"]) == list(exp_acc["model"])
-    assert (acc["model"] == ForecastConfig().ensemble_name).sum() == 6
+    assert (acc["model"] == ForecastConfig().for_short().ensemble_name).sum() == 6
 
 
 def test_each_series_is_forecast_from_its_own_end_date():
@@ -331,3 +333,40 @@ def test_points_only_gives_the_same_points_without_the_backtest():
     assert (merged["upper_95_p"] == merged["forecast_p"]).all()
     assert (merged["upper_95"] > merged["forecast"]).any()
     assert points.accuracy["mase"].isna().all() and points.candidates.empty
+
+
+def test_series_without_a_year_learn_holidays_as_a_group():
+    """Under a year of history each holiday was seen once at most, so holidays are pooled in
+    groups: a business closed on Memorial Day and Independence Day is forecast closed on Labor
+    Day; one for which those days were ordinary is forecast as on any Monday."""
+    rng = np.random.default_rng(3)
+    start, cut = date(2025, 3, 3), date(2025, 8, 29)
+    days = [start + timedelta(days=i) for i in range((cut - start).days + 1)]
+    weekday = np.array([d.weekday() < 5 for d in days])
+    open_days = rng.poisson(300, len(days)) * weekday
+    closed = {date(2025, 5, 26), date(2025, 7, 4)}
+    shut = open_days * np.array([d not in closed for d in days])
+    daily = pd.concat(
+        [
+            pd.DataFrame({"sku": sku, "store_id": "S1", "date": days, "units": y})
+            for sku, y in (("CLOSES", shut), ("OPEN", open_days))
+        ]
+    )
+    result = forecast_series(daily, cut)
+    fc = result.forecasts.set_index(["sku", "date"])["forecast"]
+    labor_day, next_monday = date(2025, 9, 1), date(2025, 9, 8)
+    assert fc[("CLOSES", labor_day)] < 0.1 * fc[("CLOSES", next_monday)]
+    assert fc[("OPEN", labor_day)] == pytest.approx(fc[("OPEN", next_monday)], rel=0.15)
+    assert fc[("CLOSES", next_monday)] == pytest.approx(300, rel=0.15)
+    model = result.accuracy.set_index("sku")["model"]
+    assert set(model) == {ForecastConfig().for_short().ensemble_name}
+
+
+def test_series_with_a_year_of_history_keep_the_yearly_ensemble():
+    rng = np.random.default_rng(4)
+    cfg = ForecastConfig()
+    values = {
+        (f"L{i}", "S1"): _trend_seasonal(rng, cfg.yearly_min_days + 30, 6 + i) for i in (0, 1)
+    }
+    result = forecast_series(_frame(values, LAST), LAST)
+    assert set(result.accuracy["model"]) == {cfg.ensemble_name}
