@@ -21,11 +21,17 @@ Method (the decisions, in order):
 * **Smooth series** (``combine="mean"``, the default): up to ``train_days``
   (3 years) of history; the mean of ``smooth_models`` (default ``FourierETS``:
   yearly Fourier season + US retail holidays by least squares, then ETS with a
-  weekly season; and ``LightGBM`` across the bucket's series). Backtest:
+  weekly season; and ``LightGBM`` across the bucket's series). A smooth series
+  with less than ``yearly_min_days`` of history has no yearly season to learn
+  and too little data for trees: it gets the mean of ``short_models`` (default
+  ``FourierETS``, whose calendar part is then holiday effects pooled in groups,
+  ``HOLIDAY_GROUPS``, and ``SARIMA``, a fixed-order seasonal ARIMA on the same
+  holiday-adjusted series). Backtest:
   ``backtest_windows`` windows of ``backtest_horizon`` days, origins
   ``backtest_step`` days apart, each model fitted once at the first origin and
   rolled forward. Bounds are conformal: the quantiles of the ensemble's
-  absolute backtest errors, one width per week of the horizon. SeasonalNaive
+  absolute backtest errors, one width per week of the horizon (from that
+  week's and the next week's errors; never narrower than the week before). SeasonalNaive
   is backtested alongside as the reference (a candidate row, not a member).
   ``combine="select"`` is the earlier default (``PREVIOUS_DEFAULT``): one
   native-interval model per series by backtest MASE.
@@ -897,7 +903,7 @@ def _combine(frames: list[pd.DataFrame], keys: list[str], names: tuple[str, ...]
             continue
         extra = [c for c in frame.columns if c not in keys and c not in merged.columns]
         merged = merged.merge(frame[[*keys, *extra]], on=keys, how="outer")
-        if "y" in frame.columns:
+        if "y" in frame.columns and merged["y"].isna().any():
             y = frame.set_index(keys)["y"]
             merged["y"] = merged["y"].fillna(
                 pd.Series(merged.set_index(keys).index.map(y), index=merged.index)
