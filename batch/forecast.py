@@ -758,8 +758,16 @@ def _holiday_factor(frame: pd.DataFrame, effects: HolidayEffects) -> np.ndarray:
     return out
 
 
-def _calendar_cv(data: pd.DataFrame, cfg: ForecastConfig, base: str, name: str) -> pd.DataFrame:
-    """Backtest of ``base`` (a statsforecast model) on the calendar-adjusted series.
+CALENDAR_KINDS = ("fourier_ets", "sarima")  # members fitted on the calendar-adjusted series
+
+
+def _calendar_base(name: str) -> str:
+    """The statsforecast model a calendar member fits: FourierETS is ETS on the adjusted series."""
+    return MODEL_ETS if BY_NAME[name].kind == "fourier_ets" else name
+
+
+def _calendar_cv(data: pd.DataFrame, cfg: ForecastConfig, members: tuple[str, ...]) -> pd.DataFrame:
+    """Backtest of calendar ``members`` (one statsforecast call) on the adjusted series.
 
     Series with ``yearly_min_days`` before the first origin lose their yearly season and
     holiday effects (``_yearly_coefficients``); shorter ones their pooled holiday effects.
@@ -769,35 +777,68 @@ def _calendar_cv(data: pd.DataFrame, cfg: ForecastConfig, base: str, name: str) 
     coefs = _yearly_coefficients(data, cfg, until=first_cut)
     pooled = _pooled_holiday_effects(data, cfg, first_cut, skip=coefs)
     adjusted = _without_holidays(data.assign(y=data["y"] - _yearly(data, coefs, cfg)), pooled)
-    cv = _cross_validate(adjusted, (base,), cfg, native=False, refit=False)
+    bases = tuple(_calendar_base(m) for m in members)
+    cv = _cross_validate(adjusted, bases, cfg, native=False, refit=False)
     if cv.empty:
         return cv
     actual = data.set_index(["unique_id", "ds"])["y"]
     y = actual.reindex(pd.MultiIndex.from_frame(cv[["unique_id", "ds"]])).to_numpy()
-    f = (cv[base].to_numpy(np.float64) + _yearly(cv, coefs, cfg)) * _holiday_factor(cv, pooled)
-    return cv.assign(y=y, **{name: f})[[*_CV_KEYS, "y", name]]
+    season, factor = _yearly(cv, coefs, cfg), _holiday_factor(cv, pooled)
+    f = {
+        m: (cv[b].to_numpy(np.float64) + season) * factor
+        for m, b in zip(members, bases, strict=True)
+    }
+    return cv.assign(y=y, **f)[[*_CV_KEYS, "y", *members]]
 
 
 def _calendar_forecast(
-    data: pd.DataFrame, cfg: ForecastConfig, base: str, name: str
+    data: pd.DataFrame, cfg: ForecastConfig, members: tuple[str, ...]
 ) -> pd.DataFrame:
-    """Forecasts of ``base`` on the calendar-adjusted series, the calendar added back."""
+    """Forecasts of calendar ``members`` on the adjusted series, the calendar added back."""
     coefs = _yearly_coefficients(data, cfg)
     pooled = _pooled_holiday_effects(data, cfg, None, skip=coefs)
     adjusted = _without_holidays(data.assign(y=data["y"] - _yearly(data, coefs, cfg)), pooled)
-    fc = _final_forecast(adjusted, base, cfg, native=False)
+    bases = tuple(_calendar_base(m) for m in members)
+    models = [_model(b, cfg) for b in bases]
+    fc = _run_isolating_failures(
+        lambda part: _sf(models).forecast(df=part, h=cfg.horizon), adjusted
+    )
     if fc.empty:
         return fc
-    f = (fc[base].to_numpy(np.float64) + _yearly(fc, coefs, cfg)) * _holiday_factor(fc, pooled)
-    return fc.assign(**{name: f})[["unique_id", "ds", name]]
+    season, factor = _yearly(fc, coefs, cfg), _holiday_factor(fc, pooled)
+    f = {
+        m: (fc[b].to_numpy(np.float64) + season) * factor
+        for m, b in zip(members, bases, strict=True)
+    }
+    return fc.assign(**f)[["unique_id", "ds", *members]]
 
 
-def _fourier_ets_cv(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
-    return _calendar_cv(data, cfg, MODEL_ETS, MODEL_FOURIER_ETS)
-
-
-def _fourier_ets_forecast(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
-    return _calendar_forecast(data, cfg, MODEL_ETS, MODEL_FOURIER_ETS)
+def _calendar_jointly(
+    fn: Any, members: tuple[str, ...], data: pd.DataFrame, cfg: ForecastConfig, keys: list[str]
+) -> pd.DataFrame:
+    """``fn`` (``_calendar_cv`` or ``_calendar_forecast``) on all ``members`` in one call (they
+    share the adjustment, and one statsforecast call costs less than several); series that
+    call could not do get each member alone, so one failing member does not drop the other."""
+    try:
+        out = fn(data, cfg, members)
+    except Exception:
+        out = pd.DataFrame()
+    if len(members) == 1:
+        return out
+    rest = data if out.empty else data[~data["unique_id"].isin(set(out["unique_id"]))]
+    if rest.empty:
+        return out
+    alone = []
+    for m in members:
+        try:
+            alone.append(fn(rest, cfg, (m,)))
+        except Exception:
+            continue
+    extra = _combine(alone, keys, members)
+    if extra.empty:
+        return out
+    extra = extra.drop(columns="mean")
+    return extra if out.empty else pd.concat([out, extra], ignore_index=True)
 
 
 def _mlforecast(cfg: ForecastConfig) -> Any:
@@ -860,10 +901,8 @@ def _lightgbm_forecast(data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
 def _member_cv(name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
     """Backtest forecasts of one member: ``unique_id, ds, cutoff, y, <name>`` (may be empty)."""
     kind = BY_NAME[name].kind
-    if kind == "fourier_ets":
-        return _fourier_ets_cv(data, cfg)
-    if kind == "sarima":
-        return _calendar_cv(data, cfg, name, name)
+    if kind in CALENDAR_KINDS:
+        return _calendar_cv(data, cfg, (name,))
     if kind == "lightgbm":
         return _lightgbm_cv(data, cfg)
     cv = _cross_validate(data, (name,), cfg, native=False, refit=False)
@@ -873,10 +912,8 @@ def _member_cv(name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFra
 def _member_forecast(name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.DataFrame:
     """Forecasts of one member after each series' last day: ``unique_id, ds, <name>``."""
     kind = BY_NAME[name].kind
-    if kind == "fourier_ets":
-        return _fourier_ets_forecast(data, cfg)
-    if kind == "sarima":
-        return _calendar_forecast(data, cfg, name, name)
+    if kind in CALENDAR_KINDS:
+        return _calendar_forecast(data, cfg, (name,))
     if kind == "lightgbm":
         return _lightgbm_forecast(data, cfg)
     fc = _final_forecast(data, name, cfg, native=False)
@@ -890,6 +927,22 @@ def _guarded(fn: Any, name: str, data: pd.DataFrame, cfg: ForecastConfig) -> pd.
     except Exception:
         return pd.DataFrame()
     return out if out is not None else pd.DataFrame()
+
+
+def _member_frames(
+    stage: str, names: tuple[str, ...], data: pd.DataFrame, cfg: ForecastConfig
+) -> list[pd.DataFrame]:
+    """Each member's backtest (``stage="cv"``) or forecast frame; the calendar members
+    together (``_calendar_jointly``), the others one by one."""
+    cv = stage == "cv"
+    joint = tuple(n for n in names if BY_NAME[n].kind in CALENDAR_KINDS)
+    frames = []
+    if joint:
+        fn, keys = (_calendar_cv, [*_CV_KEYS]) if cv else (_calendar_forecast, ["unique_id", "ds"])
+        frames.append(_calendar_jointly(fn, joint, data, cfg, keys))
+    member = _member_cv if cv else _member_forecast
+    frames += [_guarded(member, n, data, cfg) for n in names if n not in joint]
+    return frames
 
 
 def _combine(frames: list[pd.DataFrame], keys: list[str], names: tuple[str, ...]) -> pd.DataFrame:
@@ -1004,9 +1057,7 @@ def _ensemble_points(
     """The smooth tier's point forecasts alone (the members' mean), without the backtest:
     no bounds (left to ``order_bounds``) and no scores."""
     names = cfg.smooth_models
-    fc = _combine(
-        [_guarded(_member_forecast, n, data, cfg) for n in names], ["unique_id", "ds"], names
-    )
+    fc = _combine(_member_frames("forecast", names, data, cfg), ["unique_id", "ds"], names)
     if fc.empty:
         return {}, [], []
     fc = fc[np.isfinite(fc["mean"])]
@@ -1035,16 +1086,14 @@ def _ensemble(
     names = cfg.smooth_models
     # Seasonal naive is backtested alongside as the reference every forecast must beat.
     scored = names if MODEL_SN in names else (*names, MODEL_SN)
-    cv = _combine([_guarded(_member_cv, n, data, cfg) for n in scored], [*_CV_KEYS], scored)
+    cv = _combine(_member_frames("cv", scored, data, cfg), [*_CV_KEYS], scored)
     if MODEL_SN not in names and MODEL_SN in cv.columns:
         # The reference is not a member: recompute the mean without it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             present = [n for n in names if n in cv.columns]
             cv["mean"] = np.nanmean(cv[present].to_numpy(np.float64), axis=1)
-    fc = _combine(
-        [_guarded(_member_forecast, n, data, cfg) for n in names], ["unique_id", "ds"], names
-    )
+    fc = _combine(_member_frames("forecast", names, data, cfg), ["unique_id", "ds"], names)
     if cv.empty or fc.empty:
         return {}, [], []
     first_cut = data.groupby("unique_id")["ds"].max() - pd.Timedelta(days=cfg.backtest_days)

@@ -206,8 +206,10 @@ def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
     from pyspark.sql import functions as F
 
     rng = np.random.default_rng(5)
-    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, 160, base=5 + i) for i in range(6)}
-    values[("Q0", "S0")] = _intermittent(rng, 160) + np.eye(1, 160, 0, dtype=np.int64)[0]
+    # Over a year of history, so the smooth series get the global model (LightGBM).
+    n = ForecastConfig().yearly_min_days + 30
+    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, n, base=5 + i) for i in range(6)}
+    values[("Q0", "S0")] = _intermittent(rng, n) + np.eye(1, n, 0, dtype=np.int64)[0]
     df = _frame(values, LAST)
     sdf = spark.createDataFrame(df)
     buckets = 3
@@ -232,7 +234,7 @@ def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
     np.testing.assert_allclose(fc["upper_95"].to_numpy(), exp_fc["upper_95"].to_numpy(), rtol=1e-9)
     acc = out[out["kind"] == "accuracy"].set_index(["sku", "store_id"]).sort_index()
     assert list(acc["model"]) == list(exp_acc["model"])
-    assert (acc["model"] == ForecastConfig().for_short().ensemble_name).sum() == 6
+    assert (acc["model"] == ForecastConfig().ensemble_name).sum() == 6
 
 
 def test_each_series_is_forecast_from_its_own_end_date():
