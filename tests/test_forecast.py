@@ -372,3 +372,53 @@ def test_series_with_a_year_of_history_keep_the_yearly_ensemble():
     }
     result = forecast_series(_frame(values, LAST), LAST)
     assert set(result.accuracy["model"]) == {cfg.ensemble_name}
+
+
+def test_a_member_failing_on_a_series_leaves_it_the_other_members(monkeypatch):
+    """The calendar members run in one statsforecast call; a series where one of them fails
+    is not dropped to the mean: it gets the members that work on it."""
+    from statsforecast.models import ARIMA
+
+    import batch.forecast as forecast
+
+    class Flaky(ARIMA):
+        """Fails on the series whose demand is in the thousands."""
+
+        def _check(self, y):
+            if np.max(y) > 1000:
+                raise ValueError("flaky")
+
+        def fit(self, y, *args, **kwargs):
+            self._check(y)
+            return super().fit(y, *args, **kwargs)
+
+        def forecast(self, y, *args, **kwargs):
+            self._check(y)
+            return super().forecast(y, *args, **kwargs)
+
+        def forward(self, y, *args, **kwargs):
+            self._check(y)
+            return super().forward(y, *args, **kwargs)
+
+    original = forecast._model
+
+    def model(name, cfg):
+        if name != forecast.MODEL_SARIMA:
+            return original(name, cfg)
+        return Flaky(order=(2, 0, 0), seasonal_order=(0, 1, 1), season_length=7, alias=name)
+
+    monkeypatch.setattr(forecast, "_model", model)
+    rng = np.random.default_rng(9)
+    values = {
+        ("SMALL", "S1"): _trend_seasonal(rng, 200, 10),
+        ("BIG", "S1"): _trend_seasonal(rng, 200, 3000),
+    }
+    result = forecast_series(_frame(values, LAST), LAST)
+    cfg = ForecastConfig()
+    acc = result.accuracy.set_index("sku")["model"]
+    assert acc["SMALL"] == acc["BIG"] == cfg.for_short().ensemble_name
+    cand = result.candidates
+    assert set(cand[cand["sku"] == "SMALL"]["model"]) >= {"FourierETS", "SARIMA"}
+    big = set(cand[cand["sku"] == "BIG"]["model"])
+    assert "FourierETS" in big and "SARIMA" not in big
+    assert result.forecasts.groupby("sku").size().eq(HORIZON).all()
