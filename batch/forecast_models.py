@@ -8,7 +8,9 @@ Adding a model is one ``ModelSpec`` here (plus, for a model that is not a
 statsforecast model, its fit/forecast functions in ``batch.forecast``).
 
 Tiers: ``smooth`` series (regular demand) combine their models: the default
-forecast is the mean of its members (an ensemble); ``intermittent`` series
+forecast is the mean of its members (an ensemble), one set of members for series
+with a year of history (``DEFAULT_SMOOTH``) and one for shorter ones
+(``DEFAULT_SHORT``); ``intermittent`` series
 (at least half the days without demand) choose one model each by backtest
 RMSSE.
 
@@ -25,7 +27,7 @@ from typing import Any, Literal
 from lambdalake.errors import InvalidInput
 
 Tier = Literal["smooth", "intermittent"]
-Kind = Literal["statsforecast", "fourier_ets", "lightgbm"]
+Kind = Literal["statsforecast", "fourier_ets", "sarima", "lightgbm"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ MODELS: tuple[ModelSpec, ...] = (
         summary="yearly season as Fourier terms, then exponential smoothing with weekly season",
     ),
     ModelSpec(
+        "SARIMA",
+        "sarima",
+        frozenset({"smooth"}),
+        native_intervals=False,
+        global_model=False,
+        summary="ARIMA(2,0,0)(0,1,1) with a weekly season, on the holiday-adjusted series",
+    ),
+    ModelSpec(
         "LightGBM",
         "lightgbm",
         frozenset({"smooth"}),
@@ -117,8 +127,10 @@ MODELS: tuple[ModelSpec, ...] = (
 
 BY_NAME: dict[str, ModelSpec] = {m.name: m for m in MODELS}
 
-# The defaults: smooth series get the mean of these, intermittent ones the best of these.
+# The defaults: smooth series get the mean of these (DEFAULT_SHORT where a series has less
+# than a year of history), intermittent ones the best of these.
 DEFAULT_SMOOTH: tuple[str, ...] = ("FourierETS", "LightGBM")
+DEFAULT_SHORT: tuple[str, ...] = ("FourierETS", "SARIMA")
 DEFAULT_INTERMITTENT: tuple[str, ...] = ("SeasonalNaive", "CrostonOptimized", "TSB", "ADIDA")
 
 
@@ -148,7 +160,8 @@ def describe() -> str:
     inter = ", ".join(names("intermittent"))
     return (
         f"regular series average the listed ones ({smooth}; default "
-        f"{'+'.join(DEFAULT_SMOOTH)}); intermittent series pick one per series by backtest "
+        f"{'+'.join(DEFAULT_SMOOTH)}, and {'+'.join(DEFAULT_SHORT)} for series with less "
+        f"than a year of history); intermittent series pick one per series by backtest "
         f"({inter}; default all)"
     )
 
@@ -156,7 +169,9 @@ def describe() -> str:
 def config_from_names(spec: str) -> Any:
     """The ``ForecastConfig`` for a comma-separated model list (``--forecast-models``).
 
-    Smooth models listed become the ensemble; intermittent ones the candidates.
+    Smooth models listed become the ensemble of every smooth series (the default list,
+    ``FourierETS,LightGBM``, keeps ``DEFAULT_SHORT`` for series without a year of history);
+    intermittent ones the candidates.
     A tier none of whose models is listed keeps SeasonalNaive. Raises
     ``UnknownModelError`` with a one-line message on an unknown name.
     """
@@ -178,6 +193,7 @@ def statsforecast_model(name: str, cfg: Any) -> Any:
     """A statsforecast model instance for a registry entry of kind ``statsforecast``."""
     from statsforecast.models import (
         ADIDA,
+        ARIMA,
         TSB,
         AutoETS,
         CrostonOptimized,
@@ -190,6 +206,12 @@ def statsforecast_model(name: str, cfg: Any) -> Any:
         "SeasonalNaive": lambda: SeasonalNaive(season_length=s, alias=name),
         "ETS_ANA": lambda: AutoETS(season_length=s, model="ANA", alias=name),
         "Theta": lambda: Theta(season_length=s, alias=name),
+        # A fixed order, not AutoARIMA's search (which costs ~30 fits): AR(2) for the
+        # short-term persistence, a seasonal difference and seasonal MA(1) for the weekday
+        # profile and its slow drift.
+        "SARIMA": lambda: ARIMA(
+            order=(2, 0, 0), seasonal_order=(0, 1, 1), season_length=s, alias=name
+        ),
         "CrostonOptimized": lambda: CrostonOptimized(alias=name),
         "TSB": lambda: TSB(alpha_d=cfg.tsb_alpha_d, alpha_p=cfg.tsb_alpha_p, alias=name),
         "ADIDA": lambda: ADIDA(alias=name),

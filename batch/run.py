@@ -402,12 +402,14 @@ def _forecast_version(cfg: ForecastConfig) -> str:
     """What made the forecasts: libraries, how smooth series are combined (the mean of the
     ensemble's models, or one selected per series), the intermittent candidates, history
     and backtest. E.g. ``statsforecast-2.1.1+lightgbm-4.7.0/mean(FourierETS+LightGBM)/
-    select(SeasonalNaive+CrostonOptimized+TSB+ADIDA)/train1095d/bt4x28d``."""
+    short(FourierETS+SARIMA)/select(SeasonalNaive+CrostonOptimized+TSB+ADIDA)/train1095d/
+    bt4x28d`` (``short``: the members of smooth series without a year of history)."""
     from importlib.metadata import version
 
     libs = "+".join(f"{name}-{version(name)}" for name in ("statsforecast", "lightgbm"))
     return (
         f"{libs}/{cfg.combine}({cfg.ensemble_name})"
+        f"/short({cfg.for_short().ensemble_name})"
         f"/select({'+'.join(cfg.intermittent_models)})"
         f"/train{cfg.train_days}d/bt{cfg.backtest_windows}x{cfg.backtest_horizon}d"
     )

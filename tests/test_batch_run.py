@@ -280,7 +280,7 @@ def test_forecast_views_cover_every_level_with_ordered_bounds(published):
     models = {m for (m,) in con.execute("SELECT DISTINCT model FROM forecast_accuracy").fetchall()}
     # A registered model, or the default ensemble of the smooth tier: never the untested mean.
     cfg = ForecastConfig()
-    assert models <= set(BY_NAME) | {cfg.ensemble_name}
+    assert models <= set(BY_NAME) | {cfg.ensemble_name, cfg.for_short().ensemble_name}
 
 
 def test_published_forecast_levels_add_up(published):
@@ -359,6 +359,7 @@ def test_run_record_lists_the_pin_watermark_views_and_models(published):
     forecast_version = run.model_versions["forecast"]
     assert forecast_version.startswith("statsforecast-2.1.1+lightgbm-"), forecast_version
     assert "/mean(FourierETS+LightGBM)/" in forecast_version  # names the default ensemble
+    assert "/short(FourierETS+SARIMA)/" in forecast_version  # and the one of short series
     statuses = [r.status for r in read_runs(lake.table(RUNS)) if r.run_id == run.run_id]
     assert statuses == ["running", "published"]
 

@@ -65,16 +65,18 @@ def structured():
 
 
 def test_trend_seasonal_series_get_the_ensemble_and_it_beats_seasonal_naive(structured):
-    """Regular series get the mean of the default members; its backtest beats seasonal naive."""
+    """Regular series get the mean of the default members (those for series without a year
+    of history: these have 300 days); its backtest beats seasonal naive."""
     result, _, _ = structured
     cand = result.candidates
     chosen = result.accuracy.set_index("sku")
     cfg = ForecastConfig()
+    assert cfg.yearly_min_days > 300
     for sku in [f"T{i:02d}" for i in range(12)]:
         mine = cand[cand["sku"] == sku].set_index("model")
         model = chosen.loc[sku, "model"]
-        assert model == cfg.ensemble_name
-        assert set(cfg.smooth_models) | {MODEL_SN} <= set(mine.index)
+        assert model == cfg.for_short().ensemble_name
+        assert set(cfg.short_models or ()) | {MODEL_SN} <= set(mine.index)
         assert mine.loc[model, "mase"] < mine.loc[MODEL_SN, "mase"]
         assert chosen.loc[sku, "mase"] == pytest.approx(mine.loc[model, "mase"])
         assert chosen.loc[sku, "n_train_days"] == min(300, cfg.train_days)
@@ -204,8 +206,10 @@ def test_spark_grouped_udf_gives_the_same_forecasts_as_the_pure_function(spark):
     from pyspark.sql import functions as F
 
     rng = np.random.default_rng(5)
-    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, 160, base=5 + i) for i in range(6)}
-    values[("Q0", "S0")] = _intermittent(rng, 160) + np.eye(1, 160, 0, dtype=np.int64)[0]
+    # Over a year of history, so the smooth series get the global model (LightGBM).
+    n = ForecastConfig().yearly_min_days + 30
+    values = {(f"P{i}", f"S{i % 2}"): _trend_seasonal(rng, n, base=5 + i) for i in range(6)}
+    values[("Q0", "S0")] = _intermittent(rng, n) + np.eye(1, n, 0, dtype=np.int64)[0]
     df = _frame(values, LAST)
     sdf = spark.createDataFrame(df)
     buckets = 3
@@ -331,3 +335,90 @@ def test_points_only_gives_the_same_points_without_the_backtest():
     assert (merged["upper_95_p"] == merged["forecast_p"]).all()
     assert (merged["upper_95"] > merged["forecast"]).any()
     assert points.accuracy["mase"].isna().all() and points.candidates.empty
+
+
+def test_series_without_a_year_learn_holidays_as_a_group():
+    """Under a year of history each holiday was seen once at most, so holidays are pooled in
+    groups: a business closed on Memorial Day and Independence Day is forecast closed on Labor
+    Day; one for which those days were ordinary is forecast as on any Monday."""
+    rng = np.random.default_rng(3)
+    start, cut = date(2025, 3, 3), date(2025, 8, 29)
+    days = [start + timedelta(days=i) for i in range((cut - start).days + 1)]
+    weekday = np.array([d.weekday() < 5 for d in days])
+    open_days = rng.poisson(300, len(days)) * weekday
+    closed = {date(2025, 5, 26), date(2025, 7, 4)}
+    shut = open_days * np.array([d not in closed for d in days])
+    daily = pd.concat(
+        [
+            pd.DataFrame({"sku": sku, "store_id": "S1", "date": days, "units": y})
+            for sku, y in (("CLOSES", shut), ("OPEN", open_days))
+        ]
+    )
+    result = forecast_series(daily, cut)
+    fc = result.forecasts.set_index(["sku", "date"])["forecast"]
+    labor_day, next_monday = date(2025, 9, 1), date(2025, 9, 8)
+    assert fc[("CLOSES", labor_day)] < 0.1 * fc[("CLOSES", next_monday)]
+    assert fc[("OPEN", labor_day)] == pytest.approx(fc[("OPEN", next_monday)], rel=0.15)
+    assert fc[("CLOSES", next_monday)] == pytest.approx(300, rel=0.15)
+    model = result.accuracy.set_index("sku")["model"]
+    assert set(model) == {ForecastConfig().for_short().ensemble_name}
+
+
+def test_series_with_a_year_of_history_keep_the_yearly_ensemble():
+    rng = np.random.default_rng(4)
+    cfg = ForecastConfig()
+    values = {
+        (f"L{i}", "S1"): _trend_seasonal(rng, cfg.yearly_min_days + 30, 6 + i) for i in (0, 1)
+    }
+    result = forecast_series(_frame(values, LAST), LAST)
+    assert set(result.accuracy["model"]) == {cfg.ensemble_name}
+
+
+def test_a_member_failing_on_a_series_leaves_it_the_other_members(monkeypatch):
+    """The calendar members run in one statsforecast call; a series where one of them fails
+    is not dropped to the mean: it gets the members that work on it."""
+    from statsforecast.models import ARIMA
+
+    import batch.forecast as forecast
+
+    class Flaky(ARIMA):
+        """Fails on the series whose demand is in the thousands."""
+
+        def _check(self, y):
+            if np.max(y) > 1000:
+                raise ValueError("flaky")
+
+        def fit(self, y, *args, **kwargs):
+            self._check(y)
+            return super().fit(y, *args, **kwargs)
+
+        def forecast(self, y, *args, **kwargs):
+            self._check(y)
+            return super().forecast(y, *args, **kwargs)
+
+        def forward(self, y, *args, **kwargs):
+            self._check(y)
+            return super().forward(y, *args, **kwargs)
+
+    original = forecast._model
+
+    def model(name, cfg):
+        if name != forecast.MODEL_SARIMA:
+            return original(name, cfg)
+        return Flaky(order=(2, 0, 0), seasonal_order=(0, 1, 1), season_length=7, alias=name)
+
+    monkeypatch.setattr(forecast, "_model", model)
+    rng = np.random.default_rng(9)
+    values = {
+        ("SMALL", "S1"): _trend_seasonal(rng, 200, 10),
+        ("BIG", "S1"): _trend_seasonal(rng, 200, 3000),
+    }
+    result = forecast_series(_frame(values, LAST), LAST)
+    cfg = ForecastConfig()
+    acc = result.accuracy.set_index("sku")["model"]
+    assert acc["SMALL"] == acc["BIG"] == cfg.for_short().ensemble_name
+    cand = result.candidates
+    assert set(cand[cand["sku"] == "SMALL"]["model"]) >= {"FourierETS", "SARIMA"}
+    big = set(cand[cand["sku"] == "BIG"]["model"])
+    assert "FourierETS" in big and "SARIMA" not in big
+    assert result.forecasts.groupby("sku").size().eq(HORIZON).all()
