@@ -63,7 +63,7 @@ from serving.params import MAX_LIMIT, Cursor, Granularity, SalesQuery, period_la
 from serving.series import series_key
 from serving.served_run import BatchCache, BatchSnapshot, snapshot_table
 from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
-from serving.sql import SqlLimits, SqlResult, Statement
+from serving.sql import Sandbox, SqlLimits, SqlResult, Statement
 from serving.tables import merge_table
 
 T = TypeVar("T")
@@ -227,6 +227,7 @@ class QueryService:
         self.speed = speed
         self.clock = clock or (lambda: datetime.now(UTC))
         self.on_degraded = on_degraded or (lambda kind: None)
+        self._sandbox: Sandbox | None = None  # SQL's connections (serving.sql), made on first use
 
     def _provenance(self, kind: str, snap: BatchSnapshot, speed: SpeedResult) -> Merged:
         merged = provenance(snap, speed)
@@ -525,36 +526,38 @@ class QueryService:
     def sql(self, stmt: Statement, limits: SqlLimits) -> tuple[SqlResult, Merged]:
         """Run a checked statement over the merged tables it names, all as of one run and
         one set of speed offsets (see :mod:`serving.sql`). Blocks: call it on a thread."""
-        from serving.sql import REVIEW_SCORES, build_inputs, execute
+        from serving.sql import SPEED_SOURCE, TABLES, Sandbox, build_inputs
 
-        views = {
-            "sales_hourly": SALES,
-            "sales_daily": SALES,
-            "products": PRODUCTS,
-            "stores": STORES,
-            "review_scores": REVIEW_SCORES,
-        }
-        needed = {views[t].name: views[t] for t in stmt.tables if t in views}
+        needed = {SPEED_SOURCE[t].name: SPEED_SOURCE[t] for t in stmt.tables if t in SPEED_SOURCE}
 
         def compute(snap: BatchSnapshot) -> tuple[Any, SpeedResult]:
             if "sales_hourly" in stmt.tables:
                 snap.require(SALES, "hour", hint="use sales_daily, or ")
             results, speed_tables = [], {}
-            for name, view in needed.items():
+            for view in {v.name: v for v in SPEED_SOURCE.values()}.values():
+                schema = answer_schema(view.name, getattr(view, "stored_grain", None))
+                if view.name not in needed:
+                    speed_tables[view.name] = schema.empty_table()
+                    continue
                 r = self.speed.query(view, SpeedFilter(), snap.watermark, whole=True)
                 results.append(r)
-                schema = answer_schema(view.name, getattr(view, "stored_grain", None))
-                speed_tables[name] = (
+                speed_tables[view.name] = (
                     pa.concat_tables([t.cast(schema) for t in r.tables])
                     if r.tables
                     else schema.empty_table()
                 )
             batch = {name: t.table for name, t in snap.tables.items()}
-            return build_inputs(stmt.tables, batch, speed_tables), combined(*results)
+            return (batch, speed_tables), combined(*results)
 
-        inputs, snap, speed = self._merged(compute)
+        (batch, speed_tables), snap, speed = self._merged(compute)
         merged = self._provenance("sql", snap, speed)
-        return execute(stmt, inputs, limits), merged
+        if self._sandbox is None or self._sandbox.limits != limits:
+            old, self._sandbox = self._sandbox, Sandbox(limits)
+            if old is not None:
+                old.close()
+        inputs = build_inputs(stmt.tables, batch, speed_tables)
+        template = build_inputs(frozenset(TABLES), batch, speed_tables)
+        return self._sandbox.execute(stmt, inputs, template), merged
 
     # --- forecast -----------------------------------------------------------------------
 

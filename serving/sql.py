@@ -34,7 +34,9 @@ The sandbox, in layers:
    extension access even if a check above were wrong), no extension autoloading, its own
    ``memory_limit`` and one thread, and ``lock_configuration`` so the statement cannot
    change any of it.
-3. **Limits**: the statement is interrupted past ``LAMBDALAKE_SQL_TIMEOUT_S``; at most
+3. **Connections are reused** (:class:`Sandbox`: opening one costs more than most
+   statements): the views are created once; a statement only registers its inputs.
+4. **Limits**: the statement is interrupted past ``LAMBDALAKE_SQL_TIMEOUT_S``; at most
    ``LAMBDALAKE_SQL_MAX_ROWS`` rows are returned (``truncated``); at most
    ``sql_concurrency`` statements run at once per API process (more: 429 with
    ``Retry-After``), each on a worker thread, so the API keeps answering meanwhile.
@@ -42,6 +44,7 @@ The sandbox, in layers:
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import time
@@ -267,65 +270,114 @@ class SqlResult:
     seconds: float
 
 
-def execute(stmt: Statement, inputs: Inputs, limits: SqlLimits) -> SqlResult:
-    """Run ``stmt`` in a fresh sandboxed connection over ``inputs`` (see the module)."""
-    con = duckdb.connect(
-        ":memory:",
-        config={
-            "enable_external_access": False,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "threads": 1,
-            "memory_limit": limits.memory_limit,
-        },
-    )
-    started = time.perf_counter()
-    try:
+class Sandbox:
+    """Sandboxed DuckDB connections, kept and reused (opening one costs ~25 ms, more than a
+    typical statement): each is its own in-memory database with external access off, no
+    extension autoloading, one thread, its own ``memory_limit`` and ``lock_configuration``,
+    and the views of every table created once over internal names. A statement registers
+    the Arrow inputs of the tables it reads under those names, runs, and unregisters them;
+    a connection whose statement was interrupted or ran out of memory is closed, not kept."""
+
+    def __init__(self, limits: SqlLimits) -> None:
+        self.limits = limits
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+        atexit.register(self.close)  # no live connection at interpreter shutdown
+
+    def _open(self, template: Inputs) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(
+            ":memory:",
+            config={
+                "enable_external_access": False,
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "threads": 1,
+                "memory_limit": self.limits.memory_limit,
+            },
+        )
         con.execute("SET TimeZone = 'UTC'")
-        for name, table in inputs.arrow.items():
-            con.register(name, table)
-        for name, sql in inputs.views.items():
+        for name, table in template.arrow.items():  # the views bind to these schemas
+            con.register(name, table.slice(0, 0))
+        for name, sql in template.views.items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
+        for name in template.arrow:
+            con.unregister(name)
         con.execute("SET lock_configuration = true")
-        done = threading.Event()
-        timer = threading.Timer(limits.timeout_s, lambda: done.is_set() or con.interrupt())
-        timer.daemon = True
-        timer.start()
+        return con
+
+    def execute(self, stmt: Statement, inputs: Inputs, template: Inputs) -> SqlResult:
+        """Run ``stmt`` over ``inputs`` (the Arrow tables of the tables it reads);
+        ``template`` (every table's inputs, any rows) makes a new connection's views."""
+        limits = self.limits
+        with self._lock:
+            con = self._idle.pop() if self._idle else None
+        if con is None:
+            con = self._open(template)
+        keep = False
+        started = time.perf_counter()
         try:
-            rel = con.sql(stmt.sql)
-            types = [str(t) for t in rel.types]
-            reader = rel.fetch_arrow_reader(min(limits.max_rows + 1, 10_000))
-            batches: list[pa.RecordBatch] = []
-            rows = 0
-            for batch in reader:
-                batches.append(batch)
-                rows += batch.num_rows
-                if rows > limits.max_rows:
-                    break
+            for name, table in inputs.arrow.items():
+                con.register(name, table)
+            done = threading.Event()
+            timer = threading.Timer(limits.timeout_s, lambda: done.is_set() or con.interrupt())
+            timer.daemon = True
+            timer.start()
+            try:
+                rel = con.sql(stmt.sql)
+                types = [str(t) for t in rel.types]
+                reader = rel.fetch_arrow_reader(min(limits.max_rows + 1, 10_000))
+                batches: list[pa.RecordBatch] = []
+                rows = 0
+                for batch in reader:
+                    batches.append(batch)
+                    rows += batch.num_rows
+                    if rows > limits.max_rows:
+                        break
+                schema = reader.schema
+                del rel, reader
+            finally:
+                done.set()
+                timer.cancel()
+            table = pa.Table.from_batches(batches, schema=schema)
+            truncated = table.num_rows > limits.max_rows
+            keep = True
+            return SqlResult(
+                table.slice(0, limits.max_rows), types, truncated, time.perf_counter() - started
+            )
+        except duckdb.InterruptException:
+            raise SqlLimit(
+                "timeout",
+                f"the statement ran past the {limits.timeout_s:g} s limit "
+                "(LAMBDALAKE_SQL_TIMEOUT_S); ask a smaller question (fewer rows, a filter, no "
+                "cross join)",
+            ) from None
+        except duckdb.OutOfMemoryException as exc:
+            raise SqlLimit(
+                "memory",
+                f"the statement needs more than the {limits.memory_limit} memory limit: "
+                f"{_first_line(exc)}",
+            ) from None
+        except duckdb.Error as exc:
+            keep = True  # the statement's own error: the connection is as it was
+            raise SqlFailed(_first_line(exc)) from None
         finally:
-            done.set()
-            timer.cancel()
-        seconds = time.perf_counter() - started
-        table = pa.Table.from_batches(batches, schema=reader.schema)
-        truncated = table.num_rows > limits.max_rows
-        return SqlResult(table.slice(0, limits.max_rows), types, truncated, seconds)
-    except duckdb.InterruptException:
-        raise SqlLimit(
-            "timeout",
-            f"the statement ran past the {limits.timeout_s:g} s limit "
-            "(LAMBDALAKE_SQL_TIMEOUT_S); ask a smaller question (fewer rows, a filter, no "
-            "cross join)",
-        ) from None
-    except duckdb.OutOfMemoryException as exc:
-        raise SqlLimit(
-            "memory",
-            f"the statement needs more than the {limits.memory_limit} memory limit: "
-            f"{_first_line(exc)}",
-        ) from None
-    except duckdb.Error as exc:
-        raise SqlFailed(_first_line(exc)) from None
-    finally:
-        con.close()
+            if keep:
+                try:
+                    for name in inputs.arrow:
+                        con.unregister(name)
+                except duckdb.Error:
+                    keep = False
+            if keep:
+                with self._lock:
+                    self._idle.append(con)
+            else:
+                con.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for con in idle:
+            con.close()
 
 
 def internal(name: str) -> str:
