@@ -624,11 +624,16 @@ def review_dicts(catalog: Catalog, revs: Reviews) -> list[dict[str, object]]:
 ANOMALY_SLOT_HOURS = 6  # one anomaly per slot of the UTC day: four a day
 ANOMALY_START_HOURS = 2.0  # it starts within the first two hours of its slot
 ANOMALY_MINUTES = (20.0, 40.0)
-ANOMALY_FACTOR = (5.0, 10.0)  # extra lines = factor x the series' expected lines of the day
-ANOMALY_MIN_LINES = 10
-# The series is drawn from those ranked in the top 10-30 % by expected lines that day: busy
-# enough for a clear burst, not the few biggest (whose bursts would swamp the day's total).
-ANOMALY_RANKS = (0.1, 0.3)
+# Extra lines = factor x the series' expected lines of the whole day. Big on purpose: the
+# forecast's 95 % bound of a few-lines-a-day series is 3-5 x its forecast (units per line
+# vary, days vary), so a burst of 5-10 days' lines is barely past it and ranks among the
+# day's ordinary exceedances; 12-20 days' lines is clearly past it.
+ANOMALY_FACTOR = (12.0, 20.0)
+ANOMALY_MIN_LINES = 20
+# The series is drawn from those ranked in the top 20-40 % by expected lines that day: busy
+# enough to have a forecast worth the name, not the biggest (whose bursts would swamp the
+# day's total).
+ANOMALY_RANKS = (0.2, 0.4)
 
 
 @dataclass(frozen=True)
@@ -646,8 +651,8 @@ class Anomaly:
 
 def anomalies(catalog: Catalog, day: date, expected: np.ndarray | None = None) -> list[Anomaly]:
     """The demand anomalies the live generator injects on ``day``: one per 6-hour slot (UTC),
-    starting in the slot's first two hours, each a series ranked in the day's top 10-30 % by
-    expected lines selling 5-10 times its expected lines of the whole day (at least 10 extra
+    starting in the slot's first two hours, each a series ranked in the day's top 20-40 % by
+    expected lines selling 12-20 times its expected lines of the whole day (at least 20 extra
     lines) within 20-40 minutes. Deterministic from ``(seed, day)``."""
     if expected is None:
         expected = expected_lines(catalog, [day])[0]
