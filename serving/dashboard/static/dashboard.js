@@ -204,7 +204,7 @@ async function renderAlerts() {
     el("td", {}, fx(x.severity, 1)))));
   const total = a.total ?? a.items.length;
   document.getElementById("alerts-empty").textContent = total
-    ? `${total} alerts` + (total > a.items.length ? ` (the worst ${a.items.length} shown)` : "")
+    ? `${total} alert${total === 1 ? "" : "s"}` + (total > a.items.length ? ` (the worst ${a.items.length} shown)` : "")
     : "no alerts right now";
   window.lambdalakeRendered.alerts = total;
 }
