@@ -437,6 +437,7 @@ class AlertsQuery:
         if self.cursor is None:
             return None
         cursor = Cursor.decode(self.cursor, self.digest)
-        if cursor.at_ms is None:
+        first, last = (int(t.timestamp() * 1000) for t in (SUPPORTED_FIRST, SUPPORTED_LAST))
+        if cursor.at_ms is None or not first <= cursor.at_ms <= last:
             raise InvalidParameter("cursor", "not a cursor of /v1/alerts/demand")
         return cursor

@@ -900,6 +900,12 @@ def test_alert_pages_hold_every_alert_once_as_of_the_first_page(alerts_api: Any)
     # A cursor belongs to its question (the same limit); a sales cursor is not an alerts one.
     other = api.get("/v1/alerts/demand", params={"limit": "6", "cursor": first["next_cursor"]})
     assert other.status_code == 400 and "another question" in other.json()["detail"]
+    # A cursor made up with the right question but an impossible time is a 400, not a 500.
+    from serving.params import AlertsQuery, Cursor
+
+    forged = Cursor(AlertsQuery(limit=5).digest, "run-1", {}, {}, 5, at_ms=10**20).encode()
+    r = api.get("/v1/alerts/demand", params={"limit": "5", "cursor": forged})
+    assert r.status_code == 400 and "'cursor'" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize(
