@@ -166,9 +166,10 @@ def true_end_offsets(
 
 def probe_broker(
     bootstrap: str, timeout_s: float = 3.0, *, security: Security | None = None
-) -> None:
-    """Return if a broker answers a metadata request within about ``timeout_s``;
-    raise a :class:`KafkaError` (or :class:`OSError`) otherwise."""
+) -> bool:
+    """``True`` if a broker answers a metadata request within about ``timeout_s``;
+    raise a :class:`KafkaError` (or :class:`OSError`) otherwise. (Not ``None``: under
+    :func:`with_broker_retry`, ``None`` means "stopped while waiting".)"""
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap,
         bootstrap_timeout_ms=int(timeout_s * 1000),
@@ -178,3 +179,4 @@ def probe_broker(
         admin.list_topics()
     finally:
         admin.close()
+    return True

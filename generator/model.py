@@ -24,14 +24,17 @@ stream, day)``, so a day's events do not depend on the window they are part of.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, timedelta
+from typing import TypeVar
 
 import numpy as np
 
 from generator.text import CATEGORIES, review_text
 from lambdalake.calendar import nth_weekday
 from lambdalake.errors import InvalidInput
+
+T = TypeVar("T")
 
 DAY_MS = 86_400_000
 ORDINAL_1970 = date(1970, 1, 1).toordinal()
@@ -40,7 +43,14 @@ PROMO_EPOCH = date(2000, 1, 3)  # a Monday; promotion slots are counted from it
 PROMO_SLOT_DAYS = 42
 
 # Seed streams (the second element of every seed tuple), one per kind of draw.
-CATALOG_STREAM, STORE_STREAM, PROMO_STREAM, DAY_STREAM = 1, 2, 3, 4
+CATALOG_STREAM, STORE_STREAM, PROMO_STREAM, DAY_STREAM, NAME_STREAM, ANOMALY_STREAM = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+)
 
 # Monday .. Sunday; weekends clearly higher.
 WEEKDAY_FACTOR = np.array([0.88, 0.84, 0.88, 0.94, 1.08, 1.42, 1.28])
@@ -60,6 +70,35 @@ DISCOUNTS = np.array([0.10, 0.15, 0.20, 0.25, 0.30, 0.40])
 TIME_EPOCH_MS, TIME_Z, TIME_OFFSET_MS, TIME_OFFSET_S = 0, 1, 2, 3
 TIME_FORMAT_P = np.array([0.15, 0.20, 0.45, 0.20])
 STORE_OFFSETS_MIN = np.array([60, -300, 0, -480, -360, 120, 330, -240, 540, 600])
+# Store j sits in a city of its UTC offset (STORE_OFFSETS_MIN[j % 10]), in that city's region.
+STORE_CITIES: tuple[tuple[str, ...], ...] = (
+    ("Berlin", "Paris", "Amsterdam"),
+    ("New York", "Boston", "Atlanta"),
+    ("London", "Dublin", "Lisbon"),
+    ("Los Angeles", "Seattle", "San Francisco"),
+    ("Chicago", "Dallas", "Minneapolis"),
+    ("Helsinki", "Athens", "Bucharest"),
+    ("Mumbai", "Bangalore", "Delhi"),
+    ("San Juan", "Caracas", "La Paz"),
+    ("Tokyo", "Seoul", "Osaka"),
+    ("Brisbane", "Vladivostok", "Port Moresby"),
+)
+STORE_REGIONS = (
+    "Europe",
+    "North America East",
+    "Europe",
+    "North America West",
+    "North America Central",
+    "Europe",
+    "Asia-Pacific",
+    "Latin America",
+    "Asia-Pacific",
+    "Asia-Pacific",
+)
+REGIONS = tuple(dict.fromkeys(STORE_REGIONS))
+STORE_KINDS = ("Central", "Mall", "Outlet", "Station")
+# Product lines: a SKU's name is "<brand> <line> <product>" (a rename picks another line).
+PRODUCT_LINES = ("Classic", "Pro", "Lite", "Max", "Essential", "Everyday", "Plus", "Studio")
 
 
 @dataclass(frozen=True)
@@ -82,6 +121,11 @@ class Catalog:
     store_id: list[str]
     store_size: np.ndarray
     store_offset_min: np.ndarray  # the store's UTC offset, used to write event times
+    name: list[str]  # "<brand> <line> <product>"
+    brand: list[str]
+    store_name: list[str]
+    store_city: list[str]
+    store_region: list[str]
 
     @property
     def n_skus(self) -> int:
@@ -90,6 +134,9 @@ class Catalog:
     @property
     def n_stores(self) -> int:
         return len(self.store_id)
+
+    def category_name(self, i: int) -> str:
+        return CATEGORIES[int(self.category[i])].name
 
 
 def _price_point(x: float) -> float:
@@ -106,6 +153,7 @@ def make_catalog(seed: int, skus: int, stores: int) -> Catalog:
     if skus < 1 or stores < 1:
         raise InvalidInput("skus and stores must be at least 1")
     cat, product, price, pop, quality, pack, amp, peak, trend, elast = ([] for _ in range(10))
+    names, brands = [], []
     for i in range(skus):
         rng = np.random.default_rng([seed, CATALOG_STREAM, i])
         c = int(rng.integers(len(CATEGORIES)))
@@ -118,7 +166,10 @@ def make_catalog(seed: int, skus: int, stores: int) -> Catalog:
         sigma = 1.6
         rel_price = p / spec.median_price
         pop.append(
-            MEAN_POPULARITY * float(np.exp(rng.normal(-(sigma**2) / 2, sigma))) * rel_price**-0.5
+            MEAN_POPULARITY
+            * spec.demand
+            * float(np.exp(rng.normal(-(sigma**2) / 2, sigma)))
+            * rel_price**-0.5
         )
         quality.append(float(rng.beta(5.0, 2.0)))
         pack.append(float(np.clip(0.45 + 0.12 * np.log(p), 0.5, 0.97)))
@@ -126,11 +177,24 @@ def make_catalog(seed: int, skus: int, stores: int) -> Catalog:
         peak.append(spec.peak_day_of_year + float(rng.normal(0, 12)))
         trend.append(float(rng.normal(0.05, 0.15)))
         elast.append(float(rng.uniform(1.5, 3.0)))
-    sizes, offsets = [], []
+        # Names from a stream of their own: the demand draws above stay as they were.
+        names_rng = np.random.default_rng([seed, NAME_STREAM, i])
+        brand = spec.brands[int(names_rng.integers(len(spec.brands)))]
+        line = PRODUCT_LINES[int(names_rng.integers(len(PRODUCT_LINES)))]
+        brands.append(brand)
+        names.append(f"{brand} {line} {product[-1]}")
+    sizes, offsets, store_names, cities, regions = [], [], [], [], []
     for j in range(stores):
         rng = np.random.default_rng([seed, STORE_STREAM, j])
         sizes.append(float(np.exp(rng.normal(-0.125, 0.5))))
-        offsets.append(int(STORE_OFFSETS_MIN[j % len(STORE_OFFSETS_MIN)]))
+        k, n = j % len(STORE_OFFSETS_MIN), j // len(STORE_OFFSETS_MIN)
+        offsets.append(int(STORE_OFFSETS_MIN[k]))
+        city = STORE_CITIES[k][n % len(STORE_CITIES[k])]
+        kind = STORE_KINDS[(n // len(STORE_CITIES[k])) % len(STORE_KINDS)]
+        rounds = n // (len(STORE_CITIES[k]) * len(STORE_KINDS))
+        cities.append(city)
+        regions.append(STORE_REGIONS[k])
+        store_names.append(f"{city} {kind}" + (f" {rounds + 1}" if rounds else ""))
     q = np.array(quality)
     return Catalog(
         seed=seed,
@@ -149,7 +213,35 @@ def make_catalog(seed: int, skus: int, stores: int) -> Catalog:
         store_id=[f"S{j + 1:03d}" for j in range(stores)],
         store_size=np.array(sizes),
         store_offset_min=np.array(offsets, dtype=np.int64),
+        name=names,
+        brand=brands,
+        store_name=store_names,
+        store_city=cities,
+        store_region=regions,
     )
+
+
+# --- reference data (topics ``products`` and ``stores``) -----------------------------------
+
+
+def product_record(catalog: Catalog, i: int) -> dict[str, object]:
+    """The ``products`` message of SKU ``i`` as the catalog has it (keyed by ``sku``)."""
+    return {
+        "sku": catalog.sku[i],
+        "category": catalog.category_name(i),
+        "name": catalog.name[i],
+        "brand": catalog.brand[i],
+    }
+
+
+def store_record(catalog: Catalog, j: int) -> dict[str, object]:
+    """The ``stores`` message of store ``j`` (keyed by ``store_id``)."""
+    return {
+        "store_id": catalog.store_id[j],
+        "region": catalog.store_region[j],
+        "name": catalog.store_name[j],
+        "city": catalog.store_city[j],
+    }
 
 
 # --- calendar ----------------------------------------------------------------------------
@@ -525,3 +617,100 @@ def review_dicts(catalog: Catalog, revs: Reviews) -> list[dict[str, object]]:
             d["customer_id"] = cust
         out.append(d)
     return out
+
+
+# --- injected demand anomalies (live only) ---------------------------------------------------
+
+ANOMALY_SLOT_HOURS = 6  # one anomaly per slot of the UTC day: four a day
+ANOMALY_START_HOURS = 2.0  # it starts within the first two hours of its slot
+ANOMALY_MINUTES = (20.0, 40.0)
+# Extra lines = factor x the series' expected lines of the whole day. Big on purpose: the
+# forecast's 95 % bound of a few-lines-a-day series is 3-5 x its forecast (units per line
+# vary, days vary), so a burst of 5-10 days' lines is barely past it and ranks among the
+# day's ordinary exceedances; 12-20 days' lines is clearly past it.
+ANOMALY_FACTOR = (12.0, 20.0)
+ANOMALY_MIN_LINES = 20
+# The series is drawn from those ranked in the top 20-40 % by expected lines that day: busy
+# enough to have a forecast worth the name, not the biggest (whose bursts would swamp the
+# day's total).
+ANOMALY_RANKS = (0.2, 0.4)
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """A burst of one series: ``lines`` extra order lines spread over ``[start_ms, end_ms)``,
+    ``factor`` times the series' expected lines of the whole day."""
+
+    sku_idx: int
+    store_idx: int
+    start_ms: int
+    end_ms: int
+    factor: float
+    lines: int
+
+
+def anomalies(catalog: Catalog, day: date, expected: np.ndarray | None = None) -> list[Anomaly]:
+    """The demand anomalies the live generator injects on ``day``: one per 6-hour slot (UTC),
+    starting in the slot's first two hours, each a series ranked in the day's top 20-40 % by
+    expected lines selling 12-20 times its expected lines of the whole day (at least 20 extra
+    lines) within 20-40 minutes. Deterministic from ``(seed, day)``."""
+    if expected is None:
+        expected = expected_lines(catalog, [day])[0]
+    flat = expected.ravel()
+    ranked = np.argsort(-flat, kind="stable")
+    lo = int(len(flat) * ANOMALY_RANKS[0])
+    top = ranked[lo : max(lo + 1, int(len(flat) * ANOMALY_RANKS[1]))]
+    rng = day_rng(catalog.seed, day, ANOMALY_STREAM)
+    day_start = (day.toordinal() - ORDINAL_1970) * DAY_MS
+    out = []
+    for slot in range(24 // ANOMALY_SLOT_HOURS):
+        cell = int(top[int(rng.integers(len(top)))])
+        start = day_start + slot * ANOMALY_SLOT_HOURS * 3_600_000
+        start += int(rng.uniform(0, ANOMALY_START_HOURS) * 3_600_000)
+        minutes = float(rng.uniform(*ANOMALY_MINUTES))
+        factor = float(rng.uniform(*ANOMALY_FACTOR))
+        lines = max(ANOMALY_MIN_LINES, round(factor * float(flat[cell])))
+        sku, store = divmod(cell, catalog.n_stores)
+        end = start + int(minutes * 60_000)
+        out.append(Anomaly(sku, store, start, end, factor, lines))
+    return out
+
+
+def anomaly_lines(
+    catalog: Catalog, day: date, found: list[Anomaly], discount: np.ndarray | None = None
+) -> OrderLines:
+    """The order lines of ``day``'s anomalies, sorted by time (ids drawn from the day's
+    anomaly stream, so a restarted live generator sends the same events again)."""
+    rng = np.random.default_rng([catalog.seed, ANOMALY_STREAM, day.toordinal(), 1])
+    none = np.zeros(0, dtype=np.int64)
+    sku = np.concatenate([np.full(a.lines, a.sku_idx, dtype=np.int64) for a in found] or [none])
+    store = np.concatenate([np.full(a.lines, a.store_idx, dtype=np.int64) for a in found] or [none])
+    t = np.concatenate([rng.integers(a.start_ms, a.end_ms, size=a.lines) for a in found] or [none])
+    order = np.argsort(t, kind="stable")
+    return order_lines(
+        catalog,
+        day,
+        sku[order].astype(np.int64),
+        store[order].astype(np.int64),
+        t[order].astype(np.int64),
+        rng,
+        discount,
+    )
+
+
+def take(columns: T, index: np.ndarray) -> T:
+    """The rows ``index`` of an :class:`OrderLines` or :class:`Reviews`."""
+    picked: dict[str, object] = {}
+    for f in fields(columns):  # type: ignore[arg-type]
+        v = getattr(columns, f.name)
+        picked[f.name] = v[index] if isinstance(v, np.ndarray) else [v[i] for i in index.tolist()]
+    return type(columns)(**picked)
+
+
+def concat(a: T, b: T) -> T:
+    """Rows of ``a`` then rows of ``b`` (the same class)."""
+    joined: dict[str, object] = {}
+    for f in fields(a):  # type: ignore[arg-type]
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        joined[f.name] = np.concatenate([x, y]) if isinstance(x, np.ndarray) else x + y
+    return type(a)(**joined)

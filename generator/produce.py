@@ -20,13 +20,24 @@ from datetime import UTC, date, datetime, timedelta
 from multiprocessing import get_context
 from typing import Any
 
+import numpy as np
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
-from generator.model import REVIEW_RATE, expected_lines, make_catalog
-from generator.stream import Counts, Fractions, LiveStream, Message, history
+from generator.model import DAY_MS, REVIEW_RATE, expected_lines, make_catalog
+from generator.stream import (
+    REFERENCE_TOPICS,
+    CatalogChanges,
+    ChangeRates,
+    Counts,
+    Fractions,
+    LiveStream,
+    Message,
+    catalog_messages,
+    history,
+)
 from lambdalake.errors import InvalidInput, Unreachable
 from lambdalake.kafka.clients import ensure_topics, wait_for_broker
 from lambdalake.logs import get_logger
@@ -46,6 +57,10 @@ FLUSH_TIMEOUT_S = 120.0
 FIRST_DAY = date(2000, 1, 1)  # the contract rejects event times before 2000
 LAST_DAY = date(2099, 12, 31)
 LIVE_TICK_S = 0.05
+CHANGES_STREAM = 13  # seed stream of the live catalog changes
+# Every topic the generator writes: events, then reference data (main's TOPICS may list
+# the reference topics too; each is named once).
+GENERATED_TOPICS = tuple(dict.fromkeys(TOPICS + REFERENCE_TOPICS))
 SMALL_HISTORY_MESSAGES = 300_000  # below this, starting a second process is not worth it
 MAX_PROCESSES = 2
 
@@ -67,7 +82,7 @@ class _Sender:
             )
         except KafkaError as exc:
             raise Unreachable(f"could not connect a producer to {self.bootstrap}: {exc}") from exc
-        self._partitions = {t: sorted(self._partitions_for(t)) for t in TOPICS}
+        self._partitions = {t: sorted(self._partitions_for(t)) for t in GENERATED_TOPICS}
         self._by_key: dict[tuple[str, bytes], int] = {}
         self.failed = 0
         self.first_error: BaseException | None = None
@@ -134,7 +149,7 @@ class _Sender:
 def _connect(settings: Settings) -> _Sender:
     security = settings.kafka_security
     wait_for_broker(settings.bootstrap, timeout=CONNECT_TIMEOUT_S, security=security)
-    ensure_topics(settings.bootstrap, TOPICS, settings.partitions, security=security)
+    ensure_topics(settings.bootstrap, GENERATED_TOPICS, settings.partitions, security=security)
     return _Sender(settings)
 
 
@@ -186,6 +201,8 @@ def _history_share(
     sent = 0
     try:
         for batch in history(catalog, first, days, fractions, settings.max_event_bytes, counts):
+            if batch.reference:
+                continue  # the catalog: sent (and acknowledged) by run_history before any share
             sent += sender.send(batch.messages)
             if bar is not None and batch.day is not None:
                 bar.update(1)
@@ -230,7 +247,12 @@ def run_history(
     _check_sizes(skus, stores)
     fractions = Fractions(late_fraction, duplicate_fraction, bad_fraction)
     catalog = make_catalog(seed, skus, stores)
-    _connect(settings).close()
+    # The catalog first, acknowledged before any order is sent (by any process).
+    sender = _connect(settings)
+    try:
+        reference = sender.send(catalog_messages(catalog))
+    finally:
+        sender.close()
     if processes is None:
         window = [first + timedelta(days=k) for k in range(days)]
         expected = float(expected_lines(catalog, window).sum()) * (1 + REVIEW_RATE)
@@ -255,7 +277,7 @@ def run_history(
         others = [pool.submit(_history_share, *args, (i, processes)) for i in range(1, processes)]
         with tqdm(total=days, unit="day", desc="history", file=sys.stderr, mininterval=0.5) as bar:
             counts, sent = _history_share(*args, (0, processes), bar)
-        sent += sum(f.result()[1] for f in others)
+        sent += sum(f.result()[1] for f in others) + reference
     seconds = time.perf_counter() - started
     log.info(
         "generate.history.done",
@@ -270,7 +292,7 @@ def run_history(
 def run_live(
     settings: Settings,
     *,
-    rate: float,
+    rate: float | None,
     duration: float | None,
     skus: int,
     stores: int,
@@ -279,15 +301,26 @@ def run_live(
     duplicate_fraction: float,
     bad_fraction: float,
     stop: threading.Event,
+    anomalies: bool = True,
+    backfill: bool = True,
+    changes: ChangeRates | None = None,
 ) -> dict[str, int]:
-    """Produce valid events (orders + reviews) at ``rate`` per second, timed now.
+    """Produce live orders and reviews, timed now, and live changes to the catalog.
 
-    Runs for ``duration`` seconds (``None``: until ``stop`` is set), sending
-    every ~50 ms what the rate owes so far; duplicates and bad messages come on
-    top of the rate as fractions of it. Held-back duplicate copies are sent and
-    everything is flushed before returning the counts.
+    ``rate=None`` (the default): the demand model's own day (:meth:`LiveStream.replay`),
+    each event sent once its event time has come, so the live day looks like a history day;
+    with ``anomalies``, the day's injected bursts too (:func:`generator.model.anomalies`);
+    with ``backfill``, the day so far (from midnight UTC) is sent first, so today's totals
+    are whole (its events have the ids a restart sends again: they count once).
+    ``rate`` (events per second, for load tests): that many valid events per second drawn
+    with today's demand mix (:meth:`LiveStream.batch`), no anomalies.
+
+    Runs for ``duration`` seconds (``None``: until ``stop`` is set), sending every ~50 ms
+    what is due; duplicates and bad messages come on top as fractions of the valid events.
+    ``changes`` (default :class:`ChangeRates`) renames, re-categorises and moves. Held-back
+    duplicate copies are sent and everything is flushed before returning the counts.
     """
-    if not rate > 0:
+    if rate is not None and not rate > 0:
         raise InvalidInput(f"--rate must be positive, got {rate}")
     if duration is not None and duration < 0:
         raise InvalidInput(f"--duration must not be negative, got {duration}")
@@ -295,11 +328,41 @@ def run_live(
     fractions = Fractions(late_fraction, duplicate_fraction, bad_fraction)
     catalog = make_catalog(seed, skus, stores)
     sender = _connect(settings)
-    stream = LiveStream(catalog, fractions, settings.max_event_bytes, entropy=time.time_ns())
-    log.info("generate.live.start", bootstrap=settings.bootstrap, rate=rate, duration=duration)
+    entropy = time.time_ns()
+    stream = LiveStream(
+        catalog, fractions, settings.max_event_bytes, entropy=entropy, anomalies=anomalies
+    )
+    catalog_changes = CatalogChanges(
+        catalog,
+        changes or ChangeRates(),
+        np.random.default_rng([seed, CHANGES_STREAM, entropy]),
+        stream.counts,
+    )
+    now_ms = time.time_ns() // 1_000_000
+    mode = "model" if rate is None else "rate"
+    log.info(
+        "generate.live.start",
+        bootstrap=settings.bootstrap,
+        mode=mode,
+        rate=rate,
+        duration=duration,
+        expected_events_today=None if rate is not None else _expected_today(stream, now_ms),
+    )
+    if rate is None and anomalies:
+        for a in stream.day_plan(_day_of(now_ms))[2]:
+            log.info(
+                "generate.live.anomaly",
+                sku=catalog.sku[a.sku_idx],
+                store_id=catalog.store_id[a.store_idx],
+                start=_iso(a.start_ms),
+                end=_iso(a.end_ms),
+                lines=a.lines,
+                factor=round(a.factor, 2),
+            )
     started = time.monotonic()
-    last_ms = time.time_ns() // 1_000_000
-    owed_cap = max(1, int(rate))  # never catch up more than a second of events at once
+    # The model's day starts at midnight (backfill) or now; a --rate run starts now.
+    last_ms = (now_ms - now_ms % DAY_MS) if (rate is None and backfill) else now_ms
+    owed_cap = max(1, int(rate or 1))  # never catch up more than a second of events at once
     sent = 0
     behind_logged = False
     try:
@@ -309,18 +372,23 @@ def run_live(
             final = stop.is_set() or (duration is not None and elapsed >= duration)
             if duration is not None:
                 elapsed = min(elapsed, duration)
-            owed = int(rate * elapsed) - sent
-            if owed > owed_cap:
-                if not behind_logged:
-                    log.warning("generate.live.behind", owed=owed, rate=rate)
-                    behind_logged = True
-                sent += owed - owed_cap  # skip what cannot be caught up
-                owed = owed_cap
-            if owed > 0:
-                now_ms = time.time_ns() // 1_000_000
-                sender.send(stream.batch(owed, last_ms, now_ms, now))
+            now_ms = time.time_ns() // 1_000_000
+            if rate is None:
+                sender.send(stream.replay(last_ms, now_ms, now))
                 last_ms = now_ms
-                sent += owed
+            else:
+                owed = int(rate * elapsed) - sent
+                if owed > owed_cap:
+                    if not behind_logged:
+                        log.warning("generate.live.behind", owed=owed, rate=rate)
+                        behind_logged = True
+                    sent += owed - owed_cap  # skip what cannot be caught up
+                    owed = owed_cap
+                if owed > 0:
+                    sender.send(stream.batch(owed, last_ms, now_ms, now))
+                    last_ms = now_ms
+                    sent += owed
+            sender.send(catalog_changes.due(elapsed))
             if final:
                 break
             stop.wait(LIVE_TICK_S)
@@ -330,3 +398,17 @@ def run_live(
     counts = stream.counts.as_dict()
     log.info("generate.live.done", **counts, seconds=round(time.monotonic() - started, 2))
     return counts
+
+
+def _day_of(ms: int) -> date:
+    return date(1970, 1, 1) + timedelta(days=ms // DAY_MS)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _expected_today(stream: LiveStream, now_ms: int) -> dict[str, int]:
+    """What the model's day holds: order lines (anomalies included) and reviews."""
+    orders, reviews, _ = stream.day_plan(_day_of(now_ms))
+    return {"orders": len(orders), "reviews": len(reviews)}

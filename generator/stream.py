@@ -24,10 +24,16 @@ import orjson
 from generator import model
 from generator.faults import bad_message
 from generator.model import DAY_MS, Catalog, DayEvents
+from generator.text import CATEGORIES
 from lambdalake.errors import InvalidInput
 
 # (topic, key, value); a ``None`` value is a tombstone (one of the bad kinds).
 Message = tuple[str, bytes, bytes | None]
+
+# Reference data: the catalog, one message per SKU and per store, keyed by its id; the last
+# message of a key wins. Sent before any order of a history; live sends changes.
+PRODUCTS, STORES = "products", "stores"
+REFERENCE_TOPICS = (PRODUCTS, STORES)
 
 PLAN_STREAM = 11  # seed stream of the late/duplicate/bad draws of a history day
 LIVE_STREAM = 12
@@ -72,12 +78,15 @@ class Quota:
 
 @dataclass
 class Counts:
-    """Messages sent: valid distinct orders and reviews, re-sent copies, bad messages."""
+    """Messages sent: valid distinct orders and reviews, re-sent copies, bad messages, and
+    reference messages (``products``, ``stores``: the catalog, or live changes to it)."""
 
     orders: int = 0
     reviews: int = 0
     duplicates: int = 0
     bad: int = 0
+    products: int = 0
+    stores: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -85,15 +94,34 @@ class Counts:
             "reviews": self.reviews,
             "duplicates": self.duplicates,
             "bad": self.bad,
+            "products": self.products,
+            "stores": self.stores,
         }
+
+
+def product_message(record: dict[str, object]) -> Message:
+    return (PRODUCTS, str(record["sku"]).encode(), orjson.dumps(record))
+
+
+def store_message(record: dict[str, object]) -> Message:
+    return (STORES, str(record["store_id"]).encode(), orjson.dumps(record))
+
+
+def catalog_messages(catalog: Catalog) -> list[Message]:
+    """Every product, then every store, of ``catalog`` (their reference messages)."""
+    return [product_message(model.product_record(catalog, i)) for i in range(catalog.n_skus)] + [
+        store_message(model.store_record(catalog, j)) for j in range(catalog.n_stores)
+    ]
 
 
 @dataclass
 class Batch:
-    """The messages of one history day (``day`` is ``None`` for the final tail)."""
+    """The messages of one history day (``day`` is ``None`` for the catalog, which comes
+    first with ``reference`` set, and for the final tail)."""
 
     day: date | None
     messages: list[Message]
+    reference: bool = False
 
 
 @dataclass
@@ -165,7 +193,8 @@ def history(
 ) -> Iterator[Batch]:
     """The messages of ``days`` days from ``first_day``, day by day, in event-time order.
 
-    Exceptions to the order are deliberate: a late event (1-30 days, mostly a
+    The first batch (``day=None``) is the catalog: every ``products`` and ``stores``
+    message, before any order. Exceptions to the order are deliberate: a late event (1-30 days, mostly a
     few) is sent when the stream reaches its event time plus the delay; a
     duplicate copy is sent within the next ~200 messages (70 %) or 1-60 days
     later at the same time of day; bad messages sit at random positions. What
@@ -178,6 +207,10 @@ def history(
     late_q, dup_q, bad_q = Quota(fractions.late), Quota(fractions.duplicate), Quota(fractions.bad)
     # day index -> (time at which the stream reaches it, message), in scheduling order
     pending: dict[int, list[tuple[int, Message]]] = {}
+    reference = catalog_messages(catalog)
+    counts.products += catalog.n_skus
+    counts.stores += catalog.n_stores
+    yield Batch(None, reference, reference=True)
 
     def schedule(day_index: int, at_ms: int, msg: Message) -> None:
         pending.setdefault(day_index, []).append((at_ms, msg))
@@ -236,20 +269,106 @@ def history(
     yield Batch(None, tail)
 
 
-class LiveStream:
-    """Live events, a batch at a time: event times are the batch's wall-clock span.
+@dataclass(frozen=True)
+class ChangeRates:
+    """How often live changes the catalog (Poisson arrivals, per minute of wall clock)."""
 
-    ``entropy`` (e.g. the start time in ns) keeps the ids of two live runs with the
-    same seed apart; the catalog (SKUs, prices, stores) still comes from the seed.
-    Late events carry an event time 1-30 days back; duplicate copies follow within
-    the batch (70 %) or are held 5-60 s; :meth:`drain` returns those still held.
+    products_per_min: float = 2.0  # a rename or (one in four) a re-categorisation
+    stores_per_min: float = 0.1  # a store moved to another region
+
+    def __post_init__(self) -> None:
+        for name in ("products_per_min", "stores_per_min"):
+            v = getattr(self, name)
+            if not (0.0 <= v <= 10_000.0) or math.isnan(v):
+                raise InvalidInput(f"{name} must be between 0 and 10000, got {v}")
+
+
+RECATEGORISE_SHARE = 0.25
+CATEGORY_BY_NAME = {c.name: c for c in CATEGORIES}
+
+
+class CatalogChanges:
+    """Live changes to the reference data, as full ``products``/``stores`` messages.
+
+    A product change renames the SKU (its brand and product stay, the product line changes:
+    "Kestrel Lite webcam" -> "Kestrel Pro webcam") or, one change in four, moves it to its
+    category's related category (apparel -> sports, ...); a store change moves the store to
+    another region. ``counts.products``/``counts.stores`` count the messages.
     """
 
     def __init__(
-        self, catalog: Catalog, fractions: Fractions, max_event_bytes: int, entropy: int
+        self, catalog: Catalog, rates: ChangeRates, rng: np.random.Generator, counts: Counts
+    ) -> None:
+        self.catalog, self.rates, self.rng, self.counts = catalog, rates, rng, counts
+        self.category = [catalog.category_name(i) for i in range(catalog.n_skus)]
+        self.name = list(catalog.name)
+        self.region = list(catalog.store_region)
+        self._next_product = self._gap(rates.products_per_min)
+        self._next_store = self._gap(rates.stores_per_min)
+
+    def _gap(self, per_min: float) -> float:
+        return math.inf if per_min <= 0 else float(self.rng.exponential(60.0 / per_min))
+
+    def due(self, elapsed_s: float) -> list[Message]:
+        """The changes due by ``elapsed_s`` seconds since the start, in order."""
+        out: list[Message] = []
+        while self._next_product <= elapsed_s:
+            out.append(self._product_change())
+            self._next_product += self._gap(self.rates.products_per_min)
+        while self._next_store <= elapsed_s:
+            out.append(self._store_change())
+            self._next_store += self._gap(self.rates.stores_per_min)
+        return out
+
+    def _product_change(self) -> Message:
+        cat, rng = self.catalog, self.rng
+        i = int(rng.integers(cat.n_skus))
+        if rng.random() < RECATEGORISE_SHARE:
+            self.category[i] = CATEGORY_BY_NAME[self.category[i]].related
+        else:
+            names = [f"{cat.brand[i]} {line} {cat.product[i]}" for line in model.PRODUCT_LINES]
+            names = [n for n in names if n != self.name[i]]
+            self.name[i] = names[int(rng.integers(len(names)))]
+        self.counts.products += 1
+        record = model.product_record(cat, i)
+        return product_message({**record, "category": self.category[i], "name": self.name[i]})
+
+    def _store_change(self) -> Message:
+        j = int(self.rng.integers(self.catalog.n_stores))
+        others = [r for r in model.REGIONS if r != self.region[j]]
+        self.region[j] = others[int(self.rng.integers(len(others)))]
+        self.counts.stores += 1
+        return store_message({**model.store_record(self.catalog, j), "region": self.region[j]})
+
+
+class LiveStream:
+    """Live events, a batch at a time, in one of two modes.
+
+    - :meth:`replay` (the default of ``generate live``): the demand model's own day, as a
+      history would have it (:func:`model.generate_day` for the UTC day: the same events,
+      ids included), plus the day's injected anomalies (:func:`model.anomalies`), each
+      event sent once its event time has come. The rate is the model's for that hour.
+    - :meth:`batch` (``--rate``, for benches): ``n`` events timed in the batch's wall-clock
+      span, SKUs and stores drawn with today's demand mix, new ids each run.
+
+    ``entropy`` (e.g. the start time in ns) keeps the ids of two ``--rate`` runs with the
+    same seed apart, and seeds the fault draws; the catalog (SKUs, prices, stores) still
+    comes from the seed. Late events carry an event time 1-30 days back; duplicate copies
+    follow within the batch (70 %) or are held 5-60 s; :meth:`drain` returns those still held.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        fractions: Fractions,
+        max_event_bytes: int,
+        entropy: int,
+        *,
+        anomalies: bool = True,
     ) -> None:
         self.catalog = catalog
         self.max_event_bytes = max_event_bytes
+        self.anomalies = anomalies
         self.rng = np.random.default_rng([catalog.seed, LIVE_STREAM, entropy])
         self.rnd = random.Random(int(self.rng.integers(2**62)))
         self.late_q = Quota(fractions.late)
@@ -261,6 +380,7 @@ class LiveStream:
         self._day: date | None = None
         self._p = np.zeros(0)
         self._discount = np.zeros(0)
+        self._plans: dict[date, tuple[model.OrderLines, model.Reviews, list[model.Anomaly]]] = {}
 
     def _today(self, day: date) -> None:
         if day != self._day:
@@ -268,6 +388,53 @@ class LiveStream:
             self._p = lam / lam.sum()
             self._discount = model.promo_discount(self.catalog, [day])[0]
             self._day = day
+
+    def day_plan(self, day: date) -> tuple[model.OrderLines, model.Reviews, list[model.Anomaly]]:
+        """The order lines (with the anomalies' when injected) and reviews of ``day``, each
+        sorted by event time, and the day's anomalies."""
+        plan = self._plans.get(day)
+        if plan is None:
+            ev = model.generate_day(self.catalog, day)
+            found = model.anomalies(self.catalog, day, ev.expected) if self.anomalies else []
+            orders = ev.orders
+            if found:
+                extra = model.anomaly_lines(self.catalog, day, found, ev.discount)
+                orders = model.concat(orders, extra)
+            orders = model.take(orders, np.argsort(orders.time_ms, kind="stable"))
+            revs = model.take(ev.reviews, np.argsort(ev.reviews.time_ms, kind="stable"))
+            plan = self._plans[day] = (orders, revs, found)
+            for d in [d for d in self._plans if d < day - timedelta(days=1)]:
+                del self._plans[d]
+        return plan
+
+    def replay(self, start_ms: int, end_ms: int, now: float) -> list[Message]:
+        """The model's events with event time in ``[start_ms, end_ms)`` (any days), with late
+        events, duplicates and bad messages by the fractions, plus the extras due at ``now``."""
+        out: list[Message] = []
+        day = date(1970, 1, 1) + timedelta(days=int(start_ms // DAY_MS))
+        while True:
+            day_start = (day.toordinal() - model.ORDINAL_1970) * DAY_MS
+            if day_start >= end_ms:
+                break
+            orders, revs, _ = self.day_plan(day)
+            lo, hi = max(start_ms, day_start), min(end_ms, day_start + DAY_MS)
+            o = model.take(orders, np.arange(*np.searchsorted(orders.time_ms, [lo, hi])))
+            r = model.take(revs, np.arange(*np.searchsorted(revs.time_ms, [lo, hi])))
+            n = len(o) + len(r)
+            n_late = self.late_q.take(n)
+            if n_late:  # sent now, with an event time 1-30 days back (whole seconds)
+                late = self.rng.choice(n, size=n_late, replace=False)
+                back = self.rng.integers(DAY_MS // 1000, LATE_MAX_DAYS * DAY_MS // 1000, n_late)
+                shift = np.zeros(n, dtype=np.int64)
+                shift[late] = back * 1000
+                o.time_ms = o.time_ms - shift[: len(o)]
+                r.time_ms = r.time_ms - shift[len(o) :]
+            if n:
+                self.counts.orders += len(o)
+                self.counts.reviews += len(r)
+                out += self._with_faults(serialise(self.catalog, o, r), now)
+            day += timedelta(days=1)
+        return out + self._release(now)
 
     def batch(self, n: int, start_ms: int, end_ms: int, now: float) -> list[Message]:
         """``n`` valid events timed in ``[start_ms, end_ms)`` plus the extras due at ``now``
@@ -306,8 +473,15 @@ class LiveStream:
             events.append(d)
         self.counts.orders += n_ord
         self.counts.reviews += n_rev
-        extras: list[tuple[float, Message]] = []
+        out = self._with_faults(_Valid(msgs, times, events), now)
+        return out + self._release(now)
 
+    def _with_faults(self, valid: _Valid, now: float) -> list[Message]:
+        """``valid``'s messages with this share of duplicates (in place or held back) and bad
+        messages added at random positions."""
+        rng, msgs = self.rng, valid.messages
+        n = len(msgs)
+        extras: list[tuple[float, Message]] = []
         n_dup = self.dup_q.take(n)
         if n_dup:
             for j in rng.choice(n, size=n_dup, replace=False).tolist():
@@ -320,15 +494,18 @@ class LiveStream:
             self.counts.duplicates += n_dup
 
         n_bad = self.bad_q.take(n)
-        valid = _Valid(msgs, times, events)
         bad = _bad(valid, n_bad, self.counts.bad, rng, self.rnd, self.max_event_bytes)
         spots = rng.uniform(-0.5, n - 0.5, size=len(bad)).tolist()
         extras += list(zip(spots, bad, strict=True))
         self.counts.bad += len(bad)
-
-        while self._held and self._held[0][0] <= now:
-            extras.append((float(rng.uniform(-0.5, n)), heapq.heappop(self._held)[2]))
         return _assemble(msgs, extras)
+
+    def _release(self, now: float) -> list[Message]:
+        """Held-back duplicate copies due at ``now``."""
+        due: list[Message] = []
+        while self._held and self._held[0][0] <= now:
+            due.append(heapq.heappop(self._held)[2])
+        return due
 
     def drain(self) -> list[Message]:
         """The duplicate copies still held back, in release order (call once at the end)."""

@@ -28,6 +28,9 @@ class Category:
     faults: tuple[str, ...]  # clauses: "the zipper broke"
     median_price: float
     peak_day_of_year: int  # yearly seasonality peak
+    demand: float  # category demand level: multiplies every SKU's popularity (mean 1.0)
+    brands: tuple[str, ...]  # brands a SKU of the category is made by
+    related: str  # the category a re-categorised SKU moves to
 
 
 CATEGORIES: tuple[Category, ...] = (
@@ -39,6 +42,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("the zipper broke", "it shrank after one wash", "the seams came apart", "it runs small"),
         39.0,
         300,
+        1.25,
+        ("Northwind", "Alder & Pine", "Coastline", "Urbanite"),
+        "sports",
     ),
     Category(
         "electronics",
@@ -48,6 +54,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("the battery died", "it stopped charging", "it keeps disconnecting", "it overheats"),
         59.0,
         340,
+        0.8,
+        ("Voltix", "Sonora", "Brightwave", "Kestrel"),
+        "home",
     ),
     Category(
         "kitchen",
@@ -57,6 +66,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("the coating peeled off", "the handle got loose", "it started leaking", "it rusted"),
         29.0,
         330,
+        1.0,
+        ("Copperleaf", "Hearthstone", "Brisk", "Oakmill"),
+        "home",
     ),
     Category(
         "home",
@@ -66,6 +78,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("a leg snapped", "the finish scratched right away", "pieces were missing"),
         34.0,
         20,
+        0.75,
+        ("Linden", "Nestwell", "Greyhaven", "Marlow"),
+        "kitchen",
     ),
     Category(
         "toys",
@@ -75,6 +90,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("a wheel fell off", "pieces were missing", "the remote stopped working"),
         24.0,
         345,
+        0.95,
+        ("Tumble", "Brickworks", "Jolly Fox", "Kitewing"),
+        "sports",
     ),
     Category(
         "outdoor",
@@ -84,6 +102,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("the poles bent", "a strap tore", "it leaks at the seams", "the buckle snapped"),
         69.0,
         180,
+        0.6,
+        ("Ridgeline", "Trailhead", "Summit Co.", "Fernwood"),
+        "sports",
     ),
     Category(
         "beauty",
@@ -93,6 +114,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("it gave me a rash", "the pump broke", "the scent is gone in an hour"),
         17.0,
         135,
+        1.65,
+        ("Lumiere", "Petal & Stone", "Aquae", "Velvetine"),
+        "home",
     ),
     Category(
         "sports",
@@ -102,6 +126,9 @@ CATEGORIES: tuple[Category, ...] = (
         ("the sole came off", "the padding flattened", "the strap snapped", "it smells awful"),
         44.0,
         120,
+        1.0,
+        ("Stride", "Apex", "Fieldhouse", "Pulse"),
+        "outdoor",
     ),
 )
 

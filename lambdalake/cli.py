@@ -186,7 +186,15 @@ def generate_history(
 
 @generate_app.command("live")
 def generate_live(
-    rate: Annotated[float, typer.Option(min=0.1, help="Events per second.")] = 200.0,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Fixed load in events per second, for benches (SKUs and stores drawn with "
+            "today's demand mix, no anomalies). Default: the demand model's own rate, as in "
+            "the history (a live day looks like a history day).",
+        ),
+    ] = None,
     duration: Annotated[
         float | None, typer.Option(min=0.0, help="Seconds to run (default until stopped).")
     ] = None,
@@ -196,11 +204,26 @@ def generate_live(
     late_fraction: Frac = 0.0,
     duplicate_fraction: Frac = 0.0,
     bad_fraction: Frac = 0.0,
+    anomalies: Annotated[
+        bool,
+        typer.Option(help="Inject the day's demand anomalies (model rate only; see generator/)."),
+    ] = True,
+    backfill: Annotated[
+        bool, typer.Option(help="Model rate: first send today's events from midnight UTC.")
+    ] = True,
+    product_changes_per_min: Annotated[
+        float, typer.Option(min=0.0, max=10_000.0, help="Product renames/re-categorisations.")
+    ] = 2.0,
+    store_moves_per_min: Annotated[
+        float, typer.Option(min=0.0, max=10_000.0, help="Stores moved to another region.")
+    ] = 0.1,
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:
-    """Produce live orders and reviews at a target rate."""
+    """Produce live orders and reviews (at the demand model's rate unless --rate) and live
+    changes to the catalog."""
     run_live = _load("generator.produce", "run_live")
+    change_rates = _load("generator.stream", "ChangeRates")
 
     settings = _settings(bootstrap, lake)
     stop = stop_event_on_signals()
@@ -216,6 +239,9 @@ def generate_live(
             duplicate_fraction=duplicate_fraction,
             bad_fraction=bad_fraction,
             stop=stop,
+            anomalies=anomalies,
+            backfill=backfill,
+            changes=change_rates(product_changes_per_min, store_moves_per_min),
         )
     )
     _print_json(summary)
@@ -503,7 +529,14 @@ def demo(
     days: Annotated[int, typer.Option(min=1)] = 365,
     skus: Annotated[int, typer.Option(min=1)] = 100,
     stores: Annotated[int, typer.Option(min=1)] = 5,
-    rate: Annotated[float, typer.Option(min=0.0, help="Live events per second.")] = 300.0,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Live events per second (a fixed load, for benches); 0: no live events. "
+            "Default: the demand model's own rate, with its injected anomalies.",
+        ),
+    ] = None,
     bootstrap: Bootstrap = None,
     lake: LakeOpt = None,
 ) -> None:

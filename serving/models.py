@@ -253,6 +253,16 @@ class DemandAlert(BaseModel):
     forecast: float
     lower_95: float | None
     upper_95: float | None
+    threshold: float = Field(
+        description="What `units` was compared with: `upper_95`, or for `below_lower_95` "
+        "half of `lower_95` pro-rated to the time of day."
+    )
+    severity: float = Field(
+        description="How far past `threshold`, in half-widths of the 95 % interval on that "
+        "side (at least one unit): `(units - upper_95) / (upper_95 - forecast)` above, "
+        "`(threshold - units) / ((forecast - lower_95) x day_fraction)` below. Items are "
+        "ranked by it, worst first."
+    )
 
 
 class AlertsAnswer(Answer):
@@ -270,8 +280,12 @@ class AlertsAnswer(Answer):
                         "forecast": 40.2,
                         "lower_95": 26.1,
                         "upper_95": 54.3,
+                        "threshold": 54.3,
+                        "severity": 3.03,
                     }
                 ],
+                "total": 1,
+                "next_cursor": None,
                 "as_of": {"run_id": "20240501T120000Z-3f2a", "watermark": {}, "speed_offsets": {}},
                 "degraded": False,
                 "missing_partitions": {},
@@ -282,6 +296,12 @@ class AlertsAnswer(Answer):
     date: str
     day_fraction: float = Field(description="Fraction of the UTC day elapsed when answered.")
     items: list[DemandAlert]
+    total: int = Field(description="Alerts in the whole ranking (every page).")
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass back as `cursor=` (same `limit`) for the next page, computed as of "
+        "this answer's `as_of` and time; null on the last page.",
+    )
 
 
 class Health(BaseModel):

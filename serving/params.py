@@ -358,6 +358,7 @@ class Cursor:
     speed_offsets: dict[str, dict[int, int]]
     missing: dict[str, list[int]]
     position: int
+    at_ms: int | None = None  # the first page's clock, for answers that depend on the time
 
     def encode(self) -> str:
         import base64
@@ -370,6 +371,8 @@ class Cursor:
             "m": self.missing,
             "p": self.position,
         }
+        if self.at_ms is not None:
+            body["t"] = self.at_ms
         raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -391,6 +394,7 @@ class Cursor:
                 },
                 missing={str(t): [int(p) for p in ps] for t, ps in body["m"].items()},
                 position=int(body["p"]),
+                at_ms=None if body.get("t") is None else int(body["t"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
             raise InvalidParameter(
@@ -442,3 +446,32 @@ class SalesQuery:
 
     def decoded_cursor(self) -> Cursor | None:
         return None if self.cursor is None else Cursor.decode(self.cursor, self.digest)
+
+
+# --- /v1/alerts/demand: ranked and paged ------------------------------------------------------
+
+DEFAULT_ALERTS_LIMIT = 100
+MAX_ALERTS_LIMIT = 1_000
+
+
+@dataclass(frozen=True)
+class AlertsQuery:
+    """A validated ``/v1/alerts/demand`` question: a page of ``limit`` alerts from ``cursor``."""
+
+    limit: int = DEFAULT_ALERTS_LIMIT
+    cursor: str | None = None
+
+    @property
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(repr(("alerts/demand", self.limit)).encode()).hexdigest()[:24]
+
+    def decoded_cursor(self) -> Cursor | None:
+        if self.cursor is None:
+            return None
+        cursor = Cursor.decode(self.cursor, self.digest)
+        first, last = (int(t.timestamp() * 1000) for t in (SUPPORTED_FIRST, SUPPORTED_LAST))
+        if cursor.at_ms is None or not first <= cursor.at_ms <= last:
+            raise InvalidParameter("cursor", "not a cursor of /v1/alerts/demand")
+        return cursor

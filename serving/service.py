@@ -59,7 +59,14 @@ from serving.models import (
     SeriesAccuracy,
     StoresAnswer,
 )
-from serving.params import MAX_LIMIT, Cursor, Granularity, SalesQuery, period_label
+from serving.params import (
+    MAX_LIMIT,
+    AlertsQuery,
+    Cursor,
+    Granularity,
+    SalesQuery,
+    period_label,
+)
 from serving.series import series_key
 from serving.served_run import BatchCache, BatchSnapshot, snapshot_table
 from serving.speed_client import SpeedClient, SpeedFilter, SpeedResult, WouldBlock
@@ -75,7 +82,6 @@ _MAY_BLOCK: contextvars.ContextVar[bool] = contextvars.ContextVar("may_block", d
 # of the UTC day, fewer units than LOW_FACTOR x the lower 95 % bound pro-rated to now.
 LATE_DAY_FRACTION = 0.75
 LOW_FACTOR = 0.5
-MAX_ALERTS = 1_000
 
 
 def _zero(view: Any) -> dict[str, Any]:
@@ -282,6 +288,37 @@ class QueryService:
             value, speed = compute(snap)
         return value, snap, speed
 
+    def _paged(
+        self,
+        cursor: Cursor | None,
+        compute: Callable[[BatchSnapshot], tuple[T, SpeedResult]],
+        kind: str,
+    ) -> tuple[T, BatchSnapshot, SpeedResult, Merged]:
+        """``compute`` for a first page (as :meth:`_merged`), or for a later page as of its
+        cursor's run and speed offsets (``compute`` must bound the speed layer with
+        :func:`_pinned`): a cursor of a run no longer served raises :class:`CursorExpired`."""
+        if cursor is None:
+            value, snap, speed = self._merged(compute)
+            return value, snap, speed, self._provenance(kind, snap, speed)
+        if not _MAY_BLOCK.get():
+            raise WouldBlock("a page as of earlier offsets asks the speed workers")
+        snap = self._current_run()
+        if snap.run_id != cursor.run_id:
+            raise CursorExpired(cursor.run_id)
+        value, speed = compute(snap)
+        if speed.stale:
+            raise CursorExpired(cursor.run_id)
+        merged = Merged(
+            as_of=AsOf(
+                run_id=snap.run_id,
+                watermark=watermark_to_dict(snap.watermark),
+                speed_offsets=watermark_to_dict(cursor.speed_offsets),
+            ),
+            degraded=any(cursor.missing.values()),
+            missing=cursor.missing,
+        )
+        return value, snap, speed, merged
+
     # --- sales --------------------------------------------------------------------------
 
     def _sales_rows(
@@ -444,8 +481,6 @@ class QueryService:
         )
 
         def compute(snap: BatchSnapshot) -> tuple[dict, SpeedResult]:
-            if cursor is not None and snap.run_id != cursor.run_id:
-                raise CursorExpired(cursor.run_id)
             pins = _pinned(cursor, snap) if cursor is not None else None
             refs, ref_speeds, skus, stores = self._sales_scope(snap, q, pins)
             one = (
@@ -471,25 +506,7 @@ class QueryService:
             )
             return acc, combined(speed, *ref_speeds)
 
-        if cursor is not None:
-            if not _MAY_BLOCK.get():
-                raise WouldBlock("a page as of earlier offsets asks the speed workers")
-            snap = self._current_run()
-            acc, speed = compute(snap)
-            if speed.stale:
-                raise CursorExpired(cursor.run_id)
-            merged = Merged(
-                as_of=AsOf(
-                    run_id=snap.run_id,
-                    watermark=watermark_to_dict(snap.watermark),
-                    speed_offsets=watermark_to_dict(cursor.speed_offsets),
-                ),
-                degraded=any(cursor.missing.values()),
-                missing=cursor.missing,
-            )
-        else:
-            acc, snap, speed = self._merged(compute)
-            merged = self._provenance("sales", snap, speed)
+        acc, snap, speed, merged = self._paged(cursor, compute, "sales")
         rows = _ordered(acc, q)
         start = cursor.position if cursor is not None else 0
         page, end, total = _page(rows, q, start)
@@ -738,8 +755,17 @@ class QueryService:
 
     # --- alerts -------------------------------------------------------------------------
 
-    def demand_alerts(self) -> AlertsAnswer:
-        now = self.clock().astimezone(UTC)
+    def demand_alerts(self, q: AlertsQuery | None = None) -> AlertsAnswer:
+        """Today's (sku, store) series past their forecast's 95 % interval, ranked by
+        :func:`alert_severity` (worst first; ties by units past the threshold, then ids) and
+        paged: ``q.limit`` a page; a later page is computed as of the first page's run, speed
+        offsets and time, so every alert appears once."""
+        q = q or AlertsQuery()
+        cursor = q.decoded_cursor()
+        if cursor is not None and cursor.at_ms is not None:
+            now = datetime.fromtimestamp(cursor.at_ms / 1000, UTC)
+        else:
+            now = self.clock().astimezone(UTC)
         today = now.date()
         midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
         fraction = (now - midnight).total_seconds() / 86_400
@@ -753,43 +779,77 @@ class QueryService:
                 store_id=None,
                 first=midnight,
                 last=midnight,
+                max_offsets=_pinned(cursor, snap) if cursor is not None else None,
             )
             forecasts = snap.forecast(None, store_id=None, first=today, last=today)
             return (acc, forecasts), speed
 
-        (acc, forecasts), snap, speed = self._merged(compute)
+        (acc, forecasts), snap, speed, prov = self._paged(cursor, compute, "alerts")
         items: list[DemandAlert] = []
         for f in forecasts:
             row = acc.get((today.isoformat(), f["sku"], f["store_id"]))
             units = int(row["units"] or 0) if row else 0
-            kind = None
-            if f["upper_95"] is not None and units > f["upper_95"]:
-                kind = "above_upper_95"
-            elif (
-                fraction >= LATE_DAY_FRACTION
-                and f["lower_95"] is not None
-                and units < LOW_FACTOR * f["lower_95"] * fraction
-            ):
-                kind = "below_lower_95"
-            if kind:
-                items.append(
-                    DemandAlert(
-                        sku=f["sku"],
-                        store_id=f["store_id"],
-                        kind=kind,
-                        units=units,
-                        forecast=f["forecast"],
-                        lower_95=f["lower_95"],
-                        upper_95=f["upper_95"],
-                    )
-                )
-        items.sort(key=lambda a: (a.kind, a.sku, a.store_id or ""))
-        prov = self._provenance("alerts", snap, speed)
+            alert = demand_alert(f, units, fraction)
+            if alert is not None:
+                items.append(alert)
+        items.sort(
+            key=lambda a: (-a.severity, -abs(a.units - a.threshold), a.sku, a.store_id or "")
+        )
+        start = cursor.position if cursor is not None else 0
+        end = min(len(items), start + q.limit)
+        next_cursor = None
+        if end < len(items):
+            next_cursor = Cursor(
+                digest=q.digest,
+                run_id=snap.run_id,
+                speed_offsets=cursor.speed_offsets if cursor is not None else speed.offsets,
+                missing=prov.missing,
+                position=end,
+                at_ms=int(now.timestamp() * 1000),
+            ).encode()
         return AlertsAnswer(
             date=today.isoformat(),
             day_fraction=round(fraction, 4),
-            items=items[:MAX_ALERTS],
+            items=items[start:end],
+            total=len(items),
+            next_cursor=next_cursor,
             as_of=prov.as_of,
             degraded=prov.degraded,
             missing_partitions=prov.missing,
         )
+
+
+def demand_alert(f: dict[str, Any], units: int, fraction: float) -> DemandAlert | None:
+    """The alert of one series with forecast row ``f`` and ``units`` so far today, if any.
+
+    ``above_upper_95``: units already above the day's upper 95 % bound. ``below_lower_95``:
+    after ``LATE_DAY_FRACTION`` of the day, units below ``LOW_FACTOR`` x the lower bound
+    pro-rated to the time of day. ``severity`` is the distance past the threshold in
+    half-widths of the 95 % interval on that side (pro-rated below), each at least one unit,
+    so that a series whose bounds collapsed cannot rank first on a unit or two.
+    """
+    forecast, lower, upper = f["forecast"], f["lower_95"], f["upper_95"]
+    if upper is not None and units > upper:
+        half = max(upper - forecast, 1.0)
+        kind, threshold, severity = "above_upper_95", upper, (units - upper) / half
+    elif (
+        fraction >= LATE_DAY_FRACTION
+        and lower is not None
+        and units < LOW_FACTOR * lower * fraction
+    ):
+        threshold = LOW_FACTOR * lower * fraction
+        half = max((forecast - lower) * fraction, 1.0)
+        kind, severity = "below_lower_95", (threshold - units) / half
+    else:
+        return None
+    return DemandAlert(
+        sku=f["sku"],
+        store_id=f["store_id"],
+        kind=kind,
+        units=units,
+        forecast=forecast,
+        lower_95=lower,
+        upper_95=upper,
+        threshold=round(threshold, 4),
+        severity=round(severity, 4),
+    )

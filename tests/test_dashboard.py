@@ -140,7 +140,8 @@ def test_dashboard_renders_forecast_history_live_actuals_and_sentiment(
             assert rendered["accuracy"] == 1, rendered  # the series' backtest, beside it
             assert "backtest of " in dom.stdout and "MASE " in dom.stdout
             assert rendered["sentiment"] >= 1, rendered  # weekly sentiment trend points
-            assert rendered["breakdown"], rendered  # weekly units by category, stacked
+            # Weekly units by category, stacked: the generator's catalog names every SKU.
+            assert rendered["breakdown"] and "(none)" not in rendered["breakdown"], rendered
             assert f"run {run_id}" in dom.stdout
             assert f"{live_units[sku, store]} units so far" in dom.stdout
             # One store: the forecast's 80/95 % bands are drawn (quantiles are per series).

@@ -26,10 +26,19 @@ from kafka.partitioner.default import murmur2
 
 from generator import model
 from generator.faults import KINDS
-from generator.produce import run_history, run_live
-from generator.stream import Counts, Fractions, history
+from generator.produce import GENERATED_TOPICS, run_history, run_live
+from generator.stream import (
+    REFERENCE_TOPICS,
+    CatalogChanges,
+    ChangeRates,
+    Counts,
+    Fractions,
+    LiveStream,
+    history,
+)
+from generator.text import CATEGORIES
 from lambdalake.contract.validation import validate
-from lambdalake.kafka.clients import end_offsets, topic_partitions
+from lambdalake.kafka.clients import end_offsets, ensure_topics, topic_partitions
 from lambdalake.settings import TOPICS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +66,19 @@ def event_ms(value: bytes) -> int:
     return int(datetime.fromisoformat(t).timestamp() * 1000)
 
 
+def generated_partitions(broker) -> list[TopicPartition]:
+    """Every partition the generator writes, the reference topics created if still missing
+    (the shared broker may not have them yet, and offsets are measured before a run)."""
+    ensure_topics(broker.bootstrap, GENERATED_TOPICS, broker.partitions)
+    return [TopicPartition(t, p) for t in GENERATED_TOPICS for p in range(broker.partitions)]
+
+
 def consume(bootstrap: str, start: dict[TopicPartition, int] | None = None):
-    """Every message of both topics from ``start`` (default: the beginning) to the end:
+    """Every message of the generator's topics (events and reference data) from ``start``
+    (default: the beginning) to the end:
     {(topic, partition): [(key, value, timestamp_ms), ...]} in offset order."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(t, p) for t in TOPICS for p in topic_partitions(consumer, t)]
+    tps = [TopicPartition(t, p) for t in GENERATED_TOPICS for p in topic_partitions(consumer, t)]
     ends = end_offsets(bootstrap, tps)
     consumer.assign(tps)
     out: dict[tuple[str, int], list] = {(tp.topic, tp.partition): [] for tp in tps}
@@ -80,11 +97,40 @@ def consume(bootstrap: str, start: dict[TopicPartition, int] | None = None):
     return out
 
 
+# The reference topics' contract (products, stores): required ids and names, optional text.
+REFERENCE_FIELDS = {
+    "products": {"sku": (True, 256), "category": (True, 256), "name": (False, 1000),
+                 "brand": (False, 1000)},
+    "stores": {"store_id": (True, 256), "region": (True, 256), "name": (False, 1000),
+               "city": (False, 1000)},
+}  # fmt: skip
+
+
+def check_reference(topic: str, key: bytes, value: bytes) -> dict:
+    """A reference message as the contract has it: keyed by its id, fields of the right size."""
+    record = orjson.loads(value)
+    spec = REFERENCE_FIELDS[topic]
+    assert set(record) <= set(spec), record
+    for name, (required, most) in spec.items():
+        if required or name in record:
+            assert isinstance(record[name], str) and 1 <= len(record[name]) <= most, record
+    id_field = next(iter(spec))
+    assert key == record[id_field].encode() and record[id_field] != "*"
+    return record
+
+
 def audit(messages: dict[tuple[str, int], list]) -> dict:
-    """What arrived, judged by the contract: valid distinct, re-sent copies, bad, kinds."""
+    """What arrived, judged by the contract: valid distinct, re-sent copies, bad, kinds, and
+    the reference messages (each checked and counted)."""
     result: dict = {"orders": 0, "reviews": 0, "duplicates": 0, "bad": 0}
+    result |= {"products": 0, "stores": 0}
     result["reasons"], result["valid"] = Counter(), []
     for (topic, _p), recs in messages.items():
+        if topic in REFERENCE_TOPICS:
+            for key, value, _ in recs:
+                check_reference(topic, key, value)
+            result[topic] += len(recs)
+            continue
         values = [v for _, v, _ in recs]
         checked = validate(topic, values, [0] * len(values), list(range(len(values))))
         result["bad"] += checked.rejected.num_rows
@@ -146,6 +192,7 @@ def test_same_seed_gives_the_same_bytes_in_any_process_and_another_seed_does_not
 def test_a_days_events_do_not_depend_on_the_window() -> None:
     long, _ = plan(3, 10, 2, date(2025, 5, 1), 8, Fractions())
     short, _ = plan(3, 10, 2, date(2025, 5, 5), 4, Fractions())
+    long, short = ([m for m in msgs if m[0] in TOPICS] for msgs in (long, short))
     tail = [m for m in long if event_ms(m[2]) >= datetime(2025, 5, 5, tzinfo=UTC).timestamp() * 1e3]
     assert tail == short and len(short) > 100
 
@@ -153,6 +200,7 @@ def test_a_days_events_do_not_depend_on_the_window() -> None:
 def test_history_is_in_event_time_order_except_the_late_events() -> None:
     for late in (0.0, 0.04):
         msgs, counts = plan(4, 15, 3, date(2025, 6, 1), 20, Fractions(late, 0.05, 0.02))
+        msgs = [m for m in msgs if m[0] in TOPICS]
         by_topic: dict[tuple[str, int], list] = defaultdict(list)
         for topic, key, value in msgs:
             by_topic[(topic, 0)].append((key, value, 0))
@@ -268,6 +316,208 @@ def test_ratings_follow_quality_and_text_sentiment_follows_ratings_loosely() -> 
     assert 0.6 < sum(t is not None for t in revs.title) / len(revs.title) < 0.95
 
 
+# --- the catalog (reference data) --------------------------------------------------------------
+
+
+def test_the_catalog_names_every_sku_and_store_consistently_and_deterministically() -> None:
+    cat = model.make_catalog(21, 40, 12)
+    again = model.make_catalog(21, 40, 12)
+    records = [model.product_record(cat, i) for i in range(cat.n_skus)]
+    stores = [model.store_record(cat, j) for j in range(cat.n_stores)]
+    assert records == [model.product_record(again, i) for i in range(40)]
+    assert stores == [model.store_record(again, j) for j in range(12)]
+    # SKU i is the same SKU whatever the catalog size; another seed names SKUs otherwise.
+    small = model.make_catalog(21, 5, 2)
+    assert [model.product_record(small, i) for i in range(5)] == records[:5]
+    other = model.make_catalog(22, 40, 12)
+    assert [model.product_record(other, i)["name"] for i in range(40)] != [
+        r["name"] for r in records
+    ]
+    for i, r in enumerate(records):
+        spec = CATEGORIES[int(cat.category[i])]
+        # The category the orders' demand and review vocabulary come from, by name.
+        assert r["category"] == spec.name
+        assert r["brand"] in spec.brands
+        line = r["name"].removeprefix(r["brand"] + " ").removesuffix(" " + cat.product[i])
+        assert line in model.PRODUCT_LINES, r
+        assert cat.product[i] in spec.products
+        check_reference("products", r["sku"].encode(), orjson.dumps(r))
+    assert len({r["name"] for r in records}) > 30
+    for j, r in enumerate(stores):
+        check_reference("stores", r["store_id"].encode(), orjson.dumps(r))
+        assert r["region"] in model.REGIONS and r["city"] in r["name"]
+        # The city is in the store's time zone: event times are written in its offset.
+        k = j % len(model.STORE_OFFSETS_MIN)
+        assert r["city"] in model.STORE_CITIES[k] and r["region"] == model.STORE_REGIONS[k]
+    assert 4 <= len({r["region"] for r in stores}) <= 6
+    assert len({r["name"] for r in stores}) == 12
+
+
+def test_categories_have_distinct_demand_and_price_levels() -> None:
+    cat = model.make_catalog(3, 1600, 1)
+    by_cat = {c.name: np.flatnonzero(cat.category == k) for k, c in enumerate(CATEGORIES)}
+    median_pop = {n: float(np.median(cat.popularity[ix])) for n, ix in by_cat.items()}
+    median_price = {n: float(np.median(cat.base_price[ix])) for n, ix in by_cat.items()}
+    # The busiest category sells clearly more than the quietest, in the order the levels say.
+    spec = {c.name: c for c in CATEGORIES}
+    assert median_pop["beauty"] > 2 * median_pop["outdoor"]
+    levels = [spec[n].demand for n in median_pop]
+    assert np.corrcoef(np.log(levels), np.log(list(median_pop.values())))[0, 1] > 0.8
+    assert median_price["outdoor"] > 3 * median_price["beauty"]
+    prices = [spec[n].median_price for n in median_price]
+    assert np.corrcoef(prices, list(median_price.values()))[0, 1] > 0.95
+    # The levels average 1: the volume the other tests expect stays.
+    assert np.mean([c.demand for c in CATEGORIES]) == pytest.approx(1.0)
+
+
+def test_history_sends_the_whole_catalog_before_any_order() -> None:
+    msgs, counts = plan(6, 25, 4, date(2025, 4, 1), 3, Fractions(0.05, 0.05, 0.01))
+    topics = [t for t, _, _ in msgs]
+    first_event = min(topics.index("orders"), topics.index("reviews"))
+    reference = msgs[:first_event]
+    assert [t for t, _, _ in reference] == ["products"] * 25 + ["stores"] * 4
+    assert set(topics[first_event:]) == set(TOPICS)  # nothing of the catalog comes later
+    cat = model.make_catalog(6, 25, 4)
+    assert [orjson.loads(v) for _, _, v in reference] == [
+        model.product_record(cat, i) for i in range(25)
+    ] + [model.store_record(cat, j) for j in range(4)]
+    # Every SKU and store an order names is in the catalog sent before it.
+    skus = {k for t, k, _ in reference if t == "products"}
+    stores = {orjson.loads(v)["store_id"] for t, _, v in reference if t == "stores"}
+    for t, k, v in msgs[first_event:]:
+        if t == "orders" and v is not None and k in skus:
+            try:
+                event = orjson.loads(v)
+            except orjson.JSONDecodeError:
+                continue  # a bad message
+            if isinstance(event, dict) and isinstance(event.get("store_id"), str):
+                assert event["store_id"] in stores
+    assert (counts.products, counts.stores) == (25, 4)
+
+
+# --- live: the model's day, anomalies, catalog changes -----------------------------------------
+
+
+def day_ms(day: date) -> int:
+    return (day.toordinal() - model.ORDINAL_1970) * model.DAY_MS
+
+
+def live_day(cat: model.Catalog, day: date, *, anomalies: bool, step_s: int = 600) -> list:
+    """Every message a live run sends over ``day``, ticking every ``step_s`` seconds."""
+    stream = LiveStream(cat, Fractions(), MAX_BYTES, entropy=1, anomalies=anomalies)
+    start = day_ms(day)
+    out = []
+    for k in range(0, 86_400, step_s):
+        out += stream.replay(start + k * 1000, start + (k + step_s) * 1000, 0.0)
+    return out
+
+
+def orders_per_hour(msgs) -> np.ndarray:
+    hours = np.zeros(24)
+    for t, _, v in msgs:
+        if t == "orders":
+            hours[(event_ms(v) // 3_600_000) % 24] += 1
+    return hours
+
+
+def test_live_sends_the_models_day_at_the_histories_rate_per_hour() -> None:
+    cat = model.make_catalog(42, 100, 5)
+    day = date(2025, 6, 11)  # a Wednesday, no holiday
+    live = live_day(cat, day, anomalies=False)
+    # Exactly the day a history would have: the same orders and reviews, ids and all.
+    hist, _ = plan(42, 100, 5, day, 1, Fractions())
+    assert sorted(v for t, _, v in live) == sorted(v for t, _, v in hist if t in TOPICS)
+    # Each hour, as many orders as the history's mean for that hour on the same weekday
+    # (the eight weeks before), within a tolerance for the day's own noise.
+    weeks = [day - timedelta(weeks=w) for w in range(1, 9)]
+    past = np.mean([orders_per_hour(plan(42, 100, 5, d, 1, Fractions())[0]) for d in weeks], 0)
+    got = orders_per_hour(live)
+    assert got.sum() == pytest.approx(past.sum(), rel=0.15)
+    busy = past >= 100
+    assert busy.sum() >= 12
+    assert np.all(np.abs(got[busy] - past[busy]) <= 0.3 * past[busy]), (got, past)
+    assert np.corrcoef(got, past)[0, 1] > 0.9
+    # Well under one event per second on average: nothing like a fixed 300/s.
+    assert len(live) / 86_400 < 0.1
+
+
+def test_live_injects_the_days_anomalies_and_they_stand_out() -> None:
+    cat = model.make_catalog(42, 100, 5)
+    day = date(2025, 6, 11)
+    found = model.anomalies(cat, day)
+    assert found == model.anomalies(cat, day)  # deterministic from (seed, day)
+    assert len(found) == 4
+    expected = model.expected_lines(cat, [day])[0]
+    plain = live_day(cat, day, anomalies=False)
+    with_bursts = live_day(cat, day, anomalies=True)
+    extra = Counter(
+        (orjson.loads(v)["sku"], orjson.loads(v)["store_id"])
+        for t, _, v in with_bursts
+        if t == "orders"
+    )
+    extra.subtract(
+        Counter((orjson.loads(v)["sku"], orjson.loads(v)["store_id"]) for t, _, v in plain
+                if t == "orders")
+    )  # fmt: skip
+    bursts = Counter()
+    for k, a in enumerate(found):
+        # One per 6-hour slot, starting in its first two hours, lasting 20-40 minutes.
+        offset = a.start_ms - day_ms(day)
+        assert k * 6 * 3_600_000 <= offset <= (k * 6 + 2) * 3_600_000
+        assert 20 * 60_000 <= a.end_ms - a.start_ms <= 40 * 60_000
+        assert 12 <= a.factor <= 20
+        normal = expected[a.sku_idx, a.store_idx]
+        assert a.lines == max(20, round(a.factor * normal)) and a.lines >= 12 * normal
+        # A busy-enough series, not one of the busiest: ranked in the day's top 20-40 %.
+        rank = int((expected > normal).sum())
+        assert 0.2 * expected.size - 1 <= rank < 0.4 * expected.size
+        bursts[(cat.sku[a.sku_idx], cat.store_id[a.store_idx])] += a.lines
+    assert +extra == bursts  # the extra order lines are exactly the bursts'
+    # Timed inside their windows.
+    windows = [(a.start_ms, a.end_ms) for a in found]
+    plain_ids = {orjson.loads(v)["event_id"] for t, _, v in plain if t == "orders"}
+    for t, _, v in with_bursts:
+        if t == "orders" and orjson.loads(v)["event_id"] not in plain_ids:
+            assert any(lo - 1000 <= event_ms(v) < hi for lo, hi in windows)
+
+
+def test_live_renames_recategorises_and_moves_at_the_documented_rates() -> None:
+    cat = model.make_catalog(8, 30, 6)
+    counts = Counts()
+    changes = CatalogChanges(cat, ChangeRates(), np.random.default_rng(4), counts)
+    msgs = changes.due(60 * 60.0)  # an hour of wall clock
+    products = [orjson.loads(v) for t, _, v in msgs if t == "products"]
+    stores = [orjson.loads(v) for t, _, v in msgs if t == "stores"]
+    assert 80 <= len(products) <= 160  # 2 a minute
+    assert 1 <= len(stores) <= 15  # one every 10 minutes
+    assert (counts.products, counts.stores) == (len(products), len(stores))
+    for t, k, v in msgs:
+        check_reference(t, k, v)
+    base = {model.product_record(cat, i)["sku"]: model.product_record(cat, i) for i in range(30)}
+    renamed = recategorised = 0
+    last: dict[str, dict] = {}
+    for p in products:
+        before = last.get(p["sku"], base[p["sku"]])
+        i = cat.sku.index(p["sku"])
+        assert p["brand"] == before["brand"] and p["name"].endswith(cat.product[i])
+        if p["name"] != before["name"]:
+            renamed += 1
+            assert p["category"] == before["category"]
+        else:
+            recategorised += 1
+            assert p["category"] == {c.name: c.related for c in CATEGORIES}[before["category"]]
+        last[p["sku"]] = p
+    assert renamed > 2 * recategorised > 0
+    home = {model.store_record(cat, j)["store_id"]: model.store_record(cat, j) for j in range(6)}
+    moved: dict[str, str] = {}
+    for st in stores:
+        assert st["region"] != moved.get(st["store_id"], home[st["store_id"]]["region"])
+        assert st["region"] in model.REGIONS and st["city"] == home[st["store_id"]]["city"]
+        moved[st["store_id"]] = st["region"]
+    # No change at all with zero rates.
+    assert CatalogChanges(cat, ChangeRates(0, 0), np.random.default_rng(4), Counts()).due(1e9) == []
+
+
 # --- to Kafka --------------------------------------------------------------------------------
 
 
@@ -293,6 +543,14 @@ def test_history_sends_the_planned_bytes_with_exact_fractions(fresh_broker, sett
     for tp, recs in got.items():
         assert [(k, v) for k, v, _ in recs] == expected[tp], tp
     assert summary == counts.as_dict()
+    # The catalog went first: every product and store, before any order or review.
+    stamps = {
+        t: [ts for (tt, _), recs in got.items() if tt == t for _, _, ts in recs]
+        for t in GENERATED_TOPICS
+    }
+    reference = stamps["products"] + stamps["stores"]
+    assert len(stamps["products"]) == 15 and len(stamps["stores"]) == 3
+    assert max(reference) <= min(stamps["orders"] + stamps["reviews"])
 
     # The counts hold when judged by the contract, and each is the exact fraction.
     seen = audit(got)
@@ -311,15 +569,16 @@ def test_history_sends_the_planned_bytes_with_exact_fractions(fresh_broker, sett
 
 
 def test_history_command_prints_the_summary_last(broker) -> None:
-    tps = [TopicPartition(t, p) for t in TOPICS for p in range(broker.partitions)]
+    tps = generated_partitions(broker)
     before = end_offsets(broker.bootstrap, tps)
     cmd = [sys.executable, "-m", "lambdalake.cli", "generate", "history"]
     args = ["--days", "14", "--skus", "10", "--stores", "2", "--bootstrap", broker.bootstrap]
     out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"orders", "reviews", "duplicates", "bad"}
+    assert set(summary) == {"orders", "reviews", "duplicates", "bad", "products", "stores"}
     assert summary["orders"] > 500 and summary["reviews"] > 0
+    assert (summary["products"], summary["stores"]) == (10, 2)
     after = end_offsets(broker.bootstrap, tps)
     assert sum(after.values()) - sum(before.values()) == sum(summary.values())
     assert "history" in out.stderr  # the progress bar
@@ -337,7 +596,7 @@ def test_history_command_prints_the_summary_last(broker) -> None:
 
 
 def test_live_command_holds_the_rate(broker) -> None:
-    tps = [TopicPartition(t, p) for t in TOPICS for p in range(broker.partitions)]
+    tps = generated_partitions(broker)
     before = end_offsets(broker.bootstrap, tps)
     cmd = [sys.executable, "-m", "lambdalake.cli", "generate", "live", "--rate", "500"]
     args = ["--duration", "3", "--skus", "20", "--stores", "3", "--bootstrap", broker.bootstrap]
@@ -352,12 +611,12 @@ def test_live_command_holds_the_rate(broker) -> None:
     rate = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000)
     assert 400 <= rate <= 600, rate
     # Event times are "now".
-    times = [event_ms(v) for recs in got.values() for _, v, _ in recs]
+    times = [event_ms(v) for (t, _), recs in got.items() if t in TOPICS for _, v, _ in recs]
     assert started_ms - 1000 <= min(times) and max(times) <= time.time() * 1000
 
 
 def test_live_with_faults_stops_on_request_and_sends_exact_fractions(broker, settings_for) -> None:
-    tps = [TopicPartition(t, p) for t in TOPICS for p in range(broker.partitions)]
+    tps = generated_partitions(broker)
     before = end_offsets(broker.bootstrap, tps)
     stop = threading.Event()
     threading.Timer(2.0, stop.set).start()
@@ -385,3 +644,42 @@ def test_live_with_faults_stops_on_request_and_sends_exact_fractions(broker, set
     assert len(late) == int(0.1 * n + 0.5)
     assert all(1 - 1e-3 <= a <= 30.1 for a in late)
     assert all(-0.001 < a < 0.001 for a in ages if a <= 0.5)
+
+
+def test_live_command_sends_the_models_day_so_far_and_catalog_changes(broker) -> None:
+    """Default live: today's model events from midnight up to now (the history's rate, not a
+    fixed load), the day's anomalies among them, and renames keyed by id."""
+    tps = generated_partitions(broker)
+    before = end_offsets(broker.bootstrap, tps)
+    cmd = [sys.executable, "-m", "lambdalake.cli", "generate", "live", "--duration", "3"]
+    args = ["--skus", "40", "--stores", "3", "--seed", "9", "--bootstrap", broker.bootstrap]
+    args += ["--product-changes-per-min", "600", "--store-moves-per-min", "120"]
+    started_ms = int(time.time() * 1000)
+    out = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
+    ended_ms = int(time.time() * 1000)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    got = consume(broker.bootstrap, before)
+    seen = audit(got)
+    assert {k: seen[k] for k in summary} == summary
+
+    # The model's day, as a history has it (plus the anomalies), up to the end of the run.
+    stream = LiveStream(model.make_catalog(9, 40, 3), Fractions(), MAX_BYTES, entropy=0)
+    days = {datetime.fromtimestamp(ms / 1000, UTC).date() for ms in (started_ms, ended_ms)}
+    planned: dict[str, int] = {}
+    for day in days:
+        orders, _, found = stream.day_plan(day)
+        planned |= dict(zip(orders.event_id, orders.time_ms.tolist(), strict=True))
+        bursts = model.anomaly_lines(stream.catalog, day, found).event_id
+        assert len(found) == 4 and set(bursts) <= set(orders.event_id)
+    sent = {orjson.loads(v)["event_id"]: event_ms(v) for v in seen["valid"] if b"event_id" in v}
+    assert set(sent) <= set(planned)
+    assert all(sent[e] == planned[e] for e in sent)
+    midnight = started_ms - started_ms % model.DAY_MS
+    due = {e for e, t in planned.items() if midnight <= t < started_ms}
+    assert due <= set(sent)  # the day so far, sent at once
+    assert {e for e, t in planned.items() if t >= ended_ms}.isdisjoint(sent)
+    assert summary["orders"] == len(sent)
+    # About 10 product changes and 6 store moves in 3 s at these rates; keyed by their ids.
+    assert 5 <= summary["products"] <= 70 and 1 <= summary["stores"] <= 25
+    assert seen["products"] == summary["products"] and seen["stores"] == summary["stores"]

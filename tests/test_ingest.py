@@ -344,6 +344,48 @@ def test_sigterm_in_continuous_mode_exits_cleanly(fresh_broker: EmbeddedBroker, 
     assert sum(s["quarantined"] for s in summary.values()) == len(q)
 
 
+def test_continuous_ingest_outlives_quiet_topics(fresh_broker: EmbeddedBroker, tmp_path) -> None:
+    """Quiet topics (a live generator at a real shop's rate sends an event every few seconds)
+    are not an end: after the idle probe finds the broker, ingest goes on consuming."""
+    from batch.ingest import IDLE_PROBE_S
+
+    lake = Lake(str(tmp_path / "lake"))
+    log = tmp_path / "ingest.log"
+
+    def written() -> int:
+        return sum(sum(ingest_positions(lake.master(t), t).values()) for t in TOPICS)
+
+    def wait_written(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while written() < n:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            ingest_cmd(fresh_broker.bootstrap, lake.root),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=ingest_env(LAMBDALAKE_INGEST_BATCH_SECONDS="0.2"),
+        )
+    try:
+        first = produce_stream(fresh_broker.bootstrap, 50, seed=21)
+        wait_written(50)
+        time.sleep(2 * IDLE_PROBE_S + 2)  # quiet for longer than the idle probe, twice
+        assert proc.poll() is None, "ingest ended on quiet topics:\n" + log.read_text()[-3000:]
+        second = produce_stream(fresh_broker.bootstrap, 50, seed=22)
+        wait_written(100)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert sum(s["written"] for s in summary.values()) == len(first.valid) + len(second.valid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_until_end_gives_up_on_an_absent_broker_with_a_clear_error(tmp_path) -> None:
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, kafka_bootstrap=f"127.0.0.1:{free_port()}", lake_uri=str(tmp_path / "lake")

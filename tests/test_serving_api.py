@@ -294,13 +294,15 @@ def write_run(
     status: str = "published",
     published_at: datetime | None = None,
     levels: bool = False,
+    forecast: pa.Table | None = None,
 ) -> RunRecord:
     """Write one run's views (appending a new version to each table) and its runs row."""
     mode = "overwrite" if (root / VIEW_DAILY_SALES).exists() else "error"
     master = pa.Table.from_pylist(orders, schema=MASTER_ORDERS_SCHEMA)
     write_deltalake(str(root / MASTER_ORDERS), master, mode=mode)
     write_deltalake(str(root / VIEW_DAILY_SALES), daily_sales(orders, run_id), mode=mode)
-    forecast = forecast_table(run_id, levels=levels)
+    if forecast is None:
+        forecast = forecast_table(run_id, levels=levels)
     write_deltalake(str(root / VIEW_DEMAND_FORECAST), forecast, mode=mode)
     write_deltalake(str(root / VIEW_SENTIMENT_BY_SKU), sentiment_table(run_id), mode=mode)
     write_deltalake(
@@ -782,6 +784,170 @@ def test_demand_alerts_flag_series_outside_the_95_interval(api: httpx.Client, la
         want.add(("B", "S2", "below_lower_95"))
     assert want, "the fixture must trigger at least one alert"
     assert got == want
+
+
+# --- alerts: ranked and paged ----------------------------------------------------------------
+
+# Today's series for the alert ranking: (sku, store) -> (units today, forecast, lower, upper).
+ALERT_SERIES: dict[tuple[str, str], tuple[int, float, float, float]] = {
+    **{(f"K{i:02d}", "S1"): (20 + 3 * i, 10.0, 4.0, 20.0) for i in range(1, 12)},  # above
+    ("K20", "S1"): (14, 10.0, 4.0, 20.0),  # inside the interval: no alert
+    ("K21", "S1"): (0, 10.0, 4.0, 20.0),  # late in the day with nothing sold: below
+    ("K22", "S2"): (1, 30.0, 24.0, 40.0),  # far below
+    ("K23", "S2"): (3, 0.2, 0.0, 0.5),  # a collapsed interval: one unit of half-width at least
+    ("K24", "S2"): (41, 30.0, 24.0, 40.0),  # just above
+    ("K25", "S2"): (52, 28.0, 24.0, 40.0),  # K12's severity (1.0), more units past: first
+    ("K12", "S1"): (30, 10.0, 4.0, 20.0),
+}
+
+
+def alert_orders() -> list[dict[str, Any]]:
+    rows = []
+    for i, ((sku, store), (units, *_)) in enumerate(sorted(ALERT_SERIES.items())):
+        if units:
+            ts = NOW - timedelta(hours=1, minutes=i)
+            rows.append(
+                {
+                    "event_id": f"a{i}",
+                    "event_time": ts,
+                    "store_id": store,
+                    "sku": sku,
+                    "quantity": units,
+                    "unit_price": 2.0,
+                    "currency": "USD",
+                    "event_date": ts.date(),
+                    "_topic": "orders",
+                    "_partition": i % 4,
+                    "_offset": i // 4,
+                    "_ingested_at": NOW,
+                }
+            )
+    return rows
+
+
+def alert_forecasts(run_id: str) -> pa.Table:
+    rows = [
+        {
+            "sku": sku,
+            "store_id": store,
+            "date": TODAY,
+            "forecast": f,
+            "lower_80": lo,
+            "upper_80": up,
+            "lower_95": lo,
+            "upper_95": up,
+            "model": "AutoETS",
+            "run_id": run_id,
+        }
+        for (sku, store), (_, f, lo, up) in ALERT_SERIES.items()
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def expected_alerts(fraction: float) -> list[tuple[str, str, str, float]]:
+    """(sku, store, kind, severity) worst first, by the documented rule."""
+    out = []
+    for (sku, store), (units, f, lo, up) in ALERT_SERIES.items():
+        if units > up:
+            out.append((sku, store, "above_upper_95", (units - up) / max(up - f, 1), units - up))
+        elif fraction >= 0.75 and units < 0.5 * lo * fraction:
+            t = 0.5 * lo * fraction
+            sev = (t - units) / max((f - lo) * fraction, 1)
+            out.append((sku, store, "below_lower_95", sev, t - units))
+    out.sort(key=lambda a: (-round(a[3], 4), -a[4], a[0], a[1]))
+    return [a[:4] for a in out]
+
+
+@pytest.fixture(scope="module")
+def alerts_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("alerts") / "lake"
+    write_run(root, "run-1", alert_orders(), forecast=alert_forecasts("run-1"))
+    clock = [NOW]
+    app = create_app(settings_at(root), clock=lambda: clock[0])
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, clock
+
+
+def test_alerts_are_ranked_worst_first_by_how_far_past_the_bound(alerts_api: Any) -> None:
+    api, clock = alerts_api
+    body = api.get("/v1/alerts/demand").json()
+    want = expected_alerts(20 / 24)
+    got = [(a["sku"], a["store_id"], a["kind"], a["severity"]) for a in body["items"]]
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    assert [g[3] for g in got] == pytest.approx([w[3] for w in want], abs=1e-3)
+    assert body["total"] == len(want) == 17 and body["next_cursor"] is None
+    by_id = {(a["sku"], a["store_id"]): a for a in body["items"]}
+    # K11 (53 units, bound 20, half-width 10) leads; the collapsed K23 (3 units over 0.5)
+    # counts a half-width of one unit, not 0.3; ties go to more units past the threshold.
+    assert got[0][:2] == ("K11", "S1") and by_id["K11", "S1"]["severity"] == pytest.approx(3.3)
+    assert by_id["K23", "S2"]["severity"] == pytest.approx(2.5)
+    assert by_id["K21", "S1"]["threshold"] == pytest.approx(0.5 * 4.0 * 20 / 24, abs=1e-3)
+    assert ("K20", "S1") not in by_id
+    order = [g[:2] for g in got]
+    assert order.index(("K25", "S2")) == order.index(("K12", "S1")) - 1
+    # Before 18:00 UTC the low-demand alerts are not armed yet.
+    clock[0] = NOW.replace(hour=12)
+    try:
+        early = api.get("/v1/alerts/demand").json()
+    finally:
+        clock[0] = NOW
+    assert {a["kind"] for a in early["items"]} == {"above_upper_95"}
+    assert [(a["sku"], a["store_id"]) for a in early["items"]] == [
+        w[:2] for w in expected_alerts(0.5)
+    ]
+
+
+def test_alert_pages_hold_every_alert_once_as_of_the_first_page(alerts_api: Any) -> None:
+    api, clock = alerts_api
+    whole = api.get("/v1/alerts/demand").json()
+    first = api.get("/v1/alerts/demand", params={"limit": "5"}).json()
+    assert len(first["items"]) == 5 and first["total"] == whole["total"]
+    pages, cursor = [first], first["next_cursor"]
+    # The day moves on between pages (past midnight, even): later pages keep the first's time.
+    clock[0] = NOW + timedelta(hours=5)
+    try:
+        while cursor:
+            r = api.get("/v1/alerts/demand", params={"limit": "5", "cursor": cursor})
+            assert r.status_code == 200, r.text
+            page = r.json()
+            assert page["as_of"] == first["as_of"] and page["date"] == first["date"]
+            assert page["day_fraction"] == first["day_fraction"]
+            pages.append(page)
+            cursor = page["next_cursor"]
+        assert api.get("/v1/alerts/demand").json()["date"] != first["date"]
+    finally:
+        clock[0] = NOW
+    assert [len(p["items"]) for p in pages] == [5, 5, 5, 2]
+    assert [a for p in pages for a in p["items"]] == whole["items"]
+    # A cursor belongs to its question (the same limit); a sales cursor is not an alerts one.
+    other = api.get("/v1/alerts/demand", params={"limit": "6", "cursor": first["next_cursor"]})
+    assert other.status_code == 400 and "another question" in other.json()["detail"]
+    # A cursor made up with the right question but an impossible time is a 400, not a 500.
+    from serving.params import AlertsQuery, Cursor
+
+    forged = Cursor(AlertsQuery(limit=5).digest, "run-1", {}, {}, 5, at_ms=10**20).encode()
+    r = api.get("/v1/alerts/demand", params={"limit": "5", "cursor": forged})
+    assert r.status_code == 400 and "'cursor'" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"limit": "0"}, "'limit'"),
+        ({"limit": "1001"}, "'limit'"),
+        ({"limit": "-3"}, "'limit'"),
+        ({"limit": "ten"}, "'limit'"),
+        ({"cursor": "not-a-cursor"}, "'cursor'"),
+        ({"cursor": ""}, "'cursor'"),
+    ],
+)
+def test_bad_alert_parameters_are_400s_that_say_what_to_send(
+    alerts_api: Any, params: dict[str, str], fragment: str
+) -> None:
+    api, _ = alerts_api
+    r = api.get("/v1/alerts/demand", params=params)
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["detail"], r.json()
 
 
 def test_status_is_the_status_json_object(api: httpx.Client) -> None:

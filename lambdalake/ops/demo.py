@@ -341,10 +341,13 @@ def run_demo(
     days: int,
     skus: int,
     stores: int,
-    rate: float,
+    rate: float | None,
     stop: threading.Event,
 ) -> None:
-    """Start everything, print what to open, and keep running until ``stop`` is set."""
+    """Start everything, print what to open, and keep running until ``stop`` is set.
+
+    ``rate=None``: live events at the demand model's own rate (the history's), with the
+    generator's injected anomalies; a number: that fixed load (events/s); 0: none."""
     from lambdalake.kafka.clients import wait_for_broker
     from lambdalake.ops.broker import EmbeddedBroker, free_port
 
@@ -392,15 +395,9 @@ def run_demo(
         children.start(
             "api", "serve", "--host", settings.api_host, "--port", str(settings.api_port)
         )
-        if rate > 0:
-            children.start(
-                "live",
-                "generate",
-                "live",
-                "--rate",
-                str(rate),
-                *_generator_args(skus, stores),
-            )
+        if rate is None or rate > 0:
+            load = [] if rate is None else ["--rate", str(rate)]
+            children.start("live", "generate", "live", *load, *_generator_args(skus, stores))
         if not _wait_ready(settings, children, stop):
             if stop.is_set():
                 return

@@ -217,14 +217,23 @@ async function renderBreakdown() {
   window.lambdalakeRendered.breakdown = groups;
 }
 
+// The API ranks alerts worst first (severity: half-widths of the 95 % interval past the bound);
+// the first page is shown, the count is of them all.
+const ALERTS_SHOWN = 50;
+
 async function renderAlerts() {
-  const a = await api("/v1/alerts/demand");
+  const a = await api(`/v1/alerts/demand?limit=${ALERTS_SHOWN}`);
   const body = document.querySelector("#alerts tbody");
-  body.replaceChildren(...a.items.slice(0, 50).map(x => el("tr", {},
+  body.replaceChildren(...a.items.map(x => el("tr", {},
     el("td", {}, x.sku), el("td", {}, x.store_id || "all"), el("td", {}, x.kind), el("td", {}, x.units),
     el("td", {}, fx(x.forecast, 1)),
-    el("td", {}, `${x.lower_95 == null ? "–" : fx(x.lower_95, 1)}–${x.upper_95 == null ? "–" : fx(x.upper_95, 1)}`))));
-  document.getElementById("alerts-empty").textContent = a.items.length ? `${a.items.length} alerts` : "no alerts right now";
+    el("td", {}, `${x.lower_95 == null ? "–" : fx(x.lower_95, 1)}–${x.upper_95 == null ? "–" : fx(x.upper_95, 1)}`),
+    el("td", {}, fx(x.severity, 1)))));
+  const total = a.total ?? a.items.length;
+  document.getElementById("alerts-empty").textContent = total
+    ? `${total} alert${total === 1 ? "" : "s"}` + (total > a.items.length ? ` (the worst ${a.items.length} shown)` : "")
+    : "no alerts right now";
+  window.lambdalakeRendered.alerts = total;
 }
 
 async function refresh() {
