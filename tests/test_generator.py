@@ -37,9 +37,9 @@ from generator.stream import (
     history,
 )
 from generator.text import CATEGORIES
+from lambdalake.contract.events import EVENT_TOPICS as TOPICS  # the topics of events
 from lambdalake.contract.validation import validate
 from lambdalake.kafka.clients import end_offsets, ensure_topics, topic_partitions
-from lambdalake.settings import TOPICS
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 256 * 1024
