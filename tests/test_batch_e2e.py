@@ -48,7 +48,12 @@ def test_batch_over_ingested_history_matches_the_log_and_a_duckdb_recompute(
         ends = end_offsets(fresh_broker.bootstrap, [TopicPartition(topic, p) for p in parts])
         assert run.watermark[topic] == {tp.partition: off for tp, off in ends.items()}
     assert sum(sum(p.values()) for p in run.watermark.values()) == (
-        sent["orders"] + sent["reviews"] + sent["duplicates"] + sent["bad"]
+        sent["orders"]
+        + sent["reviews"]
+        + sent["duplicates"]
+        + sent["bad"]
+        + sent["products"]
+        + sent["stores"]  # the catalog, sent first
     )
 
     con = duckdb.connect()
