@@ -676,6 +676,42 @@ def anomalies(catalog: Catalog, day: date, expected: np.ndarray | None = None) -
     return out
 
 
+# A stock-out: one of the day's busiest series (top 5 % by expected lines, so its forecast's
+# lower bound is well above zero) sells nothing from an early hour (01:00-04:00 UTC) to the end
+# of the day. The alerts name it late in the day (`below_lower_95`, after 75 % of the day).
+STOCKOUT_STREAM = 7
+STOCKOUT_RANKS = 0.05
+STOCKOUT_START_HOURS = (1.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Stockout:
+    """Series ``(sku_idx, store_idx)`` sells nothing from ``start_ms`` to the end of the day."""
+
+    sku_idx: int
+    store_idx: int
+    start_ms: int
+
+
+def stockout(catalog: Catalog, day: date, expected: np.ndarray | None = None) -> Stockout:
+    """The stock-out the live generator injects on ``day`` (deterministic from the seed and
+    the day; a series that is not also one of the day's bursts)."""
+    if expected is None:
+        expected = expected_lines(catalog, [day])[0]
+    flat = expected.ravel()
+    ranked = np.argsort(-flat, kind="stable")
+    bursts = {a.sku_idx * catalog.n_stores + a.store_idx for a in anomalies(catalog, day, expected)}
+    top = [
+        int(c) for c in ranked[: max(1, int(len(flat) * STOCKOUT_RANKS))] if int(c) not in bursts
+    ]
+    rng = day_rng(catalog.seed, day, STOCKOUT_STREAM)
+    cell = top[int(rng.integers(len(top)))] if top else int(ranked[0])
+    start = (day.toordinal() - ORDINAL_1970) * DAY_MS
+    start += int(rng.uniform(*STOCKOUT_START_HOURS) * 3_600_000)
+    sku, store = divmod(cell, catalog.n_stores)
+    return Stockout(sku, store, start)
+
+
 def anomaly_lines(
     catalog: Catalog, day: date, found: list[Anomaly], discount: np.ndarray | None = None
 ) -> OrderLines:

@@ -26,7 +26,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
-from generator.model import DAY_MS, REVIEW_RATE, expected_lines, make_catalog
+from generator.model import DAY_MS, REVIEW_RATE, expected_lines, make_catalog, stockout
 from generator.stream import (
     REFERENCE_TOPICS,
     CatalogChanges,
@@ -359,6 +359,13 @@ def run_live(
                 lines=a.lines,
                 factor=round(a.factor, 2),
             )
+        out = stockout(catalog, _day_of(now_ms))
+        log.info(
+            "generate.live.stockout",
+            sku=catalog.sku[out.sku_idx],
+            store_id=catalog.store_id[out.store_idx],
+            start=_iso(out.start_ms),
+        )
     started = time.monotonic()
     # The model's day starts at midnight (backfill) or now; a --rate run starts now.
     last_ms = (now_ms - now_ms % DAY_MS) if (rate is None and backfill) else now_ms

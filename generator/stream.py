@@ -400,6 +400,14 @@ class LiveStream:
             if found:
                 extra = model.anomaly_lines(self.catalog, day, found, ev.discount)
                 orders = model.concat(orders, extra)
+            if self.anomalies:  # and a stock-out: one busy series stops selling
+                out = model.stockout(self.catalog, day, ev.expected)
+                sold = ~(
+                    (orders.sku_idx == out.sku_idx)
+                    & (orders.store_idx == out.store_idx)
+                    & (orders.time_ms >= out.start_ms)
+                )
+                orders = model.take(orders, np.flatnonzero(sold))
             orders = model.take(orders, np.argsort(orders.time_ms, kind="stable"))
             revs = model.take(ev.reviews, np.argsort(ev.reviews.time_ms, kind="stable"))
             plan = self._plans[day] = (orders, revs, found)

@@ -683,3 +683,48 @@ def test_live_command_sends_the_models_day_so_far_and_catalog_changes(broker) ->
     # About 10 product changes and 6 store moves in 3 s at these rates; keyed by their ids.
     assert 5 <= summary["products"] <= 70 and 1 <= summary["stores"] <= 25
     assert seen["products"] == summary["products"] and seen["stores"] == summary["stores"]
+
+
+def test_the_api_docs_examples_name_the_demos_data() -> None:
+    """"Try it out" on `make demo` returns rows: the OpenAPI examples are a SKU, a store, a
+    category and a region of the demo's catalog (its seed and default size), and dates in its
+    history."""
+    from datetime import timedelta
+
+    from lambdalake.ops.demo import SEED
+    from serving import params
+
+    cat = model.make_catalog(SEED, 100, 5)  # `lambdalake demo`'s defaults
+    assert params.EXAMPLE_SKU in cat.sku
+    assert params.EXAMPLE_STORE in cat.store_id
+    assert params.EXAMPLE_CATEGORY in {cat.category_name(i) for i in range(100)}
+    assert params.EXAMPLE_REGION in set(cat.store_region)
+    today = datetime.now(UTC).date()
+    start, end = date.fromisoformat(params.EXAMPLE_START), date.fromisoformat(params.EXAMPLE_END)
+    assert today - timedelta(days=365) < start <= end <= today
+
+
+def test_live_injects_a_stock_out_of_a_busy_series() -> None:
+    """One of the day's busiest series sells nothing from an early hour on (the alerts name it
+    late in the day); before that hour, and in the history, it sells."""
+    cat = model.make_catalog(42, 100, 5)
+    day = date(2025, 6, 11)
+    out = model.stockout(cat, day)
+    assert out == model.stockout(cat, day)
+    expected = model.expected_lines(cat, [day])[0]
+    assert (expected > expected[out.sku_idx, out.store_idx]).sum() < 0.05 * expected.size
+    assert 1 * 3_600_000 <= out.start_ms - day_ms(day) <= 4 * 3_600_000
+    series = (cat.sku[out.sku_idx], cat.store_id[out.store_idx])
+
+    def times(msgs: list) -> list[int]:
+        return [
+            event_ms(v)
+            for t, _, v in msgs
+            if t == "orders" and (orjson.loads(v)["sku"], orjson.loads(v)["store_id"]) == series
+        ]
+
+    plain = times(live_day(cat, day, anomalies=False))
+    stocked_out = times(live_day(cat, day, anomalies=True))
+    assert sum(t >= out.start_ms for t in plain) >= 10  # a busy series, normally
+    assert not any(t >= out.start_ms for t in stocked_out)
+    assert sorted(stocked_out) == sorted(t for t in plain if t < out.start_ms)
