@@ -183,11 +183,14 @@ def forecast_frames(
     """
     from pyspark.sql import functions as F
 
-    # The forecast origin: the last day with sales that is not in the future of the run's clock
-    # (one far-future order must not pad every series to its date).
+    # The forecast origin: the last complete day with sales, before today (UTC) on the run's
+    # clock. Not a future date (one far-future order must not pad every series to its date),
+    # and not today either: a run during the day would otherwise train on today's partial
+    # sales as a whole day and forecast from tomorrow, leaving today without a forecast (and
+    # the day's alerts without bounds).
     today = datetime.now(UTC).date()
     last, n_series = daily.agg(
-        F.max(F.when(F.col("date") <= F.lit(today), F.col("date"))),
+        F.max(F.when(F.col("date") < F.lit(today), F.col("date"))),
         F.countDistinct("sku", "store_id"),
     ).collect()[0]
     last = last or date(1970, 1, 1)

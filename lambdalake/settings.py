@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         "1GB", description="DuckDB memory_limit of each SQL statement (e.g. 512MB, 2GB)."
     )
     sql_concurrency: int = Field(
-        2, ge=1, description="SQL statements one API process runs at once (more get 429)."
+        4, ge=1, description="SQL statements one API process runs at once (more get 429)."
     )
     speed_endpoints: str = Field(
         "", description="Comma-separated grpc://HOST:PORT of speed workers for the API."

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -137,7 +138,7 @@ def _ordered(acc: dict[tuple, dict[str, Any]], q: SalesQuery) -> list[Row]:
     """``acc``'s rows in the answer's order; for a ranking, each period's top ``q.limit``."""
     if q.order == "period":
         return sorted(acc.items(), key=lambda kv: _sortable(kv[0]))
-    measure = "units" if q.order == "units_desc" else "revenue"
+    measure = RANKED_BY[q.order]
     by_period: dict[str, list[Row]] = {}
     for key, row in acc.items():
         by_period.setdefault(key[0], []).append((key, row))
@@ -196,6 +197,21 @@ def provenance(snap: BatchSnapshot, speed: SpeedResult) -> Merged:
         degraded=speed.degraded,
         missing={t: ps for t, ps in speed.missing.items() if ps},
     )
+
+
+RANKED_BY = {"units_desc": "units", "revenue_desc": "revenue"}
+
+
+def top_per_period(table: pa.Table, keys: tuple[str, ...], measure: str, n: int) -> pa.Table:
+    """Each period's ``n`` rows with the highest ``measure`` (ties by ``keys`` ascending, nulls
+    last): what :func:`_ordered` keeps of a ranking, chosen before rows become Python."""
+    order = [("period", "ascending"), (measure, "descending"), *((k, "ascending") for k in keys)]
+    table = table.sort_by(order)
+    periods = table["period"].to_numpy()
+    index = np.arange(len(periods))
+    first = np.r_[True, periods[1:] != periods[:-1]]
+    run_start = np.maximum.accumulate(np.where(first, index, 0))
+    return table.filter(pa.array(index - run_start < n))
 
 
 def with_attributes(
@@ -336,12 +352,14 @@ class QueryService:
         max_offsets: Watermark | None = None,
         group_by: tuple[str, ...] | None = None,
         refs: dict[str, dict[str, dict[str, Any]]] | None = None,
+        top: tuple[str, int] | None = None,
     ) -> tuple[dict[tuple, dict[str, Any]], SpeedResult]:
         """Merged sales partials keyed by (period label, *dims); ``skus``/``stores`` filter by
         several ids (instead of ``sku``/``store_id``); ``max_offsets`` bounds the speed
         layer's events from above (a page pinned to its answer's ``as_of``). With
         ``group_by`` (fields or attributes of ``dims``, looked up in ``refs``), keyed by
-        (period label, *group_by) instead."""
+        (period label, *group_by) instead. ``top=(measure, n)``: only each period's ``n``
+        rows ranked highest by ``measure`` (ties by the keys), chosen in Arrow."""
         snap.require(SALES, granularity, hint="ask for granularity=day, or ")
         lo: Any = first if granularity == "hour" else first.date()
         hi: Any = last if granularity == "hour" else last.date()
@@ -382,10 +400,12 @@ class QueryService:
                 batch = pa.concat_tables([batch, recent.cast(batch.schema)])
             keys = group_by if group_by is not None else dims
             batch = with_attributes(batch, keys, refs or {})
-            for row in (
-                merge_table(batch, ["period", *keys], SALES).to_pylist() if batch.num_rows else []
-            ):
-                acc[(period_label(row["period"], granularity), *(row[k] for k in keys))] = row
+            if batch.num_rows:
+                merged = merge_table(batch, ["period", *keys], SALES)
+                if top is not None:
+                    merged = top_per_period(merged, keys, *top)
+                for row in merged.to_pylist():
+                    acc[(period_label(row["period"], granularity), *(row[k] for k in keys))] = row
             return acc, speed
         for row in speed.rows:
             period = row["period"]  # a label already when it comes from a series index
@@ -503,6 +523,7 @@ class QueryService:
                 max_offsets=pins,
                 group_by=q.group_by,
                 refs=refs,
+                top=None if q.order == "period" else (RANKED_BY[q.order], q.limit),
             )
             return acc, combined(speed, *ref_speeds)
 

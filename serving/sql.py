@@ -113,7 +113,7 @@ class SqlLimits:
     timeout_s: float = 10.0
     max_rows: int = 100_000
     memory_limit: str = "1GB"
-    concurrency: int = 2
+    concurrency: int = 4
 
 
 @dataclass(frozen=True)

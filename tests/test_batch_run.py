@@ -487,3 +487,33 @@ def test_committing_a_view_twice_for_the_same_run_is_a_no_op(spark, tmp_path):
     assert (version, n) == (1, 2)
     assert DeltaTable(lake.table(VIEW_DAILY_SALES)).to_pyarrow_table().num_rows == 2
     assert DeltaTable(lake.table(VIEW_DAILY_SALES), version=0).to_pyarrow_table().num_rows == 5
+
+
+def test_a_run_during_the_day_forecasts_from_the_last_complete_day(spark) -> None:
+    """Sales of today (a run at noon sees part of the day) are not a day to train on: the
+    origin is yesterday, and the forecasts start today, so today keeps its bounds."""
+    from datetime import UTC, datetime, timedelta
+
+    from batch.run import forecast_frames
+
+    today = datetime.now(UTC).date()
+    rows = [
+        (sku, "S1", today - timedelta(days=d), 20 + (d % 7), 50.0, 20)
+        for sku in ("A", "B")
+        for d in range(0, 120)
+    ]
+    daily = spark.createDataFrame(
+        rows, "sku string, store_id string, date date, units long, revenue double, order_lines long"
+    )
+    cfg = ForecastConfig(
+        horizon=7,
+        backtest_windows=1,
+        backtest_horizon=7,
+        smooth_models=("SeasonalNaive",),
+        intermittent_models=("SeasonalNaive",),
+        reconcile="BottomUp",
+    )
+    info: dict = {}
+    fc, _, _ = forecast_frames(spark, daily, cfg, "origin-test", info, lambda df: df)
+    dates = sorted({r["date"] for r in fc.select("date").collect()})
+    assert dates[0] == today and len(dates) == 7, dates
