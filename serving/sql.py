@@ -449,7 +449,13 @@ def build_inputs(
 
 def json_value(v: Any) -> Any:
     """A value of a result row as JSON can hold it: dates and times in ISO 8601, decimals
-    as numbers, NaN and infinities as null, bytes as hex."""
+    as numbers (integers when their scale is 0: a HUGEINT sum), NaN and infinities as null,
+    bytes as hex.
+
+    >>> import decimal
+    >>> json_value(decimal.Decimal("524")), json_value(decimal.Decimal("5.25"))
+    (524, 5.25)
+    """
     import datetime as dt
     import decimal
     import math
@@ -458,8 +464,9 @@ def json_value(v: Any) -> Any:
         return v
     if isinstance(v, float):
         return v if math.isfinite(v) else None
-    if isinstance(v, decimal.Decimal):
-        return float(v)
+    if isinstance(v, decimal.Decimal):  # HUGEINT (an integer sum) arrives as a scale-0 decimal
+        exponent = v.as_tuple().exponent
+        return int(v) if isinstance(exponent, int) and exponent >= 0 else float(v)
     if isinstance(v, dt.datetime | dt.date | dt.time):
         return v.isoformat()
     if isinstance(v, dt.timedelta):
