@@ -54,6 +54,15 @@ CATEGORIES = ["Kitchen", "Garden", "Toys", "Books", "Sports", "Beauty", "Office"
 REGIONS = ["North", "South", "West"]
 # Breakdowns (issue: the analyst's questions in one call), each at --breakdown-rate.
 BREAKDOWNS = ("category_week_quarter", "top20_sku_month_year", "region_month_2y")
+# Each breakdown's range (days back from today) and parameters.
+BREAKDOWN_PARAMS = {
+    "category_week_quarter": (91, {"granularity": "week", "group_by": "category"}),
+    "top20_sku_month_year": (
+        364,
+        {"granularity": "month", "group_by": "sku", "order": "revenue_desc", "limit": 20},
+    ),
+    "region_month_2y": (730, {"granularity": "month", "group_by": "region"}),
+}
 # SQL and the same questions through the endpoints, each at --sql-rate.
 SQL_KINDS = ("sql_point", "sql_category_week_quarter", "sql_top20_year")
 # (top 20 through the endpoints ranks per month: the closest one call answers)
@@ -495,27 +504,11 @@ def request_for(kind: str, rng: random.Random, data: dict[str, Any]) -> tuple[st
         return f"/v1/forecast/{sku}", {"store_id": store}
     if kind == "ranking":
         return "/v1/sentiment", {"order": rng.choice(["worst", "best"]), "limit": 10}
-    if kind == "category_week_quarter":
+    if kind in BREAKDOWN_PARAMS:
+        days, params = BREAKDOWN_PARAMS[kind]
         return "/v1/sales", {
-            "granularity": "week",
-            "group_by": "category",
-            "start": str(today - timedelta(days=91)),
-            "end": str(today),
-        }
-    if kind == "top20_sku_month_year":
-        return "/v1/sales", {
-            "granularity": "month",
-            "group_by": "sku",
-            "order": "revenue_desc",
-            "limit": 20,
-            "start": str(today - timedelta(days=364)),
-            "end": str(today),
-        }
-    if kind == "region_month_2y":
-        return "/v1/sales", {
-            "granularity": "month",
-            "group_by": "region",
-            "start": str(today - timedelta(days=730)),
+            **params,
+            "start": str(today - timedelta(days=days)),
             "end": str(today),
         }
     if kind == "sql_point":
