@@ -124,7 +124,7 @@ def check_run(settings: Settings, run_id: str) -> list[str]:
     pinned = _Pinned(lake)
     try:
         columns: dict[str, list[str]] = {}
-        for table in (L.MASTER_ORDERS, L.MASTER_REVIEWS):
+        for table in L.MASTER_TABLE_BY_TOPIC.values():  # events and reference data
             version = _lookup(run.master_versions, table)
             if version is None or version < 0:
                 continue  # no events of that topic yet: nothing to compare with
