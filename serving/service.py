@@ -594,7 +594,10 @@ class QueryService:
             if old is not None:
                 old.close()
         inputs = build_inputs(stmt.tables, batch, speed_tables)
-        template = build_inputs(frozenset(TABLES), batch, speed_tables)
+
+        def template() -> Any:  # every table's inputs, for a connection opened now
+            return build_inputs(frozenset(TABLES), batch, speed_tables)
+
         return self._sandbox.execute(stmt, inputs, template), merged
 
     # --- forecast -----------------------------------------------------------------------

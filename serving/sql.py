@@ -48,7 +48,7 @@ import atexit
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,14 +305,15 @@ class Sandbox:
         con.execute("SET lock_configuration = true")
         return con
 
-    def execute(self, stmt: Statement, inputs: Inputs, template: Inputs) -> SqlResult:
+    def execute(self, stmt: Statement, inputs: Inputs, template: Callable[[], Inputs]) -> SqlResult:
         """Run ``stmt`` over ``inputs`` (the Arrow tables of the tables it reads);
-        ``template`` (every table's inputs, any rows) makes a new connection's views."""
+        ``template()`` (every table's inputs, any rows) makes a new connection's views; it is
+        called only when no idle connection is left."""
         limits = self.limits
         with self._lock:
             con = self._idle.pop() if self._idle else None
         if con is None:
-            con = self._open(template)
+            con = self._open(template())
         keep = False
         started = time.perf_counter()
         try:
