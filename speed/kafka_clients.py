@@ -128,6 +128,20 @@ class KafkaPythonClient:
         self.seek((skip.topic, skip.partition), skip.next_offset)
         return True
 
+    def _passed_the_halt(self, chunks: list[Chunk]) -> bool:
+        """Whether a poll that raised nothing ends the stop. A stop at a known batch
+        ends only once its partition reads past it: a poll can return before its fetch
+        reaches the batch again (nothing in time, or other partitions first), and the
+        status must not say "not halted" in between. A stop without a place (kafka-python's
+        own decoder, a broker error) ends with any poll that raises nothing."""
+        at = self.halted_at
+        if at is None:
+            return True
+        return any(
+            (c.topic, c.partition) == (at.topic, at.partition) and c.next_offset > at.offset
+            for c in chunks
+        )
+
     def _resume(self) -> None:
         self._halt_attempt = 0
         self._halt_until = 0.0
@@ -149,7 +163,8 @@ class KafkaPythonClient:
             self.halted_at = exc if isinstance(exc, UndecodableBatch) else None
             log.error("speed.partition_halted", reason=self.halted, retry_in_s=delay)
             return []
-        self._resume()
+        if self._passed_the_halt(chunks):
+            self._resume()
         for chunk in chunks:
             for p in chunk.poisoned:
                 self.poisoned += 1

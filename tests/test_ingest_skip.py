@@ -36,6 +36,7 @@ from lambdalake.kafka.columnar import UndecodableBatch
 from lambdalake.kafka.skips import OperatorSkips
 from lambdalake.ops.broker import EmbeddedBroker
 from lambdalake.settings import TOPICS, Settings
+from speed.kafka_clients import KafkaPythonClient
 from tests.ingest_stream import (
     ROOT,
     ingest_cmd,
@@ -243,10 +244,16 @@ def stuck_ingest(broker: EmbeddedBroker, lake_uri: str, tmp: Path) -> int:
 def stopped_at(settings: Settings, offset: int) -> dict | None:
     """The worker's status once it is stopped at orders/0 ``offset``, else None."""
     status = status_file(settings, (0, 1))
+    return status if says_stopped_at(status, offset) else None
+
+
+def says_stopped_at(status: dict, offset: int) -> bool:
     at = offsets_of(status).get("orders", {}).get(0)
-    if status.get("halted") and f"orders/0 offset {offset}" in status["halted"] and at == offset:
-        return status
-    return None
+    return (
+        bool(status.get("halted"))
+        and f"orders/0 offset {offset}" in status["halted"]
+        and (at == offset)
+    )
 
 
 def held_orders(settings: Settings) -> dict[tuple[int, int], str]:
@@ -325,12 +332,47 @@ def test_a_speed_worker_does_not_pass_a_stopped_at_batch_without_a_skip(
     stuck_at = stuck_ingest(fresh_broker, settings.lake_uri, tmp_path)
     with worker_thread(settings):
         wait_until(lambda: stopped_at(settings, stuck_at), 60, "the worker to stop")
-        time.sleep(8)  # several looks at the lake, and several reads of the batch
-        status = status_file(settings, (0, 1))
-    assert stopped_at(settings, stuck_at), status
+        # Several looks at the lake and several reads of the batch; the status says
+        # "halted" at every one of them (it is written each second), never "not halted"
+        # between two retries.
+        not_stopped = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            status = status_file(settings, (0, 1))
+            if not says_stopped_at(status, stuck_at):
+                not_stopped.append(status)
+            time.sleep(0.1)
+    assert not not_stopped, not_stopped[0]
     assert status["since_start"]["skipped_by_operator"] == 0
     assert status["last_skipped_by_operator"] is None
     assert sorted(held_orders(settings).values()) == sorted(f"e-{i}" for i in range(10))
+
+
+def test_a_poll_that_returns_before_reaching_the_batch_again_keeps_the_stop(
+    fresh_broker: EmbeddedBroker, settings_for, tmp_path: Path
+) -> None:
+    """After the backoff the client reads the batch again; a poll that returns before its
+    fetch gets there (a short timeout, a busy machine) raises nothing, and must not end
+    the stop: it ends only when the partition reads past the batch (or is moved)."""
+    settings = settings_for(fresh_broker)
+    stuck_at = stuck_ingest(fresh_broker, settings.lake_uri, tmp_path)
+    client = KafkaPythonClient(settings)
+    try:
+        client.start([("orders", 0)], {("orders", 0): 0})
+        deadline = time.monotonic() + 30
+        while client.halted_at is None:
+            assert time.monotonic() < deadline, "the client did not stop at the batch"
+            client.poll(0.5, 1000)
+        assert client.halted_at.offset == stuck_at
+        for _ in range(200):  # polls of a millisecond, across several backoffs
+            client.poll(0.001, 1000)
+            assert client.halted_at is not None and client.halted_at.offset == stuck_at
+            assert client.halted and f"orders/0 offset {stuck_at}" in client.halted
+            time.sleep(0.02)
+        client.seek(("orders", 0), stuck_at + 10)  # a seek of the partition ends the stop
+        assert client.halted is None and client.halted_at is None
+    finally:
+        client.close()
 
 
 def test_a_speed_worker_that_reaches_the_batch_after_the_skip_passes_it_at_once(
