@@ -65,6 +65,7 @@ from lambdalake.kafka.columnar import (
     ChunkReader,
     PoisonBatch,
     UndecodableBatch,
+    read_past,
 )
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
@@ -410,6 +411,7 @@ class Ingest:
         done = until_end and not self._behind(ends)
         halt = Backoff(initial=1.0, cap=HALT_BACKOFF_CAP_S)
         halted_since: float | None = None
+        stopped_at: UndecodableBatch | None = None
         while not done and not self.stop.is_set():
             committer.check()
             remaining = max(1, self.settings.ingest_batch_size - batch.messages)
@@ -433,10 +435,12 @@ class Ingest:
                         "by another ingest (an operator's --skip)"
                     ) from None
                 halted_since = halted_since or time.monotonic()
+                stopped_at = exc if isinstance(exc, UndecodableBatch) else None
                 self._halted(exc, halt, halted_since, until_end)
                 continue
-            halt.reset()
-            halted_since = None
+            if halted_since is not None and read_past(stopped_at, chunks):
+                halt.reset()
+                halted_since = stopped_at = None
             for chunk in chunks:
                 batch.add(chunk)
                 for p in chunk.poisoned:

@@ -19,7 +19,14 @@ import time
 from typing import Protocol
 
 from lambdalake.errors import InvalidInput
-from lambdalake.kafka.columnar import HALT_ERRORS, Chunk, ChunkReader, PoisonBatch, UndecodableBatch
+from lambdalake.kafka.columnar import (
+    HALT_ERRORS,
+    Chunk,
+    ChunkReader,
+    PoisonBatch,
+    UndecodableBatch,
+    read_past,
+)
 from lambdalake.logs import get_logger
 from lambdalake.settings import Settings
 
@@ -128,20 +135,6 @@ class KafkaPythonClient:
         self.seek((skip.topic, skip.partition), skip.next_offset)
         return True
 
-    def _passed_the_halt(self, chunks: list[Chunk]) -> bool:
-        """Whether a poll that raised nothing ends the stop. A stop at a known batch
-        ends only once its partition reads past it: a poll can return before its fetch
-        reaches the batch again (nothing in time, or other partitions first), and the
-        status must not say "not halted" in between. A stop without a place (kafka-python's
-        own decoder, a broker error) ends with any poll that raises nothing."""
-        at = self.halted_at
-        if at is None:
-            return True
-        return any(
-            (c.topic, c.partition) == (at.topic, at.partition) and c.next_offset > at.offset
-            for c in chunks
-        )
-
     def _resume(self) -> None:
         self._halt_attempt = 0
         self._halt_until = 0.0
@@ -163,7 +156,7 @@ class KafkaPythonClient:
             self.halted_at = exc if isinstance(exc, UndecodableBatch) else None
             log.error("speed.partition_halted", reason=self.halted, retry_in_s=delay)
             return []
-        if self._passed_the_halt(chunks):
+        if read_past(self.halted_at, chunks):
             self._resume()
         for chunk in chunks:
             for p in chunk.poisoned:

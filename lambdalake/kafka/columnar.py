@@ -747,6 +747,29 @@ def records_to_chunk(tp: TopicPartition, records: list[Any]) -> Chunk:
     return Chunk(tp.topic, tp.partition, [r.offset for r in records], [r.value for r in records])
 
 
+def read_past(stop: UndecodableBatch | None, chunks: list[Chunk]) -> bool:
+    """Whether a poll that raised nothing (``chunks``) ends a stop at ``stop``.
+
+    A stop at a known batch ends only once its partition reads past it: a poll can
+    return before its fetch reaches the batch again (nothing in time, or other
+    partitions first), and a reader must not take that for "passed" (reset its
+    backoff, its give-up clock, or say "not halted"). A stop without a place
+    (kafka-python's own decoder, a broker error) ends with any such poll.
+
+    >>> stop = UndecodableBatch("orders", 0, 10, "failed its CRC", next_offset=20)
+    >>> read_past(stop, []), read_past(stop, [Chunk("orders", 1, [5], [b""])])
+    (False, False)
+    >>> read_past(stop, [Chunk("orders", 0, [20], [b""])]), read_past(None, [])
+    (True, True)
+    """
+    if stop is None:
+        return True
+    return any(
+        (c.topic, c.partition) == (stop.topic, stop.partition) and c.next_offset > stop.offset
+        for c in chunks
+    )
+
+
 class ChunkReader:
     """Polls a manually assigned :class:`KafkaConsumer` into :class:`Chunk` columns.
 
