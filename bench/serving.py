@@ -708,13 +708,20 @@ def recovery_seconds(record: list[tuple[float, float, int]], window: float = 0.5
     return clean_from
 
 
-def overload_step(base: str, data: dict, seed: int, ramp: list[float], duration: float) -> dict:
-    """Find the highest point-query rate served cleanly (ramp), offer 2x and 4x of it, then
-    drop to half of it and time the recovery."""
+def overload_step(
+    base: str,
+    data: dict,
+    seed: int,
+    ramp: list[float],
+    duration: float,
+    given: float | None = None,
+) -> dict:
+    """Find the highest point-query rate served cleanly (ramp; or take ``given``), offer 2x
+    and 4x of it, then drop to half of it and time the recovery."""
     point = request_stream(data, seed, kind="sales_point")
     steps = []
-    sustained = 0.0
-    for rate in ramp:
+    sustained = given or 0.0
+    for rate in [] if given else ramp:
         run = asyncio.run(loadgen.open_loop(base, point, rate, duration))
         steps.append({k: run[k] for k in ("target_rps", "achieved_rps", "p99_ms", "errors")})
         print(f"    ramp {rate:>6.0f} req/s: p99 {run['p99_ms']} ms, errors {run['errors']}")
@@ -771,6 +778,13 @@ def main() -> None:
         "--ramp",
         default="200,400,800,1200,1600",
         help="point-query rates (req/s) tried to find the highest served cleanly (fast only)",
+    )
+    ap.add_argument(
+        "--overload-base",
+        type=float,
+        help="skip the ramp and take this rate (req/s) as the highest clean one: 2x and 4x "
+        "of it are offered (to compare builds at the same rates on a machine whose capacity "
+        "moves between runs)",
     )
     ap.add_argument("--step-duration", type=float, default=4.0, help="seconds per overload step")
     ap.add_argument("--no-overload", action="store_true", help="skip the overload step")
@@ -845,7 +859,7 @@ def main() -> None:
                     print("[3/3] fast: overload (ramp, 2x, 4x, recovery)", flush=True)
                     ramp = [float(r) for r in args.ramp.split(",")]
                     results[kind]["overload"] = overload_step(
-                        base, data, args.seed, ramp, args.step_duration
+                        base, data, args.seed, ramp, args.step_duration, args.overload_base
                     )
             finally:
                 stop_process(proc)
