@@ -552,6 +552,7 @@ HOLIDAY_NAMES = (
     "christmas",
     "boxing_day",
     "new_years_eve",
+    "year_end_break",
 )
 
 
@@ -577,14 +578,26 @@ def _holidays_of(year: int) -> dict[date, int]:
         date(year, 12, 26),
         date(year, 12, 31),
     )
-    return {d: code for code, d in enumerate(days, start=1)}
+    out = {d: code for code, d in enumerate(days, start=1)}
+    # The working days of the year-end break, between Boxing Day and the first days of January.
+    brk = HOLIDAY_NAMES.index("year_end_break") + 1
+    for d in (*(date(year, 12, day) for day in range(27, 31)), date(year, 1, 2)):
+        out[d] = brk
+    # A fixed-date major holiday on a weekend is observed (offices closed) on the Friday
+    # before or the Monday after, which shares its code; New Year on a Saturday is
+    # observed in the year before.
+    for d in (date(year, 1, 1), date(year, 7, 4), date(year, 12, 25)):
+        if d.weekday() >= 5:
+            out[d + timedelta(days=-1 if d.weekday() == 5 else 1)] = out[d]
+    return out
 
 
 def holiday(dates: Any) -> np.ndarray:
     """Holiday code of each date (index into ``HOLIDAY_NAMES`` + 1; 0 = none)."""
     idx = pd.DatetimeIndex(dates)
     table: dict[date, int] = {}
-    for year in np.unique(idx.year):
+    # Year by year (a later year's observed New Year may fall on the Dec 31 before it).
+    for year in np.unique(np.concatenate([idx.year, idx.year + 1])):
         table.update(_holidays_of(int(year)))
     return np.array([table.get(d, 0) for d in idx.date], dtype=np.int64)
 
@@ -661,18 +674,22 @@ HOLIDAY_GROUPS: dict[str, tuple[str, ...]] = {
         "thanksgiving_saturday",
         "thanksgiving_sunday",
         "cyber_monday",
-        "christmas_eve",
-        "boxing_day",
-        "new_years_eve",
     ),
+    # The days around Christmas and New Year, holidays or not for a given business.
+    "year_end": ("christmas_eve", "boxing_day", "year_end_break", "new_years_eve"),
 }
-# Holiday code -> group number (1, 2, 3 in HOLIDAY_GROUPS' order; 0 = an ordinary day).
+# Holiday code -> group number (1, 2, ... in HOLIDAY_GROUPS' order; 0 = an ordinary day).
 _GROUP_OF_CODE = np.zeros(len(HOLIDAY_NAMES) + 1, dtype=np.int64)
 for _g, _names in enumerate(HOLIDAY_GROUPS.values(), start=1):
     for _n in _names:
         _GROUP_OF_CODE[HOLIDAY_NAMES.index(_n) + 1] = _g
 
 HolidayEffects = dict[Any, dict[int, float]]  # uid -> {group: demand ratio}
+
+
+def holiday_group(dates: Any) -> np.ndarray:
+    """Holiday group of each date (1, 2, ... in ``HOLIDAY_GROUPS``' order; 0 = none)."""
+    return _GROUP_OF_CODE[holiday(dates)]
 
 
 def _same_weekday_before(groups: np.ndarray) -> np.ndarray:
@@ -862,7 +879,7 @@ def _mlforecast(cfg: ForecastConfig) -> Any:
         freq="D",
         lags=list(cfg.lgb_lags),
         lag_transforms={1: [RollingMean(7), RollingMean(28)], 7: [RollingMean(28)]},
-        date_features=["dayofweek", "dayofyear", "month", holiday],
+        date_features=["dayofweek", "dayofyear", "month", holiday, holiday_group],
         # One model across series of very different volumes: each series is standardised.
         target_transforms=[LocalStandardScaler()],
     )

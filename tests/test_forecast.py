@@ -337,6 +337,28 @@ def test_points_only_gives_the_same_points_without_the_backtest():
     assert points.accuracy["mase"].isna().all() and points.candidates.empty
 
 
+def test_weekend_holidays_are_observed_and_the_year_end_break_is_one_holiday():
+    """Christmas 1988 was a Sunday (observed Monday 26th), New Year 2011 a Saturday (observed
+    Friday 31 December 2010): the observed day shares the holiday's code. The working days
+    between Boxing Day and New Year's Eve, and 2 January, are one holiday."""
+    from batch.forecast import HOLIDAY_NAMES, holiday
+
+    def name(d: date) -> str:
+        code = int(holiday([d])[0])
+        return HOLIDAY_NAMES[code - 1] if code else ""
+
+    assert name(date(1988, 12, 26)) == "christmas"
+    assert name(date(2010, 12, 31)) == "new_year"  # only the next year knows it
+    assert name(date(2011, 12, 31)) == "new_years_eve"  # a Saturday, New Year 2012 a Sunday
+    assert name(date(2012, 1, 2)) == "new_year"
+    assert name(date(2015, 7, 3)) == "independence_day"
+    assert name(date(2016, 12, 26)) == "christmas"
+    assert name(date(2014, 12, 26)) == "boxing_day"  # Christmas on a Thursday
+    assert {name(date(2014, 12, d)) for d in range(27, 31)} == {"year_end_break"}
+    assert name(date(2015, 1, 2)) == "year_end_break"
+    assert name(date(2015, 1, 5)) == ""
+
+
 def test_series_without_a_year_learn_holidays_as_a_group():
     """Under a year of history each holiday was seen once at most, so holidays are pooled in
     groups: a business closed on Memorial Day and Independence Day is forecast closed on Labor
