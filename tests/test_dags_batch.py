@@ -123,6 +123,7 @@ def test_the_batch_dag_publishes_a_run_covering_every_event(built: PublishedLake
     runs_uri = Lake(built.settings.lake_uri).table(RUNS)
     served = latest_published_run(runs_uri)
     assert served is not None
+
     # ingest --until-end drained the topics: the run's watermark is their end (a partition
     # that never held a message has no position yet: offset 0 either way).
     def held(w: dict) -> dict:

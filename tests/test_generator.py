@@ -686,9 +686,9 @@ def test_live_command_sends_the_models_day_so_far_and_catalog_changes(broker) ->
 
 
 def test_the_api_docs_examples_name_the_demos_data() -> None:
-    """"Try it out" on `make demo` returns rows: the OpenAPI examples are a SKU, a store, a
-    category and a region of the demo's catalog (its seed and default size), and dates in its
-    history."""
+    """The API docs' "Try it out" on `make demo` returns rows: the OpenAPI examples are a
+    SKU, a store, a category and a region of the demo's catalog (its seed and default size),
+    and dates in its history."""
     from datetime import timedelta
 
     from lambdalake.ops.demo import SEED
