@@ -158,6 +158,8 @@ def create_app(
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
+    # SQL statements running at once in this process; the next is refused (429).
+    app.state.sql_gate = threading.BoundedSemaphore(settings.sql_concurrency)
     app.state.batch = batch
 
     auth = [Depends(require_api_key)]

@@ -104,6 +104,32 @@ class Merged:
     missing: dict[str, list[int]]
 
 
+def _next_page(
+    digest: str,
+    cursor: Cursor | None,
+    snap: BatchSnapshot,
+    speed: SpeedResult,
+    missing: dict[str, list[int]],
+    end: int,
+    total: int,
+    *,
+    now: datetime | None = None,
+) -> str | None:
+    """The cursor of the page after one that ends at ``end`` of ``total`` (None after the
+    last): pinned to the first page's run and speed offsets (and its clock, ``now``, for
+    answers that depend on the time)."""
+    if end >= total:
+        return None
+    return Cursor(
+        digest=digest,
+        run_id=snap.run_id,
+        speed_offsets=cursor.speed_offsets if cursor is not None else speed.offsets,
+        missing=missing,
+        position=end,
+        at_ms=None if now is None else int(now.timestamp() * 1000),
+    ).encode()
+
+
 class CursorExpired(LambdalakeError, LookupError):
     """A page was asked for an answer whose batch run is no longer served (or whose speed
     events were pruned since): it cannot be given as of the first page any more."""
@@ -531,15 +557,7 @@ class QueryService:
         rows = _ordered(acc, q)
         start = cursor.position if cursor is not None else 0
         page, end, total = _page(rows, q, start)
-        next_cursor = None
-        if end < total:
-            next_cursor = Cursor(
-                digest=q.digest,
-                run_id=snap.run_id,
-                speed_offsets=cursor.speed_offsets if cursor is not None else speed.offsets,
-                missing=merged.missing,
-                position=end,
-            ).encode()
+        next_cursor = _next_page(q.digest, cursor, snap, speed, merged.missing, end, total)
         points = []
         for key, row in page:
             point = SalesPoint(
@@ -821,16 +839,9 @@ class QueryService:
         )
         start = cursor.position if cursor is not None else 0
         end = min(len(items), start + q.limit)
-        next_cursor = None
-        if end < len(items):
-            next_cursor = Cursor(
-                digest=q.digest,
-                run_id=snap.run_id,
-                speed_offsets=cursor.speed_offsets if cursor is not None else speed.offsets,
-                missing=prov.missing,
-                position=end,
-                at_ms=int(now.timestamp() * 1000),
-            ).encode()
+        next_cursor = _next_page(
+            q.digest, cursor, snap, speed, prov.missing, end, len(items), now=now
+        )
         return AlertsAnswer(
             date=today.isoformat(),
             day_fraction=round(fraction, 4),

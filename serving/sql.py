@@ -47,7 +47,6 @@ from __future__ import annotations
 import atexit
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,7 +266,6 @@ class SqlResult:
     table: pa.Table
     types: list[str]
     truncated: bool
-    seconds: float
 
 
 class Sandbox:
@@ -315,7 +313,6 @@ class Sandbox:
         if con is None:
             con = self._open(template())
         keep = False
-        started = time.perf_counter()
         try:
             for name, table in inputs.arrow.items():
                 con.register(name, table)
@@ -342,9 +339,7 @@ class Sandbox:
             table = pa.Table.from_batches(batches, schema=schema)
             truncated = table.num_rows > limits.max_rows
             keep = True
-            return SqlResult(
-                table.slice(0, limits.max_rows), types, truncated, time.perf_counter() - started
-            )
+            return SqlResult(table.slice(0, limits.max_rows), types, truncated)
         except duckdb.InterruptException:
             raise SqlLimit(
                 "timeout",

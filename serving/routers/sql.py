@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Annotated, Any
 
@@ -57,23 +56,6 @@ class SqlAnswer(Answer):
     truncated: bool = Field(description="More rows than LAMBDALAKE_SQL_MAX_ROWS: cut there.")
 
 
-class _Gate:
-    """At most ``n`` statements at once in this process; the next is refused (429)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.sem: threading.BoundedSemaphore | None = None
-
-    def get(self, n: int) -> threading.BoundedSemaphore:
-        with self._lock:
-            if self.sem is None:
-                self.sem = threading.BoundedSemaphore(n)
-            return self.sem
-
-
-_GATES: dict[int, _Gate] = {}
-
-
 @router.post(
     "/sql",
     response_model=SqlAnswer,
@@ -111,7 +93,7 @@ async def post_sql(
             memory_limit=settings.sql_memory_limit,
             concurrency=settings.sql_concurrency,
         )
-        gate = _GATES.setdefault(id(request.app), _Gate()).get(limits.concurrency)
+        gate = request.app.state.sql_gate  # LAMBDALAKE_SQL_CONCURRENCY statements at once
         if not gate.acquire(blocking=False):
             raise SqlBusy(
                 f"{limits.concurrency} statements are running in this process "
