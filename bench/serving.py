@@ -728,7 +728,7 @@ def overload_step(
         if not sustains(run):
             break
         sustained = rate
-    out: dict[str, Any] = {"ramp": steps, "sustained_rps": sustained}
+    out: dict[str, Any] = {"ramp": steps, "sustained_rps": sustained, "given": bool(given)}
     if not sustained:
         return out
     for factor in (2, 4):
@@ -900,7 +900,8 @@ def main() -> None:
             )
     over = results.get("fast", {}).get("overload")
     if over and over.get("sustained_rps"):
-        print(f"\noverload (point queries; highest clean rate {over['sustained_rps']:.0f} req/s)")
+        base_rate = "given base rate" if over.get("given") else "highest clean rate"
+        print(f"\noverload (point queries; {base_rate} {over['sustained_rps']:.0f} req/s)")
         print(
             f"{'offered':>8} {'admitted/s':>10} {'p99 ms':>8} {'refused':>8} {'ref p99':>8} {'conns':>6}"
         )

@@ -693,16 +693,26 @@ class Stockout:
     start_ms: int
 
 
-def stockout(catalog: Catalog, day: date, expected: np.ndarray | None = None) -> Stockout:
+def stockout(
+    catalog: Catalog,
+    day: date,
+    expected: np.ndarray | None = None,
+    bursts: list[Anomaly] | None = None,
+) -> Stockout:
     """The stock-out the live generator injects on ``day`` (deterministic from the seed and
-    the day; a series that is not also one of the day's bursts)."""
+    the day; a series that is not also one of the day's bursts, ``bursts`` when the caller
+    has them)."""
     if expected is None:
         expected = expected_lines(catalog, [day])[0]
+    if bursts is None:
+        bursts = anomalies(catalog, day, expected)
     flat = expected.ravel()
     ranked = np.argsort(-flat, kind="stable")
-    bursts = {a.sku_idx * catalog.n_stores + a.store_idx for a in anomalies(catalog, day, expected)}
+    burst_cells = {a.sku_idx * catalog.n_stores + a.store_idx for a in bursts}
     top = [
-        int(c) for c in ranked[: max(1, int(len(flat) * STOCKOUT_RANKS))] if int(c) not in bursts
+        int(c)
+        for c in ranked[: max(1, int(len(flat) * STOCKOUT_RANKS))]
+        if int(c) not in burst_cells
     ]
     rng = day_rng(catalog.seed, day, STOCKOUT_STREAM)
     cell = top[int(rng.integers(len(top)))] if top else int(ranked[0])

@@ -349,7 +349,8 @@ def run_live(
         expected_events_today=None if rate is not None else _expected_today(stream, now_ms),
     )
     if rate is None and anomalies:
-        for a in stream.day_plan(_day_of(now_ms))[2]:
+        bursts = stream.day_plan(_day_of(now_ms))[2]
+        for a in bursts:
             log.info(
                 "generate.live.anomaly",
                 sku=catalog.sku[a.sku_idx],
@@ -359,7 +360,7 @@ def run_live(
                 lines=a.lines,
                 factor=round(a.factor, 2),
             )
-        out = stockout(catalog, _day_of(now_ms))
+        out = stockout(catalog, _day_of(now_ms), bursts=bursts)
         log.info(
             "generate.live.stockout",
             sku=catalog.sku[out.sku_idx],

@@ -401,7 +401,7 @@ class LiveStream:
                 extra = model.anomaly_lines(self.catalog, day, found, ev.discount)
                 orders = model.concat(orders, extra)
             if self.anomalies:  # and a stock-out: one busy series stops selling
-                out = model.stockout(self.catalog, day, ev.expected)
+                out = model.stockout(self.catalog, day, ev.expected, found)
                 sold = ~(
                     (orders.sku_idx == out.sku_idx)
                     & (orders.store_idx == out.store_idx)

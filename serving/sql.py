@@ -112,7 +112,6 @@ class SqlLimits:
     timeout_s: float = 10.0
     max_rows: int = 100_000
     memory_limit: str = "1GB"
-    concurrency: int = 4
 
 
 @dataclass(frozen=True)

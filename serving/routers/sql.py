@@ -91,12 +91,11 @@ async def post_sql(
             timeout_s=settings.sql_timeout_s,
             max_rows=settings.sql_max_rows,
             memory_limit=settings.sql_memory_limit,
-            concurrency=settings.sql_concurrency,
         )
         gate = request.app.state.sql_gate  # LAMBDALAKE_SQL_CONCURRENCY statements at once
         if not gate.acquire(blocking=False):
             raise SqlBusy(
-                f"{limits.concurrency} statements are running in this process "
+                f"{settings.sql_concurrency} statements are running in this process "
                 "(LAMBDALAKE_SQL_CONCURRENCY); retry in a second"
             )
         metrics.sql_running.inc()
