@@ -176,7 +176,30 @@ def speed_status(api: str) -> dict[str, Any]:
     workers = status.get("speed", {}).get("workers", [])
     lag = sum(int(n) for w in workers for ps in (w.get("lag") or {}).values() for n in ps.values())
     held = sum(int(n) for w in workers for n in (w.get("events") or {}).values())
-    return {"run_id": status.get("batch", {}).get("run_id"), "lag": lag, "held": held}
+    out = {"run_id": status.get("batch", {}).get("run_id"), "lag": lag, "held": held}
+    # Where the workers' memory is (MiB): DuckDB's buffers, malloc's heap in use / free.
+    memory = [w.get("memory") or {} for w in workers]
+    if memory and all(m.get("heap") for m in memory):
+        out["duckdb_mib"] = round(sum(m.get("duckdb") or 0 for m in memory) / MIB, 1)
+        out["heap_in_use_mib"] = round(sum(m["heap"]["in_use"] for m in memory) / MIB, 1)
+        out["heap_free_mib"] = round(sum(m["heap"]["free"] for m in memory) / MIB, 1)
+    return out
+
+
+def api_heap(api: str) -> dict[str, float]:
+    """The API process's malloc heap (MiB by state: in_use, free, mapped), from ``/metrics``."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{api}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    heap: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("lambdalake_process_heap_bytes{"):
+            state = line.split('state="', 1)[1].split('"', 1)[0]
+            heap[state] = round(float(line.rsplit(" ", 1)[1]) / MIB, 1)
+    return heap
 
 
 # --- the soak --------------------------------------------------------------------------------------
@@ -190,6 +213,7 @@ class Minute:
     speed: dict[str, Any]
     processes: dict[str, ProcessSample | None]
     batch_runs: list[dict[str, Any]] = field(default_factory=list)
+    api_heap: dict[str, float] = field(default_factory=dict)
 
 
 class Demo:
@@ -325,6 +349,7 @@ def soak(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]:
                     at=datetime.now(UTC).isoformat(timespec="seconds"),
                     api=api,
                     speed=speed_status(demo.api),
+                    api_heap=api_heap(demo.api),
                     processes={n: sample_process(p) for n, p in procs.items()},
                     batch_runs=done,
                 )
@@ -461,6 +486,15 @@ def print_row(m: Minute, names: list[str]) -> None:
         cols.append("api -")
     sp = m.speed
     cols.append(f"lag {sp.get('lag', '?')} held {sp.get('held', '?')}")
+    if "heap_in_use_mib" in sp:
+        cols.append(
+            f"speed duckdb {sp['duckdb_mib']:.0f} heap {sp['heap_in_use_mib']:.0f}"
+            f"+{sp['heap_free_mib']:.0f} free"
+        )
+    if m.api_heap:
+        cols.append(
+            f"api heap {m.api_heap.get('in_use', 0):.0f}+{m.api_heap.get('free', 0):.0f} free"
+        )
     for n in names:
         s = m.processes.get(n)
         cols.append(f"{n} {s.rss_mib:.0f}/{s.fds}/{s.threads}" if s else f"{n} gone")

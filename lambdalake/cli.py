@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from lambdalake.errors import LambdalakeError
+from lambdalake.memory import long_lived
 from lambdalake.settings import Settings
 
 app = typer.Typer(
@@ -275,6 +276,8 @@ def ingest(
 
     settings = _settings(bootstrap, lake)
     skips = _run(lambda: [parse_skip(s) for s in skip or []])
+    if not until_end and not skips:
+        long_lived()  # continuous ingest runs for weeks
     stop = stop_event_on_signals()
     summary = _run(lambda: run_ingest(settings, until_end=until_end, stop=stop, skip=skips))
     _print_json(summary)
@@ -417,6 +420,7 @@ def speed_run(
     run_worker = _load("speed.worker", "run_worker")
     i, n = _parse_worker(worker)
     settings = _settings(bootstrap, lake)
+    long_lived()
     stop = stop_event_on_signals()
     _run(
         lambda: run_worker(
@@ -448,6 +452,7 @@ def serve(
     run_server = _load("serving.app", "serve")
 
     settings = _settings(bootstrap, lake)
+    long_lived()
     _run(
         lambda: run_server(
             settings,

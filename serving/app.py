@@ -25,6 +25,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from lambdalake.logs import get_logger
+from lambdalake.memory import long_lived
 from lambdalake.ops.net import free_port
 from lambdalake.settings import Settings
 from serving import dashboard
@@ -238,6 +239,7 @@ def app_from_environment() -> FastAPI:
     import json
 
     values = json.loads(os.environ[SETTINGS_ENV])
+    long_lived()
     return create_app(Settings(_env_file=None, **values))  # type: ignore[call-arg]
 
 

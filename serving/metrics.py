@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lambdalake.contract.lake import Lake
+from lambdalake.memory import heap
 from lambdalake.ops.status import quarantine_counts, speed_status
 from lambdalake.settings import Settings
 from serving.served_run import BatchCache
@@ -85,6 +86,17 @@ class FreshnessCollector(Collector):
             for reason, n in reasons.items():
                 quarantine.add_metric([topic, reason], float(n))
         yield quarantine
+
+        process_heap = heap()
+        if process_heap is not None:  # glibc: growth in "free" is fragmentation, not a leak
+            family = GaugeMetricFamily(
+                "lambdalake_process_heap_bytes",
+                "This process's malloc heap: bytes in use, free but retained, and mmapped.",
+                labels=["state"],
+            )
+            for state, n in process_heap.items():
+                family.add_metric([state], float(n))
+            yield family
 
 
 class ApiMetrics:

@@ -741,8 +741,12 @@ class SpeedState:
                 "SELECT topic, reason, n FROM invalid ORDER BY ALL"
             ).fetchall():
                 invalid.setdefault(t, {})[r] = int(n)
+            # DuckDB's own account of its memory (buffer pool and the rest), in bytes.
+            duckdb_bytes = int(
+                _one(cur, "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()")[0]
+            )
         events = {t: rows[HELD[t]] for t in TOPICS}
-        return {"events": events, "invalid": invalid, "rows": rows}
+        return {"events": events, "invalid": invalid, "rows": rows, "duckdb_bytes": duckdb_bytes}
 
     def query(self, q: SpeedQuery) -> tuple[pa.Table, AnswerMeta]:
         """Answer a :class:`SpeedQuery` from one consistent snapshot (see the protocol).

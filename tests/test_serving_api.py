@@ -965,6 +965,7 @@ def test_metrics_expose_latency_batch_age_and_quarantine(api: httpx.Client) -> N
     assert 'lambdalake_batch_age_seconds{run_id="run-1"}' in text
     assert 'lambdalake_quarantine_events{reason="bad_json",topic="orders"} 1.0' in text
     assert 'lambdalake_api_degraded_answers_total{route="sales"}' in text
+    assert 'lambdalake_process_heap_bytes{state="in_use"}' in text  # glibc: this machine's
 
 
 def test_openapi_documents_every_endpoint_with_examples(api: httpx.Client) -> None:

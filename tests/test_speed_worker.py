@@ -682,6 +682,7 @@ def test_broker_down_keeps_serving_and_reports_it(
             lambda: (s := speed_status(endpoint))["broker_unreachable"] and s, 40, "unreachable"
         )
         assert status["lag"]["orders"] == {str(p): 0 for p in range(PARTITIONS)}
+        assert status["memory"]["duckdb"] > 0  # where the worker's memory is (bench/soak.py)
         assert answer_sales(query(endpoint, "sales", {}, granularity="hour")) == before
         assert status_file(settings, (0, 1))["broker_unreachable"] is True
     assert_same(before, expected(stream.log, {})[0])

@@ -1,0 +1,48 @@
+"""Heap hygiene of the long-lived processes (lambdalake/memory.py), on this machine's libc."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from lambdalake import memory
+
+glibc = pytest.mark.skipif(memory._LIBC is None, reason="not glibc")
+
+
+@glibc
+def test_trim_gives_freed_heap_back_and_heap_tells_in_use_from_free() -> None:
+    import psutil
+
+    rss = psutil.Process().memory_info
+    # Many small blocks (below the mmap threshold, so they live in the heap), then free
+    # all but the last: the live block on top keeps free() from shrinking the heap, so
+    # the freed 200 MB stay in the process until trimmed.
+    blocks = [bytearray(4000) for _ in range(50_000)]
+    before = memory.heap()
+    assert before is not None and before["in_use"] > 150 * 2**20
+    del blocks[:-1]
+    freed = memory.heap()
+    assert freed is not None and freed["in_use"] < before["in_use"] - 150 * 2**20
+    assert freed["free"] > 150 * 2**20  # retained: what fragmentation looks like
+    held = rss().rss
+    assert memory.trim() is True
+    assert rss().rss < held - 100 * 2**20  # given back to the OS
+
+
+@glibc
+def test_long_lived_caps_arenas_once_and_starts_one_trimmer() -> None:
+    import threading
+
+    memory.long_lived(every_s=3600)
+    memory.long_lived(every_s=3600)
+    assert [t.name for t in threading.enumerate()].count("malloc-trim") == 1
+
+
+def test_elsewhere_everything_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "_LIBC", None)
+    assert memory.heap() is None
+    assert memory.trim() is False
+    assert memory.limit_arenas() is False
+    assert sys.platform  # nothing raised
