@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="Longest a request may wait (since its bytes reached the machine) to "
         "start while a backlog stands; later ones get 503.",
     )
+    api_starts_per_turn: int = Field(
+        0,
+        ge=0,
+        description="Requests one API process starts per event-loop turn at most, the rest "
+        "in later turns (0: no bound); see docs/serving.md.",
+    )
     api_url: str = Field(
         "",
         description="The API the CLI's `sql` command asks; empty: "

@@ -74,6 +74,8 @@ class AdmissionLimits:
     # burst (a page firing a few calls at once on a busy machine) passes, a standing
     # queue does not.
     burst: int = 8
+    # At most this many requests start per event-loop turn (0: no bound).
+    starts_per_turn: int = 0
 
 
 # struct tcp_info (linux/tcp.h): eight one-byte fields, then u32s; last_data_recv is
@@ -100,12 +102,39 @@ def kernel_age(sock: Any) -> float:
 
 
 class Waiting:
-    """Requests of one server parsed but not yet started by the app (one per server)."""
+    """One server's account of its queue, shared by the protocol and the middleware.
 
-    __slots__ = ("n",)
+    ``n``: requests parsed but not yet started by the app (including those held back
+    for a later event-loop turn); ``delay``: how long the last request to start had
+    waited since its bytes reached the machine, and ``started_at`` when it started.
+    Once the middleware has seen a request it sets ``limits`` and ``on_refused``, and
+    from then on the protocol refuses at arrival (:meth:`refuse_at_arrival`)."""
+
+    __slots__ = ("delay", "limits", "n", "on_refused", "started_at")
+
+    # The last start's wait speaks for the queue for this long (a backlog starts
+    # requests every event-loop turn; after a pause it says nothing about now).
+    FRESH_S = 0.1
 
     def __init__(self) -> None:
         self.n = 0
+        self.delay = 0.0
+        self.started_at = 0.0
+        self.limits: AdmissionLimits | None = None
+        self.on_refused: Callable[[str], None] = lambda reason: None
+
+    def refuse_at_arrival(self, waited: float, now: float) -> bool:
+        """A standing backlog right now: more than a burst waits, and either this request
+        has already waited longer than allowed (it would be refused when started) or the
+        requests starting now waited that long (it would wait as long). Refusing it as it
+        is read saves it that wait; checked at every arrival, so requests are let in again
+        as soon as the backlog drains."""
+        limits = self.limits
+        if limits is None or self.n <= limits.burst:
+            return False
+        if waited > limits.max_queue_seconds:
+            return True
+        return self.delay > limits.max_queue_seconds and now - self.started_at < self.FRESH_S
 
 
 class StampingHttpToolsProtocol(HttpToolsProtocol):
@@ -129,9 +158,69 @@ class StampingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         cycle = self.cycle
+        self._refused_at_arrival = False
         super().on_headers_complete()
-        if self.cycle is not cycle:  # a request task was started (or queued, pipelined)
+        if self.cycle is not cycle and not self._refused_at_arrival:
             self._waiting.n += 1  # the app's first step takes it back (AdmissionControl)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """Refuse in the read callback itself when a backlog stands (no task, no turn of
+        waiting behind the requests already started); otherwise start as uvicorn does."""
+        waiting = self._waiting
+        now = time.monotonic()
+        waited = now - cycle.scope["extensions"][RECEIVED_AT]
+        if (
+            waiting.refuse_at_arrival(waited, now)
+            and not self.flow.write_paused
+            and cycle.scope.get("path") not in NEVER_REFUSED
+            and not self.parser.should_upgrade()
+            and _bodiless(cycle.scope)
+        ):
+            waiting.on_refused("arrival")
+            # The refusal never suspends (the transport is not paused), so it runs to its
+            # end here, with uvicorn's own response writing and keep-alive handling.
+            step = cycle.run_asgi(
+                _refusal(waiting.limits, f"{waiting.n} requests wait, {waited * 1000:.0f} ms in")
+            )
+            try:
+                step.send(None)
+            except StopIteration:  # written; the cycle called on_response_complete itself
+                self._refused_at_arrival = True
+                return
+            raise RuntimeError("a refusal at arrival suspended")  # pragma: no cover
+        super()._start_asgi_task(cycle, app)
+
+
+def _bodiless(scope: dict) -> bool:
+    """A request without a body (a refusal must not leave a body unread on a kept-alive
+    connection); requests with one are left to the middleware."""
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return False
+    return True
+
+
+def _refusal(limits: AdmissionLimits, why: str) -> Callable:
+    """The ASGI app of one refusal: 503, ``Retry-After``, a JSON ``detail``."""
+    retry = limits.retry_after_seconds
+    body = json.dumps(
+        {"detail": f"server busy ({why}); retry after {retry} s"}, separators=(",", ":")
+    ).encode()
+    start = {
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(retry).encode()),
+        ],
+    }
+
+    async def refuse(scope: dict, receive: Callable, send: Callable) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
 
 
 class AdmissionControl:
@@ -151,21 +240,47 @@ class AdmissionControl:
         self.on_refused = on_refused or (lambda reason: None)
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._later: deque[asyncio.Future[None]] = deque()  # held back for a later turn
+        self._turn_starts = 0
+        self._turn_scheduled = False
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         extensions = scope.get("extensions") or {}
         waiting = extensions.get(WAITING)
-        others = 0
-        if waiting is not None:
-            waiting.n -= 1  # started: no longer waiting
-            others = waiting.n
+        if waiting is not None and waiting.limits is None:  # arm refusal at arrival
+            waiting.limits, waiting.on_refused = self.limits, self.on_refused
         if scope["type"] != "http" or scope.get("path") in NEVER_REFUSED:
+            if waiting is not None:
+                waiting.n -= 1
             await self.app(scope, receive, send)
             return
         limits = self.limits
         received = extensions.get(RECEIVED_AT)
+        if limits.starts_per_turn and (self._later or self._turn_starts >= limits.starts_per_turn):
+            # Enough started in this turn of the event loop: the rest start in later
+            # turns, in order, so a turn (and the wait to be read, or refused) stays short.
+            later: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._later.append(later)
+            self._schedule_turn()
+            try:
+                await later
+            except BaseException:
+                if later in self._later:
+                    self._later.remove(later)
+                if waiting is not None:
+                    waiting.n -= 1
+                raise
+        self._turn_starts += 1
+        if limits.starts_per_turn:
+            self._schedule_turn()  # the count starts again next turn
+        others = 0
+        if waiting is not None:
+            waiting.n -= 1  # started: no longer waiting
+            others = waiting.n
         now = time.monotonic()
         waited = now - received if received is not None else 0.0
+        if waiting is not None:
+            waiting.delay, waiting.started_at = waited, now
         # Late, with more than a burst waiting: a standing backlog, so shed. A request
         # late on its own (the process was descheduled) has nobody to make room for;
         # a burst drains by itself.
@@ -200,6 +315,27 @@ class AdmissionControl:
         finally:
             self._release()
 
+    def _schedule_turn(self) -> None:
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        """Once per event-loop turn while requests are held back: a new turn's allowance,
+        given to the oldest held-back requests first. call_soon, not the selector: the
+        loop never sleeps in select() while work is held back."""
+        self._turn_scheduled = False
+        self._turn_starts = 0
+        released = 0
+        while self._later and released < self.limits.starts_per_turn:
+            later = self._later.popleft()
+            if not later.done():
+                later.set_result(None)
+                released += 1
+        self._turn_starts = released  # they start early in the coming turn
+        if self._later or released:
+            self._schedule_turn()
+
     def _release(self) -> None:
         """Hand the slot to the oldest waiter still waiting, else free it."""
         while self._waiters:
@@ -211,19 +347,8 @@ class AdmissionControl:
 
     async def _refuse(self, send: Callable, reason: str, why: str) -> None:
         self.on_refused(reason)
-        retry = self.limits.retry_after_seconds
-        body = json.dumps(
-            {"detail": f"server busy ({why}); retry after {retry} s"}, separators=(",", ":")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(retry).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _refusal(self.limits, why)({}, _no_receive, send)
+
+
+async def _no_receive() -> dict:  # pragma: no cover - a refusal reads nothing
+    return {"type": "http.disconnect"}

@@ -13,6 +13,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from serving.admission import AdmissionControl, AdmissionLimits
 from serving.app import create_app, running_server
 
 
-def held_app(limits: AdmissionLimits) -> tuple[FastAPI, threading.Event, list[str]]:
+def held_app(
+    limits: AdmissionLimits, on_refused: Callable[[str], None] | None = None
+) -> tuple[FastAPI, threading.Event, list[str]]:
     app = FastAPI()
     release = threading.Event()
     started: list[str] = []
@@ -47,6 +50,7 @@ def held_app(limits: AdmissionLimits) -> tuple[FastAPI, threading.Event, list[st
 
     @app.get("/work/{name}")
     async def work(name: str) -> dict:
+        started.append(name)
         time.sleep(0.01)  # 10 ms of CPU on the loop
         return {"name": name}
 
@@ -54,7 +58,7 @@ def held_app(limits: AdmissionLimits) -> tuple[FastAPI, threading.Event, list[st
     async def health() -> dict:
         return {"status": "ok"}
 
-    app.add_middleware(AdmissionControl, limits=limits)
+    app.add_middleware(AdmissionControl, limits=limits, on_refused=on_refused)
     return app, release, started
 
 
@@ -144,6 +148,64 @@ def test_requests_that_waited_on_a_busy_event_loop_are_refused_not_started() -> 
     assert codes.count(200) >= AdmissionLimits().burst - 1, codes
     assert codes.count(503) >= 10, codes
     assert set(codes) <= {200, 503}
+
+
+def _raw_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One whole response (status, headers, body by Content-Length) off a kept-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(4096)
+    return int(lines[0].split(" ", 2)[1]), headers, body
+
+
+def test_while_a_backlog_stands_new_requests_are_refused_as_they_are_read() -> None:
+    """Requests arriving while late requests are being started are refused in the read
+    callback (no task, no turn of waiting behind the started ones), answer JSON with
+    Retry-After, and leave the connection usable."""
+    limits = AdmissionLimits(max_in_flight=100, max_queued=100, max_queue_seconds=0.05)
+    reasons: list[str] = []
+    app, _, started = held_app(limits, on_refused=reasons.append)
+    with running_server(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(41)]
+        first, second = socks[1:21], socks[21:]
+        time.sleep(0.2)
+        try:
+            _raw_get(socks[0], "/block")  # 0.3 s with the loop held
+            time.sleep(0.1)
+            for i, sock in enumerate(first):  # late: they wait behind the block
+                _raw_get(sock, f"/work/a{i}")
+            time.sleep(0.25)  # the block ends; the late ones are being started (10 ms each)
+            for i, sock in enumerate(second):  # arriving while that backlog stands
+                _raw_get(sock, f"/work/b{i}")
+            answers = [_raw_response(sock) for sock in second]
+            for sock in first:
+                _raw_response(sock)
+            assert _raw_response(socks[0])[0] == 200
+            refused = [a for a in answers if a[0] == 503]
+            for sock in second:  # kept alive, and answered once the backlog is gone
+                _raw_get(sock, "/health")
+                assert _raw_response(sock)[0] == 200
+        finally:
+            for sock in socks:
+                sock.close()
+    # The late ones (first) too are refused as they are read: they had waited past the
+    # bound already. The second group found the backlog being worked off: refused at once.
+    assert len(refused) >= 5, [a[0] for a in answers]
+    assert reasons.count("arrival") >= len(refused), reasons
+    for _, headers, body in refused:
+        assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+        assert b"requests wait" in body  # the protocol's refusal, not the middleware's
+    refused_names = {f"b{i}" for i, a in enumerate(answers) if a[0] == 503}
+    assert not refused_names & set(started)  # a refused request never ran
+    assert len([n for n in started if n.startswith("b")]) == len(answers) - len(refused)
 
 
 def test_a_short_burst_behind_a_busy_loop_is_answered_not_shed() -> None:
