@@ -93,6 +93,9 @@ class Tally:
     errors: int = 0  # transport errors and non-200 answers (refusals included)
     why: Counter = field(default_factory=Counter)  # "HTTP 500", "TimeoutError", ...
     refused: list[float] = field(default_factory=list)  # latencies of 503 answers (shed load)
+    # Open loop: how late this client itself got to each request (its own event loop's lag
+    # on a shared machine), which every latency it reports includes.
+    send_lag: list[float] = field(default_factory=list)
 
     def failed(self, why: str) -> None:
         self.errors += 1
@@ -110,6 +113,7 @@ class Tally:
             "refused": len(self.refused),
             "refused_p50_ms": round(percentile(self.refused, 0.5) * 1000, 2),
             "refused_p99_ms": round(percentile(self.refused, 0.99) * 1000, 2),
+            "client_lag_p99_ms": round(percentile(self.send_lag, 0.99) * 1000, 2),
             "by_kind": {
                 k: {
                     "n": len(v),
@@ -181,6 +185,7 @@ async def open_loop(
 
     async def one(i: int, at: float) -> None:
         nonlocal opened, timeouts, open_now, max_open
+        tally.send_lag.append(time.perf_counter() - at)
         kind, path, params = next_request(i)
         conn = idle.pop() if idle else None
         try:

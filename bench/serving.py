@@ -736,7 +736,8 @@ def overload_step(
         out[f"x{factor}"] = run
         print(
             f"    {factor}x = {factor * sustained:.0f} req/s: admitted {run['achieved_rps']} req/s "
-            f"p99 {run['p99_ms']} ms; refused {run['refused']} (p99 {run['refused_p99_ms']} ms); "
+            f"p99 {run['p99_ms']} ms; refused {run['refused']} (p50 {run['refused_p50_ms']}, "
+            f"p99 {run['refused_p99_ms']} ms; this client's own lag p99 {run['client_lag_p99_ms']} ms); "
             f"other errors {run['errors'] - run['refused']}; "
             f"max open connections {run['max_open_connections']}"
         )
@@ -903,13 +904,15 @@ def main() -> None:
         base_rate = "given base rate" if over.get("given") else "highest clean rate"
         print(f"\noverload (point queries; {base_rate} {over['sustained_rps']:.0f} req/s)")
         print(
-            f"{'offered':>8} {'admitted/s':>10} {'p99 ms':>8} {'refused':>8} {'ref p99':>8} {'conns':>6}"
+            f"{'offered':>8} {'admitted/s':>10} {'p99 ms':>8} {'refused':>8} {'ref p50':>8} "
+            f"{'ref p99':>8} {'conns':>6} {'client lag p99':>14}"
         )
         for key in ("x2", "x4"):
             r = over[key]
             print(
                 f"{r['target_rps']:>8.0f} {r['achieved_rps']:>10} {r['p99_ms']:>8} "
-                f"{r['refused']:>8} {r['refused_p99_ms']:>8} {r['max_open_connections']:>6}"
+                f"{r['refused']:>8} {r['refused_p50_ms']:>8} {r['refused_p99_ms']:>8} "
+                f"{r['max_open_connections']:>6} {r['client_lag_p99_ms']:>14}"
             )
         print(f"recovery at half the clean rate: {over['recovery']['recovered_after_s']} s")
     print(json.dumps(results, default=str))

@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from lambdalake.logs import get_logger
 from lambdalake.memory import long_lived
 from lambdalake.ops.net import free_port
+from lambdalake.ops.status import StatusCache
 from lambdalake.settings import Settings
 from serving import dashboard
 from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
@@ -162,6 +163,7 @@ def create_app(
     # SQL statements running at once in this process; the next is refused (429).
     app.state.sql_gate = threading.BoundedSemaphore(settings.sql_concurrency)
     app.state.batch = batch
+    app.state.status = StatusCache(settings)  # /v1/status: one read a second at most
 
     auth = [Depends(require_api_key)]
     for module in (sales, reference, sql, forecast, sentiment, alerts):

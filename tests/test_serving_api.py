@@ -958,6 +958,23 @@ def test_status_is_the_status_json_object(api: httpx.Client) -> None:
     assert body["quarantine"] == {"orders": {"bad_json": 1}}
 
 
+def test_concurrent_status_polls_share_one_read_a_second(lake: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, _ = lake
+    app = create_app(settings_at(root), clock=lambda: NOW)
+    app.state.status.ttl = 3.0  # room for twelve requests on a busy machine
+    with running_server(app) as url, ThreadPoolExecutor(12) as pool:
+        first = pool.map(lambda _: httpx.get(url + "/v1/status", timeout=30).json(), range(12))
+        answers = list(first)
+        assert app.state.status.reads == 1  # twelve pollers, one read of the lake
+        assert all(a == answers[0] for a in answers)
+        time.sleep(app.state.status.ttl)
+        later = httpx.get(url + "/v1/status", timeout=30).json()
+    assert app.state.status.reads == 2  # once the answer is older than ttl: read again
+    assert later["generated_at"] > answers[0]["generated_at"]
+
+
 def test_metrics_expose_latency_batch_age_and_quarantine(api: httpx.Client) -> None:
     api.get("/v1/sales", params={"sku": "A"})
     text = api.get("/metrics").text

@@ -292,6 +292,32 @@ def collect_status(settings: Settings, now: datetime | None = None) -> dict[str,
     }
 
 
+class StatusCache:
+    """:func:`collect_status` read at most once per ``ttl`` seconds, by one caller at a time.
+
+    For the API: operators' dashboards and scripts poll ``/v1/status`` concurrently, and
+    each read opens the runs and quarantine tables (tens of ms alone, hundreds under load,
+    and delta-rs' I/O threads for each concurrent read: the API's thread count grew with
+    the pollers). Concurrent callers wait for the one read in progress and share its answer;
+    ``generated_at`` says when it was read (and each lag its own ``lag_age_s``)."""
+
+    def __init__(self, settings: Settings, ttl: float = 1.0) -> None:
+        self.settings = settings
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._report: dict[str, Any] | None = None
+        self.reads = 0
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            if self._report is None or time.monotonic() - self._read_at >= self.ttl:
+                self._report = collect_status(self.settings)
+                self._read_at = time.monotonic()
+                self.reads += 1
+            return self._report
+
+
 def render_status(report: dict[str, Any]) -> None:
     """The human form: a compact table of the same facts."""
     from rich.console import Console

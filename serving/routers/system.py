@@ -8,9 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lambdalake.ops.status import collect_status
-from lambdalake.settings import Settings
-from serving.deps import get_service, get_settings, require_api_key
+from serving.deps import get_service, require_api_key
 from serving.models import Health, StatusAnswer
 from serving.service import QueryService
 
@@ -23,9 +21,10 @@ router = APIRouter(tags=["system"])
     dependencies=[Depends(require_api_key)],
     summary="Freshness (the `lambdalake status --json` object)",
 )
-def get_status(settings: Annotated[Settings, Depends(get_settings)]) -> dict:
-    """Latest run and watermark, speed workers' offsets and lag, quarantine counts."""
-    return collect_status(settings)
+def get_status(request: Request) -> dict:
+    """Latest run and watermark, speed workers' offsets and lag, quarantine counts (read at
+    most once a second however many ask; ``generated_at`` says when)."""
+    return request.app.state.status.get()
 
 
 @router.get("/health", response_model=Health, summary="Liveness (open without an API key)")
