@@ -182,27 +182,30 @@ def test_while_a_backlog_stands_new_requests_are_refused_as_they_are_read() -> N
             time.sleep(0.1)
             for i, sock in enumerate(first):  # late: they wait behind the block
                 _raw_get(sock, f"/work/a{i}")
-            time.sleep(0.25)  # the block ends; the late ones are being started (10 ms each)
+            time.sleep(0.22)  # the block ends; the late ones are being started (10 ms each)
             for i, sock in enumerate(second):  # arriving while that backlog stands
                 _raw_get(sock, f"/work/b{i}")
             answers = [_raw_response(sock) for sock in second]
             for sock in first:
                 _raw_response(sock)
-            assert _raw_response(socks[0])[0] == 200
+            block = _raw_response(socks[0])
+            assert block[0] == 200, block
             refused = [a for a in answers if a[0] == 503]
             for sock in second:  # kept alive, and answered once the backlog is gone
                 _raw_get(sock, "/health")
-                assert _raw_response(sock)[0] == 200
+                health = _raw_response(sock)
+                assert health[0] == 200, health
         finally:
             for sock in socks:
                 sock.close()
     # The late ones (first) too are refused as they are read: they had waited past the
     # bound already. The second group found the backlog being worked off: refused at once.
-    assert len(refused) >= 5, [a[0] for a in answers]
-    assert reasons.count("arrival") >= len(refused), reasons
+    at_arrival = [a for a in refused if b"requests wait" in a[2]]  # the protocol's refusal
+    assert len(at_arrival) >= 5, refused
+    assert reasons.count("arrival") >= len(at_arrival), reasons
     for _, headers, body in refused:
         assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
-        assert b"requests wait" in body  # the protocol's refusal, not the middleware's
+        assert b"server busy" in body
     refused_names = {f"b{i}" for i, a in enumerate(answers) if a[0] == 503}
     assert not refused_names & set(started)  # a refused request never ran
     assert len([n for n in started if n.startswith("b")]) == len(answers) - len(refused)
