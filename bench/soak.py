@@ -116,18 +116,42 @@ class ProcessSample:
     fds: int
     threads: int
     cpu_s: float
+    # Linux: RSS split into anonymous memory (heaps, stacks) and file pages mapped in
+    # (libraries, Kafka's mmapped index files): growth of the second is page cache.
+    rss_anon_mib: float | None = None
+    rss_file_mib: float | None = None
+
+
+def _rss_split(pid: int) -> tuple[float | None, float | None]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None, None
+    kib = {
+        k: int(v.split()[0])
+        for k, v in (ln.split(":", 1) for ln in text.splitlines())
+        if k in ("RssAnon", "RssFile")
+    }
+    anon, file = kib.get("RssAnon"), kib.get("RssFile")
+    return (
+        None if anon is None else round(anon / 1024, 1),
+        None if file is None else round(file / 1024, 1),
+    )
 
 
 def sample_process(proc: psutil.Process) -> ProcessSample | None:
     try:
         with proc.oneshot():
             cpu = proc.cpu_times()
+            anon, file = _rss_split(proc.pid)
             return ProcessSample(
                 pid=proc.pid,
                 rss_mib=round(proc.memory_info().rss / MIB, 1),
                 fds=proc.num_fds(),
                 threads=proc.num_threads(),
                 cpu_s=round(cpu.user + cpu.system, 2),
+                rss_anon_mib=anon,
+                rss_file_mib=file,
             )
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
