@@ -121,7 +121,7 @@ class Waiting:
         self.delay = 0.0
         self.started_at = 0.0
         self.limits: AdmissionLimits | None = None
-        self.on_refused: Callable[[str], None] = lambda reason: None
+        self.on_refused: Callable[[str, float], None] = lambda reason, waited: None
 
     def refuse_at_arrival(self, waited: float, now: float) -> bool:
         """A standing backlog right now: more than a burst waits, and either this request
@@ -176,7 +176,7 @@ class StampingHttpToolsProtocol(HttpToolsProtocol):
             and not self.parser.should_upgrade()
             and _bodiless(cycle.scope)
         ):
-            waiting.on_refused("arrival")
+            waiting.on_refused("arrival", waited)
             # The refusal never suspends (the transport is not paused), so it runs to its
             # end here, with uvicorn's own response writing and keep-alive handling.
             step = cycle.run_asgi(
@@ -227,17 +227,18 @@ class AdmissionControl:
     """Pure ASGI middleware: bounded in-flight and queued requests, fast 503 past them.
 
     Runs on the event loop only (no locks needed): the counters change between awaits.
-    ``on_refused(reason)`` is called for every refusal (a metric)."""
+    ``on_refused(reason, waited)`` is called for every refusal (metrics), with the seconds
+    from the request's bytes reaching the machine to its refusal."""
 
     def __init__(
         self,
         app: Any,
         limits: AdmissionLimits,
-        on_refused: Callable[[str], None] | None = None,
+        on_refused: Callable[[str, float], None] | None = None,
     ) -> None:
         self.app = app
         self.limits = limits
-        self.on_refused = on_refused or (lambda reason: None)
+        self.on_refused = on_refused or (lambda reason, waited: None)
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._later: deque[asyncio.Future[None]] = deque()  # held back for a later turn
@@ -285,11 +286,15 @@ class AdmissionControl:
         # late on its own (the process was descheduled) has nobody to make room for;
         # a burst drains by itself.
         if waited > limits.max_queue_seconds and others > limits.burst:
-            await self._refuse(send, "queue_delay", f"it waited {waited * 1000:.0f} ms to start")
+            await self._refuse(
+                send, "queue_delay", f"it waited {waited * 1000:.0f} ms to start", received
+            )
             return
         if self.in_flight >= limits.max_in_flight:
             if len(self._waiters) >= limits.max_queued:
-                await self._refuse(send, "queue_full", f"{len(self._waiters)} requests wait")
+                await self._refuse(
+                    send, "queue_full", f"{len(self._waiters)} requests wait", received
+                )
                 return
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -304,7 +309,7 @@ class AdmissionControl:
                 if handed_over:  # a slot arrived just as the wait ended: pass it on
                     self._release()
                 if isinstance(exc, TimeoutError):
-                    await self._refuse(send, "queue_timeout", "no slot freed in time")
+                    await self._refuse(send, "queue_timeout", "no slot freed in time", received)
                     return
                 raise
             # The slot was handed over by _release: in_flight already counts this request.
@@ -345,8 +350,8 @@ class AdmissionControl:
                 return
         self.in_flight -= 1
 
-    async def _refuse(self, send: Callable, reason: str, why: str) -> None:
-        self.on_refused(reason)
+    async def _refuse(self, send: Callable, reason: str, why: str, received: float | None) -> None:
+        self.on_refused(reason, 0.0 if received is None else time.monotonic() - received)
         await _refusal(self.limits, why)({}, _no_receive, send)
 
 

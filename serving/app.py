@@ -212,7 +212,7 @@ def create_app(
         app.add_middleware(
             AdmissionControl,
             limits=limits,
-            on_refused=lambda reason: metrics.refused.labels(reason).inc(),
+            on_refused=metrics.on_refused,
         )
     return app
 

@@ -26,6 +26,7 @@ from serving.served_run import BatchCache
 
 QUARANTINE_TTL = 10.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REFUSAL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class FreshnessCollector(Collector):
@@ -125,8 +126,14 @@ class ApiMetrics:
         self.refused = Counter(
             "lambdalake_api_refused_requests",
             "Requests refused with 503 by admission control, by reason "
-            "(queue_delay, queue_full, queue_timeout).",
+            "(arrival, queue_delay, queue_full, queue_timeout).",
             ["reason"],
+            registry=self.registry,
+        )
+        self.refusal_wait = Histogram(
+            "lambdalake_api_refusal_wait_seconds",
+            "From a refused request's bytes reaching the machine to its 503 (server's clock).",
+            buckets=REFUSAL_BUCKETS,
             registry=self.registry,
         )
         self.sql_statements = Counter(
@@ -151,6 +158,12 @@ class ApiMetrics:
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.latency.labels(method, route, str(status)).observe(seconds)
+
+    def on_refused(self, reason: str, waited: float) -> None:
+        """Admission control refused a request after it ``waited`` seconds (see
+        :mod:`serving.admission`)."""
+        self.refused.labels(reason).inc()
+        self.refusal_wait.observe(waited)
 
 
 def timer() -> Callable[[], float]:

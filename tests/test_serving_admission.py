@@ -26,7 +26,7 @@ from serving.app import create_app, running_server
 
 
 def held_app(
-    limits: AdmissionLimits, on_refused: Callable[[str], None] | None = None
+    limits: AdmissionLimits, on_refused: Callable[[str, float], None] | None = None
 ) -> tuple[FastAPI, threading.Event, list[str]]:
     app = FastAPI()
     release = threading.Event()
@@ -171,7 +171,7 @@ def test_while_a_backlog_stands_new_requests_are_refused_as_they_are_read() -> N
     Retry-After, and leave the connection usable."""
     limits = AdmissionLimits(max_in_flight=100, max_queued=100, max_queue_seconds=0.05)
     reasons: list[str] = []
-    app, _, started = held_app(limits, on_refused=reasons.append)
+    app, _, started = held_app(limits, on_refused=lambda reason, waited: reasons.append(reason))
     with running_server(app) as base:
         host, port = base.removeprefix("http://").split(":")
         socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(41)]
@@ -263,6 +263,7 @@ def test_the_api_refuses_overload_with_a_metric(tmp_path: Path) -> None:
         assert held.result().status_code == 200
         metrics = httpx.get(base + "/metrics", timeout=10).text
         assert 'lambdalake_api_refused_requests_total{reason="queue_full"}' in metrics
+        assert "lambdalake_api_refusal_wait_seconds_count 1.0" in metrics
 
 
 def test_the_stamp_counts_time_spent_in_the_kernel_before_the_server_read() -> None:
