@@ -110,7 +110,7 @@ class Waiting:
     Once the middleware has seen a request it sets ``limits`` and ``on_refused``, and
     from then on the protocol refuses at arrival (:meth:`refuse_at_arrival`)."""
 
-    __slots__ = ("delay", "limits", "n", "on_refused", "started_at")
+    __slots__ = ("delay", "limits", "n", "on_refused", "started_at", "turn_s")
 
     # The last start's wait speaks for the queue for this long (a backlog starts
     # requests every event-loop turn; after a pause it says nothing about now).
@@ -120,6 +120,9 @@ class Waiting:
         self.n = 0
         self.delay = 0.0
         self.started_at = 0.0
+        # With a bound on starts per turn: how long a busy event-loop turn lasts (a moving
+        # average, measured by the middleware), to tell how long the backlog takes to start.
+        self.turn_s = 0.0
         self.limits: AdmissionLimits | None = None
         self.on_refused: Callable[[str, float], None] = lambda reason, waited: None
 
@@ -134,6 +137,11 @@ class Waiting:
             return False
         if waited > limits.max_queue_seconds:
             return True
+        if limits.starts_per_turn and self.turn_s:
+            # The backlog starts starts_per_turn a turn: this request would start after
+            # the turns needed for those ahead of it.
+            turns = self.n // limits.starts_per_turn + 1
+            return waited + turns * self.turn_s > limits.max_queue_seconds
         return self.delay > limits.max_queue_seconds and now - self.started_at < self.FRESH_S
 
 
@@ -244,12 +252,15 @@ class AdmissionControl:
         self._later: deque[asyncio.Future[None]] = deque()  # held back for a later turn
         self._turn_starts = 0
         self._turn_scheduled = False
+        self._last_turn_at: float | None = None
+        self._waiting: Waiting | None = None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         extensions = scope.get("extensions") or {}
         waiting = extensions.get(WAITING)
         if waiting is not None and waiting.limits is None:  # arm refusal at arrival
             waiting.limits, waiting.on_refused = self.limits, self.on_refused
+            self._waiting = waiting
         if scope["type"] != "http" or scope.get("path") in NEVER_REFUSED:
             if waiting is not None:
                 waiting.n -= 1
@@ -331,6 +342,14 @@ class AdmissionControl:
         loop never sleeps in select() while work is held back."""
         self._turn_scheduled = False
         self._turn_starts = 0
+        now = time.monotonic()
+        if self._last_turn_at is not None and self._waiting is not None:
+            w = self._waiting  # a turn's length, while turns follow each other
+            w.turn_s = (
+                now - self._last_turn_at
+                if not w.turn_s
+                else 0.8 * w.turn_s + 0.2 * (now - self._last_turn_at)
+            )
         released = 0
         while self._later and released < self.limits.starts_per_turn:
             later = self._later.popleft()
@@ -340,6 +359,9 @@ class AdmissionControl:
         self._turn_starts = released  # they start early in the coming turn
         if self._later or released:
             self._schedule_turn()
+            self._last_turn_at = now
+        else:
+            self._last_turn_at = None  # idle: the next gap is not a turn's length
 
     def _release(self) -> None:
         """Hand the slot to the oldest waiter still waiting, else free it."""

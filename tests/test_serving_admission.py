@@ -291,3 +291,36 @@ def test_the_stamp_counts_time_spent_in_the_kernel_before_the_server_read() -> N
                 assert kernel_age(conn) < 0.25  # fresh data: a fresh age
         finally:
             client.close()
+
+
+def _health_while_a_backlog_starts(starts_per_turn: int) -> tuple[float, float]:
+    """Seconds to answer /health sent just behind 20 requests of 10 ms of loop CPU each,
+    and seconds until all 20 were answered."""
+    limits = AdmissionLimits(
+        max_in_flight=100, max_queued=100, max_queue_seconds=5.0, starts_per_turn=starts_per_turn
+    )
+    app, _, _ = held_app(limits)
+    with running_server(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(21)]
+        time.sleep(0.2)
+        try:
+            for i, sock in enumerate(socks[:20]):
+                _raw_get(sock, f"/work/{i}")
+            time.sleep(0.005)
+            t0 = time.monotonic()
+            _raw_get(socks[20], "/health")
+            assert _raw_response(socks[20])[0] == 200
+            health = time.monotonic() - t0
+            assert [_raw_response(sock)[0] for sock in socks[:20]] == [200] * 20
+            return health, time.monotonic() - t0
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_a_bound_on_starts_per_turn_keeps_the_loop_reading_between_starts() -> None:
+    """With at most 2 starts a turn the loop reads (and could refuse) new requests every
+    ~20 ms instead of after the whole backlog: the turn, not the backlog, bounds the wait."""
+    health, backlog = _health_while_a_backlog_starts(2)
+    assert health < backlog / 3, (health, backlog)
