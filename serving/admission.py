@@ -356,7 +356,7 @@ class AdmissionControl:
             if not later.done():
                 later.set_result(None)
                 released += 1
-        self._turn_starts = released  # they start early in the coming turn
+        # The released ones count themselves as they start, early in the coming turn.
         if self._later or released:
             self._schedule_turn()
             self._last_turn_at = now
