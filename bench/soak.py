@@ -207,7 +207,6 @@ def speed_status(api: str) -> dict[str, Any]:
         out["duckdb_mib"] = round(sum(m.get("duckdb") or 0 for m in memory) / MIB, 1)
         out["heap_in_use_mib"] = round(sum(m["heap"]["in_use"] for m in memory) / MIB, 1)
         out["heap_free_mib"] = round(sum(m["heap"]["free"] for m in memory) / MIB, 1)
-        out["arrow_mib"] = round(sum(m.get("arrow") or 0 for m in memory) / MIB, 1)
     return out
 
 
@@ -224,8 +223,6 @@ def api_heap(api: str) -> dict[str, float]:
         if line.startswith("lambdalake_process_heap_bytes{"):
             state = line.split('state="', 1)[1].split('"', 1)[0]
             heap[state] = round(float(line.rsplit(" ", 1)[1]) / MIB, 1)
-        elif line.startswith("lambdalake_process_arrow_bytes "):
-            heap["arrow"] = round(float(line.rsplit(" ", 1)[1]) / MIB, 1)
     return heap
 
 
@@ -515,13 +512,11 @@ def print_row(m: Minute, names: list[str]) -> None:
     cols.append(f"lag {sp.get('lag', '?')} held {sp.get('held', '?')}")
     if "heap_in_use_mib" in sp:
         cols.append(
-            f"speed duckdb {sp['duckdb_mib']:.0f} arrow {sp.get('arrow_mib', 0):.0f} "
-            f"heap {sp['heap_in_use_mib']:.0f}+{sp['heap_free_mib']:.0f} free"
+            f"speed duckdb {sp['duckdb_mib']:.0f} heap {sp['heap_in_use_mib']:.0f}+{sp['heap_free_mib']:.0f} free"
         )
     if m.api_heap:
         cols.append(
-            f"api arrow {m.api_heap.get('arrow', 0):.0f} "
-            f"heap {m.api_heap.get('in_use', 0):.0f}+{m.api_heap.get('free', 0):.0f} free"
+            f"api heap {m.api_heap.get('in_use', 0):.0f}+{m.api_heap.get('free', 0):.0f} free"
         )
     for n in names:
         s = m.processes.get(n)

@@ -84,13 +84,6 @@ def heap() -> dict[str, int] | None:
     return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}
 
 
-def arrow_bytes() -> int:
-    """Bytes Arrow's memory pool holds now (its own allocator, not in :func:`heap`)."""
-    import pyarrow as pa
-
-    return int(pa.total_allocated_bytes())
-
-
 def long_lived(every_s: float = TRIM_EVERY_S) -> None:
     """Call first thing in a long-lived process: cap the arenas, trim every ``every_s`` s
     (once per process, however often called)."""

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lambdalake.contract.lake import Lake
-from lambdalake.memory import arrow_bytes, heap
+from lambdalake.memory import heap
 from lambdalake.ops.status import quarantine_counts, speed_status
 from lambdalake.settings import Settings
 from serving.served_run import BatchCache
@@ -98,11 +98,6 @@ class FreshnessCollector(Collector):
             for state, n in process_heap.items():
                 family.add_metric([state], float(n))
             yield family
-        arrow = GaugeMetricFamily(
-            "lambdalake_process_arrow_bytes", "Bytes Arrow's memory pool holds in this process."
-        )
-        arrow.add_metric([], float(arrow_bytes()))
-        yield arrow
 
 
 class ApiMetrics:

@@ -36,7 +36,7 @@ from lambdalake.contract.lake import Lake
 from lambdalake.contract.manifest import watermark_to_dict
 from lambdalake.errors import InvalidInput
 from lambdalake.logs import get_logger
-from lambdalake.memory import arrow_bytes, heap
+from lambdalake.memory import heap
 from lambdalake.settings import Settings, check_secret
 from speed.consumer import Assigned, Polled, Poller, quiet_kafka_logs, validate_polled
 from speed.runs import PreparedRun, RunWatcher, load_model
@@ -165,7 +165,7 @@ class SpeedWorker:
             "broker_refused": self.poller.refused,
             # Where the process's memory is: DuckDB's buffers, and the allocator's heap
             # in use vs retained free (growth in "free" is fragmentation, not a leak).
-            "memory": {"duckdb": counts["duckdb_bytes"], "heap": heap(), "arrow": arrow_bytes()},
+            "memory": {"duckdb": counts["duckdb_bytes"], "heap": heap()},
             "since_start": {
                 "batches": c.batches,
                 "messages": c.messages,

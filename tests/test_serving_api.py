@@ -983,7 +983,6 @@ def test_metrics_expose_latency_batch_age_and_quarantine(api: httpx.Client) -> N
     assert 'lambdalake_quarantine_events{reason="bad_json",topic="orders"} 1.0' in text
     assert 'lambdalake_api_degraded_answers_total{route="sales"}' in text
     assert 'lambdalake_process_heap_bytes{state="in_use"}' in text  # glibc: this machine's
-    assert "lambdalake_process_arrow_bytes " in text
 
 
 def test_openapi_documents_every_endpoint_with_examples(api: httpx.Client) -> None:
