@@ -128,8 +128,9 @@ class Waiting:
 
     def refuse_at_arrival(self, waited: float, now: float) -> bool:
         """A standing backlog right now: more than a burst waits, and either this request
-        has already waited longer than allowed (it would be refused when started) or the
-        requests starting now waited that long (it would wait as long). Refusing it as it
+        has already waited longer than allowed (it would be refused when started) or it
+        would wait that long: with a bound on starts per turn, the turns the requests ahead
+        of it need; without, as long as the requests starting now waited. Refusing it as it
         is read saves it that wait; checked at every arrival, so requests are let in again
         as soon as the backlog drains."""
         limits = self.limits

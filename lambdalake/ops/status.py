@@ -305,13 +305,13 @@ class StatusCache:
         self.settings = settings
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._read_at = float("-inf")
-        self._report: dict[str, Any] | None = None
+        self._read_at = float("-inf")  # never: the first get() reads
+        self._report: dict[str, Any] = {}
         self.reads = 0
 
     def get(self) -> dict[str, Any]:
         with self._lock:
-            if self._report is None or time.monotonic() - self._read_at >= self.ttl:
+            if time.monotonic() - self._read_at >= self.ttl:
                 self._report = collect_status(self.settings)
                 self._read_at = time.monotonic()
                 self.reads += 1
