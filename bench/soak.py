@@ -189,8 +189,10 @@ def request_stream(skus: int, stores: int, seed: int) -> Any:
     return next_request
 
 
-def speed_status(api: str) -> dict[str, Any]:
-    """Speed lag (messages behind, all workers) and events held, from ``/v1/status``."""
+def speed_status(api: str, speed_dir: Path | None = None) -> dict[str, Any]:
+    """Speed lag (messages behind, all workers) and events held, from ``/v1/status``; with
+    ``speed_dir``, the size of the workers' DuckDB write-ahead logs (what DuckDB holds in
+    memory until its next checkpoint, at 128 MB of log: docs/speed.md)."""
     import httpx
 
     try:
@@ -207,6 +209,12 @@ def speed_status(api: str) -> dict[str, Any]:
         out["duckdb_mib"] = round(sum(m.get("duckdb") or 0 for m in memory) / MIB, 1)
         out["heap_in_use_mib"] = round(sum(m["heap"]["in_use"] for m in memory) / MIB, 1)
         out["heap_free_mib"] = round(sum(m["heap"]["free"] for m in memory) / MIB, 1)
+    # The dedup ids kept for the horizon (rows of known_*, all workers).
+    rows = [(w.get("state") or {}).get("rows") or {} for w in workers]
+    out["known_ids"] = sum(int(n) for r in rows for t, n in r.items() if t.startswith("known_"))
+    if speed_dir is not None:
+        wal = sum(p.stat().st_size for p in speed_dir.glob("*.duckdb.wal") if p.exists())
+        out["wal_mib"] = round(wal / MIB, 1)
     return out
 
 
@@ -372,7 +380,7 @@ def soak(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]:
                     minute=round(minute, 2),
                     at=datetime.now(UTC).isoformat(timespec="seconds"),
                     api=api,
-                    speed=speed_status(demo.api),
+                    speed=speed_status(demo.api, demo.home / "speed"),
                     api_heap=api_heap(demo.api),
                     processes={n: sample_process(p) for n, p in procs.items()},
                     batch_runs=done,
@@ -514,6 +522,8 @@ def print_row(m: Minute, names: list[str]) -> None:
         cols.append(
             f"speed duckdb {sp['duckdb_mib']:.0f} heap {sp['heap_in_use_mib']:.0f}+{sp['heap_free_mib']:.0f} free"
         )
+    if "wal_mib" in sp:
+        cols.append(f"wal {sp['wal_mib']:.0f} known {sp.get('known_ids', 0)}")
     if m.api_heap:
         cols.append(
             f"api heap {m.api_heap.get('in_use', 0):.0f}+{m.api_heap.get('free', 0):.0f} free"
