@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="Longest a request may wait (since its bytes reached the machine) to "
         "start while a backlog stands; later ones get 503.",
     )
+    api_burst: int = Field(
+        8,
+        ge=0,
+        description="Late requests are still answered while at most this many others wait "
+        "with them (a page's calls at once); more waiting is a backlog, shed.",
+    )
     api_starts_per_turn: int = Field(
         0,
         ge=0,

@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from lambdalake.settings import Settings
 from serving.admission import AdmissionControl, AdmissionLimits
-from serving.app import create_app, running_server
+from serving.app import admission_limits, create_app, running_server
 
 
 def held_app(
@@ -324,3 +325,24 @@ def test_a_bound_on_starts_per_turn_keeps_the_loop_reading_between_starts() -> N
     ~20 ms instead of after the whole backlog: the turn, not the backlog, bounds the wait."""
     health, backlog = _health_while_a_backlog_starts(2)
     assert health < backlog / 3, (health, backlog)
+
+
+def test_the_admission_settings_reach_the_limits(tmp_path: Path) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        lake_uri=str(tmp_path / "lake"),
+        home=tmp_path / "home",
+        api_max_in_flight=5,
+        api_max_queued=6,
+        api_max_queue_ms=7,
+        api_burst=3,
+        api_starts_per_turn=2,
+    )
+    limits = admission_limits(settings)
+    assert (limits.max_in_flight, limits.max_queued, limits.burst, limits.starts_per_turn) == (
+        5,
+        6,
+        3,
+        2,
+    )
+    assert limits.max_queue_seconds == pytest.approx(0.007)
