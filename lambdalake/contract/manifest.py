@@ -173,7 +173,12 @@ def read_runs(runs_uri: str, storage_options: dict[str, str] | None = None) -> l
 
     if not DeltaTable.is_deltatable(runs_uri, storage_options=storage_options):
         return []
-    rows = DeltaTable(runs_uri, storage_options=storage_options).to_pyarrow_table().to_pylist()
+    return runs_of(DeltaTable(runs_uri, storage_options=storage_options).to_pyarrow_table())
+
+
+def runs_of(table: pa.Table) -> list[RunRecord]:
+    """The rows of a read of the ``runs`` table, oldest first."""
+    rows = table.to_pylist()
     rows.sort(key=lambda r: (r["started_at"], r.get("published_at") or r["started_at"]))
     return [RunRecord.from_row(r) for r in rows]
 
@@ -188,7 +193,11 @@ def latest_published_run(
     run: readers fall back to the previous published run. A ``failed`` row from
     before the publication (an earlier attempt of the same run_id) does not.
     """
-    runs = read_runs(runs_uri, storage_options)
+    return latest_of(read_runs(runs_uri, storage_options))
+
+
+def latest_of(runs: list[RunRecord]) -> RunRecord | None:
+    """The run :func:`latest_published_run` names, among ``runs`` (the rows of the table)."""
     failed_at: dict[str, datetime] = {}
     for r in runs:
         if r.status == "failed":
