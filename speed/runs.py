@@ -32,9 +32,10 @@ import numpy as np
 import pyarrow as pa
 
 from lambdalake.contract.events import KEY_BY_TOPIC, REFERENCE_TOPICS
-from lambdalake.contract.lake import MASTER_TABLE_BY_TOPIC, RUNS, Lake
-from lambdalake.contract.manifest import RunRecord, Watermark, latest_published_run
+from lambdalake.contract.lake import MASTER_TABLE_BY_TOPIC, Lake
+from lambdalake.contract.manifest import RunRecord, Watermark
 from lambdalake.logs import get_logger
+from lambdalake.ops.status import latest_run
 from lambdalake.settings import TOPICS, Settings
 
 log = get_logger(__name__)
@@ -343,7 +344,7 @@ class RunWatcher(threading.Thread):
     def _poll_once(self) -> None:
         lake = Lake(self.settings.lake_uri)
         try:
-            run = latest_published_run(lake.table(RUNS), lake.storage_options)
+            run = latest_run(lake)  # the runs table kept open: only new commits are read
         except Exception as exc:  # an unreadable lake must not stop the worker
             self._report(f"reading runs failed: {type(exc).__name__}: {exc}")
             return

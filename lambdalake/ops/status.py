@@ -157,8 +157,15 @@ class _PerLake(Generic[T]):
 _RUN_READERS = _PerLake(LatestRunReader)
 
 
+def latest_run(lake: Lake) -> RunRecord | None:
+    """The lake's latest published run (:func:`~lambdalake.contract.manifest.latest_published_run`),
+    read through this process's :class:`LatestRunReader` of the lake: for processes that
+    ask every second or two (the status, the speed worker's run watcher)."""
+    return _RUN_READERS.get(lake).latest()
+
+
 def batch_status(lake: Lake, now: datetime) -> dict[str, Any]:
-    run = _RUN_READERS.get(lake).latest()
+    run = latest_run(lake)
     if run is None:
         return {"run_id": None, "published_at": None, "age_seconds": None, "watermark": {}}
     published = run.published_at or run.started_at
