@@ -1,4 +1,4 @@
-"""lambdalake_maintenance: daily quarantine retention, then compaction, checkpoints and vacuum.
+"""lambdalake_maintenance: quarantine retention, then compaction, checkpoints and vacuum.
 
 * ``expire_quarantine``: ``lambdalake maintenance expire-quarantine --days N``
   deletes quarantined messages ingested more than N days ago (param
@@ -9,7 +9,9 @@
   cannot go below 24: readers pin older table versions (the served run's
   views, a batch run's master snapshot), and vacuum must not delete their files.
 
-Both steps are idempotent: running them twice leaves the same tables.
+Both steps are idempotent: running them twice leaves the same tables. Daily unless
+``LAMBDALAKE_MAINTENANCE_SCHEDULE`` says otherwise (hourly at high commit rates: ingest's
+memory follows the master tables' file count until a compaction).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ settings = Settings()
 with DAG(
     dag_id="lambdalake_maintenance",
     description="Quarantine retention; compaction, checkpoints and vacuum of the lake.",
-    schedule="@daily",
+    schedule=settings.maintenance_schedule,
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,

@@ -166,6 +166,11 @@ class Settings(BaseSettings):
         "events are quarantined as out_of_range:event_time.",
     )
     batch_schedule: str = "@hourly"
+    maintenance_schedule: str = Field(
+        "@daily",
+        description="When the maintenance DAG compacts the lake; ingest's memory follows the "
+        "master tables' file count until then (docs/production.md, memory over weeks).",
+    )
     broker_wait_seconds: float = Field(
         60.0, gt=0, description="How long one-shot commands retry an unreachable broker."
     )
