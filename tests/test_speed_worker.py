@@ -834,6 +834,19 @@ def test_status_measures_lag_against_the_ends_now_and_says_how_old_it_is(
         )
         assert own["lag_age_s"] < 5
         assert own["lag_measured_at"].endswith("Z")
+        # The next read, a second later, goes through the same kept client and sees the
+        # messages produced since (ListOffsets asked again, not remembered).
+        from lambdalake.ops import status as status_module
+
+        readers = {r for r, _ in status_module._ENDS._readers.values()}
+        made = sum(r.clients_made for r in readers)
+        stream.burst(orders=500, dup=0.0, bad=0.0)
+        more = sum(stream.ends()["orders"][p] - ends["orders"][p] for p in range(PARTITIONS))
+        time.sleep(status_module.ENDS_TTL_SECONDS + 0.1)
+        report = collect_status(settings)
+        assert report["speed"]["total_lag"] == waiting + more
+        assert {r for r, _ in status_module._ENDS._readers.values()} == readers
+        assert sum(r.clients_made for r in readers) == made  # no new client
     finally:
         worker.close()
         state.close()

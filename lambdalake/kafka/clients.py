@@ -245,18 +245,51 @@ def end_offsets(
     records but its position moves past them, so a consumer that has read everything
     committed stands exactly at this end (after the last transaction completes).
     """
-    tps = list(partitions)
-    if not tps:
-        return {}
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        group_id=None,
-        isolation_level="read_uncommitted",
-        **client_args(security, request_timeout_ms=max(1_000, int(timeout * 1000))),
-    )
+    reader = EndOffsetsReader(bootstrap, timeout, security=security)
     try:
-        found = consumer.end_offsets(tps)
-        return {tp: int(found[tp]) for tp in tps}
+        return reader.read(partitions)
     finally:
-        consumer.close()
+        reader.close()
+
+
+class EndOffsetsReader:
+    """:func:`end_offsets` with one client kept between reads, for callers that ask every
+    second (the API's status): a new client costs a connection, an API-version probe and a
+    metadata round trip (~100-250 ms measured) where a kept one sends one ListOffsets. A
+    read that fails closes the client; the next read makes a new one. Not thread-safe."""
+
+    def __init__(
+        self, bootstrap: str, timeout: float = 30.0, *, security: Security | None = None
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self.security = security
+        self.consumer: KafkaConsumer | None = None
+        self.clients_made = 0
+
+    def read(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        tps = list(partitions)
+        if not tps:
+            return {}
+        if self.consumer is None:
+            self.consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                enable_auto_commit=False,
+                group_id=None,
+                isolation_level="read_uncommitted",
+                **client_args(
+                    self.security, request_timeout_ms=max(1_000, int(self.timeout * 1000))
+                ),
+            )
+            self.clients_made += 1
+        try:
+            found = self.consumer.end_offsets(tps)
+        except BaseException:
+            self.close()
+            raise
+        return {tp: int(found[tp]) for tp in tps}
+
+    def close(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            consumer.close()

@@ -179,12 +179,15 @@ def batch_status(lake: Lake, now: datetime) -> dict[str, Any]:
 
 
 class _EndsCache:
-    """The broker's end offsets, read at most every ``ENDS_TTL_SECONDS`` (thread-safe)."""
+    """The broker's end offsets, read at most every ``ENDS_TTL_SECONDS`` (thread-safe), with
+    one Kafka client per broker kept between reads (:class:`~lambdalake.kafka.clients.EndOffsetsReader`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # bootstrap -> (monotonic time read, wall time asked, ends or None when it failed)
         self._cache: dict[str, tuple[float, float, dict[TP, int] | None]] = {}
+        # (bootstrap, security) -> the kept client, and the thread of its last read
+        self._readers: dict[tuple[str, str], tuple[Any, threading.Thread | None]] = {}
 
     def get(
         self, bootstrap: str, tps: set[TP], security: Security | None = None
@@ -200,40 +203,52 @@ class _EndsCache:
                 if cached is not None and now - read_at < ENDS_TTL_SECONDS and tps <= set(cached):
                     return asked_at, cached
             asked_at = time.time()
-            ends = _read_ends(bootstrap, tps, ENDS_TIMEOUT_SECONDS, security)
+            ends = self._read(bootstrap, tps, security)
             self._cache[bootstrap] = (time.monotonic(), asked_at, ends)
             return None if ends is None else (asked_at, ends)
 
+    def _read(
+        self, bootstrap: str, tps: set[TP], security: Security | None
+    ) -> dict[TP, int] | None:
+        from lambdalake.kafka.clients import EndOffsetsReader
+
+        key = (bootstrap, json.dumps(sorted((security or {}).items()), default=str))
+        reader, last = self._readers.get(key, (None, None))
+        if last is not None and last.is_alive():
+            return None  # the last read overran and still holds the client: not two at once
+        if reader is None:
+            reader = EndOffsetsReader(bootstrap, ENDS_TIMEOUT_SECONDS, security=security)
+        ends, thread = _read_ends(reader, tps, ENDS_TIMEOUT_SECONDS)
+        self._readers[key] = (reader, thread)
+        return ends
+
 
 def _read_ends(
-    bootstrap: str, tps: set[TP], timeout: float, security: Security | None = None
-) -> dict[TP, int] | None:
-    """ListOffsets for ``tps`` within ``timeout`` seconds, or ``None``.
+    reader: Any, tps: set[TP], timeout: float
+) -> tuple[dict[TP, int] | None, threading.Thread | None]:
+    """ListOffsets for ``tps`` within ``timeout`` seconds through ``reader`` (an
+    :class:`~lambdalake.kafka.clients.EndOffsetsReader`), or ``None``; and the thread that
+    read.
 
     A client of an unreachable broker can block for many times its request timeout
     (35 s measured), so: a TCP probe first, then the read in a thread waited for at
     most ``timeout``; one that overruns is left to finish alone."""
     import socket
 
+    bootstrap = reader.bootstrap
+
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout / 2):
             pass
     except (OSError, ValueError):
-        return None
+        return None, None
     found: dict[TP, int] = {}
 
     def read() -> None:
         from kafka import TopicPartition
 
-        from lambdalake.kafka.clients import end_offsets
-
-        ends = end_offsets(
-            bootstrap,
-            [TopicPartition(t, p) for t, p in sorted(tps)],
-            timeout=timeout,
-            security=security,
-        )
+        ends = reader.read([TopicPartition(t, p) for t, p in sorted(tps)])
         found.update({(tp.topic, tp.partition): int(n) for tp, n in ends.items()})
 
     def guarded() -> None:
@@ -246,8 +261,8 @@ def _read_ends(
     thread.start()
     thread.join(timeout)
     if thread.is_alive() or set(found) < tps:
-        return None
-    return dict(found)
+        return None, thread
+    return dict(found), thread
 
 
 _ENDS = _EndsCache()
