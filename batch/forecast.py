@@ -152,6 +152,10 @@ class ForecastConfig:
     combine: str = "mean"
     yearly_terms: int = 6  # Fourier pairs of the yearly season (FourierETS)
     yearly_min_days: int = 400  # shorter histories get no yearly season
+    # FourierETS on a series with a yearly season: its forecast is moved by the (shrunk) mean
+    # of its one-step errors over the series' last ``recent_level_days`` ordinary days, for as
+    # many days ahead, fading out over as many more (0: not moved).
+    recent_level_days: int = 14
     lgb_trees: int = 200
     lgb_lags: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 14, 21, 28, 364)
     # How the levels are made coherent: one of RECONCILERS, or "auto" (chosen on a holdout
@@ -382,21 +386,27 @@ def _cross_validate(
     *,
     native: bool,
     refit: bool | None = None,
+    shift: Any = None,
 ) -> pd.DataFrame:
+    """Backtest of ``names``; ``shift(cv, fitted)``, if given, adjusts the backtest
+    forecasts with the in-sample fitted values of each window."""
     models = [_model(n, cfg) for n in names]
     if refit is None:
         # Fit once and roll forward where forward() exists (the native-interval models).
         refit = not all(n in NATIVE_INTERVALS for n in names)
 
     def run(part: pd.DataFrame) -> pd.DataFrame:
-        return _sf(models).cross_validation(
+        sf = _sf(models)
+        cv = sf.cross_validation(
             df=part,
             h=cfg.backtest_horizon,
             n_windows=cfg.backtest_windows,
             step_size=cfg.backtest_step,
             level=list(LEVELS) if native else None,
             refit=refit,
+            fitted=shift is not None,
         )
+        return cv if shift is None else shift(cv, sf.cross_validation_fitted_values())
 
     return _run_isolating_failures(run, df)
 
@@ -611,16 +621,32 @@ def _calendar(ds: Any, terms: int, codes: tuple[int, ...]) -> np.ndarray:
     return np.concatenate([f, (h[:, None] == np.array(codes)[None, :]).astype(np.float64)], axis=1)
 
 
+def _weekday_drift(ds: Any, end: pd.Timestamp, n: float) -> tuple[np.ndarray, np.ndarray]:
+    """Weekday dummies (Monday-Saturday) and the same times the days to ``end`` / ``n``
+    (negative before ``end``, 0 from it on: the drift's term is nil at the fit's end)."""
+    idx = pd.DatetimeIndex(ds)
+    dummies = (idx.dayofweek.to_numpy()[:, None] == np.arange(6)[None, :]).astype(np.float64)
+    to_end = np.minimum((idx - end).days.to_numpy(np.float64), 0.0) / n
+    return dummies, dummies * to_end[:, None]
+
+
+YearlyFit = tuple[tuple[int, ...], np.ndarray, np.ndarray, pd.Timestamp, float]
+
+
 def _yearly_coefficients(
     data: pd.DataFrame, cfg: ForecastConfig, until: pd.Series | None = None
-) -> dict[Any, tuple[tuple[int, ...], np.ndarray]]:
+) -> dict[Any, YearlyFit]:
     """Per series, the yearly season and holiday effects (level and trend fitted alongside).
 
     Fitted on each series' days up to ``until[uid]`` (all days if None); a series
     with fewer than ``yearly_min_days`` such days gets none (no yearly season).
-    Returns ``{uid: (holiday codes seen, coefficients)}``.
+    The weekday profile is fitted alongside with a linear drift over the history; only
+    the drift is kept (nil at the last day fitted, each coefficient shrunk by its noise),
+    so what is left for ETS' weekly season is the profile of the series' end, not its
+    average over three years.
+    Returns ``{uid: (holiday codes seen, coefficients, drift coefficients, last day, days)}``.
     """
-    out: dict[Any, tuple[tuple[int, ...], np.ndarray]] = {}
+    out: dict[Any, YearlyFit] = {}
     for uid, g in data.groupby("unique_id", sort=False):
         if until is not None:
             g = g[g["ds"] <= until[uid]]
@@ -631,26 +657,38 @@ def _yearly_coefficients(
         # A holiday's effect needs two occurrences to be told apart from noise.
         codes = tuple(int(c) for c in np.unique(h[h > 0]) if (h == c).sum() >= 2)
         cal = _calendar(g["ds"], cfg.yearly_terms, codes)
-        x = np.column_stack([np.ones(len(y)), np.arange(len(y)) / len(y), cal])
+        end, n = pd.Timestamp(g["ds"].max()), float(len(y))
+        dummies, drift = _weekday_drift(g["ds"], end, n)
+        x = np.column_stack([np.ones(len(y)), np.arange(len(y)) / len(y), cal, dummies, drift])
         # Normal equations: a small square system, far cheaper than lstsq's SVD.
-        beta = np.linalg.solve(x.T @ x + 1e-6 * np.eye(x.shape[1]), x.T @ y)
-        out[uid] = (codes, beta[2:])
+        xtx_inv = np.linalg.inv(x.T @ x + 1e-6 * np.eye(x.shape[1]))
+        beta = xtx_inv @ (x.T @ y)
+        k = 2 + cal.shape[1]
+        drift_at = slice(k + dummies.shape[1], None)
+        # Each drift coefficient shrunk towards 0 by its noise (positive-part James-Stein):
+        # a profile that does not move keeps its average.
+        sigma2 = float(np.sum((y - x @ beta) ** 2)) / max(len(y) - x.shape[1], 1)
+        noise = sigma2 * np.diag(xtx_inv)[drift_at]
+        b = beta[drift_at]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kept = np.nan_to_num(np.clip(1.0 - noise / b**2, 0.0, 1.0))
+        out[uid] = (codes, beta[2:k], b * kept, end, n)
     return out
 
 
-def _yearly(
-    frame: pd.DataFrame, coefs: dict[Any, tuple[tuple[int, ...], np.ndarray]], cfg: ForecastConfig
-) -> np.ndarray:
-    """The yearly season and holiday effects on ``frame``'s rows (``unique_id``, ``ds``)."""
+def _yearly(frame: pd.DataFrame, coefs: dict[Any, YearlyFit], cfg: ForecastConfig) -> np.ndarray:
+    """The yearly season, holiday effects and weekday drift on ``frame``'s rows
+    (``unique_id``, ``ds``)."""
     out = np.zeros(len(frame))
     if not coefs:
         return out
     uids = frame["unique_id"].to_numpy()
     ds = pd.DatetimeIndex(frame["ds"])
-    for uid, (codes, beta) in coefs.items():
+    for uid, (codes, beta, beta_drift, end, n) in coefs.items():
         mask = uids == uid
         if mask.any():
-            out[mask] = _calendar(ds[mask], cfg.yearly_terms, codes) @ beta
+            _, drift = _weekday_drift(ds[mask], end, n)
+            out[mask] = _calendar(ds[mask], cfg.yearly_terms, codes) @ beta + drift @ beta_drift
     return out
 
 
@@ -783,6 +821,59 @@ def _calendar_base(name: str) -> str:
     return MODEL_ETS if BY_NAME[name].kind == "fourier_ets" else name
 
 
+def _recent_level(
+    members: tuple[str, ...],
+    bases: tuple[str, ...],
+    coefs: dict,
+    cfg: ForecastConfig,
+    by: list[str],
+) -> Any:
+    """``shift(out, fitted)`` moving FourierETS' forecasts in ``out`` by the mean of its one-step
+    errors (``fitted``: in-sample values, per ``by``) over the last ``cfg.recent_level_days``
+    ordinary days (holidays left out) of each series with a yearly season (in ``coefs``),
+    that mean shrunk by its own noise; held for as many days ahead, then fading to nothing
+    over as many. None when nothing would move.
+
+    With a yearly season fitted over three years, a year that runs above or below that
+    season shows as errors of the same sign for weeks, which ETS' level (alpha ~0.02-0.06
+    by likelihood on noisy daily counts) follows too slowly; on births such a deviation
+    tells the next two weeks, not the two after (docs/forecasting.md).
+    """
+    days = cfg.recent_level_days
+    cols = tuple(b for m, b in zip(members, bases, strict=True) if BY_NAME[m].kind == "fourier_ets")
+    if days <= 0 or not cols or not coefs:
+        return None
+    uids = list(coefs)
+
+    def shift(out: pd.DataFrame, fitted: pd.DataFrame) -> pd.DataFrame:
+        f = fitted[fitted["unique_id"].isin(uids)].sort_values([*by, "ds"])
+        # The year-end has up to ten holidays in five weeks: 2 x days + 14 leave enough.
+        f = f.groupby(by, sort=False).tail(2 * days + 14)
+        f = f[holiday(f["ds"]) == 0].groupby(by, sort=False).tail(days)
+        if f.empty:
+            return out
+        err = f[by].assign(**{c: f["y"].to_numpy() - f[c].to_numpy() for c in cols})
+        grouped = err.groupby(by)
+        mean = grouped.mean()
+        # Shrunk towards 0 by the noise of a mean of so few errors (positive-part
+        # James-Stein): a mean within its standard error is not moved, a clear one nearly all.
+        noise = grouped.var() / grouped.count()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kept = (1.0 - noise / mean**2).clip(lower=0.0).fillna(0.0)
+        key = pd.MultiIndex.from_frame(out[by]) if len(by) > 1 else pd.Index(out[by[0]])
+        moved = (mean * kept).reindex(key).fillna(0.0)
+        # Held for as many days ahead as it was measured over, then fading out over as many.
+        if "cutoff" in out.columns:
+            origin = pd.DatetimeIndex(out["cutoff"])
+        else:
+            origin = pd.DatetimeIndex(out["unique_id"].map(fitted.groupby("unique_id")["ds"].max()))
+        ahead = (pd.DatetimeIndex(out["ds"]) - origin).days.to_numpy(np.float64)
+        weight = np.clip((2 * days - ahead) / days, 0.0, 1.0)
+        return out.assign(**{c: out[c].to_numpy() + weight * moved[c].to_numpy() for c in cols})
+
+    return shift
+
+
 def _calendar_cv(data: pd.DataFrame, cfg: ForecastConfig, members: tuple[str, ...]) -> pd.DataFrame:
     """Backtest of calendar ``members`` (one statsforecast call) on the adjusted series.
 
@@ -795,7 +886,8 @@ def _calendar_cv(data: pd.DataFrame, cfg: ForecastConfig, members: tuple[str, ..
     pooled = _pooled_holiday_effects(data, cfg, first_cut, skip=coefs)
     adjusted = _without_holidays(data.assign(y=data["y"] - _yearly(data, coefs, cfg)), pooled)
     bases = tuple(_calendar_base(m) for m in members)
-    cv = _cross_validate(adjusted, bases, cfg, native=False, refit=False)
+    shift = _recent_level(members, bases, coefs, cfg, ["unique_id", "cutoff"])
+    cv = _cross_validate(adjusted, bases, cfg, native=False, refit=False, shift=shift)
     if cv.empty:
         return cv
     actual = data.set_index(["unique_id", "ds"])["y"]
@@ -817,9 +909,14 @@ def _calendar_forecast(
     adjusted = _without_holidays(data.assign(y=data["y"] - _yearly(data, coefs, cfg)), pooled)
     bases = tuple(_calendar_base(m) for m in members)
     models = [_model(b, cfg) for b in bases]
-    fc = _run_isolating_failures(
-        lambda part: _sf(models).forecast(df=part, h=cfg.horizon), adjusted
-    )
+    shift = _recent_level(members, bases, coefs, cfg, ["unique_id"])
+
+    def run(part: pd.DataFrame) -> pd.DataFrame:
+        sf = _sf(models)
+        fc = sf.forecast(df=part, h=cfg.horizon, fitted=shift is not None)
+        return fc if shift is None else shift(fc, sf.forecast_fitted_values())
+
+    fc = _run_isolating_failures(run, adjusted)
     if fc.empty:
         return fc
     season, factor = _yearly(fc, coefs, cfg), _holiday_factor(fc, pooled)
