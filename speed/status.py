@@ -27,8 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-
+from lambdalake.kafka.clients import EndOffsetsReader
 from lambdalake.logs import get_logger
 
 log = get_logger(__name__)
@@ -66,47 +65,6 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-class EndOffsets:
-    """ListOffsets(latest) through one consumer kept open (a new one per read cost a
-    connection and a metadata round trip every second)."""
-
-    def __init__(
-        self, bootstrap: str, timeout: float = 5.0, security: Mapping[str, object] | None = None
-    ) -> None:
-        self.bootstrap = bootstrap
-        self.timeout = timeout
-        self.security = dict(security or {})
-        self._consumer: KafkaConsumer | None = None
-
-    def read(self, tps: list[TP]) -> dict[TP, int]:
-        if self._consumer is None:
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=self.bootstrap,
-                enable_auto_commit=False,
-                group_id=None,
-                # Ends of the log: markers and open transactions' records included; a
-                # read_committed consumer that read everything stands there too.
-                isolation_level="read_uncommitted",
-                request_timeout_ms=max(1_000, int(self.timeout * 1000)),
-                bootstrap_timeout_ms=max(1_000, int(self.timeout * 1000)),
-                **self.security,
-            )
-        try:
-            found = self._consumer.end_offsets([TopicPartition(t, p) for t, p in tps])
-        except Exception:
-            self.close()  # start over next time
-            raise
-        return {(tp.topic, tp.partition): int(end) for tp, end in found.items()}
-
-    def close(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                consumer.close()
-            except Exception as exc:  # closing a broken connection
-                log.debug("speed.end_offsets_close_failed", error=str(exc))
 
 
 def broker_reachable(bootstrap: str, timeout: float = 1.0) -> bool:
@@ -148,7 +106,7 @@ class StatusReporter(threading.Thread):
         self.ends_every = ends_every
         self.ends: dict[TP, int] = {}
         self.ends_measured_at: float | None = None  # wall time of the last ListOffsets read
-        self._end_offsets = EndOffsets(bootstrap, security=security)
+        self._end_offsets = EndOffsetsReader(bootstrap, security=security)
         self.broker_unreachable = False
         self._next_ends = 0.0
         self._backoff = ends_every

@@ -246,10 +246,7 @@ def _read_ends(
     found: dict[TP, int] = {}
 
     def read() -> None:
-        from kafka import TopicPartition
-
-        ends = reader.read([TopicPartition(t, p) for t, p in sorted(tps)])
-        found.update({(tp.topic, tp.partition): int(n) for tp, n in ends.items()})
+        found.update(reader.read(sorted(tps)))
 
     def guarded() -> None:
         try:
