@@ -55,6 +55,19 @@ def expected(rows: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def counted(
+    tmp_path: Path, commits: int, per_commit: int = 3
+) -> tuple[Lake, QuarantineCounter, list[tuple[str, str]]]:
+    """A lake whose quarantine table has ``commits`` commits, and a counter that counted them."""
+    lake = Lake(str(tmp_path / "lake"))
+    counter = QuarantineCounter(lake)
+    rows: list[tuple[str, str]] = []
+    for commit in range(commits):
+        rows += append_quarantined(lake, commit, per_commit)
+    assert counter.counts() == expected(rows)
+    return lake, counter, rows
+
+
 def test_each_read_costs_only_the_files_added_since_the_last(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path / "lake"))
     counter = QuarantineCounter(lake)
@@ -76,12 +89,7 @@ def test_each_read_costs_only_the_files_added_since_the_last(tmp_path: Path) -> 
 
 
 def test_a_rewritten_table_is_counted_again_from_its_files(tmp_path: Path) -> None:
-    lake = Lake(str(tmp_path / "lake"))
-    counter = QuarantineCounter(lake)
-    rows: list[tuple[str, str]] = []
-    for commit in range(12):
-        rows += append_quarantined(lake, commit, 3)
-    assert counter.counts() == expected(rows)
+    lake, counter, rows = counted(tmp_path, 12)
     DeltaTable(lake.table(QUARANTINE)).optimize.compact()  # maintenance rewrites the files
     assert counter.counts() == expected(rows)  # not double-counted, nothing lost
     files = len(DeltaTable(lake.table(QUARANTINE)).file_uris())
@@ -134,12 +142,7 @@ def test_a_counter_kept_up_to_date_reads_only_the_new_commits(
 
 
 def test_counts_follow_an_overwrite(tmp_path: Path) -> None:
-    lake = Lake(str(tmp_path / "lake"))
-    counter = QuarantineCounter(lake)
-    rows: list[tuple[str, str]] = []
-    for commit in range(5):
-        rows += append_quarantined(lake, commit, 3)
-    assert counter.counts() == expected(rows)
+    lake, counter, rows = counted(tmp_path, 5)
     rows = append_quarantined(lake, 5, 4, mode="overwrite")  # the old rows are gone
     assert counter.counts() == expected(rows)
     assert counter.files_read == 1
@@ -154,12 +157,7 @@ def test_counts_follow_a_table_deleted_and_created_again(
 ) -> None:
     # Re-created with fewer commits than before (its log went backwards), or with more
     # (the kept table would take them for appends to the old one).
-    lake = Lake(str(tmp_path / "lake"))
-    counter = QuarantineCounter(lake)
-    rows: list[tuple[str, str]] = []
-    for commit in range(5):
-        rows += append_quarantined(lake, commit, 3)
-    assert counter.counts() == expected(rows)
+    lake, counter, rows = counted(tmp_path, 5)
     shutil.rmtree(lake.table(QUARANTINE))
     if not commits_after:
         assert counter.counts() == {}
