@@ -14,7 +14,10 @@ What it does
     3. With ``--batch-every M`` (default 10), runs ``lambdalake batch run`` every M minutes as
        Airflow would (hourly in production), so the speed layer is pruned at a new watermark
        as in a real deployment; without batch runs the speed worker holds every live event
-       since the first run and its memory grows by design.
+       since the first run and its memory grows by design. With ``--compact-every M``, runs
+       ``lambdalake maintenance compact`` every M minutes as the maintenance DAG would (daily
+       by default): ingest's memory follows the master tables' file count until then.
+       The broker JVM's heap (used, old generation, committed) is sampled with ``jstat``.
     4. Prints a table per minute, the slope per hour of RSS, fds and threads per process
        (Theil-Sen: the median of pairwise slopes, so one noisy minute does not decide) and a
        verdict line on flatness; ``--json PATH`` writes every sample.
@@ -192,7 +195,7 @@ def request_stream(skus: int, stores: int, seed: int) -> Any:
 def speed_status(api: str, speed_dir: Path | None = None) -> dict[str, Any]:
     """Speed lag (messages behind, all workers) and events held, from ``/v1/status``; with
     ``speed_dir``, the size of the workers' DuckDB write-ahead logs (what DuckDB holds in
-    memory until its next checkpoint, at 128 MB of log: docs/speed.md)."""
+    memory until its next checkpoint, at LAMBDALAKE_SPEED_CHECKPOINT of log: docs/speed.md)."""
     import httpx
 
     try:
@@ -216,6 +219,28 @@ def speed_status(api: str, speed_dir: Path | None = None) -> dict[str, Any]:
         wal = sum(p.stat().st_size for p in speed_dir.glob("*.duckdb.wal") if p.exists())
         out["wal_mib"] = round(wal / MIB, 1)
     return out
+
+
+def jvm_heap(pid: int) -> dict[str, float]:
+    """The broker JVM's heap (MiB) from ``jstat -gc``: ``used`` (young + old), ``old_used``
+    (what survived young collections: a leak shows here after mixed collections),
+    ``committed`` (what the JVM took from the OS, bounded by -Xmx) and the count of full
+    collections. Empty when ``jstat`` (a JDK tool) is not there."""
+    try:
+        out = subprocess.run(
+            ["jstat", "-gc", str(pid)], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split("\n")
+        row = dict(zip(out[0].split(), map(float, out[1].split()), strict=True))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return {}
+    kib = 1024
+    young = row["S0U"] + row["S1U"] + row["EU"]
+    return {
+        "used": round((young + row["OU"]) / kib, 1),
+        "old_used": round(row["OU"] / kib, 1),
+        "committed": round((row["S0C"] + row["S1C"] + row["EC"] + row["OC"]) / kib, 1),
+        "full_gcs": row.get("FGC", 0.0),
+    }
 
 
 def api_heap(api: str) -> dict[str, float]:
@@ -246,6 +271,7 @@ class Minute:
     processes: dict[str, ProcessSample | None]
     batch_runs: list[dict[str, Any]] = field(default_factory=list)
     api_heap: dict[str, float] = field(default_factory=dict)
+    broker_heap: dict[str, float] = field(default_factory=dict)
 
 
 class Demo:
@@ -311,6 +337,14 @@ class Demo:
 
     def batch_run(self) -> dict[str, Any]:
         """One ``lambdalake batch run`` with the demo's settings, as Airflow would run it."""
+        return self.run_cli("batch", "run")
+
+    def compact(self) -> dict[str, Any]:
+        """``lambdalake maintenance compact``, as the maintenance DAG runs it (a week of
+        history kept for time travel)."""
+        return self.run_cli("maintenance", "compact", "--retention-hours", "168")
+
+    def run_cli(self, *words: str) -> dict[str, Any]:
         env = dict(
             self.env,
             LAMBDALAKE_KAFKA_BOOTSTRAP=f"127.0.0.1:{self.broker_port}",
@@ -320,7 +354,7 @@ class Demo:
         )
         t0 = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "lambdalake.cli", "batch", "run"],
+            [sys.executable, "-m", "lambdalake.cli", *words],
             stdout=subprocess.PIPE,
             stderr=self.log,
             env=env,
@@ -329,6 +363,7 @@ class Demo:
         )
         out = done.stdout.decode(errors="replace").strip().splitlines()
         return {
+            "what": " ".join(words),
             "seconds": round(time.monotonic() - t0, 1),
             "code": done.returncode,
             "run_id": out[-1] if out and done.returncode == 0 else None,
@@ -382,6 +417,7 @@ def soak(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]:
                     api=api,
                     speed=speed_status(demo.api, demo.home / "speed"),
                     api_heap=api_heap(demo.api),
+                    broker_heap=jvm_heap(procs["broker"].pid) if "broker" in procs else {},
                     processes={n: sample_process(p) for n, p in procs.items()},
                     batch_runs=done,
                 )
@@ -397,10 +433,16 @@ def soak(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]:
                 raise RuntimeError(
                     f"the demo exited with {demo.proc.returncode}; see {demo.log_path}"
                 )
-            due = args.batch_every and m > 1 and (m - 1) % args.batch_every == 0
-            if due and (batch_thread is None or not batch_thread.is_alive()):
+            # Batch runs and compactions, one at a time (as one Airflow pool would run them).
+            jobs = []
+            if args.batch_every and m > 1 and (m - 1) % args.batch_every == 0:
+                jobs.append(demo.batch_run)
+            if args.compact_every and m % args.compact_every == 0:
+                jobs.append(demo.compact)
+            if jobs and (batch_thread is None or not batch_thread.is_alive()):
                 batch_thread = threading.Thread(
-                    target=lambda: batch_runs.append(demo.batch_run()), daemon=True
+                    target=lambda jobs=jobs: batch_runs.extend(job() for job in jobs),
+                    daemon=True,
                 )
                 batch_thread.start()
             # One minute of open-loop traffic (what a minute's p99 is measured over).
@@ -531,8 +573,12 @@ def print_row(m: Minute, names: list[str]) -> None:
     for n in names:
         s = m.processes.get(n)
         cols.append(f"{n} {s.rss_mib:.0f}/{s.fds}/{s.threads}" if s else f"{n} gone")
+    if m.broker_heap:
+        h = m.broker_heap
+        cols.append(f"jvm heap {h['used']:.0f} (old {h['old_used']:.0f}) of {h['committed']:.0f}")
     for b in m.batch_runs:
-        cols.append(f"batch run {b['run_id'] or 'FAILED'} in {b['seconds']} s")
+        ok = (b["run_id"] or "ok") if b["code"] == 0 else "FAILED"
+        cols.append(f"{b.get('what', 'batch run')} {ok} in {b['seconds']} s")
     print(" | ".join(cols), flush=True)
 
 
@@ -597,7 +643,11 @@ def print_report(result: dict[str, Any]) -> None:
     if runs:
         console.print(
             "batch runs during the soak: "
-            + ", ".join(f"{b['run_id'] or 'FAILED'} ({b['seconds']} s)" for b in runs)
+            + ", ".join(
+                f"{b.get('what', 'batch run')} {(b['run_id'] or 'ok') if b['code'] == 0 else 'FAILED'}"
+                f" ({b['seconds']} s)"
+                for b in runs
+            )
         )
     console.print(f"[bold]verdict:[/] {result['verdict']}")
 
@@ -609,6 +659,12 @@ def main() -> None:
     ap.add_argument("--api-rate", type=float, default=20.0, help="API requests/s, open loop")
     ap.add_argument(
         "--batch-every", type=int, default=10, help="minutes between batch runs; 0: none"
+    )
+    ap.add_argument(
+        "--compact-every",
+        type=int,
+        default=0,
+        help="minutes between lake compactions (the maintenance DAG's job); 0: none",
     )
     ap.add_argument("--warmup-minutes", type=float, default=1.0, help="left out of the slopes")
     ap.add_argument("--days", type=int, default=90, help="history for the demo")

@@ -4,13 +4,18 @@ real Delta master tables).
 
     .venv/bin/python bench/speed_uptime.py cursors --queries 4000
     .venv/bin/python bench/speed_uptime.py known-ids --ids 2000000
+    .venv/bin/python bench/speed_uptime.py wal --batches 6000 --checkpoint 128MB 16MB
 
 ``cursors``: a state with 5,000 orders behind a Flight endpoint; ``--queries`` sales
 queries from 16 client threads (one in ten on a new connection, as clients come and
 go); prints cursors open and RSS before and after. ``known-ids``: a master table of
 ``--ids`` orders ingested now, a run below all of them; prepares it as the run watcher
 does (ids streamed to a file, or ``--in-memory`` as a table) and applies it to a fresh
-state in this process; prints RSS after each phase and the peak. One JSON line each.
+state in this process; prints RSS after each phase and the peak. ``wal``: for each
+``--checkpoint`` threshold in turn, a fresh state takes ``--batches`` micro-batches of
+``--per-batch`` new orders (a worker's second of a steady stream); prints, every tenth of
+the way, the write-ahead log's size, DuckDB's own memory figure and RSS, and at the end
+the median and p99 time of a commit. One JSON line each.
 """
 
 from __future__ import annotations
@@ -92,6 +97,64 @@ def cursors(queries: int) -> dict[str, object]:
     }
     client.close()
     server.stop()
+    state.close()
+    return out
+
+
+def wal(batches: int, per_batch: int, threshold: str) -> dict[str, object]:
+    import statistics
+
+    from lambdalake.contract.validation import validate
+    from speed.state import BatchInput, SpeedState
+
+    path = Path(tempfile.mkdtemp()) / "w.duckdb"
+    state = SpeedState(path, (0, 1), checkpoint_threshold=threshold)
+    state.register_partitions([("orders", 0), ("reviews", 0)])
+    start = datetime.now(UTC) - timedelta(days=30)
+    wal_path = path.with_name(path.name + ".wal")
+    samples, commit_s = [], []
+    offset = 0
+    for b in range(batches):
+        values = [
+            json.dumps(
+                {
+                    "event_id": f"e{o}",
+                    "event_time": (start + timedelta(seconds=(o * 97) % (30 * 86400))).isoformat(),
+                    "store_id": f"s{o % 3}",
+                    "sku": f"k{o % 20}",
+                    "quantity": 1 + o % 3,
+                    "unit_price": 2.5,
+                }
+            ).encode()
+            for o in range(offset, offset + per_batch)
+        ]
+        v = validate("orders", values, [0] * per_batch, list(range(offset, offset + per_batch)))
+        offset += per_batch
+        t0 = time.perf_counter()
+        state.commit_batch(BatchInput(valid={"orders": v.valid}, ends={("orders", 0): offset}))
+        commit_s.append(time.perf_counter() - t0)
+        if (b + 1) % max(1, batches // 10) == 0:
+            samples.append(
+                {
+                    "batches": b + 1,
+                    "wal_mib": round(wal_path.stat().st_size / 2**20, 1)
+                    if wal_path.exists()
+                    else 0.0,
+                    "duckdb_mib": round(state.counts()["duckdb_bytes"] / 2**20, 1),
+                    "rss_mib": round(rss_mib(), 1),
+                }
+            )
+    cuts = statistics.quantiles(commit_s, n=100)
+    out = {
+        "checkpoint": threshold,
+        "batches": batches,
+        "per_batch": per_batch,
+        "commit_ms_p50": round(statistics.median(commit_s) * 1000, 2),
+        "commit_ms_p99": round(cuts[98] * 1000, 2),
+        "commit_ms_max": round(max(commit_s) * 1000, 1),
+        "seconds": round(sum(commit_s), 1),
+        "samples": samples,
+    }
     state.close()
     return out
 
@@ -211,6 +274,10 @@ def main() -> None:
     k = sub.add_parser("known-ids")
     k.add_argument("--ids", type=int, default=2_000_000)
     k.add_argument("--in-memory", action="store_true", help="prepare into a table, not a file")
+    w = sub.add_parser("wal")
+    w.add_argument("--batches", type=int, default=6000)
+    w.add_argument("--per-batch", type=int, default=100)
+    w.add_argument("--checkpoint", nargs="+", default=["128MB", "16MB"])
     m = sub.add_parser("make-master")
     m.add_argument("--ids", type=int, required=True)
     m.add_argument("--lake", type=Path, required=True)
@@ -218,6 +285,9 @@ def main() -> None:
     os.environ.setdefault("LAMBDALAKE_LOG_LEVEL", "WARNING")
     if args.what == "cursors":
         print(json.dumps(cursors(args.queries)))
+    elif args.what == "wal":
+        for threshold in args.checkpoint:  # each in a fresh state; RSS is the process's
+            print(json.dumps(wal(args.batches, args.per_batch, threshold)), flush=True)
     elif args.what == "make-master":
         print(make_master(args.lake, args.ids))
     else:

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     speed_max_records: int = Field(
         50_000, ge=1, description="Messages per speed micro-batch at most (one DuckDB commit)."
     )
+    speed_checkpoint: str = Field(
+        "16MB",
+        pattern=r"^[0-9]+(\.[0-9]+)?\s*([KMG]i?B)$",
+        description="Write-ahead log a speed worker's DuckDB state gathers before a "
+        "checkpoint; what it holds is in memory until then, so this bounds the state's memory "
+        "(docs/production.md, memory over weeks).",
+    )
     dedup_hours: int = Field(48, ge=0, description="Deduplication horizon for event_id.")
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -83,6 +83,8 @@ PARTIALS = {name: f"partials_{name}" for name in VIEWS}
 SCHEMA_VERSION = "2"
 # Read cursors kept open at most (queries beyond this wait for one to be free).
 MAX_READERS = 8
+# What the state writes between checkpoints; DuckDB holds it in memory until then.
+CHECKPOINT_THRESHOLD = "16MB"
 # A scratch table is created again once this many rows went through it: DuckDB keeps the
 # rows a DELETE removed from a temporary table (they are never checkpointed), so one kept
 # for the connection grew by every event ever consumed (~115 bytes each, measured).
@@ -191,6 +193,7 @@ class SpeedState:
         worker: tuple[int, int],
         *,
         memory_limit: str | None = None,
+        checkpoint_threshold: str = CHECKPOINT_THRESHOLD,
         threads: int = 1,
         max_readers: int = MAX_READERS,
     ):
@@ -199,8 +202,10 @@ class SpeedState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(str(self.path))
         self._configure(self.con)
-        # Fewer checkpoints on the hot path; the WAL replays on open after a crash.
-        self.con.execute("SET checkpoint_threshold = '128MB'")
+        # What is written since the last checkpoint stays in memory as well as in the WAL
+        # (DuckDB's memory follows the WAL's size), so the threshold bounds the state's
+        # memory; the WAL replays on open after a crash.
+        self.con.execute("SET checkpoint_threshold = ?", [checkpoint_threshold])
         # One DuckDB thread: micro-batches are small statements (parallelism costs more
         # than it gains), and the other core is the poller's.
         self.con.execute(f"SET threads = {int(threads)}")

@@ -509,7 +509,9 @@ def run_worker(
     ``{speed_state_dir}/status/worker-I-of-N.json`` about once a second.
     ``kafka_client``: ``"kafka-python"`` or ``"confluent-kafka"`` (optional
     package; much faster polling, see :mod:`speed.kafka_clients`)."""
-    state = SpeedState(state_path(settings, worker), worker)
+    state = SpeedState(
+        state_path(settings, worker), worker, checkpoint_threshold=settings.speed_checkpoint
+    )
     try:
         SpeedWorker(
             settings,

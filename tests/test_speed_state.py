@@ -406,6 +406,30 @@ def test_scratch_tables_stay_bounded_over_many_micro_batches(
     assert per_batch * batches > 4 * (2_000 + per_batch)
 
 
+def test_the_checkpoint_threshold_bounds_the_write_ahead_log_and_memory(tmp_path: Path) -> None:
+    # What a worker wrote since its last checkpoint is in memory as well as in the WAL, so
+    # the threshold is what bounds a long-running worker's DuckDB memory.
+    path = tmp_path / "w.duckdb"
+    state = SpeedState(path, (0, 1), checkpoint_threshold="1MB")
+    state.register_partitions([("orders", 0)])
+    wal = path.with_name(path.name + ".wal")
+    per_batch, batches, largest, grown = 200, 300, 0, 0
+    try:
+        for b in range(batches):
+            rows = [(0, b * per_batch + i, order(b * per_batch + i)) for i in range(per_batch)]
+            before = wal.stat().st_size if wal.exists() else 0
+            state.commit_batch(batch("orders", rows))
+            after = wal.stat().st_size if wal.exists() else 0
+            grown += max(0, after - before)
+            largest = max(largest, after)
+        assert total_units(state) == per_batch * batches
+    finally:
+        state.close()
+    # More than three thresholds' worth went through the log, which never held two.
+    assert grown > 3 * 2**20, grown
+    assert largest < 2 * 2**20, largest
+
+
 def test_invalid_counts_keep_one_row_per_topic_and_reason(state: SpeedState) -> None:
     for i in range(40):
         state.commit_batch(batch("orders", [(0, 2 * i, b"{bad"), (0, 2 * i + 1, order(i, qty=0))]))
