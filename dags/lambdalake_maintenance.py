@@ -9,9 +9,9 @@
   cannot go below 24: readers pin older table versions (the served run's
   views, a batch run's master snapshot), and vacuum must not delete their files.
 
-Both steps are idempotent: running them twice leaves the same tables. Daily unless
-``LAMBDALAKE_MAINTENANCE_SCHEDULE`` says otherwise (hourly at high commit rates: ingest's
-memory follows the master tables' file count until a compaction).
+Both steps are idempotent: running them twice leaves the same tables. Hourly unless
+``LAMBDALAKE_MAINTENANCE_SCHEDULE`` says otherwise: ingest's memory follows the master
+tables' file count until a compaction (~26 KiB a file, a file per commit and event date).
 """
 
 from __future__ import annotations

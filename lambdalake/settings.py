@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     )
     batch_schedule: str = "@hourly"
     maintenance_schedule: str = Field(
-        "@daily",
+        "@hourly",
         description="When the maintenance DAG compacts the lake; ingest's memory follows the "
         "master tables' file count until then (docs/production.md, memory over weeks).",
     )

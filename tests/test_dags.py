@@ -68,7 +68,7 @@ def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         lake_uri=str(tmp / "lake"),
         kafka_bootstrap="kafka.example:9092",
         batch_schedule="*/30 * * * *",
-        maintenance_schedule="@hourly",
+        maintenance_schedule="17 * * * *",
     )
     env = airflow_env(settings)
     code = f"HEAVY = {HEAVY!r}\n" + PARSE
@@ -132,7 +132,7 @@ def test_every_task_passes_the_settings_bootstrap_and_lake(parsed: dict) -> None
 
 def test_maintenance_and_reprocess_take_their_params_from_the_environment(parsed: dict) -> None:
     maintenance = parsed["dags"]["lambdalake_maintenance"]
-    assert maintenance["schedule"] == "@hourly"  # LAMBDALAKE_MAINTENANCE_SCHEDULE
+    assert maintenance["schedule"] == "17 * * * *"  # LAMBDALAKE_MAINTENANCE_SCHEDULE
     assert maintenance["params"] == ["quarantine_days", "retention_hours"]
     assert maintenance["tasks"]["compact"]["upstream"] == ["expire_quarantine"]
     reprocess = parsed["dags"]["lambdalake_reprocess"]
