@@ -38,13 +38,12 @@ import duckdb
 import pyarrow as pa
 
 from lambdalake.contract.lake import (
-    RUNS,
     VIEW_DEMAND_FORECAST,
     VIEW_FORECAST_ACCURACY,
     VIEW_REVIEW_SCORES,
     Lake,
 )
-from lambdalake.contract.manifest import RunRecord, Watermark, latest_published_run
+from lambdalake.contract.manifest import RunRecord, Watermark
 from lambdalake.contract.views import (
     ALL,
     PERIOD_COLUMN,
@@ -55,6 +54,7 @@ from lambdalake.contract.views import (
 )
 from lambdalake.errors import LambdalakeError
 from lambdalake.logs import get_logger
+from lambdalake.ops.status import latest_run
 from lambdalake.settings import Settings
 from serving.series import SeriesCache
 from serving.tables import IndexedTable, index_key, merge_partials, select
@@ -306,8 +306,6 @@ class BatchCache:
         self.lake = Lake(settings.lake_uri)
         self.poll_seconds = poll_seconds
         self._snapshot: BatchSnapshot | None = None
-        self._runs_version: int | None = None
-        self._runs_table: Any = None
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -327,31 +325,16 @@ class BatchCache:
             assert snap is not None
         return snap
 
-    def _runs_changed(self) -> bool:
-        """Cheap: has the runs table got a new Delta version since the last check?"""
-        from deltalake import DeltaTable
-
-        uri = self.lake.table(RUNS)
-        if self._runs_table is None:
-            if not DeltaTable.is_deltatable(uri, storage_options=self.lake.storage_options):
-                return self._runs_version is not None
-            self._runs_table = DeltaTable(uri, storage_options=self.lake.storage_options)
-        else:
-            self._runs_table.update_incremental()
-        version = int(self._runs_table.version())
-        return version != self._runs_version
-
     def refresh(self, *, force: bool = False) -> bool:
-        """Reload if a newer run was published (or ``force``); True when the snapshot changed."""
+        """Reload if another run is now the latest published one; True when the snapshot
+        changed. The runs table is read through the process's kept reader
+        (:func:`~lambdalake.ops.status.latest_run`: only its new commits, its rows only at a
+        new version), so the poll every second costs no re-open. ``force`` is kept for
+        callers that know a run was just published; the check is the same."""
+        del force
         with self._load_lock:
-            if not force and self._snapshot is not None and not self._runs_changed():
-                return False
-            if force:
-                self._runs_changed()  # bring the version marker up to date
-            version = None if self._runs_table is None else int(self._runs_table.version())
-            run = latest_published_run(self.lake.table(RUNS), self.lake.storage_options)
+            run = latest_run(self.lake)
             old = self._snapshot
-            self._runs_version = version
             if old is not None and (old.run_id == (run.run_id if run else None)):
                 return False
             started = time.monotonic()
