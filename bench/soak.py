@@ -362,12 +362,18 @@ class Demo:
             check=False,
         )
         out = done.stdout.decode(errors="replace").strip().splitlines()
-        return {
-            "what": " ".join(words),
+        last = out[-1] if out and done.returncode == 0 else None
+        result: dict[str, Any] = {
+            "what": " ".join(words[:2]),
             "seconds": round(time.monotonic() - t0, 1),
             "code": done.returncode,
-            "run_id": out[-1] if out and done.returncode == 0 else None,
         }
+        if words[0] == "batch":
+            result["run_id"] = last
+        elif last:  # the compaction's summary: files per table before and after
+            with contextlib.suppress(ValueError):
+                result["tables"] = json.loads(last)
+        return result
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM to the demo (it stops its children and the broker); then, for anything
@@ -577,7 +583,7 @@ def print_row(m: Minute, names: list[str]) -> None:
         h = m.broker_heap
         cols.append(f"jvm heap {h['used']:.0f} (old {h['old_used']:.0f}) of {h['committed']:.0f}")
     for b in m.batch_runs:
-        ok = (b["run_id"] or "ok") if b["code"] == 0 else "FAILED"
+        ok = (b.get("run_id") or "ok") if b["code"] == 0 else "FAILED"
         cols.append(f"{b.get('what', 'batch run')} {ok} in {b['seconds']} s")
     print(" | ".join(cols), flush=True)
 
@@ -644,7 +650,7 @@ def print_report(result: dict[str, Any]) -> None:
         console.print(
             "batch runs during the soak: "
             + ", ".join(
-                f"{b.get('what', 'batch run')} {(b['run_id'] or 'ok') if b['code'] == 0 else 'FAILED'}"
+                f"{b.get('what', 'batch run')} {(b.get('run_id') or 'ok') if b['code'] == 0 else 'FAILED'}"
                 f" ({b['seconds']} s)"
                 for b in runs
             )
