@@ -464,13 +464,14 @@ def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> No
 
     from lambdalake.settings import Settings
     from serving.admission import StampingHttpToolsProtocol
-    from serving.app import SERVING_LOOP, create_app
+    from serving.app import SERVING_LOOP, configure_loop, create_app
 
     settings = Settings(_env_file=None, lake_uri=lake, home=Path(home), speed_endpoints=endpoints)
     if kind == "fast":
         from lambdalake.memory import long_lived
 
         long_lived()  # what `lambdalake serve` does first (lambdalake/memory.py)
+        configure_loop(settings)
     app = create_app(settings) if kind == "fast" else naive_app(settings)
     uvicorn.run(
         app,

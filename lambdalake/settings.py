@@ -144,6 +144,13 @@ class Settings(BaseSettings):
         description="Requests one API process starts per event-loop turn at most, the rest "
         "in later turns (0: no bound); see docs/serving.md.",
     )
+    api_callbacks_per_poll: int = Field(
+        8,
+        ge=0,
+        description="The API's event loop looks at its sockets after this many callbacks, "
+        "not once per turn, so refusals and new requests are read promptly under load "
+        "(0: once per turn, asyncio's own); see docs/serving.md.",
+    )
     api_url: str = Field(
         "",
         description="The API the CLI's `sql` command asks; empty: "

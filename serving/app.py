@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from lambdalake.settings import Settings
 from serving import dashboard
 from serving.admission import AdmissionControl, AdmissionLimits, StampingHttpToolsProtocol
 from serving.deps import check_api_keys, require_api_key
+from serving.loop import PromptEventLoop
 from serving.metrics import ApiMetrics
 from serving.params import InvalidParameter
 from serving.routers import alerts, forecast, reference, sales, sentiment, sql, system
@@ -233,9 +235,15 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
 # within the batch. Measured at 4x the
 # sustainable point-query rate: admitted p99 0.8-3.4 s with uvloop, 20 ms with asyncio, at
 # the same throughput (docs/serving.md).
-SERVING_LOOP = "asyncio"
+SERVING_LOOP = "serving.loop:PromptEventLoop"  # asyncio's, polling between callbacks
 
 SETTINGS_ENV = "LAMBDALAKE_SERVE_SETTINGS"  # the parent's settings, for worker processes
+
+
+def configure_loop(settings: Settings) -> None:
+    """This process's API event loop polls every ``LAMBDALAKE_API_CALLBACKS_PER_POLL``
+    callbacks (:mod:`serving.loop`; 0: once per turn)."""
+    PromptEventLoop.callbacks_per_poll = settings.api_callbacks_per_poll or sys.maxsize
 
 
 def app_from_environment() -> FastAPI:
@@ -244,7 +252,9 @@ def app_from_environment() -> FastAPI:
 
     values = json.loads(os.environ[SETTINGS_ENV])
     long_lived()
-    return create_app(Settings(_env_file=None, **values))  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    configure_loop(settings)
+    return create_app(settings)
 
 
 def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None:
@@ -254,6 +264,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None
     each with its own app, caches and admission limits."""
     check_api_keys(settings.api_key_set)  # one line before anything starts
     log.info("serving.start", host=host, port=port, lake=settings.lake_uri, workers=workers)
+    configure_loop(settings)
     options: dict[str, Any] = {
         "host": host,
         "port": port,
