@@ -22,7 +22,7 @@ import pytest
 from fastapi import FastAPI
 
 from lambdalake.settings import Settings
-from serving.admission import AdmissionControl, AdmissionLimits
+from serving.admission import AdmissionControl, AdmissionLimits, Waiting
 from serving.app import admission_limits, create_app, running_server
 
 
@@ -325,6 +325,28 @@ def test_a_bound_on_starts_per_turn_keeps_the_loop_reading_between_starts() -> N
     ~20 ms instead of after the whole backlog: the turn, not the backlog, bounds the wait."""
     health, backlog = _health_while_a_backlog_starts(2)
     assert health < backlog / 3, (health, backlog)
+
+
+def test_a_request_is_refused_as_it_is_read_when_those_ahead_would_make_it_late() -> None:
+    """The wait is predicted from the requests ahead and how often they start (or get a slot),
+    so a request that would be refused after waiting is refused before it waits."""
+    limits = AdmissionLimits(max_queue_seconds=0.02, burst=8)
+    w = Waiting()
+    w.limits = limits
+    now = time.monotonic()
+    w.n = 10  # parsed, not started: more than a burst
+    w.start_gap = 0.001  # ten starts take 10 ms: in time
+    assert not w.refuse_at_arrival(0.0, now)
+    w.start_gap = 0.003  # ten starts take 30 ms: it would be late
+    assert w.refuse_at_arrival(0.0, now)
+    # Within a burst, starts are not predicted (a page's calls at once are answered) ...
+    w.n = 5
+    assert not w.refuse_at_arrival(0.0, now)
+    # ... but when every slot is taken and requests wait for one, those count too.
+    w.queued, w.slot_gap = 6, 0.002  # (5 + 6 + 1) slots at 2 ms: 24 ms
+    assert w.refuse_at_arrival(0.0, now)
+    w.slot_gap = 0.001
+    assert not w.refuse_at_arrival(0.0, now)
 
 
 def test_the_admission_settings_reach_the_limits(tmp_path: Path) -> None:
