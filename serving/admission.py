@@ -148,9 +148,10 @@ class Waiting:
     def refuse_at_arrival(self, waited: float, now: float) -> bool:
         """Would this request be refused after waiting? Then refuse it now, as it is read.
 
-        Predicted: the requests parsed ahead of it (more than a burst) times the interval
-        between starts, or, while every slot is taken and requests wait for one, all those
-        ahead of it times the interval between slots handed over, past the bound. Otherwise,
+        Predicted, while a queue is moving (a start in the last ``FRESH_S``): the requests
+        parsed ahead of it (more than a burst) times the interval between starts, or, while
+        every slot is taken and requests wait for one, all those ahead of it times the
+        interval between slots handed over, past the bound. Otherwise,
         a standing backlog (more than a burst waits) and either this request has already
         waited longer than allowed or it would wait that long: with a bound on starts per
         turn, the turns the requests ahead of it need; without, as long as the requests
@@ -160,13 +161,17 @@ class Waiting:
         limits = self.limits
         if limits is None:
             return False
-        # Every slot is taken and requests wait for one: this one would get a slot after
-        # those parsed and those queued ahead of it, one slot_gap each.
-        if self.n > limits.burst and waited + self.n * self.start_gap > limits.max_queue_seconds:
-            return True  # the requests parsed ahead of it take that long to start
-        ahead = self.n + self.queued + 1
-        if self.queued and waited + ahead * self.slot_gap > limits.max_queue_seconds:
-            return True
+        bound = limits.max_queue_seconds
+        # Predictions only while a queue is moving (a start in the last FRESH_S): the
+        # intervals measured in an earlier backlog say nothing about a burst after a pause.
+        if now - self.started_at < self.FRESH_S:
+            # More than a burst parsed ahead of it, started one start_gap apart.
+            if self.n > limits.burst and waited + self.n * self.start_gap > bound:
+                return True
+            # Every slot is taken and requests wait for one: it would get one after those
+            # parsed and those queued ahead of it, one slot_gap apart.
+            if self.queued and waited + (self.n + self.queued + 1) * self.slot_gap > bound:
+                return True
         if self.n <= limits.burst:
             return False
         if waited > limits.max_queue_seconds:

@@ -334,6 +334,7 @@ def test_a_request_is_refused_as_it_is_read_when_those_ahead_would_make_it_late(
     w = Waiting()
     w.limits = limits
     now = time.monotonic()
+    w.started_at = now - 0.001  # a queue is moving: a request started a moment ago
     w.n = 10  # parsed, not started: more than a burst
     w.start_gap = 0.001  # ten starts take 10 ms: in time
     assert not w.refuse_at_arrival(0.0, now)
@@ -346,6 +347,11 @@ def test_a_request_is_refused_as_it_is_read_when_those_ahead_would_make_it_late(
     w.queued, w.slot_gap = 6, 0.002  # (5 + 6 + 1) slots at 2 ms: 24 ms
     assert w.refuse_at_arrival(0.0, now)
     w.slot_gap = 0.001
+    assert not w.refuse_at_arrival(0.0, now)
+    # Intervals measured in an earlier backlog do not refuse a burst after a pause.
+    w.n, w.queued, w.start_gap, w.slot_gap = 10, 6, 0.003, 0.002
+    assert w.refuse_at_arrival(0.0, now)
+    w.started_at = now - 1.0
     assert not w.refuse_at_arrival(0.0, now)
 
 
