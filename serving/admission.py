@@ -116,11 +116,11 @@ class Waiting:
         "limits",
         "n",
         "on_refused",
-        "queued",
         "slot_gap",
         "start_gap",
         "started_at",
         "turn_s",
+        "waiters",
     )
 
     # The last start's wait speaks for the queue for this long (a backlog starts
@@ -134,10 +134,10 @@ class Waiting:
         # With a bound on starts per turn: how long a busy event-loop turn lasts (a moving
         # average, measured by the middleware), to tell how long the backlog takes to start.
         self.turn_s = 0.0
-        # Requests started and waiting for a slot in the middleware, and how often a slot is
-        # handed over while some wait (a moving average, seconds): what a new request would
-        # wait for one.
-        self.queued = 0
+        # The requests started and waiting for a slot (the middleware's queue, shared), and
+        # how often a slot is handed over while some wait (a moving average, seconds): what
+        # a new request would wait for one.
+        self.waiters: deque[Any] = deque()
         self.slot_gap = 0.0
         # How often a parsed request starts while others wait to (a moving average, seconds).
         self.start_gap = 0.0
@@ -170,7 +170,8 @@ class Waiting:
                 return True
             # Every slot is taken and requests wait for one: it would get one after those
             # parsed and those queued ahead of it, one slot_gap apart.
-            if self.queued and waited + (self.n + self.queued + 1) * self.slot_gap > bound:
+            queued = len(self.waiters)
+            if queued and waited + (self.n + queued + 1) * self.slot_gap > bound:
                 return True
         if self.n <= limits.burst:
             return False
@@ -299,6 +300,7 @@ class AdmissionControl:
         waiting = extensions.get(WAITING)
         if waiting is not None and waiting.limits is None:  # arm refusal at arrival
             waiting.limits, waiting.on_refused = self.limits, self.on_refused
+            waiting.waiters = self._waiters  # the queue for slots, seen at arrival
             self._waiting = waiting
         if scope["type"] != "http" or scope.get("path") in NEVER_REFUSED:
             if waiting is not None:
@@ -352,13 +354,9 @@ class AdmissionControl:
                 return
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            if waiting is not None:
-                waiting.queued += 1
             try:
                 await asyncio.wait_for(waiter, max(0.0, limits.max_queue_seconds - waited))
             except BaseException as exc:  # timed out, or the client went away
-                if waiting is not None:
-                    waiting.queued -= 1
                 handed_over = waiter.done() and not waiter.cancelled()
                 if not waiter.done():
                     waiter.cancel()
@@ -371,8 +369,6 @@ class AdmissionControl:
                     return
                 raise
             # The slot was handed over by _release: in_flight already counts this request.
-            if waiting is not None:
-                waiting.queued -= 1
         else:
             self.in_flight += 1
         try:

@@ -139,7 +139,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         try:
-            batch.refresh(force=True)
+            batch.refresh()
         except Exception as exc:  # still start: /health and /v1/status say what is wrong
             log.warning("serving.batch_initial_load_failed", error=f"{type(exc).__name__}: {exc}")
         batch.start()

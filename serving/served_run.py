@@ -298,7 +298,7 @@ class BatchCache:
     """The current :class:`BatchSnapshot`, reloaded when a newer run is published.
 
     ``current()`` never blocks on a reload once a snapshot exists; a background
-    thread (``start()``) polls the runs table. ``refresh(force=True)`` reloads
+    thread (``start()``) polls the runs table. ``refresh()`` reloads
     synchronously (used when a speed worker reports a newer watermark).
     """
 
@@ -320,18 +320,16 @@ class BatchCache:
     def current(self) -> BatchSnapshot:
         snap = self._snapshot
         if snap is None:
-            self.refresh(force=True)
+            self.refresh()
             snap = self._snapshot
             assert snap is not None
         return snap
 
-    def refresh(self, *, force: bool = False) -> bool:
+    def refresh(self) -> bool:
         """Reload if another run is now the latest published one; True when the snapshot
         changed. The runs table is read through the process's kept reader
         (:func:`~lambdalake.ops.status.latest_run`: only its new commits, its rows only at a
-        new version), so the poll every second costs no re-open. ``force`` is kept for
-        callers that know a run was just published; the check is the same."""
-        del force
+        new version), so the poll every second costs no re-open."""
         with self._load_lock:
             run = latest_run(self.lake)
             old = self._snapshot

@@ -325,7 +325,7 @@ class QueryService:
         if speed.stale:
             if not _MAY_BLOCK.get():
                 raise WouldBlock("a newer run is published: load it first")
-            self.batch.refresh(force=True)
+            self.batch.refresh()
             snap = self.batch.current()
             value, speed = compute(snap)
         return value, snap, speed

@@ -13,6 +13,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -344,12 +345,12 @@ def test_a_request_is_refused_as_it_is_read_when_those_ahead_would_make_it_late(
     w.n = 5
     assert not w.refuse_at_arrival(0.0, now)
     # ... but when every slot is taken and requests wait for one, those count too.
-    w.queued, w.slot_gap = 6, 0.002  # (5 + 6 + 1) slots at 2 ms: 24 ms
+    w.waiters, w.slot_gap = deque([None] * 6), 0.002  # (5 + 6 + 1) slots at 2 ms: 24 ms
     assert w.refuse_at_arrival(0.0, now)
     w.slot_gap = 0.001
     assert not w.refuse_at_arrival(0.0, now)
     # Intervals measured in an earlier backlog do not refuse a burst after a pause.
-    w.n, w.queued, w.start_gap, w.slot_gap = 10, 6, 0.003, 0.002
+    w.n, w.start_gap, w.slot_gap = 10, 0.003, 0.002
     assert w.refuse_at_arrival(0.0, now)
     w.started_at = now - 1.0
     assert not w.refuse_at_arrival(0.0, now)

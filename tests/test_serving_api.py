@@ -1345,7 +1345,7 @@ def test_a_cursor_of_a_run_no_longer_served_is_gone(tmp_path: Path) -> None:
         first = client.get("/v1/sales", params=params).json()
         assert first["next_cursor"]
         write_run(root, "run-2", orders, published_at=NOW - timedelta(hours=1))
-        app.state.batch.refresh(force=True)
+        app.state.batch.refresh()
         r = client.get("/v1/sales", params={**params, "cursor": first["next_cursor"]})
         assert r.status_code == 410, r.text
         assert "run-1" in r.json()["detail"] and "without cursor" in r.json()["detail"]
