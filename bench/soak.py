@@ -15,7 +15,7 @@ What it does
        Airflow would (hourly in production), so the speed layer is pruned at a new watermark
        as in a real deployment; without batch runs the speed worker holds every live event
        since the first run and its memory grows by design. With ``--compact-every M``, runs
-       ``lambdalake maintenance compact`` every M minutes as the maintenance DAG would (daily
+       ``lambdalake maintenance compact`` every M minutes as the maintenance DAG would (hourly
        by default): ingest's memory follows the master tables' file count until then.
        The broker JVM's heap (used, old generation, committed) is sampled with ``jstat``.
     4. Prints a table per minute, the slope per hour of RSS, fds and threads per process
@@ -550,6 +550,12 @@ def print_header(names: list[str]) -> None:
     )
 
 
+def job_label(job: dict[str, Any]) -> str:
+    """``batch run <run id>``, ``maintenance compact ok``, or the job's name and FAILED."""
+    ok = (job.get("run_id") or "ok") if job["code"] == 0 else "FAILED"
+    return f"{job.get('what', 'batch run')} {ok}"
+
+
 def print_row(m: Minute, names: list[str]) -> None:
     api = m.api
     cols = [f"{m.minute:5.1f} min"]
@@ -583,8 +589,7 @@ def print_row(m: Minute, names: list[str]) -> None:
         h = m.broker_heap
         cols.append(f"jvm heap {h['used']:.0f} (old {h['old_used']:.0f}) of {h['committed']:.0f}")
     for b in m.batch_runs:
-        ok = (b.get("run_id") or "ok") if b["code"] == 0 else "FAILED"
-        cols.append(f"{b.get('what', 'batch run')} {ok} in {b['seconds']} s")
+        cols.append(f"{job_label(b)} in {b['seconds']} s")
     print(" | ".join(cols), flush=True)
 
 
@@ -649,11 +654,7 @@ def print_report(result: dict[str, Any]) -> None:
     if runs:
         console.print(
             "batch runs during the soak: "
-            + ", ".join(
-                f"{b.get('what', 'batch run')} {(b.get('run_id') or 'ok') if b['code'] == 0 else 'FAILED'}"
-                f" ({b['seconds']} s)"
-                for b in runs
-            )
+            + ", ".join(f"{job_label(b)} ({b['seconds']} s)" for b in runs)
         )
     console.print(f"[bold]verdict:[/] {result['verdict']}")
 
