@@ -688,22 +688,34 @@ P99_TARGET_MS = 50.0  # admitted requests, at any offered load
 REFUSE_TARGET_MS = 10.0  # a refused request's answer
 
 
-def refusal_buckets(base: str) -> dict[float, float]:
-    """The API's histogram of refusal waits (server's clock), cumulative counts by bucket."""
+def refusal_buckets(base: str) -> dict[Any, float]:
+    """The API's histogram of refusal waits (server's clock), cumulative counts by bucket,
+    and its refusals by reason (keys ``"reason:<reason>"``)."""
     import httpx
 
-    out: dict[float, float] = {}
+    out: dict[Any, float] = {}
     for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
         if line.startswith("lambdalake_api_refusal_wait_seconds_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lambdalake_api_refused_requests_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[f"reason:{reason}"] = float(line.rsplit(" ", 1)[1])
     return out
 
 
-def server_refusals(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
-    """Refusals of one step by the server's clock: share within 10 ms, and the bucket that
-    holds the median and the 99th percentile (an upper bound)."""
-    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in sorted(after)}
+def server_refusals(before: dict[Any, float], after: dict[Any, float]) -> dict[str, Any]:
+    """Refusals of one step by the server's clock: share within 10 ms, the bucket that
+    holds the median and the 99th percentile (an upper bound), and the count by reason."""
+    reasons = {
+        k.split(":", 1)[1]: int(v - before.get(k, 0.0))
+        for k, v in after.items()
+        if isinstance(k, str) and v - before.get(k, 0.0)
+    }
+    delta = {
+        le: after.get(le, 0.0) - before.get(le, 0.0)
+        for le in sorted(k for k in after if not isinstance(k, str))
+    }
     n = delta.get(float("inf"), 0.0)
     if not n:
         return {"n": 0}
@@ -716,6 +728,7 @@ def server_refusals(before: dict[float, float], after: dict[float, float]) -> di
         "within_10ms": round(delta.get(0.01, 0.0) / n, 3),
         "p50_le_ms": bound(0.5) * 1000,
         "p99_le_ms": bound(0.99) * 1000,
+        "by_reason": reasons,
     }
 
 
@@ -878,7 +891,10 @@ def main() -> None:
                 wait_http(base)
                 mix = request_stream(data, args.seed)
                 asyncio.run(loadgen.closed_loop(base, mix, 10, 1.0))  # warm-up
+                before = refusal_buckets(base) if kind == "fast" else {}
                 closed = asyncio.run(loadgen.closed_loop(base, mix, args.clients, args.duration))
+                if kind == "fast":
+                    closed["server_refusals"] = server_refusals(before, refusal_buckets(base))
                 point = request_stream(data, args.seed, kind="sales_point")
                 opened = asyncio.run(loadgen.open_loop(base, point, args.rate, args.duration))
                 results[kind] = {"closed_loop": closed, "open_loop_point": opened}
@@ -910,14 +926,18 @@ def main() -> None:
         if broker is not None:
             broker.stop()
     print()
-    header = f"{'server':<7} {'mixed rps':>10} {'p50 ms':>8} {'p99 ms':>8}   point@rate p50/p99 ms"
+    header = (
+        f"{'server':<7} {'mixed rps':>10} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8}   "
+        "point@rate p50/p99 ms"
+    )
     print(header)
     for kind in ("fast", "naive"):
         if kind not in results:
             continue
         c, o = results[kind]["closed_loop"], results[kind]["open_loop_point"]
         print(
-            f"{kind:<7} {c['throughput_rps']:>10} {c['p50_ms']:>8} {c['p99_ms']:>8}   "
+            f"{kind:<7} {c['throughput_rps']:>10} {c['p50_ms']:>8} {c['p99_ms']:>8} "
+            f"{c['error_kinds'].get('HTTP 503', 0):>8}   "
             f"{o['achieved_rps']}/{o['target_rps']} rps: {o['p50_ms']} / {o['p99_ms']}"
         )
     if any("breakdowns" in results.get(k, {}) for k in ("fast", "naive")):
@@ -955,6 +975,17 @@ def main() -> None:
                 f"{r['server_refusals'].get('within_10ms', '-'):>15}"
             )
         print(f"recovery at half the clean rate: {over['recovery']['recovered_after_s']} s")
+        steps = [
+            ("closed loop", results["fast"]["closed_loop"]),
+            ("2x", over["x2"]),
+            ("4x", over["x4"]),
+        ]
+        print(
+            "refusals by reason (server): "
+            + "; ".join(
+                f"{k} {r.get('server_refusals', {}).get('by_reason', {})}" for k, r in steps
+            )
+        )
     print(json.dumps(results, default=str))
 
 
