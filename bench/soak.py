@@ -244,7 +244,9 @@ def jvm_heap(pid: int) -> dict[str, float]:
 
 
 def api_heap(api: str) -> dict[str, float]:
-    """The API process's malloc heap (MiB by state: in_use, free, mapped), from ``/metrics``."""
+    """The API process's malloc heap (MiB by state: in_use, free, mapped), Arrow's pool
+    (``arrow``, MiB) and Python's allocated blocks (``py_blocks``, thousands), from
+    ``/metrics``."""
     import httpx
 
     try:
@@ -256,6 +258,10 @@ def api_heap(api: str) -> dict[str, float]:
         if line.startswith("lambdalake_process_heap_bytes{"):
             state = line.split('state="', 1)[1].split('"', 1)[0]
             heap[state] = round(float(line.rsplit(" ", 1)[1]) / MIB, 1)
+        elif line.startswith("lambdalake_arrow_allocated_bytes{"):
+            heap["arrow"] = round(float(line.rsplit(" ", 1)[1]) / MIB, 1)
+        elif line.startswith("lambdalake_python_allocated_blocks "):
+            heap["py_blocks"] = round(float(line.rsplit(" ", 1)[1]) / 1000, 1)
     return heap
 
 
@@ -581,6 +587,7 @@ def print_row(m: Minute, names: list[str]) -> None:
     if m.api_heap:
         cols.append(
             f"api heap {m.api_heap.get('in_use', 0):.0f}+{m.api_heap.get('free', 0):.0f} free"
+            f" arrow {m.api_heap.get('arrow', 0):.0f} py {m.api_heap.get('py_blocks', 0):.0f}k"
         )
     for n in names:
         s = m.processes.get(n)

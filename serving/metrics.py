@@ -8,12 +8,14 @@ files, and the quarantine table (read at most every ``QUARANTINE_TTL`` seconds).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -98,6 +100,21 @@ class FreshnessCollector(Collector):
             for state, n in process_heap.items():
                 family.add_metric([state], float(n))
             yield family
+        # Memory outside malloc's account: Arrow's pool (batch and speed snapshots) and
+        # Python's object allocator, so a growing RSS can be placed.
+        arrow = GaugeMetricFamily(
+            "lambdalake_arrow_allocated_bytes",
+            "Bytes allocated from Arrow's default memory pool, by backend.",
+            labels=["backend"],
+        )
+        pool = pa.default_memory_pool()
+        arrow.add_metric([pool.backend_name], float(pool.bytes_allocated()))
+        yield arrow
+        yield GaugeMetricFamily(
+            "lambdalake_python_allocated_blocks",
+            "Memory blocks Python's object allocator holds (sys.getallocatedblocks()).",
+            value=float(sys.getallocatedblocks()),
+        )
 
 
 class ApiMetrics:
