@@ -127,10 +127,17 @@ class Settings(BaseSettings):
         64, ge=0, description="Requests one API process lets wait for a slot (more get 503)."
     )
     api_max_queue_ms: float = Field(
-        20.0,
+        25.0,
         gt=0,
-        description="Longest a request may wait (since its bytes reached the machine) to "
-        "start while a backlog stands; later ones get 503.",
+        description="A request predicted, as it is read, to wait longer than this to start "
+        "(counted since its bytes reached the machine) while a backlog stands gets 503 at once.",
+    )
+    api_max_wait_ms: float = Field(
+        45.0,
+        gt=0,
+        description="A request let in is refused after all only once it has waited this long "
+        "to start (at least LAMBDALAKE_API_MAX_QUEUE_MS): a wrong prediction costs latency, "
+        "not a slow refusal.",
     )
     api_burst: int = Field(
         8,

@@ -224,6 +224,7 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         max_in_flight=settings.api_max_in_flight,
         max_queued=settings.api_max_queued,
         max_queue_seconds=settings.api_max_queue_ms / 1000,
+        max_wait_seconds=settings.api_max_wait_ms / 1000,
         burst=settings.api_burst,
         starts_per_turn=settings.api_starts_per_turn,
     )

@@ -114,6 +114,36 @@ def test_a_queued_request_is_refused_when_no_slot_frees_in_time() -> None:
         assert httpx.get(base + "/hold/again", timeout=30).status_code == 200
 
 
+def test_a_request_let_in_is_refused_only_past_the_longer_bound() -> None:
+    """A request that was not predicted to be late is answered when its wait passes
+    max_queue_seconds (a refusal then would be a slow one), and refused only past
+    max_wait_seconds."""
+    limits = AdmissionLimits(
+        max_in_flight=1, max_queued=4, max_queue_seconds=0.05, max_wait_seconds=0.6
+    )
+    app, release, started = held_app(limits)
+    with running_server(app) as base, ThreadPoolExecutor(2) as pool:
+        held = pool.submit(httpx.get, base + "/hold/0", timeout=30)
+        while not started:
+            time.sleep(0.01)
+        queued = pool.submit(httpx.get, base + "/hold/queued", timeout=30)
+        time.sleep(0.25)  # past the first bound, well inside the second
+        release.set()
+        assert held.result().status_code == 200
+        assert queued.result().status_code == 200, queued.result().text
+        release.clear()
+        held = pool.submit(httpx.get, base + "/hold/1", timeout=30)
+        while "1" not in started:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        r = httpx.get(base + "/hold/late", timeout=30)
+        assert r.status_code == 503 and "no slot freed" in r.json()["detail"]
+        assert 0.5 < time.monotonic() - t0 < 3.0
+        release.set()
+        assert held.result().status_code == 200
+    assert AdmissionLimits(max_queue_seconds=0.1, max_wait_seconds=0.05).give_up_seconds == 0.1
+
+
 def _raw_get(sock: socket.socket, path: str) -> None:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
 
@@ -364,6 +394,7 @@ def test_the_admission_settings_reach_the_limits(tmp_path: Path) -> None:
         api_max_in_flight=5,
         api_max_queued=6,
         api_max_queue_ms=7,
+        api_max_wait_ms=30,
         api_burst=3,
         api_starts_per_turn=2,
     )
@@ -375,3 +406,4 @@ def test_the_admission_settings_reach_the_limits(tmp_path: Path) -> None:
         2,
     )
     assert limits.max_queue_seconds == pytest.approx(0.007)
+    assert limits.give_up_seconds == pytest.approx(0.030)
