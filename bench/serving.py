@@ -468,10 +468,12 @@ def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> No
 
     settings = Settings(_env_file=None, lake_uri=lake, home=Path(home), speed_endpoints=endpoints)
     if kind == "fast":
-        from lambdalake.memory import long_lived
+        from lambdalake.memory import arrow_on_malloc, long_lived
 
         long_lived()  # what `lambdalake serve` does first (lambdalake/memory.py)
         configure_loop(settings)
+        if not os.environ.get("BENCH_ARROW_MIMALLOC"):  # to compare the two pools
+            arrow_on_malloc()
     app = create_app(settings) if kind == "fast" else naive_app(settings)
     uvicorn.run(
         app,

@@ -84,6 +84,23 @@ def heap() -> dict[str, int] | None:
     return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}
 
 
+def arrow_on_malloc() -> bool:
+    """Make Arrow allocate with the C library's ``malloc`` (its system pool) instead of its
+    bundled mimalloc; True if the pool changed.
+
+    mimalloc keeps a heap per thread, and pages freed into the heap of a thread that does
+    not allocate again (Arrow's scan threads, a reload's thread) stay resident. In the API
+    each batch snapshot reload left ~8 MiB more in mimalloc's region that was never given
+    back (the soak, BENCHMARKS.md); in malloc's heap, capped and trimmed by
+    :func:`long_lived`, freed pages go back to the OS."""
+    import pyarrow as pa
+
+    if pa.default_memory_pool().backend_name == "system":
+        return False
+    pa.set_memory_pool(pa.system_memory_pool())
+    return True
+
+
 def long_lived(every_s: float = TRIM_EVERY_S) -> None:
     """Call first thing in a long-lived process: cap the arenas, trim every ``every_s`` s
     (once per process, however often called)."""

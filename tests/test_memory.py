@@ -46,3 +46,51 @@ def test_elsewhere_everything_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> Non
     assert memory.trim() is False
     assert memory.limit_arenas() is False
     assert sys.platform  # nothing raised
+
+
+_IDLE_THREAD_FREES = """
+import sys, threading, time
+import numpy as np, psutil, pyarrow as pa, pyarrow.compute as pc
+from lambdalake import memory
+if sys.argv[1] == "system":
+    assert memory.arrow_on_malloc() is True and memory.arrow_on_malloc() is False
+rss = lambda: psutil.Process().memory_info().rss
+done, stop, out = threading.Event(), threading.Event(), {}
+def work():  # allocates ~300 MB of Arrow buffers, frees them, then stays idle (a scan thread)
+    base = pa.array(np.arange(2000))
+    arrays = [pc.add(base, i) for i in range(20000)]  # each result from Arrow's pool
+    out["held"] = rss()
+    del arrays
+    done.set()
+    stop.wait()
+t = threading.Thread(target=work)
+t.start()
+done.wait()
+memory.trim()
+print(pa.default_memory_pool().backend_name, out["held"] - rss())
+stop.set()
+t.join()
+"""
+
+
+@glibc
+@pytest.mark.parametrize("pool", ["system", "bundled"])
+def test_arrow_buffers_freed_by_an_idle_thread_go_back_to_the_os_on_malloc(pool: str) -> None:
+    """Arrow's bundled mimalloc keeps the pages an idle thread freed (an API's reload grew by
+    them); on malloc (arrow_on_malloc) the trimmer gives them back."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _IDLE_THREAD_FREES, pool],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    backend, given_back = out[0], int(out[1])
+    if pool == "system":
+        assert backend == "system"
+        assert given_back > 200 * 2**20, given_back
+    else:  # what arrow_on_malloc is for: the bundled allocator keeps them
+        assert backend != "system"
+        assert given_back < 100 * 2**20, given_back
