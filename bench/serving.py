@@ -468,12 +468,10 @@ def run_server(kind: str, lake: str, home: str, port: int, endpoints: str) -> No
 
     settings = Settings(_env_file=None, lake_uri=lake, home=Path(home), speed_endpoints=endpoints)
     if kind == "fast":
-        from lambdalake.memory import arrow_on_malloc, long_lived
+        from lambdalake.memory import long_lived
 
         long_lived()  # what `lambdalake serve` does first (lambdalake/memory.py)
         configure_loop(settings)
-        if not os.environ.get("BENCH_ARROW_MIMALLOC"):  # to compare the two pools
-            arrow_on_malloc()
     app = create_app(settings) if kind == "fast" else naive_app(settings)
     uvicorn.run(
         app,
@@ -886,7 +884,12 @@ def main() -> None:
                     "--endpoints",
                     endpoints,
                 ],
-                env={**os.environ, "LAMBDALAKE_LOG_LEVEL": "WARNING"},
+                # Arrow on malloc, as `lambdalake serve` runs (lambdalake/memory.py).
+                env={
+                    "ARROW_DEFAULT_MEMORY_POOL": "system",
+                    **os.environ,
+                    "LAMBDALAKE_LOG_LEVEL": "WARNING",
+                },
             )
             try:
                 base = f"http://127.0.0.1:{port}"

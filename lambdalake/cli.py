@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from lambdalake.errors import LambdalakeError
-from lambdalake.memory import long_lived
+from lambdalake.memory import arrow_on_malloc, long_lived
 from lambdalake.settings import Settings
 
 app = typer.Typer(
@@ -449,6 +449,7 @@ def serve(
     lake: LakeOpt = None,
 ) -> None:
     """Run the serving API (FastAPI): batch and speed merged at the watermark."""
+    arrow_on_malloc(sys.argv[1:])  # runs the command again, Arrow on malloc (lambdalake/memory.py)
     run_server = _load("serving.app", "serve")
 
     settings = _settings(bootstrap, lake)

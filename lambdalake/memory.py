@@ -20,6 +20,7 @@ tells growth that is held (a leak) from growth that is only retained (fragmentat
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 import time
@@ -84,21 +85,26 @@ def heap() -> dict[str, int] | None:
     return {"in_use": info.uordblks, "free": info.fordblks, "mapped": info.hblkhd}
 
 
-def arrow_on_malloc() -> bool:
-    """Make Arrow allocate with the C library's ``malloc`` (its system pool) instead of its
-    bundled mimalloc; True if the pool changed.
+ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+
+
+def arrow_on_malloc(argv: list[str]) -> None:
+    """Run this command again with Arrow allocating from the C library's ``malloc`` (its
+    ``system`` pool) instead of its bundled mimalloc, unless ``ARROW_DEFAULT_MEMORY_POOL``
+    is set already (then that choice stands and this returns).
 
     mimalloc keeps a heap per thread, and pages freed into the heap of a thread that does
-    not allocate again (Arrow's scan threads, a reload's thread) stay resident. In the API
+    not allocate again stay resident: in the API (Flight readers, Arrow's scan threads)
     each batch snapshot reload left ~8 MiB more in mimalloc's region that was never given
     back (the soak, BENCHMARKS.md); in malloc's heap, capped and trimmed by
-    :func:`long_lived`, freed pages go back to the OS."""
-    import pyarrow as pa
-
-    if pa.default_memory_pool().backend_name == "system":
-        return False
-    pa.set_memory_pool(pa.system_memory_pool())
-    return True
+    :func:`long_lived`, freed pages go back to the OS. Arrow reads the variable once, when
+    it is first imported, and its C++ code allocates from that pool whatever pyarrow's
+    ``set_memory_pool`` says, hence the new start: ``exec`` keeps the process id and
+    costs one interpreter start. ``argv``: the command's arguments after the program."""
+    if os.environ.get(ARROW_POOL_ENV):
+        return
+    os.environ[ARROW_POOL_ENV] = "system"
+    os.execv(sys.executable, [sys.executable, "-m", "lambdalake.cli", *argv])
 
 
 def long_lived(every_s: float = TRIM_EVERY_S) -> None:

@@ -16,8 +16,8 @@ more (measured: p99 9.5 s and 12,700 open connections at 1,200 req/s offered).
   A request let in is refused after all only when it has waited ``max_wait_seconds``
   to start while more than ``burst`` others wait too (a standing backlog the prediction
   missed): refusing what was let in as soon as the first bound passed made those
-  refusals the slow ones (measured at 4x overload: 15 % of refusals over 10 ms by the
-  server's clock with one bound of 20 ms, 2-3 % with 20 and 40 ms). A late request
+  refusals the slow ones (measured at 4x overload: 14 % of refusals over 10 ms by the
+  server's clock with one bound of 20 ms, 4 % with bounds of 25 and 45 ms). A late request
   alone is answered (refusing it would free nothing), and so are the requests of a
   burst no larger than ``burst`` (a dashboard page firing its calls at once behind a
   pause).

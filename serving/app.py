@@ -26,7 +26,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from lambdalake.logs import get_logger
-from lambdalake.memory import arrow_on_malloc, long_lived
+from lambdalake.memory import long_lived
 from lambdalake.ops.net import free_port
 from lambdalake.ops.status import StatusCache
 from lambdalake.settings import Settings
@@ -253,7 +253,6 @@ def app_from_environment() -> FastAPI:
 
     values = json.loads(os.environ[SETTINGS_ENV])
     long_lived()
-    arrow_on_malloc()
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
     configure_loop(settings)
     return create_app(settings)
@@ -267,7 +266,6 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None
     check_api_keys(settings.api_key_set)  # one line before anything starts
     log.info("serving.start", host=host, port=port, lake=settings.lake_uri, workers=workers)
     configure_loop(settings)
-    arrow_on_malloc()  # a reload's Arrow buffers go back to the OS (lambdalake/memory.py)
     options: dict[str, Any] = {
         "host": host,
         "port": port,

@@ -100,8 +100,8 @@ class FreshnessCollector(Collector):
             for state, n in process_heap.items():
                 family.add_metric([state], float(n))
             yield family
-        # Memory outside malloc's account: Arrow's pool (batch and speed snapshots) and
-        # Python's object allocator, so a growing RSS can be placed.
+        # Memory beside malloc's account: Arrow's pool (a reload's Delta reads) and Python's
+        # object allocator, so a growing RSS can be placed.
         arrow = GaugeMetricFamily(
             "lambdalake_arrow_allocated_bytes",
             "Bytes allocated from Arrow's default memory pool, by backend.",

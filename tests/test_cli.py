@@ -63,6 +63,47 @@ def test_status_json_on_an_empty_lake(tmp_path) -> None:
     assert report["quarantine"] == {}
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_serve_runs_with_arrow_on_malloc_in_the_process_it_was_started_as(tmp_path) -> None:
+    """`serve` starts itself again (exec: the same process) with Arrow on the C library's
+    malloc, so what a reload frees goes back to the OS (lambdalake/memory.py)."""
+    import time
+
+    import httpx
+
+    from lambdalake.ops.broker import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env["LAMBDALAKE_HOME"] = str(tmp_path)
+    argv = ["serve", "--port", str(port), "--lake", str(tmp_path / "lake")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lambdalake.cli", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                if metrics.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve did not answer"
+            time.sleep(0.2)
+        assert 'lambdalake_arrow_allocated_bytes{backend="system"}' in metrics.text
+        with open(f"/proc/{proc.pid}/environ", "rb") as f:  # the process started, re-executed
+            assert b"ARROW_DEFAULT_MEMORY_POOL=system" in f.read().split(b"\0")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_unreachable_broker_is_a_one_line_error(tmp_path) -> None:
     from lambdalake.ops.broker import free_port
 

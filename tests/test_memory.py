@@ -52,8 +52,6 @@ _IDLE_THREAD_FREES = """
 import sys, threading, time
 import numpy as np, psutil, pyarrow as pa, pyarrow.compute as pc
 from lambdalake import memory
-if sys.argv[1] == "system":
-    assert memory.arrow_on_malloc() is True and memory.arrow_on_malloc() is False
 rss = lambda: psutil.Process().memory_info().rss
 done, stop, out = threading.Event(), threading.Event(), {}
 def work():  # allocates ~300 MB of Arrow buffers, frees them, then stays idle (a scan thread)
@@ -77,15 +75,20 @@ t.join()
 @pytest.mark.parametrize("pool", ["system", "bundled"])
 def test_arrow_buffers_freed_by_an_idle_thread_go_back_to_the_os_on_malloc(pool: str) -> None:
     """Arrow's bundled mimalloc keeps the pages an idle thread freed (an API's reload grew by
-    them); on malloc (arrow_on_malloc) the trimmer gives them back."""
+    them); on malloc (what arrow_on_malloc starts the API with) the trimmer gives them back."""
+    import os
     import subprocess
 
+    env = {k: v for k, v in os.environ.items() if k != memory.ARROW_POOL_ENV}
+    if pool == "system":
+        env[memory.ARROW_POOL_ENV] = "system"
     out = subprocess.run(
         [sys.executable, "-c", _IDLE_THREAD_FREES, pool],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
+        env=env,
     ).stdout.split()
     backend, given_back = out[0], int(out[1])
     if pool == "system":
