@@ -54,6 +54,18 @@ def test_topics_exist_with_configured_partitions(broker: EmbeddedBroker) -> None
         consumer.close()
 
 
+def test_the_broker_holds_its_whole_heap_from_the_start(broker: EmbeddedBroker) -> None:
+    """Heap fixed at its bound and touched at start: the broker's memory is flat over weeks
+    of uptime instead of growing towards -Xmx for hours (the soak, BENCHMARKS.md)."""
+    import psutil
+
+    cmd = psutil.Process(broker.process.pid).cmdline()
+    xmx = next(a for a in cmd if a.startswith("-Xmx"))[4:]
+    assert f"-Xms{xmx}" in cmd and "-XX:+AlwaysPreTouch" in cmd
+    heap_bytes = int(xmx[:-1]) * {"m": 2**20, "g": 2**30}[xmx[-1].lower()]
+    assert psutil.Process(broker.process.pid).memory_info().rss > heap_bytes
+
+
 def test_produce_consume_round_trip_and_true_end_offsets(fresh_broker: EmbeddedBroker) -> None:
     producer = KafkaProducer(bootstrap_servers=fresh_broker.bootstrap, linger_ms=5)
     sent = [f"message-{i}".encode() for i in range(5000)]
