@@ -80,7 +80,9 @@ class Settings(BaseSettings):
         "fills, {sys.prefix}/share/lambdalake/jars/kafka.",
     )
     broker_heap: str = Field(
-        "512m", pattern=r"^[0-9]+[kmgKMG]$", description="Maximum heap of the embedded broker."
+        "512m",
+        pattern=r"^[0-9]+[kmgKMG]$",
+        description="Heap of the embedded broker, held from its start (-Xms = -Xmx).",
     )
     partitions: int = Field(4, ge=1, description="Partitions of topics created on first use.")
     lake_uri: str = Field(
