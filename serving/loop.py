@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+import threading
 from collections import deque
 from typing import Any
 
@@ -43,12 +44,19 @@ class PromptEventLoop(asyncio.SelectorEventLoop):
     def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
         super().__init__(selector)
         self._held: deque[Any] = deque()
+        # The accept chain (a new connection's task, connection_made, its reader): callbacks
+        # scheduled by it run first in the next poll's portion, not after the turn.
+        self._urgent: deque[Any] = deque()
+        self._accepting = 0
 
     if all(hasattr(asyncio.SelectorEventLoop, m) for m in ("_run_once", "_process_events")):
 
         def _run_once(self) -> None:
             ready: deque[Any] = self._ready  # type: ignore[attr-defined]
             held = self._held
+            if self._urgent:
+                ready.extendleft(reversed(self._urgent))
+                self._urgent.clear()
             # Keep the oldest callbacks_per_poll; hold the rest, in order, for after the poll.
             while len(ready) > self.callbacks_per_poll:
                 held.appendleft(ready.pop())
@@ -66,3 +74,33 @@ class PromptEventLoop(asyncio.SelectorEventLoop):
             found = len(ready) - before
             if found and before:
                 ready.rotate(found)  # what the poll found runs first, then the turn's callbacks
+
+    if all(
+        hasattr(asyncio.SelectorEventLoop, m)
+        for m in ("_run_once", "_accept_connection", "_call_soon")
+    ):
+
+        def _accept_connection(self, *args: Any, **kwargs: Any) -> None:
+            """Connections accepted now are set up (their task, ``connection_made``, their
+            reader) ahead of the turn's callbacks: else a new connection's first request is
+            read only after the whole backlog (measured: refusals 28-48 ms late)."""
+            self._accepting += 1
+            try:
+                super()._accept_connection(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                self._accepting -= 1
+
+        def _call_soon(self, callback: Any, args: Any, context: Any) -> Any:
+            if not self._accepting or threading.get_ident() != self._thread_id:  # type: ignore[attr-defined]
+                return super()._call_soon(callback, args, context)  # type: ignore[misc]
+            handle = super()._call_soon(self._in_accept, (callback, *args), context)  # type: ignore[misc]
+            self._ready.pop()  # type: ignore[attr-defined]  # it went last; it goes first
+            self._urgent.append(handle)
+            return handle
+
+        def _in_accept(self, callback: Any, *args: Any) -> None:
+            self._accepting += 1
+            try:
+                callback(*args)
+            finally:
+                self._accepting -= 1

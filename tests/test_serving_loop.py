@@ -110,3 +110,54 @@ def test_timers_and_tasks_behave_as_in_asyncio(prompt_loop) -> None:
         return got
 
     assert prompt_loop.run_until_complete(main()) == ["a", "b", "c"]
+
+
+def _connected_after(loop: asyncio.AbstractEventLoop, callbacks: int) -> int | None:
+    """``callbacks`` busy callbacks (1 ms each) ready at once; the first connects a client to
+    a server on the loop and sends a request. How many had run when the server's protocol
+    got the request's bytes (None: not during the turn)."""
+    ran: list[int] = []
+    seen: dict[str, int] = {}
+    done = loop.create_future()
+
+    class Server(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            seen.setdefault("read_after", len(ran))
+
+    async def main() -> None:
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = socket.socket()
+
+        def work(i: int) -> None:
+            if i == 0:
+                client.connect(("127.0.0.1", port))  # the kernel completes it; not accepted yet
+                client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            end = time.perf_counter() + 0.001
+            while time.perf_counter() < end:
+                pass
+            ran.append(i)
+            if len(ran) == callbacks:
+                loop.call_soon(done.set_result, None)
+
+        for i in range(callbacks):
+            loop.call_soon(work, i)
+        await done
+        await asyncio.sleep(0.05)
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+    return seen.get("read_after")
+
+
+def test_a_new_connection_is_accepted_and_read_within_polls_not_after_the_turn(
+    prompt_loop,
+) -> None:
+    """Accepting, connection_made and the new socket's reader are scheduled by the accept
+    callback; they go ahead of the turn's callbacks, so the first request on a new
+    connection is read after a few polls' worth of callbacks (was: after all 60)."""
+    per_poll = PromptEventLoop.callbacks_per_poll
+    after = _connected_after(prompt_loop, 60)
+    assert after is not None and after <= 4 * per_poll, after
