@@ -154,7 +154,7 @@ class Settings(BaseSettings):
         "in later turns (0: no bound); see docs/serving.md.",
     )
     api_callbacks_per_poll: int = Field(
-        8,
+        4,
         ge=0,
         description="The API's event loop looks at its sockets after this many callbacks, "
         "not once per turn, so refusals and new requests are read promptly under load "

@@ -32,7 +32,7 @@ import threading
 from collections import deque
 from typing import Any
 
-CALLBACKS_PER_POLL = 8
+CALLBACKS_PER_POLL = 4
 
 
 class PromptEventLoop(asyncio.SelectorEventLoop):
