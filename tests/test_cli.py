@@ -104,6 +104,33 @@ def test_serve_runs_with_arrow_on_malloc_in_the_process_it_was_started_as(tmp_pa
         proc.wait(timeout=30)
 
 
+def test_the_demo_stops_on_a_signal_while_it_waits_for_an_external_broker(tmp_path) -> None:
+    """Given a broker that does not answer (yet), the demo waits for it up to
+    LAMBDALAKE_BROKER_WAIT_SECONDS; SIGTERM or Ctrl-C must end that wait, not be ignored."""
+    import time
+
+    from lambdalake.ops.broker import free_port
+
+    env = {**os.environ, "LAMBDALAKE_HOME": str(tmp_path), "LAMBDALAKE_BROKER_WAIT_SECONDS": "300"}
+    argv = ["demo", "--lake", str(tmp_path / "lake"), "--bootstrap", f"127.0.0.1:{free_port()}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lambdalake.cli", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(5)  # started, and waiting for the broker
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_unreachable_broker_is_a_one_line_error(tmp_path) -> None:
     from lambdalake.ops.broker import free_port
 

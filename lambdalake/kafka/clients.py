@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping
 
@@ -120,13 +121,20 @@ def client_args(security: Security | None, **overrides: object) -> dict[str, obj
 
 
 def wait_for_broker(
-    bootstrap: str, timeout: float = 30.0, *, security: Security | None = None
-) -> None:
-    """Return once a client can talk to ``bootstrap``; :class:`TimeoutError` otherwise."""
+    bootstrap: str,
+    timeout: float = 30.0,
+    *,
+    security: Security | None = None,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Return ``True`` once a client can talk to ``bootstrap``, ``False`` as soon as ``stop``
+    is set (a signal while waiting); :class:`Unreachable` past ``timeout``."""
     started = time.monotonic()
     deadline = started + max(timeout, 0.1)
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return False
         # Short attempts: kafka-python retries a refused connection until this timeout.
         remaining_ms = max(100, min(2_000, int((deadline - time.monotonic()) * 1000)))
         try:
@@ -136,13 +144,16 @@ def wait_for_broker(
             )
             try:
                 admin.list_topics()
-                return
+                return True
             finally:
                 admin.close()
         except (KafkaError, OSError, ValueError) as exc:
             raise_if_refused(exc, bootstrap, "connect", started)
             last = exc
-            time.sleep(0.2)
+            if stop is not None:
+                stop.wait(0.2)
+            else:
+                time.sleep(0.2)
     raise Unreachable(f"no Kafka broker answering on {bootstrap} ({last})")
 
 

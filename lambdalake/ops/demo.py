@@ -368,11 +368,13 @@ def run_demo(
                 heap=settings.broker_heap,
             )
         else:
-            wait_for_broker(
+            if not wait_for_broker(
                 settings.bootstrap,
                 timeout=settings.broker_wait_seconds,
                 security=settings.kafka_security,
-            )
+                stop=stop,
+            ):
+                return  # stopped while waiting for the broker
         log.info("demo.stage", stage="broker", bootstrap=settings.bootstrap)
 
         _prepare_history(
