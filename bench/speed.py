@@ -310,11 +310,36 @@ def run_freshness(
     bootstrap: str, partitions: int, workdir: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """The worker again (it resumes at the end), under a steady stream."""
-    with our_worker(bootstrap, workdir) as (endpoint, _, _):
+    with our_worker(bootstrap, workdir) as (endpoint, proc, _):
+        cpu0, batches0, t0 = cpu_seconds(proc.pid), speed_status(endpoint), time.monotonic()
         result = freshness(bootstrap, partitions, endpoint, args)
+        status, wall = speed_status(endpoint), time.monotonic() - t0
         # The worker's own share: first message polled -> micro-batch committed.
-        result["worker_poll_to_commit_ms"] = speed_status(endpoint)["poll_to_commit_ms"]
+        result["worker_poll_to_commit_ms"] = status["poll_to_commit_ms"]
+        # What the steady stream cost it: cores busy and micro-batches committed per second.
+        result["worker_cpu_cores"] = round((cpu_seconds(proc.pid) - cpu0) / wall, 3)
+        batches = status["since_start"]["batches"] - batches0["since_start"]["batches"]
+        result["batches_per_s"] = round(batches / wall, 1)
+        # Where the main thread's time went, per micro-batch (the rest of the CPU: the
+        # poller's fetching and the query endpoint answering the probes above).
+        for stage in ("validate", "commit"):
+            spent = (
+                status["since_start"][f"{stage}_seconds"]
+                - batches0["since_start"][f"{stage}_seconds"]
+            )
+            result[f"{stage}_ms_per_batch"] = round(1000 * spent / max(batches, 1), 1)
+        say(
+            "freshness cost",
+            cores=result["worker_cpu_cores"],
+            batches_per_s=result["batches_per_s"],
+        )
         return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def freshness(bootstrap: str, partitions: int, endpoint: str, args: argparse.Namespace) -> dict:

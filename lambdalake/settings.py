@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     speed_max_records: int = Field(
         50_000, ge=1, description="Messages per speed micro-batch at most (one DuckDB commit)."
     )
+    speed_batch_interval_ms: int = Field(
+        250,
+        ge=0,
+        description="A speed worker commits micro-batches at least this far apart (ms): what a "
+        "micro-batch costs hardly depends on its size, so at low rates this bounds the CPU "
+        "spent per second; it adds up to this much to freshness (docs/speed.md).",
+    )
     speed_checkpoint: str = Field(
         "16MB",
         pattern=r"^[0-9]+(\.[0-9]+)?\s*([KMG]i?B)$",

@@ -4,7 +4,8 @@ A :class:`Poller` thread owns the Kafka client (kafka-python by default, see
 :mod:`speed.kafka_clients`; no consumer group): worker ``I/N`` takes partition
 ``p`` of each topic when ``p % N == I``.
 It turns polls into micro-batches (up to ``max_records`` messages, or
-``max_wait`` seconds once the main thread is free for the next one) and hands
+``max_wait`` seconds once the main thread is free for the next one, and not
+sooner than ``min_interval`` after the previous one) and hands
 them to the worker's main thread through a small queue, which validates
 (:func:`validate_polled`) and commits them: the Python-heavy Kafka fetching
 overlaps with the DuckDB work of the previous micro-batch, which runs mostly
@@ -117,6 +118,7 @@ class Poller(threading.Thread):
         *,
         max_records: int = 50_000,
         max_wait: float = 0.1,
+        min_interval: float = 0.0,
         client: str = "kafka-python",
     ) -> None:
         super().__init__(name=f"speed-poller-{worker[0]}of{worker[1]}", daemon=True)
@@ -126,6 +128,9 @@ class Poller(threading.Thread):
         self.stop_event = stop
         self.max_records = max_records
         self.max_wait = max_wait
+        # Consecutive micro-batches are handed over at least this far apart (seconds).
+        self.min_interval = min_interval
+        self._handed_at = 0.0
         self.client_name = client
         self._lock = threading.Lock()
         self._seek: dict[TP, int] = {}
@@ -233,6 +238,8 @@ class Poller(threading.Thread):
             self.refused = None
             if polled.messages or polled.ends:
                 self._put(polled)
+                if polled.messages:
+                    self._handed_at = time.monotonic()
             if skipped is not None:  # after everything polled before the batch
                 self._put(skipped)
 
@@ -351,19 +358,27 @@ class Poller(threading.Thread):
         polled = Polled(epoch=self._polling_epoch)
         t_start = time.monotonic()
         while polled.messages < self.max_records and not self.stop_event.is_set():
-            elapsed = time.monotonic() - (polled.first_at or t_start)
+            now = time.monotonic()
+            elapsed = now - (polled.first_at or t_start)
             # While the main thread is still busy with the previous micro-batch, keep
             # collecting instead of queueing small batches behind it: batches grow with
-            # the load, and a message waits for at most one batch ahead of it.
+            # the load, and a message waits for at most one batch ahead of it. And not
+            # sooner than min_interval after the previous one: a micro-batch costs about the
+            # same whatever its size up to thousands of messages, so at a low rate a batch
+            # per poll would keep a core busy for a handful of events each.
+            spacing = self.min_interval - (now - self._handed_at)
             ready = self.out.empty()
-            if polled.messages and elapsed >= self.max_wait and ready:
+            if polled.messages and elapsed >= self.max_wait and ready and spacing <= 0:
                 break
             timeout = 0.1 if not polled.messages else max(0.001, self.max_wait - elapsed)
-            if polled.messages and elapsed >= self.max_wait:
+            if polled.messages and spacing > 0:
+                timeout = max(0.001, min(0.1, spacing))
+            elif polled.messages and elapsed >= self.max_wait:
                 timeout = 0.005  # waiting for the main thread: check back soon
             chunks = client.poll(timeout, self.max_records - polled.messages)
             if not chunks:
-                if polled.messages and self.out.empty():
+                caught_up = polled.messages and self.out.empty()
+                if caught_up and time.monotonic() - self._handed_at >= self.min_interval:
                     break  # caught up: commit what we have now (freshness)
                 if not polled.messages and time.monotonic() - t_start >= self.max_wait:
                     break

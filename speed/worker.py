@@ -99,6 +99,7 @@ class SpeedWorker:
         *,
         max_records: int = 50_000,
         max_wait: float = 0.1,
+        min_interval: float | None = None,
         kafka_client: str = "kafka-python",
     ) -> None:
         self.settings = settings
@@ -115,6 +116,9 @@ class SpeedWorker:
             self.halt,
             max_records=max_records,
             max_wait=max_wait,
+            min_interval=(
+                settings.speed_batch_interval_ms / 1000 if min_interval is None else min_interval
+            ),
             client=kafka_client,
         )
         self.watcher = RunWatcher(
