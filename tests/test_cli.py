@@ -37,6 +37,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
     )
 
 
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """A long-running command in the background (stderr kept for the failure message)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lambdalake.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
 def test_every_command_has_help(command: list[str]) -> None:
     proc = run_cli(*command, "--help")
@@ -76,14 +87,7 @@ def test_serve_runs_with_arrow_on_malloc_in_the_process_it_was_started_as(tmp_pa
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     env["LAMBDALAKE_HOME"] = str(tmp_path)
-    argv = ["serve", "--port", str(port), "--lake", str(tmp_path / "lake")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lambdalake.cli", *argv],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("serve", "--port", str(port), "--lake", str(tmp_path / "lake"), env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -112,14 +116,8 @@ def test_the_demo_stops_on_a_signal_while_it_waits_for_an_external_broker(tmp_pa
     from lambdalake.ops.broker import free_port
 
     env = {**os.environ, "LAMBDALAKE_HOME": str(tmp_path), "LAMBDALAKE_BROKER_WAIT_SECONDS": "300"}
-    argv = ["demo", "--lake", str(tmp_path / "lake"), "--bootstrap", f"127.0.0.1:{free_port()}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lambdalake.cli", *argv],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
+    proc = start_cli("demo", "--lake", str(tmp_path / "lake"), "--bootstrap", bootstrap, env=env)
     try:
         time.sleep(5)  # started, and waiting for the broker
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
