@@ -8,8 +8,10 @@ recomputed independently in DuckDB from what the test produced.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -35,7 +37,7 @@ from lambdalake.contract.speed_protocol import SpeedAnswer, SpeedQuery, query_sp
 from lambdalake.ops.broker import EmbeddedBroker, free_port
 from lambdalake.sentiment import lexicon_model
 from lambdalake.settings import TOPICS, Settings
-from speed.consumer import Polled
+from speed.consumer import Assigned, Polled, Poller
 from speed.state import SpeedState
 from speed.worker import SpeedWorker, run_worker
 
@@ -591,6 +593,54 @@ def _next_batch(worker: SpeedWorker) -> Polled | None:
         worker.handle(item)
         return None
     return item
+
+
+def test_a_trickle_is_handed_over_in_micro_batches_at_least_the_interval_apart(
+    fresh_broker: EmbeddedBroker, settings_for
+) -> None:
+    """At a low rate every poll would be a micro-batch of a few events, each costing a whole
+    commit: the poller hands micro-batches over LAMBDALAKE_SPEED_BATCH_INTERVAL_MS apart even
+    to a main thread that is free at once (docs/speed.md), and every event still comes."""
+    settings = settings_for(fresh_broker)
+    interval = settings.speed_batch_interval_ms / 1000
+    assert interval > 0.1
+    out: queue.Queue[Polled | Assigned] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    poller = Poller(settings, (0, 1), out, stop, min_interval=interval)
+    poller.start()
+    stream = Stream(fresh_broker.bootstrap, seed=43)
+    handed: list[tuple[float, int]] = []
+
+    def trickle() -> None:  # 40 orders over ~2 s
+        for _ in range(40):
+            stream.send("orders", stream.order())
+            stream.flush()
+            time.sleep(0.05)
+
+    try:
+        assigned = out.get(timeout=60)
+        assert isinstance(assigned, Assigned)
+        poller.seek({tp: 0 for tp in assigned.partitions})
+        producer = threading.Thread(target=trickle)
+        producer.start()
+        deadline = time.monotonic() + 60
+        while sum(n for _, n in handed) < 40:
+            assert time.monotonic() < deadline, f"only {handed} handed over"
+            try:
+                item = out.get(timeout=0.5)  # the main thread, free again at once
+            except queue.Empty:
+                continue
+            if isinstance(item, Polled) and item.messages:
+                handed.append((time.monotonic(), item.messages))
+        producer.join()
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+        stream.close()
+    assert sum(n for _, n in handed) == 40
+    assert len(handed) >= 3, handed  # a trickle: several micro-batches, not one at the end
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(handed)]
+    assert min(gaps) >= interval - 0.02, gaps
 
 
 def test_two_workers_together_hold_what_one_holds(
