@@ -58,6 +58,16 @@ STORE = {"store_id": "store-7", "region": "West", "name": "Downtown", "city": "L
 BASE = {"orders": ORDER, "reviews": REVIEW, "products": PRODUCT, "stores": STORE}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _columnar_path_for_every_batch() -> Any:
+    """These tests hold the columnar path to the reference, on batches of every size: keep
+    small batches on it (``validate`` sends batches under ``REFERENCE_BELOW`` messages to the
+    reference itself; tested on its own below)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validation, "REFERENCE_BELOW", 0)
+        yield
+
+
 def message(topic: str, **changes: Any) -> bytes:
     event = {**BASE[topic], **changes}
     kept = {k: v for k, v in event.items() if v is not DROP}
@@ -270,6 +280,29 @@ def test_all_invalid_cases_in_one_batch_keep_their_reasons_and_order() -> None:
     for topic, cases in (("orders", INVALID_ORDERS), ("reviews", INVALID_REVIEWS)):
         values = [v for _, v, _ in cases]
         assert outcomes(topic, values) == [r for _, _, r in cases]
+
+
+def test_a_small_batch_goes_to_the_reference_and_gets_the_columnar_paths_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under REFERENCE_BELOW messages the reference decides every row (the faster path for a
+    few messages); valid rows, every reason, lineage and order are the columnar path's."""
+    far = (CLOCK + timedelta(days=3)).isoformat()
+    for topic, cases in (("orders", INVALID_ORDERS), ("reviews", INVALID_REVIEWS)):
+        values = [message(topic), *[v for _, v, _ in cases], None, b"\xff\xfe", b"[]"]
+        values += [message(topic, event_time=far), message(topic, event_time=1_700_000_000_000)]
+        columnar = validate_all(topic, values)
+        monkeypatch.setattr(validation, "REFERENCE_BELOW", len(values) + 1)
+        small = validate_all(topic, values)
+        _, by_reference = validation._validate(
+            topic, values, [0] * len(values), range(len(values)), 256 * 1024
+        )
+        monkeypatch.setattr(validation, "REFERENCE_BELOW", 0)
+        assert by_reference == len(values)
+        assert small.valid.schema == columnar.valid.schema
+        assert small.valid.equals(columnar.valid), (small.valid, columnar.valid)
+        assert small.rejected.equals(columnar.rejected), (small.rejected, columnar.rejected)
+        assert 2 <= small.valid.num_rows < len(values)
 
 
 def test_oversize_is_checked_first_against_max_event_bytes() -> None:

@@ -600,6 +600,11 @@ class _Engine:
         return self._run(self.batch, batch, f"validate_{topic}")
 
 
+# Batches of fewer messages are validated by the reference, message by message: below ~200
+# it is the faster path, and it holds the GIL where DuckDB does not, hence a margin
+# (bench/validator.py --batch N; BENCHMARKS.md, 2026-12-03).
+REFERENCE_BELOW = 128
+
 _local = threading.local()
 _ABANDONED: list[_Engine] = []
 
@@ -690,6 +695,19 @@ def _validate(
     raw = (
         values.cast(pa.binary()) if isinstance(values, pa.Array) else pa.array(values, pa.binary())
     )
+    if n < REFERENCE_BELOW:
+        # A small batch: the reference decides every row (the columnar path costs a few ms
+        # a call whatever the batch's size, the reference ~20-40 µs a message).
+        undecided = pa.repeat(pa.scalar(True), n)
+        columns = {
+            f.name: pa.nulls(n, pa.int64() if f.type == UTC_TS else f.type)
+            for f in FIELDS_BY_TOPIC[topic]
+        }
+        reason = _decide_by_reference(
+            topic, raw, undecided, pa.nulls(n, pa.string()), columns, max_event_bytes, latest_us
+        )
+        return _assemble(topic, raw, parts, offs, reason, columns), n
+
     none = raw.is_null()
     oversize = pc.fill_null(pc.greater(pc.binary_length(raw), max_event_bytes), False)
     text, not_utf8 = _text_column(raw, pc.or_(none, oversize))
@@ -717,6 +735,19 @@ def _validate(
             topic, raw, undecided, reason, columns, max_event_bytes, latest_us
         )
 
+    return _assemble(topic, raw, parts, offs, reason, columns), by_reference
+
+
+def _assemble(
+    topic: str,
+    raw: pa.Array,
+    parts: pa.Array,
+    offs: pa.Array,
+    reason: pa.Array,
+    columns: dict[str, pa.Array],
+) -> Validated:
+    """The valid rows (``reason`` null) as the topic's typed table, the rest as rejected."""
+    schema = VALID_SCHEMA_BY_TOPIC[topic]
     ok = pc.is_null(reason)
     valid_cols = []
     for field in FIELDS_BY_TOPIC[topic]:
@@ -733,7 +764,7 @@ def _validate(
         [pc.filter(parts, bad), pc.filter(offs, bad), pc.filter(raw, bad), pc.filter(reason, bad)],
         schema=REJECTED_SCHEMA,
     )
-    return Validated(pa.Table.from_arrays(valid_cols, schema=schema), rejected), by_reference
+    return Validated(pa.Table.from_arrays(valid_cols, schema=schema), rejected)
 
 
 def _int_array(values: Sequence[int] | pa.Array, typ: pa.DataType, what: str) -> pa.Array:
