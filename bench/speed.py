@@ -311,21 +311,21 @@ def run_freshness(
 ) -> dict[str, Any]:
     """The worker again (it resumes at the end), under a steady stream."""
     with our_worker(bootstrap, workdir) as (endpoint, proc, _):
-        cpu0, batches0, t0 = cpu_seconds(proc.pid), speed_status(endpoint), time.monotonic()
+        cpu0, status0, t0 = cpu_seconds(proc.pid), speed_status(endpoint), time.monotonic()
         result = freshness(bootstrap, partitions, endpoint, args)
         status, wall = speed_status(endpoint), time.monotonic() - t0
         # The worker's own share: first message polled -> micro-batch committed.
         result["worker_poll_to_commit_ms"] = status["poll_to_commit_ms"]
         # What the steady stream cost it: cores busy and micro-batches committed per second.
         result["worker_cpu_cores"] = round((cpu_seconds(proc.pid) - cpu0) / wall, 3)
-        batches = status["since_start"]["batches"] - batches0["since_start"]["batches"]
+        batches = status["since_start"]["batches"] - status0["since_start"]["batches"]
         result["batches_per_s"] = round(batches / wall, 1)
         # Where the main thread's time went, per micro-batch (the rest of the CPU: the
         # poller's fetching and the query endpoint answering the probes above).
         for stage in ("validate", "commit"):
             spent = (
                 status["since_start"][f"{stage}_seconds"]
-                - batches0["since_start"][f"{stage}_seconds"]
+                - status0["since_start"][f"{stage}_seconds"]
             )
             result[f"{stage}_ms_per_batch"] = round(1000 * spent / max(batches, 1), 1)
         say(

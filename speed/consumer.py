@@ -350,6 +350,10 @@ class Poller(threading.Thread):
                 client.seek(tp, offset)
                 self._next[tp] = offset
 
+    def _spacing(self, now: float) -> float:
+        """Seconds until the next micro-batch may be handed over (<= 0: now)."""
+        return self.min_interval - (now - self._handed_at)
+
     def _collect(self, client: KafkaClient) -> Polled:
         """Poll until ``max_records`` messages, ``max_wait`` seconds, or a quiet poll."""
         values: dict[str, list[bytes | None]] = {t: [] for t in TOPICS}
@@ -366,7 +370,7 @@ class Poller(threading.Thread):
             # sooner than min_interval after the previous one: a micro-batch costs about the
             # same whatever its size up to thousands of messages, so at a low rate a batch
             # per poll would keep a core busy for a handful of events each.
-            spacing = self.min_interval - (now - self._handed_at)
+            spacing = self._spacing(now)
             ready = self.out.empty()
             if polled.messages and elapsed >= self.max_wait and ready and spacing <= 0:
                 break
@@ -378,7 +382,7 @@ class Poller(threading.Thread):
             chunks = client.poll(timeout, self.max_records - polled.messages)
             if not chunks:
                 caught_up = polled.messages and self.out.empty()
-                if caught_up and time.monotonic() - self._handed_at >= self.min_interval:
+                if caught_up and self._spacing(time.monotonic()) <= 0:
                     break  # caught up: commit what we have now (freshness)
                 if not polled.messages and time.monotonic() - t_start >= self.max_wait:
                     break

@@ -678,7 +678,8 @@ def _validate(
     max_event_bytes: int,
     latest_us: int = MAX_EVENT_US,
 ) -> tuple[Validated, int]:
-    """``validate``, plus how many rows the reference decided (0 for ordinary input).
+    """``validate``, plus how many rows the reference decided (0 for ordinary input in a
+    batch of ``REFERENCE_BELOW`` messages or more; all of them below).
     ``latest_us``: the exclusive upper bound of event times (epoch microseconds)."""
     checks = checks_of(topic)
     schema = VALID_SCHEMA_BY_TOPIC[topic]

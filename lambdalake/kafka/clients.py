@@ -129,11 +129,12 @@ def wait_for_broker(
 ) -> bool:
     """Return ``True`` once a client can talk to ``bootstrap``, ``False`` as soon as ``stop``
     is set (a signal while waiting); :class:`Unreachable` past ``timeout``."""
+    stop = stop or threading.Event()
     started = time.monotonic()
     deadline = started + max(timeout, 0.1)
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             return False
         # Short attempts: kafka-python retries a refused connection until this timeout.
         remaining_ms = max(100, min(2_000, int((deadline - time.monotonic()) * 1000)))
@@ -150,10 +151,7 @@ def wait_for_broker(
         except (KafkaError, OSError, ValueError) as exc:
             raise_if_refused(exc, bootstrap, "connect", started)
             last = exc
-            if stop is not None:
-                stop.wait(0.2)
-            else:
-                time.sleep(0.2)
+            stop.wait(0.2)
     raise Unreachable(f"no Kafka broker answering on {bootstrap} ({last})")
 
 
