@@ -11,7 +11,9 @@ queries from 16 client threads (one in ten on a new connection, as clients come 
 go); prints cursors open and RSS before and after. ``known-ids``: a master table of
 ``--ids`` orders ingested now, a run below all of them; prepares it as the run watcher
 does (ids streamed to a file, or ``--in-memory`` as a table) and applies it to a fresh
-state in this process; prints RSS after each phase and the peak. ``wal``: for each
+state in this process; prints RSS after each phase and the peak, then the median and p99
+time of committing ``--batches`` micro-batches of ``--per-batch`` new orders with those ids
+known, and of one expiry of known ids. ``wal``: for each
 ``--checkpoint`` threshold in turn, a fresh state takes ``--batches`` micro-batches of
 ``--per-batch`` new orders (a worker's second of a steady stream); prints, every tenth of
 the way, the write-ahead log's size, DuckDB's own memory figure and RSS, and at the end
@@ -101,11 +103,60 @@ def cursors(queries: int) -> dict[str, object]:
     return out
 
 
+def random_id(rng) -> str:
+    """An id as real producers make them (a random UUID): no order a scan could use."""
+    import uuid
+
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def orders_batch(offset: int, n: int, start: datetime, rng=None):
+    """A micro-batch of ``n`` new valid orders at offsets ``offset``.. of partition 0, their
+    times spread over 30 days from ``start``; ids ``e<offset>``, or random with ``rng``."""
+    from lambdalake.contract.validation import validate
+    from speed.state import BatchInput
+
+    values = [
+        json.dumps(
+            {
+                "event_id": random_id(rng) if rng else f"e{o}",
+                "event_time": (start + timedelta(seconds=(o * 97) % (30 * 86400))).isoformat(),
+                "store_id": f"s{o % 3}",
+                "sku": f"k{o % 20}",
+                "quantity": 1 + o % 3,
+                "unit_price": 2.5,
+            }
+        ).encode()
+        for o in range(offset, offset + n)
+    ]
+    v = validate("orders", values, [0] * n, list(range(offset, offset + n)))
+    return BatchInput(valid={"orders": v.valid}, ends={("orders", 0): offset + n})
+
+
+def commit_times(state, batches: int, per_batch: int, offset: int) -> dict[str, float]:
+    """Median and p99 ms of committing ``batches`` micro-batches of new orders."""
+    import random
+    import statistics
+
+    start = datetime.now(UTC) - timedelta(days=31)  # the last of them a day ago
+    rng = random.Random(f"micro-batches {offset}")  # not the master's ids
+    seconds = []
+    for b in range(batches):
+        batch = orders_batch(offset + b * per_batch, per_batch, start, rng)
+        t0 = time.perf_counter()
+        state.commit_batch(batch)
+        seconds.append(time.perf_counter() - t0)
+    cuts = statistics.quantiles(seconds, n=100)
+    return {
+        "commit_ms_p50": round(statistics.median(seconds) * 1000, 2),
+        "commit_ms_p99": round(cuts[98] * 1000, 2),
+    }
+
+
 def wal(batches: int, per_batch: int, threshold: str) -> dict[str, object]:
     import statistics
 
-    from lambdalake.contract.validation import validate
-    from speed.state import BatchInput, SpeedState
+    from speed.state import SpeedState
 
     path = Path(tempfile.mkdtemp()) / "w.duckdb"
     state = SpeedState(path, (0, 1), checkpoint_threshold=threshold)
@@ -115,23 +166,10 @@ def wal(batches: int, per_batch: int, threshold: str) -> dict[str, object]:
     samples, commit_s = [], []
     offset = 0
     for b in range(batches):
-        values = [
-            json.dumps(
-                {
-                    "event_id": f"e{o}",
-                    "event_time": (start + timedelta(seconds=(o * 97) % (30 * 86400))).isoformat(),
-                    "store_id": f"s{o % 3}",
-                    "sku": f"k{o % 20}",
-                    "quantity": 1 + o % 3,
-                    "unit_price": 2.5,
-                }
-            ).encode()
-            for o in range(offset, offset + per_batch)
-        ]
-        v = validate("orders", values, [0] * per_batch, list(range(offset, offset + per_batch)))
+        batch = orders_batch(offset, per_batch, start)
         offset += per_batch
         t0 = time.perf_counter()
-        state.commit_batch(BatchInput(valid={"orders": v.valid}, ends={("orders", 0): offset}))
+        state.commit_batch(batch)
         commit_s.append(time.perf_counter() - t0)
         if (b + 1) % max(1, batches // 10) == 0:
             samples.append(
@@ -160,6 +198,8 @@ def wal(batches: int, per_batch: int, threshold: str) -> dict[str, object]:
 
 
 def make_master(lake: Path, ids: int) -> int:
+    import random
+
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
@@ -169,13 +209,14 @@ def make_master(lake: Path, ids: int) -> int:
     schema = MASTER_SCHEMA_BY_TOPIC["orders"]
     now = datetime.now(UTC)
     step = 250_000
+    rng = random.Random(ids)
     for start in range(0, ids, step):
         n = min(step, ids - start)
         times = [now - timedelta(minutes=i % 2000) for i in range(n)]
         cols: dict[str, object] = {}
         for f in schema:
             if f.name == "event_id":
-                cols[f.name] = pa.array([f"ORD-{start + i:012d}-{i % 99991:05d}" for i in range(n)])
+                cols[f.name] = pa.array([random_id(rng) for _ in range(n)])
             elif f.name == "_offset":
                 cols[f.name] = pa.array(range(start, start + n), f.type)
             elif f.name == "_partition":
@@ -200,7 +241,7 @@ def make_master(lake: Path, ids: int) -> int:
     return DeltaTable(uri).version()
 
 
-def known_ids(ids: int, in_memory: bool) -> dict[str, object]:
+def known_ids(ids: int, in_memory: bool, batches: int, per_batch: int) -> dict[str, object]:
     import subprocess
 
     root = Path(tempfile.mkdtemp())
@@ -251,6 +292,11 @@ def known_ids(ids: int, in_memory: bool) -> dict[str, object]:
         settings.dedup_hours,
     )
     prepared.discard()
+    t2 = time.monotonic()
+    # The micro-batches that follow: new orders above the run's watermark.
+    commits = commit_times(state, batches, per_batch, offset=ids)
+    t3 = time.monotonic()
+    state.expire_known(settings.dedup_hours)
     out = {
         "ids": ids,
         "spilled": not in_memory,
@@ -259,8 +305,13 @@ def known_ids(ids: int, in_memory: bool) -> dict[str, object]:
         "rss_after_apply_mib": round(rss_mib()),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "prepare_s": round(t1 - t0, 2),
-        "apply_s": round(time.monotonic() - t1, 2),
+        "apply_s": round(t2 - t1, 2),
         "known": state.counts()["rows"]["known_orders"],
+        "per_batch": per_batch,
+        "held_end": state.counts()["events"]["orders"],
+        **commits,
+        "expire_known_s": round(time.monotonic() - t3, 3),
+        "rss_end_mib": round(rss_mib()),
     }
     state.close()
     return out
@@ -274,6 +325,8 @@ def main() -> None:
     k = sub.add_parser("known-ids")
     k.add_argument("--ids", type=int, default=2_000_000)
     k.add_argument("--in-memory", action="store_true", help="prepare into a table, not a file")
+    k.add_argument("--batches", type=int, default=300, help="micro-batches timed after the run")
+    k.add_argument("--per-batch", type=int, default=25)
     w = sub.add_parser("wal")
     w.add_argument("--batches", type=int, default=6000)
     w.add_argument("--per-batch", type=int, default=100)
@@ -291,7 +344,7 @@ def main() -> None:
     elif args.what == "make-master":
         print(make_master(args.lake, args.ids))
     else:
-        print(json.dumps(known_ids(args.ids, args.in_memory)))
+        print(json.dumps(known_ids(args.ids, args.in_memory, args.batches, args.per_batch)))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ from lambdalake.contract.views import (
     dedup_rank_sql,
 )
 from lambdalake.errors import InvalidInput
+from speed.id_index import IdHashIndex, hashes_of
 
 HELD = {t: f"held_{t}" for t in TOPICS}
 KNOWN = {t: f"known_{t}" for t in TOPICS}
@@ -220,6 +221,15 @@ class SpeedState:
         self._cursor_cond = threading.Condition()
         self._scratch_rows: dict[str, int] = {}  # rows put in each topic's scratch tables
         self._create_schema()
+        # In-memory hashes of the ids a micro-batch deduplicates against (see id_index):
+        # a micro-batch joins a table only when one of its ids may be in it.
+        self._known_index = {
+            t: IdHashIndex(KNOWN[t], "id") for t in TOPICS if t not in REFERENCE_TOPICS
+        }
+        self._held_index = {
+            t: IdHashIndex(HELD[t], KEY_BY_TOPIC[t]) for t in TOPICS if t not in REFERENCE_TOPICS
+        }
+        self._load_indexes()
         self.applied = self._read_applied(self.con)
         self.positions = self._read_positions(self.con)
         self._partial_rows = {v: self._count(PARTIALS[v]) for v in VIEWS}
@@ -349,6 +359,10 @@ class SpeedState:
             con.execute("ROLLBACK")
             raise
 
+    def _load_indexes(self) -> None:
+        for index in (*self._known_index.values(), *self._held_index.values()):
+            index.load(self.con)
+
     def _count(self, table: str) -> int:
         return int(_one(self.con, f"SELECT count(*) FROM {table}")[0])
 
@@ -422,12 +436,13 @@ class SpeedState:
         con = self.con
         held: dict[str, int] = {}
         dups: dict[str, int] = {}
+        added: dict[str, np.ndarray | None] = {}  # hashes now held per topic (None: reload)
         self._bound_scratch([t for t, tb in batch.valid.items() if tb.num_rows])
         con.execute("BEGIN TRANSACTION")
         try:
             for topic, table in batch.valid.items():
                 if table.num_rows:
-                    held[topic], dups[topic] = self._add_events(topic, table)
+                    held[topic], dups[topic], added[topic] = self._add_events(topic, table)
             new_positions = dict(self.positions)
             for tp, end in batch.ends.items():
                 new_positions[tp] = max(new_positions.get(tp, 0), end)
@@ -469,16 +484,27 @@ class SpeedState:
             con.execute("ROLLBACK")
             self._partial_rows = {v: self._count(PARTIALS[v]) for v in VIEWS}
             raise
+        for topic, hashes in added.items():
+            if topic not in self._held_index:
+                continue
+            if hashes is None:
+                self._held_index[topic].load(con)
+            else:
+                self._held_index[topic].add(hashes)
         self.positions = new_positions
         return BatchResult(held=held, duplicates=dups, seconds=time.perf_counter() - t0)
 
-    def _add_events(self, topic: str, table: pa.Table) -> tuple[int, int]:
+    def _add_events(self, topic: str, table: pa.Table) -> tuple[int, int, np.ndarray | None]:
         """Dedup one topic's events against held and known ids; append; update partials.
 
         Within the batch and against held events the lowest (offset, partition)
         wins; an id already known (counted by the batch run or pruned) is a duplicate.
         Reference data is held whole (every message is a version of its id's record; the
-        views keep the last).
+        views keep the last). Returns events held, duplicates, and the hashes of the ids
+        now held (None when held events were replaced: the index is loaded again).
+
+        The joins against ``known_*`` and ``held_*`` run only when a hash of the batch's
+        ids is in their index (``speed.id_index``): they read the whole table.
         """
         con = self.con
         if topic in REFERENCE_TOPICS:
@@ -491,29 +517,35 @@ class SpeedState:
                         con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, 'batch_in')}"
                     )
                 self._partial_rows[view.name] += int(added[0])
-            return table.num_rows, 0
+            return table.num_rows, 0, None
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
         names = held_schema(topic).names
         # Scratch tables live for the connection (no catalog change per micro-batch).
         cand, conf = f"cand_{topic}", f"conf_{topic}"
         con.execute(f"DELETE FROM {cand}")
-        con.execute(f"DELETE FROM {conf}")
         self._scratch_rows[topic] += table.num_rows
         with _registered(con, "batch_in", table.select(names)):
+            hashes = hashes_of(con, f"SELECT hash({key}) AS h FROM batch_in")
+            maybe_known = self._known_index[topic].maybe(hashes).any()
             con.execute(
                 f"""INSERT INTO {cand} SELECT * FROM batch_in b
-                WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})
+                {f"WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})" if maybe_known else ""}
                 QUALIFY {dedup_rank_sql(key)} = 1"""
             )
-        con.execute(
-            f"""INSERT INTO {conf}
-            SELECT c.{key} AS id, h._partition AS hp, h._offset AS ho,
-                   (c._offset < h._offset OR (c._offset = h._offset AND c._partition < h._partition))
-                   AS new_wins
-            FROM {cand} c JOIN {held} h ON h.{key} = c.{key}"""
-        )
-        n_conf, n_wins = _one(con, f"SELECT count(*), count(*) FILTER (WHERE new_wins) FROM {conf}")
+        n_conf = n_wins = 0
+        if self._held_index[topic].maybe(hashes).any():
+            con.execute(f"DELETE FROM {conf}")
+            con.execute(
+                f"""INSERT INTO {conf}
+                SELECT c.{key} AS id, h._partition AS hp, h._offset AS ho,
+                       (c._offset < h._offset OR (c._offset = h._offset AND c._partition < h._partition))
+                       AS new_wins
+                FROM {cand} c JOIN {held} h ON h.{key} = c.{key}"""
+            )
+            n_conf, n_wins = _one(
+                con, f"SELECT count(*), count(*) FILTER (WHERE new_wins) FROM {conf}"
+            )
         if n_conf:
             con.execute(
                 f"DELETE FROM {cand} WHERE {key} IN (SELECT id FROM {conf} WHERE NOT new_wins)"
@@ -525,15 +557,21 @@ class SpeedState:
                 f"DELETE FROM {held} h USING {conf} c WHERE c.new_wins "
                 "AND h._partition = c.hp AND h._offset = c.ho"
             )
-        con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM {cand}")
-        n_new = int(_one(con, f"SELECT count(*) FROM {cand}")[0])
+        new_held = hashes_of(
+            con, f"INSERT INTO {held} BY NAME SELECT * FROM {cand} RETURNING hash({key}) AS h"
+        )
+        n_new = len(new_held)
         for view in VIEWS_BY_TOPIC[topic]:
             if n_wins:
                 self._rebuild_partials(view)
             elif n_new:
                 added = _one(con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, cand)}")
                 self._partial_rows[view.name] += int(added[0])
-        return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
+        return (
+            n_new - int(n_wins),
+            table.num_rows - n_new + int(n_wins),
+            None if n_wins else new_held,
+        )
 
     def _needs_compaction(self, view: ViewDef) -> bool:
         return self._partial_rows[view.name] > 2 * self._compacted_rows[view.name] + 100_000
@@ -633,6 +671,7 @@ class SpeedState:
         except BaseException:
             con.execute("ROLLBACK")
             raise
+        self._load_indexes()  # a run prunes held events and changes the known ids
         self.positions = new_positions
         self.applied = Applied(
             run_id=run.run_id,
@@ -688,14 +727,23 @@ class SpeedState:
     def expire_known(self, dedup_hours: int, now: datetime | None = None) -> None:
         """Forget known ids older than the dedup horizon (cheap; call now and then)."""
         horizon = (now or _now()) - timedelta(hours=dedup_hours)
+        gone: dict[str, np.ndarray] = {}
         self.con.execute("BEGIN TRANSACTION")
         try:
             for topic in TOPICS:
-                self.con.execute(f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ?", [horizon])
+                gone[topic] = hashes_of(
+                    self.con,
+                    f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ? RETURNING hash(id) AS h",
+                    [horizon],
+                )
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
+        for topic, hashes in gone.items():
+            index = self._known_index.get(topic)
+            if index is not None and not index.remove(hashes):
+                index.load(self.con)
 
     # --- reads (any thread) ---------------------------------------------------------------------
 
