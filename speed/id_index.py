@@ -79,3 +79,34 @@ class IdHashIndex:
             return False
         self.hashes = np.delete(self.hashes, pos)
         return True
+
+
+class IndexChanges:
+    """What one transaction did to indexed tables, applied to their indexes once it has
+    committed (a transaction rolled back leaves tables and indexes as they were)."""
+
+    def __init__(self) -> None:
+        self._added: dict[IdHashIndex, list[np.ndarray]] = {}
+        self._removed: dict[IdHashIndex, list[np.ndarray]] = {}
+        self._reload: set[IdHashIndex] = set()
+
+    def added(self, index: IdHashIndex, hashes: np.ndarray) -> None:
+        self._added.setdefault(index, []).append(hashes)
+
+    def removed(self, index: IdHashIndex, hashes: np.ndarray) -> None:
+        self._removed.setdefault(index, []).append(hashes)
+
+    def reload(self, index: IdHashIndex) -> None:
+        """The table changed wholesale (emptied, rows replaced): read it again."""
+        self._reload.add(index)
+
+    def apply(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Call after the commit: additions first (an id added and removed in the same
+        transaction is in neither), then removals."""
+        for index in {*self._added, *self._removed, *self._reload}:
+            if index in self._reload:
+                index.load(con)
+                continue
+            index.add(np.concatenate(self._added.get(index, [np.empty(0, np.uint64)])))
+            if not index.remove(np.concatenate(self._removed.get(index, [np.empty(0, np.uint64)]))):
+                index.load(con)

@@ -74,7 +74,7 @@ from lambdalake.contract.views import (
     dedup_rank_sql,
 )
 from lambdalake.errors import InvalidInput
-from speed.id_index import IdHashIndex, hashes_of
+from speed.id_index import IdHashIndex, IndexChanges, hashes_of
 
 HELD = {t: f"held_{t}" for t in TOPICS}
 KNOWN = {t: f"known_{t}" for t in TOPICS}
@@ -436,13 +436,13 @@ class SpeedState:
         con = self.con
         held: dict[str, int] = {}
         dups: dict[str, int] = {}
-        added: dict[str, np.ndarray | None] = {}  # hashes now held per topic (None: reload)
+        changes = IndexChanges()
         self._bound_scratch([t for t, tb in batch.valid.items() if tb.num_rows])
         con.execute("BEGIN TRANSACTION")
         try:
             for topic, table in batch.valid.items():
                 if table.num_rows:
-                    held[topic], dups[topic], added[topic] = self._add_events(topic, table)
+                    held[topic], dups[topic] = self._add_events(topic, table, changes)
             new_positions = dict(self.positions)
             for tp, end in batch.ends.items():
                 new_positions[tp] = max(new_positions.get(tp, 0), end)
@@ -484,24 +484,18 @@ class SpeedState:
             con.execute("ROLLBACK")
             self._partial_rows = {v: self._count(PARTIALS[v]) for v in VIEWS}
             raise
-        for topic, hashes in added.items():
-            if topic not in self._held_index:
-                continue
-            if hashes is None:
-                self._held_index[topic].load(con)
-            else:
-                self._held_index[topic].add(hashes)
+        changes.apply(con)
         self.positions = new_positions
         return BatchResult(held=held, duplicates=dups, seconds=time.perf_counter() - t0)
 
-    def _add_events(self, topic: str, table: pa.Table) -> tuple[int, int, np.ndarray | None]:
+    def _add_events(self, topic: str, table: pa.Table, changes: IndexChanges) -> tuple[int, int]:
         """Dedup one topic's events against held and known ids; append; update partials.
 
         Within the batch and against held events the lowest (offset, partition)
         wins; an id already known (counted by the batch run or pruned) is a duplicate.
         Reference data is held whole (every message is a version of its id's record; the
-        views keep the last). Returns events held, duplicates, and the hashes of the ids
-        now held (None when held events were replaced: the index is loaded again).
+        views keep the last). Returns events held and duplicates; what changed in held
+        ids goes to ``changes``.
 
         The joins against ``known_*`` and ``held_*`` run only when a hash of the batch's
         ids is in their index (``speed.id_index``): they read the whole table.
@@ -517,7 +511,7 @@ class SpeedState:
                         con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, 'batch_in')}"
                     )
                 self._partial_rows[view.name] += int(added[0])
-            return table.num_rows, 0, None
+            return table.num_rows, 0
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
         names = held_schema(topic).names
@@ -561,17 +555,17 @@ class SpeedState:
             con, f"INSERT INTO {held} BY NAME SELECT * FROM {cand} RETURNING hash({key}) AS h"
         )
         n_new = len(new_held)
+        if n_wins:  # held rows replaced
+            changes.reload(self._held_index[topic])
+        else:
+            changes.added(self._held_index[topic], new_held)
         for view in VIEWS_BY_TOPIC[topic]:
             if n_wins:
                 self._rebuild_partials(view)
             elif n_new:
                 added = _one(con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, cand)}")
                 self._partial_rows[view.name] += int(added[0])
-        return (
-            n_new - int(n_wins),
-            table.num_rows - n_new + int(n_wins),
-            None if n_wins else new_held,
-        )
+        return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
 
     def _needs_compaction(self, view: ViewDef) -> bool:
         return self._partial_rows[view.name] > 2 * self._compacted_rows[view.name] + 100_000
@@ -612,10 +606,11 @@ class SpeedState:
         """Prune to a run's watermark, load the ids it counted, re-score, atomically."""
         now = now or _now()
         con = self.con
+        changes = IndexChanges()
         con.execute("BEGIN TRANSACTION")
         try:
             for topic in TOPICS:
-                self._apply_run_topic(topic, run, now)
+                self._apply_run_topic(topic, run, now, changes)
             if run.scores is not None and run.scores.num_rows:
                 scores = run.scores.select(["_partition", "_offset", "sentiment", "label"])
                 with _registered(con, "scores", scores):
@@ -624,9 +619,7 @@ class SpeedState:
                         SET sentiment = s.sentiment, label = s.label FROM scores s
                         WHERE h._partition = s._partition AND h._offset = s._offset"""
                     )
-            horizon = now - timedelta(hours=dedup_hours)
-            for topic in TOPICS:
-                con.execute(f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ?", [horizon])
+            self._expire_known(now - timedelta(hours=dedup_hours), changes)
             for view in VIEWS.values():
                 self._rebuild_partials(view)
             # Owned partitions resume at max(own position, watermark); after a reset
@@ -671,7 +664,7 @@ class SpeedState:
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        self._load_indexes()  # a run prunes held events and changes the known ids
+        changes.apply(con)
         self.positions = new_positions
         self.applied = Applied(
             run_id=run.run_id,
@@ -681,7 +674,9 @@ class SpeedState:
             reread_until=reread_until,
         )
 
-    def _apply_run_topic(self, topic: str, run: RunApply, now: datetime) -> None:
+    def _apply_run_topic(
+        self, topic: str, run: RunApply, now: datetime, changes: IndexChanges
+    ) -> None:
         con = self.con
         key = KEY_BY_TOPIC[topic]
         held, known = HELD[topic], KNOWN[topic]
@@ -694,56 +689,78 @@ class SpeedState:
                     "AND h._offset < w.offset"
                 )
                 return
+            held_index, known_index = self._held_index[topic], self._known_index[topic]
             if run.reset:
                 con.execute(f"DELETE FROM {held}")
                 con.execute(f"DELETE FROM {known}")
+                changes.reload(held_index)
+                changes.reload(known_index)
             elif run.replace_known:
                 con.execute(f"DELETE FROM {known}")
+                changes.reload(known_index)
             ids = run.known_ids.get(topic)
             insert = (
                 f"INSERT INTO {known} SELECT id, max(seen_at) FROM {{}} n "
-                f"WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id"
+                f"WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = n.id) GROUP BY id "
+                "RETURNING hash(id) AS h"
             )
             if isinstance(ids, Path):  # spilled by the run watcher: streamed by DuckDB
-                con.execute(insert.format("read_parquet(?)"), [str(ids)])
+                changes.added(
+                    known_index, hashes_of(con, insert.format("read_parquet(?)"), [str(ids)])
+                )
             elif ids is not None and ids.num_rows:
                 with _registered(con, "new_ids", ids.select(["id", "seen_at"])):
-                    con.execute(insert.format("new_ids"))
+                    changes.added(known_index, hashes_of(con, insert.format("new_ids")))
             # Pruned events leave the views but their ids stay known until the horizon passes.
-            con.execute(
+            pruned = hashes_of(
+                con,
                 f"""INSERT INTO {known}
                 SELECT h.{key}, ? FROM {held} h JOIN wm w ON w.partition = h._partition
                 WHERE h._offset < w.offset
-                  AND NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = h.{key})""",
+                  AND NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = h.{key})
+                RETURNING hash(id) AS h""",
                 [now],
             )
-            con.execute(
-                f"DELETE FROM {held} h USING wm w WHERE w.partition = h._partition "
-                "AND h._offset < w.offset"
+            changes.added(known_index, pruned)
+            changes.removed(
+                held_index,
+                hashes_of(
+                    con,
+                    f"DELETE FROM {held} h USING wm w WHERE w.partition = h._partition "
+                    f"AND h._offset < w.offset RETURNING hash(h.{key}) AS h",
+                ),
             )
             # An id the run counted (from any partition) is not ours to count again.
-            con.execute(f"DELETE FROM {held} h USING {known} k WHERE k.id = h.{key}")
+            changes.removed(
+                held_index,
+                hashes_of(
+                    con,
+                    f"DELETE FROM {held} h USING {known} k WHERE k.id = h.{key} "
+                    f"RETURNING hash(h.{key}) AS h",
+                ),
+            )
 
     def expire_known(self, dedup_hours: int, now: datetime | None = None) -> None:
         """Forget known ids older than the dedup horizon (cheap; call now and then)."""
-        horizon = (now or _now()) - timedelta(hours=dedup_hours)
-        gone: dict[str, np.ndarray] = {}
+        changes = IndexChanges()
         self.con.execute("BEGIN TRANSACTION")
         try:
-            for topic in TOPICS:
-                gone[topic] = hashes_of(
-                    self.con,
-                    f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ? RETURNING hash(id) AS h",
-                    [horizon],
-                )
+            self._expire_known((now or _now()) - timedelta(hours=dedup_hours), changes)
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
-        for topic, hashes in gone.items():
-            index = self._known_index.get(topic)
-            if index is not None and not index.remove(hashes):
-                index.load(self.con)
+        changes.apply(self.con)
+
+    def _expire_known(self, horizon: datetime, changes: IndexChanges) -> None:
+        for topic in TOPICS:
+            gone = hashes_of(
+                self.con,
+                f"DELETE FROM {KNOWN[topic]} WHERE seen_at < ? RETURNING hash(id) AS h",
+                [horizon],
+            )
+            if topic in self._known_index:
+                changes.removed(self._known_index[topic], gone)
 
     # --- reads (any thread) ---------------------------------------------------------------------
 

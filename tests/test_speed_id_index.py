@@ -8,6 +8,7 @@ after every change, or a duplicate would be counted. Checked here on the class a
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -55,7 +56,7 @@ OPS = st.lists(
     st.one_of(
         st.tuples(st.just("commit"), st.lists(st.tuples(st.integers(0, 1), st.integers(0, 15)))),
         st.tuples(st.just("fail"), st.lists(st.integers(0, 15), min_size=1)),
-        st.tuples(st.just("run"), st.lists(st.integers(0, 15)), st.booleans()),
+        st.tuples(st.just("run"), st.lists(st.integers(0, 15)), st.booleans(), st.booleans()),
         st.tuples(st.just("expire"), st.sampled_from([1, 24, 49])),
         st.tuples(st.just("reopen")),
     ),
@@ -67,8 +68,8 @@ OPS = st.lists(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=OPS)
-@example(ops=[("run", [1, 2], False), ("expire", 49)])  # ids the run counted expire
-@example(ops=[("commit", [(0, 1), (1, 2)]), ("run", [], False), ("expire", 49)])  # pruned ones
+@example(ops=[("run", [1, 2], False, False), ("expire", 49)])  # ids the run counted expire
+@example(ops=[("commit", [(0, 1), (1, 2)]), ("run", [], False, False), ("expire", 49)])
 @example(ops=[("commit", [(1, 3)]), ("commit", [(0, 3)]), ("reopen",)])  # a held id replaced
 def test_the_indexes_hold_the_hashes_of_their_tables_after_every_change(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple]
@@ -94,11 +95,13 @@ def test_the_indexes_hold_the_hashes_of_their_tables_after_every_change(
                 with pytest.raises(Exception):  # noqa: B017 - any failure must roll back
                     state.commit_batch(bad)
             elif op[0] == "run":  # prunes below the positions, counts ids, maybe resets
-                _, ids, reset = op
+                _, ids, reset, replace = op  # replace: the run's ids are all it counted
                 wm = {"orders": {p: (0 if reset else o) for p, o in next_offset.items()}}
                 state.apply_run(
-                    run_apply(
-                        f"r{hours}", wm, ids={"orders": [f"o-{i}" for i in ids]}, reset=reset
+                    dataclasses.replace(
+                        run_apply(f"r{hours}", wm, ids={"orders": [f"o-{i}" for i in ids]}),
+                        reset=reset,
+                        replace_known=replace,
                     ),
                     48,
                     now=NOW + timedelta(hours=hours),
