@@ -450,19 +450,16 @@ class SpeedState:
                 (t, p, o) for (t, p), o in new_positions.items() if self.positions.get((t, p)) != o
             ]
             if changed:
-                # One statement (a per-row executemany costs ~ms per row here).
-                rows = pa.table(
-                    {
-                        "topic": pa.array([t for t, _, _ in changed], pa.string()),
-                        "partition": pa.array([p for _, p, _ in changed], pa.int32()),
-                        "next_offset": pa.array([o for _, _, o in changed], pa.int64()),
-                    }
+                # One statement of literals: a per-row executemany costs ~ms per row here,
+                # and registering a table for a few rows more than the statement itself.
+                # Topics are the contract's names, partitions and offsets integers.
+                if unknown := {t for t, _, _ in changed} - set(TOPICS):
+                    raise InvalidInput(f"positions of unknown topics {sorted(unknown)}")
+                values = ", ".join(f"('{t}', {int(p)}, {int(o)})" for t, p, o in changed)
+                con.execute(
+                    f"INSERT INTO positions VALUES {values} "
+                    "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset"
                 )
-                with _registered(con, "positions_in", rows):
-                    con.execute(
-                        "INSERT INTO positions SELECT * FROM positions_in "
-                        "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset"
-                    )
             if batch.invalid:
                 counts = pa.table(
                     {
@@ -498,7 +495,8 @@ class SpeedState:
         ids goes to ``changes``.
 
         The joins against ``known_*`` and ``held_*`` run only when a hash of the batch's
-        ids is in their index (``speed.id_index``): they read the whole table.
+        ids is in their index (``speed.id_index``): they read the whole table. A batch of
+        distinct ids found in neither (most of them) is appended without the scratch tables.
         """
         con = self.con
         if topic in REFERENCE_TOPICS:
@@ -517,18 +515,23 @@ class SpeedState:
         names = held_schema(topic).names
         # Scratch tables live for the connection (no catalog change per micro-batch).
         cand, conf = f"cand_{topic}", f"conf_{topic}"
-        con.execute(f"DELETE FROM {cand}")
-        self._scratch_rows[topic] += table.num_rows
         with _registered(con, "batch_in", table.select(names)):
             hashes = hashes_of(con, f"SELECT hash({key}) AS h FROM batch_in")
             maybe_known = self._known_index[topic].maybe(hashes).any()
+            maybe_held = self._held_index[topic].maybe(hashes).any()
+            if not maybe_known and not maybe_held and len(np.unique(hashes)) == len(hashes):
+                # The common case: ids distinct (their hashes are) and new to the held and the
+                # known events. Nothing to deduplicate: the batch goes in as it is.
+                return self._append_new(topic, "batch_in", changes), 0
+            con.execute(f"DELETE FROM {cand}")
+            self._scratch_rows[topic] += table.num_rows
             con.execute(
                 f"""INSERT INTO {cand} SELECT * FROM batch_in b
                 {f"WHERE NOT EXISTS (SELECT 1 FROM {known} k WHERE k.id = b.{key})" if maybe_known else ""}
                 QUALIFY {dedup_rank_sql(key)} = 1"""
             )
         n_conf = n_wins = 0
-        if self._held_index[topic].maybe(hashes).any():
+        if maybe_held:
             con.execute(f"DELETE FROM {conf}")
             con.execute(
                 f"""INSERT INTO {conf}
@@ -544,28 +547,38 @@ class SpeedState:
             con.execute(
                 f"DELETE FROM {cand} WHERE {key} IN (SELECT id FROM {conf} WHERE NOT new_wins)"
             )
-        if n_wins:
-            # A lower offset of an id we hold arrived late from another partition:
-            # it replaces the held one, and the partials are rebuilt (rare).
-            con.execute(
-                f"DELETE FROM {held} h USING {conf} c WHERE c.new_wins "
-                "AND h._partition = c.hp AND h._offset = c.ho"
-            )
-        new_held = hashes_of(
-            con, f"INSERT INTO {held} BY NAME SELECT * FROM {cand} RETURNING hash({key}) AS h"
+        if not n_wins:
+            n_new = self._append_new(topic, cand, changes)
+            return n_new, table.num_rows - n_new
+        # A lower offset of an id we hold arrived late from another partition: it replaces
+        # the held one, and the partials are rebuilt (rare).
+        con.execute(
+            f"DELETE FROM {held} h USING {conf} c WHERE c.new_wins "
+            "AND h._partition = c.hp AND h._offset = c.ho"
         )
-        n_new = len(new_held)
-        if n_wins:  # held rows replaced
-            changes.reload(self._held_index[topic])
-        else:
-            changes.added(self._held_index[topic], new_held)
+        con.execute(f"INSERT INTO {held} BY NAME SELECT * FROM {cand}")
+        n_new = int(_one(con, f"SELECT count(*) FROM {cand}")[0])
+        changes.reload(self._held_index[topic])
         for view in VIEWS_BY_TOPIC[topic]:
-            if n_wins:
-                self._rebuild_partials(view)
-            elif n_new:
-                added = _one(con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, cand)}")
-                self._partial_rows[view.name] += int(added[0])
+            self._rebuild_partials(view)
         return n_new - int(n_wins), table.num_rows - n_new + int(n_wins)
+
+    def _append_new(self, topic: str, source: str, changes: IndexChanges) -> int:
+        """Hold ``source``'s events, none of them a duplicate, and add their partials;
+        returns how many."""
+        key = KEY_BY_TOPIC[topic]
+        new_held = hashes_of(
+            self.con,
+            f"INSERT INTO {HELD[topic]} BY NAME SELECT * FROM {source} RETURNING hash({key}) AS h",
+        )
+        changes.added(self._held_index[topic], new_held)
+        if len(new_held):
+            for view in VIEWS_BY_TOPIC[topic]:
+                added = _one(
+                    self.con, f"INSERT INTO {PARTIALS[view.name]} {partials_sql(view, source)}"
+                )
+                self._partial_rows[view.name] += int(added[0])
+        return len(new_held)
 
     def _needs_compaction(self, view: ViewDef) -> bool:
         return self._partial_rows[view.name] > 2 * self._compacted_rows[view.name] + 100_000
