@@ -3,8 +3,9 @@
 A micro-batch deduplicates against two tables that grow with uptime: the ids the batch
 already counted (``known_*``: every id ingested within the dedup horizon, ~17 M at
 100 events/s over 48 hours) and the events held since the watermark (``held_*``). A join
-against either reads the whole table at every micro-batch: ~45 ms per million ids here,
-so a worker's cost per micro-batch grew with the horizon until it could not keep up.
+against either reads the whole table at every micro-batch: 50-90 ms per million ids here
+(``bench/speed_uptime.py known-ids``), so a worker's cost per micro-batch grew with the
+horizon until it could not keep up.
 
 :class:`IdHashIndex` keeps the sorted 64-bit hashes of one table's ids in memory (8
 bytes an id, DuckDB's own ``hash``, so the state computes them in SQL on both sides). A
@@ -12,9 +13,9 @@ micro-batch whose ids all miss skips the join: a miss is certain. A hit is confi
 the join itself (two ids may share a hash), so answers stay exact; hits come from real
 duplicates, which are rare, and from hash collisions (about one in 10^12 per id at 17 M).
 
-The index follows its table: loaded when the state opens, updated after each commit
-that changes the table (never before: a rolled-back transaction leaves both as they
-were).
+The index follows its table: loaded when the state opens, then updated from what the
+statements that change the table return, once their transaction has committed
+(:class:`IndexChanges`; a rolled-back transaction leaves both as they were).
 """
 
 from __future__ import annotations
@@ -40,18 +41,9 @@ class IdHashIndex:
         self.column = column
         self.hashes = np.empty(0, dtype=np.uint64)
 
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.hashes.nbytes)
-
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         """Read the table's ids again (at open, after a run changed the table)."""
-        self.hashes = np.sort(
-            hashes_of(con, f"SELECT hash({self.column}) AS h FROM {self.table}"), kind="stable"
-        )
+        self.hashes = np.sort(hashes_of(con, f"SELECT hash({self.column}) AS h FROM {self.table}"))
 
     def maybe(self, hashes: np.ndarray) -> np.ndarray:
         """Per hash: may the table hold an id with it (False is certain)."""
