@@ -122,11 +122,36 @@ def test_the_demo_stops_on_a_signal_while_it_waits_for_an_external_broker(tmp_pa
         time.sleep(5)  # started, and waiting for the broker
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         proc.terminate()
-        assert proc.wait(timeout=15) == 0
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            err = proc.stderr.read()[-3000:] if proc.stderr else ""
+            pytest.fail(f"the demo did not stop within 15 s of SIGTERM; its log: {err}")
+        assert code == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_waiting_for_a_broker_that_is_not_there_leaves_no_client_behind() -> None:
+    """Each failed KafkaAdminClient bootstrap left its I/O thread and sockets running: a
+    300-second wait for a broker made ~130 of them. While nothing listens, no client."""
+    import threading
+
+    from lambdalake.errors import Unreachable
+    from lambdalake.kafka.clients import wait_for_broker
+    from lambdalake.ops.broker import free_port
+
+    def kafka_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("kafka-io"))
+
+    before = kafka_threads()
+    with pytest.raises(Unreachable, match="no Kafka broker answering"):
+        wait_for_broker(f"127.0.0.1:{free_port()}", timeout=5)
+    assert kafka_threads() == before
 
 
 def test_unreachable_broker_is_a_one_line_error(tmp_path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -120,6 +121,20 @@ def client_args(security: Security | None, **overrides: object) -> dict[str, obj
     return {**CLIENT_DEFAULTS, **(security or {}), **overrides}
 
 
+def _not_listening(bootstrap: str, timeout: float = 1.0) -> OSError | None:
+    """None if a server of ``bootstrap`` ("host:port,..." ) accepts a TCP connection, else
+    the last connection error."""
+    error: OSError = ConnectionRefusedError(f"nothing listens on {bootstrap}")
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return None
+        except (OSError, ValueError) as exc:
+            error = exc if isinstance(exc, OSError) else OSError(str(exc))
+    return error
+
+
 def wait_for_broker(
     bootstrap: str,
     timeout: float = 30.0,
@@ -136,6 +151,13 @@ def wait_for_broker(
     while time.monotonic() < deadline:
         if stop.is_set():
             return False
+        # Nothing listens yet: make no Kafka client (a KafkaAdminClient whose bootstrap fails
+        # leaves its I/O thread and sockets behind, one per attempt).
+        closed = _not_listening(bootstrap)
+        if closed is not None:
+            last = closed
+            stop.wait(0.2)
+            continue
         # Short attempts: kafka-python retries a refused connection until this timeout.
         remaining_ms = max(100, min(2_000, int((deadline - time.monotonic()) * 1000)))
         try:
