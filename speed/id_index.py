@@ -42,7 +42,7 @@ class IdHashIndex:
         self.hashes = np.empty(0, dtype=np.uint64)
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Read the table's ids again (at open, after a run changed the table)."""
+        """Read the table's ids (at open, and after it changed wholesale)."""
         self.hashes = np.sort(hashes_of(con, f"SELECT hash({self.column}) AS h FROM {self.table}"))
 
     def maybe(self, hashes: np.ndarray) -> np.ndarray:

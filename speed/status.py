@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from typing import Any
 
 from lambdalake.kafka.clients import EndOffsetsReader
 from lambdalake.logs import get_logger
+from lambdalake.ops.net import accepts_connections
 
 log = get_logger(__name__)
 
@@ -65,16 +65,6 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-def broker_reachable(bootstrap: str, timeout: float = 1.0) -> bool:
-    """A TCP connect to the first bootstrap address succeeds."""
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 class StatusReporter(threading.Thread):
@@ -114,7 +104,7 @@ class StatusReporter(threading.Thread):
 
     def probe(self) -> bool:
         """Check the broker answers (a TCP connect, at most 1 s); log changes."""
-        ok = broker_reachable(self.bootstrap)
+        ok = accepts_connections(self.bootstrap)
         if ok == self.broker_unreachable:  # the state changed
             if ok:
                 log.info("speed.broker_reachable", bootstrap=self.bootstrap)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -25,6 +24,7 @@ from kafka.errors import (
 )
 
 from lambdalake.errors import OperationFailed, Unreachable
+from lambdalake.ops.net import accepts_connections
 
 CLIENT_DEFAULTS: dict[str, object] = {
     "request_timeout_ms": 30_000,
@@ -121,20 +121,6 @@ def client_args(security: Security | None, **overrides: object) -> dict[str, obj
     return {**CLIENT_DEFAULTS, **(security or {}), **overrides}
 
 
-def _not_listening(bootstrap: str, timeout: float = 1.0) -> OSError | None:
-    """None if a server of ``bootstrap`` ("host:port,..." ) accepts a TCP connection, else
-    the last connection error."""
-    error: OSError = ConnectionRefusedError(f"nothing listens on {bootstrap}")
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-                return None
-        except (OSError, ValueError) as exc:
-            error = exc if isinstance(exc, OSError) else OSError(str(exc))
-    return error
-
-
 def wait_for_broker(
     bootstrap: str,
     timeout: float = 30.0,
@@ -153,9 +139,8 @@ def wait_for_broker(
             return False
         # Nothing listens yet: make no Kafka client (a KafkaAdminClient whose bootstrap fails
         # leaves its I/O thread and sockets behind, one per attempt).
-        closed = _not_listening(bootstrap)
-        if closed is not None:
-            last = closed
+        if not accepts_connections(bootstrap):
+            last = ConnectionRefusedError("nothing accepts connections there")
             stop.wait(0.2)
             continue
         # Short attempts: kafka-python retries a refused connection until this timeout.

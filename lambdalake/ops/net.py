@@ -1,4 +1,5 @@
-"""Local ports: one free to listen on, or whether one is (the broker, the API, the tests)."""
+"""Ports: one free to listen on, whether one is (the broker, the API, the tests), and whether
+a Kafka bootstrap list accepts connections."""
 
 from __future__ import annotations
 
@@ -21,3 +22,19 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def accepts_connections(bootstrap: str, timeout: float = 1.0) -> bool:
+    """Whether a server of ``bootstrap`` ("host:port,...") accepts a TCP connection: a
+    probe that makes no Kafka client (one whose bootstrap fails can block for many times
+    its timeout, and kafka-python leaves its I/O thread behind)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection(
+                (host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout
+            ):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

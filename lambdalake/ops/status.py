@@ -233,15 +233,9 @@ def _read_ends(
     A client of an unreachable broker can block for many times its request timeout
     (35 s measured), so: a TCP probe first, then the read in a thread waited for at
     most ``timeout``; one that overruns is left to finish alone."""
-    import socket
+    from lambdalake.ops.net import accepts_connections
 
-    bootstrap = reader.bootstrap
-
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout / 2):
-            pass
-    except (OSError, ValueError):
+    if not accepts_connections(reader.bootstrap, timeout=timeout / 2):
         return None, None
     found: dict[TP, int] = {}
 
