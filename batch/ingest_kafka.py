@@ -26,6 +26,7 @@ from lambdalake.kafka.clients import (
     client_args,
     end_offsets,
     ensure_topics,
+    new_client,
     raise_if_refused,
     topic_partitions,
 )
@@ -119,7 +120,8 @@ def open_consumer(
     records of aborted transactions never reach the lake; transaction markers
     still advance the positions.
     """
-    consumer = KafkaConsumer(
+    consumer = new_client(
+        KafkaConsumer,
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
@@ -145,7 +147,7 @@ def discover_partitions(
     """The partition ids of each topic, creating missing topics (as the broker does on
     first use) with ``partitions`` partitions."""
     ensure_topics(bootstrap, topics, partitions, security=security)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **client_args(security))
+    consumer = new_client(KafkaConsumer, bootstrap_servers=bootstrap, **client_args(security))
     try:
         return {t: topic_partitions(consumer, t) for t in topics}
     finally:
@@ -170,7 +172,8 @@ def probe_broker(
     """``True`` if a broker answers a metadata request within about ``timeout_s``;
     raise a :class:`KafkaError` (or :class:`OSError`) otherwise. (Not ``None``: under
     :func:`with_broker_retry`, ``None`` means "stopped while waiting".)"""
-    admin = KafkaAdminClient(
+    admin = new_client(
+        KafkaAdminClient,
         bootstrap_servers=bootstrap,
         bootstrap_timeout_ms=int(timeout_s * 1000),
         **client_args(security, request_timeout_ms=max(int(timeout_s * 1000), 1_000)),

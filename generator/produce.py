@@ -39,7 +39,7 @@ from generator.stream import (
     history,
 )
 from lambdalake.errors import InvalidInput, Unreachable
-from lambdalake.kafka.clients import ensure_topics, wait_for_broker
+from lambdalake.kafka.clients import ensure_topics, new_client, wait_for_broker
 from lambdalake.logs import get_logger
 from lambdalake.settings import TOPICS, Settings
 
@@ -74,7 +74,8 @@ class _Sender:
         self.share = share
         max_request = max(1 << 20, 2 * settings.max_event_bytes)
         try:
-            self.producer = KafkaProducer(
+            self.producer = new_client(
+                KafkaProducer,
                 bootstrap_servers=self.bootstrap,
                 max_request_size=max_request,
                 **settings.kafka_security,

@@ -75,8 +75,11 @@ class KafkaPythonClient:
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
 
+        from lambdalake.kafka.clients import new_client
+
         self.errors: tuple[type[BaseException], ...] = (KafkaError,)
-        self.consumer = KafkaConsumer(
+        self.consumer = new_client(
+            KafkaConsumer,
             bootstrap_servers=settings.bootstrap,
             group_id=None,
             enable_auto_commit=False,

@@ -11,7 +11,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
@@ -22,6 +23,7 @@ from kafka.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
+from kafka.net.compat import KafkaNetClient
 
 from lambdalake.errors import OperationFailed, Unreachable
 from lambdalake.ops.net import accepts_connections
@@ -121,6 +123,35 @@ def client_args(security: Security | None, **overrides: object) -> dict[str, obj
     return {**CLIENT_DEFAULTS, **(security or {}), **overrides}
 
 
+Client = TypeVar("Client")
+
+
+def new_client(cls: Callable[..., Client], **config: object) -> Client:
+    """``cls(**config)`` (a ``KafkaConsumer``, ``KafkaAdminClient`` or ``KafkaProducer``),
+    leaving nothing running when it fails.
+
+    kafka-python 3.0's consumer and admin client start their network layer (an I/O thread, a
+    selector, a wakeup socket pair) before they bootstrap, and do not stop it when the
+    bootstrap fails: every failed construction left a thread and its sockets behind, and a
+    process that reconnects through a broker outage accumulated them. The network client is
+    made here, through the constructors' ``kafka_client`` factory, so that it can be closed
+    on failure. (The producer does not leak that way; it is made here too, so that no
+    constructor is left to check.)"""
+    made: list[KafkaNetClient] = []
+
+    def network_client(**kwargs: object) -> KafkaNetClient:
+        made.append(KafkaNetClient(**kwargs))
+        return made[-1]
+
+    try:
+        return cls(kafka_client=network_client, **config)
+    except BaseException:
+        for client in made:
+            with contextlib.suppress(Exception):
+                client.close()
+        raise
+
+
 def wait_for_broker(
     bootstrap: str,
     timeout: float = 30.0,
@@ -137,8 +168,7 @@ def wait_for_broker(
     while time.monotonic() < deadline:
         if stop.is_set():
             return False
-        # Nothing listens yet: make no Kafka client (a KafkaAdminClient whose bootstrap fails
-        # leaves its I/O thread and sockets behind, one per attempt).
+        # Nothing listens yet: no Kafka client to make (a bootstrap would take its timeout).
         if not accepts_connections(bootstrap):
             last = ConnectionRefusedError("nothing accepts connections there")
             stop.wait(0.2)
@@ -146,7 +176,8 @@ def wait_for_broker(
         # Short attempts: kafka-python retries a refused connection until this timeout.
         remaining_ms = max(100, min(2_000, int((deadline - time.monotonic()) * 1000)))
         try:
-            admin = KafkaAdminClient(
+            admin = new_client(
+                KafkaAdminClient,
                 bootstrap_servers=bootstrap,
                 **client_args(security, bootstrap_timeout_ms=remaining_ms),
             )
@@ -170,7 +201,7 @@ def ensure_topics(
     security: Security | None = None,
 ) -> None:
     """Create the topics that do not exist yet (existing ones are left as they are)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_args(security))
+    admin = new_client(KafkaAdminClient, bootstrap_servers=bootstrap, **client_args(security))
     try:
         existing = set(admin.list_topics())
         new = [
@@ -184,7 +215,7 @@ def ensure_topics(
     finally:
         admin.close()
     # Metadata propagates asynchronously; wait until every topic shows its partitions.
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **client_args(security))
+    consumer = new_client(KafkaConsumer, bootstrap_servers=bootstrap, **client_args(security))
     try:
         deadline = time.monotonic() + 15
         for t in topics:
@@ -200,7 +231,7 @@ def ensure_topics(
 def list_topics(bootstrap: str, *, security: Security | None = None) -> list[str]:
     """The names of every topic on ``bootstrap`` (internal ones such as
     ``__consumer_offsets`` included)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_args(security))
+    admin = new_client(KafkaAdminClient, bootstrap_servers=bootstrap, **client_args(security))
     try:
         return sorted(admin.list_topics())
     finally:
@@ -217,7 +248,7 @@ def delete_topics(
     """Delete ``topics`` (missing ones are ignored) and return once the broker no longer
     lists them, so they can be created again at once."""
     names = set(topics)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_args(security))
+    admin = new_client(KafkaAdminClient, bootstrap_servers=bootstrap, **client_args(security))
     try:
         names &= set(admin.list_topics())
         if not names:
@@ -293,7 +324,8 @@ class EndOffsetsReader:
             return {}
         if self._consumer is None:
             timeout_ms = max(1_000, int(self.timeout * 1000))
-            self._consumer = KafkaConsumer(
+            self._consumer = new_client(
+                KafkaConsumer,
                 bootstrap_servers=self.bootstrap,
                 enable_auto_commit=False,
                 group_id=None,

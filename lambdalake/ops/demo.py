@@ -161,7 +161,7 @@ def replay_lake(settings: Settings) -> int:
 
     from lambdalake.contract.events import MESSAGE_KEY_BY_TOPIC
     from lambdalake.contract.lake import QUARANTINE, Lake
-    from lambdalake.kafka.clients import end_offsets
+    from lambdalake.kafka.clients import end_offsets, new_client
 
     lake = Lake(settings.lake_uri)
     positions = _master_positions(settings)
@@ -170,7 +170,8 @@ def replay_lake(settings: Settings) -> int:
         quarantine = DeltaTable(lake.table(QUARANTINE)).to_pyarrow_table(
             columns=["_topic", "_partition", "_offset", "raw"]
         )
-    producer = KafkaProducer(
+    producer = new_client(
+        KafkaProducer,
         bootstrap_servers=settings.bootstrap,
         **settings.kafka_security,
         batch_size=1 << 20,
