@@ -53,7 +53,7 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
 	  else echo "note: chromium not found; the dashboard browser test will be skipped"; fi; }
 
-test: install browser audit-if-reachable
+test: install browser audit-if-reachable lint typecheck
 	$(BIN)/python -m pytest
 
 demo: install

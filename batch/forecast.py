@@ -195,7 +195,7 @@ class ForecastConfig:
 
     def for_short(self) -> ForecastConfig:
         """The settings of smooth series without a year of history: ``short_models``."""
-        return replace(self, smooth_models=self.short_models)
+        return replace(self, smooth_models=self.short_models or ())
 
     def for_young(self) -> ForecastConfig:
         """The same settings with a shorter backtest, for smooth series with a few months of history.
@@ -205,7 +205,7 @@ class ForecastConfig:
         """
         return replace(
             self,
-            smooth_models=self.short_models,
+            smooth_models=self.short_models or (),
             backtest_windows=self.intermittent_backtest_windows,
             backtest_horizon=self.intermittent_backtest_horizon,
             backtest_step=self.intermittent_backtest_horizon,
@@ -1682,7 +1682,7 @@ def forecast_levels(
     if bottom.empty:
         return LevelForecast(pd.DataFrame(columns=[*FORECAST_COLUMNS, "level"]), "BottomUp", {})
     nodes = _nodes(bottom)
-    method, scores = cfg.reconcile, {}
+    method, scores = cfg.reconcile, dict[str, float]()
     if cfg.reconcile == "auto":
         cut = last_date - timedelta(days=cfg.horizon)
         holdout, scales = holdout_parts(nodes, cut, cfg)
@@ -1797,7 +1797,7 @@ def reconcile_collected(
     (``sku, store_id, date, units``), needed with ``auto`` only.
     """
     kind = collected["kind"]
-    method, scores = cfg.reconcile, {}
+    method, scores = cfg.reconcile, dict[str, float]()
     if cfg.reconcile == "auto":
         holdout = collected[kind == "holdout"]
         holdout = holdout.assign(ds=pd.to_datetime(holdout["date"]))

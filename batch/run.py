@@ -237,7 +237,8 @@ def _training_sample(reviews: DataFrame, n_reviews: int, cap: int) -> Any:
     if n_reviews > cap:
         # A deterministic sample: the same snapshot always trains on the same reviews.
         df = df.orderBy(F.xxhash64("review_id")).limit(cap)
-    pdf = df.toPandas().sort_values("review_id").reset_index(drop=True)
+    pdf: Any = df.toPandas()  # pandas (pyspark's stubs type it as a protocol)
+    pdf = pdf.sort_values("review_id").reset_index(drop=True)
     return pdf[["text", "title", "rating"]]
 
 

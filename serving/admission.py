@@ -215,10 +215,11 @@ class StampingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {  # type: ignore[dict-item]
+        extensions: Any = {
             RECEIVED_AT: time.monotonic() - kernel_age(self._sock),
             WAITING: self._waiting,
         }
+        self.scope["extensions"] = extensions
 
     def on_headers_complete(self) -> None:
         cycle = self.cycle
@@ -233,8 +234,10 @@ class StampingHttpToolsProtocol(HttpToolsProtocol):
         waiting = self._waiting
         now = time.monotonic()
         waited = now - cycle.scope["extensions"][RECEIVED_AT]
+        limits = waiting.limits  # None until the middleware has seen a request
         if (
-            waiting.refuse_at_arrival(waited, now)
+            limits is not None
+            and waiting.refuse_at_arrival(waited, now)
             and not self.flow.write_paused
             and cycle.scope.get("path") not in NEVER_REFUSED
             and not self.parser.should_upgrade()
@@ -244,7 +247,7 @@ class StampingHttpToolsProtocol(HttpToolsProtocol):
             # The refusal never suspends (the transport is not paused), so it runs to its
             # end here, with uvicorn's own response writing and keep-alive handling.
             step = cycle.run_asgi(
-                _refusal(waiting.limits, f"{waiting.n} requests wait, {waited * 1000:.0f} ms in")
+                _refusal(limits, f"{waiting.n} requests wait, {waited * 1000:.0f} ms in")
             )
             try:
                 step.send(None)

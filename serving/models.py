@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer
 
 from serving.params import GROUP_FIELDS
 
-_WATERMARK_EXAMPLE = {"orders": {"0": 1200, "1": 1175}, "reviews": {"0": 310, "1": 298}}
+_WATERMARK_EXAMPLE: Any = {"orders": {"0": 1200, "1": 1175}, "reviews": {"0": 310, "1": 298}}
 
 
 class AsOf(BaseModel):
@@ -75,7 +75,7 @@ class SalesPoint(BaseModel):
 
     # No return annotation: the OpenAPI schema stays the model's.
     @model_serializer(mode="wrap")
-    def _without_absent_groups(self, handler: Any):  # type: ignore[no-untyped-def]
+    def _without_absent_groups(self, handler: Any):
         # A point carries the group fields it was broken down by, and no others.
         out = handler(self)
         for name in GROUP_FIELDS:

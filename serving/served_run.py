@@ -153,7 +153,12 @@ class BatchSnapshot:
 
     def __post_init__(self) -> None:
         self.series = SeriesCache(
-            SALES, {g: self.tables[snapshot_table(SALES, g)].table for g in SALES.grains}
+            SALES,
+            {
+                g: self.tables[snapshot_table(SALES, g)].table
+                for g in SALES.grains
+                if g is not None  # every grain of sales is a period
+            },
         )
 
     def require(self, view: ViewDef, granularity: Granularity | None, hint: str = "") -> None:

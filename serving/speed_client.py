@@ -509,10 +509,10 @@ class SpeedClient:
             for topic, parts in answer.offsets.items():
                 if topic == view.topic:
                     result.offsets.setdefault(topic, {}).update(parts)
-        parts = all_partitions(view.topic, self.settings, min_offsets, statuses)
-        missing = [p for p in parts if p not in covered]
-        if missing:
-            result.missing[view.topic] = missing
+        partitions = all_partitions(view.topic, self.settings, min_offsets, statuses)
+        absent = [p for p in partitions if p not in covered]
+        if absent:
+            result.missing[view.topic] = absent
         return result
 
     def close(self) -> None:

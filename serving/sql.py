@@ -145,7 +145,8 @@ def _ast(sql: str) -> dict[str, Any]:
     con = getattr(_PARSER, "con", None)
     if con is None:
         con = _PARSER.con = duckdb.connect(config={"enable_external_access": False})
-    return json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    [(tree,)] = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+    return json.loads(tree)
 
 
 def _walk(node: Any) -> Iterator[dict[str, Any]]:
@@ -316,7 +317,12 @@ class Sandbox:
             for name, table in inputs.arrow.items():
                 con.register(name, table)
             done = threading.Event()
-            timer = threading.Timer(limits.timeout_s, lambda: done.is_set() or con.interrupt())
+
+            def interrupt() -> None:
+                if not done.is_set():
+                    con.interrupt()
+
+            timer = threading.Timer(limits.timeout_s, interrupt)
             timer.daemon = True
             timer.start()
             try:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ class IndexedTable:
         a, b = self.spans.get(sku, (0, 0))
         return self.table.slice(a, b - a)
 
-    def rows_of(self, keys: tuple[str, ...] | list[str] | None) -> pa.Table:
+    def rows_of(self, keys: Sequence[str] | None) -> pa.Table:
         """The rows of any of ``keys`` (``None``: all), in key order of the list."""
         if keys is None or len(keys) == 1:
             return self.rows(keys[0] if keys else None)

@@ -890,7 +890,7 @@ class SpeedState:
             )
             with _registered(cur, "lows_tbl", lows_tbl):
                 table = cur.sql(sql, params=params).to_arrow_table()
-        table = table.cast(answer_schema(q.view, q.granularity))
+        table = table.cast(answer_schema(q.view, q.grain))
         meta = AnswerMeta(
             worker=f"{self.worker[0]}/{self.worker[1]}",
             run_id=applied.run_id,

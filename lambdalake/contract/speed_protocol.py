@@ -60,7 +60,7 @@ META_KEY = b"lambdalake"
 STALE_WATERMARK = "stale watermark"
 # A query's granularity when it names none: the view's default grain (sales by day,
 # sentiment over all time).
-DEFAULT = "default"
+DEFAULT: Literal["default"] = "default"
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,14 @@ class SpeedQuery:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+
+    @property
+    def grain(self) -> Granularity | None:
+        """The grain asked, ``"default"`` resolved by the constructor (``None``: all time,
+        or an event view)."""
+        grain = self.granularity
+        assert grain != DEFAULT
+        return grain
 
     def to_json(self) -> bytes:
         return json.dumps(
