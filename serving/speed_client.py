@@ -272,7 +272,28 @@ class SpeedClient:
             return cached[1]
         found = status_files(self.settings)
         self._status_cache = (now, found)
+        self._forget_all_but(set(self.endpoints(found)))
         return found
+
+    def _forget_all_but(self, endpoints: set[str]) -> None:
+        """Drop what is kept for workers no longer listed: their snapshots, Flight clients
+        and timers. A worker restarted on another address (a new port, a new pod) rewrites
+        its status file, so its old endpoint is never asked again; without this, each
+        restart would leave a whole snapshot of every view and an open channel behind in
+        every API process. A fetch in flight may put one back: the next status read (every
+        ``status_ttl`` seconds) drops it."""
+        for keyed in (self._snapshots, self._snapshot_locks, self._too_big_until):
+            for key in [k for k in list(keyed) if k[0] not in endpoints]:
+                keyed.pop(key, None)
+        for timers in (self._down_until, self._last_warned):
+            for endpoint in [e for e in list(timers) if e not in endpoints]:
+                timers.pop(endpoint, None)
+        with self._clients_lock:
+            gone = [e for e in self._clients if e not in endpoints]
+            clients = [self._clients.pop(e) for e in gone]
+        for client in clients:
+            with contextlib.suppress(Exception):  # a broken channel: nothing to close
+                client.close()
 
     def endpoints(self, statuses: Sequence[dict[str, Any]] | None = None) -> list[str]:
         found = parse_endpoints(self.settings.speed_endpoints)

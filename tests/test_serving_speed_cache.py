@@ -164,3 +164,50 @@ def test_a_bad_request_does_not_mark_the_worker_down_for_other_questions(
         assert client.query(SALES, flt, WATERMARK).degraded
     finally:
         client.close()
+
+
+def test_a_worker_back_on_another_address_leaves_nothing_of_the_old_one(
+    worker: Worker, tmp_path: Path
+) -> None:
+    """A worker restarted on another port (or pod) rewrites its status file with its new
+    endpoint. The API asks the new one, and keeps neither the old one's snapshot nor its
+    Flight channel: each restart used to leave both behind in every API process."""
+    home = tmp_path / "home"
+    status = home / "speed" / "status" / "worker-0-of-1.json"
+    status.parent.mkdir(parents=True)
+
+    def announce(endpoint: str) -> None:
+        offsets = {"orders": {"0": worker.end}}
+        status.write_text(json.dumps({"query_endpoint": endpoint, "offsets": offsets}))
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        lake_uri=str(tmp_path / "lake"),
+        home=home,
+    )
+    client = SpeedClient(settings, cache_ttl=60.0, status_ttl=0.05)
+    flt = SpeedFilter(granularity="day")
+    try:
+        worker.consume(3, quantity=2)
+        old = worker.server.endpoint
+        announce(old)
+        assert units(client.query(SALES, flt, WATERMARK)) == 6
+        assert set(client._clients) == {old} and {k[0] for k in client._snapshots} == {old}
+
+        worker.server.stop()  # back on another port, same state
+        worker.server = SpeedFlightServer(
+            worker.state, lambda: {"worker": "0/1", "ok": True}
+        ).start()
+        new = worker.server.endpoint
+        assert new != old
+        worker.consume(2, quantity=5)
+        announce(new)
+        time.sleep(0.1)  # past status_ttl: the file is read again
+
+        answer = client.query(SALES, flt, WATERMARK)
+        assert units(answer) == 16 and not answer.degraded
+        assert set(client._clients) == {new}
+        assert {k[0] for k in client._snapshots} == {new}
+        assert all(k[0] == new for k in client._snapshot_locks)
+    finally:
+        client.close()
