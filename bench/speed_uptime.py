@@ -5,6 +5,7 @@ real Delta master tables).
     .venv/bin/python bench/speed_uptime.py cursors --queries 4000
     .venv/bin/python bench/speed_uptime.py known-ids --ids 2000000
     .venv/bin/python bench/speed_uptime.py wal --batches 6000 --checkpoint 128MB 16MB
+    .venv/bin/python bench/speed_uptime.py outage --seconds 120
 
 ``cursors``: a state with 5,000 orders behind a Flight endpoint; ``--queries`` sales
 queries from 16 client threads (one in ten on a new connection, as clients come and
@@ -18,7 +19,10 @@ and of one expiry of known ids. ``wal``: for each
 ``--checkpoint`` threshold in turn, a fresh state takes ``--batches`` micro-batches of
 ``--per-batch`` new orders (a worker's second of a steady stream); prints, every tenth of
 the way, the write-ahead log's size, DuckDB's own memory figure and RSS, and at the end
-the median and p99 time of a commit. One JSON line each.
+the median and p99 time of a commit. ``outage``: a `lambdalake speed run` process started
+against an address where nothing listens (a broker down for ``--seconds``); prints its
+threads and open files every ``--every`` seconds, and the reconnect attempts its log
+counts. One JSON line each.
 """
 
 from __future__ import annotations
@@ -346,6 +350,53 @@ def known_ids(
     return out
 
 
+def outage(seconds: float, every: float) -> dict[str, object]:
+    """A speed worker's threads and open files while its broker stays unreachable."""
+    import subprocess
+
+    from lambdalake.ops.net import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="speed-outage-"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LAMBDALAKE_HOME": str(work),
+        "LAMBDALAKE_LAKE_URI": str(work / "lake"),
+        "LAMBDALAKE_LOG_LEVEL": "INFO",
+    }
+    cmd = [sys.executable, "-m", "lambdalake.cli", "speed", "run"]
+    cmd += ["--bootstrap", f"127.0.0.1:{free_port()}", "--query-port", str(free_port())]
+    log_path = work / "speed.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    samples = []
+    started = time.monotonic()
+    try:
+        for k in range(1, int(seconds / every) + 1):
+            time.sleep(max(0.0, started + k * every - time.monotonic()))
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited: {log_path.read_text()[-2000:]}")
+            at = round(time.monotonic() - started)
+            threads = len(os.listdir(f"/proc/{proc.pid}/task"))
+            fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            attempts = log_path.read_text().count("speed.broker_unreachable")
+            samples.append({"seconds": at, "threads": threads, "fds": fds, "attempts": attempts})
+            print(
+                f"  {at:>5} s  threads {threads:>3}  fds {fds:>3}  attempts {attempts}", flush=True
+            )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    first, last = samples[0], samples[-1]
+    attempts = max(last["attempts"] - first["attempts"], 1)
+    return {
+        "seconds": seconds,
+        "samples": samples,
+        "threads_per_attempt": (last["threads"] - first["threads"]) / attempts,
+        "fds_per_attempt": (last["fds"] - first["fds"]) / attempts,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -361,6 +412,9 @@ def main() -> None:
     w.add_argument("--batches", type=int, default=6000)
     w.add_argument("--per-batch", type=int, default=100)
     w.add_argument("--checkpoint", nargs="+", default=["128MB", "16MB"])
+    o = sub.add_parser("outage")
+    o.add_argument("--seconds", type=float, default=120.0)
+    o.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     m = sub.add_parser("make-master")
     m.add_argument("--ids", type=int, required=True)
     m.add_argument("--lake", type=Path, required=True)
@@ -371,6 +425,8 @@ def main() -> None:
     elif args.what == "wal":
         for threshold in args.checkpoint:  # each in a fresh state; RSS is the process's
             print(json.dumps(wal(args.batches, args.per_batch, threshold)), flush=True)
+    elif args.what == "outage":
+        print(json.dumps(outage(args.seconds, args.every)))
     elif args.what == "make-master":
         print(make_master(args.lake, args.ids))
     else:
