@@ -275,11 +275,11 @@ def run_history(
         if processes > 1
         else nullcontext()
     ) as pool:
-        others = [
-            pool.submit(_history_share, *args, (i, processes))
-            for i in range(1, processes)
-            if pool is not None
-        ]
+        others = (
+            [pool.submit(_history_share, *args, (i, processes)) for i in range(1, processes)]
+            if pool is not None  # one process: no pool
+            else []
+        )
         with tqdm(total=days, unit="day", desc="history", file=sys.stderr, mininterval=0.5) as bar:
             counts, sent = _history_share(*args, (0, processes), bar)
         sent += sum(f.result()[1] for f in others) + reference
