@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
+from batch.ingest_kafka import probe_broker
 from lambdalake.contract.lake import Lake
-from lambdalake.kafka.clients import end_offsets
+from lambdalake.kafka.clients import end_offsets, refusal
 from lambdalake.ops.broker import EmbeddedBroker, free_port
 from lambdalake.settings import TOPICS
 from tests.ingest_stream import ROOT, assert_exactly_once, ingest_cmd, ingest_env, produce_stream
@@ -146,6 +147,25 @@ def test_wrong_credentials_end_ingest_with_one_line_naming_the_settings(
     assert "authentication" in lines[0].lower(), lines[0]
     # Refused credentials are not an unreachable broker: no minutes of retries.
     assert time.monotonic() - started < 30
+
+
+def test_every_connection_with_wrong_credentials_is_told_so(sasl_broker: EmbeddedBroker) -> None:
+    """Kafka answers wrong credentials and closes the connection in one step; each attempt
+    must read that answer as a refusal, not as an unreachable broker (kafka-python dropped
+    the answer when it arrived with the close: ``lambdalake.kafka.read_before_close``)."""
+    wrong = {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": USER,
+        "sasl_plain_password": "not-the-password-0123456789",
+    }
+    for attempt in range(4):
+        started = time.monotonic()
+        with pytest.raises(Exception) as failed:
+            probe_broker(sasl_broker.bootstrap, 1.0, security=wrong)
+        refused = refusal(failed.value, sasl_broker.bootstrap, "probe", started)
+        assert refused is not None, f"attempt {attempt}: {failed.value!r}"
+        assert "refused authentication" in str(refused)
 
 
 def test_a_speed_worker_with_wrong_credentials_says_why_in_its_status_and_keeps_trying(
