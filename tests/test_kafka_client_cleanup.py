@@ -28,11 +28,21 @@ from lambdalake.settings import Settings
 
 
 @pytest.fixture(autouse=True)
-def _kafka_logs_not_captured(monkeypatch) -> None:
+def _kafka_logs_not_captured() -> Iterator[None]:
     """pytest keeps every log record it captures, and kafka-python's records of a failed
     connection hold the exception, whose traceback holds the connection's socket: kept, it
-    would count as leaked here. The processes keep no record; here none is made."""
-    monkeypatch.setattr(logging.getLogger("kafka"), "level", logging.CRITICAL + 1)
+    would count as leaked here. The processes keep no record; here none is made.
+
+    Through ``setLevel`` both ways: it clears the loggers' cached levels (setting the
+    attribute does not, and kafka-python's loggers then stayed silent for later tests,
+    which read refusals from those records)."""
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        kafka_log.setLevel(level)
 
 
 def kafka_threads() -> int:
