@@ -20,6 +20,7 @@ from kafka.net.selector import NetworkSelector
 from kafka.net.transport import KafkaTCPTransport
 
 from lambdalake.kafka import read_before_close
+from lambdalake.kafka.columnar import TESTED_KAFKA_PYTHON
 
 
 class Recorder:
@@ -81,7 +82,8 @@ def original_read_loop() -> Iterator[None]:
 
 
 def test_the_fix_is_installed_on_the_pinned_kafka_python() -> None:
-    assert kafka.__version__ == read_before_close.FIXED_FOR
+    assert kafka.__version__ == TESTED_KAFKA_PYTHON
+    assert read_before_close.installed()
     assert KafkaTCPTransport._read_from_sock is read_before_close._read_from_sock
 
 

@@ -16,9 +16,10 @@ own transports do (``data_received``, then ``eof_received``/``connection_lost`` 
 Handing them over is not enough alone: kafka-python's connection reads an answer in a
 separate task (its initialisation awaits a future the bytes resolve), and a close in the
 same step fails that initialisation with "socket disconnected" before the task runs. It
-is installed once, when :mod:`lambdalake.kafka` is imported, and only on the kafka-python
-version it was written against (:data:`FIXED_FOR`); on another version it logs once that
-the fix is not in place (the refusal tests then show whether that version still needs it).
+is installed when :mod:`lambdalake.kafka` is imported, and only on the kafka-python version
+whose internals this package was written against (``TESTED_KAFKA_PYTHON``, the columnar
+decoder's too); on another version it logs that the fix is not in place (the refusal tests
+then show whether that version still needs it).
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ import kafka
 import kafka.errors as kafka_errors
 from kafka.net.transport import KafkaTCPTransport
 
+from lambdalake.kafka.columnar import TESTED_KAFKA_PYTHON
 from lambdalake.logs import get_logger
 
 log = get_logger(__name__)
 
-FIXED_FOR = "3.0.12"
-
 _original = KafkaTCPTransport._read_from_sock
-_installed = False
 
 
 async def _read_from_sock(self: Any) -> Any:
@@ -64,26 +63,24 @@ async def _read_from_sock(self: Any) -> Any:
     return None
 
 
+def installed() -> bool:
+    return KafkaTCPTransport._read_from_sock is _read_from_sock
+
+
 def install() -> bool:
     """Install the fixed read loop (idempotent); False if this kafka-python is not the
     version it was written for."""
-    global _installed
-    if _installed:
-        return True
-    if kafka.__version__ != FIXED_FOR:
+    if kafka.__version__ != TESTED_KAFKA_PYTHON:
         log.info(
             "kafka.read_before_close_not_installed",
             kafka_python=kafka.__version__,
-            written_for=FIXED_FOR,
+            written_for=TESTED_KAFKA_PYTHON,
         )
         return False
     KafkaTCPTransport._read_from_sock = _read_from_sock
-    _installed = True
     return True
 
 
 def uninstall() -> None:
     """kafka-python's own read loop again (for the test that shows what the fix changes)."""
-    global _installed
     KafkaTCPTransport._read_from_sock = _original
-    _installed = False
