@@ -44,7 +44,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -154,6 +154,22 @@ LOADERS: dict[str, Callable[[], pd.DataFrame]] = {
     "bank_calls": load_bank_calls,
     "retail_intermittent": load_retail_intermittent,
 }
+
+
+def load(name: str, *, states: int = 10, max_series: int = 0) -> pd.DataFrame:
+    """Data set ``name`` as ``unique_id, ds, y``; births_states keeps its ``states`` largest
+    states (0: all 51), any data set its first ``max_series`` series (0: all)."""
+    data = LOADERS[name]()
+    if name == "births_states" and states:
+        # The largest states: small states' daily counts are mostly Poisson noise, where
+        # no model can do much (the MASE of a perfect mean forecast is about 0.71 there).
+        keep = data.groupby("unique_id")["y"].sum().nlargest(states).index
+        data = data[data["unique_id"].isin(keep)]
+    if max_series:
+        keep = sorted(data["unique_id"].unique())[:max_series]
+        data = data[data["unique_id"].isin(keep)]
+    return data
+
 
 # --- models ---------------------------------------------------------------------------------
 
@@ -275,6 +291,23 @@ def _median_of_means(per_series: dict[str, list[float]]) -> float:
     return float(np.median(means)) if means else math.nan
 
 
+def windows(
+    data: pd.DataFrame, *, origins: int, step: int, history: int
+) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
+    """``(k, train, test)`` per rolling origin: origins step back ``step`` days from each
+    series' last date that leaves a full horizon to score; ``train`` holds at most ``history``
+    days up to the origin, ``test`` the ``max(HORIZONS)`` days after it."""
+    h_max = max(HORIZONS)
+    last = data.groupby("unique_id")["ds"].max()
+    for k in range(origins):
+        cut = {uid: end - pd.Timedelta(days=h_max + k * step) for uid, end in last.items()}
+        cutoff = data["unique_id"].map(cut)
+        train = data[(data["ds"] <= cutoff) & (data["ds"] > cutoff - pd.Timedelta(days=history))]
+        test = data[(data["ds"] > cutoff) & (data["ds"] <= cutoff + pd.Timedelta(days=h_max))]
+        if not train.empty:
+            yield k, train, test
+
+
 def run_dataset(
     data: pd.DataFrame,
     model_fns: dict[str, Callable[[pd.DataFrame, int], pd.DataFrame]],
@@ -285,15 +318,7 @@ def run_dataset(
 ) -> dict[str, Scores]:
     h_max = max(HORIZONS)
     out = {name: Scores() for name in model_fns}
-    last = data.groupby("unique_id")["ds"].max()
-    for k in range(origins):
-        # Origins step back from the last date that leaves a full horizon to score.
-        cut = {uid: end - pd.Timedelta(days=h_max + k * step) for uid, end in last.items()}
-        cutoff = data["unique_id"].map(cut)
-        train = data[(data["ds"] <= cutoff) & (data["ds"] > cutoff - pd.Timedelta(days=history))]
-        test = data[(data["ds"] > cutoff) & (data["ds"] <= cutoff + pd.Timedelta(days=h_max))]
-        if train.empty:
-            continue
+    for k, train, test in windows(data, origins=origins, step=step, history=history):
         n_series = train["unique_id"].nunique()
         for name, fn in model_fns.items():
             t0 = time.process_time()
@@ -425,15 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     for ds in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         if ds not in LOADERS:
             ap.error(f"unknown data set {ds!r}; choose from {', '.join(LOADERS)}")
-        data = LOADERS[ds]()
-        if ds == "births_states" and args.states:
-            # The largest states: small states' daily counts are mostly Poisson noise, where
-            # no model can do much (the MASE of a perfect mean forecast is about 0.71 there).
-            keep = data.groupby("unique_id")["y"].sum().nlargest(args.states).index
-            data = data[data["unique_id"].isin(keep)]
-        if args.max_series:
-            keep = sorted(data["unique_id"].unique())[: args.max_series]
-            data = data[data["unique_id"].isin(keep)]
+        data = load(ds, states=args.states, max_series=args.max_series)
         counts[ds] = int(data["unique_id"].nunique())
         # elecdaily is one year long: its origins are a month apart.
         step = min(args.step, 28) if ds in ("elecdaily", "bank_calls") else args.step
