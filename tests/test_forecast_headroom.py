@@ -4,27 +4,16 @@ the error they name."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import bench_script
 
 
 @pytest.fixture(scope="module")
 def headroom():
-    spec = importlib.util.spec_from_file_location(
-        "forecast_headroom_bench", ROOT / "bench" / "forecast_headroom.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_script.load("forecast_headroom")
 
 
 def _mean(days: pd.DatetimeIndex) -> np.ndarray:
