@@ -80,9 +80,9 @@ def _fourier(ds: pd.DatetimeIndex, pairs: int) -> np.ndarray:
 
 
 def _predictors(train: pd.DataFrame, scale: float) -> dict[str, float]:
-    """Residuals of a yearly regression (level, trend, 6 Fourier pairs, weekday, holiday
-    dummies) over the series' last 14 and 28 ordinary days, over the 14 days a year after the
-    same origin a year before, and the fitted trend a year, all in scales."""
+    """Mean residuals of a yearly regression (level, trend, 6 Fourier pairs, weekday, holiday
+    dummies) over the series' last 14 and 28 ordinary days and over the 14 days ahead a year
+    earlier, and the fitted trend a year, all in scales."""
     ds = pd.DatetimeIndex(train["ds"])
     y = train["y"].to_numpy(np.float64)
     h = holiday(ds)
@@ -113,7 +113,9 @@ def _predictors(train: pd.DataFrame, scale: float) -> dict[str, float]:
     }
 
 
-def _floor(train: pd.DataFrame, test_y: np.ndarray, scale: float) -> np.ndarray:
+def _floor(train: pd.DataFrame, test_y: np.ndarray) -> np.ndarray:
+    """Per test day, E|y - mean| under over-dispersed Poisson noise (the day's count standing
+    for its mean), phi from the training's last two years of ordinary days."""
     y = train["y"].to_numpy(np.float64)[-730:]
     ds = pd.DatetimeIndex(train["ds"])[-730:]
     d = y[7:-7] - (y[:-14] + y[14:]) / 2
@@ -149,7 +151,7 @@ def collect(data: pd.DataFrame, origins: int, step: int, history: int) -> list[W
                     f["AutoETS"][:h_max],
                     f["default"][:h_max],
                     scale,
-                    _floor(tr, y, scale),
+                    _floor(tr, y),
                     _predictors(tr, scale),
                 )
             )
@@ -239,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{args.dataset} ({n} series), {origins} origins {step} days apart: median MASE")
         print(f"  {'':<30}" + "".join(f"{h:>8}" for h in table))
         for row in table["h14"]:
-            print(f"  {row:<30}" + "".join(f"{table[h][row]:>8.3f}" for h in table))
+            cells = (table[h][row] for h in table)
+            print(
+                f"  {row:<30}"
+                + "".join(f"{v:>8.3f}" if np.isfinite(v) else f"{'-':>8}" for v in cells)
+            )
         print(f"  ({time.perf_counter() - t0:.0f} s)")
         sys.stdout.flush()
     print(

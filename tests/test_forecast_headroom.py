@@ -40,7 +40,7 @@ def test_the_noise_floor_is_what_a_forecast_of_the_true_mean_scores(headroom, ph
             y = rng.negative_binomial(lam * p / (1 - p), p).astype(float)
         train = pd.DataFrame({"ds": days[:-28], "y": y[:-28]})
         scale = headroom.accuracy._scales(y[:-28])[0]
-        floors.append(np.mean(headroom._floor(train, y[-28:], scale)) / scale)
+        floors.append(np.mean(headroom._floor(train, y[-28:])) / scale)
         realised.append(np.mean(np.abs(y[-28:] - lam[-28:])) / scale)
     assert np.mean(floors) == pytest.approx(np.mean(realised), rel=0.06)
 
