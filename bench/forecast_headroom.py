@@ -236,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ws = collect(data, origins, step, args.history)
         table = summarise(ws)
-        results[spec] = table
+        # JSON has no NaN: a reference the window set cannot have is null.
+        results[spec] = {
+            h: {r: (v if np.isfinite(v) else None) for r, v in rows.items()}
+            for h, rows in table.items()
+        }
         n = len({w.uid for w in ws})
         print(f"\n{args.dataset} ({n} series), {origins} origins {step} days apart: median MASE")
         print(f"  {'':<30}" + "".join(f"{h:>8}" for h in table))
