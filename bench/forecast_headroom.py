@@ -53,7 +53,7 @@ accuracy = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 sys.modules["forecast_accuracy"] = accuracy
 _spec.loader.exec_module(accuracy)  # type: ignore[union-attr]
 
-from batch.forecast import holiday  # noqa: E402
+from batch.forecast import ForecastConfig, _fourier, holiday  # noqa: E402
 
 HORIZONS = accuracy.HORIZONS
 PREDICTORS = ("r14", "r28", "last_year", "trend")
@@ -74,24 +74,19 @@ class Window:
     past: dict[str, float]
 
 
-def _fourier(ds: pd.DatetimeIndex, pairs: int) -> np.ndarray:
-    t = 2 * np.pi * ds.dayofyear.to_numpy(np.float64) / 365.25
-    return np.column_stack([f(j * t) for j in range(1, pairs + 1) for f in (np.sin, np.cos)])
-
-
-def _predictors(train: pd.DataFrame, scale: float) -> dict[str, float]:
-    """Mean residuals of a yearly regression (level, trend, 6 Fourier pairs, weekday, holiday
-    dummies) over the series' last 14 and 28 ordinary days and over the 14 days ahead a year
-    earlier, and the fitted trend a year, all in scales."""
-    ds = pd.DatetimeIndex(train["ds"])
-    y = train["y"].to_numpy(np.float64)
-    h = holiday(ds)
+def _predictors(
+    ds: pd.DatetimeIndex, y: np.ndarray, h: np.ndarray, scale: float
+) -> dict[str, float]:
+    """Mean residuals of a yearly regression (level, trend, the default's yearly Fourier pairs,
+    weekday, holiday dummies; ``h``: the days' holiday codes) over the series' last 14 and 28
+    ordinary days and over the 14 days ahead a year earlier, and the fitted trend a year, all
+    in scales."""
     codes = [c for c in np.unique(h[h > 0]) if (h == c).sum() >= 2]
     x = np.column_stack(
         [
             np.ones(len(y)),
             np.arange(len(y)) / 365.25,
-            _fourier(ds, 6),
+            _fourier(ds, ForecastConfig().yearly_terms),
             (ds.dayofweek.to_numpy()[:, None] == np.arange(6)[None, :]),
             (h[:, None] == np.array(codes, dtype=h.dtype)[None, :]),
         ]
@@ -113,13 +108,13 @@ def _predictors(train: pd.DataFrame, scale: float) -> dict[str, float]:
     }
 
 
-def _floor(train: pd.DataFrame, test_y: np.ndarray) -> np.ndarray:
+def _floor(y: np.ndarray, h: np.ndarray, test_y: np.ndarray) -> np.ndarray:
     """Per test day, E|y - mean| under over-dispersed Poisson noise (the day's count standing
-    for its mean), phi from the training's last two years of ordinary days."""
-    y = train["y"].to_numpy(np.float64)[-730:]
-    ds = pd.DatetimeIndex(train["ds"])[-730:]
+    for its mean), phi from the training's (``y``, holiday codes ``h``) last two years of
+    ordinary days."""
+    y = y[-730:]
     d = y[7:-7] - (y[:-14] + y[14:]) / 2
-    hol = holiday(ds) > 0
+    hol = h[-730:] > 0
     ok = ~(hol[7:-7] | hol[:-14] | hol[14:])
     mad = 1.4826 * np.median(np.abs(d[ok] - np.median(d[ok])))
     phi = mad**2 / (1.5 * np.mean(y[7:-7][ok]))
@@ -142,7 +137,9 @@ def collect(data: pd.DataFrame, origins: int, step: int, history: int) -> list[W
             f = {m: fc[m][fc[m]["unique_id"] == uid]["forecast"].to_numpy(np.float64) for m in fc}
             if len(y) < h_max or any(len(v) < h_max for v in f.values()):
                 continue
-            scale = accuracy._scales(tr["y"].to_numpy(np.float64))[0]
+            ds, history_y = pd.DatetimeIndex(tr["ds"]), tr["y"].to_numpy(np.float64)
+            h = holiday(ds)
+            scale = accuracy._scales(history_y)[0]
             out.append(
                 Window(
                     str(uid),
@@ -151,8 +148,8 @@ def collect(data: pd.DataFrame, origins: int, step: int, history: int) -> list[W
                     f["AutoETS"][:h_max],
                     f["default"][:h_max],
                     scale,
-                    _floor(tr, y),
-                    _predictors(tr, scale),
+                    _floor(history_y, h, y),
+                    _predictors(ds, history_y, h, scale),
                 )
             )
         print(f"  origin {k + 1}/{origins}", file=sys.stderr, flush=True)
@@ -170,18 +167,17 @@ def _bias(ws: list[Window], h: int) -> np.ndarray:
     return np.array([np.mean(w.y[:h] - w.default[:h]) / w.scale for w in ws])
 
 
-def _past_correction(ws: list[Window], h: int) -> np.ndarray:
-    """Leave-one-window-out linear prediction of each series-window's bias (in scales); NaN
-    with fewer than ``MIN_WINDOWS_PAST`` windows (the shared predictors take one value a
+def _past_correction(ws: list[Window], bias: np.ndarray) -> np.ndarray | None:
+    """Leave-one-window-out linear prediction of each series-window's ``bias`` (in scales);
+    None with fewer than ``MIN_WINDOWS_PAST`` windows (the shared predictors take one value a
     window: a regression on three or four points says nothing)."""
     if len({w.k for w in ws}) < MIN_WINDOWS_PAST:
-        return np.full(len(ws), np.nan)
+        return None
     frame = pd.DataFrame([{"k": w.k, **w.past} for w in ws])
     for p in PREDICTORS:
         frame[p + "_shared"] = frame.groupby("k")[p].transform("mean")
     cols = [c for c in frame.columns if c != "k"]
     x = np.column_stack([np.ones(len(frame)), frame[cols].to_numpy(np.float64)])
-    b = _bias(ws, h)
     usable = ~np.isnan(x).any(axis=1)
     pred = np.zeros(len(ws))
     for k in frame["k"].unique():
@@ -189,30 +185,28 @@ def _past_correction(ws: list[Window], h: int) -> np.ndarray:
         fit = usable & ~held
         if fit.sum() <= x.shape[1]:
             continue
-        coef = np.linalg.lstsq(x[fit], b[fit], rcond=None)[0]
+        coef = np.linalg.lstsq(x[fit], bias[fit], rcond=None)[0]
         pred[held & usable] = x[held & usable] @ coef
     return pred
 
 
 def summarise(ws: list[Window]) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
+    err = [w.y - w.default for w in ws]
+
+    def moved(by: np.ndarray) -> list[np.ndarray]:
+        return [e - c * w.scale for e, c, w in zip(err, by, ws, strict=True)]
+
     for h in HORIZONS:
-        err = [w.y - w.default for w in ws]
         bias = _bias(ws, h)
         shared = pd.Series(bias).groupby([w.k for w in ws]).transform("mean").to_numpy()
-        past = _past_correction(ws, h)
+        past = _past_correction(ws, bias)
         ets = _median_mase(ws, h, [w.y - w.ets for w in ws])
-
-        def moved(by: np.ndarray, err: list[np.ndarray] = err) -> list[np.ndarray]:
-            return [e - c * w.scale for e, c, w in zip(err, by, ws, strict=True)]
-
         table[f"h{h}"] = {
             "AutoETS": ets,
             "target (0.85 x AutoETS)": 0.85 * ets,
             "default": _median_mase(ws, h, err),
-            "default, past": _median_mase(ws, h, moved(past))
-            if np.isfinite(past).all()
-            else np.nan,
+            "default, past": np.nan if past is None else _median_mase(ws, h, moved(past)),
             "default, shared level known": _median_mase(ws, h, moved(shared)),
             "default, own level known": _median_mase(ws, h, moved(bias)),
             "noise floor": _median_mase(ws, h, [w.floor for w in ws]),

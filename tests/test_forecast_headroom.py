@@ -31,6 +31,7 @@ def test_the_noise_floor_is_what_a_forecast_of_the_true_mean_scores(headroom, ph
     rng = np.random.default_rng(7)
     days = pd.date_range("1985-01-01", periods=3 * 365 + 28, freq="D")
     lam = _mean(days)
+    codes = headroom.holiday(days[:-28])
     floors, realised = [], []
     for _ in range(40):
         if phi == 1.0:
@@ -38,9 +39,8 @@ def test_the_noise_floor_is_what_a_forecast_of_the_true_mean_scores(headroom, ph
         else:  # variance phi x mean
             p = 1 / phi
             y = rng.negative_binomial(lam * p / (1 - p), p).astype(float)
-        train = pd.DataFrame({"ds": days[:-28], "y": y[:-28]})
         scale = headroom.accuracy._scales(y[:-28])[0]
-        floors.append(np.mean(headroom._floor(train, y[-28:])) / scale)
+        floors.append(np.mean(headroom._floor(y[:-28], codes, y[-28:])) / scale)
         realised.append(np.mean(np.abs(y[-28:] - lam[-28:])) / scale)
     assert np.mean(floors) == pytest.approx(np.mean(realised), rel=0.06)
 
